@@ -1,0 +1,47 @@
+# One command runs the main job (`make run`), one runs the tests (`make test`).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SHARED ?= ../shared
+
+.PHONY: install models run up down test bench bench-quality bench-api clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[demucs,dev]'
+	touch $@
+
+# Real pretrained weights that can be had offline: GTCRN and DTLN from $(SHARED)/models when present.
+models: install
+	@if [ -d $(SHARED)/models/gtcrn ]; then \
+	  $(BIN)/stems models install gtcrn $(SHARED)/models/gtcrn/gtcrn.onnx >/dev/null && \
+	  cp $(SHARED)/models/dtln/model_1.onnx /tmp/dtln_model_1.onnx && cp $(SHARED)/models/dtln/model_2.onnx /tmp/dtln_model_2.onnx && \
+	  $(BIN)/stems models install dtln /tmp/dtln_model_1.onnx /tmp/dtln_model_2.onnx >/dev/null && \
+	  echo "installed gtcrn and dtln from $(SHARED)/models"; fi
+
+run: install models
+	$(BIN)/python -m stems.cli stack demo
+
+up: install
+	$(BIN)/python -m stems.cli stack up
+
+down:
+	@$(BIN)/python -m stems.cli stack down 2>/dev/null || true
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m bench.perf
+
+bench-quality: install models
+	$(BIN)/python -m bench.quality
+
+bench-api: install
+	$(BIN)/python -m bench.api_load
+
+clean: down
+	rm -rf .run .data out

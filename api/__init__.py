@@ -1,0 +1,1 @@
+"""The HTTP API: validates, writes job state, enqueues tasks, answers status and downloads."""

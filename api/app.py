@@ -1,0 +1,42 @@
+"""The FastAPI application factory; `uvicorn api.app:app` serves it with settings from the environment."""
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from pipelines.modelstore import ModelStore
+from stems.jobstore import JobStore
+from stems.settings import Settings, get_settings
+from stems.storage import make_storage
+
+from . import errors, routes_audio, routes_downloads, routes_meta, routes_stems
+from .availability import Availability
+from .deps import Services
+
+DESCRIPTION = """Self-hostable stem splitting. Bring audio in (`/from-file`, `/from-link`,
+`/from-storage`), wait for `status: complete` on `/status/audio/{audio_id}`, ask for a split
+with `/create-stems`, poll `/status/stem_split/{creation_id}`, then download each stem
+(`/download/stem/{stem_id}`) or one zip (`/download-archive`). Every call except the health
+checks carries an `x-api-key` header."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    from workers.celery_app import make_celery
+
+    (settings.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    svc = Services(settings=settings, store=JobStore.from_url(settings.redis_url, settings.key_prefix),
+                   storage=make_storage(settings), models=ModelStore(settings.model_dir), celery=make_celery(settings))
+    svc.availability = Availability(svc)
+    app = FastAPI(title="stems", version="0.1.0", description=DESCRIPTION)
+    app.state.services = svc
+    errors.install(app)
+    for module in (routes_audio, routes_stems, routes_downloads, routes_meta):
+        app.include_router(module.router)
+    return app
+
+
+def __getattr__(name: str):  # `uvicorn api.app:app` builds the app on first access, not at import
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

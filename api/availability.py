@@ -1,0 +1,53 @@
+"""Which chain serves a preset on this deployment, from the workers' own model reports.
+
+A chain is served when a live worker consuming the chain's queue reports every model of
+the chain as installed. Before any worker has reported (a fresh deployment), the API's
+own view of the model store stands in, so the listing is still truthful about weights.
+"""
+from __future__ import annotations
+
+import time
+
+from pipelines.errors import PresetError
+from pipelines.presets import Chain, Preset
+
+from .deps import Services
+
+_CACHE_S = 2.0
+
+
+class Availability:
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self._workers: list[dict] = []
+        self._at = 0.0
+
+    def workers(self) -> list[dict]:
+        if time.monotonic() - self._at > _CACHE_S:
+            self._workers, self._at = self.svc.store.live_workers(), time.monotonic()
+        return self._workers
+
+    def chain_missing(self, chain: Chain) -> list[str]:
+        """Model ids of `chain` that no live worker of its queue holds (empty: served)."""
+        workers = [w for w in self.workers() if chain.queue in w["queues"]]
+        if not self.workers():  # nobody reported yet: judge by the model store we can see
+            from pipelines.registry import get_spec
+
+            return [m for m in chain.model_ids if self.svc.models.missing(get_spec(m))]
+        if not workers:
+            return list(chain.model_ids)
+        best = min(([m for m in chain.model_ids if m not in w["models"]] for w in workers), key=len)
+        return best
+
+    def pick(self, preset: Preset) -> tuple[int, Chain]:
+        missing: set[str] = set()
+        for index, chain in enumerate(preset.chains):
+            gap = self.chain_missing(chain)
+            if not gap:
+                return index, chain
+            missing.update(gap)
+        raise PresetError(
+            f"preset {preset.name!r} is not available on this deployment: no worker holds models {sorted(missing)}; "
+            f"install them with `stems models install` on a worker serving the preset's queue",
+            preset=preset.name, missing_models=sorted(missing),
+        )

@@ -1,0 +1,45 @@
+"""Map our errors to HTTP answers: every refusal is a clear 4xx with a code and the fields."""
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetError, StemsError
+from stems.netfetch import LinkError, TooLarge
+from stems.storage import StorageError
+
+from .deps import Conflict, Invalid, NotFound, PayloadTooLarge, RateLimited, Unauthorized
+
+log = logging.getLogger(__name__)
+
+STATUS = [
+    (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (PayloadTooLarge, 413), (TooLarge, 413),
+    (RateLimited, 429), (StorageError, 503), (PresetError, 422), (ModelNotInstalled, 422), (ChainError, 422),
+    (AudioError, 422), (LinkError, 422), (Invalid, 422),
+]
+
+
+def status_for(exc: StemsError) -> int:
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(StemsError)
+    async def _ours(request: Request, exc: StemsError) -> JSONResponse:
+        status = status_for(exc)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        if status == 401:
+            headers = {"WWW-Authenticate": "ApiKey"}
+        return JSONResponse({"detail": exc.message, **exc.to_dict()}, status_code=status, headers=headers)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("redis unavailable: %s", exc)
+        return JSONResponse({"detail": "job store unavailable, try again shortly", "code": "unavailable"},
+                            status_code=503, headers={"Retry-After": "5"})

@@ -1,0 +1,106 @@
+"""Bringing audio in: upload, link, or an object an ingestion service already stored."""
+from __future__ import annotations
+
+import hashlib
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Request
+
+from stems.models import AssetStatus, AudioAsset, new_id
+from stems.netfetch import check_url
+from stems.storage import keys
+
+from .deps import Invalid, NotFound, Svc, User
+from .idempotency import body_hash, once
+from .schemas import AudioAccepted, AudioStatus, FromLink, FromStorage
+from .upload import receive_file
+
+router = APIRouter(tags=["audio"])
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "the audio file (anything ffmpeg decodes)"}},
+}}}}}
+
+
+def _enqueue_import(svc, asset: AudioAsset) -> None:
+    svc.celery.send_task("stems.import_audio", args=[asset.id], queue="cpu")
+
+
+@router.post("/from-file", response_model=AudioAccepted, openapi_extra=UPLOAD_BODY,
+             summary="Upload an audio file (multipart, streamed to storage)")
+async def from_file(request: Request, svc=Svc, user: str = User,
+                    idempotency_key: str | None = Header(None)) -> dict:
+    received = await receive_file(request, "file", svc.settings.max_upload_bytes, svc.settings.data_dir / "tmp")
+    try:
+        h = hashlib.sha256()
+        with open(received.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+
+        def run() -> dict:
+            audio_id = new_id()
+            asset = AudioAsset(id=audio_id, user_id=user, origin="upload", filename=received.filename,
+                               object_key=keys.original(user, audio_id), size=received.size)
+            svc.storage.put_file(asset.object_key, received.path)
+            svc.store.put_asset(asset)
+            _enqueue_import(svc, asset)
+            return {"audio_id": audio_id, "status": "processing"}
+
+        return once(svc, user, "from-file", idempotency_key, body_hash(h.hexdigest()), run)
+    finally:
+        received.path.unlink(missing_ok=True)
+
+
+@router.post("/from-link", response_model=AudioAccepted, summary="Import audio from an http(s) link")
+def from_link(body: FromLink, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
+    check_url(body.url, svc.settings)  # refuse private / non-http targets now; the worker checks again per redirect
+
+    def run() -> dict:
+        audio_id = new_id()
+        asset = AudioAsset(id=audio_id, user_id=user, origin="link", url=body.url,
+                           object_key=keys.original(user, audio_id))
+        svc.store.put_asset(asset)
+        _enqueue_import(svc, asset)
+        return {"audio_id": audio_id, "status": "processing"}
+
+    return once(svc, user, "from-link", idempotency_key, body_hash(body.model_dump_json()), run)
+
+
+@router.post("/from-storage", response_model=AudioAccepted,
+             summary="Register an object already in the bucket (upstream ingestion)")
+def from_storage(body: FromStorage, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
+    prefix = svc.settings.ingest_prefix
+    key = body.key.lstrip("/")
+    if not key.startswith(prefix) or ".." in key.split("/"):
+        raise Invalid(f"key must be under the ingest prefix {prefix!r}", field="key")
+    if svc.storage.size(key) is None:
+        raise NotFound(f"no object {key!r} in storage", field="key")
+
+    def run() -> dict:
+        audio_id = new_id()
+        asset = AudioAsset(id=audio_id, user_id=user, origin="ingest", object_key=key,
+                           filename=body.filename or key.rsplit("/", 1)[-1])
+        svc.store.put_asset(asset)
+        _enqueue_import(svc, asset)
+        return {"audio_id": audio_id, "status": "processing"}
+
+    return once(svc, user, "from-storage", idempotency_key, body_hash(body.model_dump_json()), run)
+
+
+def owned_asset(svc, user: str, audio_id: str) -> AudioAsset:
+    asset = svc.store.get_asset(audio_id)
+    if asset is None or asset.user_id != user:
+        raise NotFound("audio not found", audio_id=audio_id)
+    return asset
+
+
+@router.get("/status/audio/{audio_id}", response_model=AudioStatus, summary="Import status and audio metadata")
+def audio_status(audio_id: UUID, svc=Svc, user: str = User) -> dict:
+    a = owned_asset(svc, user, str(audio_id))
+    info = a.info or {}
+    return {"audio_id": a.id, "status": a.status.value, "filename": a.filename, "size": a.size, "error": a.error,
+            "created_at": a.created_at, **{k: info.get(k) for k in ("duration", "sample_rate", "channels", "codec", "container")}}
+
+
+__all__ = ["router", "owned_asset", "AssetStatus"]

@@ -1,0 +1,110 @@
+"""Downloads: one stem (WAV or HQ encode, with HTTP Range), or a zip of several."""
+from __future__ import annotations
+
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from pipelines.audio import hq_extension
+from stems.models import JobStatus, Stem, StemStatus
+
+from .deps import Conflict, NotFound, Services, Svc, User
+from .routes_stems import owned_job, owned_stem
+from .schemas import ArchiveRequest
+
+router = APIRouter(tags=["downloads"])
+
+MEDIA = {"wav": "audio/wav", "m4a": "audio/mp4", "mp3": "audio/mpeg", "ogg": "audio/ogg", "flac": "audio/flac"}
+
+
+def _object(stem: Stem, fmt: str) -> tuple[str, str, int]:
+    """(key, file name, size) of a complete stem in `fmt` (wav or hq)."""
+    if stem.status != StemStatus.complete:
+        raise Conflict(f"the stem is not ready (status {stem.status.value})", stem_id=stem.id)
+    if fmt == "hq":
+        if not stem.hq_key:
+            raise NotFound("this stem has no HQ streaming encode (hq_streaming_format was none)", stem_id=stem.id)
+        return stem.hq_key, f"{stem.name}.{hq_extension(stem.hq_format)}", stem.hq_size
+    return stem.wav_key, f"{stem.name}.wav", stem.wav_size
+
+
+def _range(header: str | None, size: int) -> tuple[int, int] | None:
+    """Parse a single `bytes=a-b` range; None for no/ignorable range; raises for unsatisfiable."""
+    if not header:
+        return None
+    m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None  # unsupported (e.g. multiple ranges): answer the whole object
+    if m.group(1):
+        start = int(m.group(1))
+        end = int(m.group(2)) if m.group(2) else size - 1
+    else:
+        start, end = max(0, size - int(m.group(2))), size - 1
+    if start >= size or start > end:
+        raise _Unsatisfiable(size)
+    return start, min(end, size - 1)
+
+
+class _Unsatisfiable(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+@router.get("/download/stem/{stem_id}", summary="Download a stem (WAV, or the HQ encode with ?format=hq)",
+            responses={200: {"content": {"audio/wav": {}}}, 206: {"description": "partial content (Range)"},
+                       307: {"description": "redirect to a presigned URL (S3 with presigning on)"}})
+def download_stem(stem_id: UUID, request: Request, format: str = Query("wav", pattern="^(wav|hq)$"),
+                  svc: Services = Svc, user: str = User) -> Response:
+    stem = owned_stem(svc, user, str(stem_id))
+    key, filename, size = _object(stem, format)
+    url = svc.storage.presigned_url(key, filename)
+    if url:
+        return RedirectResponse(url, status_code=307)
+    media = MEDIA.get(filename.rsplit(".", 1)[-1], "application/octet-stream")
+    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{filename}"'}
+    try:
+        rng = _range(request.headers.get("range"), size)
+    except _Unsatisfiable:
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    if rng is None:
+        return StreamingResponse(svc.storage.iter_range(key), media_type=media,
+                                 headers={**headers, "Content-Length": str(size)})
+    start, end = rng
+    return StreamingResponse(svc.storage.iter_range(key, start, end), status_code=206, media_type=media,
+                             headers={**headers, "Content-Range": f"bytes {start}-{end}/{size}",
+                                      "Content-Length": str(end - start + 1)})
+
+
+@router.post("/download-archive", summary="One zip of a job's stems, or of chosen stems",
+             responses={200: {"content": {"application/zip": {}}}})
+def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User) -> Response:
+    if body.creation_id:
+        job = owned_job(svc, user, str(body.creation_id))
+        if job.status != JobStatus.complete:
+            raise Conflict(f"the split is not complete (status {job.status.value})", creation_id=job.id)
+        stems = [s for s in svc.store.get_stems(job.stem_ids + job.upscaled_ids) if s.status == StemStatus.complete]
+        name = f"{job.preset}-{job.id[:8]}.zip"
+    else:
+        stems = [owned_stem(svc, user, str(i)) for i in dict.fromkeys(body.stem_ids)]
+        name = "stems.zip"
+    objects = [_object(s, body.format) for s in stems]  # 409 if any is not complete
+    tmp = tempfile.NamedTemporaryFile(dir=svc.settings.data_dir / "tmp", suffix=".zip", delete=False)
+    tmp.close()
+    path = Path(tmp.name)
+    used: set[str] = set()
+    # stored, not deflated: audio does not compress and the zip should cost no CPU
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for (key, filename, _), stem in zip(objects, stems):
+            arcname = filename if filename not in used else f"{stem.id[:8]}-{filename}"
+            used.add(arcname)
+            with zf.open(arcname, "w", force_zip64=True) as out:
+                for block in svc.storage.iter_range(key):
+                    out.write(block)
+    return FileResponse(path, media_type="application/zip", filename=name,
+                        background=BackgroundTask(path.unlink, missing_ok=True))

@@ -1,0 +1,52 @@
+"""The catalogue, usage, health and readiness."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from pipelines.errors import PresetError
+from pipelines.presets import load_catalogue
+
+from .deps import Services, Svc, User
+from .schemas import PresetList
+
+router = APIRouter(tags=["meta"])
+
+
+@router.get("/presets", response_model=PresetList, summary="The preset catalogue, with availability here")
+def presets(svc: Services = Svc, user: str = User) -> dict:
+    catalogue = load_catalogue()
+    out = []
+    for p in catalogue.presets:
+        try:
+            _, chain = svc.availability.pick(p)
+            info = {"available": True, "queue": chain.queue, "chain": list(chain.model_ids), "missing_models": []}
+        except PresetError as exc:
+            info = {"available": False, "queue": None, "chain": None, "missing_models": exc.fields["missing_models"]}
+        out.append({"name": p.name, "description": p.description, "stems": list(p.output_stems()),
+                    "usage_multiplier": p.usage_multiplier, **info})
+    restoration = [{"name": r.name, "description": r.description} for r in catalogue.restoration_presets]
+    return {"presets": out, "restoration_presets": restoration}
+
+
+@router.get("/usage", summary="Processed audio minutes for this key (times each preset's multiplier)")
+def usage(svc: Services = Svc, user: str = User) -> dict:
+    return {"user_id": user, **svc.store.usage(user)}
+
+
+@router.get("/healthz", summary="Liveness")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: Redis and storage answer")
+def readyz(svc: Services = Svc) -> JSONResponse:
+    checks = {}
+    for name, fn in (("redis", svc.store.ping), ("storage", svc.storage.ping)):
+        try:
+            fn()
+            checks[name] = "ok"
+        except Exception as exc:  # readiness reports, it does not raise
+            checks[name] = f"error: {exc.__class__.__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)

@@ -1,0 +1,104 @@
+"""Records the service keeps: API keys' users, audio assets, split jobs and stems."""
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def now() -> float:
+    return time.time()
+
+
+class AssetStatus(str, Enum):
+    processing = "processing"  #: stored, being probed (or being fetched from a link)
+    complete = "complete"  #: probed and accepted; can be split
+    failed = "failed"  #: refused; `error` says why
+
+
+class JobStatus(str, Enum):
+    queued = "queued"  #: accepted and waiting for a worker of its queue
+    processing = "processing"  #: a worker is running it
+    complete = "complete"  #: every stem is stored
+    failed = "failed"  #: stopped for the reason in `error`
+    cancelled = "cancelled"  #: cancelled by its owner; partial outputs removed
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.complete, JobStatus.failed, JobStatus.cancelled)
+
+
+class StemStatus(str, Enum):
+    pending = "pending"
+    complete = "complete"
+    dropped = "dropped"  #: silent, and the preset drops silent stems
+    failed = "failed"
+
+
+class AudioAsset(BaseModel):
+    id: str = Field(default_factory=new_id)
+    user_id: str
+    origin: str  # upload | link | ingest
+    status: AssetStatus = AssetStatus.processing
+    filename: str | None = None
+    url: str | None = None
+    object_key: str
+    size: int | None = None
+    sha256: str | None = None
+    info: dict | None = None  # duration, sample_rate, channels, codec, container
+    error: dict | None = None
+    created_at: float = Field(default_factory=now)
+
+
+class Stem(BaseModel):
+    """A stem a job makes; `kind=upscaled` marks a restored copy of another stem."""
+
+    id: str = Field(default_factory=new_id)
+    user_id: str
+    job_id: str
+    name: str
+    kind: str = "stem"  # stem | upscaled
+    of_stem_id: str | None = None  # for upscaled: the stem it restores
+    status: StemStatus = StemStatus.pending
+    made_by: str | None = None
+    duration: float | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    bit_depth: int = 24
+    hq_format: str | None = None
+    wav_key: str | None = None
+    wav_size: int | None = None
+    hq_key: str | None = None
+    hq_size: int | None = None
+
+
+class Job(BaseModel):
+    id: str = Field(default_factory=new_id)
+    user_id: str
+    preset: str
+    audio_id: str  # the original upload this job's audio descends from
+    source_kind: str  # audio | stem | upscaled
+    source_id: str
+    params: dict
+    queue: str
+    chain_index: int
+    status: JobStatus = JobStatus.queued
+    progress: float = 0.0
+    stage: str = "queued"
+    error: dict | None = None
+    stem_ids: list[str] = Field(default_factory=list)
+    upscaled_ids: list[str] = Field(default_factory=list)
+    attempts: int = 0
+    worker: str | None = None  # hostname of the worker that ran the latest attempt
+    audio_seconds: float | None = None
+    usage_minutes: float = 0.0
+    created_at: float = Field(default_factory=now)
+    started_at: float | None = None
+    finished_at: float | None = None
+    callback_url: str | None = None

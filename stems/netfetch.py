@@ -1,0 +1,99 @@
+"""Fetch a user-given URL without letting it reach our own network (no SSRF).
+
+Only http and https; every address the host resolves to must be public (not private,
+loopback, link-local, cloud metadata, multicast or reserved), checked again at every
+redirect; plain-http requests go to the checked address itself, so a DNS answer that
+changes between check and connect cannot redirect them. Size and time are limited.
+Hosts in `STEMS_LINK_ALLOW_HOSTS` skip the address check (tests, internal mirrors).
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from pipelines.errors import StemsError
+
+from .settings import Settings
+
+
+class LinkError(StemsError):
+    """The link cannot be fetched: refused address, bad scheme, too large, HTTP error."""
+
+    code = "invalid_link"
+
+
+class TooLarge(StemsError):
+    code = "too_large"
+
+
+def _public(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_link_local)
+
+
+def check_url(url: str, settings: Settings) -> tuple[str, str]:
+    """(url, address to connect to) or LinkError; resolves the host once."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise LinkError("only http and https links are accepted", url=url)
+    host = parts.hostname
+    if not host:
+        raise LinkError("the link has no host", url=url)
+    if parts.username or parts.password:
+        raise LinkError("links with credentials are not accepted", url=url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise LinkError(f"cannot resolve host {host!r}", url=url) from exc
+    addresses = sorted({i[4][0] for i in infos})
+    if host not in settings.link_allow_hosts:
+        bad = [a for a in addresses if not _public(a)]
+        if bad:
+            raise LinkError(f"host {host!r} resolves to a non-public address", url=url)
+    return url, addresses[0]
+
+
+def fetch_url(url: str, dest: Path, settings: Settings, max_redirects: int = 5) -> int:
+    """Download `url` into `dest`; returns the size. Raises LinkError / TooLarge."""
+    deadline = time.monotonic() + settings.link_timeout_s
+    for _ in range(max_redirects + 1):
+        url, address = check_url(url, settings)
+        parts = urlsplit(url)
+        target, headers = url, {"user-agent": "stems-import/1"}
+        if parts.scheme == "http":  # connect to the address we checked
+            host = f"[{address}]" if ":" in address else address
+            netloc = host + (f":{parts.port}" if parts.port else "")
+            target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+            headers["host"] = parts.netloc
+        try:
+            with httpx.stream("GET", target, headers=headers, follow_redirects=False,
+                              timeout=httpx.Timeout(min(30.0, settings.link_timeout_s))) as resp:
+                if resp.is_redirect:
+                    url = urljoin(url, resp.headers.get("location", ""))
+                    continue
+                if resp.status_code >= 400:
+                    raise LinkError(f"the link answered HTTP {resp.status_code}", url=url, status=resp.status_code)
+                declared = int(resp.headers.get("content-length") or 0)
+                if declared > settings.max_upload_bytes:
+                    raise TooLarge(f"the linked file is {declared} bytes; the maximum is {settings.max_upload_bytes}")
+                n = 0
+                with open(dest, "wb") as f:
+                    for block in resp.iter_bytes(1 << 20):
+                        n += len(block)
+                        if n > settings.max_upload_bytes:
+                            raise TooLarge(f"the linked file is over the maximum of {settings.max_upload_bytes} bytes")
+                        if time.monotonic() > deadline:
+                            raise LinkError(f"the download took longer than {settings.link_timeout_s:.0f} s", url=url)
+                        f.write(block)
+                return n
+        except httpx.HTTPError as exc:
+            raise LinkError(f"could not fetch the link: {exc.__class__.__name__}", url=url) from exc
+    raise LinkError(f"more than {max_redirects} redirects", url=url)

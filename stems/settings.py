@@ -1,0 +1,102 @@
+"""One typed settings object for the whole service, read from the environment (and `.env`).
+
+Every field is documented in the README's settings table (generated from this class by
+`stems settings --markdown`). Production refuses unsafe values at start-up.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str, *more: str) -> AliasChoices:
+    return AliasChoices(name, *more)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    env: Literal["development", "production"] = Field("development", validation_alias=_env("STEMS_ENV"),
+        description="`production` refuses unsafe settings (local storage, the embedded Redis, open link fetching)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"),
+        description="Redis for the Celery broker and job state")
+    key_prefix: str = Field("stems", validation_alias=_env("STEMS_KEY_PREFIX"),
+        description="prefix of every Redis key of ours, so several deployments (or test runs) can share a Redis")
+    storage: Literal["local", "s3"] = Field("local", validation_alias=_env("STEMS_STORAGE"),
+        description="storage backend: a local directory or an S3-compatible bucket")
+    data_dir: Path = Field(Path(".data"), validation_alias=_env("STEMS_DATA_DIR"),
+        description="root of the local storage backend, and of scratch space")
+    s3_endpoint_url: str | None = Field(None, validation_alias=_env("S3_ENDPOINT_URL"),
+        description="S3 endpoint (MinIO, R2, ...); unset for AWS")
+    s3_bucket: str = Field("stems", validation_alias=_env("S3_BUCKET"), description="bucket for audio and stems")
+    s3_prefix: str = Field("", validation_alias=_env("S3_PREFIX"), description="key prefix inside the bucket")
+    s3_region: str = Field("us-east-1", validation_alias=_env("S3_REGION", "AWS_DEFAULT_REGION"), description="S3 region")
+    s3_access_key_id: str | None = Field(None, validation_alias=_env("S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+        description="S3 access key (else boto3's default chain)")
+    s3_secret_access_key: str | None = Field(None, validation_alias=_env("S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+        description="S3 secret key")
+    s3_presign_downloads: bool = Field(False, validation_alias=_env("S3_PRESIGN_DOWNLOADS"),
+        description="answer downloads with a redirect to a presigned URL instead of streaming through the API")
+    s3_timeout_s: float = Field(30.0, validation_alias=_env("S3_TIMEOUT_S"), description="connect/read timeout of S3 calls")
+    ingest_prefix: str = Field("ingest/", validation_alias=_env("STEMS_INGEST_PREFIX"),
+        description="keys an ingestion service may register with POST /from-storage must start with this")
+    model_dir: Path = Field(Path(".models"), validation_alias=_env("STEMS_MODEL_DIR"),
+        description="model store directory (weights + manifest.json)")
+    model_s3_uri: str | None = Field(None, validation_alias=_env("STEMS_MODEL_S3_URI"),
+        description="s3://bucket/prefix holding a model store, synced into STEMS_MODEL_DIR when a worker starts")
+    device: str = Field("auto", validation_alias=_env("STEMS_DEVICE"), description="`auto`, `cpu` or `cuda[:N]` for neural models")
+    chunk_seconds: float = Field(30.0, validation_alias=_env("STEMS_CHUNK_SECONDS"),
+        description="audio processed per chunk (memory follows the chunk, not the track)")
+    api_host: str = Field("127.0.0.1", validation_alias=_env("STEMS_API_HOST"), description="API bind address")
+    api_port: int = Field(8000, validation_alias=_env("STEMS_API_PORT"), description="API port")
+    flower_port: int = Field(5555, validation_alias=_env("STEMS_FLOWER_PORT"), description="Flower port (`make up`)")
+    max_upload_bytes: int = Field(1 << 30, validation_alias=_env("STEMS_MAX_UPLOAD_BYTES"),
+        description="largest accepted upload or link download (413 beyond)")
+    max_duration_s: float = Field(4 * 3600.0, validation_alias=_env("STEMS_MAX_DURATION_S"),
+        description="longest accepted audio")
+    min_sample_rate: int = Field(8000, validation_alias=_env("STEMS_MIN_SAMPLE_RATE"), description="lowest accepted sample rate")
+    max_sample_rate: int = Field(192000, validation_alias=_env("STEMS_MAX_SAMPLE_RATE"), description="highest accepted sample rate")
+    max_channels: int = Field(8, validation_alias=_env("STEMS_MAX_CHANNELS"), description="most channels accepted")
+    max_prompt_chars: int = Field(500, validation_alias=_env("STEMS_MAX_PROMPT_CHARS"),
+        description="prompts are trimmed to this many characters before validation")
+    link_timeout_s: float = Field(60.0, validation_alias=_env("STEMS_LINK_TIMEOUT_S"), description="time limit of a /from-link download")
+    link_allow_hosts: list[str] = Field(default_factory=list, validation_alias=_env("STEMS_LINK_ALLOW_HOSTS"),
+        description="hosts /from-link may fetch even if they resolve to private addresses (tests, internal mirrors); JSON list")
+    task_max_attempts: int = Field(3, validation_alias=_env("STEMS_TASK_MAX_ATTEMPTS"),
+        description="deliveries of one job before it is failed (a job that kills its worker is not retried forever)")
+    time_limit_base_s: float = Field(300.0, validation_alias=_env("STEMS_TIME_LIMIT_BASE_S"),
+        description="hard time limit of a split: base seconds ...")
+    time_limit_per_audio_s: float = Field(4.0, validation_alias=_env("STEMS_TIME_LIMIT_PER_AUDIO_S"),
+        description="... plus this many seconds per second of audio")
+    visibility_timeout_s: int = Field(6 * 3600 * 2, validation_alias=_env("STEMS_VISIBILITY_TIMEOUT_S"),
+        description="broker visibility timeout; must exceed the longest allowed job")
+    rate_limit_per_minute: int = Field(600, validation_alias=_env("STEMS_RATE_LIMIT_PER_MINUTE"),
+        description="requests per API key per minute (429 beyond)")
+    max_active_jobs: int = Field(50, validation_alias=_env("STEMS_MAX_ACTIVE_JOBS"),
+        description="queued or running splits per API key (429 beyond)")
+    worker_queues: str = Field("cpu", validation_alias=_env("STEMS_WORKER_QUEUES"),
+        description="comma-separated queues `stems worker` serves when -Q is not given")
+
+    @model_validator(mode="after")
+    def _safe_in_production(self) -> "Settings":
+        if self.env == "production":
+            problems = []
+            if self.storage == "local":
+                problems.append("STEMS_STORAGE=local keeps audio on one machine's disk; use s3")
+            if self.link_allow_hosts:
+                problems.append("STEMS_LINK_ALLOW_HOSTS lets /from-link reach private hosts")
+            if problems:
+                raise ValueError("unsafe production settings: " + "; ".join(problems))
+        return self
+
+    def hard_time_limit(self, audio_seconds: float) -> float:
+        return self.time_limit_base_s + self.time_limit_per_audio_s * audio_seconds
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,224 @@
+"""The development stack: Redis (found or started), API, one worker per queue group, Flower.
+
+`make up` / `make down` / `make run` call `up`, `down` and `demo`. Processes are started
+in their own sessions with pid files under `.run/`, so `down` stops exactly those. The
+test suite starts the same processes through `Proc` with its own environment.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .redisboot import ensure_redis, free_port
+
+RUN = Path(".run")
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    popen: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> "Proc":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, sig)
+            self.popen.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(5)
+
+
+def api_proc(env: dict, port: int, log: Path) -> Proc:
+    return Proc("api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port),
+                        "--log-level", "warning", "--no-access-log"], env, log)
+
+
+def worker_proc(env: dict, queues: str, name: str, log: Path, concurrency: int = 1) -> Proc:
+    return Proc(f"worker-{name}", [sys.executable, "-m", "stems.cli", "worker", "-Q", queues, "-n", f"{name}@%h",
+                                   "-c", str(concurrency), "--loglevel", "WARNING"], env, log)
+
+
+def flower_proc(env: dict, port: int, log: Path) -> Proc:
+    return Proc("flower", [sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "flower",
+                           f"--port={port}", "--address=127.0.0.1"], env, log)
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: Proc | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def wait_workers(store, n: int, timeout: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = store.live_workers()
+        if len(live) >= n:
+            return live
+        time.sleep(0.2)
+    raise RuntimeError(f"{n} workers did not report within {timeout:.0f} s")
+
+
+def worker_groups(model_dir: Path) -> dict[str, str]:
+    """Queue groups to start a worker for: cpu always, a GPU queue when a model of it is installed."""
+    from pipelines.modelstore import ModelStore
+    from pipelines.registry import load_registry
+
+    installed = {m for m, reason in ModelStore(model_dir).installed().items() if reason is None}
+    queues = {load_registry()[m].queue for m in installed} | {"cpu"}
+    return {q: q for q in sorted(queues)}
+
+
+def up() -> int:
+    from .jobstore import JobStore
+    from .settings import get_settings
+
+    s = get_settings()
+    RUN.mkdir(exist_ok=True)
+    if any(RUN.glob("*.pid")):
+        down()
+    url, redis = ensure_redis(s.redis_url, RUN / "redis")
+    if redis:
+        (RUN / "redis.pid").write_text(str(redis.pid))
+        print(f"started a private Redis at {url} (none answered at {s.redis_url})")
+    env = {**os.environ, "REDIS_URL": url}
+    (RUN / "env").write_text(f"REDIS_URL={url}\n")
+    procs = [api_proc(env, s.api_port, RUN / "api.log")]
+    procs += [worker_proc(env, queues, name, RUN / f"worker-{name}.log") for name, queues in worker_groups(s.model_dir).items()]
+    procs.append(flower_proc(env, s.flower_port, RUN / "flower.log"))
+    for p in procs:
+        p.start()
+        (RUN / f"{p.name}.pid").write_text(str(p.pid))
+    store = JobStore.from_url(url, s.key_prefix)
+    key_file = RUN / "dev-api-key"
+    if not key_file.exists() or store.user_for_key(key_file.read_text().strip()) is None:
+        key_file.write_text(store.create_key("dev") + "\n")
+    wait_http(f"http://127.0.0.1:{s.api_port}/healthz", proc=procs[0])
+    wait_workers(store, len(procs) - 2)
+    print(f"API      http://127.0.0.1:{s.api_port}  (docs at /docs)\nFlower   http://127.0.0.1:{s.flower_port}\n"
+          f"API key  {key_file}\nlogs     {RUN}/*.log\nstop     make down")
+    return 0
+
+
+def down() -> int:
+    for pid_file in sorted(RUN.glob("*.pid")):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+        pid_file.unlink()
+    print("stopped")
+    return 0
+
+
+def make_sample(path: Path, seconds: float = 12.0, sr: int = 44100) -> None:
+    """A short stereo piece made on the spot: a centred melody and bass over panned chords and hats."""
+    import numpy as np
+
+    from pipelines.audio import write_wav
+
+    t = np.arange(int(seconds * sr)) / sr
+    rng = np.random.default_rng(7)
+    beat = 0.5
+    melody_notes = [220, 247, 262, 294, 330, 294, 262, 247]
+    f_mel = np.array(melody_notes)[(t // beat).astype(int) % len(melody_notes)]
+    env = np.minimum(1, (t % beat) * 40) * np.exp(-(t % beat) * 2)
+    melody = 0.3 * env * np.sin(2 * np.pi * np.cumsum(f_mel) / sr) * (1 + 0.3 * np.sin(2 * np.pi * 5 * t))
+    bass = 0.25 * np.sin(2 * np.pi * 55 * t) * np.exp(-(t % (2 * beat)) * 1.5)
+    chord = sum(np.sin(2 * np.pi * f * t) for f in (261.6, 329.6, 392.0)) * 0.06
+    hats = rng.standard_normal(t.size) * np.exp(-((t + beat / 2) % beat) * 60) * 0.15
+    left = melody + bass + chord * 1.0 + hats * 0.2
+    right = melody + bass + chord * 0.2 + hats * 1.0
+    write_wav(path, np.stack([left, right]).astype(np.float32) * 0.9, sr, 24)
+
+
+def demo() -> int:
+    """`make run`: start the stack, split a generated sample through the HTTP API, save the stems."""
+    from .settings import get_settings
+
+    s = get_settings()
+    up()
+    base = f"http://127.0.0.1:{s.api_port}"
+    headers = {"x-api-key": (RUN / "dev-api-key").read_text().strip()}
+    out = Path("out")
+    out.mkdir(exist_ok=True)
+    sample = out / "sample.wav"
+    make_sample(sample)
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+        with open(sample, "rb") as f:
+            audio_id = client.post("/from-file", files={"file": ("sample.wav", f, "audio/wav")}).raise_for_status().json()["audio_id"]
+        status = _poll(client, f"/status/audio/{audio_id}", {"complete", "failed"})
+        if status["status"] != "complete":
+            print(f"import failed: {status['error']}")
+            return 1
+        print(f"uploaded {sample} ({status['duration']:.1f} s, {status['sample_rate']} Hz) as {audio_id}")
+        presets = client.get("/presets").json()["presets"]
+        available = [p["name"] for p in presets if p["available"]]
+        print(f"available presets here: {', '.join(available)}")
+        job = client.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio_id,
+                                                 "selection": {"start": 2.0, "end": 10.0}}).raise_for_status().json()
+        status = _poll(client, f"/status/stem_split/{job['creation_id']}", {"complete", "failed", "cancelled"})
+        if status["status"] != "complete":
+            print(f"split failed: {status['error']}")
+            return 1
+        target = out / job["creation_id"]
+        target.mkdir(exist_ok=True)
+        for stem in status["stems"]:
+            path = target / f"{stem['name']}.wav"
+            path.write_bytes(client.get(stem["download"]["wav"]).raise_for_status().content)
+            print(f"  {stem['name']:10} {stem['duration']:.2f} s  by {stem['made_by']:12} -> {path}")
+        zip_path = target / "stems.zip"
+        zip_path.write_bytes(client.post("/download-archive", json={"creation_id": job["creation_id"]}).raise_for_status().content)
+        print(f"  all stems as one zip -> {zip_path}")
+    print(f"stems written to {target.resolve()}; the stack is still up (make down stops it)")
+    return 0
+
+
+def _poll(client: httpx.Client, path: str, done: set[str], timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(path).raise_for_status().json()
+        if status["status"] in done:
+            return status
+        time.sleep(0.3)
+    raise TimeoutError(f"{path} did not finish within {timeout:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit({"up": up, "down": down, "demo": demo}[sys.argv[1]]())

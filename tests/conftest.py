@@ -1,0 +1,32 @@
+"""Shared fixtures: one private Redis and one S3-protocol server (moto) for the whole run."""
+from __future__ import annotations
+
+import pytest
+
+from stems.redisboot import start_redis
+from tests.support import ServiceStack, start_moto
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_url(tmp_path_factory):
+    proc, url = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, redis_url, s3_url):
+    """API + one CPU worker on S3 storage: the service as deployed, minus GPUs."""
+    s = ServiceStack(tmp_path_factory.mktemp("stack"), redis_url, s3_url)
+    s.start_api()
+    s.start_worker("cpu", "cpu")
+    yield s
+    s.stop()

@@ -1,0 +1,1 @@
+"""Celery app and tasks: thin adapters from queue messages (ids) to the pipelines."""

@@ -1,0 +1,57 @@
+"""Workers report what they serve: queues and installed models, refreshed every few seconds.
+
+The API reads these reports to route a preset only to a queue whose live workers hold
+its chain, and to show which presets are available.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+from celery.signals import worker_ready, worker_shutdown
+
+from pipelines.modelstore import ModelStore
+from stems.jobstore import JobStore
+from stems.settings import get_settings
+
+INTERVAL_S = 5.0
+TTL_S = 20
+_stop = threading.Event()
+
+
+def report(hostname: str, queues: list[str]) -> dict:
+    s = get_settings()
+    models = sorted(m for m, reason in ModelStore(s.model_dir).installed().items() if reason is None)
+    return {"hostname": hostname, "queues": queues, "models": models, "pid": os.getpid(), "ts": time.time()}
+
+
+def _loop(hostname: str, queues: list[str]) -> None:
+    s = get_settings()
+    store = JobStore.from_url(s.redis_url, s.key_prefix)
+    key = store.k("workers")
+    while not _stop.is_set():
+        try:
+            store.r.hset(key, hostname, json.dumps(report(hostname, queues)))
+        except Exception:  # Redis away: try again next beat; readers ignore reports older than TTL_S
+            pass
+        _stop.wait(INTERVAL_S)
+    try:
+        store.r.hdel(key, hostname)
+    except Exception:
+        pass
+
+
+@worker_ready.connect
+def _start(sender=None, **_):
+    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values()) if sender else []
+    hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    threading.Thread(target=_loop, args=(hostname, queues), daemon=True, name="stems-heartbeat").start()
+
+
+@worker_shutdown.connect
+def _stop_beat(**_):
+    _stop.set()
+

@@ -1,0 +1,66 @@
+"""Import an audio asset: fetch it (for links), probe it, accept or refuse it with a reason."""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+from pipelines import audio as A
+from pipelines.errors import AudioError, StemsError
+from stems.models import AssetStatus
+from stems.netfetch import fetch_url
+
+from .context import WorkerContext
+
+
+def validate(info: A.AudioInfo, ctx: WorkerContext) -> None:
+    s = ctx.settings
+    if info.duration > s.max_duration_s:
+        raise AudioError(f"audio is {info.duration:.0f} s long; the maximum is {s.max_duration_s:.0f} s",
+                         duration=info.duration, max_duration=s.max_duration_s)
+    if not s.min_sample_rate <= info.sample_rate <= s.max_sample_rate:
+        raise AudioError(f"sample rate {info.sample_rate} Hz is outside {s.min_sample_rate}..{s.max_sample_rate} Hz",
+                         sample_rate=info.sample_rate)
+    if info.channels > s.max_channels:
+        raise AudioError(f"{info.channels} channels; at most {s.max_channels} are accepted", channels=info.channels)
+
+
+def check_samples(path: Path) -> None:
+    """Refuse NaN / infinite samples (float WAVs can hold them) without loading the whole file."""
+    for block in A.iter_decode(path):
+        A.check_finite(block)
+
+
+def import_audio(audio_id: str, ctx: WorkerContext) -> None:
+    asset = ctx.store.get_asset(audio_id)
+    if asset is None or asset.status != AssetStatus.processing:
+        return  # unknown, or already imported: delivering twice changes nothing
+    with tempfile.TemporaryDirectory(prefix="stems-import-") as tmp:
+        local = Path(tmp) / "source"
+        try:
+            if asset.origin == "link":
+                size = fetch_url(asset.url, local, ctx.settings)
+                with open(local, "rb") as f:
+                    ctx.storage.put_stream(asset.object_key, f)
+            else:
+                ctx.storage.get_file(asset.object_key, local)
+                size = local.stat().st_size
+            if size == 0:
+                raise AudioError("the file is empty")
+            info = A.probe(local)
+            validate(info, ctx)
+            check_samples(local)
+            digest = hashlib.sha256()
+            with open(local, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except StemsError as exc:
+            if exc.retryable:
+                raise
+            asset.status, asset.error = AssetStatus.failed, exc.to_dict()
+            ctx.store.put_asset(asset)
+            if asset.origin != "ingest":  # refused audio is not kept (ingested objects are not ours)
+                ctx.storage.delete(asset.object_key)
+            return
+    asset.status, asset.info, asset.size, asset.sha256 = AssetStatus.complete, info.to_dict(), size, digest.hexdigest()
+    ctx.store.put_asset(asset)

@@ -1,0 +1,73 @@
+"""Celery tasks: thin, idempotent, JSON ids in; the work lives in importer / splitter.
+
+Retry policy: errors that retrying can fix (storage 5xx or timeouts, Redis connection
+loss) are retried with jittered exponential backoff; everything else fails the job at
+once with its reason. The attempt count lives in our job store, not only in Celery.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+
+from pipelines.errors import StemsError
+from stems.models import JobStatus
+
+from . import heartbeat  # noqa: F401 - registers the worker's model report on start
+from .celery_app import app
+from .context import context
+from .importer import import_audio
+from .splitter import discard_outputs, finish, run_split
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+
+
+def backoff(retries: int) -> float:
+    return min(60.0, 2.0 ** retries) * (0.5 + random.random())
+
+
+def _retryable(exc: Exception) -> bool:
+    return isinstance(exc, RETRYABLE) or (isinstance(exc, StemsError) and exc.retryable)
+
+
+@app.task(name="stems.import_audio", bind=True, max_retries=8)
+def import_audio_task(self, audio_id: str) -> None:
+    try:
+        import_audio(audio_id, context())
+    except Exception as exc:
+        if _retryable(exc):
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries))
+        raise
+
+
+@app.task(name="stems.split", bind=True, max_retries=8)
+def split_task(self, job_id: str) -> None:
+    ctx = context()
+    try:
+        run_split(job_id, ctx, self.request.hostname)
+    except SoftTimeLimitExceeded:
+        job = ctx.store.get_job(job_id)
+        if job is not None:
+            discard_outputs(job, ctx)
+        finish(job_id, ctx, JobStatus.failed, {"code": "time_limit", "message": "the split ran past its time limit"})
+    except Exception as exc:
+        if _retryable(exc) and self.request.retries < self.max_retries:
+            log.warning("job %s: retryable error %s, retrying", job_id, exc)
+            try:
+                ctx.store.update_job(job_id, _back_to_queue)
+            except RETRYABLE:
+                pass
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries))
+        log.exception("job %s failed", job_id)
+        finish(job_id, ctx, JobStatus.failed, {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
+
+
+def _back_to_queue(job):
+    if job.status.terminal:
+        return None
+    job.status, job.stage = JobStatus.queued, "retrying"
+    return job
