@@ -96,6 +96,7 @@ class Job(BaseModel):
     upscaled_ids: list[str] = Field(default_factory=list)
     attempts: int = 0
     worker: str | None = None  # hostname of the worker that ran the latest attempt
+    worker_pid: int | None = None  # its process (tests kill it to inject faults)
     audio_seconds: float | None = None
     usage_minutes: float = 0.0
     created_at: float = Field(default_factory=now)

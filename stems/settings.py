@@ -72,14 +72,26 @@ class Settings(BaseSettings):
         description="hard time limit of a split: base seconds ...")
     time_limit_per_audio_s: float = Field(4.0, validation_alias=_env("STEMS_TIME_LIMIT_PER_AUDIO_S"),
         description="... plus this many seconds per second of audio")
-    visibility_timeout_s: int = Field(6 * 3600 * 2, validation_alias=_env("STEMS_VISIBILITY_TIMEOUT_S"),
+    visibility_timeout_s: int = Field(24 * 3600, validation_alias=_env("STEMS_VISIBILITY_TIMEOUT_S"),
         description="broker visibility timeout; must exceed the longest allowed job")
     rate_limit_per_minute: int = Field(600, validation_alias=_env("STEMS_RATE_LIMIT_PER_MINUTE"),
         description="requests per API key per minute (429 beyond)")
     max_active_jobs: int = Field(50, validation_alias=_env("STEMS_MAX_ACTIVE_JOBS"),
         description="queued or running splits per API key (429 beyond)")
+    webhook_secret: str = Field("dev-webhook-secret", validation_alias=_env("STEMS_WEBHOOK_SECRET"),
+        description="HMAC-SHA256 key that signs webhook bodies (set your own in production)")
+    webhook_attempts: int = Field(6, validation_alias=_env("STEMS_WEBHOOK_ATTEMPTS"),
+        description="deliveries of a webhook before giving up (jittered exponential backoff between)")
     worker_queues: str = Field("cpu", validation_alias=_env("STEMS_WORKER_QUEUES"),
         description="comma-separated queues `stems worker` serves when -Q is not given")
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_jobs(self) -> "Settings":
+        longest = self.hard_time_limit(self.max_duration_s)
+        if self.visibility_timeout_s <= longest:
+            raise ValueError(f"STEMS_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed the longest allowed "
+                             f"job ({longest:.0f} s), or Redis would hand a running split to a second worker")
+        return self
 
     @model_validator(mode="after")
     def _safe_in_production(self) -> "Settings":
@@ -87,6 +99,8 @@ class Settings(BaseSettings):
             problems = []
             if self.storage == "local":
                 problems.append("STEMS_STORAGE=local keeps audio on one machine's disk; use s3")
+            if self.webhook_secret == "dev-webhook-secret":
+                problems.append("STEMS_WEBHOOK_SECRET is the development default")
             if self.link_allow_hosts:
                 problems.append("STEMS_LINK_ALLOW_HOSTS lets /from-link reach private hosts")
             if problems:

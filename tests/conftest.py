@@ -25,7 +25,7 @@ def s3_url(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, redis_url, s3_url):
     """API + one CPU worker on S3 storage: the service as deployed, minus GPUs."""
-    s = ServiceStack(tmp_path_factory.mktemp("stack"), redis_url, s3_url)
+    s = ServiceStack(tmp_path_factory.mktemp("stack"), redis_url, s3_url, STEMS_MAX_DURATION_S="600")
     s.start_api()
     s.start_worker("cpu", "cpu")
     yield s

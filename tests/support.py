@@ -74,6 +74,23 @@ class ServiceStack:
                 raise RuntimeError(f"worker {name} did not report; see {p.log}")
         return p
 
+    def settings(self):
+        """The Settings the stack's processes see (their environment, read the same way)."""
+        from stems.settings import Settings
+
+        saved = os.environ.copy()
+        os.environ.update(self.env)
+        try:
+            return Settings()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def objects(self, prefix: str = "users/") -> list[str]:
+        from stems.storage import make_storage
+
+        return make_storage(self.settings()).list(prefix)
+
     def client(self, user: str = "alice") -> httpx.Client:
         return httpx.Client(base_url=self.base, headers={"x-api-key": self.store.create_key(user)}, timeout=60)
 

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import celeryd_init, worker_ready, worker_shutdown
 
 from pipelines.modelstore import ModelStore
 from stems.jobstore import JobStore
@@ -42,6 +42,14 @@ def _loop(hostname: str, queues: list[str]) -> None:
         store.r.hdel(key, hostname)
     except Exception:
         pass
+
+
+@celeryd_init.connect
+def _sync_models(**_):
+    """Fetch an S3-kept model store before the pool starts, so no job finds it half-synced."""
+    from stems.modelsync import sync_models
+
+    sync_models(get_settings())
 
 
 @worker_ready.connect

@@ -8,6 +8,7 @@ worker is tried.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def start(job_id: str, ctx: WorkerContext, worker: str | None = None) -> Job | N
             return None
         job.status, job.stage, job.attempts = JobStatus.processing, "starting", job.attempts + 1
         job.started_at = job.started_at or time.time()
-        job.worker = worker
+        job.worker, job.worker_pid = worker, os.getpid()
         return job
 
     job = ctx.store.update_job(job_id, apply)

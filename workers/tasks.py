@@ -14,6 +14,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from pipelines.errors import StemsError
 from stems.models import JobStatus
+from stems.netfetch import LinkError
+from stems.webhooks import deliver
 
 from . import heartbeat  # noqa: F401 - registers the worker's model report on start
 from .celery_app import app
@@ -44,9 +46,48 @@ def import_audio_task(self, audio_id: str) -> None:
         raise
 
 
+@app.task(name="stems.webhook", bind=True, max_retries=None)
+def webhook_task(self, job_id: str) -> None:
+    """Tell the job's callback_url how it ended; retried with backoff, bounded by settings."""
+    ctx = context()
+    job = ctx.store.get_job(job_id)
+    if job is None or not job.callback_url:
+        return
+    payload = {"creation_id": job.id, "status": job.status.value, "preset": job.preset, "audio_id": job.audio_id,
+               "error": job.error, "stem_ids": job.stem_ids, "upscaled_ids": job.upscaled_ids}
+    try:
+        status = deliver(job.callback_url, payload, ctx.settings)
+    except LinkError:
+        return  # the URL became unsafe (or never was): never retried
+    except ConnectionError:
+        status = 0
+    if status >= 300 or status == 0:
+        if self.request.retries + 1 >= ctx.settings.webhook_attempts:
+            log.warning("webhook for job %s gave up after %d attempts", job_id, self.request.retries + 1)
+            return
+        raise self.retry(countdown=backoff(self.request.retries))
+
+
+def _notify(job_id: str, ctx) -> None:
+    job = ctx.store.get_job(job_id)
+    if job and job.callback_url and job.status in (JobStatus.complete, JobStatus.failed):
+        if ctx.store.r.set(ctx.store.k("webhook", job_id), "1", nx=True, ex=7 * 86400):
+            webhook_task.apply_async(args=[job_id], queue="cpu")
+
+
 @app.task(name="stems.split", bind=True, max_retries=8)
 def split_task(self, job_id: str) -> None:
     ctx = context()
+    try:
+        _split(self, job_id, ctx)
+    finally:
+        try:
+            _notify(job_id, ctx)
+        except RETRYABLE:
+            pass
+
+
+def _split(self, job_id: str, ctx) -> None:
     try:
         run_split(job_id, ctx, self.request.hostname)
     except SoftTimeLimitExceeded:

@@ -1,0 +1,146 @@
+"""Bad input: a clear refusal with a reason, nothing kept in storage, and the stack keeps serving."""
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.support import tone_mix, upload, wait_for, write_audio
+
+
+def _objects(stack) -> list[str]:
+    return stack.objects()
+
+
+def _bytes(audio: np.ndarray, sr: int, subtype: str = "PCM_16", format: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio.T, sr, subtype=subtype, format=format)
+    return buf.getvalue()
+
+
+def _post(c, data: bytes, name: str = "x.wav"):
+    return c.post("/from-file", files={"file": (name, data)})
+
+
+def test_empty_upload_is_422(stack):
+    with stack.client() as c:
+        before = _objects(stack)
+        r = _post(c, b"")
+        assert r.status_code == 422 and "empty" in r.text
+        assert _objects(stack) == before
+
+
+def test_no_file_field_is_422(stack):
+    with stack.client() as c:
+        assert c.post("/from-file", files={"other": ("x", b"123")}).status_code == 422
+        assert c.post("/from-file", content=b"raw", headers={"content-type": "audio/wav"}).status_code == 422
+
+
+def test_oversized_upload_is_413_while_streaming(tmp_path_factory, redis_url, s3_url):
+    from tests.support import ServiceStack
+
+    s = ServiceStack(tmp_path_factory.mktemp("small"), redis_url, s3_url, STEMS_MAX_UPLOAD_BYTES="100000")
+    s.start_api()
+    try:
+        with s.client() as c:
+            def body():  # a chunked body without Content-Length: the limit must be found while streaming
+                yield b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n\r\n"
+                for _ in range(50):
+                    yield b"\0" * 10000
+                yield b"\r\n--B--\r\n"
+            r = c.post("/from-file", content=body(), headers={"content-type": "multipart/form-data; boundary=B"})
+            assert r.status_code == 413, r.text
+            r = _post(c, b"\0" * 200000)  # with Content-Length: refused before reading
+            assert r.status_code == 413
+            assert s.store.r.keys(s.store.k("audio", "*")) == []
+            assert c.get("/healthz").status_code == 200
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("name,data,reason", [
+    ("notes.txt", b"these are not the droids you are looking for" * 100, "not a decodable audio file"),
+    ("truncated.flac", None, "corrupt"),
+    ("zero.wav", None, "zero length"),
+    ("nan.wav", None, "NaN"),
+    ("long.wav", None, "maximum"),
+])
+def test_refused_audio_fails_import_with_reason_and_is_not_kept(stack, name, data, reason):
+    sr = 8000
+    if name == "truncated.flac":
+        full = _bytes(tone_mix(3.0, 44100), 44100, "PCM_16", "FLAC")
+        data = full[: len(full) // 3] + b"\xff" * 500 + full[len(full) // 2: len(full) // 2 + 300]
+    elif name == "zero.wav":
+        data = _bytes(np.zeros((2, 0), np.float32), sr)
+    elif name == "nan.wav":
+        a = tone_mix(1.0, sr)
+        a[0, 100] = np.nan
+        a[1, 200] = np.inf
+        data = _bytes(a, sr, "FLOAT")
+    elif name == "long.wav":  # 11 min of 8 kHz mono 8-bit: over the test stack's 10 min maximum
+        data = _bytes(np.zeros((1, 8000 * 660), np.float32), sr, "PCM_U8")
+    with stack.client() as c:
+        r = _post(c, data, name)
+        assert r.status_code == 200, r.text
+        status = wait_for(c, f"/status/audio/{r.json()['audio_id']}", {"complete", "failed"}, 120)
+        assert status["status"] == "failed", status
+        assert reason.lower() in status["error"]["message"].lower(), status["error"]
+        key = stack.store.get_asset(status["audio_id"]).object_key
+        assert key not in _objects(stack)
+        # a refused source cannot be split: 409 with the reason
+        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": status["audio_id"]})
+        assert r.status_code == 409 and reason.lower() in r.text.lower()
+        assert c.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("sr,channels", [(8000, 1), (192000, 2), (48000, 8)])
+def test_edge_formats_within_limits_are_split(stack, tmp_path, sr, channels):
+    """8 kHz mono, 192 kHz and 8 channels are inside the documented limits: accepted and split correctly."""
+    rng = np.random.default_rng(1)
+    audio = (0.1 * rng.standard_normal((channels, sr * 2))).astype(np.float32)
+    path = write_audio(tmp_path / "edge.wav", audio, sr, "PCM_24")
+    with stack.client() as c:
+        asset = upload(c, path)
+        assert asset["status"] == "complete" and asset["sample_rate"] == sr and asset["channels"] == channels
+        job = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"]}).json()
+        status = wait_for(c, f"/status/stem_split/{job['creation_id']}", {"complete", "failed"})
+        assert status["status"] == "complete", status
+        for stem in status["stems"]:
+            info = sf.info(io.BytesIO(c.get(stem["download"]["wav"]).content))
+            assert info.samplerate == sr and info.frames == sr * 2
+            assert info.channels == min(channels, 2)  # mono stays mono; more than two fold to stereo
+
+
+def test_selection_and_spans_refused(stack, tmp_path):
+    path = write_audio(tmp_path / "s.wav", tone_mix(2.0, 44100), 44100)
+    with stack.client() as c:
+        aid = upload(c, path)["audio_id"]
+        for sel in ({"start": 1.5, "end": 1.0}, {"start": -0.5, "end": 1.0}, {"start": 0, "end": 2.5}, {"start": 1, "end": 1}):
+            r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": aid, "selection": sel})
+            assert r.status_code == 422, (sel, r.text)
+        r = c.post("/create-stems", json={"preset": "custom", "audio_id": aid, "prompt": "drums",
+                                          "selection": {"start": 0.5, "end": 1.5}, "spans": [{"start": 0.1, "end": 1.0}]})
+        assert r.status_code == 422 and "outside the selection" in r.text
+        r = c.post("/create-stems", json={"preset": "phantom_center", "stem_id": "123"})
+        assert r.status_code == 422
+        r = c.post("/create-stems", json={"preset": "phantom_center", "upscaled_id": aid})  # an audio id, wrong kind
+        assert r.status_code == 404
+
+
+def test_archive_of_unfinished_job_is_409(stack, tmp_path):
+    path = write_audio(tmp_path / "s.wav", tone_mix(1.0, 44100), 44100)
+    with stack.client() as c:
+        aid = upload(c, path)["audio_id"]
+        job = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": aid}).json()
+        c.post(f"/cancel/{job['creation_id']}")
+        r = c.post("/download-archive", json={"creation_id": job["creation_id"]})
+        assert r.status_code == 409
+        r = c.post("/download-archive", json={"stem_ids": [job["audio_stems"][0]["stem_id"]]})
+        assert r.status_code == 409
+        r = c.post("/download-archive", json={"stem_ids": [str(uuid.uuid4())]})
+        assert r.status_code == 404
+        r = c.post("/download-archive", json={})
+        assert r.status_code == 422
