@@ -20,7 +20,8 @@ models: install
 	  $(BIN)/stems models install gtcrn $(SHARED)/models/gtcrn/gtcrn.onnx >/dev/null && \
 	  cp $(SHARED)/models/dtln/model_1.onnx /tmp/dtln_model_1.onnx && cp $(SHARED)/models/dtln/model_2.onnx /tmp/dtln_model_2.onnx && \
 	  $(BIN)/stems models install dtln /tmp/dtln_model_1.onnx /tmp/dtln_model_2.onnx >/dev/null && \
-	  echo "installed gtcrn and dtln from $(SHARED)/models"; fi
+	  $(BIN)/stems models install deepfilternet3_dtln /tmp/dtln_model_1.onnx /tmp/dtln_model_2.onnx >/dev/null && \
+	  echo "installed gtcrn, dtln and deepfilternet3_dtln from $(SHARED)/models"; fi
 
 run: install models
 	$(BIN)/python -m stems.cli stack demo

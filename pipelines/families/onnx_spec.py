@@ -1,0 +1,206 @@
+"""UVR / MDX-Net style ONNX separators: STFT, the network on overlapping segments, inverse STFT.
+
+The network sees the lowest `dim_f` bins of a centred STFT (Hann window, `n_fft`, `hop`)
+with real and imaginary parts stacked as channels, as UVR's MDX separator feeds it:
+input (batch, 2 * channels, dim_f, frames) ordered L.re, L.im, R.re, R.im. The
+spectrogram is cut into segments of `segment_frames` frames overlapping by `overlap`,
+run a batch at a time, and the segment outputs are cross-faded (a window over the
+segment's frames, normalised frame by frame) back into one spectrogram per output;
+bins above `dim_f` stay zero, as in UVR.
+
+`output` says what the network returns:
+- `spectrogram`: the primary source's spectrogram (the other source is mix - primary);
+- `mask`: a complex ratio mask (re, im per channel) applied to the mix's spectrogram;
+- `multi`: one spectrogram per declared source, in the order of `spec.sources`.
+
+The segment grid starts at the first sample of the signal and networks see a whole
+segment at once, so a chunk's output depends on where the chunk starts: chunking by the
+engine could not equal a whole run. The class is therefore not streamable; instead it
+streams internally, computing STFT frames and overlap-adding the inverse a batch of
+segments at a time, so memory follows the batch and not the track.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import ChainError
+from ..registry import ModelSpec
+from .base import Separator
+
+
+class MdxParams(BaseModel):
+    """The `params` of an `onnx_spec` model (registry entry, overridden by the store manifest)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    n_fft: int = Field(gt=0)
+    hop: int = Field(gt=0)
+    dim_f: int = Field(gt=0, description="lowest STFT bins the network sees")
+    dim_t: int = Field(gt=0, description="frames per segment the network was trained on")
+    output: Literal["spectrogram", "mask", "multi"] = "spectrogram"
+    segment_frames: int | None = Field(None, gt=0, description="frames per network call; default dim_t")
+    overlap: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of a segment shared with the next")
+    primary: str | None = Field(None, description="the source the network predicts (not for multi)")
+    batch_size: int = Field(4, gt=0, description="segments per network call, unless the model fixes it")
+    compensate: float = Field(1.0, gt=0.0, description="gain on the network's output (UVR's per-model 'compensate')")
+    zero_low_bins: int = Field(3, ge=0, description="lowest input bins zeroed before the network, as UVR does")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MdxParams":
+        if self.dim_f > self.n_fft // 2 + 1:
+            raise ValueError(f"dim_f {self.dim_f} exceeds the {self.n_fft // 2 + 1} bins of an n_fft {self.n_fft} STFT")
+        if self.hop > self.n_fft:
+            raise ValueError(f"hop {self.hop} is longer than n_fft {self.n_fft}")
+        return self
+
+    @property
+    def frames(self) -> int:
+        return self.segment_frames or self.dim_t
+
+    @property
+    def step(self) -> int:
+        return max(1, self.frames - int(round(self.frames * self.overlap)))
+
+
+def _overlap_add(acc: np.ndarray, frames: np.ndarray, first: int, hop: int) -> None:
+    """Add `frames` (..., k, n_fft), frame i starting at sample (first + i) * hop, into `acc` (..., m * hop)."""
+    k, n_fft = frames.shape[-2:]
+    r = -(-n_fft // hop)
+    if r * hop != n_fft:
+        frames = np.concatenate([frames, np.zeros((*frames.shape[:-1], r * hop - n_fft), frames.dtype)], axis=-1)
+    blocks = frames.reshape(*frames.shape[:-1], r, hop)
+    acc_blocks = acc.reshape(*acc.shape[:-1], -1, hop)
+    for j in range(r):
+        acc_blocks[..., first + j:first + j + k, :] += blocks[..., j, :]
+
+
+def _window_envelope(window: np.ndarray, hop: int, n_frames: int, length: int) -> np.ndarray:
+    """Sum of the squared synthesis windows of frames 0 .. n_frames - 1 (the iSTFT's normaliser), `length` samples."""
+    r = -(-window.size // hop)
+    blocks = np.pad(window ** 2, (0, r * hop - window.size)).reshape(r, hop)
+    env = np.zeros((length // hop, hop))
+    for j in range(r):
+        env[j:j + n_frames] += blocks[j]
+    return env.reshape(-1)
+
+
+def segment_weights(frames: int) -> np.ndarray:
+    """Cross-fade weight of each frame of a segment: a Hann bump that never reaches zero."""
+    return np.hanning(frames + 2)[1:-1]
+
+
+class OnnxSpecSeparator(Separator):
+    """An MDX-Net style ONNX model (see the module docstring)."""
+
+    chunk_context = 0.0  # unused: not streamable, see the module docstring
+    streamable = False
+
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+        super().__init__(spec, files, params)
+        self.p = MdxParams.model_validate(params)
+        if self.p.output == "multi":
+            self.outputs = tuple(spec.sources)
+        else:
+            if len(spec.sources) != 2:
+                raise ChainError(f"model {spec.id!r} with output {self.p.output!r} must declare two sources",
+                                 model_id=spec.id, sources=list(spec.sources))
+            if self.p.primary not in spec.sources:
+                raise ChainError(f"model {spec.id!r}: params.primary {self.p.primary!r} is not one of {list(spec.sources)}",
+                                 model_id=spec.id)
+            self.outputs = (self.p.primary,)
+        if len(files) != 1:
+            raise ChainError(f"model {spec.id!r} needs exactly one .onnx file, got {sorted(files)}", model_id=spec.id)
+        self.path = next(iter(files.values()))
+        self.session = None
+
+    # -- loading -------------------------------------------------------------------
+    def setup(self, device: str = "cpu") -> None:
+        import onnxruntime as ort
+
+        super().setup(device)
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(self.path), providers=providers)
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name = inp.name
+        channels = self.spec.channels or 2
+        self.batch = self._check_shape(inp.shape, (None, 2 * channels, self.p.dim_f, self.p.frames), "input")
+        self.fixed_batch = isinstance(inp.shape[0], int) and inp.shape[0] > 0
+        self._check_shape(out.shape, (None, 2 * channels * len(self.outputs), self.p.dim_f, self.p.frames), "output")
+
+    def _check_shape(self, shape: list, expected: tuple, what: str) -> int:
+        """Compare the model's declared shape with the params (symbolic axes match anything); the fixed batch or the default."""
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in shape]
+        if len(shape) == 5 and what == "output":  # (batch, sources, 2 * channels, dim_f, frames) is fine too
+            fixed = [fixed[0], fixed[1] * fixed[2] if fixed[1] and fixed[2] else None, *fixed[3:]]
+        if len(fixed) != 4 or any(f is not None and e is not None and f != e for f, e in zip(fixed, expected)):
+            raise ChainError(
+                f"model {self.spec.id!r}: the network's {what} shape {shape} does not match the params "
+                f"(expected {['batch', *expected[1:]]}); fix params n_fft/dim_f/dim_t/segment_frames/output",
+                model_id=self.spec.id, file=str(self.path),
+            )
+        return fixed[0] or self.p.batch_size
+
+    # -- running -------------------------------------------------------------------
+    def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise RuntimeError("setup() must be called before separate()")
+        p = self.p
+        channels, n = audio.shape
+        n_fft, hop, length, n_bins = p.n_fft, p.hop, p.frames, p.n_fft // 2 + 1
+        pad = n_fft // 2
+        x = np.pad(audio.astype(np.float32), ((0, 0), (pad, pad)), mode="reflect" if n > 1 else "constant")
+        n_frames = 1 + n // hop
+        # (channels, n_frames, n_fft) view of the analysis frames: nothing is copied until a batch needs them
+        framed = np.lib.stride_tricks.sliding_window_view(x, n_fft, axis=-1)[:, ::hop][:, :n_frames]
+        window = np.hanning(n_fft + 1)[:-1].astype(np.float32)  # periodic, as torch.hann_window
+        starts = [k * p.step for k in range(-(-max(n_frames - length, 0) // p.step) + 1)]
+        weights = segment_weights(length)
+        norm = np.zeros(n_frames)
+        for s in starts:
+            norm[s:s + length] += weights[:min(length, n_frames - s)]
+
+        n_samples = (n_frames + -(-n_fft // hop)) * hop
+        acc = np.zeros((len(self.outputs), channels, n_samples), np.float32)
+        for b in range(0, len(starts), self.batch):
+            batch = starts[b:b + self.batch]
+            rows = self.batch if self.fixed_batch else len(batch)
+            spec = np.zeros((rows, channels, p.dim_f, length), np.complex64)
+            for i, s in enumerate(batch):
+                stop = min(s + length, n_frames)
+                spec[i, ..., :stop - s] = np.fft.rfft(framed[:, s:stop] * window, axis=-1)[..., :p.dim_f].transpose(0, 2, 1)
+            raw = self._forward(spec)
+            for i, s in enumerate(batch):
+                stop = min(s + length, n_frames)
+                w = (weights[:stop - s] / norm[s:stop]).astype(np.float32)
+                for o in range(len(self.outputs)):
+                    y = raw[i, o, :, 0, :, :stop - s] + 1j * raw[i, o, :, 1, :, :stop - s]  # (channels, dim_f, frames)
+                    if p.output == "mask":
+                        y = y * spec[i, ..., :stop - s]
+                    full = np.zeros((channels, n_bins, stop - s), np.complex64)
+                    full[:, :p.dim_f] = y * (w * p.compensate)
+                    frames = np.fft.irfft(full, n=n_fft, axis=1).transpose(0, 2, 1) * window
+                    _overlap_add(acc[o], frames, s, hop)
+
+        env = _window_envelope(window.astype(np.float64), hop, n_frames, n_samples)[pad:pad + n]
+        est = acc[..., pad:pad + n] / np.maximum(env, 1e-10).astype(np.float32)
+        if p.output == "multi":
+            return dict(zip(self.outputs, est))
+        primary = est[0]
+        other = next(s for s in self.spec.sources if s != p.primary)
+        return {p.primary: primary, other: (audio - primary).astype(np.float32)}
+
+    def _forward(self, spec: np.ndarray) -> np.ndarray:
+        """The network on (batch, channels, dim_f, frames) complex spectrograms.
+
+        Returns its raw float32 output viewed as (batch, outputs, channels, re/im, dim_f, frames).
+        """
+        batch, channels = spec.shape[:2]
+        net_in = np.stack([spec.real, spec.imag], axis=2).reshape(batch, 2 * channels, *spec.shape[2:])
+        net_in[:, :, :self.p.zero_low_bins] = 0.0
+        raw = self.session.run(None, {self.input_name: np.ascontiguousarray(net_in, dtype=np.float32)})[0]
+        return raw.reshape(batch, len(self.outputs), channels, 2, *spec.shape[2:])

@@ -1,0 +1,95 @@
+"""An HTTP proxy in front of the S3 server that fails on command: 5xx answers or stalls.
+
+`POST /__fault?count=N&mode=500|stall` makes the next N requests fail that way; other
+requests are forwarded unchanged. It stands between the service and moto's server, so
+the service talks real S3 over HTTP and meets real failures.
+"""
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+class FaultyS3:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.fail_next = 0
+        self.mode = "500"
+        self.failed = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _take_fault(self) -> str | None:
+                with proxy.lock:
+                    if proxy.fail_next > 0:
+                        proxy.fail_next -= 1
+                        proxy.failed += 1
+                        return proxy.mode
+                return None
+
+            def _handle(self) -> None:
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if parts.path == "/__fault":
+                    q = parse_qs(parts.query)
+                    with proxy.lock:
+                        proxy.fail_next = int(q.get("count", ["1"])[0])
+                        proxy.mode = q.get("mode", ["500"])[0]
+                    return self._reply(204, b"", {})
+                fault = self._take_fault()
+                if fault == "stall":
+                    time.sleep(3)
+                    self.close_connection = True
+                    return
+                if fault == "500":
+                    return self._reply(500, b"<Error><Code>InternalError</Code><Message>injected</Message></Error>",
+                                       {"content-type": "application/xml"})
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                out = {k: v for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                conn.close()
+                self._reply(resp.status, data, out, head=self.command == "HEAD",
+                            length=resp.getheader("content-length"))
+
+            def _reply(self, status: int, data: bytes, headers: dict, head: bool = False, length: str | None = None) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", length if head and length else str(len(data)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):  # clients dropping stalled calls is expected
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fail(self, count: int, mode: str = "500") -> None:
+        with self.lock:
+            self.fail_next, self.mode = count, mode
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
