@@ -65,10 +65,9 @@ def current_user(request: Request, x_api_key: str | None = Header(None, descript
         raise Unauthorized("unknown API key")
     window = int(time.time() // 60)
     key = svc.store.k("rate", user, str(window))
-    pipe = svc.store.r.pipeline()
-    pipe.incr(key)
-    pipe.expire(key, 120)
-    count = pipe.execute()[0]
+    count = svc.store.r.incr(key)
+    if count == 1:
+        svc.store.r.expire(key, 120)
     if count > svc.settings.rate_limit_per_minute:
         raise RateLimited(f"more than {svc.settings.rate_limit_per_minute} requests a minute",
                           retry_after=60 - int(time.time()) % 60 + 1)

@@ -31,7 +31,8 @@ async def _client(base: str, key: str, body: dict, n: int, latencies: list[float
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--api-workers", type=int, default=1)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=100)
     args = ap.parse_args()
@@ -45,7 +46,9 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "REDIS_URL": url, "STEMS_DATA_DIR": str(tmp / "data"), "STEMS_MODEL_DIR": str(tmp / "models"),
            "STEMS_MAX_ACTIVE_JOBS": "100000000", "STEMS_RATE_LIMIT_PER_MINUTE": "100000000"}
-    api = api_proc(env, port, tmp / "api.log").start()
+    api = api_proc(env, port, tmp / "api.log")
+    api.argv += ["--workers", str(args.api_workers)]
+    api.start()
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", proc=api)

@@ -27,7 +27,6 @@ class Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str
     input: str = MIX
-    params: dict = Field(default_factory=dict)
 
     @property
     def spec(self) -> ModelSpec:

@@ -13,6 +13,8 @@ import time
 from typing import Callable, TypeVar
 
 import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
 from pydantic import BaseModel
 
 from .models import AudioAsset, Job, Stem
@@ -31,8 +33,11 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "stems") -> "JobStore":
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                        health_check_interval=30, retry_on_timeout=True), prefix)
+        # a Redis restart (a few seconds) is ridden out inside the client: reconnect with
+        # jittered exponential backoff instead of failing the job that happened to write
+        retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=12)
+        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
+                                        retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError]), prefix)
 
     def k(self, *parts: str) -> str:
         return ":".join((self.p, *parts))

@@ -22,7 +22,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,  # a split killed mid-way is delivered again ...
         task_reject_on_worker_lost=True,  # ... also when its process dies (SIGKILL, OOM)
         worker_prefetch_multiplier=1,  # a long split never sits reserved behind another
-        worker_send_task_events=True, task_send_sent_event=True,  # Flower
+        worker_send_task_events=True,  # Flower (task-sent events would cost every POST a publish)
         task_default_queue="cpu",
         task_queues=[Queue(q) for q in load_catalogue().queues()],
         broker_connection_retry_on_startup=True,
