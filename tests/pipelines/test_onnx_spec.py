@@ -12,6 +12,7 @@ from pipelines.errors import ChainError
 from pipelines.modelstore import ModelStore
 from pipelines.registry import get_spec
 from tools.onnx_models import install_random_onnx
+from tools.reference import mdx_reference as reference
 
 SR = 44100
 SMALL = dict(n_fft=512, hop=128, dim_f=192, dim_t=32, segment_frames=32, overlap=0.25)
@@ -24,51 +25,6 @@ def _mix(seconds: float, seed: int = 0) -> np.ndarray:
     t = np.arange(n) / SR
     tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 1.5 * t))
     return (tone + 0.05 * rng.standard_normal((2, n))).astype(np.float32)
-
-
-def reference(path, audio: np.ndarray, p: dict, n_out: int) -> np.ndarray:
-    """Whole-signal STFT frame by frame, one segment per network call, cross-fade, inverse STFT frame by frame."""
-    n_fft, hop, dim_f, length = p["n_fft"], p["hop"], p["dim_f"], p["segment_frames"]
-    step = length - int(round(length * p["overlap"]))
-    channels, n = audio.shape
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
-    x = np.pad(audio.astype(np.float64), ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
-    n_frames = 1 + n // hop
-    spec = np.stack([np.fft.rfft(x[:, f * hop:f * hop + n_fft] * window, axis=-1) for f in range(n_frames)], axis=-1)
-    spec = spec[:, :dim_f]  # (channels, dim_f, frames)
-
-    weights = np.hanning(length + 2)[1:-1]
-    est = np.zeros((n_out, channels, dim_f, n_frames), complex)
-    norm = np.zeros(n_frames)
-    start = 0
-    while True:
-        seg = np.zeros((channels, dim_f, length), complex)
-        k = min(length, n_frames - start)
-        seg[..., :k] = spec[..., start:start + k]
-        net_in = np.stack([seg.real, seg.imag], axis=1).reshape(1, 2 * channels, dim_f, length)
-        net_in[:, :, :3] = 0.0  # UVR zeroes the three lowest bins
-        out = session.run(None, {session.get_inputs()[0].name: net_in.astype(np.float32)})[0]
-        out = out.reshape(n_out, channels, 2, dim_f, length).astype(np.float64)
-        y = out[:, :, 0] + 1j * out[:, :, 1]
-        if p.get("output") == "mask":
-            y = y * seg
-        est[..., start:start + k] += y[..., :k] * weights[:k]
-        norm[start:start + k] += weights[:k]
-        if start + length >= n_frames:
-            break
-        start += step
-    est /= norm
-
-    y = np.zeros((n_out, channels, n + n_fft))
-    env = np.zeros(n + n_fft)
-    for f in range(n_frames):
-        full = np.zeros((n_out, channels, n_fft // 2 + 1), complex)
-        full[..., :dim_f] = est[..., f]
-        y[..., f * hop:f * hop + n_fft] += np.fft.irfft(full, n=n_fft, axis=-1) * window
-        env[f * hop:f * hop + n_fft] += window ** 2
-    inside = slice(n_fft // 2, n_fft // 2 + n)
-    return y[..., inside] / env[inside]
 
 
 @pytest.mark.parametrize("model_id, output, params, seconds", [

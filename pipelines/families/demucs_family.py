@@ -1,0 +1,219 @@
+"""Demucs models (htdemucs, the htdemucs_ft bag, htdemucs_6s, hdemucs_mmi, drumsep) run with demucs's own code.
+
+Weights come only from the model store's verified files: a checkpoint is read with
+`demucs.states.load_model` and a bag yaml with demucs's `BagOnlyRepo`, so nothing here
+can reach the network. We do not go through `demucs.pretrained.get_model(repo=...)`:
+its `LocalRepo` re-checks the 8-hex checksum in a file name such as `955717e8-8726e21a.th`,
+which the store's full sha256 pin already covers, and which would reject random stand-in
+models saved under the released names (see `tools/random_models.py`).
+
+`separate` is what the demucs CLI (`demucs.api.Separator.separate_tensor` in demucs 4.1)
+does to a loaded track: normalise the mix by the mean and std of its mono downmix,
+`apply_model` (which does its own segmenting, overlap-add and shifts), undo the
+normalisation. We keep the normalisation because the published scores were measured
+through that path and because it changes the output: apply_model zero-pads the edges of
+the track and of short last segments, and zero means "the mean of the track" only after
+normalising. It also keeps a very quiet or very loud mix in the range the models saw.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from demucs.apply import BagOfModels, TensorChunk, apply_model
+from demucs.htdemucs import HTDemucs
+from demucs.repo import BagOnlyRepo, ModelLoadingError, ModelOnlyRepo
+from demucs.states import load_model
+from demucs.utils import center_trim
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ChainError
+from ..registry import ModelSpec
+from .base import Separator
+
+
+class DemucsParams(BaseModel):
+    """A demucs model's settings: `spec.params`, overridden by the store manifest's params."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="demucs model name: a checkpoint signature or a bag yaml's stem")
+    segment: float | None = Field(None, gt=0, description="seconds per forward; None = the model's own")
+    overlap: float = Field(0.25, ge=0, lt=1)
+    shifts: int = Field(0, ge=0, description="random time shifts averaged (the CLI's --shifts); >0 is not deterministic")
+    batch: int = Field(1, ge=1, description="segments per forward; 1 runs apply_model exactly as the CLI does")
+
+
+class _StoreRepo(ModelOnlyRepo):
+    """demucs's model-repo interface over the store's verified checkpoint files (no network, no re-hashing)."""
+
+    def __init__(self, checkpoints: dict[str, Path]) -> None:
+        self._models = checkpoints
+
+    def has_model(self, sig: str) -> bool:
+        return sig in self._models
+
+    def get_model(self, sig: str):
+        if sig not in self._models:
+            raise ModelLoadingError(f"checkpoint {sig!r} is not among the model's files {sorted(self._models)}")
+        return load_model(self._models[sig])
+
+    def list_model(self) -> dict[str, Path]:
+        return dict(self._models)
+
+
+def signature(file_name: str) -> str:
+    """The signature demucs's LocalRepo gives a checkpoint file: its stem before any checksum suffix."""
+    stem = Path(file_name).stem
+    return stem.rsplit("-", 1)[0] if "-" in stem else stem
+
+
+def load_demucs(name: str, files: dict[str, Path]):
+    """The demucs model or bag `name` from verified files (file name -> path), in eval mode on the CPU."""
+    checkpoints = {signature(n): p for n, p in files.items() if n.endswith(".th")}
+    repo = _StoreRepo(checkpoints)
+    if repo.has_model(name):
+        model = repo.get_model(name)
+    else:
+        bags = {Path(n).stem: p for n, p in files.items() if n.endswith(".yaml")}
+        if name not in bags:
+            raise ChainError(
+                f"demucs model {name!r} is neither a checkpoint signature {sorted(checkpoints)} "
+                f"nor a bag yaml {sorted(bags)} among the model's files; fix params.name or the registry's files",
+                name=name, files=sorted(files),
+            )
+        bag_repo = BagOnlyRepo(bags[name].parent, repo)  # demucs's own reading of models/weights/segment
+        try:
+            model = bag_repo.get_model(name)
+        except ModelLoadingError as exc:  # the yaml names a checkpoint the registry does not list
+            raise ChainError(f"bag {name!r} ({bags[name]}): {exc}; fix the yaml or the registry's files",
+                             name=name, file=str(bags[name])) from exc
+    return model.eval()
+
+
+class DemucsSeparator(Separator):
+    """One demucs model or bag, loaded once by `setup` and run on whole tracks by `apply_model`."""
+
+    chunk_context = 0.0  # unused: apply_model segments and overlaps the track itself
+    streamable = False
+
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+        super().__init__(spec, files, params)
+        try:
+            self.settings = DemucsParams.model_validate(params)
+        except ValidationError as exc:
+            raise ChainError(f"invalid demucs params for {spec.id!r}: {exc}", model_id=spec.id) from exc
+        self.model = None
+
+    def setup(self, device: str = "cpu") -> None:
+        super().setup(device)
+        model = load_demucs(self.settings.name, self.files)
+        self._check(model)
+        self.model = model.to(device)
+
+    def _check(self, model) -> None:
+        """Fail at load time, naming the fix, on what would otherwise fail or mislabel mid-job."""
+        spec, s = self.spec, self.settings
+        if sorted(model.sources) != sorted(spec.sources):
+            raise ChainError(
+                f"checkpoint of {spec.id!r} has sources {list(model.sources)} but the registry declares "
+                f"{list(spec.sources)}; install the right weights or fix catalogue/models/demucs.json",
+                model_id=spec.id, checkpoint_sources=list(model.sources), registry_sources=list(spec.sources),
+            )
+        if model.samplerate != spec.sample_rate or model.audio_channels != spec.channels:
+            raise ChainError(
+                f"checkpoint of {spec.id!r} runs at {model.samplerate} Hz with {model.audio_channels} channels, "
+                f"the registry says {spec.sample_rate} Hz with {spec.channels}",
+                model_id=spec.id,
+            )
+        if isinstance(model, BagOfModels):
+            longest = model.max_allowed_segment
+        elif isinstance(model, HTDemucs):
+            longest = float(model.segment)
+        else:
+            longest = float("inf")
+        if s.segment is not None and s.segment > longest:  # a transformer cannot run past its training length
+            raise ChainError(
+                f"segment {s.segment} s is longer than {spec.id!r} was trained for ({longest:.2f} s); lower params.segment",
+                model_id=spec.id, segment=s.segment, max_segment=longest,
+            )
+
+    def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+        if self.model is None:
+            raise RuntimeError("DemucsSeparator.setup() must run before separate()")
+        if sample_rate != self.spec.sample_rate:  # the engine resamples; a wrong rate would pass silently
+            raise ChainError(f"{self.spec.id!r} runs at {self.spec.sample_rate} Hz, got {sample_rate} Hz",
+                             model_id=self.spec.id)
+        s = self.settings
+        with torch.inference_mode():
+            wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+            # As demucs.api.Separator.separate_tensor (see the module docstring).
+            ref = wav.mean(0)
+            mean = ref.mean()
+            std = ref.std() + 1e-8
+            pool = _BatchingPool(s.batch, self.device) if s.batch > 1 else None
+            out = apply_model(self.model, ((wav - mean) / std)[None], segment=s.segment, overlap=s.overlap,
+                              shifts=s.shifts, split=True, device=self.device, num_workers=0, pool=pool,
+                              progress=False)
+            out = out[0].mul_(std).add_(mean)  # in place: apply_model's output is ours, 4+ times the track
+        index = {name: k for k, name in enumerate(self.model.sources)}
+        return {name: out[index[name]].numpy() for name in self.spec.sources}
+
+
+class _Pending:
+    """A segment apply_model submitted; its forward runs when apply_model first asks for it."""
+
+    def __init__(self, pool: "_BatchingPool", model, chunk: TensorChunk, valid_length: int) -> None:
+        self.pool, self.model, self.chunk, self.valid_length = pool, model, chunk, valid_length
+        self.value: torch.Tensor | None = None
+
+    def result(self) -> torch.Tensor:
+        if self.value is None:
+            self.pool.run_from(self)
+        assert self.value is not None
+        return self.value
+
+
+class _BatchingPool:
+    """Stands in for apply_model's executor to run its segments `batch` at a time.
+
+    apply_model submits every segment of a pass, then reads the results in order. When it
+    asks for one that has not run, that segment and up to `batch - 1` following ones of the
+    same model and padded length run as one forward, so memory holds one batch of
+    segments, not the track's. Each segment is padded and trimmed exactly as apply_model's
+    own un-split branch does; only the batching differs (equal to float rounding, checked
+    by the tests). Nested calls from apply_model always come with split=False and shifts=0.
+    """
+
+    def __init__(self, batch: int, device: str) -> None:
+        self.batch = batch
+        self.device = torch.device(device)
+        self._pending: list[_Pending] = []
+
+    def submit(self, fn, model, chunk, *, segment=None, **_apply_model_kwargs) -> _Pending:
+        chunk = chunk if isinstance(chunk, TensorChunk) else TensorChunk(chunk)
+        if isinstance(model, HTDemucs) and segment is not None:
+            valid_length = int(segment * model.samplerate)
+        elif hasattr(model, "valid_length"):
+            valid_length = model.valid_length(chunk.length)
+        else:
+            valid_length = chunk.length
+        future = _Pending(self, model, chunk, valid_length)
+        self._pending.append(future)
+        return future
+
+    def run_from(self, first: _Pending) -> None:
+        start = self._pending.index(first)
+        part = [first]
+        for other in self._pending[start + 1:start + self.batch]:
+            if other.model is not first.model or other.valid_length != first.valid_length:
+                break
+            part.append(other)
+        mix = torch.cat([f.chunk.padded(f.valid_length) for f in part]).to(self.device)
+        out = first.model(mix)
+        for k, future in enumerate(part):
+            future.value = center_trim(out[k:k + 1], future.chunk.length)
+            self._pending.remove(future)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        self._pending = []

@@ -1,0 +1,1 @@
+"""Developer tools: random stand-in models for tests and benchmarks."""
