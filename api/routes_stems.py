@@ -113,11 +113,12 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
         params["route"] = {"preset": routed.name, "stems": list(route.stems), "chain_index": chain_index}
     else:
         chain_index, chain = avail.pick(preset)
-    if svc.store.active_jobs(user) >= svc.settings.max_active_jobs:
-        raise RateLimited(f"{svc.settings.max_active_jobs} splits are already queued or running for this key",
-                          retry_after=30)
 
     def run() -> dict:
+        # inside `run`: a replay of an accepted Idempotency-Key answers its job even when the quota is full now
+        if svc.store.active_jobs(user) >= svc.settings.max_active_jobs:
+            raise RateLimited(f"{svc.settings.max_active_jobs} splits are already queued or running for this key",
+                              retry_after=30)
         job = Job(user_id=user, preset=preset.name, audio_id=audio_id, source_kind=kind, source_id=source_id,
                   params=params, queue=chain.queue, chain_index=chain_index, audio_seconds=end - start,
                   callback_url=body.callback_url)

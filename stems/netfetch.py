@@ -32,10 +32,29 @@ class TooLarge(StemsError):
 
 
 def _public(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])  # a scoped IPv6 address ("fe80::1%eth0") is judged by its address
+    if isinstance(addr, ipaddress.IPv6Address):
+        # an IPv4 address inside an IPv6 one (mapped, 6to4, Teredo) is judged as that IPv4 address
+        embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if embedded is not None and not _public(str(embedded)):
+            return False
+        if addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
     return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_link_local)
+
+
+def pinned(url: str, address: str) -> tuple[str, dict[str, str]]:
+    """(target, headers) that send a plain-http request to the checked `address`, not to a fresh DNS answer.
+
+    https keeps the host name (certificate checks need it); a DNS answer that changes
+    between check and connect can only move it to another host with a valid certificate.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return url, {}
+    host = f"[{address}]" if ":" in address else address
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), {"host": parts.netloc}
 
 
 def check_url(url: str, settings: Settings) -> tuple[str, str]:
@@ -66,13 +85,8 @@ def fetch_url(url: str, dest: Path, settings: Settings, max_redirects: int = 5) 
     deadline = time.monotonic() + settings.link_timeout_s
     for _ in range(max_redirects + 1):
         url, address = check_url(url, settings)
-        parts = urlsplit(url)
-        target, headers = url, {"user-agent": "stems-import/1"}
-        if parts.scheme == "http":  # connect to the address we checked
-            host = f"[{address}]" if ":" in address else address
-            netloc = host + (f":{parts.port}" if parts.port else "")
-            target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-            headers["host"] = parts.netloc
+        target, pin = pinned(url, address)  # connect to the address we checked
+        headers = {"user-agent": "stems-import/1", **pin}
         try:
             with httpx.stream("GET", target, headers=headers, follow_redirects=False,
                               timeout=httpx.Timeout(min(30.0, settings.link_timeout_s))) as resp:

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
         description="HMAC-SHA256 key that signs webhook bodies (set your own in production)")
     webhook_attempts: int = Field(6, validation_alias=_env("STEMS_WEBHOOK_ATTEMPTS"),
         description="deliveries of a webhook before giving up (jittered exponential backoff between)")
+    webhook_backoff_s: float = Field(1.0, validation_alias=_env("STEMS_WEBHOOK_BACKOFF_S"),
+        description="first delay between webhook deliveries; doubled each time (capped at 60 s), jittered +-50%")
     worker_queues: str = Field("cpu", validation_alias=_env("STEMS_WORKER_QUEUES"),
         description="comma-separated queues `stems worker` serves when -Q is not given")
 

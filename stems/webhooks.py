@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from .netfetch import LinkError, check_url
+from .netfetch import LinkError, check_url, pinned
 from .settings import Settings
 
 
@@ -27,13 +27,14 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
 
 def deliver(url: str, payload: dict, settings: Settings) -> int:
     """POST the payload once; returns the HTTP status. Raises LinkError for refused targets."""
-    check_url(url, settings)
+    _, address = check_url(url, settings)
+    target, pin = pinned(url, address)  # post to the address we checked, not to a fresh DNS answer
     body = json.dumps(payload, sort_keys=True).encode()
     ts = str(int(time.time()))
     headers = {"content-type": "application/json", "x-stems-timestamp": ts,
-               "x-stems-signature": sign(settings.webhook_secret, ts, body), "user-agent": "stems-webhook/1"}
+               "x-stems-signature": sign(settings.webhook_secret, ts, body), "user-agent": "stems-webhook/1", **pin}
     try:
-        r = httpx.post(url, content=body, headers=headers, timeout=10.0, follow_redirects=False)
+        r = httpx.post(target, content=body, headers=headers, timeout=10.0, follow_redirects=False)
     except httpx.HTTPError as exc:
         raise ConnectionError(f"webhook delivery failed: {exc.__class__.__name__}") from exc
     return r.status_code

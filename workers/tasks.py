@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
 
-def backoff(retries: int) -> float:
-    return min(60.0, 2.0 ** retries) * (0.5 + random.random())
+def backoff(retries: int, base: float = 1.0) -> float:
+    return min(60.0, base * 2.0 ** retries) * (0.5 + random.random())
 
 
 def _retryable(exc: Exception) -> bool:
@@ -65,7 +65,7 @@ def webhook_task(self, job_id: str) -> None:
         if self.request.retries + 1 >= ctx.settings.webhook_attempts:
             log.warning("webhook for job %s gave up after %d attempts", job_id, self.request.retries + 1)
             return
-        raise self.retry(countdown=backoff(self.request.retries))
+        raise self.retry(countdown=backoff(self.request.retries, ctx.settings.webhook_backoff_s))
 
 
 def _notify(job_id: str, ctx) -> None:

@@ -1,0 +1,473 @@
+"""Security and abuse limits against real processes: SSRF-safe links and callbacks, hashed API
+keys, rate limits and quotas, usage metering, idempotency, signed webhooks, per-user isolation.
+
+Link targets and webhook receivers are a loopback HTTP server (tests/webserver.py). The
+`guarded` stack allowlists only the name "localhost", so the same server reached as
+127.0.0.1 counts as a private address; the `idle` stack has no worker, so its jobs stay
+queued and the Celery queue can be counted.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+import soundfile as sf
+
+from pipelines.presets import load_catalogue
+from stems.models import AssetStatus, AudioAsset
+from stems.storage import keys
+from stems.webhooks import verify
+from tests.support import ServiceStack, tone_mix, upload, wait_for, write_audio
+from tests.webserver import WebServer
+
+SR = 44100
+TERMINAL = {"complete", "failed", "cancelled"}
+SECRET = "whsec-test-" + uuid.uuid4().hex
+MAX_BYTES = 300_000
+
+
+def _wav(seconds: float, sr: int = 22050, channels: int = 2) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, tone_mix(seconds, sr, channels).T, sr, subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
+def _count(s: ServiceStack, kind: str) -> int:
+    return sum(1 for _ in s.store.r.scan_iter(match=s.store.k(kind, "*"), count=1000))
+
+
+def _queued(s: ServiceStack, queue: str = "cpu") -> int:
+    """Messages waiting in a Celery queue of the stack (the broker keys share the stack's prefix)."""
+    return s.store.r.llen(f"{s.prefix}:celery:{queue}")
+
+
+def _ready_audio(s: ServiceStack, user: str, seconds: float = 3.0) -> str:
+    """An imported asset record, for stacks without a worker (create-stems reads only the record)."""
+    asset = AudioAsset(user_id=user, origin="upload", object_key=keys.original(user, "x"), status=AssetStatus.complete,
+                       info={"duration": seconds, "sample_rate": SR, "channels": 2})
+    s.store.put_asset(asset)
+    return asset.id
+
+
+@pytest.fixture(scope="module")
+def web():
+    w = WebServer()
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, redis_url, s3_url):
+    """API + worker that may fetch only the host name "localhost"; small upload limit; own webhook secret."""
+    s = ServiceStack(tmp_path_factory.mktemp("guarded"), redis_url, s3_url, STEMS_LINK_ALLOW_HOSTS='["localhost"]',
+                     STEMS_MAX_UPLOAD_BYTES=str(MAX_BYTES), STEMS_WEBHOOK_SECRET=SECRET, STEMS_WEBHOOK_ATTEMPTS="3",
+                     STEMS_WEBHOOK_BACKOFF_S="0.3")
+    s.start_api()
+    s.start_worker("cpu", "guard")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def idle(tmp_path_factory, redis_url, s3_url):
+    """API only: accepted jobs stay queued, so quotas and the Celery queue can be observed."""
+    s = ServiceStack(tmp_path_factory.mktemp("idle"), redis_url, s3_url, STEMS_MAX_ACTIVE_JOBS="3")
+    s.start_api()
+    yield s
+    s.stop()
+
+
+# -- /from-link: SSRF ---------------------------------------------------------------
+
+@pytest.mark.parametrize("url", [
+    "ftp://localhost/a.wav", "file:///etc/passwd", "gopher://localhost:70/_x", "javascript:alert(1)",
+    "localhost/a.wav", "http:///a.wav", "http://user:secret@localhost/a.wav",
+])
+def test_link_scheme_and_form_refused(guarded, url):
+    with guarded.client("ssrf") as c:
+        before = _count(guarded, "audio")
+        r = c.post("/from-link", json={"url": url})
+        assert r.status_code == 422, (url, r.text)
+        assert r.json()["code"] == "invalid_link"
+        assert _count(guarded, "audio") == before
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1", "127.1.2.3", "2130706433", "0.0.0.0",  # loopback: literal, decimal form, "any"
+    "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1",  # private, carrier-grade NAT
+    "169.254.169.254", "169.254.1.1",  # link-local, cloud metadata
+    "[::1]", "[fd00::1]", "[fe80::1]", "[::ffff:127.0.0.1]", "[::ffff:169.254.169.254]", "[2002:7f00:1::1]",
+    "[64:ff9b::a9fe:a9fe]", "224.0.0.1",
+])
+def test_link_to_non_public_address_refused(guarded, web, host):
+    with guarded.client("ssrf") as c:
+        before = _count(guarded, "audio")
+        r = c.post("/from-link", json={"url": f"http://{host}:{web.port}/a.wav"})
+        assert r.status_code == 422, (host, r.text)
+        assert r.json()["code"] == "invalid_link" and "non-public" in r.json()["detail"]
+        assert _count(guarded, "audio") == before
+    assert not web.requests("GET", "/a.wav")  # never connected
+
+
+def test_host_name_resolving_to_private_address_refused(guarded, web):
+    """A name, not a literal: this machine's own host name resolves to loopback or a private address."""
+    import socket
+
+    from stems.netfetch import _public
+
+    name = socket.gethostname()
+    try:
+        addresses = {i[4][0] for i in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+    except OSError:
+        pytest.skip(f"host name {name!r} does not resolve here")
+    if all(_public(a) for a in addresses):
+        pytest.skip(f"host name {name!r} resolves to public addresses {addresses}")
+    with guarded.client("ssrf") as c:
+        r = c.post("/from-link", json={"url": f"http://{name}:{web.port}/a.wav"})
+    assert r.status_code == 422 and "non-public" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.1:{port}/secret.wav", "http://169.254.169.254/latest/meta-data/",
+                                    "http://[::1]:{port}/secret.wav", "file:///etc/passwd"])
+def test_redirect_to_private_address_fails_the_import(guarded, web, target):
+    web.files["/secret.wav"] = _wav(1.0)
+    hop = f"/hop-{uuid.uuid4().hex[:8]}"
+    web.redirects[hop] = target.format(port=web.port)
+    with guarded.client("ssrf") as c:
+        r = c.post("/from-link", json={"url": web.url(hop, "localhost")})  # allowlisted: accepted
+        assert r.status_code == 200, r.text
+        status = wait_for(c, f"/status/audio/{r.json()['audio_id']}", TERMINAL, 60)
+    assert status["status"] == "failed", status
+    assert status["error"]["code"] == "invalid_link"
+    reason = "only http and https" if target.startswith("file") else "non-public address"
+    assert reason in status["error"]["message"], status["error"]
+    assert len(web.requests("GET", hop)) == 1
+    assert not web.requests("GET", "/secret.wav")  # the redirect was not followed
+    assert guarded.objects(f"users/ssrf/audio/{status['audio_id']}/") == []
+
+
+def test_redirect_loop_fails_the_import(guarded, web):
+    web.redirects["/loop"] = web.url("/loop", "localhost")
+    with guarded.client("ssrf") as c:
+        audio_id = c.post("/from-link", json={"url": web.url("/loop", "localhost")}).json()["audio_id"]
+        status = wait_for(c, f"/status/audio/{audio_id}", TERMINAL, 60)
+    assert status["status"] == "failed" and "redirects" in status["error"]["message"]
+    assert len(web.requests("GET", "/loop")) == 6  # the first request and five redirects
+
+
+def test_link_import_of_a_real_wav(guarded, web):
+    data = _wav(2.0)
+    path = f"/ok-{uuid.uuid4().hex[:8]}.wav"
+    web.files[path] = data
+    web.redirects["/to-ok"] = path  # a relative redirect to an allowed host is followed
+    with guarded.client("linker") as c:
+        for url in (web.url(path, "localhost"), web.url("/to-ok", "localhost")):
+            r = c.post("/from-link", json={"url": url})
+            assert r.status_code == 200, r.text
+            status = wait_for(c, f"/status/audio/{r.json()['audio_id']}", TERMINAL, 60)
+            assert status["status"] == "complete", status
+            assert status["size"] == len(data) and status["sample_rate"] == 22050 and status["channels"] == 2
+            assert abs(status["duration"] - 2.0) < 1e-3
+            key = guarded.store.get_asset(status["audio_id"]).object_key
+            assert key in guarded.objects()
+    hits = web.requests("GET", path)
+    assert len(hits) == 2 and all(h.headers["host"] == f"localhost:{web.port}" for h in hits)
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "unsized"])
+def test_link_larger_than_the_limit_fails_too_large(guarded, web, sized):
+    path = f"/big-{sized}.wav"
+    web.files[path] = _wav(10.0)  # ~880 kB, over the 300 kB limit
+    if not sized:
+        web.unsized.add(path)
+    with guarded.client("linker") as c:
+        audio_id = c.post("/from-link", json={"url": web.url(path, "localhost")}).json()["audio_id"]
+        status = wait_for(c, f"/status/audio/{audio_id}", TERMINAL, 60)
+    assert status["status"] == "failed" and status["error"]["code"] == "too_large", status
+    assert str(MAX_BYTES) in status["error"]["message"]
+    assert guarded.objects(f"users/linker/audio/{audio_id}/") == []
+
+
+# -- API keys ---------------------------------------------------------------------------
+
+def test_api_keys_are_stored_hashed(stack):
+    key = stack.store.create_key("hashed-user")
+    # use it too, also as an Idempotency-Key: nothing on the request path stores it in plain either
+    with httpx.Client(base_url=stack.base, headers={"x-api-key": key}, timeout=60) as c:
+        assert c.get("/usage").status_code == 200
+        r = c.post("/from-link", json={"url": "http://127.0.0.1:9/x.wav"}, headers={"Idempotency-Key": key})
+        assert r.status_code == 200, r.text
+    r = stack.store.r
+    plain = key.encode()
+    seen = 0
+    for name in r.scan_iter(count=1000):
+        seen += 1
+        assert plain not in name, name
+        kind = r.type(name).decode()
+        if kind == "string":
+            values = [r.get(name) or b""]
+        elif kind == "hash":
+            values = [x for kv in r.hgetall(name).items() for x in kv]
+        elif kind == "set":
+            values = list(r.smembers(name))
+        elif kind == "list":
+            values = r.lrange(name, 0, -1)
+        elif kind == "zset":
+            values = r.zrange(name, 0, -1)
+        else:
+            values = []
+        assert not any(plain in v for v in values), name
+    assert seen > 10
+    from stems.jobstore import hash_key
+
+    assert r.hget(stack.store.k("apikey", hash_key(key)), "user_id") == b"hashed-user"
+
+
+# -- rate limit and quota -------------------------------------------------------------
+
+def test_rate_limit_is_429_with_retry_after(tmp_path, redis_url):
+    s = ServiceStack(tmp_path, redis_url, None, STEMS_RATE_LIMIT_PER_MINUTE="5")
+    s.start_api()
+    try:
+        with s.client("busy") as c, s.client("calm") as other:
+            answers = [c.get("/usage") for _ in range(12)]  # at most one minute boundary in between
+            codes = [r.status_code for r in answers]
+            assert 429 in codes, codes
+            first = codes.index(429)
+            assert 5 <= first <= 10, codes
+            refused = answers[first]
+            assert refused.json()["code"] == "rate_limited"
+            assert 1 <= int(refused.headers["retry-after"]) <= 61
+            assert other.get("/usage").status_code == 200  # the limit is per key
+            assert c.get("/healthz").status_code == 200  # health checks are not limited
+    finally:
+        s.stop()
+
+
+def test_active_job_quota_is_429_and_queues_nothing(idle):
+    with idle.client("quota") as c:
+        audio_id = _ready_audio(idle, "quota")
+        body = {"preset": "phantom_center", "audio_id": audio_id}
+        jobs, queued = _count(idle, "job"), _queued(idle)
+        accepted = [c.post("/create-stems", json=body) for _ in range(3)]
+        assert [r.status_code for r in accepted] == [200] * 3
+        r = c.post("/create-stems", json=body)
+        assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert _count(idle, "job") == jobs + 3 and _queued(idle) == queued + 3  # nothing for the refused one
+        assert idle.store.active_jobs("quota") == 3
+        with idle.client("quota-other") as other:  # the quota is per user
+            assert other.post("/create-stems", json={**body, "audio_id": _ready_audio(idle, "quota-other")}).status_code == 200
+        assert c.post(f"/cancel/{accepted[0].json()['creation_id']}").status_code == 200  # frees a slot
+        assert c.post("/create-stems", json=body).status_code == 200
+        assert c.post("/create-stems", json=body).status_code == 429
+
+
+# -- usage metering ---------------------------------------------------------------------
+
+def test_usage_multiplier_comes_from_the_catalogue():
+    catalogue = load_catalogue()
+    assert catalogue.preset("mvsep_mega_53").usage_multiplier == 3
+    assert catalogue.preset("phantom_center").usage_multiplier == 1
+
+
+def test_usage_grows_by_processed_minutes(stack, tmp_path):
+    user = f"meter-{uuid.uuid4().hex[:6]}"
+    mult = load_catalogue().preset("phantom_center").usage_multiplier
+    with stack.client(user) as c:
+        assert c.get("/usage").json() == {"user_id": user, "minutes": 0.0, "jobs": 0}
+        asset = upload(c, write_audio(tmp_path / "m.wav", tone_mix(4.0, SR), SR))
+        expected = 0.0
+        for selection, seconds in (({"start": 0.5, "end": 3.5}, 3.0), (None, 4.0)):
+            body = {"preset": "phantom_center", "audio_id": asset["audio_id"], "hq_streaming_format": "none"}
+            job = c.post("/create-stems", json={**body, **({"selection": selection} if selection else {})}).json()
+            status = wait_for(c, f"/status/stem_split/{job['creation_id']}", TERMINAL, 120)
+            assert status["status"] == "complete", status
+            expected += seconds / 60 * mult
+            usage = c.get("/usage").json()
+            assert usage["minutes"] == pytest.approx(expected, abs=1e-3), usage
+            assert stack.store.get_job(job["creation_id"]).usage_minutes == pytest.approx(seconds / 60 * mult, abs=1e-4)
+        assert usage["jobs"] == 2
+        # a job that never completes costs nothing
+        job = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"]}).json()
+        c.post(f"/cancel/{job['creation_id']}")
+        final = wait_for(c, f"/status/stem_split/{job['creation_id']}", TERMINAL, 120)
+        if final["status"] == "cancelled":
+            assert c.get("/usage").json() == usage
+
+
+# -- idempotency --------------------------------------------------------------------------
+
+def test_idempotent_upload(idle):
+    data, other = _wav(1.0), _wav(1.5)
+    with idle.client("idem") as c:
+        assets, queued = _count(idle, "audio"), _queued(idle)
+        first = c.post("/from-file", files={"file": ("a.wav", data)}, headers={"Idempotency-Key": "up-1"})
+        again = c.post("/from-file", files={"file": ("renamed.wav", data)}, headers={"Idempotency-Key": "up-1"})
+        assert first.status_code == again.status_code == 200, (first.text, again.text)
+        assert first.json()["audio_id"] == again.json()["audio_id"]
+        assert _count(idle, "audio") == assets + 1 and _queued(idle) == queued + 1
+        r = c.post("/from-file", files={"file": ("a.wav", other)}, headers={"Idempotency-Key": "up-1"})
+        assert r.status_code == 409 and "different request body" in r.text
+        fresh = c.post("/from-file", files={"file": ("a.wav", data)}, headers={"Idempotency-Key": "up-2"})
+        assert fresh.json()["audio_id"] != first.json()["audio_id"]
+        assert _count(idle, "audio") == assets + 2 and _queued(idle) == queued + 2
+    with idle.client("idem-other") as c:  # keys are per user: the same key is a new request for another user
+        r = c.post("/from-file", files={"file": ("a.wav", data)}, headers={"Idempotency-Key": "up-1"})
+        assert r.status_code == 200 and r.json()["audio_id"] != first.json()["audio_id"]
+
+
+def test_idempotent_create_stems(idle):
+    with idle.client("idem-split") as c:
+        audio_id = _ready_audio(idle, "idem-split")
+        body = {"preset": "phantom_center", "audio_id": audio_id, "selection": {"start": 0.5, "end": 2.0}}
+        jobs, queued = _count(idle, "job"), _queued(idle)
+        first = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split-1"})
+        again = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split-1"})
+        assert first.status_code == again.status_code == 200
+        assert first.json() == again.json()
+        assert _count(idle, "job") == jobs + 1 and _queued(idle) == queued + 1
+        r = c.post("/create-stems", json={**body, "bit_depth": 16}, headers={"Idempotency-Key": "split-1"})
+        assert r.status_code == 409 and r.json()["code"] == "conflict"
+        # a refused request does not burn its key: the same key with a valid body is accepted later
+        bad = c.post("/create-stems", json={**body, "selection": {"start": 0, "end": 99}},
+                     headers={"Idempotency-Key": "split-2"})
+        assert bad.status_code == 422
+        ok = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split-2"})
+        assert ok.status_code == 200 and ok.json()["creation_id"] != first.json()["creation_id"]
+        # the replay answers the accepted job even once the quota is full
+        c.post("/create-stems", json=body)
+        assert c.post("/create-stems", json=body).status_code == 429
+        replay = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split-1"})
+        assert replay.status_code == 200 and replay.json() == first.json()
+        assert _count(idle, "job") == jobs + 3 and _queued(idle) == queued + 3
+        assert c.post("/create-stems", json=body, headers={"Idempotency-Key": "x" * 256}).status_code == 422
+
+
+# -- webhooks -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guarded_audio(guarded, tmp_path_factory):
+    path = write_audio(tmp_path_factory.mktemp("wh") / "w.wav", tone_mix(2.0, 22050), 22050, "PCM_16")  # under the limit
+    with guarded.client("hooked") as c:
+        asset = upload(c, path)
+    assert asset["status"] == "complete", asset
+    return asset["audio_id"]
+
+
+def _split_with_callback(s: ServiceStack, audio_id: str, callback: str) -> dict:
+    with s.client("hooked") as c:
+        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio_id, "callback_url": callback,
+                                          "hq_streaming_format": "none"})
+        assert r.status_code == 200, r.text
+        return wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
+
+
+def test_webhook_is_signed_with_the_final_status(guarded, guarded_audio, web):
+    path = f"/hook-{uuid.uuid4().hex[:8]}"
+    status = _split_with_callback(guarded, guarded_audio, web.url(path, "localhost"))
+    assert status["status"] == "complete", status
+    (hit,) = web.wait_posts(path, 1)
+    assert verify(SECRET, hit.headers["x-stems-timestamp"], hit.body, hit.headers["x-stems-signature"])
+    assert not verify("dev-webhook-secret", hit.headers["x-stems-timestamp"], hit.body, hit.headers["x-stems-signature"])
+    assert not verify(SECRET, hit.headers["x-stems-timestamp"], hit.body + b" ", hit.headers["x-stems-signature"])
+    assert abs(int(hit.headers["x-stems-timestamp"]) - time.time()) < 120
+    payload = json.loads(hit.body)
+    assert payload["creation_id"] == status["creation_id"] and payload["status"] == "complete"
+    assert payload["audio_id"] == guarded_audio and sorted(payload["stem_ids"]) == sorted(s["stem_id"] for s in status["stems"])
+    time.sleep(2)
+    assert len(web.requests("POST", path)) == 1  # delivered once
+
+
+def test_webhook_retried_after_5xx(guarded, guarded_audio, web):
+    path = f"/hook-{uuid.uuid4().hex[:8]}"
+    web.answers[path] = [500, 503]
+    _split_with_callback(guarded, guarded_audio, web.url(path, "localhost"))
+    hits = web.wait_posts(path, 3)
+    gaps = [b.at - a.at for a, b in zip(hits, hits[1:])]
+    assert all(g >= 0.1 for g in gaps), gaps  # backed off (0.3 s, then 0.6 s, jittered +-50%)
+    assert len({h.body for h in hits}) == 1 and json.loads(hits[-1].body)["status"] == "complete"
+    assert all(verify(SECRET, h.headers["x-stems-timestamp"], h.body, h.headers["x-stems-signature"]) for h in hits)
+    time.sleep(3)
+    assert len(web.requests("POST", path)) == 3  # accepted on the third: no more
+
+
+def test_webhook_gives_up_after_the_configured_attempts(guarded, guarded_audio, web):
+    path = f"/hook-{uuid.uuid4().hex[:8]}"
+    web.answers[path] = [500] * 10
+    _split_with_callback(guarded, guarded_audio, web.url(path, "localhost"))
+    web.wait_posts(path, 3)
+    time.sleep(4)  # a fourth attempt would come within 0.6-1.8 s
+    assert len(web.requests("POST", path)) == 3  # STEMS_WEBHOOK_ATTEMPTS=3
+
+
+@pytest.mark.parametrize("callback", [
+    "http://127.0.0.1:{port}/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data/",
+    "http://[::1]:{port}/hook", "http://[fd00::1]/hook", "ftp://localhost/hook", "file:///etc/passwd",
+])
+def test_callback_to_private_address_refused_at_create(guarded, guarded_audio, web, callback):
+    jobs = _count(guarded, "job")
+    with guarded.client("hooked") as c:
+        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio,
+                                          "callback_url": callback.format(port=web.port)})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_link", r.text
+    assert _count(guarded, "job") == jobs
+
+
+# -- isolation --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def owned(stack, tmp_path_factory):
+    """A complete split (with restored copies) of one user's audio."""
+    owner = f"owner-{uuid.uuid4().hex[:6]}"
+    path = write_audio(tmp_path_factory.mktemp("iso") / "o.wav", tone_mix(2.0, SR), SR)
+    c = stack.client(owner)
+    asset = upload(c, path)
+    r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"],
+                                      "restoration_params": {"preset": "universal_enhancer", "strength": 0.5}})
+    assert r.status_code == 200, r.text
+    status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
+    assert status["status"] == "complete", status
+    yield c, asset["audio_id"], status
+    c.close()
+
+
+def test_other_users_ids_are_404_on_every_route(stack, owned):
+    c, aid, status = owned
+    cid, sid, uid = status["creation_id"], status["stems"][0]["stem_id"], status["upscaled_audios"][0]["stem_id"]
+    too_long = {"selection": {"start": 0, "end": 999}}  # the owner gets 422 for this: the source was found
+    calls = [
+        ("GET", f"/status/audio/{aid}", None, 200),
+        ("GET", f"/status/stem_split/{cid}", None, 200),
+        ("GET", f"/download/stem/{sid}", None, 200),
+        ("GET", f"/download/stem/{sid}?format=hq", None, 200),
+        ("GET", f"/download/stem/{uid}", None, 200),
+        ("POST", "/download-archive", {"creation_id": cid}, 200),
+        ("POST", "/download-archive", {"stem_ids": [sid]}, 200),
+        ("POST", "/download-archive", {"stem_ids": [uid, sid]}, 200),
+        ("POST", "/create-stems", {"preset": "phantom_center", "audio_id": aid, **too_long}, 422),
+        ("POST", "/create-stems", {"preset": "phantom_center", "stem_id": sid, **too_long}, 422),
+        ("POST", "/create-stems", {"preset": "phantom_center", "upscaled_id": uid, **too_long}, 422),
+        ("POST", f"/cancel/{cid}", None, 409),
+        ("DELETE", f"/stem_split/{cid}", None, 409),
+    ]
+    intruder = f"intruder-{uuid.uuid4().hex[:6]}"
+    with stack.client(intruder) as m:
+        for method, path, body, owner_status in calls:
+            mine = c.request(method, path, json=body)
+            assert mine.status_code == owner_status, (method, path, mine.text)
+            theirs = m.request(method, path, json=body)
+            assert theirs.status_code == 404, (method, path, theirs.text)
+            assert theirs.json()["code"] == "not_found"
+        # a foreign id answers exactly like an id that does not exist: no existence oracle
+        unknown = m.get(f"/status/stem_split/{uuid.uuid4()}").json()
+        foreign = m.get(f"/status/stem_split/{cid}").json()
+        assert {k: v for k, v in unknown.items() if k != "creation_id"} == \
+            {k: v for k, v in foreign.items() if k != "creation_id"}
+        assert m.get("/usage").json() == {"user_id": intruder, "minutes": 0.0, "jobs": 0}
+    assert stack.store.get_job(cid).status.value == "complete"  # the intruder's cancel changed nothing
+    assert stack.store.active_jobs(intruder) == 0
