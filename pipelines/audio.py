@@ -10,7 +10,10 @@ model we serve is trained on stereo music.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +26,7 @@ from .errors import AudioError
 WAV_SUBTYPES = {16: "PCM_16", 24: "PCM_24", 32: "FLOAT"}
 HQ_FORMATS = {
     # format: (container, codec, extension, bitrate, sample rates the codec takes or None = any)
-    "aac": ("mp4", "aac", "m4a", 256_000, None),
+    "aac": ("mp4", "aac", "m4a", 256_000, (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)),
     "mp3": ("mp3", "libmp3lame", "mp3", 320_000, (32000, 44100, 48000)),
     "opus": ("ogg", "libopus", "ogg", 192_000, (48000,)),
     "flac": ("flac", "flac", "flac", None, None),
@@ -187,40 +190,140 @@ def to_channels(audio: np.ndarray, channels: int | None) -> np.ndarray:
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int, bit_depth: int) -> None:
-    import soundfile as sf
+    with WavWriter(path, sample_rate, audio.shape[0], bit_depth) as w:
+        w.write(audio)
 
-    if bit_depth not in WAV_SUBTYPES:
-        raise AudioError(f"bit depth {bit_depth} is not one of {sorted(WAV_SUBTYPES)}")
-    data = audio.T
-    if bit_depth != 32:  # integer WAV clips; float WAV keeps overs
-        data = np.clip(data, -1.0, 1.0)
-    sf.write(str(path), data, sample_rate, subtype=WAV_SUBTYPES[bit_depth], format="WAV")
+
+class WavWriter:
+    """A WAV file written block by block (integer depths clip; float WAV keeps overs)."""
+
+    def __init__(self, path: Path, sample_rate: int, channels: int, bit_depth: int) -> None:
+        import soundfile as sf
+
+        if bit_depth not in WAV_SUBTYPES:
+            raise AudioError(f"bit depth {bit_depth} is not one of {sorted(WAV_SUBTYPES)}")
+        self.bit_depth = bit_depth
+        self._file = sf.SoundFile(str(path), "w", sample_rate, channels, WAV_SUBTYPES[bit_depth], format="WAV")
+
+    def write(self, block: np.ndarray) -> None:
+        data = block.T
+        if self.bit_depth != 32:
+            data = np.clip(data, -1.0, 1.0)
+        self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "WavWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def encode_hq(path: Path, audio: np.ndarray, sample_rate: int, fmt: str) -> None:
     """Encode the streaming copy of a stem (aac in .m4a by default, mp3, opus in .ogg, flac)."""
-    container_fmt, codec, _, bit_rate, rates = HQ_FORMATS[fmt]
-    out_rate = sample_rate if rates is None or sample_rate in rates else min(rates, key=lambda r: abs(r - sample_rate))
-    if out_rate != sample_rate:
-        audio = resample(audio, sample_rate, out_rate)
-    layout = "mono" if audio.shape[0] == 1 else "stereo"
-    with av.open(str(path), "w", format=container_fmt) as out:
-        stream = out.add_stream(codec, rate=out_rate, layout=layout)
-        if bit_rate:
-            stream.bit_rate = bit_rate
-        resampler = av.AudioResampler(format=stream.codec_context.format, layout=layout, rate=out_rate)
-        frame_size = stream.codec_context.frame_size or 4096
-        data = np.clip(audio, -1.0, 1.0).astype(np.float32)
-        for i in range(0, data.shape[1], frame_size):
-            chunk = np.ascontiguousarray(data[:, i:i + frame_size])
-            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
-            frame.sample_rate = out_rate
-            frame.pts = i
-            for rf in resampler.resample(frame):
-                out.mux(stream.encode(rf))
-        for rf in resampler.resample(None):
-            out.mux(stream.encode(rf))
-        out.mux(stream.encode(None))
+    with HqEncoder(path, sample_rate, audio.shape[0], fmt) as enc:
+        enc.write(audio)
+
+
+class HqEncoder:
+    """The streaming copy of a stem, encoded block by block (the same frames as one whole-array encode).
+
+    Blocks are resampled (when the codec cannot take the rate) by a streaming resampler whose
+    concatenated output equals a one-shot resample, clipped, and cut into the codec's frames;
+    a frame's samples may span two blocks, so memory holds one block and one frame.
+    """
+
+    def __init__(self, path: Path, sample_rate: int, channels: int, fmt: str) -> None:
+        container_fmt, codec, _, bit_rate, rates = HQ_FORMATS[fmt]
+        self.rate = sample_rate if rates is None or sample_rate in rates else min(rates, key=lambda r: abs(r - sample_rate))
+        self.layout = "mono" if channels == 1 else "stereo"
+        self.channels = channels
+        self._resampler = _StreamResampler(sample_rate, self.rate, channels) if self.rate != sample_rate else None
+        self._out = av.open(str(path), "w", format=container_fmt)
+        try:
+            self._stream = self._out.add_stream(codec, rate=self.rate, layout=self.layout)
+            if bit_rate:
+                self._stream.bit_rate = bit_rate
+            self._av_resampler = av.AudioResampler(format=self._stream.codec_context.format, layout=self.layout,
+                                                   rate=self.rate)
+            self._frame = self._stream.codec_context.frame_size or 4096
+        except BaseException:
+            self._out.close()
+            raise
+        self._pending = np.zeros((channels, 0), np.float32)
+        self._pts = 0
+        self._closed = False
+
+    def write(self, block: np.ndarray) -> None:
+        if self._resampler is not None:
+            block = self._resampler.push(block)
+        self._feed(block)
+
+    def _feed(self, block: np.ndarray, last: bool = False) -> None:
+        data = np.clip(block, -1.0, 1.0).astype(np.float32)
+        if self._pending.shape[1]:
+            data = np.concatenate([self._pending, data], axis=1)
+        whole = data.shape[1] if last else data.shape[1] - data.shape[1] % self._frame
+        for i in range(0, whole, self._frame):
+            chunk = np.ascontiguousarray(data[:, i:min(i + self._frame, whole)])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.layout)
+            frame.sample_rate = self.rate
+            frame.pts = self._pts
+            self._pts += chunk.shape[1]
+            for rf in self._av_resampler.resample(frame):
+                self._out.mux(self._stream.encode(rf))
+        self._pending = data[:, whole:]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            tail = self._resampler.flush() if self._resampler is not None else np.zeros((self.channels, 0), np.float32)
+            self._feed(tail, last=True)
+            for rf in self._av_resampler.resample(None):
+                self._out.mux(self._stream.encode(rf))
+            self._out.mux(self._stream.encode(None))
+        finally:
+            self._out.close()
+
+    def __enter__(self) -> "HqEncoder":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not finish a file we are about to throw away; just release it
+            self._closed = True
+            self._out.close()
+
+
+class _StreamResampler:
+    """soxr's streaming resampler on (channels, n) blocks; the concatenated output equals `resample`."""
+
+    def __init__(self, sr_in: int, sr_out: int, channels: int) -> None:
+        import soxr
+
+        self.channels = channels
+        self._s = soxr.ResampleStream(sr_in, sr_out, channels, dtype="float32", quality="HQ")
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        out = self._s.resample_chunk(np.ascontiguousarray(block.T, dtype=np.float32), last=False)
+        return np.ascontiguousarray(out.reshape(-1, self.channels).T, dtype=np.float32)
+
+    def flush(self) -> np.ndarray:
+        out = self._s.resample_chunk(np.zeros((0, self.channels), np.float32), last=True)
+        return np.ascontiguousarray(out.reshape(-1, self.channels).T, dtype=np.float32)
+
+
+def encoder_identity() -> dict:
+    """What besides the samples decides an encoded file's bytes: the encoder libraries' versions."""
+    import soundfile as sf
+
+    return {"av": av.__version__, "libavcodec": av.library_versions.get("libavcodec"),
+            "libsndfile": sf.__libsndfile_version__, "formats": HQ_FORMATS}
 
 
 def hq_extension(fmt: str) -> str:
@@ -230,3 +333,290 @@ def hq_extension(fmt: str) -> str:
 def is_silent(audio: np.ndarray, threshold: float = 1e-6) -> bool:
     """Digital silence (or near it): nothing a model could separate."""
     return audio.size == 0 or float(np.max(np.abs(audio))) <= threshold
+
+
+# -- signals: audio read a range at a time, in memory or on disk ------------------------------
+#
+# Long tracks are never held whole: a job's decoded selection, each model's sources and each
+# stem live in float32 files on disk and are read block by block. Files are `.npy` arrays
+# shaped (frames, channels) (a time range is one contiguous read) and are read with `pread`,
+# not memory-mapped, so pages read once do not stay in the process's resident memory.
+
+BLOCK = 1 << 19  # frames per read when a whole signal is passed over (about 12 s at 44.1 kHz)
+_NPY_HEADER = 128  # bytes: numpy's v1.0 header of a (frames, channels) float32 array, padded to 64
+
+
+class Signal:
+    """Float32 audio of `channels` x `frames`, read a range at a time as (channels, hi - lo) arrays.
+
+    `peak` (max |sample|) and `digest` (see `content_digest`) are filled in when known without
+    another pass over the audio. Arrays returned by `read` must not be modified.
+    """
+
+    channels: int
+    frames: int
+    peak: float | None = None
+    digest: str | None = None
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def blocks(self, size: int = BLOCK) -> Iterator[tuple[int, np.ndarray]]:
+        for lo in range(0, self.frames, size):
+            yield lo, self.read(lo, min(self.frames, lo + size))
+
+    def to_array(self) -> np.ndarray:
+        return np.ascontiguousarray(self.read(0, self.frames), dtype=np.float32)
+
+    def close(self) -> None:
+        """Release what the signal holds open (files); reading afterwards is an error."""
+
+
+class ArraySignal(Signal):
+    def __init__(self, audio: np.ndarray) -> None:
+        if audio.ndim != 2:
+            raise ValueError(f"audio must be (channels, samples), got shape {audio.shape}")
+        self.audio = audio if audio.dtype == np.float32 else audio.astype(np.float32)
+        self.channels, self.frames = self.audio.shape
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return self.audio[:, lo:hi]
+
+    def to_array(self) -> np.ndarray:
+        return self.audio
+
+
+class ZeroSignal(Signal):
+    peak = 0.0
+
+    def __init__(self, channels: int, frames: int) -> None:
+        self.channels, self.frames = channels, frames
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return np.zeros((self.channels, max(0, min(hi, self.frames) - lo)), np.float32)
+
+
+class FrameFile(Signal):
+    """A float32 (frames, channels) `.npy` file, read with pread on a descriptor held open.
+
+    Holding the descriptor means the data stays readable if the file is unlinked meanwhile
+    (a cache eviction, the job's scratch directory going away).
+    """
+
+    def __init__(self, path: Path, peak: float | None = None, digest: str | None = None) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            with os.fdopen(os.dup(self._fd), "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                self._offset = f.tell()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        if fortran or dtype != np.dtype("<f4") or len(shape) != 2:
+            os.close(self._fd)
+            raise AudioError(f"{path} is not a float32 (frames, channels) array")
+        self.frames, self.channels = shape
+        self.peak, self.digest = peak, digest
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        lo, hi = max(0, lo), min(self.frames, hi)
+        k = max(0, hi - lo)
+        size = k * self.channels * 4
+        buf = os.pread(self._fd, size, self._offset + lo * self.channels * 4) if size else b""
+        if len(buf) != size:
+            raise AudioError(f"{self.path} is shorter than its header says")
+        out = np.empty((self.channels, k), np.float32)
+        out[:] = np.frombuffer(buf, "<f4").reshape(k, self.channels).T
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class SumSignal(Signal):
+    """The sum of signals of one shape, computed per read (a stem made of several sources)."""
+
+    def __init__(self, parts: list[Signal]) -> None:
+        self.parts = parts
+        self.channels, self.frames = parts[0].channels, parts[0].frames
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return np.sum([p.read(lo, hi) for p in self.parts], axis=0).astype(np.float32)
+
+
+class ChannelsSignal(Signal):
+    """A signal adapted to `channels` per read (see `to_channels`; every rule is sample-local)."""
+
+    def __init__(self, signal: Signal, channels: int) -> None:
+        self.signal, self.channels, self.frames = signal, channels, signal.frames
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return to_channels(self.signal.read(lo, hi), self.channels)
+
+
+class PickChannel(Signal):
+    def __init__(self, signal: Signal, channel: int) -> None:
+        self.signal, self.channel, self.channels, self.frames = signal, channel, 1, signal.frames
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return self.signal.read(lo, hi)[self.channel:self.channel + 1]
+
+
+class StackSignal(Signal):
+    """Signals of one length stacked along channels (mono model outputs, one per input channel)."""
+
+    def __init__(self, parts: list[Signal]) -> None:
+        self.parts = parts
+        self.channels, self.frames = sum(p.channels for p in parts), parts[0].frames
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return np.concatenate([p.read(lo, hi) for p in self.parts], axis=0)
+
+
+class FrameWriter:
+    """Blocks written in order to a `.npy` FrameFile; tracks the peak and, optionally, the content digest.
+
+    `frames`, when given, is the length to end with: longer input is cut and shorter is
+    padded with zeros on close. The header is written last (its size does not depend on
+    the shape), so the length need not be known in advance.
+    """
+
+    def __init__(self, path: Path, channels: int | None = None, frames: int | None = None,
+                 digest: bool = False) -> None:
+        self.path = Path(path)
+        self.channels, self.frames = channels, frames
+        self.written = 0
+        self.peak = 0.0
+        self._hash = hashlib.sha256() if digest else None
+        self._f = open(self.path, "wb")
+        self._f.write(b"\0" * _NPY_HEADER)
+
+    def write(self, block: np.ndarray) -> None:
+        if self.channels is None:
+            self.channels = block.shape[0]
+        if block.shape[0] != self.channels:
+            raise ValueError(f"block has {block.shape[0]} channels, the signal {self.channels}")
+        if self.frames is not None:
+            block = block[:, :max(0, self.frames - self.written)]
+        if not block.shape[1]:
+            return
+        data = np.ascontiguousarray(block.T, dtype="<f4")
+        self.peak = max(self.peak, float(np.max(np.abs(data))))
+        if self._hash is not None:
+            self._hash.update(data)
+        self._f.write(data)
+        self.written += data.shape[0]
+
+    def close(self) -> FrameFile:
+        if self.channels is None:
+            raise ValueError(f"nothing was written to {self.path} and its channel count is unknown")
+        if self.frames is not None and self.written < self.frames:
+            self.write(np.zeros((self.channels, self.frames - self.written), np.float32))
+        header = _npy_header(self.written, self.channels)
+        self._f.seek(0)
+        self._f.write(header)
+        self._f.close()
+        return FrameFile(self.path, self.peak, self._hash.hexdigest() if self._hash is not None else None)
+
+    def abandon(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+class ArrayWriter:
+    """FrameWriter's in-memory twin (for callers that hand the engine arrays)."""
+
+    def __init__(self, channels: int, frames: int, digest: bool = False) -> None:
+        self.audio = np.zeros((channels, frames), np.float32)
+        self.written = 0
+        self.peak = 0.0
+        self.channels, self.frames = channels, frames
+        self._digest = digest
+
+    def write(self, block: np.ndarray) -> None:
+        k = min(block.shape[1], self.frames - self.written)
+        if k <= 0:
+            return
+        self.audio[:, self.written:self.written + k] = block[:, :k]
+        self.peak = max(self.peak, float(np.max(np.abs(block[:, :k]))))
+        self.written += k
+
+    def close(self) -> ArraySignal:
+        sig = ArraySignal(self.audio)
+        sig.peak = self.peak
+        if self._digest:
+            content_digest(sig)
+        return sig
+
+    def abandon(self) -> None:
+        self.audio = np.zeros((self.channels, 0), np.float32)
+
+
+def _npy_header(frames: int, channels: int) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (frames, channels)})
+    header = buf.getvalue()
+    if len(header) != _NPY_HEADER:
+        raise AudioError(f"unexpected .npy header size {len(header)} for shape ({frames}, {channels})")
+    return header
+
+
+def content_digest(signal: Signal) -> str:
+    """sha256 of the signal's samples as float32 little-endian, frames-major (what FrameWriter hashes)."""
+    if signal.digest is None:
+        h = hashlib.sha256()
+        for _, block in signal.blocks():
+            h.update(np.ascontiguousarray(block.T, dtype="<f4"))
+        signal.digest = h.hexdigest()
+    return signal.digest
+
+
+def peak(signal: Signal) -> float:
+    """max |sample| (one pass over the signal unless it is already known)."""
+    if signal.peak is None:
+        signal.peak = max((float(np.max(np.abs(b))) for _, b in signal.blocks() if b.size), default=0.0)
+    return signal.peak
+
+
+def signal_is_silent(signal: Signal, threshold: float = 1e-6) -> bool:
+    return signal.frames == 0 or peak(signal) <= threshold
+
+
+def decode_to_file(path: Path, dest: Path, start: float = 0.0, end: float | None = None,
+                   digest: bool = False) -> tuple[FrameFile, int]:
+    """Decode `[start, end)` into a FrameFile block by block (memory holds one block); and the sample rate."""
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise AudioError("the file has no audio stream")
+        sr = container.streams.audio[0].codec_context.sample_rate
+    writer = FrameWriter(dest, digest=digest)
+    try:
+        for block in iter_decode(path, start, end):
+            check_finite(block)
+            writer.write(block)
+        if writer.written == 0:
+            raise AudioError("the selection holds no audio")
+        return writer.close(), sr
+    except BaseException:
+        writer.abandon()
+        raise
+
+
+def resample_signal(signal: Signal, sr_in: int, sr_out: int, writer, block: int = BLOCK) -> Signal:
+    """`signal` resampled block by block into `writer` (the same samples as `resample` on the whole)."""
+    r = _StreamResampler(sr_in, sr_out, signal.channels)
+    for _, block in signal.blocks(block):
+        writer.write(r.push(block))
+    writer.write(r.flush())
+    return writer.close()

@@ -1,20 +1,39 @@
-"""The engine: run a preset's chain on audio, with warm models, chunking and silence skipping.
+"""The engine: run a preset's chain on audio, with warm models, streaming, a step cache and silence skipping.
 
 This is the one place that walks a chain: it resolves each step's model through the
 model store (once per process: models stay warm), adapts sample rate and channels to
-what the model takes, runs it chunk by chunk with overlap so memory follows the chunk and
-not the track, and assembles the preset's stems. Callers (worker, CLI, tests, bench) hand
-it arrays and get arrays back.
+what the model takes, runs it block by block so memory follows the chunk and the model and
+not the track, and assembles the preset's stems. Audio moves as `Signal`s (see
+`pipelines.audio`): arrays for callers that hand the engine arrays (`run`, `run_model`),
+float32 files in a scratch directory for the worker (`run_stream`, `stream_model`).
+
+How a step is cut, by what its separator declares (`families/base.py`):
+- a separator with `separate_stream` (Demucs) separates incrementally and exactly: the
+  output equals a whole-signal run within float rounding, for any block size;
+- `streamable` separators run on chunks of `chunk_seconds` plus `chunk_context` seconds of
+  neighbouring audio each side, which is exact for methods that look no further;
+- the others (ONNX MDX, the recurrent speech models) get the whole signal at once, so their
+  memory grows with the track: input plus outputs, (1 + sources) x channels x 4 bytes a sample.
+Resampling to and from a model's rate streams too (soxr's streaming resampler gives the same
+samples as a one-shot resample).
+
+With a `StepCache`, a step whose input samples, model, weights and parameters were seen
+before is read back instead of run (see `pipelines/cache.py`).
 """
 from __future__ import annotations
 
+import importlib.metadata
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from . import audio as A
+from .audio import ArraySignal, ArrayWriter, FrameWriter, Signal
+from .cache import StepCache, step_key
 from .errors import Cancelled
 from .families.base import Separator
 from .modelstore import ModelStore
@@ -26,25 +45,48 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class Result:
-    stems: dict[str, np.ndarray]
+    stems: dict[str, Any]  # arrays from `run`, Signals from `run_stream`
     made_by: dict[str, str]
     chain_index: int
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per model, and "load_models"
 
 
 def _never() -> bool:
     return False
 
 
+class _Sinks:
+    """Where a run writes the signals it makes: arrays in memory, or FrameFiles in `workdir`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, workdir: Path | None, digest: bool) -> None:
+        self.workdir = Path(workdir) if workdir is not None else None
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self.digest = digest
+
+    def writer(self, name: str, channels: int, frames: int | None):
+        if self.workdir is None:
+            if frames is None:
+                raise ValueError("an in-memory writer needs its length")
+            return ArrayWriter(channels, frames, digest=self.digest)
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        return FrameWriter(self.workdir / f"{next(self._ids):04d}-{safe}.npy", channels, frames, digest=self.digest)
+
+
 class Engine:
     """Holds warm separators for one process. Create one per worker process and reuse it."""
 
-    def __init__(self, store: ModelStore, device: str = "cpu", chunk_seconds: float = 30.0) -> None:
+    def __init__(self, store: ModelStore, device: str = "cpu", chunk_seconds: float = 30.0,
+                 cache: StepCache | None = None) -> None:
         self.store = store
         self.device = device
         self.chunk_seconds = chunk_seconds
+        self.cache = cache
         self._warm: dict[str, Separator] = {}
         self.load_seconds = 0.0  # total spent loading models in this process
+        self.loads = 0  # models loaded in this process (a warm worker stops adding to it)
 
     # -- models ------------------------------------------------------------------
     def separator(self, model_id: str) -> Separator:
@@ -56,82 +98,201 @@ class Engine:
             sep.setup(self.device)
             self._warm[model_id] = sep
             self.load_seconds += time.perf_counter() - t0
+            self.loads += 1
         return self._warm[model_id]
 
     def pick_chain(self, preset: Preset) -> tuple[int, Chain]:
         return preset.pick_chain(self.store.missing)
 
-    # -- running -----------------------------------------------------------------
+    def identity(self, model_id: str) -> dict:
+        """What besides the input decides a model's output: params, pinned weight hashes, package version."""
+        spec = get_spec(model_id)
+        entry = self.store.entry(model_id) or {}
+        package = None
+        if spec.requires_package:
+            try:
+                package = importlib.metadata.version(spec.requires_package)
+            except importlib.metadata.PackageNotFoundError:
+                package = "?"
+        return {"params": self.store.params_for(spec), "weights": entry.get("files", {}), "package": package}
+
+    # -- arrays in, arrays out ---------------------------------------------------
     def run_model(self, model_id: str, audio: np.ndarray, sr: int,
                   progress: Progress | None = None, cancelled: Callable[[], bool] = _never) -> dict[str, np.ndarray]:
         """One model on (channels, n) audio at `sr`; sources come back at `sr` with audio's channels."""
-        spec = get_spec(model_id)
-        if A.is_silent(audio):  # nothing to separate: do not spend a model on silence
-            return {s: np.zeros_like(audio) for s in spec.sources}
-        sep = self.separator(model_id)
-        if spec.channels == 1 and audio.shape[0] > 1:  # mono model: one pass per channel
-            per = [self._run_adapted(sep, spec, audio[c:c + 1], sr, None, cancelled) for c in range(audio.shape[0])]
-            if progress:
-                progress(1.0, model_id)
-            return {s: np.concatenate([p[s] for p in per], axis=0) for s in spec.sources}
-        return self._run_adapted(sep, spec, audio, sr, progress, cancelled)
-
-    def _run_adapted(self, sep: Separator, spec: ModelSpec, audio: np.ndarray, sr: int,
-                     progress: Progress | None, cancelled: Callable[[], bool]) -> dict[str, np.ndarray]:
-        channels = audio.shape[0]
-        rate = spec.sample_rate or sr
-        x = A.to_channels(A.resample(audio, sr, rate), spec.channels)
-        if sep.streamable:
-            out = run_chunked(lambda a: sep.separate(a, rate), x, spec.sources, int(self.chunk_seconds * rate),
-                              int(sep.chunk_context * rate), progress=progress and (lambda f: progress(f, spec.id)),
-                              cancelled=cancelled)
-        else:
-            if cancelled():
-                raise Cancelled("job cancelled")
-            out = sep.separate(x, rate)
-            if progress:
-                progress(1.0, spec.id)
-        result = {}
-        for source in spec.sources:
-            y = A.resample(out[source], rate, sr)
-            y = A.to_channels(y, channels) if y.shape[0] != channels else y
-            result[source] = _fit(y, audio.shape[1])
-        return result
+        out = self.stream_model(model_id, ArraySignal(audio), sr, None, progress, cancelled)
+        return {s: np.ascontiguousarray(sig.to_array(), dtype=np.float32) for s, sig in out.items()}
 
     def run(self, preset_name: str, audio: np.ndarray, sr: int, chain_index: int | None = None,
             progress: Progress | None = None, cancelled: Callable[[], bool] = _never) -> Result:
-        """Run a preset (its first usable chain, or `chain_index`) and return its stems."""
+        """Run a preset (its first usable chain, or `chain_index`) and return its stems as arrays."""
+        result = self.run_stream(preset_name, ArraySignal(audio), sr, None, chain_index, progress, cancelled)
+        result.stems = {k: np.ascontiguousarray(v.to_array(), dtype=np.float32) for k, v in result.stems.items()}
+        return result
+
+    # -- signals in, signals out -------------------------------------------------
+    def run_stream(self, preset_name: str, audio: Signal, sr: int, workdir: Path | None,
+                   chain_index: int | None = None, progress: Progress | None = None,
+                   cancelled: Callable[[], bool] = _never) -> Result:
+        """Run a preset on a Signal; stems come back as Signals (FrameFiles in `workdir`, or arrays if None)."""
         preset = load_catalogue().preset(preset_name)
         if chain_index is None:
             chain_index, chain = self.pick_chain(preset)
         else:
             chain = preset.chains[chain_index]
         timings: dict[str, float] = {}
-        produced: dict[str, np.ndarray] = {MIX: audio}
+        loaded = self.load_seconds
+        produced: dict[str, Signal] = {MIX: audio}
         n_steps = len(chain.steps)
         for i, step in enumerate(chain.steps):
             t0 = time.perf_counter()
             step_progress = progress and (lambda f, m, i=i: progress((i + f) / n_steps, m))
-            produced.update(self.run_model(step.model, produced[step.input], sr, step_progress, cancelled))
+            produced.update(self.stream_model(step.model, produced[step.input], sr, workdir, step_progress, cancelled))
             timings[step.model] = timings.get(step.model, 0.0) + time.perf_counter() - t0
-        stems = assemble(chain, produced)
+        timings["load_models"] = self.load_seconds - loaded
+        stems = assemble_signals(chain, produced)
         made_by = {name: chain.made_by(name) for name in stems}
         if preset.drop_silent:
-            stems = {k: v for k, v in stems.items() if not A.is_silent(v, 1e-4)}
+            stems = {k: v for k, v in stems.items() if not A.signal_is_silent(v, 1e-4)}
         return Result(stems, made_by, chain_index, timings)
 
+    def stream_model(self, model_id: str, audio: Signal, sr: int, workdir: Path | None,
+                     progress: Progress | None = None, cancelled: Callable[[], bool] = _never) -> dict[str, Signal]:
+        """One model on a Signal at `sr`; its sources as Signals at `sr` with the input's channels."""
+        spec = get_spec(model_id)
+        if A.signal_is_silent(audio):  # nothing to separate: do not spend a model on silence
+            return {s: A.ZeroSignal(audio.channels, audio.frames) for s in spec.sources}
+        key = None
+        if self.cache is not None:
+            key = step_key(model_id, A.content_digest(audio), sr, audio.channels, audio.frames, self.identity(model_id))
+            hit = self.cache.get(key)
+            if hit is not None:
+                if progress:
+                    progress(1.0, f"{model_id}, cached")
+                return hit
+        sinks = _Sinks(workdir, digest=self.cache is not None)
+        sep = self.separator(model_id)
+        if spec.channels == 1 and audio.channels > 1:  # mono model: one pass per channel
+            per = []
+            for c in range(audio.channels):
+                sub = progress and (lambda f, m, c=c: progress((c + f) / audio.channels, m))
+                per.append(self._run_adapted(sep, spec, A.PickChannel(audio, c), sr, sinks, sub, cancelled))
+            out: dict[str, Signal] = {s: A.StackSignal([p[s] for p in per]) for s in spec.sources}
+        else:
+            out = self._run_adapted(sep, spec, audio, sr, sinks, progress, cancelled)
+        if key is not None:
+            self.cache.put(key, out)
+        return out
 
-def assemble(chain: Chain, produced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The preset's stems from the chain's sources (sums where a stem is several sources)."""
+    def _run_adapted(self, sep: Separator, spec: ModelSpec, audio: Signal, sr: int, sinks: _Sinks,
+                     progress: Progress | None, cancelled: Callable[[], bool]) -> dict[str, Signal]:
+        channels, n = audio.channels, audio.frames
+        rate = spec.sample_rate or sr
+        x = resampled = None
+        if rate != sr:  # one streaming pass to a copy at the model's rate (read again by the separator)
+            x = resampled = A.resample_signal(audio, sr, rate, sinks.writer(f"{spec.id}-input", channels, None)
+                                              if sinks.workdir is not None else _GrowingWriter())
+        else:
+            x = audio
+        if spec.channels is not None and x.channels != spec.channels:
+            x = A.ChannelsSignal(x, spec.channels)
+        writers = {s: sinks.writer(f"{spec.id}-{s}", channels, n) for s in spec.sources}
+        back: dict[str, A._StreamResampler] = {}
+        try:
+            done = 0
+            for block in self._separate_blocks(sep, spec, x, rate, cancelled):
+                for s in spec.sources:
+                    y = block[s]
+                    if rate != sr:
+                        if s not in back:
+                            back[s] = A._StreamResampler(rate, sr, y.shape[0])
+                        y = back[s].push(y)
+                    writers[s].write(_channels_back(y, channels))
+                done += next(iter(block.values())).shape[1]
+                if progress:
+                    progress(min(1.0, done / max(1, x.frames)), spec.id)
+            for s, r in back.items():
+                writers[s].write(_channels_back(r.flush(), channels))
+            return {s: w.close() for s, w in writers.items()}
+        except BaseException:
+            for w in writers.values():
+                w.abandon()
+            raise
+        finally:
+            if resampled is not None:
+                resampled.close()
+                path = getattr(resampled, "path", None)
+                if path is not None:
+                    path.unlink(missing_ok=True)
+
+    def _separate_blocks(self, sep: Separator, spec: ModelSpec, x: Signal, rate: int,
+                         cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+        """The separator's sources for consecutive blocks covering `x`, at the model's rate and channels."""
+        n = x.frames
+        chunk = max(1, int(self.chunk_seconds * rate))
+        stream = sep.separate_stream(x, rate, chunk, cancelled)
+        if stream is not None:
+            yield from stream
+            return
+        if sep.streamable:
+            context = int(sep.chunk_context * rate)
+            if n > chunk + 2 * context:
+                for start in range(0, n, chunk):
+                    if cancelled():
+                        raise Cancelled("job cancelled")
+                    stop = min(n, start + chunk)
+                    lo, hi = max(0, start - context), min(n, stop + context)
+                    piece = x.read(lo, hi)
+                    if A.is_silent(piece):
+                        yield {s: np.zeros((x.channels, stop - start), np.float32) for s in spec.sources}
+                        continue
+                    out = sep.separate(piece, rate)
+                    yield {s: _fit(out[s], hi - lo)[:, start - lo:stop - lo] for s in spec.sources}
+                return
+        # whole signal at once: the separator cannot be cut (memory grows with the track)
+        if cancelled():
+            raise Cancelled("job cancelled")
+        out = sep.separate(np.ascontiguousarray(x.read(0, n)), rate)
+        yield {s: _fit(out[s], n) for s in spec.sources}
+
+
+class _GrowingWriter:
+    """An in-memory writer of unknown length (a resampled copy of an in-memory input)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+
+    def write(self, block: np.ndarray) -> None:
+        self.blocks.append(block)
+
+    def close(self) -> ArraySignal:
+        return ArraySignal(np.concatenate(self.blocks, axis=1).astype(np.float32, copy=False))
+
+    def abandon(self) -> None:
+        self.blocks = []
+
+
+def _channels_back(y: np.ndarray, channels: int) -> np.ndarray:
+    return A.to_channels(y, channels) if y.shape[0] != channels else y
+
+
+def assemble_signals(chain: Chain, produced: dict[str, Signal]) -> dict[str, Signal]:
+    """The preset's stems from the chain's sources (sums, computed per read, where a stem is several sources)."""
     if chain.outputs == "*":
         return {s: produced[s] for s in chain.steps[-1].spec.sources}
-    stems = {}
+    stems: dict[str, Signal] = {}
     for name, sources in chain.outputs.items():
         if isinstance(sources, str):
             stems[name] = produced[sources]
         else:
-            stems[name] = np.sum([produced[s] for s in sources], axis=0).astype(np.float32)
+            stems[name] = A.SumSignal([produced[s] for s in sources])
     return stems
+
+
+def assemble(chain: Chain, produced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The preset's stems from the chain's sources as arrays (sums where a stem is several sources)."""
+    signals = assemble_signals(chain, {k: ArraySignal(v) for k, v in produced.items()})
+    return {k: v.to_array() for k, v in signals.items()}
 
 
 def _fit(y: np.ndarray, n: int) -> np.ndarray:
@@ -145,7 +306,7 @@ def _fit(y: np.ndarray, n: int) -> np.ndarray:
 def run_chunked(fn: Callable[[np.ndarray], dict[str, np.ndarray]], audio: np.ndarray, sources: tuple[str, ...],
                 chunk: int, context: int, progress: Callable[[float], None] | None = None,
                 cancelled: Callable[[], bool] = _never) -> dict[str, np.ndarray]:
-    """Apply `fn` to overlapping chunks and stitch the outputs.
+    """Apply `fn` to overlapping chunks of an array and stitch the outputs (the engine's rule for streamable methods).
 
     Each chunk is `chunk` samples of new audio plus `context` samples of neighbouring audio
     on each side; the neighbours are discarded after processing, so the result equals a

@@ -1,14 +1,24 @@
-"""Per-process resources of a worker: settings, job store, storage and the warm engine.
+"""Per-process resources of a worker: settings, job store, storage, the warm engine and its step cache.
 
 Created lazily on first use in each worker process (Celery kills a child whose
-`worker_process_init` blocks for more than 4 s, and a model load can take longer).
+`worker_process_init` blocks for more than 4 s, and a model load can take longer), and
+kept for the life of the process: the engine loads each model once, on the first job
+that needs it, and every later job of that process finds it warm.
+
+The step cache (`pipelines/cache.py`) lives in `data_dir/cache`, shared by the worker
+processes of a host, bounded by STEMS_CACHE_MAX_BYTES (default 20 GiB; 0 turns it off).
+Job scratch directories go to `data_dir/work`, on the same filesystem, so finished steps
+enter the cache as hard links rather than copies.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
+from pipelines.cache import StepCache
 from pipelines.engine import Engine
 from pipelines.modelstore import ModelStore
 from stems.jobstore import JobStore
@@ -27,6 +37,23 @@ def pick_device(setting: str) -> str:
     return "cpu"
 
 
+CACHE_MAX_BYTES_ENV = "STEMS_CACHE_MAX_BYTES"
+DEFAULT_CACHE_MAX_BYTES = 20 << 30
+
+
+def cache_max_bytes() -> int:
+    raw = os.environ.get(CACHE_MAX_BYTES_ENV, "")
+    try:
+        return int(raw) if raw.strip() else DEFAULT_CACHE_MAX_BYTES
+    except ValueError:
+        raise ValueError(f"{CACHE_MAX_BYTES_ENV}={raw!r} is not a whole number of bytes") from None
+
+
+def make_cache(data_dir: Path) -> StepCache | None:
+    limit = cache_max_bytes()
+    return StepCache(Path(data_dir) / "cache", limit) if limit > 0 else None
+
+
 @dataclass
 class WorkerContext:
     settings: Settings
@@ -34,6 +61,7 @@ class WorkerContext:
     storage: Storage
     models: ModelStore
     engine: Engine
+    scratch_dir: Path | None = None  # job scratch directories (None: the system's temporary directory)
 
 
 @lru_cache(maxsize=1)
@@ -45,5 +73,6 @@ def context() -> WorkerContext:
         store=JobStore.from_url(s.redis_url, s.key_prefix),
         storage=make_storage(s),
         models=models,
-        engine=Engine(models, device=pick_device(s.device), chunk_seconds=s.chunk_seconds),
+        engine=Engine(models, device=pick_device(s.device), chunk_seconds=s.chunk_seconds, cache=make_cache(s.data_dir)),
+        scratch_dir=Path(s.data_dir) / "work",
     )

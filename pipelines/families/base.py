@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from ..registry import ModelSpec
+
+if TYPE_CHECKING:
+    from ..audio import Signal
 
 
 class Separator(ABC):
@@ -21,7 +25,8 @@ class Separator(ABC):
     `chunk_context` is how many seconds of neighbouring audio the method needs to give
     the same output on a chunk as on the whole signal (0 for frame-local methods); the
     engine's chunked runner overlaps chunks by at least that much. `streamable = False`
-    asks the engine to run the method on the whole signal at once.
+    forbids that cutting: the engine then runs the method on the whole signal at once
+    (memory grows with the track), unless `separate_stream` offers an exact incremental run.
     """
 
     chunk_context: float = 1.0
@@ -40,3 +45,16 @@ class Separator(ABC):
     @abstractmethod
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         """Split `audio` (channels, samples) into `spec.sources`."""
+
+    def separate_stream(self, audio: "Signal", sample_rate: int, block: int,
+                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
+        """Optional: separate a long signal incrementally, equal to `separate` on the whole of it.
+
+        `audio` is read a range at a time (`audio.read(lo, hi)`, already at the model's rate
+        and channels); the iterator yields each source for consecutive blocks of about
+        `block` samples covering the signal in order, so memory follows the block and the
+        model, not the track. Raise `pipelines.errors.Cancelled` when `cancelled()` says so.
+        Return None (the default) when the method cannot do this; the engine then
+        chunks `separate` by `streamable` and `chunk_context`.
+        """
+        return None

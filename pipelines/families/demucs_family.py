@@ -14,13 +14,30 @@ normalisation. We keep the normalisation because the published scores were measu
 through that path and because it changes the output: apply_model zero-pads the edges of
 the track and of short last segments, and zero means "the mean of the track" only after
 normalising. It also keeps a very quiet or very loud mix in the range the models saw.
+
+`separate_stream` gives the same result a block at a time, so a worker's memory follows the
+segment and not the track. It walks apply_model's own grid: segments of `segment` seconds
+at offsets 0, stride, 2 stride, ... of the whole signal, each padded from its true
+neighbours as `TensorChunk.padded` does, run through the model as apply_model's un-split
+branch does, weighted by the same triangle and summed in the same order; a block's output
+is final once every segment overlapping it has been added, and a segment is kept only while
+it still overlaps blocks to come. So every segment runs exactly once, as in a whole-track
+apply_model, and the output equals it up to the normalisation statistics, which a first
+streaming pass computes (mean and std of the mono mix, accumulated in float64). Bags run
+their members side by side and combine them with the bag's weights as apply_model does.
+A segment whose input is digital silence is not run: it counts as silence (the mix's
+zero). Random `shifts` cannot be streamed exactly; with shifts > 0 the whole-signal path runs.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from demucs.apply import BagOfModels, TensorChunk, apply_model
 from demucs.htdemucs import HTDemucs
 from demucs.repo import BagOnlyRepo, ModelLoadingError, ModelOnlyRepo
@@ -28,7 +45,8 @@ from demucs.states import load_model
 from demucs.utils import center_trim
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ChainError
+from .. import audio as A
+from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
 from .base import Separator
 
@@ -42,6 +60,8 @@ class DemucsParams(BaseModel):
     overlap: float = Field(0.25, ge=0, lt=1)
     shifts: int = Field(0, ge=0, description="random time shifts averaged (the CLI's --shifts); >0 is not deterministic")
     batch: int = Field(1, ge=1, description="segments per forward; 1 runs apply_model exactly as the CLI does")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="autocast dtype of the forward; float16 needs CUDA. Not the published scores' path")
 
 
 class _StoreRepo(ModelOnlyRepo):
@@ -107,9 +127,18 @@ class DemucsSeparator(Separator):
 
     def setup(self, device: str = "cpu") -> None:
         super().setup(device)
+        if self.settings.precision == "float16" and not device.startswith("cuda"):
+            raise ChainError(f"precision float16 for {self.spec.id!r} needs a CUDA device, not {device!r}; "
+                             "use bfloat16 or float32", model_id=self.spec.id)
         model = load_demucs(self.settings.name, self.files)
         self._check(model)
         self.model = model.to(device)
+
+    def _autocast(self):
+        p = self.settings.precision
+        if p == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=getattr(torch, p))
 
     def _check(self, model) -> None:
         """Fail at load time, naming the fix, on what would otherwise fail or mislabel mid-job."""
@@ -138,14 +167,17 @@ class DemucsSeparator(Separator):
                 model_id=spec.id, segment=s.segment, max_segment=longest,
             )
 
-    def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+    def _ready(self, sample_rate: int) -> None:
         if self.model is None:
             raise RuntimeError("DemucsSeparator.setup() must run before separate()")
         if sample_rate != self.spec.sample_rate:  # the engine resamples; a wrong rate would pass silently
             raise ChainError(f"{self.spec.id!r} runs at {self.spec.sample_rate} Hz, got {sample_rate} Hz",
                              model_id=self.spec.id)
+
+    def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+        self._ready(sample_rate)
         s = self.settings
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
             # As demucs.api.Separator.separate_tensor (see the module docstring).
             ref = wav.mean(0)
@@ -157,7 +189,154 @@ class DemucsSeparator(Separator):
                               progress=False)
             out = out[0].mul_(std).add_(mean)  # in place: apply_model's output is ours, 4+ times the track
         index = {name: k for k, name in enumerate(self.model.sources)}
-        return {name: out[index[name]].numpy() for name in self.spec.sources}
+        return {name: out[index[name]].float().numpy() for name in self.spec.sources}
+
+    def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
+                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
+        self._ready(sample_rate)
+        if self.settings.shifts:
+            return None
+        return self._stream(audio, max(1, block), cancelled)
+
+    def _stream(self, audio: A.Signal, block: int, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+        s, model = self.settings, self.model
+        mean, std = _mono_stats(audio)
+        if isinstance(model, BagOfModels):
+            members, weights = list(model.models), model.weights
+        else:
+            members, weights = [model], None
+        streams = [_SegmentStream(m, audio, mean, std, s.segment, s.overlap, s.batch, self.device, self._autocast,
+                                  cancelled) for m in members]
+        index = {name: k for k, name in enumerate(model.sources)}
+        for lo in range(0, audio.frames, block):
+            out = self._combine(streams, weights, mean, std, lo, min(audio.frames, lo + block))
+            yield {name: out[index[name]].numpy() for name in self.spec.sources}
+
+    @torch.inference_mode()
+    def _combine(self, streams, weights, mean, std, lo: int, hi: int) -> torch.Tensor:
+        """Final output of [lo, hi) as apply_model computes it (a bag: its weighted member average)."""
+        if weights is None:
+            out = streams[0].take(lo, hi)
+        else:  # as apply_model's BagOfModels branch, in the same order of operations
+            estimates: float | torch.Tensor = 0.0
+            totals = [0.0] * len(self.model.sources)
+            for stream, model_weights in zip(streams, weights):
+                member = stream.take(lo, hi)[None]
+                for k, inst_weight in enumerate(model_weights):
+                    member[:, k, :, :] *= inst_weight
+                    totals[k] += inst_weight
+                estimates += member
+            for k in range(estimates.shape[1]):
+                estimates[:, k, :, :] /= totals[k]
+            out = estimates[0]
+        return out.mul_(std).add_(mean)
+
+
+@torch.inference_mode()
+def _mono_stats(audio: A.Signal) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the mono downmix, as separate() computes them, in one streaming pass.
+
+    Per-block mean and sum of squared deviations merged in float64 (Chan et al.), so the
+    figures match torch's whole-track float32 reduction to float32 rounding.
+    """
+    count, mean, m2 = 0, 0.0, 0.0
+    for _, block in audio.blocks():
+        ref = torch.from_numpy(np.ascontiguousarray(block)).mean(0).double().numpy()  # float32 mix, as separate()
+        k = ref.size
+        if not k:
+            continue
+        bm = float(ref.mean())
+        bm2 = float(((ref - bm) ** 2).sum())
+        delta, total = bm - mean, count + k
+        mean += delta * k / total
+        m2 += bm2 + delta * delta * count * k / total
+        count = total
+    std = math.sqrt(m2 / (count - 1)) if count > 1 else float("nan")  # torch.std's correction, NaN for one sample
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32) + 1e-8
+
+
+def _valid_length(model, length: int, segment: float | None) -> int:
+    """The padded length apply_model's un-split branch runs a `length`-sample segment at."""
+    if isinstance(model, HTDemucs) and segment is not None:
+        return int(segment * model.samplerate)
+    if hasattr(model, "valid_length"):
+        return model.valid_length(length)
+    return length
+
+
+class _SegmentStream:
+    """One model's apply_model(split=True) output, produced a range at a time (see the module docstring)."""
+
+    def __init__(self, model, audio: A.Signal, mean: torch.Tensor, std: torch.Tensor, segment: float | None,
+                 overlap: float, batch: int, device: str, autocast, cancelled: Callable[[], bool]) -> None:
+        self.model, self.audio, self.mean, self.std = model, audio, mean, std
+        self.segment = segment  # what apply_model passes down (None: the model's own)
+        self.batch, self.device, self.autocast, self.cancelled = batch, torch.device(device), autocast, cancelled
+        self.n = audio.frames
+        self.seg_len = int(model.samplerate * (segment if segment is not None else model.segment))
+        stride = int((1 - overlap) * self.seg_len)
+        self.offsets = range(0, self.n, stride)
+        # apply_model's transition weight (transition_power 1)
+        weight = torch.cat([torch.arange(1, self.seg_len // 2 + 1, device=self.device),
+                            torch.arange(self.seg_len - self.seg_len // 2, 0, -1, device=self.device)])
+        self.weight = (weight / weight.max()) ** 1.0
+        self.next = 0  # index of the next segment to run
+        self.pending: dict[int, torch.Tensor] = {}  # offset -> (sources, channels, length) output, still needed
+        self.silence = (-mean / std).item()  # the normalised value of a digital zero
+
+    def take(self, lo: int, hi: int) -> torch.Tensor:
+        """The normalised output of [lo, hi); ranges must be asked for in order."""
+        while self.next < len(self.offsets) and self.offsets[self.next] < hi:
+            self._run(range(self.next, min(len(self.offsets), self.next + self.batch)))
+        sources, channels = len(self.model.sources), self.audio.channels
+        out = torch.zeros(sources, channels, hi - lo)
+        sum_weight = torch.zeros(hi - lo)
+        for offset in sorted(self.pending):  # ascending offsets: apply_model's order of additions
+            chunk_out = self.pending[offset]
+            a, b = max(lo, offset), min(hi, offset + chunk_out.shape[-1])
+            if a >= b:
+                continue
+            w = self.weight[a - offset:b - offset]
+            out[..., a - lo:b - lo] += (w * chunk_out[..., a - offset:b - offset]).to("cpu")
+            sum_weight[a - lo:b - lo] += w.to("cpu")
+        for offset in [o for o, y in self.pending.items() if o + y.shape[-1] <= hi]:
+            del self.pending[offset]
+        out /= sum_weight
+        return out
+
+    def _run(self, indices: range) -> None:
+        """Run segments (up to `batch` in one forward when their padded lengths agree)."""
+        if self.cancelled():
+            raise Cancelled("job cancelled")
+        ready = []
+        for k in indices:
+            offset = self.offsets[k]
+            length = min(self.seg_len, self.n - offset)
+            valid = _valid_length(self.model, length, self.segment)
+            start = offset - (valid - length) // 2  # as TensorChunk.padded
+            end = start + valid
+            raw = self.audio.read(max(0, start), min(self.n, end))
+            if A.is_silent(raw):
+                out = torch.full((len(self.model.sources), self.audio.channels, length), self.silence)
+                self.pending[offset] = out.to(self.device)
+                continue
+            mix = (torch.from_numpy(np.ascontiguousarray(raw)) - self.mean) / self.std
+            padded = F.pad(mix[None], (max(0, -start), max(0, end - self.n)))
+            ready.append((offset, length, padded))
+        self.next = indices.stop
+        i = 0
+        while i < len(ready):  # consecutive segments of one padded length run together
+            j = i + 1
+            while j < len(ready) and ready[j][2].shape[-1] == ready[i][2].shape[-1]:
+                j += 1
+            group = ready[i:j]
+            mix = torch.cat([p for _, _, p in group]).to(self.device)
+            with self.autocast():
+                out = self.model(mix)
+            out = out.float()
+            for k, (offset, length, _) in enumerate(group):
+                self.pending[offset] = center_trim(out[k:k + 1], length)[0]
+            i = j
 
 
 class _Pending:

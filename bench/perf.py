@@ -1,0 +1,446 @@
+"""Performance of the split path (`make bench`): memory, overhead, the demucs CLI, selections, shared work, loading.
+
+Every figure is a ratio of two measurements taken in this one run on inputs the benchmark
+generates, with timings interleaved (reference, ours, reference), because the machine may be
+shared: bare seconds would measure the neighbours as much as the code. Demucs figures use a
+randomly initialised htdemucs of the released architecture (`tools.random_models`, size
+"full", about 42M parameters): it costs what the real model costs, though its output is noise.
+
+How the worker's code is run:
+- memory figures: a fresh subprocess per split that builds the real worker context
+  (`workers.context.context()`, configured by environment as a worker is) and runs
+  `workers.splitter.run_split` end to end: download from (local) storage, decode, separate,
+  WAV and HQ encodes, upload; its peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss`, model
+  load and imports included;
+- timing figures: `run_split` in this process against a private Redis and local storage,
+  with a warm engine (what one worker process does for its second and later jobs); time is
+  from the call (the job dequeued) to its return (stems and HQ encodes stored, job complete).
+
+Writes bench/results.json and prints the table. `--quick` shortens the inputs (for a smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SR = 44100
+RESULTS = ROOT / "bench" / "results.json"
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def write_music(path: Path, seconds: float, seed: int, subtype: str = "PCM_16") -> Path:
+    """A stereo test track written block by block: a centred melody, panned chords, noise bursts, a pause.
+
+    Deterministic per seed; never held whole in memory, so an hour costs the generator nothing.
+    """
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    fmt = "FLAC" if path.suffix == ".flac" else "WAV"
+    n = int(round(seconds * SR))
+    block = 10 * SR
+    with sf.SoundFile(str(path), "w", SR, 2, subtype, format=fmt) as f:
+        for lo in range(0, n, block):
+            t = np.arange(lo, min(n, lo + block)) / SR
+            note = 220.0 * 2 ** (np.floor(t / 0.5) % 12 / 12)
+            centre = 0.25 * np.sin(2 * np.pi * note * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+            left = 0.15 * np.sin(2 * np.pi * 440 * t + 1.0)
+            right = 0.15 * np.sin(2 * np.pi * 523 * t)
+            noise = 0.05 * rng.standard_normal((2, t.size)) * (np.sin(2 * np.pi * 2 * t) > 0.5)
+            x = np.stack([centre + left, centre + right]) + noise
+            f.write(np.clip(x, -1, 1).T.astype(np.float32))
+    return path
+
+
+# -- the worker's code, in this process ---------------------------------------------------------
+class Worker:
+    """One worker process's resources (as workers.context builds them) on a private Redis and local storage."""
+
+    def __init__(self, root: Path, redis_url: str, model_dir: Path, cache: bool, chunk_seconds: float = 30.0) -> None:
+        from pipelines.cache import StepCache
+        from pipelines.engine import Engine
+        from pipelines.modelstore import ModelStore
+        from stems.jobstore import JobStore
+        from stems.settings import Settings
+        from stems.storage import LocalStorage
+        from workers.context import WorkerContext
+
+        root.mkdir(parents=True, exist_ok=True)
+        models = ModelStore(model_dir)
+        self.ctx = WorkerContext(
+            settings=Settings(data_dir=root, redis_url=redis_url, storage="local", model_dir=model_dir),
+            store=JobStore.from_url(redis_url, f"b{uuid.uuid4().hex[:8]}"),
+            storage=LocalStorage(root / "objects"), models=models,
+            engine=Engine(models, device="cpu", chunk_seconds=chunk_seconds,
+                          cache=StepCache(root / "cache", 20 << 30) if cache else None),
+            scratch_dir=root / "work")
+        self._assets: dict[Path, str] = {}
+        self.jobs: list[dict] = []  # every split this worker ran: seconds, load_seconds
+
+    def submit(self, path: Path, preset: str, selection: tuple[float, float] | None = None, hq: str = "aac",
+               bit_depth: int = 24) -> str:
+        return create_job(self.ctx, path, preset, selection, hq, bit_depth, self._assets)
+
+    def split(self, job_id: str) -> dict:
+        """Run one job; its wall time and the model-loading time inside it."""
+        from stems.models import JobStatus
+        from workers.splitter import run_split
+
+        loaded = self.ctx.engine.load_seconds
+        t0, c0 = time.perf_counter(), time.process_time()
+        run_split(job_id, self.ctx, "bench")
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        job = self.ctx.store.get_job(job_id)
+        if job.status != JobStatus.complete:
+            raise RuntimeError(f"bench job {job_id} ended {job.status.value}: {job.error}")
+        self.jobs.append({"seconds": seconds, "cpu_seconds": cpu, "load_seconds": self.ctx.engine.load_seconds - loaded})
+        return self.jobs[-1]
+
+
+def create_job(ctx, path: Path, preset: str, selection, hq: str, bit_depth: int, assets: dict | None = None) -> str:
+    """Upload `path` (once) and record a job and its stems as POST /create-stems does."""
+    from pipelines import audio as A
+    from pipelines.presets import load_catalogue
+    from stems.models import AssetStatus, AudioAsset, Job, Stem
+
+    assets = {} if assets is None else assets
+    if path not in assets:
+        info = A.probe(path)
+        asset = AudioAsset(user_id="bench", origin="upload", status=AssetStatus.complete,
+                           object_key=f"bench/{uuid.uuid4().hex}{path.suffix}", info=info.to_dict())
+        ctx.storage.put_file(asset.object_key, path)
+        ctx.store.put_asset(asset)
+        assets[path] = asset.id
+    asset_id = assets[path]
+    duration = ctx.store.get_asset(asset_id).info["duration"]
+    p = load_catalogue().preset(preset)
+    index, chain = p.pick_chain(ctx.models.missing)
+    params: dict = {"bit_depth": bit_depth, "hq_streaming_format": hq}
+    start, end = (0.0, duration) if selection is None else selection
+    if selection is not None:
+        params["selection"] = {"start": start, "end": end}
+    job = Job(user_id="bench", preset=preset, audio_id=asset_id, source_kind="audio", source_id=asset_id,
+              params=params, queue=chain.queue, chain_index=index, audio_seconds=end - start)
+    stems = [Stem(user_id="bench", job_id=job.id, name=n, bit_depth=bit_depth, hq_format=None if hq == "none" else hq)
+             for n in p.output_stems()]
+    job.stem_ids = [s.id for s in stems]
+    ctx.store.create_job(job, stems)
+    return job.id
+
+
+# -- the worker's code, in a fresh process (memory) -------------------------------------------------
+def child_split(args) -> int:
+    """Entry of the memory subprocess: the real worker context from the environment, one job, peak RSS."""
+    from stems.models import JobStatus
+    from workers.context import context
+    from workers.splitter import run_split
+
+    t0 = time.perf_counter()
+    ctx = context()
+    job_id = create_job(ctx, Path(args.source), args.preset, None, args.hq, 24)
+    run_split(job_id, ctx, "bench-child")
+    job = ctx.store.get_job(job_id)
+    out = {"status": job.status.value, "error": job.error, "seconds": time.perf_counter() - t0,
+           "load_seconds": ctx.engine.load_seconds,
+           "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0 if job.status == JobStatus.complete else 1
+
+
+def run_child(tmp: Path, redis_url: str, model_dir: Path, source: Path, preset: str, hq: str = "aac") -> dict:
+    data = tmp / f"child-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "STEMS_DATA_DIR": str(data),
+           "STEMS_MODEL_DIR": str(model_dir), "STEMS_STORAGE": "local", "STEMS_KEY_PREFIX": f"c{uuid.uuid4().hex[:8]}",
+           "STEMS_DEVICE": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "bench.perf", "--child-split", "--source", str(source), "--preset", preset,
+                        "--hq", hq], cwd=ROOT, env=env, capture_output=True, text=True)
+    shutil.rmtree(data, ignore_errors=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"memory child failed ({r.returncode}): {r.stdout[-2000:]} {r.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# -- figures ----------------------------------------------------------------------------------
+def _figure(name: str, value: float | None, goal: str, how: str, **detail) -> dict:
+    return {"figure": name, "value": None if value is None else round(value, 4), "goal": goal, "how": how,
+            "detail": detail}
+
+
+def memory_ratio(tmp: Path, redis_url: str, model_dir: Path, preset: str, short_s: float, long_s: float,
+                 label: str, hq: str, log) -> dict:
+    short = write_music(tmp / f"mem-{preset}-{short_s:g}.flac", short_s, 11)
+    long = write_music(tmp / f"mem-{preset}-{long_s:g}.flac", long_s, 12)
+    log(f"memory {preset}: {short_s:g} s")
+    a = run_child(tmp, redis_url, model_dir, short, preset, hq)
+    log(f"memory {preset}: {long_s:g} s")
+    b = run_child(tmp, redis_url, model_dir, long, preset, hq)
+    short.unlink()
+    long.unlink()
+    return _figure(f"memory_ratio_60min_vs_1min[{preset}]", b["maxrss_mib"] / a["maxrss_mib"], "<= 1.3",
+                   f"peak RSS (ru_maxrss) of a fresh worker subprocess running run_split end to end on {label} "
+                   f"({preset}, 24-bit WAV + {hq} HQ, FLAC source)",
+                   short_seconds=short_s, long_seconds=long_s, short_peak_mib=round(a["maxrss_mib"], 1),
+                   long_peak_mib=round(b["maxrss_mib"], 1), short_job_s=round(a["seconds"], 1),
+                   long_job_s=round(b["seconds"], 1))
+
+
+def overhead_vs_apply_model(worker: Worker, clip: Path, rounds: int, log) -> dict:
+    import torch
+    from demucs.apply import apply_model
+
+    from pipelines import audio as A
+
+    model = worker.ctx.engine.separator("htdemucs").model
+    audio, _ = A.decode(clip)
+    wav = torch.from_numpy(audio)
+    ref = wav.mean(0)
+    normalised = ((wav - ref.mean()) / (ref.std() + 1e-8))[None]
+
+    def reference() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            apply_model(model, normalised, shifts=0, split=True, overlap=0.25, device="cpu", num_workers=0,
+                        progress=False)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    refs, ours = [], []
+    for k in range(rounds):
+        log(f"overhead: apply_model ({k + 1}/{rounds + 1})")
+        refs.append(reference())
+        log(f"overhead: worker job ({k + 1}/{rounds})")
+        job = worker.split(worker.submit(clip, "4_tracks"))
+        ours.append((job["seconds"], job["cpu_seconds"]))
+    log(f"overhead: apply_model ({rounds + 1}/{rounds + 1})")
+    refs.append(reference())
+    wall = statistics.mean(o[0] for o in ours) / statistics.mean(r[0] for r in refs)
+    cpu = statistics.mean(o[1] for o in ours) / statistics.mean(r[1] for r in refs)
+    return _figure("overhead_vs_apply_model", wall, "<= 1.10",
+                   f"wall time of run_split on a {clips_seconds([clip]):g} s clip, 4_tracks on htdemucs (download, decode, "
+                   "separate, 4 x 24-bit WAV + AAC, upload), warm engine, no cache / demucs apply_model alone on the same "
+                   f"audio and loaded model, same {torch.get_num_threads()} threads; mean of interleaved runs "
+                   "(ref, ours, ref, ...)", ours_s=[round(o[0], 2) for o in ours],
+                   apply_model_s=[round(r[0], 2) for r in refs], cpu_time_ratio=round(cpu, 4),
+                   ours_cpu_s=[round(o[1], 2) for o in ours], apply_model_cpu_s=[round(r[1], 2) for r in refs])
+
+
+def vs_demucs_cli(worker: Worker, store_root: Path, clips: list[Path], tmp: Path, log) -> dict:
+    from pipelines.families.demucs_family import signature
+    from pipelines.registry import get_spec
+
+    repo = tmp / "cli_repo"
+    repo.mkdir(exist_ok=True)
+    (name,) = get_spec("htdemucs").files
+    shutil.copyfile(store_root / name, repo / f"{signature(name)}.th")  # see tools/reference.py: bare signature
+
+    def cli() -> tuple[float, float]:
+        out = tmp / f"cli_out_{uuid.uuid4().hex[:6]}"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "demucs", "--repo", str(repo), "-n", signature(name), "--shifts", "0",
+                            "-d", "cpu", "-o", str(out), *map(str, clips)], capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if r.returncode != 0:
+            raise RuntimeError(f"demucs CLI failed: {r.stderr[-3000:]}")
+        shutil.rmtree(out, ignore_errors=True)
+        return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+    def ours() -> tuple[float, float]:
+        jobs = [worker.split(worker.submit(c, "4_tracks")) for c in clips]
+        return sum(j["seconds"] for j in jobs), sum(j["cpu_seconds"] for j in jobs)
+
+    log("cli: demucs command line")
+    theirs = [cli()]
+    log("cli: warm worker")
+    mine = [ours()]
+    return _figure("vs_demucs_cli", mine[0][0] / theirs[0][0], "well under 1",
+                   f"{len(clips)} clips of {clips_seconds(clips):g} s, 4_tracks through the warm in-process worker "
+                   "(24-bit WAV + AAC each, no cache) / `python -m demucs --repo DIR -n 955717e8 --shifts 0 -d cpu` "
+                   "on the same files (one command; 16-bit WAV out; its startup and model load included)",
+                   ours_s=[round(x[0], 2) for x in mine], cli_s=[round(x[0], 2) for x in theirs],
+                   cpu_time_ratio=round(mine[0][1] / theirs[0][1], 4), ours_cpu_s=[round(x[1], 2) for x in mine],
+                   cli_cpu_s=[round(x[1], 2) for x in theirs])
+
+
+def clips_seconds(clips: list[Path]) -> float:
+    import soundfile as sf
+
+    return round(sf.info(str(clips[0])).duration, 2)
+
+
+def selection_cost(worker: Worker, track: Path, preset: str, log, label: str) -> dict:
+    sel, whole = [], []
+    log(f"selection {preset}: 10 s selection")
+    sel.append(worker.split(worker.submit(track, preset, (140.0, 150.0)))["seconds"])
+    log(f"selection {preset}: whole track")
+    whole.append(worker.split(worker.submit(track, preset))["seconds"])
+    log(f"selection {preset}: 10 s selection")
+    sel.append(worker.split(worker.submit(track, preset, (200.0, 210.0)))["seconds"])
+    return _figure(f"selection_cost_ratio[{preset}]", statistics.mean(sel) / whole[0], "close to 10/300 = 0.033",
+                   f"run_split of a 10 s selection of a 5-minute track / the whole track ({label}; warm, no cache; "
+                   "selections at 140 s and 200 s around the whole run)", selection_s=[round(x, 2) for x in sel],
+                   whole_s=[round(x, 2) for x in whole])
+
+
+def shared_work(tmp: Path, redis_url: str, model_dir: Path, clip: Path, warm_engine, log) -> dict:
+    presets = ("2_tracks", "acapella", "instrumental", "4_tracks")
+    alone, together = [], []
+    for k, step in enumerate(("alone", "together", "alone")):
+        w = Worker(tmp / f"shared-{k}", redis_url, model_dir, cache=True)
+        w.ctx.engine._warm = warm_engine._warm  # the same warm model: this measures work, not loading
+        log(f"shared work: {step}")
+        if step == "alone":
+            alone.append(w.split(w.submit(clip, "4_tracks"))["seconds"])
+        else:
+            together.append(sum(w.split(w.submit(clip, p))["seconds"] for p in presets))
+            hits = w.ctx.engine.cache.hits
+    return _figure("shared_work_ratio", together[0] / statistics.mean(alone), "close to 1",
+                   f"run_split of {', '.join(presets)} on one {clips_seconds([clip]):g} s clip with a fresh step cache "
+                   "/ 4_tracks alone with a fresh cache (warm htdemucs; interleaved alone, four, alone)",
+                   together_s=[round(x, 2) for x in together], alone_s=[round(x, 2) for x in alone], cache_hits=hits)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short inputs: a smoke run, not the figures")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--child-split", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--source", help=argparse.SUPPRESS)
+    ap.add_argument("--preset", help=argparse.SUPPRESS)
+    ap.add_argument("--hq", default="aac", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_split:
+        return child_split(args)
+
+    import torch
+
+    from pipelines.modelstore import ModelStore
+    from stems.redisboot import start_redis
+    from tools.random_models import install_random_demucs
+
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
+
+    q = args.quick
+    tmp = Path(tempfile.mkdtemp(prefix="stems-bench-perf-"))
+    redis, url = start_redis(tmp / "redis")
+    figures: list[dict] = []
+    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+               "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+               "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        full = ModelStore(tmp / "models-full")
+        install_random_demucs(full, "htdemucs", size="full")
+        small = ModelStore(tmp / "models-small")
+        install_random_demucs(small, "htdemucs", size="small")
+        dsp_ok = _dsp_available()
+
+        # 1. memory: a fresh worker process per split
+        if dsp_ok:
+            figures.append(memory_ratio(tmp, url, full.root, "phantom_center", 60.0 if not q else 10.0,
+                                        3600.0 if not q else 40.0, "a 60-minute vs a 1-minute stereo track "
+                                        "(HQ as FLAC: AAC of two hour-long stems alone takes ~8 min here; both go "
+                                        "through the same streaming encoder)", "flac", log))
+        else:
+            figures.append(_figure("memory_ratio_60min_vs_1min[phantom_center]", None, "<= 1.3",
+                                   "not measured: pipelines/families/dsp.py is not importable"))
+        figures.append(memory_ratio(tmp, url, full.root, "4_tracks", 15.0 if not q else 4.0, 60.0 if not q else 12.0,
+                                    "a 60 s vs a 15 s stereo track with the full-size htdemucs (4x the length, not "
+                                    "60 min vs 1 min: an hour of it takes hours on this CPU)", "aac", log))
+
+        # a warm worker (the full htdemucs) for the timing figures
+        worker = Worker(tmp / "warm", url, full.root, cache=False)
+        clip30 = write_music(tmp / "clip30.flac", 30.0 if not q else 6.0, 21)
+        log("first job (loads htdemucs)")
+        worker.split(worker.submit(write_music(tmp / "warm.flac", 3.0, 20), "4_tracks"))
+
+        # 2. overhead of the whole job over apply_model alone
+        figures.append(overhead_vs_apply_model(worker, clip30, 2 if not q else 1, log))
+
+        # 3. against the demucs command line
+        clips = [write_music(tmp / f"cli{k}.wav", 5.5, 30 + k) for k in range(5 if not q else 2)]
+        cli = vs_demucs_cli(worker, full.root, clips, tmp, log)
+        figures.append(cli)
+
+        # 4. a selection costs its share of the track
+        track = write_music(tmp / "track5min.flac", 300.0, 40)
+        if dsp_ok:
+            dsp_worker = Worker(tmp / "dsp", url, full.root, cache=False)
+            figures.append(selection_cost(dsp_worker, track, "phantom_center", log, "phantom_center, dsp.centre"))
+        small_worker = Worker(tmp / "small", url, small.root, cache=False)
+        small_worker.split(small_worker.submit(clips[0], "4_tracks"))  # warm
+        figures.append(selection_cost(small_worker, track, "4_tracks", log,
+                                      "4_tracks on a small random htdemucs: same code path, a fraction of the compute"))
+
+        # 5. presets that share htdemucs run it once
+        figures.append(shared_work(tmp, url, full.root, clips[0], worker.ctx.engine, log))
+
+        # 6. model loading in the warm worker's jobs after its first
+        figures.append(warm_load_fraction(worker))
+    finally:
+        redis.terminate()
+        redis.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    doc = {"machine": machine, "quick": q, "total_seconds": round(time.perf_counter() - started, 1),
+           "command": "python -m bench.perf" + (" --quick" if q else ""), "figures": figures}
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print_table(doc)
+    return 0
+
+
+def warm_load_fraction(worker: Worker) -> dict:
+    first, warm = worker.jobs[0], worker.jobs[1:]
+    total = sum(j["seconds"] for j in warm)
+    loading = sum(j["load_seconds"] for j in warm)
+    return _figure("warm_load_fraction", loading / total if total else None, "< 0.02",
+                   f"model-loading seconds / job seconds over the {len(warm)} jobs after the first in one warm worker "
+                   "(Engine.load_seconds read around each run_split)",
+                   first_job_load_fraction=round(first["load_seconds"] / first["seconds"], 4),
+                   first_job_s=round(first["seconds"], 2), first_job_load_s=round(first["load_seconds"], 2),
+                   warm_jobs=len(warm), warm_jobs_s=round(total, 2), warm_load_s=round(loading, 4))
+
+
+def _dsp_available() -> bool:
+    try:
+        from pipelines.registry import get_spec
+
+        get_spec("dsp.centre").separator_class()
+        return True
+    except Exception:
+        return False
+
+
+def print_table(doc: dict) -> None:
+    m = doc["machine"]
+    print(f"\nstems performance ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}, {m['platform']}; "
+          f"load average {m['loadavg_start']} -> {m['loadavg_end']}; {doc['total_seconds']:.0f} s)")
+    rows = [(f["figure"], "-" if f["value"] is None else f"{f['value']:.3f}", f["goal"], f["how"]) for f in doc["figures"]]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    print(f"{'figure':<{w0}}  {'value':>{w1}}  {'goal':<{w2}}  how measured")
+    for r in rows:
+        print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:<{w2}}  {r[3]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
