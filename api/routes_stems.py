@@ -130,8 +130,9 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
                              bit_depth=body.bit_depth, hq_format=hq) for s in records]
         job.stem_ids, job.upscaled_ids = [s.id for s in records], [s.id for s in upscaled]
         svc.store.create_job(job, records + upscaled)
-        hard = svc.settings.hard_time_limit(end - start)
-        svc.celery.send_task("stems.split", args=[job.id], queue=chain.queue, time_limit=hard, soft_time_limit=hard * 0.95)
+        svc.celery.send_task("stems.split", args=[job.id], queue=chain.queue,
+                             soft_time_limit=svc.settings.soft_time_limit(end - start),
+                             time_limit=svc.settings.hard_time_limit(end - start))
         return {
             "status": "processing", "message": "Stem separation queued", "audio_id": audio_id, "user_id": user,
             "creation_id": job.id,

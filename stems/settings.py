@@ -69,9 +69,9 @@ class Settings(BaseSettings):
     task_max_attempts: int = Field(3, validation_alias=_env("STEMS_TASK_MAX_ATTEMPTS"),
         description="deliveries of one job before it is failed (a job that kills its worker is not retried forever)")
     time_limit_base_s: float = Field(300.0, validation_alias=_env("STEMS_TIME_LIMIT_BASE_S"),
-        description="hard time limit of a split: base seconds ...")
+        description="time limit of a split: base seconds ...")
     time_limit_per_audio_s: float = Field(4.0, validation_alias=_env("STEMS_TIME_LIMIT_PER_AUDIO_S"),
-        description="... plus this many seconds per second of audio")
+        description="... plus this many seconds per second of audio (the hard kill comes 20% + 60 s later)")
     visibility_timeout_s: int = Field(24 * 3600, validation_alias=_env("STEMS_VISIBILITY_TIMEOUT_S"),
         description="broker visibility timeout; must exceed the longest allowed job")
     rate_limit_per_minute: int = Field(600, validation_alias=_env("STEMS_RATE_LIMIT_PER_MINUTE"),
@@ -109,8 +109,14 @@ class Settings(BaseSettings):
                 raise ValueError("unsafe production settings: " + "; ".join(problems))
         return self
 
-    def hard_time_limit(self, audio_seconds: float) -> float:
+    def soft_time_limit(self, audio_seconds: float) -> float:
+        """When a split is asked to stop: it fails with `time_limit` and removes its outputs."""
         return self.time_limit_base_s + self.time_limit_per_audio_s * audio_seconds
+
+    def hard_time_limit(self, audio_seconds: float) -> float:
+        """When Celery kills the process. The grace after the soft limit lets a long native call
+        (one model forward) return so the soft limit's exception can fail the job cleanly."""
+        return self.soft_time_limit(audio_seconds) * 1.2 + 60.0
 
 
 @lru_cache(maxsize=1)

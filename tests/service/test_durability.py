@@ -52,7 +52,7 @@ def test_interrupted_write_leaves_no_object(storage, size):
 
 def test_visibility_timeout_must_outlast_the_longest_job():
     s = Settings()
-    assert s.visibility_timeout_s > s.hard_time_limit(s.max_duration_s)
+    assert s.visibility_timeout_s > s.hard_time_limit(s.max_duration_s) > s.soft_time_limit(s.max_duration_s)
     with pytest.raises(ValueError, match="STEMS_VISIBILITY_TIMEOUT_S"):
         Settings(visibility_timeout_s=3600, max_duration_s=4 * 3600)
     from workers.celery_app import make_celery

@@ -55,9 +55,9 @@ def _wait_stage(stack, job_id: str, stage_prefix: str, timeout: float = 120, att
     raise AssertionError(f"job never reached {stage_prefix!r}: {stack.store.get_job(job_id)}")
 
 
-def _start_job(c, song, preset="4_tracks", **extra) -> str:
-    asset = upload(c, song)
-    r = c.post("/create-stems", json={"preset": preset, "audio_id": asset["audio_id"], **extra})
+def _start_job(c, song, preset="4_tracks", audio_id: str | None = None, **extra) -> str:
+    audio_id = audio_id or upload(c, song)["audio_id"]
+    r = c.post("/create-stems", json={"preset": preset, "audio_id": audio_id, **extra})
     assert r.status_code == 200, r.text
     return r.json()["creation_id"]
 
@@ -180,8 +180,9 @@ def test_cancel_running_and_queued_jobs(tmp_path, redis_url, s3_url, demucs_mode
     s = _stack(tmp_path, redis_url, s3_url, demucs_models)
     try:
         with s.client() as c:
-            running = _start_job(c, song)
-            queued = _start_job(c, song)  # waits behind the first: one worker, prefetch of one
+            audio_id = upload(c, song)["audio_id"]  # imported before the worker is busy with a split
+            running = _start_job(c, song, audio_id=audio_id)
+            queued = _start_job(c, song, audio_id=audio_id)  # waits behind the first: one worker, prefetch of one
             _wait_stage(s, running, "separating")
             r = c.post(f"/cancel/{running}")
             assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -195,7 +196,7 @@ def test_cancel_running_and_queued_jobs(tmp_path, redis_url, s3_url, demucs_mode
             assert s.objects(f"users/{user}/jobs/{running}/") == []
             assert s.store.get_job(running).status.value == "cancelled"
             assert s.store.get_job(queued).attempts == 0  # never ran
-            ok = _start_job(c, song, "phantom_center")
+            ok = _start_job(c, song, "phantom_center", audio_id=audio_id)
             assert wait_for(c, f"/status/stem_split/{ok}", TERMINAL, 120)["status"] == "complete"
             assert s.store.get_job(queued).attempts == 0
     finally:
