@@ -64,23 +64,30 @@ def main() -> int:
 
         import_audio(audio_id, context())  # the import task's code, run here: no worker in this bench
         body = {"preset": "phantom_center", "audio_id": audio_id, "selection": {"start": 0.5, "end": 4.0}}
-        lat: list[float] = []
         err: list[int] = []
         asyncio.run(_client(base, key, body, args.warmup, [], err))
-        per = args.requests // args.clients
-        t0 = time.perf_counter()
-        async def load() -> None:
-            await asyncio.wait_for(asyncio.gather(*(_client(base, key, body, per, lat, err) for _ in range(args.clients))), 600)
+        results = []
+        for clients in args.clients:
+            lat: list[float] = []
+            per = args.requests // clients
+            t0 = time.perf_counter()
 
-        asyncio.run(load())
-        wall = time.perf_counter() - t0
-        lat.sort()
-        result = {"clients": args.clients, "requests": len(lat), "errors": len(err),
-                  "p50_ms": round(statistics.median(lat) * 1000, 2), "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2),
-                  "throughput_rps": round(len(lat) / wall, 1), "cpus": os.cpu_count()}
-        print(json.dumps(result, indent=1))
+            async def load() -> None:
+                await asyncio.wait_for(asyncio.gather(*(_client(base, key, body, per, lat, err) for _ in range(clients))), 600)
+
+            asyncio.run(load())
+            wall = time.perf_counter() - t0
+            lat.sort()
+            results.append({"clients": clients, "requests": len(lat), "errors": len(err),
+                            "p50_ms": round(statistics.median(lat) * 1000, 2),
+                            "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2),
+                            "throughput_rps": round(len(lat) / wall, 1)})
+        print("| concurrent clients | requests | p50 ms | p99 ms | requests/s | errors |\n|---|---|---|---|---|---|")
+        for r in results:
+            print(f"| {r['clients']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | {r['throughput_rps']} | {r['errors']} |")
         Path("bench").mkdir(exist_ok=True)
-        Path("bench/api_load.json").write_text(json.dumps(result, indent=1) + "\n")
+        Path("bench/api_load.json").write_text(json.dumps({"api_workers": args.api_workers, "cpus": os.cpu_count(),
+                                                           "runs": results}, indent=1) + "\n")
         return 0 if not err else 1
     finally:
         api.stop()
