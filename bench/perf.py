@@ -26,7 +26,6 @@ import os
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,8 @@ def write_music(path: Path, seconds: float, seed: int, subtype: str = "PCM_16") 
 class Worker:
     """One worker process's resources (as workers.context builds them) on a private Redis and local storage."""
 
-    def __init__(self, root: Path, redis_url: str, model_dir: Path, cache: bool, chunk_seconds: float = 30.0) -> None:
+    def __init__(self, root: Path, redis_url: str, model_dir: Path, cache: bool, chunk_seconds: float = 30.0,
+                 device: str = "cpu") -> None:
         from pipelines.cache import StepCache
         from pipelines.engine import Engine
         from pipelines.modelstore import ModelStore
@@ -85,7 +85,7 @@ class Worker:
             settings=Settings(data_dir=root, redis_url=redis_url, storage="local", model_dir=model_dir),
             store=JobStore.from_url(redis_url, f"b{uuid.uuid4().hex[:8]}"),
             storage=LocalStorage(root / "objects"), models=models,
-            engine=Engine(models, device="cpu", chunk_seconds=chunk_seconds,
+            engine=Engine(models, device=device, chunk_seconds=chunk_seconds,
                           cache=StepCache(root / "cache", 20 << 30) if cache else None),
             scratch_dir=root / "work")
         self._assets: dict[Path, str] = {}
@@ -155,17 +155,23 @@ def child_split(args) -> int:
     run_split(job_id, ctx, "bench-child")
     job = ctx.store.get_job(job_id)
     out = {"status": job.status.value, "error": job.error, "seconds": time.perf_counter() - t0,
-           "load_seconds": ctx.engine.load_seconds,
+           "load_seconds": ctx.engine.load_seconds, "device": ctx.engine.device,
            "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if ctx.engine.device.startswith("cuda"):  # the model's activations live on the GPU, not in the RSS
+        import torch
+
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(out), flush=True)
     return 0 if job.status == JobStatus.complete else 1
 
 
-def run_child(tmp: Path, redis_url: str, model_dir: Path, source: Path, preset: str, hq: str = "aac") -> dict:
+def run_child(tmp: Path, redis_url: str, model_dir: Path, source: Path, preset: str, hq: str = "aac",
+              device: str = "cpu") -> dict:
     data = tmp / f"child-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "STEMS_DATA_DIR": str(data),
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "REDIS_URL": redis_url, "STEMS_DATA_DIR": str(data),
            "STEMS_MODEL_DIR": str(model_dir), "STEMS_STORAGE": "local", "STEMS_KEY_PREFIX": f"c{uuid.uuid4().hex[:8]}",
-           "STEMS_DEVICE": "cpu"}
+           "STEMS_DEVICE": device}
     r = subprocess.run([sys.executable, "-m", "bench.perf", "--child-split", "--source", str(source), "--preset", preset,
                         "--hq", hq], cwd=ROOT, env=env, capture_output=True, text=True)
     shutil.rmtree(data, ignore_errors=True)
@@ -176,27 +182,38 @@ def run_child(tmp: Path, redis_url: str, model_dir: Path, source: Path, preset: 
 
 
 # -- figures ----------------------------------------------------------------------------------
+def progress_log(started: float):
+    """A print with the seconds since `started`: a long benchmark shows where it is."""
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
+    return log
+
+
 def _figure(name: str, value: float | None, goal: str, how: str, **detail) -> dict:
     return {"figure": name, "value": None if value is None else round(value, 4), "goal": goal, "how": how,
             "detail": detail}
 
 
 def memory_ratio(tmp: Path, redis_url: str, model_dir: Path, preset: str, short_s: float, long_s: float,
-                 label: str, hq: str, log) -> dict:
-    short = write_music(tmp / f"mem-{preset}-{short_s:g}.flac", short_s, 11)
-    long = write_music(tmp / f"mem-{preset}-{long_s:g}.flac", long_s, 12)
+                 label: str, hq: str, log, device: str = "cpu", source: str = "flac") -> dict:
+    short = write_music(tmp / f"mem-{preset}-{short_s:g}.{source}", short_s, 11)
+    long = write_music(tmp / f"mem-{preset}-{long_s:g}.{source}", long_s, 12)
     log(f"memory {preset}: {short_s:g} s")
-    a = run_child(tmp, redis_url, model_dir, short, preset, hq)
+    a = run_child(tmp, redis_url, model_dir, short, preset, hq, device)
     log(f"memory {preset}: {long_s:g} s")
-    b = run_child(tmp, redis_url, model_dir, long, preset, hq)
+    b = run_child(tmp, redis_url, model_dir, long, preset, hq, device)
     short.unlink()
     long.unlink()
+    gpu = {}
+    if "cuda_peak_mib" in a:
+        gpu = {"cuda_peak_ratio": round(b["cuda_peak_mib"] / a["cuda_peak_mib"], 4),
+               "short_cuda_peak_mib": round(a["cuda_peak_mib"], 1), "long_cuda_peak_mib": round(b["cuda_peak_mib"], 1)}
     return _figure(f"memory_ratio_60min_vs_1min[{preset}]", b["maxrss_mib"] / a["maxrss_mib"], "<= 1.3",
                    f"peak RSS (ru_maxrss) of a fresh worker subprocess running run_split end to end on {label} "
-                   f"({preset}, 24-bit WAV + {hq} HQ, FLAC source)",
+                   f"({preset}, 24-bit WAV + {hq} HQ, {source.upper()} source, device {a['device']})",
                    short_seconds=short_s, long_seconds=long_s, short_peak_mib=round(a["maxrss_mib"], 1),
                    long_peak_mib=round(b["maxrss_mib"], 1), short_job_s=round(a["seconds"], 1),
-                   long_job_s=round(b["seconds"], 1))
+                   long_job_s=round(b["seconds"], 1), **gpu)
 
 
 def overhead_vs_apply_model(worker: Worker, clip: Path, rounds: int, log) -> dict:
@@ -218,27 +235,28 @@ def overhead_vs_apply_model(worker: Worker, clip: Path, rounds: int, log) -> dic
                         progress=False)
         return time.perf_counter() - t0, time.process_time() - c0
 
-    refs, ours = [], []
+    refs, ours, no_hq = [], [], []
     for k in range(rounds):
-        log(f"overhead: apply_model ({k + 1}/{rounds + 1})")
+        log(f"overhead: apply_model ({k + 1}/{rounds + 2})")
         refs.append(reference())
         log(f"overhead: worker job ({k + 1}/{rounds})")
-        job = worker.split(worker.submit(clip, "4_tracks"))
-        ours.append((job["seconds"], job["cpu_seconds"]))
-    log(f"overhead: apply_model ({rounds + 1}/{rounds + 1})")
+        ours.append(_timed_jobs(worker, [worker.submit(clip, "4_tracks")]))
+    log(f"overhead: apply_model ({rounds + 1}/{rounds + 2})")
     refs.append(reference())
-    wall = statistics.mean(o[0] for o in ours) / statistics.mean(r[0] for r in refs)
-    cpu = statistics.mean(o[1] for o in ours) / statistics.mean(r[1] for r in refs)
-    return _figure("overhead_vs_apply_model", wall, "<= 1.10",
+    log("overhead: worker job without HQ encodes")
+    no_hq.append(_timed_jobs(worker, [worker.submit(clip, "4_tracks", hq="none")]))
+    log(f"overhead: apply_model ({rounds + 2}/{rounds + 2})")
+    refs.append(reference())
+    best_ref = _best([r[0] for r in refs])
+    return _figure("overhead_vs_apply_model", _best([o[0] for o in ours]) / best_ref, "<= 1.10",
                    f"wall time of run_split on a {clips_seconds([clip]):g} s clip, 4_tracks on htdemucs (download, decode, "
                    "separate, 4 x 24-bit WAV + AAC, upload), warm engine, no cache / demucs apply_model alone on the same "
-                   f"audio and loaded model, same {torch.get_num_threads()} threads; mean of interleaved runs "
-                   "(ref, ours, ref, ...)", ours_s=[round(o[0], 2) for o in ours],
-                   apply_model_s=[round(r[0], 2) for r in refs], cpu_time_ratio=round(cpu, 4),
-                   ours_cpu_s=[round(o[1], 2) for o in ours], apply_model_cpu_s=[round(r[1], 2) for r in refs])
+                   f"audio and loaded model, same {torch.get_num_threads()} threads; " + BEST,
+                   ratio_without_hq=round(no_hq[0][0] / best_ref, 4), **_spread("ours", ours),
+                   **_spread("ours_without_hq", no_hq), **_spread("apply_model", refs))
 
 
-def vs_demucs_cli(worker: Worker, store_root: Path, clips: list[Path], tmp: Path, log) -> dict:
+def vs_demucs_cli(worker: Worker, store_root: Path, clips: list[Path], tmp: Path, rounds: int, log) -> dict:
     from pipelines.families.demucs_family import signature
     from pipelines.registry import get_spec
 
@@ -260,21 +278,24 @@ def vs_demucs_cli(worker: Worker, store_root: Path, clips: list[Path], tmp: Path
         shutil.rmtree(out, ignore_errors=True)
         return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
-    def ours() -> tuple[float, float]:
-        jobs = [worker.split(worker.submit(c, "4_tracks")) for c in clips]
-        return sum(j["seconds"] for j in jobs), sum(j["cpu_seconds"] for j in jobs)
+    def ours(hq: str = "aac") -> tuple[float, float]:
+        return _timed_jobs(worker, [worker.submit(c, "4_tracks", hq=hq) for c in clips])
 
-    log("cli: demucs command line")
-    theirs = [cli()]
-    log("cli: warm worker")
-    mine = [ours()]
-    return _figure("vs_demucs_cli", mine[0][0] / theirs[0][0], "well under 1",
+    theirs, mine = [], []
+    for k in range(rounds):
+        log(f"cli: demucs command line ({k + 1}/{rounds})")
+        theirs.append(cli())
+        log(f"cli: warm worker ({k + 1}/{rounds})")
+        mine.append(ours())
+    log("cli: warm worker without HQ encodes (the CLI makes none)")
+    no_hq = [ours("none")]
+    best_cli = _best([t[0] for t in theirs])
+    return _figure("vs_demucs_cli", _best([m[0] for m in mine]) / best_cli, "well under 1",
                    f"{len(clips)} clips of {clips_seconds(clips):g} s, 4_tracks through the warm in-process worker "
                    "(24-bit WAV + AAC each, no cache) / `python -m demucs --repo DIR -n 955717e8 --shifts 0 -d cpu` "
-                   "on the same files (one command; 16-bit WAV out; its startup and model load included)",
-                   ours_s=[round(x[0], 2) for x in mine], cli_s=[round(x[0], 2) for x in theirs],
-                   cpu_time_ratio=round(mine[0][1] / theirs[0][1], 4), ours_cpu_s=[round(x[1], 2) for x in mine],
-                   cli_cpu_s=[round(x[1], 2) for x in theirs])
+                   "on the same files (one command; 16-bit WAV out; its startup and model load included); " + BEST,
+                   ratio_without_hq=round(no_hq[0][0] / best_cli, 4), **_spread("ours", mine),
+                   **_spread("ours_without_hq", no_hq), **_spread("cli", theirs))
 
 
 def clips_seconds(clips: list[Path]) -> float:
@@ -286,33 +307,52 @@ def clips_seconds(clips: list[Path]) -> float:
 def selection_cost(worker: Worker, track: Path, preset: str, log, label: str) -> dict:
     sel, whole = [], []
     log(f"selection {preset}: 10 s selection")
-    sel.append(worker.split(worker.submit(track, preset, (140.0, 150.0)))["seconds"])
+    sel.append(_timed_jobs(worker, [worker.submit(track, preset, (140.0, 150.0))]))
     log(f"selection {preset}: whole track")
-    whole.append(worker.split(worker.submit(track, preset))["seconds"])
+    whole.append(_timed_jobs(worker, [worker.submit(track, preset)]))
     log(f"selection {preset}: 10 s selection")
-    sel.append(worker.split(worker.submit(track, preset, (200.0, 210.0)))["seconds"])
-    return _figure(f"selection_cost_ratio[{preset}]", statistics.mean(sel) / whole[0], "close to 10/300 = 0.033",
-                   f"run_split of a 10 s selection of a 5-minute track / the whole track ({label}; warm, no cache; "
-                   "selections at 140 s and 200 s around the whole run)", selection_s=[round(x, 2) for x in sel],
-                   whole_s=[round(x, 2) for x in whole])
+    sel.append(_timed_jobs(worker, [worker.submit(track, preset, (200.0, 210.0))]))
+    return _figure(f"selection_cost_ratio[{preset}]", _best([x[0] for x in sel]) / whole[0][0],
+                   "close to 10/300 = 0.033",
+                   f"wall time of run_split on a 10 s selection of a 5-minute track / on the whole track ({label}; warm, "
+                   "no cache; selections at 140 s and 200 s, before and after the whole run, the faster one)",
+                   **_spread("selection", sel), **_spread("whole", whole))
 
 
-def shared_work(tmp: Path, redis_url: str, model_dir: Path, clip: Path, warm_engine, log) -> dict:
+def shared_work(tmp: Path, redis_url: str, model_dir: Path, clip: Path, warm_engine, rounds: int, log) -> dict:
     presets = ("2_tracks", "acapella", "instrumental", "4_tracks")
-    alone, together = [], []
-    for k, step in enumerate(("alone", "together", "alone")):
+    alone, together, hits = [], [], []
+    steps = ["alone", "together"] * rounds + ["alone"]
+    for k, step in enumerate(steps):
         w = Worker(tmp / f"shared-{k}", redis_url, model_dir, cache=True)
         w.ctx.engine._warm = warm_engine._warm  # the same warm model: this measures work, not loading
         log(f"shared work: {step}")
         if step == "alone":
-            alone.append(w.split(w.submit(clip, "4_tracks"))["seconds"])
+            alone.append(_timed_jobs(w, [w.submit(clip, "4_tracks")]))
         else:
-            together.append(sum(w.split(w.submit(clip, p))["seconds"] for p in presets))
-            hits = w.ctx.engine.cache.hits
-    return _figure("shared_work_ratio", together[0] / statistics.mean(alone), "close to 1",
+            together.append(_timed_jobs(w, [w.submit(clip, p) for p in presets]))
+            hits.append((w.ctx.engine.cache.hits, w.ctx.engine.cache.file_hits))
+    return _figure("shared_work_ratio", _best([t[0] for t in together]) / _best([a[0] for a in alone]), "close to 1",
                    f"run_split of {', '.join(presets)} on one {clips_seconds([clip]):g} s clip with a fresh step cache "
-                   "/ 4_tracks alone with a fresh cache (warm htdemucs; interleaved alone, four, alone)",
-                   together_s=[round(x, 2) for x in together], alone_s=[round(x, 2) for x in alone], cache_hits=hits)
+                   "/ 4_tracks alone with a fresh cache (warm htdemucs; separation and encoded stems cached); " + BEST,
+                   **_spread("together", together), **_spread("alone", alone), step_and_file_cache_hits=hits)
+
+
+def _timed_jobs(worker: Worker, job_ids: list[str]) -> tuple[float, float]:
+    jobs = [worker.split(j) for j in job_ids]
+    return sum(j["seconds"] for j in jobs), sum(j["cpu_seconds"] for j in jobs)
+
+
+BEST = ("the fastest of interleaved repetitions of each side (the machine is shared: the minimum is the run least "
+        "disturbed by neighbours); all runs and CPU times in detail")
+
+
+def _best(xs: list[float]) -> float:
+    return min(xs)
+
+
+def _spread(name: str, runs: list[tuple[float, float]]) -> dict:
+    return {f"{name}_s": [round(r[0], 2) for r in runs], f"{name}_cpu_s": [round(r[1], 2) for r in runs]}
 
 
 def main() -> int:
@@ -334,10 +374,7 @@ def main() -> int:
     from tools.random_models import install_random_demucs
 
     started = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
-
+    log = progress_log(started)
     q = args.quick
     tmp = Path(tempfile.mkdtemp(prefix="stems-bench-perf-"))
     redis, url = start_redis(tmp / "redis")
@@ -361,9 +398,10 @@ def main() -> int:
         else:
             figures.append(_figure("memory_ratio_60min_vs_1min[phantom_center]", None, "<= 1.3",
                                    "not measured: pipelines/families/dsp.py is not importable"))
-        figures.append(memory_ratio(tmp, url, full.root, "4_tracks", 15.0 if not q else 4.0, 60.0 if not q else 12.0,
-                                    "a 60 s vs a 15 s stereo track with the full-size htdemucs (4x the length, not "
-                                    "60 min vs 1 min: an hour of it takes hours on this CPU)", "aac", log))
+        figures.append(memory_ratio(tmp, url, full.root, "4_tracks", 30.0 if not q else 4.0, 120.0 if not q else 12.0,
+                                    "a 120 s vs a 30 s stereo track with the full-size htdemucs (4x the length, both at "
+                                    "least one 30 s engine block; not 60 min vs 1 min: an hour of it takes hours on "
+                                    "this CPU)", "aac", log))
 
         # a warm worker (the full htdemucs) for the timing figures
         worker = Worker(tmp / "warm", url, full.root, cache=False)
@@ -376,21 +414,22 @@ def main() -> int:
 
         # 3. against the demucs command line
         clips = [write_music(tmp / f"cli{k}.wav", 5.5, 30 + k) for k in range(5 if not q else 2)]
-        cli = vs_demucs_cli(worker, full.root, clips, tmp, log)
-        figures.append(cli)
+        figures.append(vs_demucs_cli(worker, full.root, clips, tmp, 2 if not q else 1, log))
 
         # 4. a selection costs its share of the track
         track = write_music(tmp / "track5min.flac", 300.0, 40)
-        if dsp_ok:
+        if dsp_ok:  # the cut happens at decode, before any model: the cheapest preset shows it best
             dsp_worker = Worker(tmp / "dsp", url, full.root, cache=False)
             figures.append(selection_cost(dsp_worker, track, "phantom_center", log, "phantom_center, dsp.centre"))
-        small_worker = Worker(tmp / "small", url, small.root, cache=False)
-        small_worker.split(small_worker.submit(clips[0], "4_tracks"))  # warm
-        figures.append(selection_cost(small_worker, track, "4_tracks", log,
-                                      "4_tracks on a small random htdemucs: same code path, a fraction of the compute"))
+        else:
+            small_worker = Worker(tmp / "small", url, small.root, cache=False)
+            small_worker.split(small_worker.submit(clips[0], "4_tracks"))  # warm
+            figures.append(selection_cost(small_worker, track, "4_tracks", log,
+                                          "4_tracks on a small random htdemucs: same code path, a fraction of the compute"))
 
         # 5. presets that share htdemucs run it once
-        figures.append(shared_work(tmp, url, full.root, clips[0], worker.ctx.engine, log))
+        clip10 = write_music(tmp / "clip10.flac", 10.0 if not q else 5.5, 50)
+        figures.append(shared_work(tmp, url, full.root, clip10, worker.ctx.engine, 2 if not q else 1, log))
 
         # 6. model loading in the warm worker's jobs after its first
         figures.append(warm_load_fraction(worker))
@@ -433,7 +472,12 @@ def print_table(doc: dict) -> None:
     m = doc["machine"]
     print(f"\nstems performance ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}, {m['platform']}; "
           f"load average {m['loadavg_start']} -> {m['loadavg_end']}; {doc['total_seconds']:.0f} s)")
-    rows = [(f["figure"], "-" if f["value"] is None else f"{f['value']:.3f}", f["goal"], f["how"]) for f in doc["figures"]]
+    rows = []
+    for f in doc["figures"]:
+        how = f["how"]
+        if "ratio_without_hq" in f["detail"]:
+            how += f" [same without HQ encodes: {f['detail']['ratio_without_hq']:.3f}]"
+        rows.append((f["figure"], "-" if f["value"] is None else f"{f['value']:.3f}", f["goal"], how))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     w2 = max(len(r[2]) for r in rows)

@@ -240,7 +240,7 @@ class HqEncoder:
         self.rate = sample_rate if rates is None or sample_rate in rates else min(rates, key=lambda r: abs(r - sample_rate))
         self.layout = "mono" if channels == 1 else "stereo"
         self.channels = channels
-        self._resampler = _StreamResampler(sample_rate, self.rate, channels) if self.rate != sample_rate else None
+        self._resampler = StreamResampler(sample_rate, self.rate, channels) if self.rate != sample_rate else None
         self._out = av.open(str(path), "w", format=container_fmt)
         try:
             self._stream = self._out.add_stream(codec, rate=self.rate, layout=self.layout)
@@ -300,7 +300,7 @@ class HqEncoder:
             self._out.close()
 
 
-class _StreamResampler:
+class StreamResampler:
     """soxr's streaming resampler on (channels, n) blocks; the concatenated output equals `resample`."""
 
     def __init__(self, sr_in: int, sr_out: int, channels: int) -> None:
@@ -615,7 +615,7 @@ def decode_to_file(path: Path, dest: Path, start: float = 0.0, end: float | None
 
 def resample_signal(signal: Signal, sr_in: int, sr_out: int, writer, block: int = BLOCK) -> Signal:
     """`signal` resampled block by block into `writer` (the same samples as `resample` on the whole)."""
-    r = _StreamResampler(sr_in, sr_out, signal.channels)
+    r = StreamResampler(sr_in, sr_out, signal.channels)
     for _, block in signal.blocks(block):
         writer.write(r.push(block))
     writer.write(r.flush())

@@ -23,6 +23,7 @@ before is read back instead of run (see `pipelines/cache.py`).
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -75,13 +76,25 @@ class _Sinks:
         return FrameWriter(self.workdir / f"{next(self._ids):04d}-{safe}.npy", channels, frames, digest=self.digest)
 
 
+def resolve_device(setting: str) -> str:
+    """`auto` is the first CUDA device when torch is installed and sees one, else the CPU."""
+    if setting != "auto":
+        return setting
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
 class Engine:
     """Holds warm separators for one process. Create one per worker process and reuse it."""
 
     def __init__(self, store: ModelStore, device: str = "cpu", chunk_seconds: float = 30.0,
                  cache: StepCache | None = None) -> None:
         self.store = store
-        self.device = device
+        self.device = resolve_device(device)
         self.chunk_seconds = chunk_seconds
         self.cache = cache
         self._warm: dict[str, Separator] = {}
@@ -114,7 +127,9 @@ class Engine:
                 package = importlib.metadata.version(spec.requires_package)
             except importlib.metadata.PackageNotFoundError:
                 package = "?"
-        return {"params": self.store.params_for(spec), "weights": entry.get("files", {}), "package": package}
+        # the device type too: params such as precision "auto" resolve per device, and GPU kernels round differently
+        return {"params": self.store.params_for(spec), "weights": entry.get("files", {}), "package": package,
+                "device": self.device.split(":")[0]}
 
     # -- arrays in, arrays out ---------------------------------------------------
     def run_model(self, model_id: str, audio: np.ndarray, sr: int,
@@ -188,16 +203,14 @@ class Engine:
                      progress: Progress | None, cancelled: Callable[[], bool]) -> dict[str, Signal]:
         channels, n = audio.channels, audio.frames
         rate = spec.sample_rate or sr
-        x = resampled = None
+        x, resampled = audio, None
         if rate != sr:  # one streaming pass to a copy at the model's rate (read again by the separator)
             x = resampled = A.resample_signal(audio, sr, rate, sinks.writer(f"{spec.id}-input", channels, None)
                                               if sinks.workdir is not None else _GrowingWriter())
-        else:
-            x = audio
         if spec.channels is not None and x.channels != spec.channels:
             x = A.ChannelsSignal(x, spec.channels)
         writers = {s: sinks.writer(f"{spec.id}-{s}", channels, n) for s in spec.sources}
-        back: dict[str, A._StreamResampler] = {}
+        back: dict[str, A.StreamResampler] = {}
         try:
             done = 0
             for block in self._separate_blocks(sep, spec, x, rate, cancelled):
@@ -205,7 +218,7 @@ class Engine:
                     y = block[s]
                     if rate != sr:
                         if s not in back:
-                            back[s] = A._StreamResampler(rate, sr, y.shape[0])
+                            back[s] = A.StreamResampler(rate, sr, y.shape[0])
                         y = back[s].push(y)
                     writers[s].write(_channels_back(y, channels))
                 done += next(iter(block.values())).shape[1]

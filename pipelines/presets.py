@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from .errors import ChainError, PresetError
 from .registry import CATALOGUE_DIR, FAMILIES, ModelSpec, get_spec, load_registry

@@ -6,8 +6,6 @@ test suite starts the same processes through `Proc` with its own environment.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import subprocess
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from .redisboot import ensure_redis, free_port
+from .redisboot import ensure_redis
 
 RUN = Path(".run")
 

@@ -142,9 +142,10 @@ class LocalStorage:
 
 def _retrying(fn):
     """Retry S3 calls on 5xx, throttling and timeouts with jittered exponential backoff."""
-    from botocore.exceptions import BotoCoreError, ClientError
 
     def wrapper(self, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError  # here: local storage needs no boto
+
         delay = 0.2
         for attempt in range(self.attempts):
             try:

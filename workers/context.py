@@ -12,7 +12,6 @@ enter the cache as hard links rather than copies.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,17 +23,6 @@ from pipelines.modelstore import ModelStore
 from stems.jobstore import JobStore
 from stems.settings import Settings, get_settings
 from stems.storage import Storage, make_storage
-
-
-def pick_device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-    return "cpu"
 
 
 CACHE_MAX_BYTES_ENV = "STEMS_CACHE_MAX_BYTES"
@@ -73,6 +61,6 @@ def context() -> WorkerContext:
         store=JobStore.from_url(s.redis_url, s.key_prefix),
         storage=make_storage(s),
         models=models,
-        engine=Engine(models, device=pick_device(s.device), chunk_seconds=s.chunk_seconds, cache=make_cache(s.data_dir)),
+        engine=Engine(models, device=s.device, chunk_seconds=s.chunk_seconds, cache=make_cache(s.data_dir)),
         scratch_dir=Path(s.data_dir) / "work",
     )

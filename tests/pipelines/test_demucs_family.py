@@ -147,3 +147,39 @@ def test_4_tracks_falls_back_to_htdemucs(mix, tmp_path):
         assert y.shape == mix.shape and y.dtype == np.float32 and np.isfinite(y).all()
         np.testing.assert_array_equal(y, direct[stem])
     # Random weights: the stems need not sum to the mix (a trained htdemucs gets close), so no such check.
+
+
+def test_auto_batch_and_precision_resolve_per_device(tmp_path):
+    """`auto` keeps the CLI's exact path on a CPU and batches in mixed precision on a GPU."""
+    from pipelines.families.demucs_family import GPU_BATCH, GPU_PRECISION, DemucsParams
+
+    auto = DemucsParams(name="x")
+    assert auto.resolved("cpu") == (1, "float32")
+    assert auto.resolved("cuda") == auto.resolved("cuda:1") == (GPU_BATCH, GPU_PRECISION)
+    assert DemucsParams(name="x", batch=3, precision="bfloat16").resolved("cuda") == (3, "bfloat16")
+    with pytest.raises(ValueError):
+        DemucsParams(name="x", batch=0)
+    store = ModelStore(tmp_path / "store")
+    install_random_demucs(store, "htdemucs")
+    sep = Engine(store, device="auto").separator("htdemucs")  # no GPU here: auto is the CPU
+    assert (sep.device, sep.batch, sep.precision) == ("cpu", 1, "float32")
+
+
+class _OverflowsWhenMixed(torch.nn.Module):
+    """A forward that overflows under autocast, as a float16 activation can: +inf where float32 is finite."""
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.full_like(x, float("inf"))
+        return 2 * x
+
+
+def test_mixed_precision_overflow_runs_again_in_float32(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    install_random_demucs(store, "htdemucs", params={"precision": "bfloat16"})
+    sep = Engine(store).separator("htdemucs")
+    x = torch.ones(1, 2, 8)
+    out = sep._forward(_OverflowsWhenMixed(), x)
+    assert torch.equal(out, 2 * x) and out.dtype == torch.float32
+    assert sep.fallbacks == 1
+    assert torch.equal(sep._forward(torch.nn.Identity(), x), x) and sep.fallbacks == 1  # finite: no second run

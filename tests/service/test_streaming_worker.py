@@ -24,7 +24,7 @@ from pipelines.modelstore import ModelStore
 from stems.jobstore import JobStore
 from stems.models import AudioAsset, AssetStatus, Job, JobStatus, Stem
 from stems.settings import Settings
-from stems.storage import LocalStorage, keys
+from stems.storage import LocalStorage
 from tests.support import write_audio
 
 pytest.importorskip("demucs")
