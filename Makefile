@@ -35,8 +35,10 @@ down:
 test: install
 	$(BIN)/python -m pytest
 
+# bench/results.json on any machine; bench/gpu_results.json too where torch sees a CUDA device
 bench: install
 	$(BIN)/python -m bench.perf
+	$(BIN)/python -m bench.gpu --if-available
 
 bench-quality: install models
 	$(BIN)/python -m bench.quality

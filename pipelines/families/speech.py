@@ -5,18 +5,25 @@ once per channel). `speech` is the enhanced signal aligned sample for sample wit
 input (each model's algorithmic delay is compensated) and `noise` is the input minus it.
 Weights load once in `setup`; every call starts from fresh recurrent state, so calls are
 independent of each other.
+
+DeepFilterNet3, RNNoise and DTLN are frame-by-frame recurrent models, and `enhance` runs
+them through a `_FrameStream`: frames in order through one recurrent state, the first
+`delay` output samples dropped, zeros fed at the end to flush the last `delay`. The engine's
+streaming path feeds the same stream a block at a time, so an hour-long recording is
+enhanced in constant memory with exactly the samples of a whole-signal run.
 """
 from __future__ import annotations
 
 import ctypes
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import audio as A
-from ..errors import ChainError
+from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
 from .base import Separator
 
@@ -35,9 +42,60 @@ class _Backend(ABC):
     def load(self, device: str) -> None:
         """Load weights (once per process)."""
 
-    @abstractmethod
     def enhance(self, x: np.ndarray) -> np.ndarray:
         """Enhanced speech, same length as `x` and aligned with it."""
+        stream = self.stream()
+        if stream is None:
+            raise NotImplementedError(f"{type(self).__name__} implements neither enhance nor stream")
+        return np.concatenate([stream.push(x), stream.finish()])
+
+    def stream(self) -> "_FrameStream | None":
+        """A fresh streaming enhancer (fresh recurrent state), or None when the model needs the whole signal."""
+        return None
+
+
+class _FrameStream:
+    """A recurrent enhancer fed block by block; its concatenated output is `enhance` of the whole input.
+
+    `process` takes a whole number of `size`-sample frames (in order, one state throughout)
+    and returns as many output samples, lagging the input by `delay`. `close` frees the state.
+    """
+
+    def __init__(self, size: int, delay: int, process, close=lambda: None) -> None:
+        self.size, self.delay, self._process, self._close = size, delay, process, close
+        self._pending = np.zeros(0, np.float32)
+        self._skip = delay  # output samples still to drop: the model's lag
+        self._fed = self._emitted = 0
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """Feed samples; returns the output samples that are final (none until `delay` have passed)."""
+        self._fed += x.size
+        buf = np.concatenate([self._pending, x.astype(np.float32)])
+        whole = buf.size - buf.size % self.size
+        self._pending = buf[whole:]
+        return self._emit(self._process(buf[:whole]) if whole else np.zeros(0, np.float32))
+
+    def finish(self) -> np.ndarray:
+        """The last samples: zeros fed until `delay` more have come out, to a whole frame."""
+        try:
+            total = -(-(self._fed + self.delay) // self.size) * self.size
+            tail = np.concatenate([self._pending, np.zeros(total - self._fed, np.float32)])  # to `total` processed
+            out = self._emit(self._process(tail) if tail.size else np.zeros(0, np.float32))
+            return out[:self._fed - (self._emitted - out.size)]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Free the recurrent state (once; also for a stream abandoned mid-way)."""
+        close, self._close = self._close, (lambda: None)
+        close()
+
+    def _emit(self, out: np.ndarray) -> np.ndarray:
+        cut = min(self._skip, out.size)
+        self._skip -= cut
+        out = out[cut:]
+        self._emitted += out.size
+        return out
 
 
 def _ort_session(path: Path, device: str):
@@ -51,13 +109,6 @@ def _ort_session(path: Path, device: str):
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-
-
-def _frames(x: np.ndarray, size: int, delay: int) -> tuple[np.ndarray, int]:
-    """`x` padded at the end so that `delay` more samples come out and the length is a multiple of `size`."""
-    n = x.size + delay
-    total = -(-n // size) * size
-    return np.pad(x.astype(np.float32), (0, total - x.size)), total // size
 
 
 class _DeepFilterNet(_Backend):
@@ -104,20 +155,19 @@ class _DeepFilterNet(_Backend):
             self._lib.df_set_post_filter_beta(state, self.params.post_filter_beta)
         return state
 
-    def enhance(self, x: np.ndarray) -> np.ndarray:
+    def stream(self) -> _FrameStream:
         state = self._state if self._state is not None else self._create()
         self._state = None
-        try:
-            size = self.FRAME
-            padded, n_frames = _frames(x, size, self.DELAY)
-            out = np.empty_like(padded)
-            f32 = ctypes.POINTER(ctypes.c_float)
-            for i in range(n_frames):
-                frame_in, frame_out = padded[i * size:(i + 1) * size], out[i * size:(i + 1) * size]
+        f32 = ctypes.POINTER(ctypes.c_float)
+
+        def process(x: np.ndarray) -> np.ndarray:
+            out = np.empty_like(x)
+            for i in range(0, x.size, self.FRAME):
+                frame_in, frame_out = x[i:i + self.FRAME], out[i:i + self.FRAME]
                 self._lib.df_process_frame(state, frame_in.ctypes.data_as(f32), frame_out.ctypes.data_as(f32))
-        finally:
-            self._lib.df_free(state)
-        return out[self.DELAY:self.DELAY + x.size]
+            return out
+
+        return _FrameStream(self.FRAME, self.DELAY, process, lambda: self._lib.df_free(state))
 
     def __del__(self) -> None:
         if getattr(self, "_state", None):
@@ -141,20 +191,21 @@ class _RNNoise(_Backend):
         self._rn = rnnoise
         self._size = rnnoise.FRAME_SIZE
 
-    def enhance(self, x: np.ndarray) -> np.ndarray:
+    def stream(self) -> _FrameStream:
         rn, size = self._rn, self._size
-        padded, n_frames = _frames(x * self.SCALE, size, self.DELAY)
-        out = np.empty_like(padded)
         f32 = ctypes.POINTER(ctypes.c_float)
         state = rn.create()
-        try:
-            for i in range(n_frames):
-                frame_in, frame_out = padded[i * size:(i + 1) * size], out[i * size:(i + 1) * size]
+
+        def process(x: np.ndarray) -> np.ndarray:
+            x = x * self.SCALE
+            out = np.empty_like(x)
+            for i in range(0, x.size, size):
+                frame_in, frame_out = x[i:i + size], out[i:i + size]
                 # rnnoise_process_frame(state, out, in)
                 rn.lib.rnnoise_process_frame(state, frame_out.ctypes.data_as(f32), frame_in.ctypes.data_as(f32))
-        finally:
-            rn.destroy(state)
-        return out[self.DELAY:self.DELAY + x.size] / self.SCALE
+            return out / self.SCALE
+
+        return _FrameStream(size, self.DELAY, process, lambda: rn.destroy(state))
 
 
 class _Gtcrn(_Backend):
@@ -210,27 +261,28 @@ class _Dtln(_Backend):
         self._s1 = _ort_session(self.files["dtln_model_1.onnx"], device)
         self._s2 = _ort_session(self.files["dtln_model_2.onnx"], device)
 
-    def enhance(self, x: np.ndarray) -> np.ndarray:
+    def stream(self) -> _FrameStream:
         block, hop = self.BLOCK, self.HOP
-        delay = block - hop
-        padded, n_hops = _frames(x, hop, delay)
         s1_in, s1_state = (i.name for i in self._s1.get_inputs())
         s2_in, s2_state = (i.name for i in self._s2.get_inputs())
-        state1 = np.zeros(self._s1.get_inputs()[1].shape, np.float32)
-        state2 = np.zeros(self._s2.get_inputs()[1].shape, np.float32)
-        in_buf = np.zeros(block, np.float32)
-        out_buf = np.zeros(block, np.float32)
-        out = np.empty_like(padded)
-        for i in range(n_hops):
-            in_buf = np.concatenate([in_buf[hop:], padded[i * hop:(i + 1) * hop]])
-            spec = np.fft.rfft(in_buf)
-            mag = np.abs(spec).astype(np.float32)
-            mask, state1 = self._s1.run(None, {s1_in: mag[None, None, :], s1_state: state1})
-            masked = np.fft.irfft(spec * mask[0, 0], n=block).astype(np.float32)
-            y, state2 = self._s2.run(None, {s2_in: masked[None, None, :], s2_state: state2})
-            out_buf = np.concatenate([out_buf[hop:], np.zeros(hop, np.float32)]) + y[0, 0]
-            out[i * hop:(i + 1) * hop] = out_buf[:hop]
-        return out[delay:delay + x.size]
+        st = {"state1": np.zeros(self._s1.get_inputs()[1].shape, np.float32),
+              "state2": np.zeros(self._s2.get_inputs()[1].shape, np.float32),
+              "in_buf": np.zeros(block, np.float32), "out_buf": np.zeros(block, np.float32)}
+
+        def process(x: np.ndarray) -> np.ndarray:
+            out = np.empty_like(x)
+            for i in range(0, x.size, hop):
+                st["in_buf"] = np.concatenate([st["in_buf"][hop:], x[i:i + hop]])
+                spec = np.fft.rfft(st["in_buf"])
+                mag = np.abs(spec).astype(np.float32)
+                mask, st["state1"] = self._s1.run(None, {s1_in: mag[None, None, :], s1_state: st["state1"]})
+                masked = np.fft.irfft(spec * mask[0, 0], n=block).astype(np.float32)
+                y, st["state2"] = self._s2.run(None, {s2_in: masked[None, None, :], s2_state: st["state2"]})
+                st["out_buf"] = np.concatenate([st["out_buf"][hop:], np.zeros(hop, np.float32)]) + y[0, 0]
+                out[i:i + hop] = st["out_buf"][:hop]
+            return out
+
+        return _FrameStream(hop, block - hop, process)
 
 
 class _DfnDtlnEnsemble(_Backend):
@@ -283,14 +335,16 @@ BACKENDS: dict[str, type[_Backend]] = {
 class SpeechEnhancer(Separator):
     """The `speech` family: picks the model's backend by registry id.
 
-    The models are recurrent and stream with constant memory, but their state remembers
-    several seconds (restarting one 4 s earlier still leaves differences near 1e-2), so
-    no overlap makes a chunked run equal a whole one: the engine runs them on the whole
-    signal.
+    The models are recurrent, and their state remembers several seconds (restarting one 4 s
+    earlier still leaves differences near 1e-2), so no overlap makes independent chunks equal
+    a whole run. `separate_stream` instead carries each channel's state from block to block
+    (see `_FrameStream`); GTCRN (a centred STFT padded by reflection at both ends) and the
+    DeepFilterNet3 + DTLN ensemble (resampling and a zero-phase filter over the whole
+    signal) still run on the whole signal.
     """
 
     chunk_context = 0.0
-    streamable = False
+    streamable = False  # the engine must not cut it; separate_stream streams it exactly where it can
 
     def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
         super().__init__(spec, files, params)
@@ -303,6 +357,35 @@ class SpeechEnhancer(Separator):
     def setup(self, device: str = "cpu") -> None:
         super().setup(device)
         self.backend.load(device)
+
+    def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
+                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
+        streams = [self.backend.stream() for _ in range(audio.channels)]
+        if any(s is None for s in streams):
+            return None
+        return self._stream(audio, streams, max(1, block), cancelled)
+
+    def _stream(self, audio: A.Signal, streams: list[_FrameStream], block: int,
+                cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+        primary, rest = self.spec.sources
+        done = 0
+        starts = list(range(0, audio.frames, block))
+        try:
+            for lo in [*starts, None]:  # None: the streams' tails
+                if cancelled():
+                    raise Cancelled("job cancelled")
+                if lo is not None:
+                    x = audio.read(lo, min(audio.frames, lo + block))
+                    speech = np.stack([s.push(channel) for s, channel in zip(streams, x)])
+                else:
+                    speech = np.stack([s.finish() for s in streams])
+                if speech.shape[1]:  # every channel's stream lags alike: the same count from each
+                    mix = audio.read(done, done + speech.shape[1])
+                    done += speech.shape[1]
+                    yield {primary: speech.astype(np.float32), rest: (mix - speech).astype(np.float32)}
+        finally:
+            for s in streams:
+                s.close()
 
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         speech = np.stack([self.backend.enhance(channel) for channel in audio]).astype(np.float32)
