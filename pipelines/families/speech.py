@@ -49,7 +49,7 @@ class _Backend(ABC):
             raise NotImplementedError(f"{type(self).__name__} implements neither enhance nor stream")
         return np.concatenate([stream.push(x), stream.finish()])
 
-    def stream(self) -> "_FrameStream | None":
+    def stream(self) -> "_FrameStream | _EnsembleStream | None":
         """A fresh streaming enhancer (fresh recurrent state), or None when the model needs the whole signal."""
         return None
 
@@ -312,6 +312,9 @@ class _DfnDtlnEnsemble(_Backend):
         self._dtln.load(device)
         self._lowpass = firwin(511, self.params.crossover_hz, fs=self.RATE)  # odd, symmetric: zero phase with "same"
 
+    def stream(self) -> "_EnsembleStream":
+        return _EnsembleStream(self)
+
     def enhance(self, x: np.ndarray) -> np.ndarray:
         from scipy.signal import oaconvolve
 
@@ -321,6 +324,77 @@ class _DfnDtlnEnsemble(_Backend):
         dtln = np.pad(dtln[:x.size], (0, max(0, x.size - dtln.size)))
         diff = oaconvolve(dtln.astype(np.float64) - dfn, self._lowpass, mode="same")
         return (dfn + self.params.dtln_weight * diff).astype(np.float32)
+
+
+class _EnsembleStream:
+    """`_DfnDtlnEnsemble.enhance` block by block: both models' streams, soxr's streaming resamplers
+    around DTLN, and the zero-phase low-pass as a running FIR whose output is dropped for its
+    first half-length and flushed with as many zeros (what "same" mode does at the edges).
+    Equal to the whole-signal result up to the FIR's float rounding (direct sums here, FFT there).
+    """
+
+    def __init__(self, ensemble: "_DfnDtlnEnsemble") -> None:
+        self.weight, self.h = ensemble.params.dtln_weight, ensemble._lowpass
+        self.half = (self.h.size - 1) // 2
+        self.dfn, self.dtln = ensemble._dfn.stream(), ensemble._dtln.stream()
+        self.down = A.StreamResampler(ensemble.RATE, ensemble.DTLN_RATE, 1)
+        self.up = A.StreamResampler(ensemble.DTLN_RATE, ensemble.RATE, 1)
+        self.history = np.zeros(self.h.size - 1)  # the FIR's past input (zeros before the signal)
+        self.skip = self.half  # FIR outputs still to drop: "same" mode starts half a filter in
+        self.dfn_out = np.zeros(0, np.float32)  # DeepFilterNet3's output from sample `emitted` on
+        self.dtln_out = np.zeros(0, np.float32)  # DTLN's output back at 48 kHz from sample `diffed` on
+        self.filtered = np.zeros(0)  # the low-passed difference from sample `emitted` on
+        self.fed = self.diffed = self.emitted = 0
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        self.fed += x.size
+        self.dfn_out = np.concatenate([self.dfn_out, self.dfn.push(x)])
+        self._dtln(self.dtln.push(self.down.push(x[None])[0]))
+        return self._combine(last=False)
+
+    def finish(self) -> np.ndarray:
+        try:
+            self.dfn_out = np.concatenate([self.dfn_out, self.dfn.finish()])
+            self._dtln(self.dtln.push(self.down.flush()[0]))
+            self._dtln(self.dtln.finish())
+            self.dtln_out = np.concatenate([self.dtln_out, self.up.flush()[0]])
+            return self._combine(last=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.dfn.close()
+        self.dtln.close()
+
+    def _dtln(self, low: np.ndarray) -> None:
+        self.dtln_out = np.concatenate([self.dtln_out, self.up.push(low[None])[0]])
+
+    def _combine(self, last: bool) -> np.ndarray:
+        if last:  # as enhance: DTLN cut or zero-padded to the input's length
+            k = self.fed - self.diffed
+            dtln = np.pad(self.dtln_out[:k], (0, max(0, k - self.dtln_out.size)))
+        else:
+            k = min(self.dtln_out.size, self.emitted + self.dfn_out.size - self.diffed, self.fed - self.diffed)
+            dtln = self.dtln_out[:k]
+        if k > 0:
+            start = self.diffed - self.emitted
+            diff = dtln.astype(np.float64) - self.dfn_out[start:start + k]
+            self.dtln_out, self.diffed = self.dtln_out[k:], self.diffed + k
+            self.filtered = np.concatenate([self.filtered, self._fir(diff)])
+        if last:
+            self.filtered = np.concatenate([self.filtered, self._fir(np.zeros(self.half))])
+        j = min(self.filtered.size, self.dfn_out.size)
+        out = (self.dfn_out[:j] + self.weight * self.filtered[:j]).astype(np.float32)
+        self.dfn_out, self.filtered, self.emitted = self.dfn_out[j:], self.filtered[j:], self.emitted + j
+        return out
+
+    def _fir(self, x: np.ndarray) -> np.ndarray:
+        ext = np.concatenate([self.history, x])
+        y = np.convolve(ext, self.h, mode="valid")  # one output per new input sample
+        self.history = ext[ext.size - self.history.size:]
+        cut = min(self.skip, y.size)
+        self.skip -= cut
+        return y[cut:]
 
 
 BACKENDS: dict[str, type[_Backend]] = {
@@ -338,9 +412,8 @@ class SpeechEnhancer(Separator):
     The models are recurrent, and their state remembers several seconds (restarting one 4 s
     earlier still leaves differences near 1e-2), so no overlap makes independent chunks equal
     a whole run. `separate_stream` instead carries each channel's state from block to block
-    (see `_FrameStream`); GTCRN (a centred STFT padded by reflection at both ends) and the
-    DeepFilterNet3 + DTLN ensemble (resampling and a zero-phase filter over the whole
-    signal) still run on the whole signal.
+    (see `_FrameStream`, `_EnsembleStream`); GTCRN (a centred STFT padded by reflection at
+    both ends) still runs on the whole signal.
     """
 
     chunk_context = 0.0
@@ -365,7 +438,7 @@ class SpeechEnhancer(Separator):
             return None
         return self._stream(audio, streams, max(1, block), cancelled)
 
-    def _stream(self, audio: A.Signal, streams: list[_FrameStream], block: int,
+    def _stream(self, audio: A.Signal, streams: list[_FrameStream | _EnsembleStream], block: int,
                 cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
         primary, rest = self.spec.sources
         done = 0

@@ -134,17 +134,19 @@ def test_resampled_input_comes_back_at_its_rate(engine):
     assert snr(np.stack([speech, speech]), out) > snr(np.stack([speech, speech]), mix) + 3.0
 
 
-STREAMED = ["deepfilternet3", "rnnoise", "dtln"]
+# model -> largest difference from the whole-signal run: frame streams repeat its every operation;
+# the ensemble's low-pass sums directly where the whole run uses FFTs (equal here, but not by construction)
+STREAMED = {"deepfilternet3": 0.0, "rnnoise": 0.0, "dtln": 0.0, "deepfilternet3_dtln": 1e-6}
 
 
-@pytest.mark.parametrize("model_id", STREAMED)
+@pytest.mark.parametrize("model_id", sorted(STREAMED))
 def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
     """The recurrent state carries across blocks: an hour streams in constant memory with a whole run's samples."""
     if model_id in STORE_MODELS and _shared_models() is None:
         pytest.skip("the pretrained DTLN files (shared/models) are not on this machine; set STEMS_SHARED_MODELS")
     from pipelines import audio as A
 
-    sr = 48000 if model_id != "dtln" else 16000
+    sr, tolerance = (48000 if model_id != "dtln" else 16000), STREAMED[model_id]
     speech = voiced(sr, 2.5, seed=8)
     mix = np.stack([speech + 0.1 * noise(speech.size, "pink", sr, 9), speech + 0.1 * noise(speech.size, "white", sr, 10)])
     mix = mix.astype(np.float32)
@@ -155,10 +157,10 @@ def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
     for source in whole:
         streamed = np.concatenate([b[source] for b in blocks], axis=1)
         assert streamed.shape == mix.shape
-        assert np.array_equal(streamed, whole[source]), source
+        assert np.max(np.abs(streamed - whole[source])) <= tolerance, source
     # through the engine's chunked path with a workdir, as a worker runs it
     chunked = Engine(engine.store, chunk_seconds=0.3)
     chunked._warm[model_id] = sep
     out = chunked.stream_model(model_id, A.ArraySignal(mix), sr, tmp_path)
     for source in whole:
-        assert np.array_equal(out[source].to_array(), whole[source]), source
+        assert np.max(np.abs(out[source].to_array() - whole[source])) <= tolerance, source
