@@ -15,19 +15,21 @@ bins above `dim_f` stay zero, as in UVR.
 
 The segment grid starts at the first sample of the signal and networks see a whole
 segment at once, so a chunk's output depends on where the chunk starts: chunking by the
-engine could not equal a whole run. The class is therefore not streamable; instead it
-streams internally, computing STFT frames and overlap-adding the inverse a batch of
-segments at a time, so memory follows the batch and not the track.
+engine could not equal a whole run. The class is therefore not streamable by the engine;
+instead `separate_stream` walks the whole signal's own grid, reading the frames of a batch
+of segments, overlap-adding their inverse and giving out the samples no later segment
+touches, so memory follows the batch and not the track, and the output is a whole run's.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import ChainError
+from .. import audio as A
+from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
 from .base import Separator
 
@@ -77,14 +79,36 @@ def _overlap_add(acc: np.ndarray, frames: np.ndarray, first: int, hop: int) -> N
         acc_blocks[..., first + j:first + j + k, :] += blocks[..., j, :]
 
 
-def _window_envelope(window: np.ndarray, hop: int, n_frames: int, length: int) -> np.ndarray:
-    """Sum of the squared synthesis windows of frames 0 .. n_frames - 1 (the iSTFT's normaliser), `length` samples."""
+def _window_envelope_range(window: np.ndarray, hop: int, n_frames: int, lo: int, hi: int) -> np.ndarray:
+    """Samples [lo, hi) of the sum of the squared synthesis windows of frames 0 .. n_frames - 1
+    (the iSTFT's normaliser), frame t starting at sample t * hop, computed for that range alone."""
     r = -(-window.size // hop)
     blocks = np.pad(window ** 2, (0, r * hop - window.size)).reshape(r, hop)
-    env = np.zeros((length // hop, hop))
-    for j in range(r):
-        env[j:j + n_frames] += blocks[j]
-    return env.reshape(-1)
+    first, last = lo // hop, -(-hi // hop)
+    env = np.zeros((last - first, hop))
+    for j in range(r):  # hop block q holds block j of frame q - j, for frames 0 .. n_frames - 1
+        a, b = max(first, j), min(last, j + n_frames)
+        if a < b:
+            env[a - first:b - first] += blocks[j]
+    return env.reshape(-1)[lo - first * hop:hi - first * hop]
+
+
+def _reflect_read(audio: A.Signal, pad: int, lo: int, hi: int) -> np.ndarray:
+    """Samples [lo, hi) of the signal padded by `pad` reflected samples at each end (np.pad's "reflect";
+    zeros for a one-sample signal), read from the signal a range at a time."""
+    n = audio.frames
+    if n <= 2 * pad + 2:  # short: np.pad itself (it reflects more than once when pad >= n)
+        x = audio.read(0, n).astype(np.float32)
+        return np.pad(x, ((0, 0), (pad, pad)), mode="reflect" if n > 1 else "constant")[:, lo:hi]
+    parts = []
+    if lo < pad:  # padded j < pad is x[pad - j]
+        parts.append(audio.read(pad - min(hi, pad) + 1, pad - lo + 1)[:, ::-1])
+    if hi > pad and lo < pad + n:
+        parts.append(audio.read(max(lo, pad) - pad, min(hi, pad + n) - pad))
+    if hi > pad + n:  # padded j >= pad + n is x[2 (n - 1) - (j - pad)]
+        a, b = max(lo, pad + n), hi
+        parts.append(audio.read(2 * (n - 1) - (b - 1 - pad), 2 * (n - 1) - (a - pad) + 1)[:, ::-1])
+    return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 def segment_weights(frames: int) -> np.ndarray:
@@ -147,33 +171,54 @@ class OnnxSpecSeparator(Separator):
 
     # -- running -------------------------------------------------------------------
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+        blocks = list(self._blocks(A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), lambda: False))
+        return {k: np.concatenate([b[k] for b in blocks], axis=1) if blocks else np.zeros(audio.shape, np.float32)
+                for k in self.spec.sources}
+
+    def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
+                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+        return self._blocks(audio, cancelled)
+
+    def _blocks(self, audio: A.Signal, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+        """The sources a batch of segments at a time (see the module docstring); memory follows the batch.
+
+        Coordinates are those of the padded signal (`pad` reflected samples before the first).
+        After the segments starting before frame `s` have run, frames before `s` are final, and
+        so are the samples before `s * hop`: they are divided by the window envelope and given
+        out, and the accumulator keeps only what later frames still add to.
+        """
         if self.session is None:
             raise RuntimeError("setup() must be called before separate()")
         p = self.p
-        channels, n = audio.shape
+        channels, n = audio.channels, audio.frames
         n_fft, hop, length, n_bins = p.n_fft, p.hop, p.frames, p.n_fft // 2 + 1
         pad = n_fft // 2
-        x = np.pad(audio.astype(np.float32), ((0, 0), (pad, pad)), mode="reflect" if n > 1 else "constant")
         n_frames = 1 + n // hop
-        # (channels, n_frames, n_fft) view of the analysis frames: nothing is copied until a batch needs them
-        framed = np.lib.stride_tricks.sliding_window_view(x, n_fft, axis=-1)[:, ::hop][:, :n_frames]
         window = np.hanning(n_fft + 1)[:-1].astype(np.float32)  # periodic, as torch.hann_window
         starts = [k * p.step for k in range(-(-max(n_frames - length, 0) // p.step) + 1)]
         weights = segment_weights(length)
         norm = np.zeros(n_frames)
         for s in starts:
             norm[s:s + length] += weights[:min(length, n_frames - s)]
-
-        n_samples = (n_frames + -(-n_fft // hop)) * hop
-        acc = np.zeros((len(self.outputs), channels, n_samples), np.float32)
+        r = -(-n_fft // hop)  # hop blocks one frame spans
+        n_samples = (n_frames + r) * hop
+        acc = np.zeros((len(self.outputs), channels, 0), np.float32)  # padded samples from `acc_lo` on
+        acc_lo, emitted = 0, pad  # emitted: padded index of the next sample to give out
         for b in range(0, len(starts), self.batch):
+            if cancelled():
+                raise Cancelled("job cancelled")
             batch = starts[b:b + self.batch]
             rows = self.batch if self.fixed_batch else len(batch)
             spec = np.zeros((rows, channels, p.dim_f, length), np.complex64)
             for i, s in enumerate(batch):
                 stop = min(s + length, n_frames)
-                spec[i, ..., :stop - s] = np.fft.rfft(framed[:, s:stop] * window, axis=-1)[..., :p.dim_f].transpose(0, 2, 1)
+                x = _reflect_read(audio, pad, s * hop, (stop - 1) * hop + n_fft)
+                framed = np.lib.stride_tricks.sliding_window_view(x, n_fft, axis=-1)[:, ::hop]
+                spec[i, ..., :stop - s] = np.fft.rfft(framed * window, axis=-1)[..., :p.dim_f].transpose(0, 2, 1)
             raw = self._forward(spec)
+            need = (min(batch[-1] + length, n_frames) + r) * hop - acc_lo
+            if acc.shape[-1] < need:
+                acc = np.concatenate([acc, np.zeros((*acc.shape[:-1], need - acc.shape[-1]), np.float32)], axis=-1)
             for i, s in enumerate(batch):
                 stop = min(s + length, n_frames)
                 w = (weights[:stop - s] / norm[s:stop]).astype(np.float32)
@@ -184,15 +229,23 @@ class OnnxSpecSeparator(Separator):
                     full = np.zeros((channels, n_bins, stop - s), np.complex64)
                     full[:, :p.dim_f] = y * (w * p.compensate)
                     frames = np.fft.irfft(full, n=n_fft, axis=1).transpose(0, 2, 1) * window
-                    _overlap_add(acc[o], frames, s, hop)
+                    _overlap_add(acc[o], frames, s - acc_lo // hop, hop)
+            final = starts[b + self.batch] * hop if b + self.batch < len(starts) else n_samples
+            hi = min(final, pad + n)
+            if hi > emitted:
+                env = _window_envelope_range(window.astype(np.float64), hop, n_frames, emitted, hi)
+                est = acc[..., emitted - acc_lo:hi - acc_lo] / np.maximum(env, 1e-10).astype(np.float32)
+                yield self._sources(est, audio, emitted - pad, hi - pad)
+                emitted = hi
+            keep = emitted // hop * hop  # hop-aligned, as _overlap_add's blocks
+            acc, acc_lo = acc[..., keep - acc_lo:], keep
 
-        env = _window_envelope(window.astype(np.float64), hop, n_frames, n_samples)[pad:pad + n]
-        est = acc[..., pad:pad + n] / np.maximum(env, 1e-10).astype(np.float32)
-        if p.output == "multi":
+    def _sources(self, est: np.ndarray, audio: A.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
+        if self.p.output == "multi":
             return dict(zip(self.outputs, est))
         primary = est[0]
-        other = next(s for s in self.spec.sources if s != p.primary)
-        return {p.primary: primary, other: (audio - primary).astype(np.float32)}
+        other = next(s for s in self.spec.sources if s != self.p.primary)
+        return {self.p.primary: primary, other: (audio.read(lo, hi) - primary).astype(np.float32)}
 
     def _forward(self, spec: np.ndarray) -> np.ndarray:
         """The network on (batch, channels, dim_f, frames) complex spectrograms.
