@@ -49,7 +49,7 @@ class _Backend(ABC):
             raise NotImplementedError(f"{type(self).__name__} implements neither enhance nor stream")
         return np.concatenate([stream.push(x), stream.finish()])
 
-    def stream(self) -> "_FrameStream | _EnsembleStream | None":
+    def stream(self) -> "_FrameStream | _GtcrnStream | _EnsembleStream | None":
         """A fresh streaming enhancer (fresh recurrent state), or None when the model needs the whole signal."""
         return None
 
@@ -221,7 +221,11 @@ class _Gtcrn(_Backend):
         self._window = np.sqrt(np.hanning(self.N_FFT + 1)[:-1]).astype(np.float32)  # periodic
         self._caches = {i.name: np.zeros(i.shape, np.float32) for i in self._session.get_inputs() if i.name != "mix"}
 
+    def stream(self) -> "_GtcrnStream":
+        return _GtcrnStream(self)
+
     def enhance(self, x: np.ndarray) -> np.ndarray:
+        """The whole-signal run (`_GtcrnStream` gives the same samples a block at a time)."""
         n_fft, hop, win = self.N_FFT, self.HOP, self._window
         pad = n_fft // 2
         xp = np.pad(x.astype(np.float32), (pad, pad + hop), mode="reflect" if x.size > 1 else "constant")
@@ -246,6 +250,94 @@ class _Gtcrn(_Backend):
         env[:-1] += win[:hop] ** 2
         env[1:] += win[hop:] ** 2
         y, env = y.reshape(-1)[pad:pad + x.size], env.reshape(-1)[pad:pad + x.size]
+        return (y / np.maximum(env, 1e-8)).astype(np.float32)
+
+
+class _GtcrnStream:
+    """`_Gtcrn.enhance` block by block. Frame t reads padded samples [t hop, t hop + n_fft) and hop
+    block q of the output is final once frame q has run (frames q - 1 and q cover it), so frames
+    run as soon as their input is in. The end's reflection needs the signal's last samples,
+    which are kept until `finish`; a signal too short to reflect once runs whole at `finish`.
+    """
+
+    def __init__(self, model: _Gtcrn) -> None:
+        self.m = model
+        self.hop = model.HOP
+        self.pad = model.N_FFT // 2
+        self.keep = 2 * (self.pad + self.hop)  # input kept for the end's reflection
+        self.caches = {k: v.copy() for k, v in model._caches.items()}
+        self.out_names = ["enh", *(f"{name}_out" for name in self.caches)]
+        self.head = np.zeros(0, np.float32)  # the input before the stream starts
+        self.buf, self.buf_lo = np.zeros(0, np.float32), 0  # padded input from padded index buf_lo on
+        self.fed, self.emitted, self.t, self.started = 0, 0, 0, False
+        self.last_half: np.ndarray | None = None  # the second half of frame t - 1's output
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        self.fed += x.size
+        if not self.started:
+            self.head = np.concatenate([self.head, x.astype(np.float32)])
+            if self.head.size <= 2 * self.keep:
+                return np.zeros(0, np.float32)
+            x, self.started = self.head, True
+            self.head = np.zeros(0, np.float32)
+            self.buf = np.concatenate([x[1:self.pad + 1][::-1], x])  # the start's reflection, as np.pad
+        else:
+            self.buf = np.concatenate([self.buf, x.astype(np.float32)])
+        n_fft, end = self.m.N_FFT, self.buf_lo + self.buf.size
+        out = []
+        while self.t * self.hop + n_fft <= end:
+            out.append(self._frame())
+        drop = min(self.t * self.hop, end - self.keep) - self.buf_lo
+        if drop > 0:
+            self.buf, self.buf_lo = self.buf[drop:], self.buf_lo + drop
+        out = np.concatenate(out) if out else np.zeros(0, np.float32)
+        self.emitted += out.size
+        return out
+
+    def finish(self) -> np.ndarray:
+        if not self.started:  # short: np.pad's reflection may wrap; the whole-signal run does it
+            out = self.m.enhance(self.head)
+            self.emitted += out.size
+            return out
+        n, hop = self.fed, self.hop
+        tail = self.buf[self.buf.size - (self.pad + hop + 1):]
+        self.buf = np.concatenate([self.buf, tail[::-1][1:]])  # the end's reflection (pad + hop samples)
+        n_frames = 1 + n // hop
+        out = [self._frame() for _ in range(self.t, n_frames)]
+        out.append(self._block(None, n_frames))  # the last block: frame n_frames - 1's second half
+        out = np.concatenate(out)[:n - self.emitted]
+        self.emitted += out.size
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def _frame(self) -> np.ndarray:
+        """Run frame t; return hop block t of the output (nothing for block 0, which is before the signal)."""
+        m, hop, n_fft, t = self.m, self.hop, self.m.N_FFT, self.t
+        frame = self.buf[t * hop - self.buf_lo:t * hop - self.buf_lo + n_fft]
+        spec = np.fft.rfft((frame * m._window)[None], axis=1)
+        mix = np.stack([spec.real, spec.imag], axis=-1).astype(np.float32)
+        enh, *new = m._session.run(self.out_names, {"mix": mix[0][None, :, None, :], **self.caches})
+        self.caches = dict(zip(self.caches, new))
+        e = enh[0, :, 0, :][None]
+        y = (np.fft.irfft(e[..., 0] + 1j * e[..., 1], n=n_fft, axis=1) * m._window)[0]
+        halves = y.reshape(2, hop)
+        block = self._block(halves[0], t)
+        self.last_half, self.t = halves[1], t + 1
+        return block
+
+    def _block(self, first_half: np.ndarray | None, q: int) -> np.ndarray:
+        """Hop block q, as enhance sums it: frame q's first half, then frame q - 1's second half."""
+        if q == 0:
+            return np.zeros(0, np.float32)
+        win, hop = self.m._window, self.hop
+        y, env = np.zeros(hop), np.zeros(hop)
+        if first_half is not None:
+            y += first_half
+            env += win[:hop] ** 2
+        y += self.last_half
+        env += win[hop:] ** 2
         return (y / np.maximum(env, 1e-8)).astype(np.float32)
 
 
@@ -412,8 +504,7 @@ class SpeechEnhancer(Separator):
     The models are recurrent, and their state remembers several seconds (restarting one 4 s
     earlier still leaves differences near 1e-2), so no overlap makes independent chunks equal
     a whole run. `separate_stream` instead carries each channel's state from block to block
-    (see `_FrameStream`, `_EnsembleStream`); GTCRN (a centred STFT padded by reflection at
-    both ends) still runs on the whole signal.
+    (see `_FrameStream`, `_GtcrnStream`, `_EnsembleStream`).
     """
 
     chunk_context = 0.0
@@ -438,7 +529,7 @@ class SpeechEnhancer(Separator):
             return None
         return self._stream(audio, streams, max(1, block), cancelled)
 
-    def _stream(self, audio: A.Signal, streams: list[_FrameStream | _EnsembleStream], block: int,
+    def _stream(self, audio: A.Signal, streams: list, block: int,
                 cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
         primary, rest = self.spec.sources
         done = 0

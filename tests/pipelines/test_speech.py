@@ -136,17 +136,17 @@ def test_resampled_input_comes_back_at_its_rate(engine):
 
 # model -> largest difference from the whole-signal run: frame streams repeat its every operation;
 # the ensemble's low-pass sums directly where the whole run uses FFTs (equal here, but not by construction)
-STREAMED = {"deepfilternet3": 0.0, "rnnoise": 0.0, "dtln": 0.0, "deepfilternet3_dtln": 1e-6}
+STREAMED = {"deepfilternet3": 0.0, "rnnoise": 0.0, "dtln": 0.0, "gtcrn": 0.0, "deepfilternet3_dtln": 1e-6}
 
 
 @pytest.mark.parametrize("model_id", sorted(STREAMED))
 def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
     """The recurrent state carries across blocks: an hour streams in constant memory with a whole run's samples."""
     if model_id in STORE_MODELS and _shared_models() is None:
-        pytest.skip("the pretrained DTLN files (shared/models) are not on this machine; set STEMS_SHARED_MODELS")
+        pytest.skip("the pretrained GTCRN/DTLN files (shared/models) are not on this machine; set STEMS_SHARED_MODELS")
     from pipelines import audio as A
 
-    sr, tolerance = (48000 if model_id != "dtln" else 16000), STREAMED[model_id]
+    sr, tolerance = (16000 if model_id in ("dtln", "gtcrn") else 48000), STREAMED[model_id]
     speech = voiced(sr, 2.5, seed=8)
     mix = np.stack([speech + 0.1 * noise(speech.size, "pink", sr, 9), speech + 0.1 * noise(speech.size, "white", sr, 10)])
     mix = mix.astype(np.float32)
