@@ -8,12 +8,14 @@ not the track, and assembles the preset's stems. Audio moves as `Signal`s (see
 float32 files in a scratch directory for the worker (`run_stream`, `stream_model`).
 
 How a step is cut, by what its separator declares (`families/base.py`):
-- a separator with `separate_stream` (Demucs) separates incrementally and exactly: the
-  output equals a whole-signal run within float rounding, for any block size;
+- a separator with `separate_stream` (Demucs, the MDX-style ONNX models, the recurrent
+  speech models) separates incrementally and exactly on the whole signal's own grid or
+  state: the output equals a whole-signal run (within float rounding), for any block size;
 - `streamable` separators run on chunks of `chunk_seconds` plus `chunk_context` seconds of
   neighbouring audio each side, which is exact for methods that look no further;
-- the others (ONNX MDX, the recurrent speech models) get the whole signal at once, so their
-  memory grows with the track: input plus outputs, (1 + sources) x channels x 4 bytes a sample.
+- the others (DSP methods without a bounded context, SAM Audio) get the whole signal at
+  once, so their memory grows with the track: input plus outputs, (1 + sources) x channels
+  x 4 bytes a sample.
 Resampling to and from a model's rate streams too (soxr's streaming resampler gives the same
 samples as a one-shot resample).
 
