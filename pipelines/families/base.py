@@ -31,6 +31,7 @@ class Separator(ABC):
 
     chunk_context: float = 1.0
     streamable: bool = True
+    min_chunk_seconds: float = 0.0  # the engine's chunks are at least this long (see chunk_context)
 
     def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
         self.spec = spec

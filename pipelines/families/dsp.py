@@ -209,6 +209,10 @@ class _Params(BaseModel):
         """Seconds of neighbouring audio an output sample depends on; None = the whole signal."""
         raise NotImplementedError
 
+    def min_chunk_seconds(self) -> float:
+        """Shortest chunk worth cutting into (a long context makes short chunks mostly context)."""
+        return 0.0
+
 
 class CentreParams(_Params):
     """Phantom centre: a mid-channel mask from the side-to-mid power ratio, after cancelling the part of
@@ -244,6 +248,10 @@ class RepetSimParams(_Params):
     method: Literal["repet_sim"] = "repet_sim"
     neighbours: int = Field(30, ge=2, description="most similar frames whose median models the background")
     min_separation_s: float = Field(2.0, ge=0, description="similar frames must be at least this far apart")
+    # Similar frames are looked for within this distance: compute and memory grow with the
+    # track times the window, not with its square, and a long track streams in chunks. Bars,
+    # loops and phrases repeat well within a minute; a chorus two minutes later adds little.
+    window_s: float = Field(60.0, gt=0, description="similar frames are looked for this far either side")
     centre_threshold_db: float | None = Field(
         -15.0, description="stereo: keep foreground where side/mid is below this; None = off")
     harmonic: bool = Field(False, description="keep only harmonic (not percussive) foreground")
@@ -251,8 +259,12 @@ class RepetSimParams(_Params):
     lowcut_hz: float = Field(300.0, ge=0, description="no foreground below this frequency")
     mask_power: float = Field(0.7, gt=0, description="exponent of the final soft masks")
 
-    def context_seconds(self) -> None:
-        return None
+    def context_seconds(self) -> float:
+        # the window, the +-1 frame box of the centre mask, the harmonic mask's 0.3 s median
+        return support(self.hop_s, 1, self.window_s + (0.15 if self.harmonic else 0.0))
+
+    def min_chunk_seconds(self) -> float:
+        return 4 * self.window_s  # chunks twice as long as their two contexts: 1.5x the work, not 5x
 
 
 class WpeParams(_Params):
@@ -331,8 +343,10 @@ def percussive(x: np.ndarray, sr: int, p: HpssParams) -> np.ndarray:
     return stft.inverse(perc * spec, x.shape[1])
 
 
-def repeating_model(mag: np.ndarray, stft: Stft, neighbours: int, min_sep_frames: int) -> np.ndarray:
-    """REPET-SIM: each frame's background is the median of its most similar frames (cosine, log-band features)."""
+def repeating_model(mag: np.ndarray, stft: Stft, neighbours: int, min_sep_frames: int,
+                    window_frames: int) -> np.ndarray:
+    """REPET-SIM: each frame's background is the median of its most similar frames (cosine, log-band features)
+    among those at most `window_frames` away."""
     frames, bins = mag.shape
     f = stft.freqs()
     edges = np.geomspace(40.0, stft.sr / 2, 97)
@@ -347,13 +361,16 @@ def repeating_model(mag: np.ndarray, stft: Stft, neighbours: int, min_sep_frames
     k = max(1, min(neighbours, frames - 1))
     # a clip too short to look min_sep_frames away for k frames looks as far as it can (never at the frame itself)
     sep = max(0, min(min_sep_frames, (frames - k - 1) // 2))
+    window = max(window_frames, sep + k)  # enough candidates for k neighbours
     out = np.empty_like(mag)
-    cols = np.arange(frames)
-    for s in range(0, frames, 256):  # in row blocks: the full similarity matrix of a long track is too big
+    for s in range(0, frames, 256):  # in row blocks, against the columns their window reaches
         rows = np.arange(s, min(frames, s + 256))
-        sim = feat[rows] @ feat.T
-        sim[np.abs(rows[:, None] - cols[None, :]) <= sep] = -np.inf
-        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        lo, hi = max(0, s - window), min(frames, rows[-1] + window + 1)
+        cols = np.arange(lo, hi)
+        sim = feat[rows] @ feat[lo:hi].T
+        dist = np.abs(rows[:, None] - cols[None, :])
+        sim[(dist <= sep) | (dist > window)] = -np.inf
+        nearest = lo + np.argpartition(-sim, k - 1, axis=1)[:, :k]
         out[rows] = np.median(mag[nearest], axis=1)
     return np.minimum(mag, out)
 
@@ -362,7 +379,8 @@ def foreground(x: np.ndarray, sr: int, p: RepetSimParams) -> np.ndarray:
     stft = Stft(sr, p.hop_s)
     spec = stft.forward(x)
     mag = np.sqrt(power(spec).mean(axis=0))
-    fg = np.maximum(mag - repeating_model(mag, stft, p.neighbours, stft.frames_for(p.min_separation_s)), 0)
+    fg = np.maximum(mag - repeating_model(mag, stft, p.neighbours, stft.frames_for(p.min_separation_s),
+                                          stft.frames_for(p.window_s)), 0)
     if x.shape[0] == 2 and p.centre_threshold_db is not None:
         mid, side = (spec[0] + spec[1]) / 2, (spec[0] - spec[1]) / 2
         tau = 10 ** (p.centre_threshold_db / 10)
@@ -607,6 +625,7 @@ class DspSeparator(Separator):
         self.streamable = context is not None
         # whole seconds, so chunk boundaries stay on the frame grid (see the module docstring)
         self.chunk_context = float(math.ceil(context)) if context is not None else 0.0
+        self.min_chunk_seconds = self.config.min_chunk_seconds()
 
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         x = np.asarray(audio, dtype=np.float64)

@@ -166,8 +166,26 @@ def test_chunked_run_equals_whole_run(tmp_path, model_id):
 
 
 def test_non_streamable_methods_say_so():
-    assert not separator("dsp.repet_sim").streamable
     assert not separator("dsp.wpe").streamable
+
+
+def test_repet_sim_looks_within_its_window_so_long_tracks_stream(tmp_path):
+    """A 1 s window (60 s by default): chunks of 4 s plus their context give the whole run's output."""
+    seconds = 14.0
+    loop = np.tile(0.2 * melody(1.0, 71, 110.0, notes=4) + 0.2 * clicks(1.0), int(seconds))
+    x = np.stack([loop + 0.3 * melody(seconds, 72, 440.0, notes=28), loop]).astype(np.float32)
+    sep = separator("dsp.repet_sim", window_s=1.0, min_separation_s=0.25)
+    assert sep.streamable and sep.min_chunk_seconds == 4.0 and sep.chunk_context <= 2.0
+    whole = Engine(ModelStore(tmp_path), chunk_seconds=1000.0)
+    chunked = Engine(ModelStore(tmp_path), chunk_seconds=1.0)  # raised to the method's 4 s
+    for engine in (whole, chunked):
+        engine._warm["dsp.repet_sim"] = sep
+    a = whole.run_model("dsp.repet_sim", x, SR)
+    b = chunked.run_model("dsp.repet_sim", x, SR)
+    for source in a:
+        np.testing.assert_allclose(b[source], a[source], atol=1e-4, err_msg=source)
+    # the default window covers a whole short track: the result is the unwindowed REPET-SIM's
+    assert separator("dsp.repet_sim").config.window_s >= 60.0
 
 
 def test_enhancer_strength_zero_returns_the_input():
