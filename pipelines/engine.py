@@ -305,50 +305,9 @@ def assemble_signals(chain: Chain, produced: dict[str, Signal]) -> dict[str, Sig
     return stems
 
 
-def assemble(chain: Chain, produced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The preset's stems from the chain's sources as arrays (sums where a stem is several sources)."""
-    signals = assemble_signals(chain, {k: ArraySignal(v) for k, v in produced.items()})
-    return {k: v.to_array() for k, v in signals.items()}
-
-
 def _fit(y: np.ndarray, n: int) -> np.ndarray:
     if y.shape[1] == n:
         return y.astype(np.float32, copy=False)
     if y.shape[1] > n:
         return np.ascontiguousarray(y[:, :n], dtype=np.float32)
     return np.pad(y, ((0, 0), (0, n - y.shape[1]))).astype(np.float32)
-
-
-def run_chunked(fn: Callable[[np.ndarray], dict[str, np.ndarray]], audio: np.ndarray, sources: tuple[str, ...],
-                chunk: int, context: int, progress: Callable[[float], None] | None = None,
-                cancelled: Callable[[], bool] = _never) -> dict[str, np.ndarray]:
-    """Apply `fn` to overlapping chunks of an array and stitch the outputs (the engine's rule for streamable methods).
-
-    Each chunk is `chunk` samples of new audio plus `context` samples of neighbouring audio
-    on each side; the neighbours are discarded after processing, so the result equals a
-    whole-signal run for any method whose output depends on at most `context` samples of
-    surroundings. Silent chunks are not sent through `fn`. Cancellation is checked between chunks.
-    """
-    n = audio.shape[1]
-    if n <= chunk + 2 * context:
-        if cancelled():
-            raise Cancelled("job cancelled")
-        out = fn(audio)
-        if progress:
-            progress(1.0)
-        return {s: _fit(out[s], n) for s in sources}
-    result = {s: np.zeros_like(audio) for s in sources}
-    starts = range(0, n, chunk)
-    for k, start in enumerate(starts):
-        if cancelled():
-            raise Cancelled("job cancelled")
-        stop = min(n, start + chunk)
-        lo, hi = max(0, start - context), min(n, stop + context)
-        piece = audio[:, lo:hi]
-        if not A.is_silent(piece):
-            out = fn(piece)
-            for s in sources:
-                result[s][:, start:stop] = _fit(out[s], hi - lo)[:, start - lo: stop - lo]
-        if progress:
-            progress((k + 1) / len(starts))
-    return result

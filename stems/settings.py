@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", validation_alias=_env("STEMS_DEVICE"), description="`auto`, `cpu` or `cuda[:N]` for neural models")
     chunk_seconds: float = Field(30.0, validation_alias=_env("STEMS_CHUNK_SECONDS"),
         description="audio processed per chunk (memory follows the chunk, not the track)")
+    cache_max_bytes: int = Field(20 << 30, ge=0, validation_alias=_env("STEMS_CACHE_MAX_BYTES"),
+        description="bound of a worker host's step cache in STEMS_DATA_DIR/cache; 0 turns it off")
     api_host: str = Field("127.0.0.1", validation_alias=_env("STEMS_API_HOST"), description="API bind address")
     api_port: int = Field(8000, validation_alias=_env("STEMS_API_PORT"), description="API port")
     flower_port: int = Field(5555, validation_alias=_env("STEMS_FLOWER_PORT"), description="Flower port (`make up`)")

@@ -7,6 +7,18 @@ from stems.redisboot import start_redis
 from tests.support import ServiceStack, start_moto
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """For modules of tiny torch models: they gain nothing from intra-op threads, and on a busy
+    2-core machine OpenMP's spin-waiting made test_demucs_family.py take 100 s instead of 27 s."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     proc, url = start_redis(tmp_path_factory.mktemp("redis"))

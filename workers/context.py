@@ -12,7 +12,6 @@ enter the cache as hard links rather than copies.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,21 +24,8 @@ from stems.settings import Settings, get_settings
 from stems.storage import Storage, make_storage
 
 
-CACHE_MAX_BYTES_ENV = "STEMS_CACHE_MAX_BYTES"
-DEFAULT_CACHE_MAX_BYTES = 20 << 30
-
-
-def cache_max_bytes() -> int:
-    raw = os.environ.get(CACHE_MAX_BYTES_ENV, "")
-    try:
-        return int(raw) if raw.strip() else DEFAULT_CACHE_MAX_BYTES
-    except ValueError:
-        raise ValueError(f"{CACHE_MAX_BYTES_ENV}={raw!r} is not a whole number of bytes") from None
-
-
-def make_cache(data_dir: Path) -> StepCache | None:
-    limit = cache_max_bytes()
-    return StepCache(Path(data_dir) / "cache", limit) if limit > 0 else None
+def make_cache(s: Settings) -> StepCache | None:
+    return StepCache(Path(s.data_dir) / "cache", s.cache_max_bytes) if s.cache_max_bytes > 0 else None
 
 
 @dataclass
@@ -61,6 +47,6 @@ def context() -> WorkerContext:
         store=JobStore.from_url(s.redis_url, s.key_prefix),
         storage=make_storage(s),
         models=models,
-        engine=Engine(models, device=s.device, chunk_seconds=s.chunk_seconds, cache=make_cache(s.data_dir)),
+        engine=Engine(models, device=s.device, chunk_seconds=s.chunk_seconds, cache=make_cache(s)),
         scratch_dir=Path(s.data_dir) / "work",
     )

@@ -148,7 +148,7 @@ def separate(job: Job, mix: A.Signal, sr: int, ctx: WorkerContext, progress, can
             "residual": (A.ArraySignal((mix_a - target).astype(np.float32)), made_by)}
 
 
-def store_stem(stem: Stem, data: A.Signal | np.ndarray, sr: int, job: Job, tmp: Path, ctx: WorkerContext,
+def store_stem(stem: Stem, signal: A.Signal, sr: int, job: Job, tmp: Path, ctx: WorkerContext,
                made_by: str) -> None:
     """Write the WAV and HQ encode (block by block, one pass), upload both, then mark the record complete.
 
@@ -156,7 +156,6 @@ def store_stem(stem: Stem, data: A.Signal | np.ndarray, sr: int, job: Job, tmp: 
     encoding settings: a stem another job already made (acapella's vocals are 4_tracks' vocals)
     is uploaded from the cache instead of encoded again.
     """
-    signal = A.ArraySignal(data) if isinstance(data, np.ndarray) else data
     wav, hq = _encoded(stem, signal, sr, tmp, ctx)
     wav_key = keys.stem(job.user_id, job.id, stem.id, "wav")
     ctx.storage.put_file(wav_key, wav)
@@ -230,7 +229,7 @@ _HOST = socket.gethostname().replace("-", "_")
 
 def scratch_dir(ctx: WorkerContext) -> Path | None:
     """Where job scratch directories go (the data dir, so cache entries can be hard links), swept of dead ones."""
-    root = getattr(ctx, "scratch_dir", None)
+    root = ctx.scratch_dir
     if root is None:
         return None
     root.mkdir(parents=True, exist_ok=True)

@@ -43,15 +43,13 @@ class _Backend(ABC):
         """Load weights (once per process)."""
 
     def enhance(self, x: np.ndarray) -> np.ndarray:
-        """Enhanced speech, same length as `x` and aligned with it."""
+        """Enhanced speech, same length as `x` and aligned with it: the stream fed `x` in one block."""
         stream = self.stream()
-        if stream is None:
-            raise NotImplementedError(f"{type(self).__name__} implements neither enhance nor stream")
         return np.concatenate([stream.push(x), stream.finish()])
 
-    def stream(self) -> "_FrameStream | _GtcrnStream | _EnsembleStream | None":
-        """A fresh streaming enhancer (fresh recurrent state), or None when the model needs the whole signal."""
-        return None
+    @abstractmethod
+    def stream(self) -> "_FrameStream | _GtcrnStream | _EnsembleStream":
+        """A fresh streaming enhancer (fresh recurrent state): `push` blocks, then `finish`; `close` frees it."""
 
 
 class _FrameStream:
@@ -407,22 +405,13 @@ class _DfnDtlnEnsemble(_Backend):
     def stream(self) -> "_EnsembleStream":
         return _EnsembleStream(self)
 
-    def enhance(self, x: np.ndarray) -> np.ndarray:
-        from scipy.signal import oaconvolve
-
-        dfn = self._dfn.enhance(x)
-        low = A.resample(x[None], self.RATE, self.DTLN_RATE)[0]
-        dtln = A.resample(self._dtln.enhance(low)[None], self.DTLN_RATE, self.RATE)[0]
-        dtln = np.pad(dtln[:x.size], (0, max(0, x.size - dtln.size)))
-        diff = oaconvolve(dtln.astype(np.float64) - dfn, self._lowpass, mode="same")
-        return (dfn + self.params.dtln_weight * diff).astype(np.float32)
-
 
 class _EnsembleStream:
-    """`_DfnDtlnEnsemble.enhance` block by block: both models' streams, soxr's streaming resamplers
-    around DTLN, and the zero-phase low-pass as a running FIR whose output is dropped for its
-    first half-length and flushed with as many zeros (what "same" mode does at the edges).
-    Equal to the whole-signal result up to the FIR's float rounding (direct sums here, FFT there).
+    """The ensemble block by block: both models' streams, soxr's streaming resamplers around
+    DTLN (their output equals a one-shot resample), and the zero-phase low-pass as a running
+    FIR whose output is dropped for its first half-length and flushed with as many zeros (a
+    "same"-mode convolution of the whole difference); DTLN's estimate is cut or zero-padded to
+    the input's length.
     """
 
     def __init__(self, ensemble: "_DfnDtlnEnsemble") -> None:
@@ -524,10 +513,7 @@ class SpeechEnhancer(Separator):
 
     def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
                         cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
-        streams = [self.backend.stream() for _ in range(audio.channels)]
-        if any(s is None for s in streams):
-            return None
-        return self._stream(audio, streams, max(1, block), cancelled)
+        return self._stream(audio, [self.backend.stream() for _ in range(audio.channels)], max(1, block), cancelled)
 
     def _stream(self, audio: A.Signal, streams: list, block: int,
                 cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:

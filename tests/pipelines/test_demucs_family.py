@@ -28,14 +28,7 @@ DEMUCS_IDS = sorted(m for m, spec in load_registry().items() if spec.family == "
 TOLERANCE = 1e-4  # max abs difference from demucs's own path; batching and threads reorder float sums
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    spin-waiting made this file take 100 s instead of 27 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

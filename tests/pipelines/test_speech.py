@@ -135,7 +135,7 @@ def test_resampled_input_comes_back_at_its_rate(engine):
 
 
 # model -> largest difference from the whole-signal run: frame streams repeat its every operation;
-# the ensemble's low-pass sums directly where the whole run uses FFTs (equal here, but not by construction)
+# the ensemble's running FIR sums a different number of terms per block (equal here, but not by construction)
 STREAMED = {"deepfilternet3": 0.0, "rnnoise": 0.0, "dtln": 0.0, "gtcrn": 0.0, "deepfilternet3_dtln": 1e-6}
 
 
