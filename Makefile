@@ -23,8 +23,9 @@ models: install
 	  $(BIN)/stems models install deepfilternet3_dtln /tmp/dtln_model_1.onnx /tmp/dtln_model_2.onnx >/dev/null && \
 	  echo "installed gtcrn, dtln and deepfilternet3_dtln from $(SHARED)/models"; fi
 
+# make run [FILE=song.mp3] [PRESET=2_tracks] [SELECTION=30:60]
 run: install models
-	$(BIN)/python -m stems.cli stack demo
+	$(BIN)/python -m stems.cli stack demo $(if $(FILE),--file "$(FILE)") $(if $(PRESET),--preset "$(PRESET)") $(if $(SELECTION),--selection "$(SELECTION)")
 
 up: install
 	$(BIN)/python -m stems.cli stack up

@@ -7,6 +7,8 @@ from fastapi import APIRouter, Header
 from pydantic import ValidationError
 
 from pipelines.errors import PresetError
+from pipelines.custom import plan as plan_custom
+from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.presets import load_catalogue
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
@@ -78,41 +80,39 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
     except PresetError as exc:
         raise Invalid(exc.message, field="preset", known=exc.fields.get("known")) from None
     kind, source_id, audio_id, duration = resolve_source(svc, user, body)
-    params: dict = {"bit_depth": body.bit_depth, "hq_streaming_format": body.hq_streaming_format}
     start, end = 0.0, duration
+    selection = None
     if body.selection:
         if body.selection.end > duration + 1e-3:
             raise Invalid(f"selection ends at {body.selection.end} s, after the end of the audio ({duration:.3f} s)",
                           field="selection.end")
         start, end = body.selection.start, min(body.selection.end, duration)
-        params["selection"] = {"start": start, "end": end}
+        selection = Selection(start=start, end=end)
+    restoration = None
     if body.restoration_params:
         try:
             catalogue.restoration(body.restoration_params.preset)
         except PresetError as exc:
             raise Invalid(exc.message, field="restoration_params.preset") from None
-        params["restoration"] = body.restoration_params.model_dump()
+        restoration = RestorationSpec(**body.restoration_params.model_dump())
     if body.callback_url:
         check_url(body.callback_url, svc.settings)
     avail = svc.availability
     stems = list(preset.output_stems())
+    custom = None
     if preset.prompt_guided:
         fields = custom_fields(body, svc.settings.max_prompt_chars)
         for span in fields.spans or []:
             if span.start < start or span.end > end:
                 raise Invalid(f"span {span.start}-{span.end} s is outside the selection {start}-{end} s", field="spans")
-        params.update(fields.model_dump())
-        route = catalogue.route_prompt(fields.prompt)
-        if route is None:
-            raise Invalid(
-                "this deployment has no prompt-guided model installed (SAM Audio) and the prompt names no stem "
-                "an installed chain produces; try e.g. 'lead vocal', 'drums', 'bass', 'speech' or 'snare and kick'",
-                field="prompt", sam_model=fields.sam_model)
-        routed = catalogue.preset(route.preset)
-        chain_index, chain = avail.pick(routed)
-        params["route"] = {"preset": routed.name, "stems": list(route.stems), "chain_index": chain_index}
+        custom = plan_custom(fields.prompt, fields.sam_model, fields.stereo_mode,
+                             [TimeRange(start=s.start, end=s.end) for s in fields.spans or []], avail.pick)
+        chain_index, chain = None, catalogue.preset(custom.route.preset).chains[custom.route.chain_index]
     else:
         chain_index, chain = avail.pick(preset)
+    hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
+    spec = SplitSpec(preset=preset.name, chain_index=chain_index, selection=selection, bit_depth=body.bit_depth,
+                     hq_format=hq, custom=custom, restoration=restoration)
 
     def run() -> dict:
         # inside `run`: a replay of an accepted Idempotency-Key answers its job even when the quota is full now
@@ -120,9 +120,7 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
             raise RateLimited(f"{svc.settings.max_active_jobs} splits are already queued or running for this key",
                               retry_after=30)
         job = Job(user_id=user, preset=preset.name, audio_id=audio_id, source_kind=kind, source_id=source_id,
-                  params=params, queue=chain.queue, chain_index=chain_index, audio_seconds=end - start,
-                  callback_url=body.callback_url)
-        hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
+                  spec=spec, queue=chain.queue, audio_seconds=end - start, callback_url=body.callback_url)
         records = [Stem(user_id=user, job_id=job.id, name=n, bit_depth=body.bit_depth, hq_format=hq) for n in stems]
         upscaled = []
         if body.restoration_params:

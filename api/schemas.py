@@ -6,23 +6,15 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SAM_MODELS = ("sam-audio-small", "sam-audio-base", "sam-audio-large")
-STEREO_MODES = ("mono", "mid_sides", "left_right")
+from pipelines.jobspec import SAM_MODELS, STEREO_MODES, TimeRange
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Span(Strict):
-    start: float = Field(..., ge=0, description="seconds from the start of the source")
-    end: float = Field(..., gt=0, description="seconds from the start of the source")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "Span":
-        if self.start >= self.end:
-            raise ValueError("start must be before end")
-        return self
+class Span(TimeRange):
+    """A time range, in seconds from the start of the source."""
 
 
 class Selection(Span):

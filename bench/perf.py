@@ -114,6 +114,7 @@ class Worker:
 def create_job(ctx, path: Path, preset: str, selection, hq: str, bit_depth: int, assets: dict | None = None) -> str:
     """Upload `path` (once) and record a job and its stems as POST /create-stems does."""
     from pipelines import audio as A
+    from pipelines.jobspec import SplitSpec
     from pipelines.presets import load_catalogue
     from stems.models import AssetStatus, AudioAsset, Job, Stem
 
@@ -129,12 +130,11 @@ def create_job(ctx, path: Path, preset: str, selection, hq: str, bit_depth: int,
     duration = ctx.store.get_asset(asset_id).info["duration"]
     p = load_catalogue().preset(preset)
     index, chain = p.pick_chain(ctx.models.missing)
-    params: dict = {"bit_depth": bit_depth, "hq_streaming_format": hq}
     start, end = (0.0, duration) if selection is None else selection
-    if selection is not None:
-        params["selection"] = {"start": start, "end": end}
+    spec = SplitSpec(preset=preset, chain_index=index, bit_depth=bit_depth, hq_format=None if hq == "none" else hq,
+                     selection=None if selection is None else {"start": start, "end": end})
     job = Job(user_id="bench", preset=preset, audio_id=asset_id, source_kind="audio", source_id=asset_id,
-              params=params, queue=chain.queue, chain_index=index, audio_seconds=end - start)
+              spec=spec, queue=chain.queue, audio_seconds=end - start)
     stems = [Stem(user_id="bench", job_id=job.id, name=n, bit_depth=bit_depth, hq_format=None if hq == "none" else hq)
              for n in p.output_stems()]
     job.stem_ids = [s.id for s in stems]

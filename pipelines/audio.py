@@ -484,6 +484,35 @@ class StackSignal(Signal):
         return np.concatenate([p.read(lo, hi) for p in self.parts], axis=0)
 
 
+class Mixed(Signal):
+    """A weighted sum of signals of one shape, computed per read (residuals, mid and side, wet/dry mixes)."""
+
+    def __init__(self, parts: list[tuple[Signal, float]]) -> None:
+        self.parts = parts
+        self.channels, self.frames = parts[0][0].channels, parts[0][0].frames
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        out = np.zeros((self.channels, max(0, min(hi, self.frames) - max(lo, 0))), np.float32)
+        for signal, weight in self.parts:
+            out += np.float32(weight) * signal.read(lo, hi)
+        return out
+
+
+class Gated(Signal):
+    """A signal kept inside frame ranges [lo, hi) and zero elsewhere, per read."""
+
+    def __init__(self, signal: Signal, ranges: list[tuple[int, int]]) -> None:
+        self.signal, self.ranges = signal, ranges
+        self.channels, self.frames = signal.channels, signal.frames
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        block = self.signal.read(lo, hi)
+        gate = np.zeros(block.shape[1], np.float32)
+        for a, b in self.ranges:
+            gate[max(a - lo, 0):max(b - lo, 0)] = 1.0
+        return block * gate
+
+
 class FrameWriter:
     """Blocks written in order to a `.npy` FrameFile; tracks the peak and, optionally, the content digest.
 

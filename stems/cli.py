@@ -78,43 +78,10 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def _selection(text: str | None) -> tuple[float, float | None]:
-    if not text:
-        return 0.0, None
-    start, _, end = text.partition(":")
-    return float(start or 0), (float(end) if end else None)
-
-
 def cmd_split(args) -> int:
-    from tqdm import tqdm
+    from .localsplit import run
 
-    from pipelines import audio as A
-    from pipelines.engine import Engine
-    from pipelines.errors import StemsError
-
-    start, end = _selection(args.selection)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        audio, sr = A.decode(Path(args.file), start, end)
-        engine = Engine(_model_store(args), device=args.device, chunk_seconds=_settings().chunk_seconds)
-        with tqdm(total=100, unit="%", desc=args.preset, file=sys.stderr) as bar:
-            def progress(f: float, stage: str) -> None:
-                bar.set_postfix_str(stage)
-                bar.update(int(f * 100) - bar.n)
-
-            result = engine.run(args.preset, audio, sr, progress=progress)
-            bar.update(100 - bar.n)
-        for name, data in result.stems.items():
-            path = out / f"{name}.wav"
-            A.write_wav(path, data, sr, args.bit_depth)
-            if args.hq != "none":
-                A.encode_hq(out / f"{name}.{A.hq_extension(args.hq)}", data, sr, args.hq)
-            print(f"{path}\t{result.made_by[name]}")
-    except StemsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(args, _model_store(args), _settings())
 
 
 def cmd_worker(args) -> int:
@@ -142,10 +109,14 @@ def cmd_settings(args) -> int:
 def cmd_stack(args) -> int:
     from . import stack
 
-    return {"up": stack.up, "down": stack.down, "demo": stack.demo}[args.action]()
+    if args.action == "demo":
+        return stack.demo(args.file, args.preset, args.selection)
+    return {"up": stack.up, "down": stack.down}[args.action]()
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.jobspec import SAM_MODELS, STEREO_MODES
+
     ap = argparse.ArgumentParser(prog="stems", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -172,15 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--model-dir")
     pr.set_defaults(fn=cmd_presets)
 
-    sp = sub.add_parser("split", help="split a file locally, no server")
+    sp = sub.add_parser("split", help="split a file locally, no server (the worker's own streaming path)")
     sp.add_argument("file")
     sp.add_argument("--preset", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--selection", help="START:END in seconds")
-    sp.add_argument("--bit-depth", type=int, choices=(16, 24, 32), default=24)
-    sp.add_argument("--hq", choices=("aac", "mp3", "opus", "flac", "none"), default="none")
+    sp.add_argument("--out", required=True, help="directory for the stems")
+    sp.add_argument("--selection", help="START:END in seconds: split only this part")
+    sp.add_argument("--bit-depth", type=int, choices=(16, 24, 32), default=24, help="WAV bit depth (32 = float)")
+    sp.add_argument("--hq", choices=("aac", "mp3", "opus", "flac", "none"), default="none",
+                    help="also write each stem in this format")
+    sp.add_argument("--chain", help="run this chain of the preset (its index, or its models joined by '+', as "
+                                    "`stems presets` lists them), e.g. a fallback; default: the best one installed")
+    sp.add_argument("--restore", metavar="PRESET[:STRENGTH]",
+                    help="also write a restored copy of each stem (e.g. universal_enhancer:0.7)")
+    custom = sp.add_argument_group("custom preset")
+    custom.add_argument("--prompt", help="what to extract, e.g. 'lead vocal'")
+    custom.add_argument("--sam-model", choices=SAM_MODELS, default="sam-audio-base")
+    custom.add_argument("--stereo-mode", choices=STEREO_MODES, default="mono")
+    custom.add_argument("--spans", help="START:END[,START:END...] in seconds of the source: extract only there")
     sp.add_argument("--model-dir")
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: STEMS_DEVICE)")
     sp.set_defaults(fn=cmd_split)
 
     wk = sub.add_parser("worker", help="run a Celery worker")
@@ -195,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sk = sub.add_parser("stack", help="the development stack (make up / down / run)")
     sk.add_argument("action", choices=("up", "down", "demo"))
+    sk.add_argument("--file", help="demo: the audio file to split (default: a generated sample)")
+    sk.add_argument("--preset", default="phantom_center", help="demo: the preset")
+    sk.add_argument("--selection", help="demo: START:END in seconds")
     sk.set_defaults(fn=cmd_stack)
 
     args = ap.parse_args(argv)

@@ -7,6 +7,8 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
+from pipelines.jobspec import SplitSpec
+
 
 def new_id() -> str:
     return str(uuid.uuid4())
@@ -85,9 +87,8 @@ class Job(BaseModel):
     audio_id: str  # the original upload this job's audio descends from
     source_kind: str  # audio | stem | upscaled
     source_id: str
-    params: dict
+    spec: SplitSpec  # what to make: preset, chain, selection, formats, custom and restoration fields
     queue: str
-    chain_index: int
     status: JobStatus = JobStatus.queued
     progress: float = 0.0
     stage: str = "queued"

@@ -38,7 +38,12 @@ def free_port() -> int:
 
 
 def start_redis(run_dir: Path, port: int | None = None, persist: bool = False) -> tuple[subprocess.Popen, str]:
-    """Start a private redis-server; returns the process and its URL."""
+    """Start a private redis-server; returns the process and its URL.
+
+    Every path handed to the server is absolute: redis-server changes into `--dir` before it
+    opens `--logfile`, so a relative log path would be looked up from inside `run_dir`.
+    """
+    run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),

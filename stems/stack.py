@@ -166,52 +166,79 @@ def make_sample(path: Path, seconds: float = 12.0, sr: int = 44100) -> None:
     write_wav(path, np.stack([left, right]).astype(np.float32) * 0.9, sr, 24)
 
 
-def demo() -> int:
-    """`make run`: start the stack, split a generated sample through the HTTP API, save the stems."""
+def demo(file: str | None = None, preset: str = "phantom_center", selection: str | None = None) -> int:
+    """`make run`: start the stack, split a file (default: a generated sample) through the HTTP API, save the stems."""
+    from pipelines.jobspec import Selection
+
     from .settings import get_settings
 
     s = get_settings()
+    if file and not Path(file).is_file():
+        print(f"{file}: no such file")
+        return 2
     up()
     base = f"http://127.0.0.1:{s.api_port}"
     headers = {"x-api-key": (RUN / "dev-api-key").read_text().strip()}
     out = Path("out")
     out.mkdir(exist_ok=True)
-    sample = out / "sample.wav"
-    make_sample(sample)
+    if file:
+        sample = Path(file)
+    else:
+        sample = out / "sample.wav"
+        make_sample(sample)
+        selection = selection or "2:10"
+    body: dict = {"preset": preset}
+    if selection:
+        start, _, end = selection.partition(":")
+        chosen = Selection(start=float(start or 0), end=float(end) if end else None)
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
         with open(sample, "rb") as f:
-            audio_id = client.post("/from-file", files={"file": ("sample.wav", f, "audio/wav")}).raise_for_status().json()["audio_id"]
+            audio_id = _ok(client.post("/from-file", files={"file": (sample.name, f, "application/octet-stream")}))["audio_id"]
         status = _poll(client, f"/status/audio/{audio_id}", {"complete", "failed"})
         if status["status"] != "complete":
             print(f"import failed: {status['error']}")
             return 1
         print(f"uploaded {sample} ({status['duration']:.1f} s, {status['sample_rate']} Hz) as {audio_id}")
-        presets = client.get("/presets").json()["presets"]
-        available = [p["name"] for p in presets if p["available"]]
-        print(f"available presets here: {', '.join(available)}")
-        job = client.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio_id,
-                                                 "selection": {"start": 2.0, "end": 10.0}}).raise_for_status().json()
-        status = _poll(client, f"/status/stem_split/{job['creation_id']}", {"complete", "failed", "cancelled"})
+        presets = _ok(client.get("/presets"))["presets"]
+        print(f"available presets here: {', '.join(p['name'] for p in presets if p['available'])}")
+        if selection:
+            body["selection"] = {"start": chosen.start, "end": chosen.end or status["duration"]}
+        r = client.post("/create-stems", json={**body, "audio_id": audio_id})
+        if r.status_code != 200:
+            print(f"split refused ({r.status_code}): {r.json().get('detail')}")
+            return 1
+        job = r.json()
+        print(f"splitting with {preset} as job {job['creation_id']} ...")
+        status = _poll(client, f"/status/stem_split/{job['creation_id']}", {"complete", "failed", "cancelled"},
+                       timeout=max(300.0, 10 * status["duration"]))
         if status["status"] != "complete":
-            print(f"split failed: {status['error']}")
+            print(f"split {status['status']}: {status['error']}")
             return 1
         target = out / job["creation_id"]
         target.mkdir(exist_ok=True)
         for stem in status["stems"]:
             path = target / f"{stem['name']}.wav"
-            path.write_bytes(client.get(stem["download"]["wav"]).raise_for_status().content)
-            print(f"  {stem['name']:10} {stem['duration']:.2f} s  by {stem['made_by']:12} -> {path}")
+            path.write_bytes(_ok(client.get(stem["download"]["wav"]), json=False))
+            print(f"  {stem['name']:12} {stem['duration']:.2f} s  by {stem['made_by']:14} -> {path}")
         zip_path = target / "stems.zip"
-        zip_path.write_bytes(client.post("/download-archive", json={"creation_id": job["creation_id"]}).raise_for_status().content)
+        zip_path.write_bytes(_ok(client.post("/download-archive", json={"creation_id": job["creation_id"]}), json=False))
         print(f"  all stems as one zip -> {zip_path}")
-    print(f"stems written to {target.resolve()}; the stack is still up (make down stops it)")
+    print(f"\nstems written to {target.resolve()}\n"
+          f"open the API at {base}/docs (key in {RUN / 'dev-api-key'}); the job: GET {base}/status/stem_split/{job['creation_id']}\n"
+          "the stack is still up (make down stops it)")
     return 0
+
+
+def _ok(r: httpx.Response, json: bool = True):
+    if r.status_code >= 400:
+        raise RuntimeError(f"{r.request.method} {r.request.url.path} answered {r.status_code}: {r.text[:500]}")
+    return r.json() if json else r.content
 
 
 def _poll(client: httpx.Client, path: str, done: set[str], timeout: float = 300.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = client.get(path).raise_for_status().json()
+        status = _ok(client.get(path))
         if status["status"] in done:
             return status
         time.sleep(0.3)
@@ -219,4 +246,4 @@ def _poll(client: httpx.Client, path: str, done: set[str], timeout: float = 300.
 
 
 if __name__ == "__main__":
-    sys.exit({"up": up, "down": down, "demo": demo}[sys.argv[1]]())
+    sys.exit({"up": up, "down": down, "demo": demo}[sys.argv[1]]())  # python -m stems.stack up|down|demo

@@ -69,12 +69,12 @@ def _job(ctx, path: Path, preset: str, selection: dict | None = None, hq: str | 
     asset = AudioAsset(user_id="u", origin="upload", status=AssetStatus.complete, object_key=f"src/{uuid.uuid4().hex}")
     ctx.storage.put_file(asset.object_key, path)
     ctx.store.put_asset(asset)
+    from pipelines.jobspec import SplitSpec
+
     index, chain = load_catalogue().preset(preset).pick_chain(ctx.models.missing)
-    params = {"bit_depth": 32, "hq_streaming_format": hq or "none"}
-    if selection:
-        params["selection"] = selection
-    job = Job(user_id="u", preset=preset, audio_id=asset.id, source_kind="audio", source_id=asset.id, params=params,
-              queue=chain.queue, chain_index=index)
+    spec = SplitSpec(preset=preset, chain_index=index, selection=selection, bit_depth=32, hq_format=hq)
+    job = Job(user_id="u", preset=preset, audio_id=asset.id, source_kind="audio", source_id=asset.id, spec=spec,
+              queue=chain.queue)
     stems = [Stem(user_id="u", job_id=job.id, name=n, bit_depth=32, hq_format=hq)
              for n in load_catalogue().preset(preset).output_stems()]
     job.stem_ids = [s.id for s in stems]

@@ -1,0 +1,184 @@
+"""One split, start to finish, for the worker and the local CLI alike: decode, separate, restore, encode.
+
+`run` decodes the selection block by block into a scratch file, separates it chunk by chunk
+(`Engine.run_stream`, or `pipelines.custom` for the prompt-guided preset), restores each stem
+when asked, and writes each stem's WAV and HQ copy block by block, so memory follows the
+chunk and the model, not the track. Each finished file set is handed to `deliver` (the worker
+uploads it and records it; the CLI moves it into the output directory). Nothing here knows
+where the source came from or where the stems go.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import audio as A
+from . import custom
+from .cache import file_key
+from .engine import Engine, Progress
+from .errors import Cancelled
+from .jobspec import Output, SplitSpec
+from .presets import load_catalogue
+
+STORE_BLOCK_S = 10  # seconds of a stem written per block
+ENCODE_THREADS = max(1, min(4, os.cpu_count() or 1))  # stems encoded at once (encoders release the GIL)
+
+# where the stages sit on the job's 0..1 progress scale
+DECODED, SEPARATED, ENCODED = 0.05, 0.8, 0.95
+
+
+@dataclass
+class Product:
+    """One stem's encoded files, ready to deliver. `of` names the stem a restored copy restores."""
+
+    name: str
+    of: str | None
+    wav: Path
+    hq: Path | None
+    made_by: str
+    frames: int
+    channels: int
+    sample_rate: int
+
+
+@dataclass
+class Done:
+    """What a finished split made: the model behind each stem, and the length of what was split."""
+
+    made_by: dict[str, str]
+    frames: int
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def _never() -> bool:
+    return False
+
+
+def _check(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise Cancelled("job cancelled")
+
+
+def decode_selection(source: Path, workdir: Path, spec: SplitSpec, digest: bool = False) -> tuple[A.FrameFile, int]:
+    return A.decode_to_file(source, workdir / "mix.npy", spec.start, spec.end, digest=digest)
+
+
+def separate(engine: Engine, spec: SplitSpec, mix: A.Signal, sr: int, workdir: Path | None,
+             progress: Progress | None = None, cancelled: Callable[[], bool] = _never) -> dict[str, Output]:
+    """The stems of `spec` as {name: Output}; `custom` runs its stereo mode and spans around the extractor."""
+    if spec.custom is not None:
+        return custom.extract(engine, spec.custom, mix, sr, workdir, spec.start, progress, cancelled)
+    result = engine.run_stream(spec.preset, mix, sr, workdir, spec.chain_index, progress, cancelled)
+    return {name: Output(signal, result.made_by[name]) for name, signal in result.stems.items()}
+
+
+def restore(engine: Engine, spec: SplitSpec, stem: Output, sr: int, workdir: Path | None,
+            cancelled: Callable[[], bool] = _never) -> Output:
+    """The restored copy of a stem: `strength` x restored + (1 - strength) x the stem."""
+    preset = load_catalogue().restoration(spec.restoration.preset)
+    wet = engine.stream_model(preset.model, stem.signal, sr, workdir, cancelled=cancelled)[preset.source]
+    s = spec.restoration.strength
+    return Output(A.Mixed([(wet, s), (stem.signal, 1.0 - s)]), preset.model)
+
+
+def encode(engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int, hq_format: str | None) -> tuple[Path, Path | None]:
+    """`dest`.wav and its HQ copy, written block by block in one pass over the signal.
+
+    With a step cache, encoded files are cached too, keyed by the samples and the encoding
+    settings: a stem another job already made (acapella's vocals are 4_tracks' vocals) is
+    copied from the cache instead of encoded again.
+    """
+    cache, key = engine.cache, None
+    if cache is not None:
+        key = file_key("stem-files", samples=A.content_digest(signal), sample_rate=sr, channels=signal.channels,
+                       frames=signal.frames, bit_depth=bit_depth, hq_format=hq_format, encoder=A.encoder_identity())
+        hit = cache.get_files(key, dest.parent / f"{dest.name}-cached")
+        if hit is not None:
+            return hit["wav"], hit.get("hq")
+    wav = dest.with_name(dest.name + ".wav")
+    hq = dest.with_name(f"{dest.name}.{A.hq_extension(hq_format)}") if hq_format else None
+    with A.WavWriter(wav, sr, signal.channels, bit_depth) as w, \
+            (A.HqEncoder(hq, sr, signal.channels, hq_format) if hq else contextlib.nullcontext()) as encoder:
+        for _, block in signal.blocks(STORE_BLOCK_S * sr):
+            w.write(block)
+            if encoder is not None:
+                encoder.write(block)
+    if key is not None:
+        cache.put_files(key, {"wav": wav, **({"hq": hq} if hq is not None else {})})
+    return wav, hq
+
+
+def encode_all(engine: Engine, spec: SplitSpec, items: list[tuple[str, str | None, Output]], sr: int, workdir: Path,
+               deliver: Callable[[Product], None], progress: Progress | None, cancelled: Callable[[], bool],
+               at: float, span: float) -> None:
+    """Encode and deliver several stems at once, on up to ENCODE_THREADS threads.
+
+    A failure (or a cancellation, checked before each stem starts) stops stems not yet
+    started; it is raised once the running ones have finished, so nothing is delivered after it.
+    """
+    if not items:
+        return
+
+    def one(name: str, of: str | None, out: Output) -> None:
+        _check(cancelled)
+        wav, hq = encode(engine, out.signal, sr, workdir / f"out-{name}", spec.bit_depth, spec.hq_format)
+        deliver(Product(name, of, wav, hq, out.made_by, out.signal.frames, out.signal.channels, sr))
+
+    with ThreadPoolExecutor(max(1, min(len(items), ENCODE_THREADS)), thread_name_prefix="encode") as pool:
+        futures = {pool.submit(one, *item): item[0] for item in items}
+        try:
+            for i, future in enumerate(as_completed(futures)):
+                future.result()
+                if progress:
+                    progress(at + span * (i + 1) / len(items), f"stored {futures[future]}")
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def run(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, deliver: Callable[[Product], None],
+        progress: Progress | None = None, cancelled: Callable[[], bool] = _never,
+        wanted: set[str] | None = None) -> Done:
+    """Split `source` as `spec` asks, delivering each stem (then each restored copy) as it is encoded.
+
+    `wanted` limits delivery to those stem names (the worker's records). A preset that drops
+    silent stems makes fewer than it declares: `Done.made_by` lists those it made.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    if progress:
+        progress(0.0, "decoding")
+    mix, sr = decode_selection(source, workdir, spec, digest=engine.cache is not None)
+    stems: dict[str, Output] = {}
+    try:
+        if progress:
+            progress(DECODED, "separating")
+        stems = separate(engine, spec, mix, sr, workdir,
+                         progress and (lambda f, m: progress(DECODED + (SEPARATED - DECODED) * f, f"separating ({m})")),
+                         cancelled)
+        _check(cancelled)
+        chosen = [(name, None, out) for name, out in stems.items() if wanted is None or name in wanted]
+        if progress:
+            progress(SEPARATED, "encoding")
+        encode_all(engine, spec, chosen, sr, workdir, deliver, progress, cancelled, SEPARATED, ENCODED - SEPARATED)
+        if spec.restoration is not None:
+            for i, (name, _, out) in enumerate(chosen):
+                _check(cancelled)
+                if progress:
+                    progress(ENCODED + (1 - ENCODED) * i / len(chosen), f"restoring {name}")
+                restored = restore(engine, spec, out, sr, workdir, cancelled)
+                encode_all(engine, spec, [(f"{name}_restored", name, restored)], sr, workdir, deliver, None, cancelled,
+                           0, 0)
+        return Done({name: out.made_by for name, out in stems.items()}, mix.frames, sr)
+    finally:
+        for out in stems.values():
+            out.signal.close()
+        mix.close()

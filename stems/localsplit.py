@@ -1,0 +1,122 @@
+"""`stems split`: the worker's own split (`pipelines.split.run`) on a local file, stems into a directory.
+
+The options are the API's fields: selection, bit depth, HQ format, the `custom` fields,
+restoration, and which chain to run (a fallback, say). The job is planned here against the
+local model store, as the API plans it against the workers' reports, and then runs exactly
+the code a worker runs, streaming, so memory follows the chunk and not the track.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from pipelines.engine import Engine
+from pipelines.errors import PresetError, StemsError
+from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
+from pipelines.modelstore import ModelStore
+from pipelines.presets import Preset, load_catalogue
+from pipelines.registry import get_spec
+
+
+class UsageError(StemsError):
+    code = "invalid_request"
+
+
+def time_range(text: str, what: str, model: type = TimeRange):
+    """`START:END` in seconds; for a selection either side may be empty (the start, the end)."""
+    start, _, end = text.partition(":")
+    try:
+        return model(start=float(start or 0), end=float(end) if end else None)
+    except ValueError as exc:
+        raise UsageError(f"{what} {text!r}: give START:END in seconds, START before END") from exc
+
+
+def restoration(text: str) -> RestorationSpec:
+    """`PRESET[:STRENGTH]`."""
+    name, _, strength = text.partition(":")
+    try:
+        load_catalogue().restoration(name)
+        return RestorationSpec(preset=name, strength=float(strength) if strength else 1.0)
+    except PresetError as exc:
+        raise UsageError(f"--restore {text!r}: {exc.message}") from None
+    except ValueError as exc:
+        raise UsageError(f"--restore {text!r}: STRENGTH is a number from 0 to 1 ({exc.__class__.__name__})") from None
+
+
+def pick(preset: Preset, store: ModelStore, chain: str | None) -> int:
+    """The chain to run: the first installed one, or the one `chain` names (its index, or its models joined by '+')."""
+    if chain is None:
+        return preset.pick_chain(store.missing)[0]
+    names = ["+".join(c.model_ids) for c in preset.chains]
+    index = int(chain) if chain.isdigit() else names.index(chain) if chain in names else None
+    if index is None or index >= len(preset.chains):
+        raise UsageError(f"preset {preset.name!r} has no chain {chain!r}; its chains: "
+                         + ", ".join(f"{i}={n}" for i, n in enumerate(names)))
+    missing = {m: r for m in preset.chains[index].model_ids if (r := store.missing(get_spec(m)))}
+    if missing:
+        raise PresetError(f"chain {names[index]!r} of preset {preset.name!r} cannot run here: "
+                          + "; ".join(missing.values()), preset=preset.name, missing_models=sorted(missing))
+    return index
+
+
+def plan(args, store: ModelStore) -> SplitSpec:
+    from pipelines import custom
+
+    preset = load_catalogue().preset(args.preset)
+    selection = time_range(args.selection, "--selection", Selection) if args.selection else None
+    fields = None
+    if preset.prompt_guided:
+        if not args.prompt or not args.prompt.strip():
+            raise UsageError(f"preset {preset.name!r} needs --prompt (what to extract, e.g. 'lead vocal')")
+        spans = [time_range(s, "--spans") for s in args.spans.split(",")] if args.spans else []
+        lo, hi = (selection.start, selection.end or float("inf")) if selection else (0.0, float("inf"))
+        for s in spans:
+            if s.start < lo or s.end > hi:
+                raise UsageError(f"span {s.start}-{s.end} s is outside the selection {lo}-{hi} s")
+        fields = custom.plan(args.prompt.strip(), args.sam_model, args.stereo_mode, spans,
+                             lambda p: (pick(p, store, args.chain), None))
+    elif args.prompt or args.spans:
+        raise UsageError("--prompt and --spans are for the custom preset only")
+    return SplitSpec(preset=preset.name, chain_index=None if fields else pick(preset, store, args.chain),
+                     selection=selection, bit_depth=args.bit_depth, hq_format=None if args.hq == "none" else args.hq,
+                     custom=fields, restoration=restoration(args.restore) if args.restore else None)
+
+
+def run(args, store: ModelStore, settings) -> int:
+    from tqdm import tqdm
+
+    from pipelines import split
+
+    source, out = Path(args.file), Path(args.out)
+    try:
+        if not source.is_file():
+            raise UsageError(f"{source} is not a file")
+        spec = plan(args, store)
+        engine = Engine(store, device=args.device or settings.device, chunk_seconds=settings.chunk_seconds)
+        out.mkdir(parents=True, exist_ok=True)
+        # scratch beside the outputs: same disk, so finished files are renamed, not copied (and not in a RAM /tmp)
+        with tempfile.TemporaryDirectory(prefix=".stems-work-", dir=out) as work, \
+                tqdm(total=100, unit="%", desc=spec.preset, file=sys.stderr,
+                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}") as bar:
+            written = []
+
+            def progress(fraction: float, stage: str) -> None:
+                bar.set_postfix_str(stage, refresh=False)
+                bar.update(max(0, int(fraction * 100) - bar.n))
+
+            def deliver(product: split.Product) -> None:
+                for path in filter(None, (product.wav, product.hq)):
+                    dest = out / f"{product.name}{path.suffix}"
+                    shutil.move(path, dest)
+                    written.append((dest, product.made_by))
+
+            split.run(engine, spec, source, Path(work), deliver, progress)
+            bar.update(100 - bar.n)
+        for path, made_by in sorted(written):
+            print(f"{path}\t{made_by}")
+    except StemsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
