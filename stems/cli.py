@@ -65,16 +65,22 @@ def cmd_models_install(args) -> int:
 
 def cmd_presets(args) -> int:
     from pipelines.errors import PresetError
+    from pipelines.install_hint import preset_hint
     from pipelines.presets import load_catalogue
+    from pipelines.registry import get_spec
 
     store = _model_store(args)
     for p in load_catalogue().presets:
+        hint = None
         try:
             _, chain = p.pick_chain(store.missing)
             status = "available  " + "+".join(chain.model_ids)
         except PresetError as exc:
             status = "missing    " + ", ".join(exc.fields["missing_models"])
+            hint = preset_hint([[m for m in c.model_ids if store.missing(get_spec(m))] for c in p.chains])
         print(f"{p.name:24} {status}\n{'':24} -> {', '.join(p.output_stems())}")
+        if hint:
+            print(f"{'':24} to install: {hint}")
     return 0
 
 
