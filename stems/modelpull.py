@@ -293,6 +293,8 @@ def pull_all(specs: list[ModelSpec], store: ModelStore, settings: Settings, mirr
                 outcomes.append(pull(spec, store, fetcher, mirror))
             except StemsError as exc:
                 outcomes.append(Outcome(spec.id, "failed", exc.message))
+            except OSError as exc:  # the store cannot be written (permissions, a full disk)
+                outcomes.append(Outcome(spec.id, "failed", f"{exc.__class__.__name__}: {exc}"))
     finally:
         fetcher.close()
     return outcomes
