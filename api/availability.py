@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from pipelines.errors import PresetError
+from pipelines.install_hint import preset_hint
 from pipelines.presets import Chain, Preset
 
 from .deps import Services
@@ -38,6 +39,10 @@ class Availability:
             return list(chain.model_ids)
         best = min(([m for m in chain.model_ids if m not in w["models"]] for w in workers), key=len)
         return best
+
+    def install_hint(self, preset: Preset) -> str | None:
+        """The command that makes `preset` available here (see `pipelines.install_hint.preset_hint`)."""
+        return preset_hint([self.chain_missing(chain) for chain in preset.chains])
 
     def pick(self, preset: Preset) -> tuple[int, Chain]:
         missing: set[str] = set()

@@ -22,7 +22,8 @@ def presets(svc: Services = Svc, user: str = User) -> dict:
             _, chain = svc.availability.pick(p)
             info = {"available": True, "queue": chain.queue, "chain": list(chain.model_ids), "missing_models": []}
         except PresetError as exc:
-            info = {"available": False, "queue": None, "chain": None, "missing_models": exc.fields["missing_models"]}
+            info = {"available": False, "queue": None, "chain": None, "missing_models": exc.fields["missing_models"],
+                    "install_hint": svc.availability.install_hint(p)}
         out.append({"name": p.name, "description": p.description, "stems": list(p.output_stems()),
                     "usage_multiplier": p.usage_multiplier, **info})
     restoration = [{"name": r.name, "description": r.description} for r in catalogue.restoration_presets]

@@ -171,6 +171,11 @@ class PresetInfo(BaseModel):
     queue: str | None
     chain: list[str] | None = Field(None, description="model ids of the chain that would serve it now")
     missing_models: list[str] = Field(default_factory=list)
+    install_hint: str | None = Field(
+        None, description="for a preset that is not available: the command that makes it available, run where the "
+                          "workers of its queue keep their model store (e.g. `stems models pull htdemucs_ft`), and for "
+                          "weights that cannot be pulled (gated, no public release) how to get them",
+        examples=["stems models pull htdemucs_ft"])
     usage_multiplier: float
 
 

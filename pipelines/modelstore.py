@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ChecksumMismatch, ModelNotInstalled
+from .install_hint import pullable
 from .registry import ModelSpec, get_spec, load_registry
 
 MANIFEST = "manifest.json"
@@ -51,9 +52,15 @@ class ModelStore:
     def entry(self, model_id: str) -> dict | None:
         return self.manifest()["models"].get(model_id)
 
-    def _install_hint(self, spec: ModelSpec) -> str:
+    def install_command(self, spec: ModelSpec) -> str:
+        """The `stems models install` command that installs `spec`'s files by hand (no network)."""
         files = " ".join(f"PATH/{f}" for f in spec.files)
         return f"stems models install {spec.id} {files} --model-dir {self.root}"
+
+    def _install_hint(self, spec: ModelSpec) -> str:
+        if pullable(spec):
+            return f"stems models pull {spec.id} --model-dir {self.root} (without internet: {self.install_command(spec)})"
+        return self.install_command(spec)
 
     def missing(self, spec: ModelSpec) -> str | None:
         """Why `spec` cannot run here, or None when it can (cheap: no hashing)."""

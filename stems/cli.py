@@ -63,18 +63,50 @@ def cmd_models_install(args) -> int:
     return 0
 
 
+def cmd_models_pull(args) -> int:
+    from pydantic import ValidationError
+
+    from pipelines.errors import StemsError
+    from pipelines.registry import get_spec, load_registry
+
+    from .modelpull import pull_all
+    from .settings import Settings
+
+    if args.all == bool(args.model_ids):
+        print("error: name the model ids to pull, or --all", file=sys.stderr)
+        return 2
+    try:
+        settings = Settings(model_mirror=args.mirror) if args.mirror else _settings()
+        specs = ([s for s in load_registry().values() if s.weights == "store"] if args.all
+                 else [get_spec(m) for m in dict.fromkeys(args.model_ids)])
+    except (StemsError, ValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    outcomes = pull_all(specs, _model_store(args), settings, settings.model_mirror)
+    for o in outcomes:
+        print(f"{o.model_id}: {o.status.replace('_', ' ')}: {o.message}", file=sys.stdout if o.ok else sys.stderr)
+    # --all reports the gated models and goes on; naming one that cannot be pulled is a failure
+    return 1 if any(o.status == "failed" or (o.status == "gated" and not args.all) for o in outcomes) else 0
+
+
 def cmd_presets(args) -> int:
     from pipelines.errors import PresetError
+    from pipelines.install_hint import preset_hint
     from pipelines.presets import load_catalogue
+    from pipelines.registry import get_spec
 
     store = _model_store(args)
     for p in load_catalogue().presets:
+        hint = None
         try:
             _, chain = p.pick_chain(store.missing)
             status = "available  " + "+".join(chain.model_ids)
         except PresetError as exc:
             status = "missing    " + ", ".join(exc.fields["missing_models"])
+            hint = preset_hint([[m for m in c.model_ids if store.missing(get_spec(m))] for c in p.chains])
         print(f"{p.name:24} {status}\n{'':24} -> {', '.join(p.output_stems())}")
+        if hint:
+            print(f"{'':24} to install: {hint}")
     return 0
 
 
@@ -138,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     mi.add_argument("--params", help="JSON object of family parameters overriding the registry's")
     mi.add_argument("--model-dir")
     mi.set_defaults(fn=cmd_models_install)
+    mp = models.add_parser("pull", help="download models from their publishers (or STEMS_MODEL_MIRROR), check, install")
+    mp.add_argument("model_ids", nargs="*", metavar="ID")
+    mp.add_argument("--all", action="store_true", help="every model whose weights can be pulled; report the gated ones")
+    mp.add_argument("--mirror", help="fetch from this https base URL or s3://bucket/prefix (default: STEMS_MODEL_MIRROR)")
+    mp.add_argument("--model-dir")
+    mp.set_defaults(fn=cmd_models_pull)
 
     pr = sub.add_parser("presets", help="the catalogue with availability")
     pr.add_argument("--model-dir")

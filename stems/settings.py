@@ -8,8 +8,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +49,9 @@ class Settings(BaseSettings):
         description="model store directory (weights + manifest.json)")
     model_s3_uri: str | None = Field(None, validation_alias=_env("STEMS_MODEL_S3_URI"),
         description="s3://bucket/prefix holding a model store, synced into STEMS_MODEL_DIR when a worker starts")
+    model_mirror: str | None = Field(None, validation_alias=_env("STEMS_MODEL_MIRROR"),
+        description="`stems models pull` fetches from here instead of the publishers: an https base URL or "
+                    "s3://bucket/prefix, holding each file under its publisher URL's path (see Models)")
     device: str = Field("auto", validation_alias=_env("STEMS_DEVICE"), description="`auto`, `cpu` or `cuda[:N]` for neural models")
     chunk_seconds: float = Field(30.0, validation_alias=_env("STEMS_CHUNK_SECONDS"),
         description="audio processed per chunk (memory follows the chunk, not the track)")
@@ -89,6 +93,15 @@ class Settings(BaseSettings):
     worker_queues: str = Field("cpu", validation_alias=_env("STEMS_WORKER_QUEUES"),
         description="comma-separated queues `stems worker` serves when -Q is not given")
 
+    @field_validator("model_mirror")
+    @classmethod
+    def _mirror_scheme(cls, v: str | None) -> str | None:
+        if v and urlsplit(v).scheme not in ("https", "http", "s3"):
+            raise ValueError("STEMS_MODEL_MIRROR must be an https:// (or http://) base URL or s3://bucket/prefix")
+        if v and not urlsplit(v).netloc:
+            raise ValueError("STEMS_MODEL_MIRROR names no host (or bucket)")
+        return v or None
+
     @model_validator(mode="after")
     def _visibility_outlasts_jobs(self) -> "Settings":
         longest = self.hard_time_limit(self.max_duration_s)
@@ -107,6 +120,8 @@ class Settings(BaseSettings):
                 problems.append("STEMS_WEBHOOK_SECRET is the development default")
             if self.link_allow_hosts:
                 problems.append("STEMS_LINK_ALLOW_HOSTS lets /from-link reach private hosts")
+            if self.model_mirror and self.model_mirror.startswith("http://"):
+                problems.append("STEMS_MODEL_MIRROR over plain http lets the network swap weights that have no published checksum")
             if problems:
                 raise ValueError("unsafe production settings: " + "; ".join(problems))
         return self

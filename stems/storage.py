@@ -169,20 +169,25 @@ def _retrying(fn):
     return wrapper
 
 
+def s3_client(settings: Settings, connect_timeout_s: float | None = None):
+    """A boto3 S3 client for the settings' endpoint and credentials; we retry ourselves, so boto3 tries once."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key,
+        config=Config(connect_timeout=connect_timeout_s or settings.s3_timeout_s, read_timeout=settings.s3_timeout_s,
+                      retries={"max_attempts": 1, "mode": "standard"}, s3={"addressing_style": "path"}),
+    )
+
+
 class S3Storage:
     def __init__(self, settings: Settings, attempts: int = 5) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.bucket = settings.s3_bucket
         self.prefix = settings.s3_prefix.strip("/") + "/" if settings.s3_prefix.strip("/") else ""
         self.attempts = attempts
-        self.client = boto3.client(
-            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key,
-            config=Config(connect_timeout=settings.s3_timeout_s, read_timeout=settings.s3_timeout_s,
-                          retries={"max_attempts": 1, "mode": "standard"}, s3={"addressing_style": "path"}),
-        )
+        self.client = s3_client(settings)
         self.presign = settings.s3_presign_downloads
 
     def _k(self, key: str) -> str:

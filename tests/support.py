@@ -19,6 +19,14 @@ from stems.stack import Proc, api_proc, wait_http, wait_workers, worker_proc
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def shared_models() -> Path | None:
+    """The real pretrained weights of ../shared/models (see its README), or None where there are none."""
+    for candidate in (os.environ.get("STEMS_SHARED_MODELS"), ROOT / "shared" / "models", ROOT.parent / "shared" / "models"):
+        if candidate and (Path(candidate) / "gtcrn" / "gtcrn.onnx").exists():
+            return Path(candidate)
+    return None
+
+
 def start_moto(log: Path) -> tuple[Proc, str]:
     port = free_port()
     proc = Proc("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

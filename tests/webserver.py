@@ -2,10 +2,13 @@
 
 Files can be served with a Content-Length or without one (the body then ends when the
 connection closes), POSTs are recorded and answered with scripted statuses, so a test
-can make a webhook receiver fail twice and then accept.
+can make a webhook receiver fail twice and then accept. GETs honour `Range: bytes=N-`
+(206, or 416 past the end) unless the path is in `ignore_range`, and `cuts` can make a
+response stop after some bytes and drop the connection (an interrupted download).
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ class Hit:
     headers: dict[str, str]
     body: bytes
     at: float = field(default_factory=time.monotonic)
+    sent: int = 0  # body bytes a GET answered with
 
 
 class WebServer:
@@ -27,6 +31,8 @@ class WebServer:
         self.unsized: set[str] = set()  # paths served without Content-Length
         self.redirects: dict[str, str] = {}
         self.answers: dict[str, list[int]] = {}  # POST path -> statuses to answer, in order; 200 after
+        self.cuts: dict[str, list[int]] = {}  # GET path -> body bytes to send before dropping the connection, in order
+        self.ignore_range: set[str] = set()  # GET paths answered in full (200) whatever the Range header says
         self.hits: list[Hit] = []
         self.lock = threading.Lock()
         web = self
@@ -37,14 +43,15 @@ class WebServer:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def _record(self, body: bytes = b"") -> str:
-                path = self.path.split("?", 1)[0]
+            def _record(self, body: bytes = b"") -> Hit:
+                hit = Hit(self.command, self.path.split("?", 1)[0], {k.lower(): v for k, v in self.headers.items()}, body)
                 with web.lock:
-                    web.hits.append(Hit(self.command, path, {k.lower(): v for k, v in self.headers.items()}, body))
-                return path
+                    web.hits.append(hit)
+                return hit
 
             def do_GET(self) -> None:
-                path = self._record()
+                hit = self._record()
+                path = hit.path
                 try:
                     if path in web.redirects:
                         self.send_response(302)
@@ -56,19 +63,44 @@ class WebServer:
                     if data is None:
                         self.send_error(404)
                         return
-                    self.send_response(200)
+                    start = self._range_start(path, len(data))
+                    if start is None:
+                        return
+                    body = data[start:]
+                    with web.lock:
+                        script = web.cuts.get(path) or []
+                        cut = script.pop(0) if script else len(body)
                     self.send_header("Content-Type", "audio/wav")
                     if path not in web.unsized:
-                        self.send_header("Content-Length", str(len(data)))
+                        self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    for i in range(0, len(data), 1 << 16):
-                        self.wfile.write(data[i:i + (1 << 16)])
+                    for i in range(0, min(cut, len(body)), 1 << 16):
+                        chunk = body[i:min(i + (1 << 16), cut)]
+                        self.wfile.write(chunk)
+                        hit.sent += len(chunk)
                 except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (too large)
                     pass
 
+            def _range_start(self, path: str, size: int) -> int | None:
+                """Send the status line for a GET of `size` bytes; where its body starts, None when it has none."""
+                m = re.fullmatch(r"bytes=(\d+)-", (self.headers.get("range") or "").strip())
+                if not m or path in web.ignore_range:
+                    self.send_response(200)
+                    return 0
+                start = int(m.group(1))
+                if start >= size:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+                return start
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                path = self._record(body)
+                path = self._record(body).path
                 with web.lock:
                     script = web.answers.get(path) or []
                     status = script.pop(0) if script else 200

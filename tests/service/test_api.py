@@ -105,6 +105,11 @@ def test_presets_listing(stack):
     assert presets["phantom_center"]["available"] and presets["phantom_center"]["stems"] == ["centre", "sides"]
     assert presets["phantom_center"]["queue"] == "cpu"
     assert not presets["6_tracks"]["available"] and presets["6_tracks"]["missing_models"] == ["htdemucs_6s"]
+    # what makes a preset available: the best chain's pull, or how to get weights that cannot be pulled
+    assert presets["6_tracks"]["install_hint"] == "stems models pull htdemucs_6s"
+    assert presets["4_tracks"]["install_hint"] == "stems models pull htdemucs_ft"
+    assert presets["duet"]["install_hint"].startswith("stems models pull htdemucs_ft; mdx_duet: No public release")
+    assert presets["phantom_center"]["install_hint"] is None
     assert presets["mvsep_mega_53"]["usage_multiplier"] == 3
     assert len(presets) == 25
 
@@ -117,3 +122,4 @@ def test_openapi_describes_the_api(stack):
         assert path in doc["paths"], path
     assert "multipart/form-data" in doc["paths"]["/from-file"]["post"]["requestBody"]["content"]
     assert doc["components"]["schemas"]["CreateStems"]["examples"]
+    assert "stems models pull" in doc["components"]["schemas"]["PresetInfo"]["properties"]["install_hint"]["description"]
