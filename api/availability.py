@@ -45,14 +45,16 @@ class Availability:
         return preset_hint([self.chain_missing(chain) for chain in preset.chains])
 
     def pick(self, preset: Preset) -> tuple[int, Chain]:
-        missing: set[str] = set()
+        gaps = []
         for index, chain in enumerate(preset.chains):
             gap = self.chain_missing(chain)
             if not gap:
                 return index, chain
-            missing.update(gap)
+            gaps.append(gap)
+        missing = sorted({m for gap in gaps for m in gap})
+        hint = preset_hint(gaps)
         raise PresetError(
-            f"preset {preset.name!r} is not available on this deployment: no worker holds models {sorted(missing)}; "
-            f"install them with `stems models install` on a worker serving the preset's queue",
-            preset=preset.name, missing_models=sorted(missing),
+            f"preset {preset.name!r} is not available on this deployment: no worker holds models {missing}; "
+            f"on a worker serving the preset's queue run: {hint or 'stems models install'}",
+            preset=preset.name, missing_models=missing, install_hint=hint,
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipelines.engine import Engine
 from pipelines.errors import PresetError, StemsError
+from pipelines.install_hint import install_hint, preset_hint
 from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.modelstore import ModelStore
 from pipelines.presets import Preset, load_catalogue
@@ -48,7 +49,12 @@ def restoration(text: str) -> RestorationSpec:
 def pick(preset: Preset, store: ModelStore, chain: str | None) -> int:
     """The chain to run: the first installed one, or the one `chain` names (its index, or its models joined by '+')."""
     if chain is None:
-        return preset.pick_chain(store.missing)[0]
+        try:
+            return preset.pick_chain(store.missing)[0]
+        except PresetError as exc:
+            gaps = [[m for m in c.model_ids if store.missing(get_spec(m))] for c in preset.chains]
+            hint = preset_hint(gaps)
+            raise PresetError(f"{exc.message}; to make it available: {hint}" if hint else exc.message, **exc.fields) from None
     names = ["+".join(c.model_ids) for c in preset.chains]
     index = int(chain) if chain.isdigit() else names.index(chain) if chain in names else None
     if index is None or index >= len(preset.chains):
@@ -57,7 +63,8 @@ def pick(preset: Preset, store: ModelStore, chain: str | None) -> int:
     missing = {m: r for m in preset.chains[index].model_ids if (r := store.missing(get_spec(m)))}
     if missing:
         raise PresetError(f"chain {names[index]!r} of preset {preset.name!r} cannot run here: "
-                          + "; ".join(missing.values()), preset=preset.name, missing_models=sorted(missing))
+                          + "; ".join(missing.values()) + f"; to make it available: {install_hint(missing)}",
+                          preset=preset.name, missing_models=sorted(missing))
     return index
 
 
