@@ -43,6 +43,16 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+class Download(BaseModel):
+    """Where a publisher releases one of a model's weight files, and what it publishes to check it by."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str  # one of the model's `files`
+    url: str  # the publisher's own URL (STEMS_MODEL_MIRROR replaces its scheme and host)
+    sha256: str | None = None  # published full sha256, where the publisher gives one
+    md5: str | None = None  # published md5, where the publisher gives one
+
+
 class ModelSpec(BaseModel):
     """One entry of the registry (see `catalogue/models/*.json`)."""
 
@@ -58,6 +68,8 @@ class ModelSpec(BaseModel):
     requires_package: str | None = None  # import name that must be importable
     licence: str = "unknown"
     params: dict = Field(default_factory=dict)
+    downloads: tuple[Download, ...] = ()  # where `stems models pull` fetches each file
+    gated: str | None = None  # weights behind a licence or login: how to get them (pull refuses, says this)
 
     @field_validator("family")
     @classmethod
