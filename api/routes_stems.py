@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from pipelines.errors import PresetError
 from pipelines.presets import load_catalogue
+from pipelines.registry import get_spec
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
 
@@ -70,6 +71,28 @@ def custom_fields(body: CreateStems, max_chars: int) -> CustomFields:
         raise Invalid(f"{field}: {first['msg']}", field=field) from None
 
 
+def route_prompt(catalogue, avail, fields: CustomFields) -> tuple[dict, int, str]:
+    """Who serves a `custom` prompt: (the job's route, chain index, queue).
+
+    A prompt naming a stem an installed chain produces goes to that chain; any other prompt
+    goes to the chosen SAM Audio model when a worker holds it; else the request is refused.
+    """
+    route = catalogue.route_prompt(fields.prompt)
+    sam = avail.model_served(fields.sam_model)
+    if route is not None:
+        routed = catalogue.preset(route.preset)
+        if not sam or any(not avail.chain_missing(c) for c in routed.chains):
+            chain_index, chain = avail.pick(routed)  # a named error when no chain of it is installed either
+            return {"preset": routed.name, "stems": list(route.stems), "chain_index": chain_index}, chain_index, chain.queue
+    if sam:
+        return {"sam_model": fields.sam_model}, 0, get_spec(fields.sam_model).queue
+    raise Invalid(
+        f"this deployment has no prompt-guided model installed ({fields.sam_model} is not on any worker; install it with "
+        f"`stems models install {fields.sam_model} ...`, see `stems models list`) and the prompt names no stem an "
+        "installed chain produces; try e.g. 'lead vocal', 'drums', 'bass', 'speech' or 'snare and kick'",
+        field="prompt", sam_model=fields.sam_model)
+
+
 @router.post("/create-stems", response_model=StemsQueued, summary="Queue a stem split")
 def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
     catalogue = load_catalogue()
@@ -102,17 +125,10 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
             if span.start < start or span.end > end:
                 raise Invalid(f"span {span.start}-{span.end} s is outside the selection {start}-{end} s", field="spans")
         params.update(fields.model_dump())
-        route = catalogue.route_prompt(fields.prompt)
-        if route is None:
-            raise Invalid(
-                "this deployment has no prompt-guided model installed (SAM Audio) and the prompt names no stem "
-                "an installed chain produces; try e.g. 'lead vocal', 'drums', 'bass', 'speech' or 'snare and kick'",
-                field="prompt", sam_model=fields.sam_model)
-        routed = catalogue.preset(route.preset)
-        chain_index, chain = avail.pick(routed)
-        params["route"] = {"preset": routed.name, "stems": list(route.stems), "chain_index": chain_index}
+        params["route"], chain_index, queue = route_prompt(catalogue, avail, fields)
     else:
         chain_index, chain = avail.pick(preset)
+        queue = chain.queue
 
     def run() -> dict:
         # inside `run`: a replay of an accepted Idempotency-Key answers its job even when the quota is full now
@@ -120,7 +136,7 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
             raise RateLimited(f"{svc.settings.max_active_jobs} splits are already queued or running for this key",
                               retry_after=30)
         job = Job(user_id=user, preset=preset.name, audio_id=audio_id, source_kind=kind, source_id=source_id,
-                  params=params, queue=chain.queue, chain_index=chain_index, audio_seconds=end - start,
+                  params=params, queue=queue, chain_index=chain_index, audio_seconds=end - start,
                   callback_url=body.callback_url)
         hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
         records = [Stem(user_id=user, job_id=job.id, name=n, bit_depth=body.bit_depth, hq_format=hq) for n in stems]
@@ -130,7 +146,7 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
                              bit_depth=body.bit_depth, hq_format=hq) for s in records]
         job.stem_ids, job.upscaled_ids = [s.id for s in records], [s.id for s in upscaled]
         svc.store.create_job(job, records + upscaled)
-        svc.celery.send_task("stems.split", args=[job.id], queue=chain.queue,
+        svc.celery.send_task("stems.split", args=[job.id], queue=queue,
                              soft_time_limit=svc.settings.soft_time_limit(end - start),
                              time_limit=svc.settings.hard_time_limit(end - start))
         return {
