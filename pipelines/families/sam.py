@@ -4,7 +4,9 @@ Meta's own package (facebookresearch/sam-audio) is not on PyPI and needs git-onl
 (dacvae, perception-models); `sam-audio` on PyPI is an empty placeholder and `sam-audio-infer`
 only wraps Meta's package. mlx-audio carries a complete port (DACVAE codec, T5 text encoder,
 DiT, processor) that reads SAM Audio checkpoints, so this family is built on its classes:
-`SAMAudioConfig`, `SAMAudio`, its processor (span anchors) and `SAMAudio.separate`.
+`SAMAudioConfig`, `SAMAudio`, its processor (span anchors) and `SAMAudio.separate`. Against
+Meta's code (its DiT, anchors and text memory on the same random weights) the port agrees to
+1e-6 but for one term it leaves out, which setup restores from Meta's weights (`zero_video_offset`).
 
 Files, all from the model store and pinned by sha256 (see `catalogue/models/sam.json`):
 `<id>.config.json` and `<id>.safetensors` (the checkpoint: mlx-community's layout, or Meta's
@@ -68,8 +70,12 @@ class SamAudioSeparator(Separator):
         # initialised model, and skips tensors whose shape does not fit: we load the same way
         # (its sanitize and load_weights) but refuse a checkpoint that leaves a parameter unset.
         model.processor = _processor(config)
-        weights = model.sanitize(mx.load(str(weights_file)))
+        raw = mx.load(str(weights_file))
+        weights = model.sanitize(raw)
         _check_covers(model, weights, weights_file, self.spec.id, skip="wm_model")
+        offset = zero_video_offset(raw)
+        if offset is not None:
+            weights["proj.bias"] = weights["proj.bias"] + mx.array(offset).astype(weights["proj.bias"].dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the package's own "missing" note: checked above
             model.load_weights(list(weights.items()), strict=False)
@@ -190,6 +196,24 @@ class SamAudioSeparator(Separator):
             keep = len(target) if last else len(target) - overlap
             tail = None if last else (target[keep:].copy(), residual[keep:].copy())
             yield {"target": target[None, :keep], "residual": residual[None, :keep]}
+
+
+def zero_video_offset(raw: dict) -> np.ndarray | None:
+    """What Meta's model adds to every input frame of a text-only prompt, which the port leaves out.
+
+    Meta's `separate` aligns all-zero video features when no video is given (AlignModalities:
+    a 1x1 conv, LayerNorm, tanh gate), which adds tanh(gate) * LayerNorm(conv.bias) to every frame
+    of the DiT input; mlx-audio's sanitize drops those weights and skips the step. The term does
+    not depend on the input, so it folds into `proj.bias`. A checkpoint without the weights
+    (mlx-community's conversions) gives None: nothing can be restored.
+    """
+    keys = ("align_masked_video.conv.bias", "align_masked_video.gate", "align_masked_video.layer_norm.weight",
+            "align_masked_video.layer_norm.bias")
+    if not all(k in raw for k in keys):
+        return None
+    bias, gate, weight, shift = (np.asarray(raw[k], dtype=np.float64) for k in keys)
+    norm = (bias - bias.mean()) / np.sqrt(bias.var() + 1e-5) * weight + shift  # torch.nn.LayerNorm, eps 1e-5
+    return (np.tanh(gate.reshape(-1)[0]) * norm).astype(np.float32)
 
 
 def chunk_bounds(n: int, chunk: int, overlap: int) -> list[tuple[int, int]]:

@@ -148,6 +148,34 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, sam):
         Engine(store).separator(MODEL)
 
 
+def test_metas_zero_video_term_is_restored_from_its_weights(tmp_path, sam):
+    """Meta's model adds tanh(g) * LayerNorm(conv(zero video features)) to each frame; the port drops it."""
+    torch = pytest.importorskip("torch")
+    import mlx.core as mx
+
+    _, _, files = sam
+    raw = dict(mx.load(str(files[f"{MODEL}.safetensors"])))
+    width, vision = raw["proj.bias"].shape[0], 12
+    rng = np.random.default_rng(4)
+    meta = {"align_masked_video.conv.weight": rng.standard_normal((width, vision, 1)),
+            "align_masked_video.conv.bias": rng.standard_normal(width), "align_masked_video.gate": np.array([0.6]),
+            "align_masked_video.layer_norm.weight": rng.standard_normal(width),
+            "align_masked_video.layer_norm.bias": rng.standard_normal(width)}
+    with_video = tmp_path / f"{MODEL}.safetensors"
+    mx.save_safetensors(str(with_video), {**raw, **{k: mx.array(v.astype(np.float32)) for k, v in meta.items()}})
+    store = ModelStore(tmp_path / "store")
+    store.install(MODEL, [with_video, *(p for name, p in files.items() if name != with_video.name)], params=PARAMS)
+    got = np.asarray(Engine(store).separator(MODEL).model.proj.bias) - np.asarray(raw["proj.bias"])
+    conv, norm = torch.nn.Conv1d(vision, width, 1), torch.nn.LayerNorm(width)  # Meta's AlignModalities
+    with torch.no_grad():
+        conv.weight[:], conv.bias[:] = (torch.tensor(meta[k], dtype=torch.float32) for k in
+                                        ("align_masked_video.conv.weight", "align_masked_video.conv.bias"))
+        norm.weight[:], norm.bias[:] = (torch.tensor(meta[k], dtype=torch.float32) for k in
+                                        ("align_masked_video.layer_norm.weight", "align_masked_video.layer_norm.bias"))
+        frames = norm(conv(torch.zeros(1, vision, 7)).permute(0, 2, 1)) * np.tanh(0.6)
+    assert np.max(np.abs(got - frames[0].numpy())) < 1e-5  # the same term on every frame
+
+
 def test_models_list_reports_the_installed_model(sam):
     store, _, _ = sam
     done = subprocess.run([sys.executable, "-m", "stems.cli", "models", "list", "--json", "--model-dir", str(store.root)],
