@@ -30,15 +30,23 @@ class Availability:
 
     def chain_missing(self, chain: Chain) -> list[str]:
         """Model ids of `chain` that no live worker of its queue holds (empty: served)."""
-        workers = [w for w in self.workers() if chain.queue in w["queues"]]
+        return self._missing(list(chain.model_ids), chain.queue)
+
+    def model_served(self, model_id: str) -> bool:
+        """Whether a live worker of the model's queue holds `model_id` (a prompt-guided model, say)."""
+        from pipelines.registry import get_spec
+
+        return not self._missing([model_id], get_spec(model_id).queue)
+
+    def _missing(self, model_ids: list[str], queue: str) -> list[str]:
+        workers = [w for w in self.workers() if queue in w["queues"]]
         if not self.workers():  # nobody reported yet: judge by the model store we can see
             from pipelines.registry import get_spec
 
-            return [m for m in chain.model_ids if self.svc.models.missing(get_spec(m))]
+            return [m for m in model_ids if self.svc.models.missing(get_spec(m))]
         if not workers:
-            return list(chain.model_ids)
-        best = min(([m for m in chain.model_ids if m not in w["models"]] for w in workers), key=len)
-        return best
+            return list(model_ids)
+        return min(([m for m in model_ids if m not in w["models"]] for w in workers), key=len)
 
     def install_hint(self, preset: Preset) -> str | None:
         """The command that makes `preset` available here (see `pipelines.install_hint.preset_hint`)."""

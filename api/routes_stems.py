@@ -10,6 +10,7 @@ from pipelines.errors import PresetError
 from pipelines.custom import plan as plan_custom
 from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.presets import load_catalogue
+from pipelines.registry import get_spec
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
 
@@ -106,10 +107,14 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
             if span.start < start or span.end > end:
                 raise Invalid(f"span {span.start}-{span.end} s is outside the selection {start}-{end} s", field="spans")
         custom = plan_custom(fields.prompt, fields.sam_model, fields.stereo_mode,
-                             [TimeRange(start=s.start, end=s.end) for s in fields.spans or []], avail.pick)
-        chain_index, chain = None, catalogue.preset(custom.route.preset).chains[custom.route.chain_index]
+                             [TimeRange(start=s.start, end=s.end) for s in fields.spans or []], avail.pick,
+                             avail.model_served(fields.sam_model))
+        chain_index = None
+        queue = (get_spec(fields.sam_model).queue if custom.route is None else
+                 catalogue.preset(custom.route.preset).chains[custom.route.chain_index].queue)
     else:
         chain_index, chain = avail.pick(preset)
+        queue = chain.queue
     hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
     spec = SplitSpec(preset=preset.name, chain_index=chain_index, selection=selection, bit_depth=body.bit_depth,
                      hq_format=hq, custom=custom, restoration=restoration)
@@ -120,7 +125,7 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
             raise RateLimited(f"{svc.settings.max_active_jobs} splits are already queued or running for this key",
                               retry_after=30)
         job = Job(user_id=user, preset=preset.name, audio_id=audio_id, source_kind=kind, source_id=source_id,
-                  spec=spec, queue=chain.queue, audio_seconds=end - start, callback_url=body.callback_url)
+                  spec=spec, queue=queue, audio_seconds=end - start, callback_url=body.callback_url)
         records = [Stem(user_id=user, job_id=job.id, name=n, bit_depth=body.bit_depth, hq_format=hq) for n in stems]
         upscaled = []
         if body.restoration_params:
@@ -128,7 +133,7 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
                              bit_depth=body.bit_depth, hq_format=hq) for s in records]
         job.stem_ids, job.upscaled_ids = [s.id for s in records], [s.id for s in upscaled]
         svc.store.create_job(job, records + upscaled)
-        svc.celery.send_task("stems.split", args=[job.id], queue=chain.queue,
+        svc.celery.send_task("stems.split", args=[job.id], queue=queue,
                              soft_time_limit=svc.settings.soft_time_limit(end - start),
                              time_limit=svc.settings.hard_time_limit(end - start))
         return {

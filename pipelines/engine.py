@@ -13,9 +13,11 @@ How a step is cut, by what its separator declares (`families/base.py`):
   state: the output equals a whole-signal run (within float rounding), for any block size;
 - `streamable` separators run on chunks of `chunk_seconds` plus `chunk_context` seconds of
   neighbouring audio each side, which is exact for methods that look no further;
-- the others (WPE, SAM Audio) get the whole signal at
+- the others (WPE) get the whole signal at
   once, so their memory grows with the track: input plus outputs, (1 + sources) x channels
-  x 4 bytes a sample.
+  x 4 bytes a sample;
+- a prompt-guided model (SAM Audio) runs through `stream_prompted`, in its own overlapping
+  chunks joined by cross-fades (see `families/sam.py`).
 Resampling to and from a model's rate streams too (soxr's streaming resampler gives the same
 samples as a one-shot resample).
 
@@ -37,7 +39,7 @@ import numpy as np
 from . import audio as A
 from .audio import ArraySignal, ArrayWriter, FrameWriter, Signal
 from .cache import StepCache, step_key
-from .errors import Cancelled
+from .errors import Cancelled, PresetError
 from .families.base import Separator
 from .modelstore import ModelStore
 from .presets import MIX, Chain, Preset, load_catalogue
@@ -201,8 +203,45 @@ class Engine:
             self.cache.put(key, out)
         return out
 
+    def stream_prompted(self, model_id: str, audio: Signal, sr: int, workdir: Path | None, prompt: str,
+                        anchors: list[tuple[str, float, float]], progress: Progress | None = None,
+                        cancelled: Callable[[], bool] = _never) -> dict[str, Signal]:
+        """A prompt-guided model (SAM Audio) on a Signal at `sr`: what `prompt` describes, and the rest.
+
+        The input is folded to the model's mono and resampled to its rate, and the sources come
+        back at `sr` with the input's channels (the mono result on each); `anchors` are
+        ("+"/"-", start, end) in seconds of `audio`. Stereo modes are built on this by
+        `pipelines.custom`.
+        """
+        spec = get_spec(model_id)
+        if A.signal_is_silent(audio):
+            return {s: A.ZeroSignal(audio.channels, audio.frames) for s in spec.sources}
+        key = None
+        if self.cache is not None:
+            identity = {**self.identity(model_id), "prompt": prompt.strip(), "anchors": [list(a) for a in anchors]}
+            key = step_key(model_id, A.content_digest(audio), sr, audio.channels, audio.frames, identity)
+            hit = self.cache.get(key)
+            if hit is not None:
+                if progress:
+                    progress(1.0, f"{model_id}, cached")
+                return _layout(hit, audio.channels)
+        sep = self.separator(model_id)
+        if not hasattr(sep, "extract_stream"):
+            raise PresetError(f"model {model_id!r} does not take a prompt", model_id=model_id)
+        mono = audio if audio.channels == 1 else A.ChannelsSignal(audio, 1)
+
+        def blocks(x: Signal, rate: int) -> Iterator[dict[str, np.ndarray]]:
+            return sep.extract_stream(x, rate, prompt, anchors, max(1, int(self.chunk_seconds * rate)), cancelled)
+
+        out = self._run_adapted(sep, spec, mono, sr, _Sinks(workdir, digest=self.cache is not None), progress,
+                                cancelled, blocks)
+        if key is not None:
+            self.cache.put(key, out)
+        return _layout(out, audio.channels)
+
     def _run_adapted(self, sep: Separator, spec: ModelSpec, audio: Signal, sr: int, sinks: _Sinks,
-                     progress: Progress | None, cancelled: Callable[[], bool]) -> dict[str, Signal]:
+                     progress: Progress | None, cancelled: Callable[[], bool],
+                     blocks: Callable[[Signal, int], Iterator[dict[str, np.ndarray]]] | None = None) -> dict[str, Signal]:
         channels, n = audio.channels, audio.frames
         rate = spec.sample_rate or sr
         x, resampled = audio, None
@@ -215,7 +254,8 @@ class Engine:
         back: dict[str, A.StreamResampler] = {}
         try:
             done = 0
-            for block in self._separate_blocks(sep, spec, x, rate, cancelled):
+            source = blocks(x, rate) if blocks is not None else self._separate_blocks(sep, spec, x, rate, cancelled)
+            for block in source:
                 for s in spec.sources:
                     y = block[s]
                     if rate != sr:
@@ -286,6 +326,11 @@ class _GrowingWriter:
 
     def abandon(self) -> None:
         self.blocks = []
+
+
+def _layout(mono: dict[str, Signal], channels: int) -> dict[str, Signal]:
+    """Mono sources in a source's channel layout (the same samples on each channel)."""
+    return mono if channels == 1 else {s: A.ChannelsSignal(sig, channels) for s, sig in mono.items()}
 
 
 def _channels_back(y: np.ndarray, channels: int) -> np.ndarray:

@@ -83,7 +83,7 @@ def plan(args, store: ModelStore) -> SplitSpec:
             if s.start < lo or s.end > hi:
                 raise UsageError(f"span {s.start}-{s.end} s is outside the selection {lo}-{hi} s")
         fields = custom.plan(args.prompt.strip(), args.sam_model, args.stereo_mode, spans,
-                             lambda p: (pick(p, store, args.chain), None))
+                             lambda p: (pick(p, store, args.chain), None), store.missing(get_spec(args.sam_model)) is None)
     elif args.prompt or args.spans:
         raise UsageError("--prompt and --spans are for the custom preset only")
     return SplitSpec(preset=preset.name, chain_index=None if fields else pick(preset, store, args.chain),
