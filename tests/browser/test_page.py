@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
 import time
 import zipfile
 
@@ -217,4 +219,29 @@ def test_a_bad_key_and_an_unavailable_preset_show_the_api_message(stack, song, p
                          json={"preset": "4_tracks", "audio_id": audio_id}).json()
     assert f"{refusal['detail']} ({refusal['code']})" in page.text_content("#split-message")
     shots(page, "08-unavailable-preset")
+    assert page.problems == []
+
+
+def test_a_queued_split_can_be_cancelled(stack, song, page, shots):
+    key = stack.store.create_key("browser-cancel")
+    page.goto(f"{stack.base}/#key={key}")
+    page.locator("#app").wait_for(state="visible")
+    page.set_input_files("#file-input", str(song))  # picked, not dropped
+    page.locator("#source-waveform canvas").first.wait_for()
+    page.check(".preset[data-preset=phantom_center] input")
+    worker = next(p for p in stack.procs if p.name.startswith("worker-"))
+    os.killpg(worker.pid, signal.SIGSTOP)  # the worker freezes: the split waits in the queue
+    try:
+        page.click("#split-button")
+        until(page, "() => document.querySelector('#job-stage').textContent === 'queued'")
+        shots(page, "09-queued")
+        page.click("#cancel-button")
+        page.locator("#job-message").wait_for(state="visible")
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)
+    assert "cancelled" in page.text_content("#job-message")
+    assert page.text_content("#job-stage") == "cancelled" and page.locator("#mixer").is_hidden()
+    shots(page, "10-cancelled")
+    job = httpx.get(stack.base + "/stem_split", headers={"x-api-key": key}).json()["items"][0]
+    assert job["status"] == "cancelled"
     assert page.problems == []
