@@ -121,12 +121,20 @@ def cmd_remote_split(args) -> int:
     """Split a file on a stems server through the Python client; prints `path<TAB>made_by` per stem."""
     from tqdm import tqdm
 
+    from pipelines.errors import StemsError
+    from pipelines.jobspec import Selection
+
     from .client import ApiError, Client, JobFailed
+    from .localsplit import time_range
 
     if not args.key:
         print("error: no API key: pass --key or set STEMS_API_KEY", file=sys.stderr)
         return 2
-    start, end = _selection(args.selection)
+    try:
+        chosen = time_range(args.selection, "--selection", Selection) if args.selection else None
+    except StemsError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     job = None
     with Client(args.server, args.key) as client:
@@ -142,7 +150,7 @@ def cmd_remote_split(args) -> int:
             with tqdm(total=size, unit="B", unit_scale=True, desc="upload", file=sys.stderr) as bar:
                 audio = client.upload(args.file, progress=lambda sent, _: bar.update(sent - bar.n))
             duration = client.wait_audio(audio.audio_id).duration
-            selection = {"start": start, "end": duration if end is None else end} if args.selection else None
+            selection = {"start": chosen.start, "end": chosen.end or duration} if chosen else None
             job = client.create_stems(preset=args.preset, audio_id=audio.audio_id, bit_depth=args.bit_depth,
                                       hq_streaming_format=args.hq, selection=selection)
             with tqdm(total=100, unit="%", desc=args.preset, file=sys.stderr) as bar:

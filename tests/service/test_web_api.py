@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from api.schemas import Peaks
+from pipelines.jobspec import SplitSpec
 from pipelines.peaks import resolution
 from stems.models import Job
 from tests.support import ROOT, tone_mix, upload, wait_for, write_audio
@@ -110,7 +111,8 @@ def test_the_cursor_is_exact_when_jobs_share_a_created_at(stack):
     """Jobs made in the same instant still page without a gap or a repeat (ids break the tie)."""
     at = time.time()
     jobs = [Job(user_id="ties", preset="phantom_center", audio_id="a", source_kind="audio", source_id="a",
-                params={}, queue="cpu", chain_index=0, created_at=at if i < 4 else at - 1) for i in range(6)]
+                spec=SplitSpec(preset="phantom_center"), queue="cpu", created_at=at if i < 4 else at - 1)
+            for i in range(6)]
     for job in jobs:
         stack.store.create_job(job, [])
     seen, before = [], None
