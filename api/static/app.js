@@ -171,8 +171,8 @@ function presetCard(p) {
     const why = document.createElement("span");
     why.className = "why";
     // install_hint (when the API gives one) says how; else name the missing models and the command
-    why.textContent = p.install_hint ||
-      `Not available here: no worker has ${p.missing_models.join(", ")}. Install on a worker: stems models install`;
+    why.textContent = `Not available here (no worker has ${p.missing_models.join(", ")}). ` +
+      (p.install_hint ? `To make it available: ${p.install_hint}` : "Install the models on a worker: stems models install");
     label.append(why);
   }
   return label;
