@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SHARED ?= ../shared
 
-.PHONY: install models run up down test bench bench-quality bench-api clean
+.PHONY: install models run up down test bench bench-quality bench-api web clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,16 @@ models: install
 	  $(BIN)/stems models install dtln /tmp/dtln_model_1.onnx /tmp/dtln_model_2.onnx >/dev/null && \
 	  $(BIN)/stems models install deepfilternet3_dtln /tmp/dtln_model_1.onnx /tmp/dtln_model_2.onnx >/dev/null && \
 	  echo "installed gtcrn, dtln and deepfilternet3_dtln from $(SHARED)/models"; fi
+
+# The page's front-end packages (web/package-lock.json) copied into api/static/vendor/, which is
+# committed: `make run` / `make up` need no npm. Run this after changing web/package.json.
+WAVESURFER := web/node_modules/wavesurfer.js
+web:
+	cd web && npm ci --no-audit --no-fund
+	mkdir -p api/static/vendor
+	cp $(WAVESURFER)/dist/wavesurfer.esm.js $(WAVESURFER)/dist/plugins/regions.esm.js api/static/vendor/
+	cp $(WAVESURFER)/LICENSE api/static/vendor/wavesurfer.js.LICENSE
+	node -p '"wavesurfer.js " + require("./$(WAVESURFER)/package.json").version' > api/static/vendor/VERSIONS
 
 # make run [FILE=song.mp3] [PRESET=2_tracks] [SELECTION=30:60]
 run: install models

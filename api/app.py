@@ -8,7 +8,7 @@ from stems.jobstore import JobStore
 from stems.settings import Settings, get_settings
 from stems.storage import make_storage
 
-from . import errors, routes_audio, routes_downloads, routes_meta, routes_stems
+from . import errors, routes_audio, routes_downloads, routes_meta, routes_page, routes_peaks, routes_stems
 from .availability import Availability
 from .deps import Services
 
@@ -30,8 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="stems", version="0.1.0", description=DESCRIPTION)
     app.state.services = svc
     errors.install(app)
-    for module in (routes_audio, routes_stems, routes_downloads, routes_meta):
+    for module in (routes_audio, routes_stems, routes_downloads, routes_peaks, routes_meta):
         app.include_router(module.router)
+    routes_page.install(app)
     return app
 
 

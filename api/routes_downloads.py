@@ -1,22 +1,28 @@
-"""Downloads: one stem (WAV or HQ encode, with HTTP Range), or a zip of several."""
+"""Downloads: one stem (WAV or HQ encode, with HTTP Range), a zip of several, and links to stems.
+
+A media element or a plain link cannot send the x-api-key header, and an API key must never
+appear in a URL (logs, history, Referer). So POST /download-links hands out short-lived tokens,
+each good for one stem in one format, that GET /download/stem accepts as `?token=`.
+"""
 from __future__ import annotations
 
 import re
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from pipelines.audio import hq_extension
 from stems.models import JobStatus, Stem, StemStatus
 
-from .deps import Conflict, NotFound, Services, Svc, User
+from .deps import Conflict, NotFound, Services, Svc, Unauthorized, User, current_user
 from .routes_stems import owned_job, owned_stem
-from .schemas import ArchiveRequest
+from .schemas import ArchiveRequest, DownloadLinks, DownloadLinksRequest
 
 router = APIRouter(tags=["downloads"])
 
@@ -56,11 +62,38 @@ class _Unsatisfiable(Exception):
         self.size = size
 
 
+def link_or_key_user(request: Request, stem_id: UUID, format: str = Query("wav", pattern="^(wav|hq)$"),
+                      token: str | None = Query(None, max_length=200, description=
+                          "a download link's token (POST /download-links) instead of the x-api-key header"),
+                      x_api_key: str | None = Header(None, description="your API key")) -> str:
+    """The user of the API key, or of a download link's token, which names exactly one stem and format."""
+    if token is None:
+        return current_user(request, x_api_key)
+    grant = request.app.state.services.store.download_grant(token)
+    if grant is None or grant["stem_id"] != str(stem_id) or grant["format"] != format:
+        raise Unauthorized("this download link has expired or is for another stem; ask POST /download-links for a new one")
+    return grant["user_id"]
+
+
+@router.post("/download-links", response_model=DownloadLinks,
+             summary="Short-lived links to stems, for players and links that cannot send the key")
+def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = User) -> dict:
+    ttl = svc.settings.download_link_ttl_s
+    links = []
+    for stem_id in dict.fromkeys(str(i) for i in body.stem_ids):
+        stem = owned_stem(svc, user, stem_id)
+        _object(stem, body.format)  # 409 if not complete, 404 for hq without an HQ encode
+        token = svc.store.create_download_token(user, stem.id, body.format, ttl)
+        links.append({"stem_id": stem.id, "format": body.format, "expires_at": time.time() + ttl,
+                      "url": f"/download/stem/{stem.id}?format={body.format}&token={token}"})
+    return {"links": links}
+
+
 @router.get("/download/stem/{stem_id}", summary="Download a stem (WAV, or the HQ encode with ?format=hq)",
             responses={200: {"content": {"audio/wav": {}}}, 206: {"description": "partial content (Range)"},
                        307: {"description": "redirect to a presigned URL (S3 with presigning on)"}})
 def download_stem(stem_id: UUID, request: Request, format: str = Query("wav", pattern="^(wav|hq)$"),
-                  svc: Services = Svc, user: str = User) -> Response:
+                  svc: Services = Svc, user: str = Depends(link_or_key_user)) -> Response:
     stem = owned_stem(svc, user, str(stem_id))
     key, filename, size = _object(stem, format)
     url = svc.storage.presigned_url(key, filename)

@@ -24,7 +24,7 @@ def presets(svc: Services = Svc, user: str = User) -> dict:
         except PresetError as exc:
             info = {"available": False, "queue": None, "chain": None, "missing_models": exc.fields["missing_models"],
                     "install_hint": svc.availability.install_hint(p)}
-        out.append({"name": p.name, "description": p.description, "stems": list(p.output_stems()),
+        out.append({"name": p.name, "description": p.description, "group": p.group, "stems": list(p.output_stems()),
                     "usage_multiplier": p.usage_multiplier, **info})
     restoration = [{"name": r.name, "description": r.description} for r in catalogue.restoration_presets]
     return {"presets": out, "restoration_presets": restoration}

@@ -1,9 +1,11 @@
-"""Splitting: create a job, follow it, cancel it."""
+"""Splitting: create a job, follow it, list the caller's jobs, cancel one."""
 from __future__ import annotations
 
+import base64
+import math
 from uuid import UUID
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Query
 from pydantic import ValidationError
 
 from pipelines.errors import PresetError
@@ -17,7 +19,7 @@ from stems.netfetch import check_url
 from .deps import Conflict, Invalid, NotFound, RateLimited, Services, Svc, User
 from .idempotency import body_hash, once
 from .routes_audio import owned_asset
-from .schemas import CreateStems, CustomFields, SplitStatus, StemsQueued
+from .schemas import CreateStems, CustomFields, SplitList, SplitStatus, StemsQueued
 
 router = APIRouter(tags=["stems"])
 
@@ -162,8 +164,10 @@ def stem_info(s: Stem) -> dict:
 @router.get("/status/stem_split/{creation_id}", response_model=SplitStatus, summary="Status of a split")
 def split_status(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     job = owned_job(svc, user, str(creation_id))
-    stems = svc.store.get_stems(job.stem_ids)
-    ups = svc.store.get_stems(job.upscaled_ids)
+    return status_of(job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids))
+
+
+def status_of(job: Job, stems: list[Stem], ups: list[Stem]) -> dict:
     return {
         "creation_id": job.id, "audio_id": job.audio_id, "preset": job.preset, "status": job.status.value,
         "progress": job.progress, "stage": job.stage, "error": job.error, "attempts": job.attempts, "worker": job.worker,
@@ -172,6 +176,35 @@ def split_status(creation_id: UUID, svc=Svc, user: str = User) -> dict:
         "upscaled_audios": [stem_info(s) for s in ups if s.status != StemStatus.dropped],
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
     }
+
+
+@router.get("/stem_split", response_model=SplitList, summary="Your splits, newest first (paginated by cursor)")
+def list_splits(limit: int = Query(20, ge=1, le=100, description="splits per page"),
+                cursor: str | None = Query(None, max_length=200, description="`next_cursor` of the previous page"),
+                svc=Svc, user: str = User) -> dict:
+    rows = svc.store.list_jobs(user, limit + 1, _cursor(cursor) if cursor else None)
+    page = rows[:limit]
+    jobs = svc.store.get_jobs([job_id for job_id, _ in page])  # an id whose job was deleted is skipped
+    stems = {s.id: s for s in svc.store.get_stems([i for j in jobs for i in j.stem_ids + j.upscaled_ids])}
+    names = {a.id: a.filename for a in svc.store.get_assets(list({j.audio_id for j in jobs}))}
+    items = [{**status_of(j, [stems[i] for i in j.stem_ids if i in stems], [stems[i] for i in j.upscaled_ids if i in stems]),
+              "filename": names.get(j.audio_id)} for j in jobs]
+    last_id, last_score = page[-1] if page else (None, None)
+    next_cursor = None
+    if len(rows) > limit:
+        next_cursor = base64.urlsafe_b64encode(f"{last_score!r}|{last_id}".encode()).decode()
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def _cursor(text: str) -> tuple[float, str]:
+    """(created_at, job id) the next page starts after."""
+    try:
+        score, job_id = base64.urlsafe_b64decode(text.encode()).decode().split("|")
+        if not math.isfinite(float(score)):
+            raise ValueError(score)
+        return float(score), str(UUID(job_id))
+    except ValueError:  # also binascii.Error and UnicodeDecodeError
+        raise Invalid("cursor is not one this API gave (pass next_cursor unchanged)", field="cursor") from None
 
 
 def _cancel(job: Job) -> Job | None:

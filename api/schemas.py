@@ -151,6 +151,56 @@ class SplitStatus(BaseModel):
     finished_at: float | None
 
 
+class SplitListItem(SplitStatus):
+    filename: str | None = Field(None, description="the name of the uploaded source file, when known")
+
+
+class SplitList(BaseModel):
+    """One page of the caller's splits, newest first."""
+
+    items: list[SplitListItem]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; null on the last page")
+
+
+class Peaks(BaseModel):
+    """Waveform peaks in audiowaveform's JSON format (version 2), made when the audio was written.
+
+    `data` holds `length` points; each point holds, for each channel in turn, the minimum and the
+    maximum sample of its `samples_per_pixel` frames, as signed integers of `bits` bits (divide by
+    2^(bits-1) for -1..1). The last point may cover fewer frames. Duration = frames / sample_rate
+    (the stem's or audio's `duration`); wavesurfer.js and peaks.js draw it without the audio.
+    """
+
+    version: Literal[2] = 2
+    channels: int
+    sample_rate: int
+    samples_per_pixel: int
+    bits: Literal[8, 16]
+    length: int
+    data: list[int]
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "version": 2, "channels": 2, "sample_rate": 44100, "samples_per_pixel": 256, "bits": 16, "length": 2,
+        "data": [-3200, 3187, -2950, 3011, -120, 133, -98, 101]}]})
+
+
+class DownloadLinksRequest(Strict):
+    stem_ids: list[UUID] = Field(..., min_length=1, max_length=200)
+    format: Literal["wav", "hq"] = "wav"
+
+
+class DownloadLink(BaseModel):
+    stem_id: str
+    format: str
+    url: str = Field(description="path of GET /download/stem with a `token` query parameter instead of the key")
+    expires_at: float
+
+
+class DownloadLinks(BaseModel):
+    """Short-lived links to stems for clients that cannot send a header (an <audio> element, a plain link)."""
+
+    links: list[DownloadLink]
+
+
 class ArchiveRequest(Strict):
     creation_id: UUID | None = None
     stem_ids: list[UUID] | None = Field(None, min_length=1, max_length=200)
@@ -166,6 +216,7 @@ class ArchiveRequest(Strict):
 class PresetInfo(BaseModel):
     name: str
     description: str
+    group: str = Field(description="music, speech, cleanup or custom: how the page groups presets")
     stems: list[str]
     available: bool
     queue: str | None

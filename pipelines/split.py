@@ -22,6 +22,7 @@ from .cache import file_key
 from .engine import Engine, Progress
 from .errors import Cancelled
 from .jobspec import Output, SplitSpec
+from .peaks import FORM as PEAKS_FORM, PeakAccumulator
 from .presets import load_catalogue
 
 STORE_BLOCK_S = 10  # seconds of a stem written per block
@@ -39,6 +40,7 @@ class Product:
     of: str | None
     wav: Path
     hq: Path | None
+    peaks: Path  # waveform peaks, audiowaveform JSON (pipelines/peaks.py)
     made_by: str
     frames: int
     channels: int
@@ -89,8 +91,9 @@ def restore(engine: Engine, spec: SplitSpec, stem: Output, sr: int, workdir: Pat
     return Output(A.Mixed([(wet, s), (stem.signal, 1.0 - s)]), preset.model)
 
 
-def encode(engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int, hq_format: str | None) -> tuple[Path, Path | None]:
-    """`dest`.wav and its HQ copy, written block by block in one pass over the signal.
+def encode(engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int,
+           hq_format: str | None) -> tuple[Path, Path | None, Path]:
+    """`dest`.wav, its HQ copy and its waveform peaks, written block by block in one pass over the signal.
 
     With a step cache, encoded files are cached too, keyed by the samples and the encoding
     settings: a stem another job already made (acapella's vocals are 4_tracks' vocals) is
@@ -99,21 +102,25 @@ def encode(engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int
     cache, key = engine.cache, None
     if cache is not None:
         key = file_key("stem-files", samples=A.content_digest(signal), sample_rate=sr, channels=signal.channels,
-                       frames=signal.frames, bit_depth=bit_depth, hq_format=hq_format, encoder=A.encoder_identity())
+                       frames=signal.frames, bit_depth=bit_depth, hq_format=hq_format, encoder=A.encoder_identity(),
+                       peaks=PEAKS_FORM)
         hit = cache.get_files(key, dest.parent / f"{dest.name}-cached")
         if hit is not None:
-            return hit["wav"], hit.get("hq")
+            return hit["wav"], hit.get("hq"), hit["peaks"]
     wav = dest.with_name(dest.name + ".wav")
     hq = dest.with_name(f"{dest.name}.{A.hq_extension(hq_format)}") if hq_format else None
+    peaks = PeakAccumulator(sr, signal.channels, signal.frames)
     with A.WavWriter(wav, sr, signal.channels, bit_depth) as w, \
             (A.HqEncoder(hq, sr, signal.channels, hq_format) if hq else contextlib.nullcontext()) as encoder:
         for _, block in signal.blocks(STORE_BLOCK_S * sr):
             w.write(block)
+            peaks.feed(block)
             if encoder is not None:
                 encoder.write(block)
+    peaks_path = peaks.write(dest.with_name(dest.name + ".peaks.json"))
     if key is not None:
-        cache.put_files(key, {"wav": wav, **({"hq": hq} if hq is not None else {})})
-    return wav, hq
+        cache.put_files(key, {"wav": wav, "peaks": peaks_path, **({"hq": hq} if hq is not None else {})})
+    return wav, hq, peaks_path
 
 
 def encode_all(engine: Engine, spec: SplitSpec, items: list[tuple[str, str | None, Output]], sr: int, workdir: Path,
@@ -129,8 +136,8 @@ def encode_all(engine: Engine, spec: SplitSpec, items: list[tuple[str, str | Non
 
     def one(name: str, of: str | None, out: Output) -> None:
         _check(cancelled)
-        wav, hq = encode(engine, out.signal, sr, workdir / f"out-{name}", spec.bit_depth, spec.hq_format)
-        deliver(Product(name, of, wav, hq, out.made_by, out.signal.frames, out.signal.channels, sr))
+        wav, hq, peaks = encode(engine, out.signal, sr, workdir / f"out-{name}", spec.bit_depth, spec.hq_format)
+        deliver(Product(name, of, wav, hq, peaks, out.made_by, out.signal.frames, out.signal.channels, sr))
 
     with ThreadPoolExecutor(max(1, min(len(items), ENCODE_THREADS)), thread_name_prefix="encode") as pool:
         futures = {pool.submit(one, *item): item[0] for item in items}

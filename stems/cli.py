@@ -1,8 +1,9 @@
-"""`stems`: the command line: keys, models, presets, local splits, workers, and the dev stack."""
+"""`stems`: the command line: keys, models, presets, local and remote splits, workers, and the dev stack."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -116,6 +117,74 @@ def cmd_split(args) -> int:
     return run(args, _model_store(args), _settings())
 
 
+def cmd_remote_split(args) -> int:
+    """Split a file on a stems server through the Python client; prints `path<TAB>made_by` per stem."""
+    from tqdm import tqdm
+
+    from pipelines.errors import StemsError
+    from pipelines.jobspec import Selection
+
+    from .client import ApiError, Client, JobFailed
+    from .localsplit import time_range
+
+    if not args.key:
+        print("error: no API key: pass --key or set STEMS_API_KEY", file=sys.stderr)
+        return 2
+    try:
+        chosen = time_range(args.selection, "--selection", Selection) if args.selection else None
+    except StemsError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    job = None
+    with Client(args.server, args.key) as client:
+        try:
+            size = Path(args.file).stat().st_size
+            # the key and the preset are checked before a long upload, not after it
+            known = {p.name: p for p in client.presets().presets}
+            preset = known.get(args.preset)
+            if preset is not None and not preset.available:
+                print(f"error: preset {args.preset!r} is not available on {args.server}: no worker holds "
+                      f"{', '.join(preset.missing_models)} (stems models install on a worker)", file=sys.stderr)
+                return 2
+            with tqdm(total=size, unit="B", unit_scale=True, desc="upload", file=sys.stderr) as bar:
+                audio = client.upload(args.file, progress=lambda sent, _: bar.update(sent - bar.n))
+            duration = client.wait_audio(audio.audio_id).duration
+            selection = {"start": chosen.start, "end": chosen.end or duration} if chosen else None
+            job = client.create_stems(preset=args.preset, audio_id=audio.audio_id, bit_depth=args.bit_depth,
+                                      hq_streaming_format=args.hq, selection=selection)
+            with tqdm(total=100, unit="%", desc=args.preset, file=sys.stderr) as bar:
+                def progress(status) -> None:
+                    bar.set_postfix_str(status.stage)
+                    bar.update(int(status.progress * 100) - bar.n)
+
+                done = client.wait(job.creation_id, progress=progress)
+            for stem in done.stems:
+                ext = "wav" if args.format == "wav" else _hq_extension(stem.hq_format)
+                path = client.download_stem(stem.stem_id, out / f"{stem.name}.{ext}", format=args.format)
+                print(f"{path}\t{stem.made_by}")
+        except (ApiError, JobFailed) as exc:
+            print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # a split nobody waits for is cancelled, not left running
+            if job is not None:
+                client.cancel(job.creation_id)
+                print(f"cancelled {job.creation_id}", file=sys.stderr)
+            return 130
+    return 0
+
+
+def _hq_extension(fmt: str | None) -> str:
+    from pipelines.audio import hq_extension
+
+    if not fmt:
+        raise OSError("the split has no HQ encode (it was made with hq_streaming_format none)")
+    return hq_extension(fmt)
+
+
 def cmd_worker(args) -> int:
     from workers.celery_app import app
 
@@ -201,6 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--model-dir")
     sp.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: STEMS_DEVICE)")
     sp.set_defaults(fn=cmd_split)
+
+    remote = sub.add_parser("remote", help="use a stems server through its HTTP API").add_subparsers(
+        dest="action", required=True)
+    rs = remote.add_parser("split", help="upload a file to a server, split it there, download the stems")
+    rs.add_argument("file")
+    rs.add_argument("--preset", required=True)
+    rs.add_argument("--out", required=True)
+    rs.add_argument("--server", default=os.environ.get("STEMS_SERVER", "http://127.0.0.1:8000"),
+                    help="the API's base URL (default: $STEMS_SERVER, else http://127.0.0.1:8000)")
+    rs.add_argument("--key", default=os.environ.get("STEMS_API_KEY"), help="API key (default: $STEMS_API_KEY)")
+    rs.add_argument("--selection", help="START:END in seconds")
+    rs.add_argument("--bit-depth", type=int, choices=(16, 24, 32))
+    rs.add_argument("--hq", choices=("aac", "mp3", "opus", "flac", "none"))
+    rs.add_argument("--format", choices=("wav", "hq"), default="wav", help="which file of each stem to download")
+    rs.set_defaults(fn=cmd_remote_split)
 
     wk = sub.add_parser("worker", help="run a Celery worker")
     wk.add_argument("-Q", "--queues")

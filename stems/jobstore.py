@@ -53,6 +53,20 @@ class JobStore:
         user = self.r.hget(self.k("apikey", hash_key(api_key)), "user_id")
         return user.decode() if user else None
 
+    # -- download links ----------------------------------------------------------
+    def create_download_token(self, user_id: str, stem_id: str, fmt: str, ttl_s: int) -> str:
+        """A token that lets a URL (an <audio> element, a link) fetch one stem in one format for `ttl_s`
+        seconds; only its sha256 is stored, as for API keys."""
+        token = "dl_" + secrets.token_urlsafe(24)
+        grant = json.dumps({"user_id": user_id, "stem_id": stem_id, "format": fmt})
+        self.r.set(self.k("download_token", hash_key(token)), grant, ex=ttl_s)
+        return token
+
+    def download_grant(self, token: str) -> dict | None:
+        """{user_id, stem_id, format} of a live download token, None for an unknown or expired one."""
+        raw = self.r.get(self.k("download_token", hash_key(token)))
+        return json.loads(raw) if raw else None
+
     # -- generic records ---------------------------------------------------------
     def _get(self, kind: str, model: type[T], id_: str) -> T | None:
         raw = self.r.get(self.k(kind, id_))
@@ -76,11 +90,20 @@ class JobStore:
     def put_stem(self, stem: Stem) -> None:
         self._put("stem", stem)
 
-    def get_stems(self, ids: list[str]) -> list[Stem]:
+    def _get_many(self, kind: str, model: type[T], ids: list[str]) -> list[T]:
+        """The records of `ids` that exist, in order, in one round trip."""
         if not ids:
             return []
-        raws = self.r.mget([self.k("stem", i) for i in ids])
-        return [Stem.model_validate_json(r) for r in raws if r]
+        return [model.model_validate_json(r) for r in self.r.mget([self.k(kind, i) for i in ids]) if r]
+
+    def get_stems(self, ids: list[str]) -> list[Stem]:
+        return self._get_many("stem", Stem, ids)
+
+    def get_assets(self, ids: list[str]) -> list[AudioAsset]:
+        return self._get_many("audio", AudioAsset, ids)
+
+    def get_jobs(self, ids: list[str]) -> list[Job]:
+        return self._get_many("job", Job, ids)
 
     def create_job(self, job: Job, stems: list[Stem]) -> None:
         """Job and its stem records in one transaction: all visible, or none."""
@@ -89,7 +112,25 @@ class JobStore:
             self._put("stem", s, pipe)
         self._put("job", job, pipe)
         pipe.sadd(self.k("active", job.user_id), job.id)
+        pipe.zadd(self.k("user_jobs", job.user_id), {job.id: job.created_at})
         pipe.execute()
+
+    def list_jobs(self, user_id: str, limit: int, before: tuple[float, str] | None = None) -> list[tuple[str, float]]:
+        """(job id, created_at) of the user's jobs, newest first, after the cursor `before` (created_at, id).
+
+        Members of one score come in descending id order, so a cursor is exact even when two jobs
+        share a created_at.
+        """
+        key = self.k("user_jobs", user_id)
+        if before is None:
+            rows = self.r.zrevrange(key, 0, limit - 1, withscores=True)
+        else:
+            score, job_id = before
+            rows = [(m, sc) for m, sc in self.r.zrevrangebyscore(key, score, score, withscores=True) if m.decode() < job_id]
+            if len(rows) < limit:
+                rows += self.r.zrevrangebyscore(key, f"({score!r}", "-inf", start=0, num=limit - len(rows),
+                                                withscores=True)
+        return [(m.decode(), sc) for m, sc in rows[:limit]]
 
     def update_job(self, job_id: str, fn: Callable[[Job], Job | None]) -> Job | None:
         """Apply `fn` to the current job atomically; `fn` returns None to leave it unchanged."""

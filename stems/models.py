@@ -54,6 +54,7 @@ class AudioAsset(BaseModel):
     size: int | None = None
     sha256: str | None = None
     info: dict | None = None  # duration, sample_rate, channels, codec, container
+    peaks_key: str | None = None  # waveform peaks (pipelines/peaks.py), made at import
     error: dict | None = None
     created_at: float = Field(default_factory=now)
 
@@ -78,6 +79,7 @@ class Stem(BaseModel):
     wav_size: int | None = None
     hq_key: str | None = None
     hq_size: int | None = None
+    peaks_key: str | None = None  # waveform peaks (pipelines/peaks.py), made while the WAV is written
 
 
 class Job(BaseModel):

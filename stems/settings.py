@@ -84,6 +84,8 @@ class Settings(BaseSettings):
         description="requests per API key per minute (429 beyond)")
     max_active_jobs: int = Field(50, validation_alias=_env("STEMS_MAX_ACTIVE_JOBS"),
         description="queued or running splits per API key (429 beyond)")
+    download_link_ttl_s: int = Field(3600, ge=60, le=7 * 86400, validation_alias=_env("STEMS_DOWNLOAD_LINK_TTL_S"),
+        description="lifetime of a link from POST /download-links (what media players and plain links fetch a stem with)")
     webhook_secret: str = Field("dev-webhook-secret", validation_alias=_env("STEMS_WEBHOOK_SECRET"),
         description="HMAC-SHA256 key that signs webhook bodies (set your own in production)")
     webhook_attempts: int = Field(6, validation_alias=_env("STEMS_WEBHOOK_ATTEMPTS"),

@@ -129,9 +129,15 @@ def up() -> int:
         key_file.write_text(store.create_key("dev") + "\n")
     wait_http(f"http://127.0.0.1:{s.api_port}/healthz", proc=procs[0])
     wait_workers(store, len(procs) - 2)
-    print(f"API      http://127.0.0.1:{s.api_port}  (docs at /docs)\nFlower   http://127.0.0.1:{s.flower_port}\n"
+    print(f"page     {page_link(s.api_port, key_file.read_text().strip())}  (signed in with the development key)\n"
+          f"API      http://127.0.0.1:{s.api_port}  (docs at /docs)\nFlower   http://127.0.0.1:{s.flower_port}\n"
           f"API key  {key_file}\nlogs     {RUN}/*.log\nstop     make down")
     return 0
+
+
+def page_link(port: int, key: str) -> str:
+    """The web page, signed in: the key rides in the fragment, which the browser never sends to a server."""
+    return f"http://127.0.0.1:{port}/#key={key}"
 
 
 def down() -> int:
@@ -224,6 +230,7 @@ def demo(file: str | None = None, preset: str = "phantom_center", selection: str
         zip_path.write_bytes(_ok(client.post("/download-archive", json={"creation_id": job["creation_id"]}), json=False))
         print(f"  all stems as one zip -> {zip_path}")
     print(f"\nstems written to {target.resolve()}\n"
+          f"listen to them and split more in the page: {page_link(s.api_port, headers['x-api-key'])}\n"
           f"open the API at {base}/docs (key in {RUN / 'dev-api-key'}); the job: GET {base}/status/stem_split/{job['creation_id']}\n"
           "the stack is still up (make down stops it)")
     return 0

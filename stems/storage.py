@@ -38,6 +38,10 @@ class keys:
         return f"users/{user_id}/audio/{audio_id}/original"
 
     @staticmethod
+    def audio_peaks(user_id: str, audio_id: str) -> str:
+        return f"users/{user_id}/audio/{audio_id}/peaks.json"
+
+    @staticmethod
     def job_prefix(user_id: str, job_id: str) -> str:
         return f"users/{user_id}/jobs/{job_id}/"
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from pipelines import audio as A
 from pipelines.errors import AudioError, StemsError
+from pipelines.peaks import PeakAccumulator
 from stems.models import AssetStatus
 from stems.netfetch import fetch_url
+from stems.storage import keys
 
 from .context import WorkerContext
 
@@ -25,10 +27,11 @@ def validate(info: A.AudioInfo, ctx: WorkerContext) -> None:
         raise AudioError(f"{info.channels} channels; at most {s.max_channels} are accepted", channels=info.channels)
 
 
-def check_samples(path: Path) -> None:
-    """Refuse NaN / infinite samples (float WAVs can hold them) without loading the whole file."""
+def check_samples(path: Path, peaks: PeakAccumulator) -> None:
+    """Refuse NaN / infinite samples (float WAVs can hold them) without loading the whole file; feed `peaks`."""
     for block in A.iter_decode(path):
         A.check_finite(block)
+        peaks.feed(block)
 
 
 def import_audio(audio_id: str, ctx: WorkerContext) -> None:
@@ -49,7 +52,10 @@ def import_audio(audio_id: str, ctx: WorkerContext) -> None:
                 raise AudioError("the file is empty")
             info = A.probe(local)
             validate(info, ctx)
-            check_samples(local)
+            peaks = PeakAccumulator(info.sample_rate, None, round(info.duration * info.sample_rate))
+            check_samples(local, peaks)
+            asset.peaks_key = keys.audio_peaks(asset.user_id, asset.id)
+            ctx.storage.put_file(asset.peaks_key, peaks.write(Path(tmp) / "peaks.json"))
             digest = hashlib.sha256()
             with open(local, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

@@ -102,6 +102,7 @@ def discard_outputs(job: Job, ctx: WorkerContext) -> None:
     for stem in ctx.store.get_stems(job.stem_ids + job.upscaled_ids):
         if stem.status != StemStatus.pending:
             stem.status, stem.wav_key, stem.hq_key, stem.wav_size, stem.hq_size = StemStatus.pending, None, None, None, None
+            stem.peaks_key = None
             ctx.store.put_stem(stem)
 
 
@@ -110,6 +111,9 @@ def store_product(product: Product, stem: Stem, job: Job, ctx: WorkerContext) ->
     wav_key = keys.stem(job.user_id, job.id, stem.id, "wav")
     ctx.storage.put_file(wav_key, product.wav)
     stem.wav_key, stem.wav_size = wav_key, product.wav.stat().st_size
+    stem.peaks_key = keys.stem(job.user_id, job.id, stem.id, "peaks.json")
+    ctx.storage.put_file(stem.peaks_key, product.peaks)
+    product.peaks.unlink()
     if product.hq is not None:
         hq_key = keys.stem(job.user_id, job.id, stem.id, A.hq_extension(stem.hq_format))
         ctx.storage.put_file(hq_key, product.hq)

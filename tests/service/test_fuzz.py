@@ -55,9 +55,9 @@ def api_schema(fuzz_stack):
 
 def _operations() -> list[tuple[str, str]]:
     """(method, path) of every route, known at collection time without a running server."""
-    from api import routes_audio, routes_downloads, routes_meta, routes_stems
+    from api import routes_audio, routes_downloads, routes_meta, routes_peaks, routes_stems
 
-    return sorted((m, r.path) for mod in (routes_audio, routes_stems, routes_downloads, routes_meta)
+    return sorted((m, r.path) for mod in (routes_audio, routes_stems, routes_downloads, routes_peaks, routes_meta)
                   for r in mod.router.routes for m in r.methods if m != "HEAD")
 
 
