@@ -64,7 +64,7 @@ def _start_job(c, song, preset="4_tracks", audio_id: str | None = None, **extra)
 
 def _expected_objects(stack, job_id: str) -> list[str]:
     job = stack.store.get_job(job_id)
-    return sorted(k for s in stack.store.get_stems(job.stem_ids + job.upscaled_ids) for k in (s.wav_key, s.hq_key) if k)
+    return sorted(k for s in stack.store.get_stems(job.stem_ids + job.upscaled_ids) for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
 
 
 def test_sigkill_mid_split_redelivers_and_completes_once(tmp_path, redis_url, s3_url, demucs_models, song):
@@ -81,7 +81,7 @@ def test_sigkill_mid_split_redelivers_and_completes_once(tmp_path, redis_url, s3
             assert len({x["stem_id"] for x in status["stems"]}) == 4
             prefix = f"users/{s.store.get_job(job_id).user_id}/jobs/{job_id}/"
             assert s.objects(prefix) == _expected_objects(s, job_id)  # no duplicates, no orphans
-            assert len(s.objects(prefix)) == 8  # 4 WAV + 4 AAC
+            assert len(s.objects(prefix)) == 12  # 4 WAV + 4 AAC + 4 peaks
     finally:
         s.stop()
 
