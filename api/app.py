@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from pipelines.modelstore import ModelStore
+from stems import production
 from stems.jobstore import JobStore
 from stems.settings import Settings, get_settings
 from stems.storage import make_storage
@@ -15,12 +16,15 @@ from .deps import Services
 DESCRIPTION = """Self-hostable stem splitting. Bring audio in (`/from-file`, `/from-link`,
 `/from-storage`), wait for `status: complete` on `/status/audio/{audio_id}`, ask for a split
 with `/create-stems`, poll `/status/stem_split/{creation_id}`, then download each stem
-(`/download/stem/{stem_id}`) or one zip (`/download-archive`). Every call except the health
-checks carries an `x-api-key` header."""
+(`/download/stem/{stem_id}`) or one zip (`/download-archive`). `DELETE /audio/{audio_id}` removes
+a track and everything made from it; the retention policy removes originals, stems and records
+after the times the deployment sets. Every call except the health checks carries an `x-api-key`
+header."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    production.check(settings)  # production: refuse to serve on a Redis that does not persist
     from workers.celery_app import make_celery
 
     (settings.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
