@@ -37,6 +37,9 @@ def check_job(numbers: dict, max_bytes: int) -> None:
 
 
 def check_key(pending: int, numbers: dict, max_bytes: int) -> None:
+    if numbers["estimated_bytes"] > max_bytes:  # could never fit, however long one waits
+        raise OverBudget(f"this split would write about {_size(numbers['estimated_bytes'])}; the per-key budget of "
+                         f"queued and running output is {_size(max_bytes)}", max_bytes=max_bytes, **numbers)
     if pending + numbers["estimated_bytes"] > max_bytes:
         raise KeyBudgetExceeded(
             f"this key's queued and running splits will write about {_size(pending)}; with this one "

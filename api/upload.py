@@ -54,7 +54,7 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
     tmp_dir.mkdir(parents=True, exist_ok=True)
     out = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="upload-", delete=False)
     state = {"name": None, "filename": None, "in_file": False, "size": 0, "found": False, "header": b"", "value": b"",
-             "parts": 0, "header_bytes": 0, "field_bytes": 0}
+             "parts": 0, "header_bytes": 0, "field_bytes": 0, "ended": False}
     headers: dict[bytes, bytes] = {}
 
     def on_part_begin() -> None:
@@ -106,10 +106,13 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
     def on_part_end() -> None:
         state["in_file"] = False
 
+    def on_end() -> None:
+        state["ended"] = True
+
     parser = MultipartParser(opts[b"boundary"], {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end,
     })
     received = 0
     try:
@@ -128,6 +131,9 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
         Path(out.name).unlink(missing_ok=True)
         raise Invalid(f"malformed multipart body: {exc}") from exc
     out.close()
+    if not state["ended"]:  # python-multipart's finalize() does not check this itself
+        Path(out.name).unlink(missing_ok=True)
+        raise Invalid("the multipart body ends before its closing boundary (the upload was cut off)", field=field)
     if not state["found"]:
         Path(out.name).unlink(missing_ok=True)
         raise Invalid(f"the multipart body has no `{field}` field", field=field)

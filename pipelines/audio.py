@@ -82,12 +82,12 @@ def probe(path: Path, max_seconds: float | None = None) -> AudioInfo:
             raise AudioError(f"corrupt or truncated audio: {exc}") from exc
         if not sample_rate or not channels:
             raise AudioError("the audio stream has no sample rate or channel layout")
-        if samples == 0:
-            raise AudioError("the audio has no samples (zero length)")
         if declared is not None and samples < declared - max(2, sample_rate // 1000):
             raise AudioError(f"truncated audio: the header promises {declared / sample_rate:.3f} s "
                              f"({declared} frames), the file holds {samples / sample_rate:.4f} s ({samples} frames)",
                              declared_frames=declared, frames=samples)
+        if samples == 0:
+            raise AudioError("the audio has no samples (zero length)")
         return AudioInfo(samples / sample_rate, sample_rate, channels, stream.codec_context.name,
                          container.format.name.split(",")[0], container.bit_rate or None)
 

@@ -27,14 +27,9 @@ SR = 44100
 TERMINAL = {"complete", "failed", "cancelled"}
 
 
-@pytest.fixture(scope="module", params=["local", "s3"])
-def lc(request, tmp_path_factory, redis_url, s3_url):
-    s = ServiceStack(tmp_path_factory.mktemp(f"lc-{request.param}"), redis_url,
-                     s3_url if request.param == "s3" else None)
-    s.start_api()
-    s.start_worker("cpu", f"lc{request.param}")
-    yield s
-    s.stop()
+@pytest.fixture
+def lc(backend_stack):
+    return backend_stack
 
 
 @pytest.fixture(scope="module")
