@@ -13,7 +13,8 @@ Retention phases (sorted sets in the job store, scored by the time each clock st
   asset becomes `expired` (its record still answers status; it can no longer be split);
 - `stems` (STEMS_RETAIN_STEMS_S from the job's end): the job's objects are deleted and its stems
   become `expired` (unless a queued or running job splits one of them);
-- `asset` and `job` (STEMS_RETAIN_RECORDS_S): the record goes, with anything still stored for it.
+- `job` (STEMS_RETAIN_RECORDS_S from the job's end) and `asset` (STEMS_RETAIN_RECORDS_S from its
+  creation, never before its original): the record goes, with anything still stored for it.
 
 An asset with a queued or running job is left for the next sweep, so no job loses its source.
 """
@@ -67,6 +68,14 @@ def delete_asset(store: JobStore, storage: Storage, asset: AudioAsset, tombstone
     return removed + 1
 
 
+def asset_record_retention(settings: Settings) -> float:
+    """An asset's record outlives its original: it goes STEMS_RETAIN_RECORDS_S after creation, but never
+    before the original (an audio whose original is kept forever keeps its record too)."""
+    if settings.retain_originals_s <= 0 or settings.retain_records_s <= 0:
+        return 0.0
+    return max(settings.retain_originals_s, settings.retain_records_s)
+
+
 def _has_active_job(store: JobStore, audio_id: str) -> bool:
     return any(j is not None and not j.status.terminal for j in map(store.get_job, store.asset_job_ids(audio_id)))
 
@@ -91,7 +100,8 @@ def sweep(store: JobStore, storage: Storage, settings: Settings, now: float | No
     now = time.time() if now is None else now
     report = SweepReport()
     phases = (("job", settings.retain_records_s, _expire_job), ("stems", settings.retain_stems_s, _expire_stems),
-              ("asset", settings.retain_records_s, _expire_asset), ("original", settings.retain_originals_s, _expire_original))
+              ("asset", asset_record_retention(settings), _expire_asset),
+              ("original", settings.retain_originals_s, _expire_original))
     for phase, keep_s, expire in phases:
         if keep_s <= 0:
             continue

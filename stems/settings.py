@@ -128,8 +128,9 @@ class Settings(BaseSettings):
     retain_stems_s: float = Field(7 * 86400.0, ge=0, validation_alias=_env("STEMS_RETAIN_STEMS_S"),
         description="seconds a split's stored stems are kept after it ends; 0 keeps them")
     retain_records_s: float = Field(30 * 86400.0, ge=0, validation_alias=_env("STEMS_RETAIN_RECORDS_S"),
-        description="seconds audio and split records (and anything still stored with them) are kept; 0 keeps them. "
-                    "Usage totals are kept regardless")
+        description="seconds a split's record is kept after it ends, and an audio's record after its creation (never "
+                    "before its original goes); anything still stored for them goes with them; 0 keeps them. Usage "
+                    "totals are kept regardless")
     retention_sweep_s: float = Field(300.0, ge=0, validation_alias=_env("STEMS_RETENTION_SWEEP_S"),
         description="how often a worker of the cpu queue sweeps out what retention expired (one at a time, by a "
                     "Redis lock); 0 turns the sweep off")

@@ -146,3 +146,20 @@ def test_settings_table_is_generated_from_the_code():
     table = out.stdout.strip()
     readme = (ROOT / "README.md").read_text()
     assert table and table in readme, "README's settings table is stale: paste `stems settings` into it"
+
+
+def test_the_readme_webhook_snippet_verifies_our_signatures():
+    import re
+    import time
+
+    from stems.webhooks import sign
+
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(import hashlib, hmac, time\n.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(snippet, scope)  # the receiver's code, as a user copies it
+    body, secret = b'{"status": "complete"}', "whsec_test"
+    assert scope["verify"](secret, body, sign(secret, body))
+    assert not scope["verify"](secret, body, sign(secret, body, int(time.time()) - 301))  # stale
+    assert not scope["verify"]("whsec_other", body, sign(secret, body))
+    assert not scope["verify"](secret, body + b" ", sign(secret, body))
