@@ -12,6 +12,7 @@ from stems.storage import make_storage
 from . import errors, routes_audio, routes_downloads, routes_meta, routes_stems
 from .availability import Availability
 from .deps import Services
+from .limits import BodyLimit
 
 DESCRIPTION = """Self-hostable stem splitting. Bring audio in (`/from-file`, `/from-link`,
 `/from-storage`), wait for `status: complete` on `/status/audio/{audio_id}`, ask for a split
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="stems", version="0.1.0", description=DESCRIPTION)
     app.state.services = svc
     errors.install(app)
+    app.add_middleware(BodyLimit)
     for module in (routes_audio, routes_stems, routes_downloads, routes_meta):
         app.include_router(module.router)
     return app

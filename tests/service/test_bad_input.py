@@ -136,9 +136,11 @@ def test_selection_and_spans_refused(stack, tmp_path):
     path = write_audio(tmp_path / "s.wav", tone_mix(2.0, 44100), 44100)
     with stack.client() as c:
         aid = upload(c, path)["audio_id"]
-        for sel in ({"start": 1.5, "end": 1.0}, {"start": -0.5, "end": 1.0}, {"start": 0, "end": 2.5}, {"start": 1, "end": 1}):
+        for sel in ({"start": 1.5, "end": 1.0}, {"start": -0.5, "end": 1.0}, {"start": 0, "end": 2.5}, {"start": 1, "end": 1},
+                    {"start": 0.5, "end": 0.6}):  # the last: shorter than STEMS_MIN_DURATION_S
             r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": aid, "selection": sel})
             assert r.status_code == 422, (sel, r.text)
+        assert "shortest" in r.text
         r = c.post("/create-stems", json={"preset": "custom", "audio_id": aid, "prompt": "drums",
                                           "selection": {"start": 0.5, "end": 1.5}, "spans": [{"start": 0.1, "end": 1.0}]})
         assert r.status_code == 422 and "outside the selection" in r.text
@@ -208,3 +210,17 @@ def test_hostile_multipart_is_4xx_and_keeps_nothing(stack, case):
         assert list((stack.tmp / "data" / "tmp").glob("upload-*")) == []  # no temporary file is left either
         assert c.get("/healthz").status_code == 200
         assert c.post("/from-file", files={"file": ("ok.wav", wav)}).status_code == 200  # and uploads still work
+
+
+def test_oversized_json_bodies_are_413(stack):
+    huge = b'{"preset": "phantom_center", "prompt": "' + b"x" * (2 << 20) + b'"}'
+    with stack.client("hostile-json") as c:
+        r = c.post("/create-stems", content=huge, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["code"] == "too_large", r.text[:200]
+
+        def chunks():  # no Content-Length: found while reading
+            for i in range(0, len(huge), 65536):
+                yield huge[i:i + 65536]
+        r = c.post("/create-stems", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text[:200]
+        assert c.post("/create-stems", json={"preset": "phantom_center", "audio_id": str(uuid.uuid4())}).status_code == 404
