@@ -40,6 +40,7 @@ def free_port() -> int:
 def start_redis(run_dir: Path, port: int | None = None, persist: bool = False, password: str | None = None,
                 extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """Start a private redis-server; returns the process and its URL."""
+    run_dir = Path(run_dir).resolve()  # redis-server enters --dir before it opens --logfile: relative paths break
     run_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),
