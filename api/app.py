@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from pipelines.modelstore import ModelStore
+from stems import production
 from stems.jobstore import JobStore
 from stems.settings import Settings, get_settings
 from stems.storage import make_storage
@@ -11,16 +12,20 @@ from stems.storage import make_storage
 from . import errors, routes_audio, routes_downloads, routes_meta, routes_page, routes_peaks, routes_stems
 from .availability import Availability
 from .deps import Services
+from .limits import BodyLimit
 
 DESCRIPTION = """Self-hostable stem splitting. Bring audio in (`/from-file`, `/from-link`,
 `/from-storage`), wait for `status: complete` on `/status/audio/{audio_id}`, ask for a split
 with `/create-stems`, poll `/status/stem_split/{creation_id}`, then download each stem
-(`/download/stem/{stem_id}`) or one zip (`/download-archive`). Every call except the health
-checks carries an `x-api-key` header."""
+(`/download/stem/{stem_id}`) or one zip (`/download-archive`). `DELETE /audio/{audio_id}` removes
+a track and everything made from it; the retention policy removes originals, stems and records
+after the times the deployment sets. Every call except the health checks carries an `x-api-key`
+header."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    production.check(settings)  # production: refuse to serve on a Redis that does not persist
     from workers.celery_app import make_celery
 
     (settings.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
@@ -30,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="stems", version="0.1.0", description=DESCRIPTION)
     app.state.services = svc
     errors.install(app)
+    app.add_middleware(BodyLimit)
     for module in (routes_audio, routes_stems, routes_downloads, routes_peaks, routes_meta):
         app.include_router(module.router)
     routes_page.install(app)

@@ -41,6 +41,24 @@ class PayloadTooLarge(StemsError):
     code = "too_large"
 
 
+class Gone(StemsError):
+    """The resource existed and was deleted (by its owner or the retention policy)."""
+
+    code = "gone"
+
+
+class OverBudget(StemsError):
+    """The split would write more than the per-job output budget."""
+
+    code = "over_budget"
+
+
+class KeyBudgetExceeded(RateLimited):
+    """The key's queued and running splits already hold the per-key output budget."""
+
+    code = "key_output_budget"
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -60,19 +78,21 @@ def current_user(request: Request, x_api_key: str | None = Header(None, descript
     svc: Services = request.app.state.services
     if not x_api_key:
         raise Unauthorized("missing x-api-key header")
-    user = svc.store.user_for_key(x_api_key)
-    if user is None:
+    key = svc.store.key_record(x_api_key)
+    if key is None:
         raise Unauthorized("unknown API key")
-    window = int(time.time() // 60)
-    key = svc.store.k("rate", user, str(window))
-    count = svc.store.r.incr(key)
-    if count == 1:
-        svc.store.r.expire(key, 120)
-    if count > svc.settings.rate_limit_per_minute:
+    request.state.key_id = key.key_id
+    if svc.store.count_request(key.user_id, int(time.time() // 60)) > svc.settings.rate_limit_per_minute:
         raise RateLimited(f"more than {svc.settings.rate_limit_per_minute} requests a minute",
                           retry_after=60 - int(time.time()) % 60 + 1)
-    return user
+    return key.user_id
+
+
+def caller_key(request: Request, user: str = Depends(current_user)) -> str:
+    """The id of the caller's API key (its webhook secret signs the callbacks of the jobs it creates)."""
+    return request.state.key_id
 
 
 User = Depends(current_user)
+CallerKey = Depends(caller_key)
 Svc = Depends(services)

@@ -11,12 +11,13 @@ from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetEr
 from stems.netfetch import LinkError, TooLarge
 from stems.storage import StorageError
 
-from .deps import Conflict, Invalid, NotFound, PayloadTooLarge, RateLimited, Unauthorized
+from .deps import Conflict, Gone, Invalid, NotFound, OverBudget, PayloadTooLarge, RateLimited, Unauthorized
 
 log = logging.getLogger(__name__)
 
 STATUS = [
-    (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (PayloadTooLarge, 413), (TooLarge, 413),
+    (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (Gone, 410), (PayloadTooLarge, 413), (TooLarge, 413),
+    (OverBudget, 422),
     (RateLimited, 429), (StorageError, 503), (PresetError, 422), (ModelNotInstalled, 422), (ChainError, 422),
     (AudioError, 422), (LinkError, 422), (Invalid, 422),
 ]

@@ -4,13 +4,15 @@ from __future__ import annotations
 import hashlib
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 
+from stems.ingest import clean_key, may_register
+from stems.lifecycle import delete_asset, expiry
 from stems.models import AssetStatus, AudioAsset, new_id
 from stems.netfetch import check_url
 from stems.storage import keys
 
-from .deps import Invalid, NotFound, Svc, User
+from .deps import NotFound, Svc, User
 from .idempotency import body_hash, once
 from .schemas import AudioAccepted, AudioStatus, FromLink, FromStorage
 from .upload import receive_file
@@ -68,14 +70,15 @@ def from_link(body: FromLink, svc=Svc, user: str = User, idempotency_key: str | 
 
 
 @router.post("/from-storage", response_model=AudioAccepted,
-             summary="Register an object already in the bucket (upstream ingestion)")
+             summary="Register an object an ingestion service stored under your ingest prefix (or a granted key)",
+             responses={404: {"description": "no such object, or one outside your ingest prefix without a grant "
+                                             "(the two answer alike)"}})
 def from_storage(body: FromStorage, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
-    prefix = svc.settings.ingest_prefix
-    key = body.key.lstrip("/")
-    if not key.startswith(prefix) or ".." in key.split("/"):
-        raise Invalid(f"key must be under the ingest prefix {prefix!r}", field="key")
-    if svc.storage.size(key) is None:
-        raise NotFound(f"no object {key!r} in storage", field="key")
+    key = clean_key(body.key)
+    # one answer for "not yours" and "not there": a tenant cannot probe which objects exist
+    if key is None or not may_register(key, user, svc.settings.ingest_prefix, svc.settings.secret_key, body.grant) \
+            or svc.storage.size(key) is None:
+        raise NotFound("no such object under your ingest prefix", field="key")
 
     def run() -> dict:
         audio_id = new_id()
@@ -100,7 +103,17 @@ def audio_status(audio_id: UUID, svc=Svc, user: str = User) -> dict:
     a = owned_asset(svc, user, str(audio_id))
     info = a.info or {}
     return {"audio_id": a.id, "status": a.status.value, "filename": a.filename, "size": a.size, "error": a.error,
-            "created_at": a.created_at, **{k: info.get(k) for k in ("duration", "sample_rate", "channels", "codec", "container")}}
+            "created_at": a.created_at, "expires_at": expiry(a.created_at, svc.settings.retain_originals_s),
+            **{k: info.get(k) for k in ("duration", "sample_rate", "channels", "codec", "container")}}
+
+
+@router.delete("/audio/{audio_id}", status_code=204, response_class=Response,
+               summary="Delete an audio, its original and every split, stem and upscaled copy made from it",
+               responses={204: {"description": "deleted: running splits of it are cancelled, records and stored "
+                                               "objects removed; every id of it answers 404 from now on"}})
+def delete_audio(audio_id: UUID, svc=Svc, user: str = User) -> Response:
+    delete_asset(svc.store, svc.storage, owned_asset(svc, user, str(audio_id)))
+    return Response(status_code=204)
 
 
 __all__ = ["router", "owned_asset", "AssetStatus"]

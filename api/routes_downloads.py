@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 from pipelines.audio import hq_extension
 from stems.models import JobStatus, Stem, StemStatus
 
-from .deps import Conflict, NotFound, Services, Svc, Unauthorized, User, current_user
+from .deps import Conflict, Gone, NotFound, Services, Svc, Unauthorized, User, current_user
 from .routes_stems import owned_job, owned_stem
 from .schemas import ArchiveRequest, DownloadLinks, DownloadLinksRequest
 
@@ -31,6 +31,9 @@ MEDIA = {"wav": "audio/wav", "m4a": "audio/mp4", "mp3": "audio/mpeg", "ogg": "au
 
 def _object(stem: Stem, fmt: str) -> tuple[str, str, int]:
     """(key, file name, size) of a complete stem in `fmt` (wav or hq)."""
+    if stem.status == StemStatus.expired:
+        raise Gone("the stem was deleted by the retention policy (STEMS_RETAIN_STEMS_S after its split ended)",
+                   stem_id=stem.id)
     if stem.status != StemStatus.complete:
         raise Conflict(f"the stem is not ready (status {stem.status.value})", stem_id=stem.id)
     if fmt == "hq":
@@ -121,7 +124,8 @@ def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User
         job = owned_job(svc, user, str(body.creation_id))
         if job.status != JobStatus.complete:
             raise Conflict(f"the split is not complete (status {job.status.value})", creation_id=job.id)
-        stems = [s for s in svc.store.get_stems(job.stem_ids + job.upscaled_ids) if s.status == StemStatus.complete]
+        stems = [s for s in svc.store.get_stems(job.stem_ids + job.upscaled_ids)
+                 if s.status in (StemStatus.complete, StemStatus.expired)]  # expired: 410 below
         name = f"{job.preset}-{job.id[:8]}.zip"
     else:
         stems = [owned_stem(svc, user, str(i)) for i in dict.fromkeys(body.stem_ids)]

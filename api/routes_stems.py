@@ -5,7 +5,7 @@ import base64
 import math
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import ValidationError
 
 from pipelines.errors import PresetError
@@ -13,10 +13,12 @@ from pipelines.custom import plan as plan_custom
 from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.presets import load_catalogue
 from pipelines.registry import get_spec
+from stems.lifecycle import delete_job, expiry
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
 
-from .deps import Conflict, Invalid, NotFound, RateLimited, Services, Svc, User
+from . import budget
+from .deps import CallerKey, Conflict, Gone, Invalid, NotFound, RateLimited, Services, Svc, User
 from .idempotency import body_hash, once
 from .routes_audio import owned_asset
 from .schemas import CreateStems, CustomFields, SplitList, SplitStatus, StemsQueued
@@ -52,6 +54,9 @@ def resolve_source(svc: Services, user: str, body: CreateStems) -> tuple[str, st
     if not body.audio_id:
         raise Invalid("give the source as one of audio_id, stem_id, upscaled_id or mastered_id", field="audio_id")
     asset = owned_asset(svc, user, str(body.audio_id))
+    if asset.status == AssetStatus.expired:
+        raise Gone("the audio's original was deleted by the retention policy; upload it again to split it",
+                   audio_id=asset.id)
     if asset.status != AssetStatus.complete:
         detail = f": {asset.error.get('message')}" if asset.error else ""
         raise Conflict(f"the audio has not finished importing (status {asset.status.value}){detail}",
@@ -75,8 +80,31 @@ def custom_fields(body: CreateStems, max_chars: int) -> CustomFields:
         raise Invalid(f"{field}: {first['msg']}", field=field) from None
 
 
-@router.post("/create-stems", response_model=StemsQueued, summary="Queue a stem split")
-def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
+def source_format(svc: Services, kind: str, source_id: str) -> tuple[int, int]:
+    """(sample rate, channels) of a split's source, for the output estimate."""
+    if kind == "audio":
+        info = svc.store.get_asset(source_id).info or {}
+        return int(info.get("sample_rate") or 44100), int(info.get("channels") or 2)
+    stem = svc.store.get_stem(source_id)
+    return int(stem.sample_rate or 44100), int(stem.channels or 2)
+
+
+def _source_exists(svc: Services, kind: str, source_id: str) -> bool:
+    """Is the source still there (not deleted, nor expired by retention)? Asked again after the job is created."""
+    if kind == "audio":
+        asset = svc.store.get_asset(source_id)
+        return asset is not None and asset.status == AssetStatus.complete
+    stem = svc.store.get_stem(source_id)
+    return stem is not None and stem.status == StemStatus.complete
+
+
+@router.post("/create-stems", response_model=StemsQueued, summary="Queue a stem split",
+             responses={410: {"description": "the source expired, or an Idempotency-Key replay whose job was deleted"},
+                        422: {"description": "invalid field, preset not available here, or over the per-job output "
+                                             "budget (code `over_budget`, with the estimate's numbers)"},
+                        429: {"description": "rate limit, active-job quota or per-key output budget"}})
+def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = CallerKey,
+                 idempotency_key: str | None = Header(None)) -> dict:
     catalogue = load_catalogue()
     try:
         preset = catalogue.preset(body.preset)
@@ -91,6 +119,9 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
                           field="selection.end")
         start, end = body.selection.start, min(body.selection.end, duration)
         selection = Selection(start=start, end=end)
+    if end - start < svc.settings.min_duration_s:
+        raise Invalid(f"the selection is {end - start:.3f} s long; the shortest the models take is "
+                      f"{svc.settings.min_duration_s} s", field="selection", min_duration=svc.settings.min_duration_s)
     restoration = None
     if body.restoration_params:
         try:
@@ -118,6 +149,10 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
         chain_index, chain = avail.pick(preset)
         queue = chain.queue
     hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
+    sample_rate, channels = source_format(svc, kind, source_id)
+    numbers = budget.estimate(len(stems), channels, sample_rate, end - start, body.bit_depth, hq,
+                              bool(body.restoration_params))
+    budget.check_job(numbers, svc.settings.max_job_output_bytes)
     spec = SplitSpec(preset=preset.name, chain_index=chain_index, selection=selection, bit_depth=body.bit_depth,
                      hq_format=hq, custom=custom, restoration=restoration)
 
@@ -126,8 +161,10 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
         if svc.store.active_jobs(user) >= svc.settings.max_active_jobs:
             raise RateLimited(f"{svc.settings.max_active_jobs} splits are already queued or running for this key",
                               retry_after=30)
+        budget.check_key(svc.store.pending_output_bytes(user), numbers, svc.settings.max_key_output_bytes)
         job = Job(user_id=user, preset=preset.name, audio_id=audio_id, source_kind=kind, source_id=source_id,
-                  spec=spec, queue=queue, audio_seconds=end - start, callback_url=body.callback_url)
+                  spec=spec, queue=queue, audio_seconds=end - start, callback_url=body.callback_url, key_id=key_id,
+                  output_bytes=numbers["estimated_bytes"])
         records = [Stem(user_id=user, job_id=job.id, name=n, bit_depth=body.bit_depth, hq_format=hq) for n in stems]
         upscaled = []
         if body.restoration_params:
@@ -135,6 +172,9 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
                              bit_depth=body.bit_depth, hq_format=hq) for s in records]
         job.stem_ids, job.upscaled_ids = [s.id for s in records], [s.id for s in upscaled]
         svc.store.create_job(job, records + upscaled)
+        if not _source_exists(svc, kind, source_id):  # deleted or expired meanwhile: see stems/lifecycle.py
+            delete_job(svc.store, svc.storage, job, tombstone=False)
+            raise NotFound(f"{kind} not found (deleted or expired just now)", **{f"{kind}_id": source_id})
         svc.celery.send_task("stems.split", args=[job.id], queue=queue,
                              soft_time_limit=svc.settings.soft_time_limit(end - start),
                              time_limit=svc.settings.hard_time_limit(end - start))
@@ -175,6 +215,7 @@ def status_of(job: Job, stems: list[Stem], ups: list[Stem]) -> dict:
         "stems": [stem_info(s) for s in stems if s.status != StemStatus.dropped],
         "upscaled_audios": [stem_info(s) for s in ups if s.status != StemStatus.dropped],
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "expires_at": expiry(job.finished_at, svc.settings.retain_stems_s) if job.status.terminal else None,
     }
 
 
@@ -224,6 +265,13 @@ def cancel(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     return split_status(creation_id, svc, user)
 
 
-@router.delete("/stem_split/{creation_id}", response_model=SplitStatus, summary="Cancel a split (same as POST /cancel)")
-def delete_split(creation_id: UUID, svc=Svc, user: str = User) -> dict:
+@router.delete("/stem_split/{creation_id}", response_model=SplitStatus,
+               summary="Delete an ended split and its stems (204), or cancel a queued or running one (200)",
+               responses={204: {"description": "the split, its stems and upscaled copies are deleted: records and "
+                                               "stored objects; every id of it answers 404 from now on"}})
+def delete_split(creation_id: UUID, svc=Svc, user: str = User):
+    job = owned_job(svc, user, str(creation_id))
+    if job.status.terminal:
+        delete_job(svc.store, svc.storage, job)
+        return Response(status_code=204)
     return cancel(creation_id, svc, user)

@@ -29,8 +29,11 @@ class FromLink(Strict):
 class FromStorage(Strict):
     """Register an object an ingestion service already wrote to the bucket (no re-upload)."""
 
-    key: str = Field(..., min_length=1, max_length=1024, examples=["ingest/2026/11/track-0001.flac"],
-                     description="object key, relative to the deployment's S3 prefix; must be under the ingest prefix")
+    key: str = Field(..., min_length=1, max_length=1024, examples=["ingest/alice/2026/11/track-0001.flac"],
+                     description="object key, relative to the deployment's S3 prefix; must be under the caller's own "
+                                 "ingest prefix `{STEMS_INGEST_PREFIX}{user_id}/`, or be named by `grant`")
+    grant: str | None = Field(None, max_length=2048,
+                              description="a signed grant for a key outside the caller's prefix (`stems keys grant`)")
     filename: str | None = Field(None, max_length=255)
 
 
@@ -52,6 +55,7 @@ class AudioStatus(BaseModel):
     container: str | None = None
     error: dict | None = None
     created_at: float
+    expires_at: float | None = Field(None, description="when the retention policy deletes the original (null: kept)")
 
 
 class RestorationParams(Strict):
@@ -149,6 +153,8 @@ class SplitStatus(BaseModel):
     created_at: float
     started_at: float | None
     finished_at: float | None
+    expires_at: float | None = Field(None, description="when the retention policy deletes the stored stems "
+                                                       "(STEMS_RETAIN_STEMS_S after the end; null: kept or not ended)")
 
 
 class SplitListItem(SplitStatus):

@@ -53,28 +53,93 @@ def _open(path: Path):
         raise AudioError(f"not a decodable audio file: {exc}") from exc
 
 
-def probe(path: Path) -> AudioInfo:
-    """Container and stream facts; the duration is counted by decoding, so it is exact."""
+def probe(path: Path, max_seconds: float | None = None) -> AudioInfo:
+    """Container and stream facts; the duration is counted by decoding, so it is exact.
+
+    With `max_seconds`, decoding stops (AudioError) as soon as the audio is longer, and a header
+    that states a longer duration is refused before anything is decoded. A file that holds less
+    than its header promises (cut off in transfer) is refused as truncated.
+    """
     with _open(path) as container:
         if not container.streams.audio:
             raise AudioError("the file has no audio stream")
         stream = container.streams.audio[0]
         ctx = stream.codec_context
         sample_rate, channels = ctx.sample_rate, ctx.channels
+        declared = declared_frames(path, container, stream)
+        if max_seconds is not None and declared and sample_rate and declared / sample_rate > max_seconds:
+            raise _too_long(declared / sample_rate, max_seconds)
+        limit = None if max_seconds is None or not sample_rate else int(max_seconds * sample_rate)
         samples = 0
         try:
             for frame in container.decode(stream):
                 samples += frame.samples
                 sample_rate = frame.sample_rate
                 channels = len(frame.layout.channels)
+                if limit is not None and samples > limit:
+                    raise _too_long(None, max_seconds)
         except av.error.FFmpegError as exc:
             raise AudioError(f"corrupt or truncated audio: {exc}") from exc
         if not sample_rate or not channels:
             raise AudioError("the audio stream has no sample rate or channel layout")
+        if declared is not None and samples < declared - max(2, sample_rate // 1000):
+            raise AudioError(f"truncated audio: the header promises {declared / sample_rate:.3f} s "
+                             f"({declared} frames), the file holds {samples / sample_rate:.4f} s ({samples} frames)",
+                             declared_frames=declared, frames=samples)
         if samples == 0:
             raise AudioError("the audio has no samples (zero length)")
         return AudioInfo(samples / sample_rate, sample_rate, channels, stream.codec_context.name,
                          container.format.name.split(",")[0], container.bit_rate or None)
+
+
+def _too_long(seconds: float | None, max_seconds: float) -> AudioError:
+    said = f"{seconds:.0f} s long" if seconds is not None else f"longer than {max_seconds:.0f} s"
+    return AudioError(f"audio is {said}; the maximum is {max_seconds:.0f} s", max_duration=max_seconds)
+
+
+def declared_frames(path: Path, container, stream) -> int | None:
+    """The frames a file's header promises, where the header states them exactly; else None.
+
+    WAV: its `data` chunk's size (ffmpeg reports the frames the file holds instead, so the
+    header is read here; 0 and 0xFFFFFFFF mean "unknown", as streaming writers leave them).
+    AIFF, CAF, FLAC and other lossless streams: the stream duration ffmpeg read from the header.
+    Lossy formats only estimate their duration (from the bit rate), so they promise nothing.
+    """
+    if container.format.name.split(",")[0] == "wav":
+        return _wav_declared_frames(path)
+    codec = stream.codec_context.name
+    if (codec.startswith("pcm_") or codec in ("flac", "alac", "wavpack")) and stream.duration and stream.time_base:
+        sr = stream.codec_context.sample_rate
+        return int(round(stream.duration * stream.time_base * sr)) if sr else None
+    return None
+
+
+def _wav_declared_frames(path: Path) -> int | None:
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None  # RF64 / Wave64: sizes live elsewhere; not checked
+        block_align = fmt_tag = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"fmt ":
+                fmt = f.read(min(size, 64))
+                if len(fmt) < 14:
+                    return None
+                fmt_tag, block_align = struct.unpack("<H", fmt[:2])[0], struct.unpack("<H", fmt[12:14])[0]
+                f.seek(size - len(fmt) + (size & 1), 1)
+            elif cid == b"data":
+                # PCM (1), IEEE float (3) and extensible (0xFFFE) hold whole frames of block_align bytes
+                if size in (0, 0xFFFFFFFF) or not block_align or fmt_tag not in (1, 3, 0xFFFE):
+                    return None
+                return size // block_align
+            else:
+                f.seek(size + (size & 1), 1)
 
 
 def _fold(block: np.ndarray, max_channels: int = 2) -> np.ndarray:

@@ -20,11 +20,75 @@ def _model_store(args):
     return ModelStore(args.model_dir or _settings().model_dir)
 
 
-def cmd_keys_create(args) -> int:
+def _store():
     from .jobstore import JobStore
 
     s = _settings()
-    print(JobStore.from_url(s.redis_url, s.key_prefix).create_key(args.user))
+    return JobStore.from_url(s.redis_url, s.key_prefix)
+
+
+def _print_issued(issued, as_json: bool) -> None:
+    fields = {k: v for k, v in issued.model_dump().items() if v is not None}
+    if as_json:
+        print(json.dumps(fields))
+        return
+    for name, value in fields.items():
+        print(f"{name:15} {value}")
+    print("the api_key and webhook_secret are shown only now: store them", file=sys.stderr)
+
+
+def cmd_keys_create(args) -> int:
+    try:
+        issued = _store().issue_key(args.user)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_issued(issued, args.json)
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    import datetime
+
+    rows = [k.model_dump(exclude={"webhook_secret"}) | {"own_webhook_secret": k.webhook_secret is not None}
+            for k in _store().list_keys()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        made = datetime.datetime.fromtimestamp(r["created_at"]).isoformat(timespec="seconds") if r["created_at"] else "-"
+        print(f"{r['key_id']:22} {r['user_id']:24} {made:20} {'' if r['own_webhook_secret'] else 'server secret signs'}")
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    if not _store().revoke_key(args.key_id):
+        print(f"error: no key {args.key_id!r} (see `stems keys list`)", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}: it answers 401 from now on")
+    return 0
+
+
+def cmd_keys_rotate(args) -> int:
+    issued = _store().rotate_webhook_secret(args.key_id)
+    if issued is None:
+        print(f"error: no key {args.key_id!r} (see `stems keys list`)", file=sys.stderr)
+        return 1
+    _print_issued(issued, args.json)
+    return 0
+
+
+def cmd_keys_grant(args) -> int:
+    from .ingest import clean_key, mint_grant
+
+    s = _settings()
+    if clean_key(args.key) is None:
+        print(f"error: {args.key!r} is not an object key", file=sys.stderr)
+        return 2
+    ttl = min(args.ttl, s.grant_max_ttl_s)
+    print(mint_grant(s.secret_key, args.user, args.key.lstrip("/"), ttl))
+    if ttl < args.ttl:
+        print(f"(valid for {ttl} s: STEMS_GRANT_MAX_TTL_S)", file=sys.stderr)
     return 0
 
 
@@ -222,9 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
-    kc = keys.add_parser("create", help="print a new API key for a user (stored hashed)")
+    kc = keys.add_parser("create", help="a new API key for a user (stored hashed) and its webhook secret, shown once")
     kc.add_argument("--user", required=True)
+    kc.add_argument("--json", action="store_true")
     kc.set_defaults(fn=cmd_keys_create)
+    kl = keys.add_parser("list", help="every key: id, user, creation time (never the key or its secret)")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(fn=cmd_keys_list)
+    kr = keys.add_parser("revoke", help="delete a key: 401 from then on, no more webhooks for its jobs")
+    kr.add_argument("key_id")
+    kr.set_defaults(fn=cmd_keys_revoke)
+    ko = keys.add_parser("rotate", help="a new webhook secret for a key, shown once (the old one stops signing)")
+    ko.add_argument("key_id")
+    ko.add_argument("--json", action="store_true")
+    ko.set_defaults(fn=cmd_keys_rotate)
+    kg = keys.add_parser("grant", help="a signed grant letting a user register one stored object (or a prefix "
+                                      "ending in /) with POST /from-storage")
+    kg.add_argument("--user", required=True)
+    kg.add_argument("--key", required=True, help="object key (relative to S3_PREFIX), or a prefix ending in /")
+    kg.add_argument("--ttl", type=int, default=3600, help="seconds the grant is valid (default 3600)")
+    kg.set_defaults(fn=cmd_keys_grant)
 
     models = sub.add_parser("models", help="the model store").add_subparsers(dest="action", required=True)
     for name, fn, help_ in (("list", cmd_models_list, "every model id and whether it is installed"),

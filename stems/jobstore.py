@@ -2,7 +2,15 @@
 
 Each record is one JSON value under `{prefix}:{kind}:{id}`. Updates of a job go through
 `update_job`, a WATCH/MULTI transaction, so the API (cancel) and a worker (progress)
-never overwrite each other's changes.
+never overwrite each other's changes. Writes of a worker to an existing record (`update_asset`,
+`put_stem`) only ever update (SET XX): a worker that finishes after its records were deleted
+cannot bring them back.
+
+Indexes kept here: `asset_jobs:{audio_id}` (every job whose root audio is it, also jobs on its
+stems), `active:{user}` and `pending_bytes:{user}` (queued and running jobs, their estimated
+output), and `retain:{phase}` sorted sets scored by the time retention counts from (see
+`stems/lifecycle.py`). `gone:{id}` tombstones of deleted audio and jobs outlive the
+Idempotency-Key window, so a replay can say the resource was deleted.
 """
 from __future__ import annotations
 
@@ -17,13 +25,41 @@ from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 from pydantic import BaseModel
 
-from .models import AudioAsset, Job, Stem
+from .models import USER_ID, AudioAsset, Job, Stem, StemStatus
 
 T = TypeVar("T", bound=BaseModel)
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+TOMBSTONE_TTL_S = IDEMPOTENCY_TTL_S + 3600
+RETAIN_PHASES = ("original", "asset", "stems", "job")  # see stems/lifecycle.py
 
 
 def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def key_id_of(api_key: str) -> str:
+    """The public name of a key (in `stems keys list`, on jobs): a prefix of its hash, never the key."""
+    return "key_" + hash_key(api_key)[:16]
+
+
+class KeyRecord(BaseModel):
+    key_id: str
+    user_id: str
+    webhook_secret: str | None = None  # None: a key made before keys had their own secret
+    created_at: float | None = None
+
+
+class IssuedKey(BaseModel):
+    """What `issue_key` / `rotate_webhook_secret` hand out once; only the key's hash is stored."""
+
+    key_id: str
+    user_id: str
+    api_key: str | None = None
+    webhook_secret: str
+
+
+_RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
 class JobStore:
@@ -43,11 +79,21 @@ class JobStore:
         return ":".join((self.p, *parts))
 
     # -- API keys ----------------------------------------------------------------
-    def create_key(self, user_id: str) -> str:
-        """A new API key for `user_id`; only its sha256 is stored."""
+    def issue_key(self, user_id: str) -> IssuedKey:
+        """A new API key for `user_id` with its own webhook signing secret; only the key's sha256 is stored."""
+        if not USER_ID.fullmatch(user_id):
+            raise ValueError(f"user id {user_id!r}: use 1-128 letters, digits, '.', '_', '@' or '-' (no '/')")
         api_key = "stk_" + secrets.token_urlsafe(32)
-        self.r.hset(self.k("apikey", hash_key(api_key)), mapping={"user_id": user_id})
-        return api_key
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        digest = hash_key(api_key)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k("apikey", digest), mapping={"user_id": user_id, "webhook_secret": secret, "created_at": time.time()})
+        pipe.hset(self.k("keyids"), key_id_of(api_key), digest)
+        pipe.execute()
+        return IssuedKey(key_id=key_id_of(api_key), user_id=user_id, api_key=api_key, webhook_secret=secret)
+
+    def create_key(self, user_id: str) -> str:
+        return self.issue_key(user_id).api_key
 
     def user_for_key(self, api_key: str) -> str | None:
         user = self.r.hget(self.k("apikey", hash_key(api_key)), "user_id")
@@ -66,6 +112,65 @@ class JobStore:
         """{user_id, stem_id, format} of a live download token, None for an unknown or expired one."""
         raw = self.r.get(self.k("download_token", hash_key(token)))
         return json.loads(raw) if raw else None
+    def key_record(self, api_key: str) -> KeyRecord | None:
+        return self._key_record(hash_key(api_key))
+
+    def _key_record(self, digest: str) -> KeyRecord | None:
+        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k("apikey", digest)).items()}
+        if "user_id" not in raw:
+            return None
+        return KeyRecord(key_id="key_" + digest[:16], user_id=raw["user_id"], webhook_secret=raw.get("webhook_secret"),
+                         created_at=float(raw["created_at"]) if raw.get("created_at") else None)
+
+    def _digest(self, key_id: str) -> str | None:
+        found = self.r.hget(self.k("keyids"), key_id)
+        if found:
+            return found.decode()
+        if not (key_id.startswith("key_") and len(key_id) == 20):
+            return None
+        # a key made before the index existed: find it once, then index it
+        names = list(self.r.scan_iter(match=self.k("apikey", key_id[4:] + "*"), count=1000))
+        if len(names) != 1:
+            return None
+        digest = names[0].decode().rsplit(":", 1)[1]
+        self.r.hset(self.k("keyids"), key_id, digest)
+        return digest
+
+    def list_keys(self) -> list[KeyRecord]:
+        """Every API key (an operator's listing: SCAN is fine for the keys a deployment has)."""
+        digests = sorted(n.decode().rsplit(":", 1)[1] for n in self.r.scan_iter(match=self.k("apikey", "*"), count=1000))
+        return [rec for d in digests if (rec := self._key_record(d))]
+
+    def key_by_id(self, key_id: str) -> KeyRecord | None:
+        digest = self._digest(key_id)
+        return self._key_record(digest) if digest else None
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Delete the key: it answers 401 from now on, and its jobs' webhooks are no longer sent."""
+        digest = self._digest(key_id)
+        if digest is None:
+            return False
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.k("apikey", digest))
+        pipe.hdel(self.k("keyids"), key_id)
+        return bool(pipe.execute()[0])
+
+    def rotate_webhook_secret(self, key_id: str) -> IssuedKey | None:
+        """A new webhook secret for the key; the old one stops signing at once."""
+        rec = self.key_by_id(key_id)
+        if rec is None:
+            return None
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        self.r.hset(self.k("apikey", self._digest(key_id)), "webhook_secret", secret)
+        return IssuedKey(key_id=rec.key_id, user_id=rec.user_id, webhook_secret=secret)
+
+    def count_request(self, user_id: str, window: int, ttl_s: int = 120) -> int:
+        """Requests of `user_id` in the rate-limit window `window` so far, this one included."""
+        key = self.k("rate", user_id, str(window))
+        count = self.r.incr(key)
+        if count == 1:
+            self.r.expire(key, ttl_s)
+        return count
 
     # -- generic records ---------------------------------------------------------
     def _get(self, kind: str, model: type[T], id_: str) -> T | None:
@@ -79,7 +184,16 @@ class JobStore:
         return self._get("audio", AudioAsset, id_)
 
     def put_asset(self, asset: AudioAsset) -> None:
-        self._put("audio", asset)
+        """Create (or overwrite) an asset record; retention counts from its `created_at`."""
+        pipe = self.r.pipeline(transaction=True)
+        self._put("audio", asset, pipe)
+        for phase in ("original", "asset"):
+            pipe.zadd(self.k("retain", phase), {asset.id: asset.created_at})
+        pipe.execute()
+
+    def update_asset(self, asset: AudioAsset) -> bool:
+        """Write an asset that exists; False (nothing written) if it was deleted meanwhile."""
+        return bool(self.r.set(self.k("audio", asset.id), asset.model_dump_json(), xx=True))
 
     def get_job(self, id_: str) -> Job | None:
         return self._get("job", Job, id_)
@@ -87,8 +201,9 @@ class JobStore:
     def get_stem(self, id_: str) -> Stem | None:
         return self._get("stem", Stem, id_)
 
-    def put_stem(self, stem: Stem) -> None:
-        self._put("stem", stem)
+    def put_stem(self, stem: Stem) -> bool:
+        """Update a stem record of `create_job`; False (nothing written) if its job was deleted meanwhile."""
+        return bool(self.r.set(self.k("stem", stem.id), stem.model_dump_json(), xx=True))
 
     def _get_many(self, kind: str, model: type[T], ids: list[str]) -> list[T]:
         """The records of `ids` that exist, in order, in one round trip."""
@@ -113,6 +228,9 @@ class JobStore:
         self._put("job", job, pipe)
         pipe.sadd(self.k("active", job.user_id), job.id)
         pipe.zadd(self.k("user_jobs", job.user_id), {job.id: job.created_at})
+        pipe.sadd(self.k("asset_jobs", job.audio_id), job.id)
+        if job.output_bytes:
+            pipe.hset(self.k("pending_bytes", job.user_id), job.id, job.output_bytes)
         pipe.execute()
 
     def list_jobs(self, user_id: str, limit: int, before: tuple[float, str] | None = None) -> list[tuple[str, float]]:
@@ -151,6 +269,11 @@ class JobStore:
                     pipe.set(key, new.model_dump_json())
                     if new.status.terminal:
                         pipe.srem(self.k("active", new.user_id), new.id)
+                        pipe.hdel(self.k("pending_bytes", new.user_id), new.id)
+                        if not job.status.terminal:  # retention of stems and records counts from here
+                            ended = new.finished_at or time.time()
+                            pipe.zadd(self.k("retain", "stems"), {new.id: ended})
+                            pipe.zadd(self.k("retain", "job"), {new.id: ended})
                     pipe.execute()
                     return new
                 except redis.WatchError:
@@ -159,7 +282,81 @@ class JobStore:
     def active_jobs(self, user_id: str) -> int:
         return self.r.scard(self.k("active", user_id))
 
-    # -- cancellation, usage, idempotency ----------------------------------------
+    def pending_output_bytes(self, user_id: str) -> int:
+        """Estimated output of the user's queued and running jobs together."""
+        return sum(int(v) for v in self.r.hvals(self.k("pending_bytes", user_id)))
+
+    def asset_job_ids(self, audio_id: str) -> list[str]:
+        return sorted(i.decode() for i in self.r.smembers(self.k("asset_jobs", audio_id)))
+
+    def forget_asset_job(self, audio_id: str, job_id: str) -> None:
+        self.r.srem(self.k("asset_jobs", audio_id), job_id)
+
+    # -- deletion ------------------------------------------------------------------
+    def delete_job_records(self, job: Job, tombstone: bool = True) -> None:
+        """Remove a job, its stem records and every index entry of it in one transaction.
+
+        The cancel flag stays (a worker still running the job sees it and stops); usage totals
+        stay (billing). With `tombstone`, `gone:{id}` remembers the deletion for a while.
+        """
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.k("job", job.id), *(self.k("stem", s) for s in job.stem_ids + job.upscaled_ids))
+        pipe.srem(self.k("active", job.user_id), job.id)
+        pipe.srem(self.k("asset_jobs", job.audio_id), job.id)
+        pipe.hdel(self.k("pending_bytes", job.user_id), job.id)
+        pipe.zrem(self.k("user_jobs", job.user_id), job.id)  # the per-user listing (web page)
+        pipe.delete(self.k("webhook", job.id))
+        for phase in RETAIN_PHASES:
+            pipe.zrem(self.k("retain", phase), job.id)
+        if tombstone:
+            self._bury(pipe, "job", job.id, job.user_id)
+        pipe.execute()
+
+    def delete_asset_record(self, asset: AudioAsset, tombstone: bool = True) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.k("audio", asset.id))
+        for phase in RETAIN_PHASES:
+            pipe.zrem(self.k("retain", phase), asset.id)
+        if tombstone:
+            self._bury(pipe, "audio", asset.id, asset.user_id)
+        pipe.execute()
+
+    def _bury(self, pipe, kind: str, id_: str, user_id: str) -> None:
+        pipe.set(self.k("gone", id_), json.dumps({"kind": kind, "user_id": user_id, "deleted_at": time.time()}),
+                 ex=TOMBSTONE_TTL_S)
+
+    def deleted(self, id_: str) -> dict | None:
+        """The tombstone of a deleted audio or job (kept for a day past the Idempotency-Key window)."""
+        raw = self.r.get(self.k("gone", id_))
+        return json.loads(raw) if raw else None
+
+    def mark_stems_expired(self, job: Job) -> list[Stem]:
+        """Mark the job's complete stems expired; returns them as they were (to undo)."""
+        before = [s for s in self.get_stems(job.stem_ids + job.upscaled_ids) if s.status == StemStatus.complete]
+        for stem in before:
+            self.put_stem(stem.model_copy(update={"status": StemStatus.expired, "wav_key": None, "hq_key": None}))
+        return before
+
+    # -- retention -------------------------------------------------------------------
+    def due(self, phase: str, before: float, limit: int = 500) -> list[str]:
+        """Ids whose retention clock in `phase` started before `before` (oldest first)."""
+        return [i.decode() for i in self.r.zrangebyscore(self.k("retain", phase), "-inf", before, start=0, num=limit)]
+
+    def done_with(self, phase: str, id_: str) -> None:
+        self.r.zrem(self.k("retain", phase), id_)
+
+    def try_lock(self, name: str, ttl_s: float) -> str | None:
+        """A token if this caller now holds the lock `name` (for `ttl_s` at most), else None."""
+        token = secrets.token_hex(8)
+        return token if self.r.set(self.k("lock", name), token, nx=True, px=int(ttl_s * 1000)) else None
+
+    def unlock(self, name: str, token: str) -> None:
+        self.r.eval(_RELEASE_LOCK, 1, self.k("lock", name), token)
+
+    def memory_used(self) -> int:
+        return int(self.r.info("memory")["used_memory"])
+
+    # -- cancellation, usage, idempotency, webhooks ------------------------------
     def request_cancel(self, job_id: str) -> None:
         self.r.set(self.k("cancel", job_id), "1", ex=7 * 86400)
 
@@ -174,6 +371,28 @@ class JobStore:
         raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k("usage", user_id)).items()}
         return {"minutes": round(float(raw.get("minutes", 0)), 4), "jobs": int(raw.get("jobs", 0))}
 
+    def _idem(self, user_id: str, route: str, idem_key: str) -> str:
+        return self.k("idem", user_id, route, hashlib.sha256(idem_key.encode()).hexdigest())
+
+    def claim_idempotency(self, user_id: str, route: str, idem_key: str, digest: str) -> dict | None:
+        """Claim an Idempotency-Key for a request whose body hashes to `digest`.
+
+        None: claimed now, run the request. Otherwise the earlier claim: `{"hash", "response"}`
+        (`response` is None while the first request is still running).
+        """
+        key = self._idem(user_id, route, idem_key)
+        claim = json.dumps({"hash": digest, "response": None})
+        if self.r.set(key, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
+            return None
+        return json.loads(self.r.get(key) or claim)
+
+    def record_idempotent_response(self, user_id: str, route: str, idem_key: str, digest: str, response: dict) -> None:
+        self.r.set(self._idem(user_id, route, idem_key), json.dumps({"hash": digest, "response": response}),
+                   ex=IDEMPOTENCY_TTL_S)
+
+    def release_idempotency(self, user_id: str, route: str, idem_key: str) -> None:
+        self.r.delete(self._idem(user_id, route, idem_key))
+
     def live_workers(self, ttl_s: float = 20.0) -> list[dict]:
         """Reports of workers that beat within the last `ttl_s` seconds (see workers.heartbeat)."""
         now = time.time()
@@ -182,3 +401,13 @@ class JobStore:
 
     def ping(self) -> None:
         self.r.ping()
+
+    def persistence(self) -> dict:
+        """How the Redis server keeps its data: `appendonly` and `save` from CONFIG, or, where a managed
+        Redis hides CONFIG, `aof_enabled` from INFO (then `save` is unknown: None)."""
+        try:
+            return {"appendonly": self.r.config_get("appendonly").get("appendonly", "no"),
+                    "save": self.r.config_get("save").get("save", ""), "source": "CONFIG"}
+        except redis.ResponseError:  # CONFIG renamed or not permitted
+            aof = self.r.info("persistence").get("aof_enabled") == 1
+            return {"appendonly": "yes" if aof else "no", "save": None, "source": "INFO"}

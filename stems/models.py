@@ -1,6 +1,7 @@
 """Records the service keeps: API keys' users, audio assets, split jobs and stems."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from enum import Enum
@@ -8,6 +9,9 @@ from enum import Enum
 from pydantic import BaseModel, Field
 
 from pipelines.jobspec import SplitSpec
+
+
+USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # a path segment: ingest prefixes and keys are per user
 
 
 def new_id() -> str:
@@ -22,6 +26,7 @@ class AssetStatus(str, Enum):
     processing = "processing"  #: stored, being probed (or being fetched from a link)
     complete = "complete"  #: probed and accepted; can be split
     failed = "failed"  #: refused; `error` says why
+    expired = "expired"  #: the original was deleted by the retention policy; it can no longer be split
 
 
 class JobStatus(str, Enum):
@@ -41,6 +46,7 @@ class StemStatus(str, Enum):
     complete = "complete"
     dropped = "dropped"  #: silent, and the preset drops silent stems
     failed = "failed"
+    expired = "expired"  #: stored, then deleted by the retention policy (STEMS_RETAIN_STEMS_S)
 
 
 class AudioAsset(BaseModel):
@@ -106,3 +112,5 @@ class Job(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     callback_url: str | None = None
+    key_id: str | None = None  # the API key that created the job: its webhook secret signs the callback
+    output_bytes: int = 0  # estimated bytes the job writes (checked against the output budgets)

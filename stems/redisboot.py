@@ -37,20 +37,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(run_dir: Path, port: int | None = None, persist: bool = False) -> tuple[subprocess.Popen, str]:
-    """Start a private redis-server; returns the process and its URL.
-
-    Every path handed to the server is absolute: redis-server changes into `--dir` before it
-    opens `--logfile`, so a relative log path would be looked up from inside `run_dir`.
-    """
-    run_dir = run_dir.resolve()
+def start_redis(run_dir: Path, port: int | None = None, persist: bool = False, password: str | None = None,
+                extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start a private redis-server; returns the process and its URL."""
+    run_dir = Path(run_dir).resolve()  # redis-server enters --dir before it opens --logfile: relative paths break
     run_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),
             "--save", "" if not persist else "60 1", "--appendonly", "yes" if persist else "no",
-            "--logfile", str(run_dir / f"redis-{port}.log")]
+            "--logfile", str(run_dir / f"redis-{port}.log"), *(("--requirepass", password) if password else ()),
+            *extra_args]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
     for _ in range(100):
         if reachable(url, 0.2):
             return proc, url

@@ -18,6 +18,32 @@ def _env(name: str, *more: str) -> AliasChoices:
     return AliasChoices(name, *more)
 
 
+PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "change_me", "changeit", "secret", "password", "dev-secret-key",
+                       "dev-webhook-secret", "webhook-secret", "test", "example", "replace-me", "xxx"}
+
+
+def is_placeholder(secret: str) -> bool:
+    """A secret nobody should run production with: a known placeholder, or too short to resist guessing."""
+    return secret.strip().lower() in PLACEHOLDER_SECRETS or len(secret.strip()) < 16
+
+
+def redis_lacks_password(url: str) -> bool:
+    """True when `url` names a Redis beyond this machine (not loopback, not a unix socket) without a password."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix" or parts.password:
+        return False
+    host = (parts.hostname or "").strip("[]")
+    if host in ("", "localhost") or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: another machine
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
@@ -44,7 +70,8 @@ class Settings(BaseSettings):
         description="answer downloads with a redirect to a presigned URL instead of streaming through the API")
     s3_timeout_s: float = Field(30.0, validation_alias=_env("S3_TIMEOUT_S"), description="connect/read timeout of S3 calls")
     ingest_prefix: str = Field("ingest/", validation_alias=_env("STEMS_INGEST_PREFIX"),
-        description="keys an ingestion service may register with POST /from-storage must start with this")
+        description="an ingestion service writes a tenant's objects under `{prefix}{user_id}/`; POST /from-storage "
+                    "registers only keys under the caller's own such prefix (or a signed grant)")
     model_dir: Path = Field(Path(".models"), validation_alias=_env("STEMS_MODEL_DIR"),
         description="model store directory (weights + manifest.json)")
     model_s3_uri: str | None = Field(None, validation_alias=_env("STEMS_MODEL_S3_URI"),
@@ -63,7 +90,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(1 << 30, validation_alias=_env("STEMS_MAX_UPLOAD_BYTES"),
         description="largest accepted upload or link download (413 beyond)")
     max_duration_s: float = Field(4 * 3600.0, validation_alias=_env("STEMS_MAX_DURATION_S"),
-        description="longest accepted audio")
+        description="longest accepted audio (the import stops decoding here)")
+    min_duration_s: float = Field(0.5, ge=0, validation_alias=_env("STEMS_MIN_DURATION_S"),
+        description="shortest accepted audio and selection: shorter clips are too short for the models' analysis windows")
     min_sample_rate: int = Field(8000, validation_alias=_env("STEMS_MIN_SAMPLE_RATE"), description="lowest accepted sample rate")
     max_sample_rate: int = Field(192000, validation_alias=_env("STEMS_MAX_SAMPLE_RATE"), description="highest accepted sample rate")
     max_channels: int = Field(8, validation_alias=_env("STEMS_MAX_CHANNELS"), description="most channels accepted")
@@ -86,12 +115,33 @@ class Settings(BaseSettings):
         description="queued or running splits per API key (429 beyond)")
     download_link_ttl_s: int = Field(3600, ge=60, le=7 * 86400, validation_alias=_env("STEMS_DOWNLOAD_LINK_TTL_S"),
         description="lifetime of a link from POST /download-links (what media players and plain links fetch a stem with)")
-    webhook_secret: str = Field("dev-webhook-secret", validation_alias=_env("STEMS_WEBHOOK_SECRET"),
-        description="HMAC-SHA256 key that signs webhook bodies (set your own in production)")
+    max_job_output_bytes: int = Field(20 << 30, gt=0, validation_alias=_env("STEMS_MAX_JOB_OUTPUT_BYTES"),
+        description="budget of one split's estimated output (stems x channels x rate x seconds x bytes, restored "
+                    "copies and HQ encodes included); 422 beyond, with the numbers")
+    max_key_output_bytes: int = Field(100 << 30, gt=0, validation_alias=_env("STEMS_MAX_KEY_OUTPUT_BYTES"),
+        description="budget of the estimated output of one key's queued and running splits together (429 beyond)")
+    secret_key: str = Field("dev-secret-key", validation_alias=_env("STEMS_SECRET_KEY", "STEMS_WEBHOOK_SECRET"),
+        description="server secret: signs /from-storage grants, and the webhooks of API keys made before keys had "
+                    "their own secret (STEMS_WEBHOOK_SECRET is its old name); placeholders are refused in production")
+    grant_max_ttl_s: int = Field(7 * 86400, gt=0, validation_alias=_env("STEMS_GRANT_MAX_TTL_S"),
+        description="longest validity of a /from-storage grant (`stems keys grant`)")
     webhook_attempts: int = Field(6, validation_alias=_env("STEMS_WEBHOOK_ATTEMPTS"),
         description="deliveries of a webhook before giving up (jittered exponential backoff between)")
     webhook_backoff_s: float = Field(1.0, validation_alias=_env("STEMS_WEBHOOK_BACKOFF_S"),
         description="first delay between webhook deliveries; doubled each time (capped at 60 s), jittered +-50%")
+    retain_originals_s: float = Field(7 * 86400.0, ge=0, validation_alias=_env("STEMS_RETAIN_ORIGINALS_S"),
+        description="seconds an uploaded, linked or registered original is kept after its import; 0 keeps it")
+    retain_stems_s: float = Field(7 * 86400.0, ge=0, validation_alias=_env("STEMS_RETAIN_STEMS_S"),
+        description="seconds a split's stored stems are kept after it ends; 0 keeps them")
+    retain_records_s: float = Field(30 * 86400.0, ge=0, validation_alias=_env("STEMS_RETAIN_RECORDS_S"),
+        description="seconds a split's record is kept after it ends, and an audio's record after its creation (never "
+                    "before its original goes); anything still stored for them goes with them; 0 keeps them. Usage "
+                    "totals are kept regardless")
+    retention_sweep_s: float = Field(300.0, ge=0, validation_alias=_env("STEMS_RETENTION_SWEEP_S"),
+        description="how often a worker of the cpu queue sweeps out what retention expired (one at a time, by a "
+                    "Redis lock); 0 turns the sweep off")
+    redis_assume_persistent: bool = Field(False, validation_alias=_env("STEMS_REDIS_ASSUME_PERSISTENT"),
+        description="production: trust that a Redis which hides CONFIG (managed services) persists its data")
     worker_queues: str = Field("cpu", validation_alias=_env("STEMS_WORKER_QUEUES"),
         description="comma-separated queues `stems worker` serves when -Q is not given")
 
@@ -118,12 +168,17 @@ class Settings(BaseSettings):
             problems = []
             if self.storage == "local":
                 problems.append("STEMS_STORAGE=local keeps audio on one machine's disk; use s3")
-            if self.webhook_secret == "dev-webhook-secret":
-                problems.append("STEMS_WEBHOOK_SECRET is the development default")
+            if is_placeholder(self.secret_key):
+                problems.append("STEMS_SECRET_KEY (or STEMS_WEBHOOK_SECRET) is a placeholder or shorter than 16 "
+                                "characters; set a long random value, e.g. `python -c 'import secrets; "
+                                "print(secrets.token_urlsafe(32))'`")
             if self.link_allow_hosts:
                 problems.append("STEMS_LINK_ALLOW_HOSTS lets /from-link reach private hosts")
             if self.model_mirror and self.model_mirror.startswith("http://"):
                 problems.append("STEMS_MODEL_MIRROR over plain http lets the network swap weights that have no published checksum")
+            if redis_lacks_password(self.redis_url):
+                problems.append("REDIS_URL points at a non-loopback Redis without a password "
+                                "(redis://:PASSWORD@host:6379/0); anyone on that network could read and change jobs")
             if problems:
                 raise ValueError("unsafe production settings: " + "; ".join(problems))
         return self

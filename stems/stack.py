@@ -126,12 +126,14 @@ def up() -> int:
     store = JobStore.from_url(url, s.key_prefix)
     key_file = RUN / "dev-api-key"
     if not key_file.exists() or store.user_for_key(key_file.read_text().strip()) is None:
-        key_file.write_text(store.create_key("dev") + "\n")
+        issued = store.issue_key("dev")
+        key_file.write_text(issued.api_key + "\n")
+        (RUN / "dev-webhook-secret").write_text(issued.webhook_secret + "\n")  # signs the dev key's webhooks
     wait_http(f"http://127.0.0.1:{s.api_port}/healthz", proc=procs[0])
     wait_workers(store, len(procs) - 2)
     print(f"page     {page_link(s.api_port, key_file.read_text().strip())}  (signed in with the development key)\n"
           f"API      http://127.0.0.1:{s.api_port}  (docs at /docs)\nFlower   http://127.0.0.1:{s.flower_port}\n"
-          f"API key  {key_file}\nlogs     {RUN}/*.log\nstop     make down")
+          f"API key  {key_file} (its webhook secret: {RUN}/dev-webhook-secret)\nlogs     {RUN}/*.log\nstop     make down")
     return 0
 
 

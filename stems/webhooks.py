@@ -1,8 +1,10 @@
 """Job webhooks: a signed POST to the job's `callback_url` when it completes or fails.
 
-The body is JSON; `X-Stems-Signature: sha256=<hex>` is HMAC-SHA256 of
-`<X-Stems-Timestamp>.<body>` under `STEMS_WEBHOOK_SECRET`, so a receiver can check both
-origin and freshness. The URL passes the same SSRF checks as `/from-link`.
+The body is JSON. `X-Stems-Signature: t=<unix seconds>,v1=<hex>` carries the time of signing
+and HMAC-SHA256 of `"<t>.<body>"` under the webhook secret of the API key that created the job
+(each key has its own, shown once by `stems keys create`, renewed by `stems keys rotate`). A
+receiver checks the HMAC and that `t` is within 5 minutes of its clock (`verify` does both), so
+a captured delivery cannot be replayed later. The URL passes the same SSRF checks as `/from-link`.
 """
 from __future__ import annotations
 
@@ -16,23 +18,40 @@ import httpx
 from .netfetch import LinkError, check_url, pinned
 from .settings import Settings
 
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-
-
-def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+TOLERANCE_S = 300
+HEADER = "x-stems-signature"
 
 
-def deliver(url: str, payload: dict, settings: Settings) -> int:
+def _mac(secret: str, timestamp: int, body: bytes) -> str:
+    return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """The `X-Stems-Signature` header value for `body`, signed now (or at `timestamp`)."""
+    t = int(time.time()) if timestamp is None else int(timestamp)
+    return f"t={t},v1={_mac(secret, t, body)}"
+
+
+def verify(secret: str, body: bytes, header: str, tolerance_s: float = TOLERANCE_S, now: float | None = None) -> bool:
+    """True when `header` signs `body` under `secret` and was made within `tolerance_s` of now."""
+    try:
+        parts = [p.split("=", 1) for p in header.split(",")]
+        t = int(next(v for k, v in parts if k.strip() == "t"))
+        macs = [v.strip() for k, v in parts if k.strip() == "v1"]
+    except (ValueError, StopIteration):
+        return False
+    if abs((time.time() if now is None else now) - t) > tolerance_s:
+        return False
+    expected = _mac(secret, t, body)
+    return any(hmac.compare_digest(expected, m) for m in macs)
+
+
+def deliver(url: str, payload: dict, secret: str, settings: Settings) -> int:
     """POST the payload once; returns the HTTP status. Raises LinkError for refused targets."""
     _, address = check_url(url, settings)
     target, pin = pinned(url, address)  # post to the address we checked, not to a fresh DNS answer
     body = json.dumps(payload, sort_keys=True).encode()
-    ts = str(int(time.time()))
-    headers = {"content-type": "application/json", "x-stems-timestamp": ts,
-               "x-stems-signature": sign(settings.webhook_secret, ts, body), "user-agent": "stems-webhook/1", **pin}
+    headers = {"content-type": "application/json", HEADER: sign(secret, body), "user-agent": "stems-webhook/1", **pin}
     try:
         r = httpx.post(target, content=body, headers=headers, timeout=10.0, follow_redirects=False)
     except httpx.HTTPError as exc:
@@ -40,4 +59,4 @@ def deliver(url: str, payload: dict, settings: Settings) -> int:
     return r.status_code
 
 
-__all__ = ["deliver", "sign", "verify", "LinkError"]
+__all__ = ["deliver", "sign", "verify", "LinkError", "HEADER", "TOLERANCE_S"]

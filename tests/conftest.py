@@ -42,3 +42,14 @@ def stack(tmp_path_factory, redis_url, s3_url):
     s.start_worker("cpu", "cpu")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session", params=["local", "s3"])
+def backend_stack(request, tmp_path_factory, redis_url, s3_url):
+    """API + CPU worker on each storage backend in turn: a local directory, and S3 over HTTP."""
+    s = ServiceStack(tmp_path_factory.mktemp(f"stack-{request.param}"), redis_url,
+                     s3_url if request.param == "s3" else None)
+    s.start_api()
+    s.start_worker("cpu", f"cpu{request.param}")
+    yield s
+    s.stop()

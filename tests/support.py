@@ -102,6 +102,11 @@ class ServiceStack:
     def client(self, user: str = "alice") -> httpx.Client:
         return httpx.Client(base_url=self.base, headers={"x-api-key": self.store.create_key(user)}, timeout=60)
 
+    def keyed_client(self, user: str = "alice"):
+        """A client of a new key, and the key as issued (its id and webhook secret)."""
+        issued = self.store.issue_key(user)
+        return httpx.Client(base_url=self.base, headers={"x-api-key": issued.api_key}, timeout=60), issued
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()

@@ -1,4 +1,9 @@
-"""Import an audio asset: fetch it (for links), probe it, accept or refuse it with a reason."""
+"""Import an audio asset: fetch it (for links), probe it, accept or refuse it with a reason.
+
+The asset's record is only ever updated here, never created: if the user deleted the asset
+while it was importing, the update finds no record, and an original this import stored
+itself (a link's download) is removed again.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +22,9 @@ from .context import WorkerContext
 
 def validate(info: A.AudioInfo, ctx: WorkerContext) -> None:
     s = ctx.settings
+    if info.duration < s.min_duration_s:
+        raise AudioError(f"audio is {info.duration:.3f} s long; the shortest the models take is {s.min_duration_s} s",
+                         duration=info.duration, min_duration=s.min_duration_s)
     if info.duration > s.max_duration_s:
         raise AudioError(f"audio is {info.duration:.0f} s long; the maximum is {s.max_duration_s:.0f} s",
                          duration=info.duration, max_duration=s.max_duration_s)
@@ -50,7 +58,7 @@ def import_audio(audio_id: str, ctx: WorkerContext) -> None:
                 size = local.stat().st_size
             if size == 0:
                 raise AudioError("the file is empty")
-            info = A.probe(local)
+            info = A.probe(local, max_seconds=ctx.settings.max_duration_s)  # stops decoding at the limit
             validate(info, ctx)
             peaks = PeakAccumulator(info.sample_rate, None, round(info.duration * info.sample_rate))
             check_samples(local, peaks)
@@ -64,9 +72,10 @@ def import_audio(audio_id: str, ctx: WorkerContext) -> None:
             if exc.retryable:
                 raise
             asset.status, asset.error = AssetStatus.failed, exc.to_dict()
-            ctx.store.put_asset(asset)
+            ctx.store.update_asset(asset)
             if asset.origin != "ingest":  # refused audio is not kept (ingested objects are not ours)
                 ctx.storage.delete(asset.object_key)
             return
     asset.status, asset.info, asset.size, asset.sha256 = AssetStatus.complete, info.to_dict(), size, digest.hexdigest()
-    ctx.store.put_asset(asset)
+    if not ctx.store.update_asset(asset) and asset.origin == "link":
+        ctx.storage.delete(asset.object_key)  # deleted while we fetched it: do not leave our download behind

@@ -17,7 +17,7 @@ from stems.models import JobStatus
 from stems.netfetch import LinkError
 from stems.webhooks import deliver
 
-from . import heartbeat  # noqa: F401 - registers the worker's model report on start
+from . import heartbeat, preflight, retention  # noqa: F401 - worker start-up hooks: model report, refusals, sweep
 from .celery_app import app
 from .context import context
 from .importer import import_audio
@@ -53,10 +53,14 @@ def webhook_task(self, job_id: str) -> None:
     job = ctx.store.get_job(job_id)
     if job is None or not job.callback_url:
         return
+    secret = _signing_secret(job, ctx)
+    if secret is None:
+        log.warning("webhook for job %s not sent: its API key %s was revoked", job_id, job.key_id)
+        return
     payload = {"creation_id": job.id, "status": job.status.value, "preset": job.preset, "audio_id": job.audio_id,
                "error": job.error, "stem_ids": job.stem_ids, "upscaled_ids": job.upscaled_ids}
     try:
-        status = deliver(job.callback_url, payload, ctx.settings)
+        status = deliver(job.callback_url, payload, secret, ctx.settings)
     except LinkError:
         return  # the URL became unsafe (or never was): never retried
     except ConnectionError:
@@ -66,6 +70,15 @@ def webhook_task(self, job_id: str) -> None:
             log.warning("webhook for job %s gave up after %d attempts", job_id, self.request.retries + 1)
             return
         raise self.retry(countdown=backoff(self.request.retries, ctx.settings.webhook_backoff_s))
+
+
+def _signing_secret(job, ctx) -> str | None:
+    """The webhook secret of the key that created the job; the server secret for keys (or jobs) older than
+    per-key secrets; None when the key was revoked."""
+    if job.key_id is None:
+        return ctx.settings.secret_key
+    key = ctx.store.key_by_id(job.key_id)
+    return None if key is None else key.webhook_secret or ctx.settings.secret_key
 
 
 def _notify(job_id: str, ctx) -> None:

@@ -64,15 +64,32 @@ def test_oversized_upload_is_413_while_streaming(tmp_path_factory, redis_url, s3
 @pytest.mark.parametrize("name,data,reason", [
     ("notes.txt", b"these are not the droids you are looking for" * 100, "not a decodable audio file"),
     ("truncated.flac", None, "corrupt"),
+    ("cut.wav", None, "truncated audio: the header promises 3.000 s"),
+    ("cut.flac", None, "truncated audio: the header promises 3.000 s"),
+    ("cut.aiff", None, "truncated audio: the header promises 3.000 s"),
+    ("short.wav", None, "shortest"),
     ("zero.wav", None, "zero length"),
     ("nan.wav", None, "NaN"),
     ("long.wav", None, "maximum"),
+    ("long.mp3", None, "maximum"),
 ])
 def test_refused_audio_fails_import_with_reason_and_is_not_kept(stack, name, data, reason):
     sr = 8000
     if name == "truncated.flac":
         full = _bytes(tone_mix(3.0, 44100), 44100, "PCM_16", "FLAC")
         data = full[: len(full) // 3] + b"\xff" * 500 + full[len(full) // 2: len(full) // 2 + 300]
+    elif name == "cut.wav":  # a 200-byte WAV whose header promises 3 s (0.9 ms of audio is all it holds)
+        data = _bytes(tone_mix(3.0, 44100), 44100, "PCM_16")[:200]
+    elif name == "cut.flac":  # cut at a frame's sync code: every frame left decodes, STREAMINFO promises more
+        full = _bytes(tone_mix(3.0, 44100), 44100, "PCM_16", "FLAC")
+        data = full[: full.find(b"\xff\xf8", len(full) // 2)]
+    elif name == "cut.aiff":
+        full = _bytes(tone_mix(3.0, 44100), 44100, "PCM_16", "AIFF")
+        data = full[: len(full) // 3]
+    elif name == "short.wav":  # under STEMS_MIN_DURATION_S (0.5 s): too short for any model
+        data = _bytes(tone_mix(0.2, 44100), 44100)
+    elif name == "long.mp3":  # 11 min: the import stops decoding at the 10 min maximum
+        data = _bytes(np.zeros((1, 8000 * 660), np.float32), sr, "MPEG_LAYER_III", "MP3")
     elif name == "zero.wav":
         data = _bytes(np.zeros((2, 0), np.float32), sr)
     elif name == "nan.wav":
@@ -90,6 +107,7 @@ def test_refused_audio_fails_import_with_reason_and_is_not_kept(stack, name, dat
         assert reason.lower() in status["error"]["message"].lower(), status["error"]
         key = stack.store.get_asset(status["audio_id"]).object_key
         assert key not in _objects(stack)
+        assert stack.objects(key.rsplit("/", 1)[0] + "/") == []
         # a refused source cannot be split: 409 with the reason
         r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": status["audio_id"]})
         assert r.status_code == 409 and reason.lower() in r.text.lower()
@@ -118,9 +136,11 @@ def test_selection_and_spans_refused(stack, tmp_path):
     path = write_audio(tmp_path / "s.wav", tone_mix(2.0, 44100), 44100)
     with stack.client() as c:
         aid = upload(c, path)["audio_id"]
-        for sel in ({"start": 1.5, "end": 1.0}, {"start": -0.5, "end": 1.0}, {"start": 0, "end": 2.5}, {"start": 1, "end": 1}):
+        for sel in ({"start": 1.5, "end": 1.0}, {"start": -0.5, "end": 1.0}, {"start": 0, "end": 2.5}, {"start": 1, "end": 1},
+                    {"start": 0.5, "end": 0.6}):  # the last: shorter than STEMS_MIN_DURATION_S
             r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": aid, "selection": sel})
             assert r.status_code == 422, (sel, r.text)
+        assert "shortest" in r.text
         r = c.post("/create-stems", json={"preset": "custom", "audio_id": aid, "prompt": "drums",
                                           "selection": {"start": 0.5, "end": 1.5}, "spans": [{"start": 0.1, "end": 1.0}]})
         assert r.status_code == 422 and "outside the selection" in r.text
@@ -144,3 +164,63 @@ def test_archive_of_unfinished_job_is_409(stack, tmp_path):
         assert r.status_code == 404
         r = c.post("/download-archive", json={})
         assert r.status_code == 422
+
+
+def _multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"B") -> bytes:
+    """A multipart body from (headers, data) pairs, as a hostile client would hand-write it."""
+    out = b""
+    for headers, data in parts:
+        out += b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + data + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+FILE = b'Content-Disposition: form-data; name="file"; filename="a.wav"'
+
+
+@pytest.mark.parametrize("case", ["many parts", "huge part header", "many part headers", "huge field",
+                                  "long boundary", "no boundary", "garbage framing", "unterminated"])
+def test_hostile_multipart_is_4xx_and_keeps_nothing(stack, case):
+    wav = _bytes(tone_mix(1.0, 8000), 8000)
+    boundary = b"B"
+    if case == "many parts":
+        body = _multipart([(b'Content-Disposition: form-data; name="f%d"' % i, b"x") for i in range(5000)] + [(FILE, wav)])
+    elif case == "huge part header":
+        body = _multipart([(FILE + b"; junk=" + b"j" * 200_000, wav)])
+    elif case == "many part headers":
+        body = _multipart([(FILE + b"".join(b"\r\nX-H%d: v" % i for i in range(2000)), wav)])
+    elif case == "huge field":
+        body = _multipart([(b'Content-Disposition: form-data; name="note"', b"n" * 3_000_000), (FILE, wav)])
+    elif case == "long boundary":
+        boundary = b"b" * 5000
+        body = _multipart([(FILE, wav)], boundary)
+    elif case == "no boundary":
+        boundary, body = b"", _multipart([(FILE, wav)])
+    elif case == "garbage framing":
+        body = b"--B\r\n" + b"\x00\xff" * 50_000
+    else:
+        body = b"--B\r\n" + FILE + b"\r\n\r\n" + wav  # never closed
+    ctype = "multipart/form-data" + (f"; boundary={boundary.decode()}" if boundary else "")
+    with stack.client("hostile") as c:
+        audio_before, objects_before = stack.store.r.keys(stack.store.k("audio", "*")), _objects(stack)
+        r = c.post("/from-file", content=body, headers={"content-type": ctype})
+        assert 400 <= r.status_code < 500, (case, r.status_code, r.text[:300])
+        assert "code" in r.json(), r.text[:300]
+        assert stack.store.r.keys(stack.store.k("audio", "*")) == audio_before
+        assert _objects(stack) == objects_before
+        assert list((stack.tmp / "data" / "tmp").glob("upload-*")) == []  # no temporary file is left either
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/from-file", files={"file": ("ok.wav", wav)}).status_code == 200  # and uploads still work
+
+
+def test_oversized_json_bodies_are_413(stack):
+    huge = b'{"preset": "phantom_center", "prompt": "' + b"x" * (2 << 20) + b'"}'
+    with stack.client("hostile-json") as c:
+        r = c.post("/create-stems", content=huge, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["code"] == "too_large", r.text[:200]
+
+        def chunks():  # no Content-Length: found while reading
+            for i in range(0, len(huge), 65536):
+                yield huge[i:i + 65536]
+        r = c.post("/create-stems", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text[:200]
+        assert c.post("/create-stems", json={"preset": "phantom_center", "audio_id": str(uuid.uuid4())}).status_code == 404

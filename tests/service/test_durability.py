@@ -65,6 +65,6 @@ def test_visibility_timeout_must_outlast_the_longest_job():
 def test_production_refuses_unsafe_settings():
     with pytest.raises(ValueError) as err:
         Settings(env="production", storage="local", link_allow_hosts=["127.0.0.1"])
-    for problem in ("STEMS_STORAGE=local", "STEMS_WEBHOOK_SECRET", "STEMS_LINK_ALLOW_HOSTS"):
+    for problem in ("STEMS_STORAGE=local", "STEMS_SECRET_KEY", "STEMS_LINK_ALLOW_HOSTS"):
         assert problem in str(err.value)
-    Settings(env="production", storage="s3", webhook_secret="a-real-secret")
+    Settings(env="production", storage="s3", secret_key="a-real-secret-of-some-length")

@@ -20,13 +20,12 @@ import soundfile as sf
 from pipelines.presets import load_catalogue
 from stems.models import AssetStatus, AudioAsset
 from stems.storage import keys
-from stems.webhooks import verify
+from stems.webhooks import sign, verify
 from tests.support import ServiceStack, tone_mix, upload, wait_for, write_audio
 from tests.webserver import WebServer
 
 SR = 44100
 TERMINAL = {"complete", "failed", "cancelled"}
-SECRET = "whsec-test-" + uuid.uuid4().hex
 MAX_BYTES = 300_000
 
 
@@ -62,10 +61,9 @@ def web():
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, redis_url, s3_url):
-    """API + worker that may fetch only the host name "localhost"; small upload limit; own webhook secret."""
+    """API + worker that may fetch only the host name "localhost"; small upload limit; quick webhook retries."""
     s = ServiceStack(tmp_path_factory.mktemp("guarded"), redis_url, s3_url, STEMS_LINK_ALLOW_HOSTS='["localhost"]',
-                     STEMS_MAX_UPLOAD_BYTES=str(MAX_BYTES), STEMS_WEBHOOK_SECRET=SECRET, STEMS_WEBHOOK_ATTEMPTS="3",
-                     STEMS_WEBHOOK_BACKOFF_S="0.3")
+                     STEMS_MAX_UPLOAD_BYTES=str(MAX_BYTES), STEMS_WEBHOOK_ATTEMPTS="3", STEMS_WEBHOOK_BACKOFF_S="0.3")
     s.start_api()
     s.start_worker("cpu", "guard")
     yield s
@@ -359,23 +357,40 @@ def guarded_audio(guarded, tmp_path_factory):
     return asset["audio_id"]
 
 
-def _split_with_callback(s: ServiceStack, audio_id: str, callback: str) -> dict:
-    with s.client("hooked") as c:
+def _split_with_callback(s: ServiceStack, audio_id: str, callback: str) -> tuple[dict, str]:
+    """The finished split and the webhook secret of the key that created it."""
+    c, issued = s.keyed_client("hooked")
+    with c:
         r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio_id, "callback_url": callback,
                                           "hq_streaming_format": "none"})
         assert r.status_code == 200, r.text
-        return wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
+        return wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120), issued.webhook_secret
+
+
+def _signature(hit) -> str:
+    return hit.headers["x-stems-signature"]
 
 
 def test_webhook_is_signed_with_the_final_status(guarded, guarded_audio, web):
     path = f"/hook-{uuid.uuid4().hex[:8]}"
-    status = _split_with_callback(guarded, guarded_audio, web.url(path, "localhost"))
+    status, secret = _split_with_callback(guarded, guarded_audio, web.url(path, "localhost"))
     assert status["status"] == "complete", status
     (hit,) = web.wait_posts(path, 1)
-    assert verify(SECRET, hit.headers["x-stems-timestamp"], hit.body, hit.headers["x-stems-signature"])
-    assert not verify("dev-webhook-secret", hit.headers["x-stems-timestamp"], hit.body, hit.headers["x-stems-signature"])
-    assert not verify(SECRET, hit.headers["x-stems-timestamp"], hit.body + b" ", hit.headers["x-stems-signature"])
-    assert abs(int(hit.headers["x-stems-timestamp"]) - time.time()) < 120
+    assert verify(secret, hit.body, _signature(hit))
+    other_key = guarded.store.issue_key("hooked").webhook_secret  # the same tenant's other key cannot have signed it
+    for wrong in (other_key, "dev-secret-key", guarded.settings().secret_key):
+        assert not verify(wrong, hit.body, _signature(hit))
+    assert not verify(secret, hit.body + b" ", _signature(hit))
+    t = int(_signature(hit).split(",")[0].removeprefix("t="))
+    assert abs(t - time.time()) < 120
+    # the timestamp is signed too: a receiver refuses a delivery older (or newer) than 5 minutes ...
+    assert not verify(secret, hit.body, _signature(hit), now=t + 301)
+    assert not verify(secret, hit.body, _signature(hit), now=t - 301)
+    assert verify(secret, hit.body, _signature(hit), now=t + 299)
+    # ... and moving `t` to make an old delivery look fresh breaks the HMAC
+    forged = f"t={t + 1000}," + _signature(hit).split(",", 1)[1]
+    assert not verify(secret, hit.body, forged, now=t + 1000)
+    assert verify(secret, hit.body, sign(secret, hit.body, t + 1000), now=t + 1000)  # (what a real one would be)
     payload = json.loads(hit.body)
     assert payload["creation_id"] == status["creation_id"] and payload["status"] == "complete"
     assert payload["audio_id"] == guarded_audio and sorted(payload["stem_ids"]) == sorted(s["stem_id"] for s in status["stems"])
@@ -383,15 +398,32 @@ def test_webhook_is_signed_with_the_final_status(guarded, guarded_audio, web):
     assert len(web.requests("POST", path)) == 1  # delivered once
 
 
+def test_webhook_secret_rotation_and_revocation(guarded, guarded_audio, web):
+    c, issued = guarded.keyed_client("hooked")
+    with c:
+        rotated = guarded.store.rotate_webhook_secret(issued.key_id)
+        assert rotated.key_id == issued.key_id and rotated.webhook_secret != issued.webhook_secret
+        path = f"/hook-{uuid.uuid4().hex[:8]}"
+        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio, "hq_streaming_format": "none",
+                                          "callback_url": web.url(path, "localhost")})
+        wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
+        (hit,) = web.wait_posts(path, 1)
+        assert verify(rotated.webhook_secret, hit.body, _signature(hit))
+        assert not verify(issued.webhook_secret, hit.body, _signature(hit))  # the old secret stopped signing
+        assert guarded.store.revoke_key(issued.key_id)
+        assert c.get("/usage").status_code == 401
+        assert not guarded.store.revoke_key(issued.key_id)
+
+
 def test_webhook_retried_after_5xx(guarded, guarded_audio, web):
     path = f"/hook-{uuid.uuid4().hex[:8]}"
     web.answers[path] = [500, 503]
-    _split_with_callback(guarded, guarded_audio, web.url(path, "localhost"))
+    _, secret = _split_with_callback(guarded, guarded_audio, web.url(path, "localhost"))
     hits = web.wait_posts(path, 3)
     gaps = [b.at - a.at for a, b in zip(hits, hits[1:])]
     assert all(g >= 0.1 for g in gaps), gaps  # backed off (0.3 s, then 0.6 s, jittered +-50%)
     assert len({h.body for h in hits}) == 1 and json.loads(hits[-1].body)["status"] == "complete"
-    assert all(verify(SECRET, h.headers["x-stems-timestamp"], h.body, h.headers["x-stems-signature"]) for h in hits)
+    assert all(verify(secret, h.body, _signature(h)) for h in hits)
     time.sleep(3)
     assert len(web.requests("POST", path)) == 3  # accepted on the third: no more
 
@@ -453,7 +485,6 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
         ("POST", "/create-stems", {"preset": "phantom_center", "stem_id": sid, **too_long}, 422),
         ("POST", "/create-stems", {"preset": "phantom_center", "upscaled_id": uid, **too_long}, 422),
         ("POST", f"/cancel/{cid}", None, 409),
-        ("DELETE", f"/stem_split/{cid}", None, 409),
     ]
     intruder = f"intruder-{uuid.uuid4().hex[:6]}"
     with stack.client(intruder) as m:
@@ -469,5 +500,10 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
         assert {k: v for k, v in unknown.items() if k != "creation_id"} == \
             {k: v for k, v in foreign.items() if k != "creation_id"}
         assert m.get("/usage").json() == {"user_id": intruder, "minutes": 0.0, "jobs": 0}
-    assert stack.store.get_job(cid).status.value == "complete"  # the intruder's cancel changed nothing
+        for path in (f"/stem_split/{cid}", f"/audio/{aid}"):  # nor can the intruder delete
+            r = m.delete(path)
+            assert r.status_code == 404 and r.json()["code"] == "not_found", (path, r.text)
+    assert stack.store.get_job(cid).status.value == "complete"  # the intruder's cancel and deletes changed nothing
+    assert stack.store.get_asset(aid) is not None
+    assert c.get(f"/download/stem/{sid}").status_code == 200
     assert stack.store.active_jobs(intruder) == 0
