@@ -204,10 +204,11 @@ def stem_info(s: Stem) -> dict:
 @router.get("/status/stem_split/{creation_id}", response_model=SplitStatus, summary="Status of a split")
 def split_status(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     job = owned_job(svc, user, str(creation_id))
-    return status_of(job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids))
+    return status_of(job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids),
+                     svc.settings.retain_stems_s)
 
 
-def status_of(job: Job, stems: list[Stem], ups: list[Stem]) -> dict:
+def status_of(job: Job, stems: list[Stem], ups: list[Stem], retain_stems_s: float) -> dict:
     return {
         "creation_id": job.id, "audio_id": job.audio_id, "preset": job.preset, "status": job.status.value,
         "progress": job.progress, "stage": job.stage, "error": job.error, "attempts": job.attempts, "worker": job.worker,
@@ -215,7 +216,7 @@ def status_of(job: Job, stems: list[Stem], ups: list[Stem]) -> dict:
         "stems": [stem_info(s) for s in stems if s.status != StemStatus.dropped],
         "upscaled_audios": [stem_info(s) for s in ups if s.status != StemStatus.dropped],
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
-        "expires_at": expiry(job.finished_at, svc.settings.retain_stems_s) if job.status.terminal else None,
+        "expires_at": expiry(job.finished_at, retain_stems_s) if job.status.terminal else None,
     }
 
 
@@ -228,8 +229,8 @@ def list_splits(limit: int = Query(20, ge=1, le=100, description="splits per pag
     jobs = svc.store.get_jobs([job_id for job_id, _ in page])  # an id whose job was deleted is skipped
     stems = {s.id: s for s in svc.store.get_stems([i for j in jobs for i in j.stem_ids + j.upscaled_ids])}
     names = {a.id: a.filename for a in svc.store.get_assets(list({j.audio_id for j in jobs}))}
-    items = [{**status_of(j, [stems[i] for i in j.stem_ids if i in stems], [stems[i] for i in j.upscaled_ids if i in stems]),
-              "filename": names.get(j.audio_id)} for j in jobs]
+    items = [{**status_of(j, [stems[i] for i in j.stem_ids if i in stems], [stems[i] for i in j.upscaled_ids if i in stems],
+                          svc.settings.retain_stems_s), "filename": names.get(j.audio_id)} for j in jobs]
     last_id, last_score = page[-1] if page else (None, None)
     next_cursor = None
     if len(rows) > limit:

@@ -64,8 +64,14 @@ def delete_asset(store: JobStore, storage: Storage, asset: AudioAsset, tombstone
                 store.forget_asset_job(asset.id, job_id)
                 continue
             removed += delete_job(store, storage, job, tombstone)
-    storage.delete(asset.object_key)
-    return removed + 1
+    return removed + delete_asset_objects(storage, asset)
+
+
+def delete_asset_objects(storage: Storage, asset: AudioAsset) -> int:
+    """The asset's stored original and its waveform peaks; returns how many objects that is."""
+    for key in filter(None, (asset.object_key, asset.peaks_key)):
+        storage.delete(key)
+    return 1 + bool(asset.peaks_key)
 
 
 def asset_record_retention(settings: Settings) -> float:
@@ -151,7 +157,7 @@ def _expire_asset(store: JobStore, storage: Storage, audio_id: str, report: Swee
             report.postponed += 1
             return
         store.delete_asset_record(asset, tombstone=False)
-        storage.delete(asset.object_key)
+        delete_asset_objects(storage, asset)
         report.assets += 1
     store.done_with("asset", audio_id)
     store.done_with("original", audio_id)
@@ -175,7 +181,7 @@ def _expire_original(store: JobStore, storage: Storage, audio_id: str, report: S
                 store.update_asset(before)
                 report.postponed += 1
                 return
-        storage.delete(asset.object_key)
+        delete_asset_objects(storage, asset)  # its peaks too: they are drawn from the music
         report.originals += 1
     store.done_with("original", audio_id)
 

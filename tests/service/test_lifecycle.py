@@ -248,7 +248,7 @@ def _stored_split(store, storage, tmp_path: Path, user: str, created: float, fin
     storage.put_file(asset.object_key, src)
     store.put_asset(asset)
     job = Job(user_id=user, preset="phantom_center", audio_id=asset.id, source_kind="audio", source_id=asset.id,
-              params={}, queue="cpu", chain_index=0, created_at=created)
+              spec=SplitSpec(preset="phantom_center", chain_index=0), queue="cpu", created_at=created)
     stems = [Stem(user_id=user, job_id=job.id, name=n) for n in ("centre", "sides")]
     job.stem_ids = [s.id for s in stems]
     store.create_job(job, stems)
@@ -300,7 +300,7 @@ def test_sweep_keeps_what_a_queued_job_still_needs(store_and_storage, tmp_path):
     t0 = time.time()
     asset, job = _stored_split(store, storage, tmp_path, "dep", t0, t0 + 1)
     on_stem = Job(user_id="dep", preset="phantom_center", audio_id=asset.id, source_kind="stem",
-                  source_id=job.stem_ids[0], params={}, queue="cpu", chain_index=0)
+                  source_id=job.stem_ids[0], spec=SplitSpec(preset="phantom_center", chain_index=0), queue="cpu")
     store.create_job(on_stem, [])
     report = sweep(store, storage, settings, now=t0 + 60)
     assert report.postponed == 2 and report.total == 0, report
