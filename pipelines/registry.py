@@ -36,11 +36,22 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family(name="demucs", impl="pipelines.families.demucs_family:DemucsSeparator", queue="gpu-demucs", gpu=True),
         Family(name="onnx_spec", impl="pipelines.families.onnx_spec:OnnxSpecSeparator", queue="gpu-onnx", gpu=True),
+        Family(name="roformer", impl="pipelines.families.roformer:RoformerSeparator", queue="gpu-roformer", gpu=True),
         Family(name="sam", impl="pipelines.families.sam:SamAudioSeparator", queue="gpu-sam", gpu=True),
         Family(name="speech", impl="pipelines.families.speech:SpeechEnhancer", queue="cpu", gpu=False),
         Family(name="dsp", impl="pipelines.families.dsp:DspSeparator", queue="cpu", gpu=False),
     )
 }
+
+
+class Download(BaseModel):
+    """Where a publisher releases one of a model's weight files, and what it publishes to check it by."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str  # one of the model's `files`
+    url: str  # the publisher's own URL (STEMS_MODEL_MIRROR replaces its scheme and host)
+    sha256: str | None = None  # published full sha256, where the publisher gives one
+    md5: str | None = None  # published md5, where the publisher gives one
 
 
 class ModelSpec(BaseModel):
@@ -58,6 +69,8 @@ class ModelSpec(BaseModel):
     requires_package: str | None = None  # import name that must be importable
     licence: str = "unknown"
     params: dict = Field(default_factory=dict)
+    downloads: tuple[Download, ...] = ()  # where `stems models pull` fetches each file
+    gated: str | None = None  # weights behind a licence or login: how to get them (pull refuses, says this)
 
     @field_validator("family")
     @classmethod
