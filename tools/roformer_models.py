@@ -7,7 +7,7 @@ dict) beside a YAML config in MSST's layout (audio / model / training / inferenc
 the file names the registry expects (`pipelines/catalogue/models/roformer.json`). The
 config's outputs follow the registry entry: its targets are the non-residual sources, under
 the first config name `params.sources` maps to each. Sizes:
-- `small`: dim 16, one block, 512-point STFT, 8192-sample chunks: fast tests of every path;
+- `small`: dim 16, one block, 512-point STFT, 32768-sample chunks: fast tests of every path;
 - `bench`: the same layers with the released 2048-point STFT, hop 441 and 8-second chunks,
   so memory follows the real chunk grid (`bench/stream_memory.py`).
 Their weights are random: the outputs are noise-like.
@@ -29,7 +29,7 @@ Size = Literal["small", "bench"]
 
 _STFT = {"small": dict(stft_n_fft=512, stft_hop_length=128, stft_win_length=512, dim_freqs_in=257),
          "bench": dict(stft_n_fft=2048, stft_hop_length=441, stft_win_length=2048, dim_freqs_in=1025)}
-_CHUNK = {"small": 128 * 64, "bench": 352800}  # hop multiples; 352800 is the released models' 8 s
+_CHUNK = {"small": 128 * 256, "bench": 352800}  # hop multiples; 352800 is the released models' 8 s
 _BANDS = {"small": (2,) * 8 + (4,) * 8 + (8,) * 4 + (257 - 80,),
           "bench": (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129)}  # the released split
 
