@@ -4,7 +4,7 @@ Not part of the test suite: it needs a checkout of ZFTurbo/Music-Source-Separati
 (MSST) and the packages its inference imports that we do not install (ml_collections,
 omegaconf), neither of which CI has. Usage:
 
-    python -m tools.msst_check --msst /path/to/Music-Source-Separation-Training [--extra /path/to/site]
+    python -m tools.msst_check --msst /path/to/Music-Source-Separation-Training [--extra /path/to/site] [--size bench]
 
 For random stand-ins of several registry entries (tools/roformer_models.py) it runs MSST's own
 code on the stored files: `utils.settings.get_model_from_config` (MSST's copy of the model
@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--msst", required=True, type=Path, help="a Music-Source-Separation-Training checkout")
     ap.add_argument("--extra", action="append", default=[], help="a directory with ml_collections and omegaconf")
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--size", choices=("small", "bench"), default="small",
+                    help="stand-in size (tools/roformer_models.py); bench: the released 8 s chunk grid")
     args = ap.parse_args()
 
     import torch
@@ -81,13 +83,13 @@ def main() -> int:
         ("mel_band_roformer_kj", {}, args.seconds),
         ("mel_band_roformer_karaoke", {"inference": {"batch_size": 1, "num_overlap": 4}}, args.seconds),
         ("mel_band_roformer_dereverb", {"inference": {"batch_size": 3, "num_overlap": 2, "normalize": True}}, args.seconds),
-        ("bs_roformer_viperx_1297", {"inference": {"batch_size": 4, "num_overlap": 2}}, 0.3),  # shorter than 2 borders
+        ("bs_roformer_viperx_1297", {"inference": {"batch_size": 4, "num_overlap": 2}}, args.seconds / 10),  # < 2 borders
         ("mel_band_roformer_kj", {"model": {"zero_dc": False}}, args.seconds),
     ]
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for n, (model_id, changes, seconds) in enumerate(cases):
-            config = roformer_config(model_id)
+            config = roformer_config(model_id, args.size)
             for section, values in changes.items():
                 config[section].update(values)
             store = ModelStore(Path(tmp) / f"store{n}")

@@ -202,14 +202,26 @@ def test_auto_batch_and_precision(tmp_path):
     assert isinstance(sep, RoformerSeparator) and sep.layout == "msst" and not sep.model.training
 
 
+def _relative_error(mixed: dict[str, np.ndarray], exact: dict[str, np.ndarray], name: str) -> float:
+    return float(np.sqrt(np.mean((mixed[name] - exact[name]) ** 2)) / np.sqrt(np.mean(exact[name] ** 2)))
+
+
 def test_bfloat16_autocast_stays_close_to_float32(mix, tmp_path):
-    """Mixed precision on the CPU (no GPU here): the stated bound of the README's figure."""
+    """Mixed precision on the CPU: the target within 40 dB of float32 (46 dB measured, README)."""
     store = _store(tmp_path, "bs_roformer_viperx_1297", params={"precision": "bfloat16"})
     mixed = Engine(store).run_model("bs_roformer_viperx_1297", mix, SR)
     exact = roformer_reference(store, "bs_roformer_viperx_1297", mix)
-    for name in mixed:
-        error = np.sqrt(np.mean((mixed[name] - exact[name]) ** 2)) / np.sqrt(np.mean(exact[name] ** 2))
-        assert error < 0.05, (name, error)  # within 26 dB of the float32 output
+    assert _relative_error(mixed, exact, "vocals") < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_auto_is_batched_float16_close_to_float32(mix, tmp_path):
+    store = _store(tmp_path, "mel_band_roformer_kj", inference={"batch_size": 4})
+    engine = Engine(store, device="cuda")
+    sep = engine.separator("mel_band_roformer_kj")
+    assert (sep.precision, sep.batch) == ("float16", 4)  # MSST's demix on a GPU: autocast float16 (use_amp)
+    mixed = engine.run_model("mel_band_roformer_kj", mix, SR)
+    assert _relative_error(mixed, roformer_reference(store, "mel_band_roformer_kj", mix), "vocals") < 0.01
 
 
 class _OverflowsWhenMixed(torch.nn.Module):
