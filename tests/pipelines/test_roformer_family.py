@@ -13,7 +13,7 @@ from pipelines import audio as A  # noqa: E402
 from pipelines.engine import Engine  # noqa: E402
 from pipelines.errors import Cancelled, ChainError  # noqa: E402
 from pipelines.families.roformer import (  # noqa: E402
-    Grid, RoformerSeparator, build_model, split_model_config, to_package_layout,
+    Grid, RoformerParams, RoformerSeparator, build_model, split_model_config, to_package_layout,
 )
 from pipelines.modelstore import ModelStore  # noqa: E402
 from pipelines.registry import get_spec, load_registry  # noqa: E402
@@ -45,6 +45,15 @@ def _store(tmp_path, model_id: str, seed: int = 0, params: dict | None = None, *
 def max_difference(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
     assert sorted(ours) == sorted(theirs)
     return max(float(np.abs(ours[s] - theirs[s]).max()) for s in ours)
+
+
+@pytest.mark.parametrize("model_id", ROFORMER_IDS)
+def test_registry_params_are_valid(model_id):
+    spec = get_spec(model_id)
+    params = RoformerParams.model_validate(spec.params)
+    assert spec.files == (params.config, params.checkpoint) and spec.channels == 2 and spec.sample_rate == SR
+    assert spec.requires_package == "bs_roformer" and spec.queue == "gpu-roformer"
+    assert params.residual is None or params.residual in spec.sources
 
 
 @pytest.mark.parametrize("model_id", ROFORMER_IDS)
