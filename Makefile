@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[demucs,sam,dev]'
+	$(BIN)/python -m pip install -q -e '.[demucs,roformer,sam,dev]'
 	touch $@
 
 # Real pretrained weights that can be had offline: GTCRN and DTLN from $(SHARED)/models when present.

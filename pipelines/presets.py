@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import ChainError, PresetError
 from .registry import CATALOGUE_DIR, FAMILIES, ModelSpec, get_spec, load_registry
@@ -21,16 +21,62 @@ from .registry import CATALOGUE_DIR, FAMILIES, ModelSpec, get_spec, load_registr
 MIX = "mix"
 
 
-class Step(BaseModel):
-    """Run one model on the mix or on a source an earlier step produced."""
+class Ensemble(BaseModel):
+    """Several installed models on one input, each of `sources` combined from all of their outputs.
+
+    `mean_wave` averages the waveforms; `mean_magnitude` averages each STFT bin's magnitude and
+    keeps the phase of the mean (see `pipelines.ensemble`), as the ensemble presets of
+    python-audio-separator (avg_wave, avg_fft) and UVR do. Chosen only where preset data says so.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    model: str
+    models: tuple[str, ...] = Field(min_length=2)
+    sources: tuple[str, ...] = Field(min_length=1)
+    method: Literal["mean_wave", "mean_magnitude"] = "mean_wave"
+
+    @model_validator(mode="after")
+    def _all_produce(self) -> "Ensemble":
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"ensemble {self.models} names a model twice")
+        for model in self.models:
+            missing = set(self.sources) - set(get_spec(model).sources)  # raises ChainError for an unknown model
+            if missing:
+                raise ValueError(f"ensemble model {model!r} does not produce {sorted(missing)}")
+        return self
+
+
+class Step(BaseModel):
+    """Run one model, or an ensemble of models, on the mix or on a source an earlier step produced."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str | None = None
+    ensemble: Ensemble | None = None
     input: str = MIX
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Step":
+        if (self.model is None) == (self.ensemble is None):
+            raise ValueError("a step names either a model or an ensemble")
+        if self.model is not None:
+            get_spec(self.model)  # raises ChainError for an unknown model
+        return self
+
     @property
-    def spec(self) -> ModelSpec:
-        return get_spec(self.model)
+    def models(self) -> tuple[str, ...]:
+        return self.ensemble.models if self.ensemble is not None else (self.model,)
+
+    @property
+    def specs(self) -> tuple[ModelSpec, ...]:
+        return tuple(get_spec(m) for m in self.models)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.ensemble.sources if self.ensemble is not None else get_spec(self.model).sources
+
+    @property
+    def name(self) -> str:
+        """What made this step's sources: the model id, or the ensemble's ids joined by '+'."""
+        return "+".join(self.models)
 
 
 class Chain(BaseModel):
@@ -47,18 +93,17 @@ class Chain(BaseModel):
 
     @model_validator(mode="after")
     def _connects(self) -> "Chain":
-        produced: dict[str, ModelSpec] = {}
+        produced: dict[str, Step] = {}
         for step in self.steps:
-            spec = step.spec  # raises ChainError for an unknown model
-            if step.input != MIX:
-                if step.input not in produced:
-                    raise ValueError(f"step {step.model!r} reads {step.input!r}, which no earlier step produces")
-                if spec.channels == 2 and produced[step.input].channels == 1:
-                    raise ValueError(f"step {step.model!r} needs stereo but {step.input!r} is mono")
-            for source in spec.sources:
+            if step.input != MIX and step.input not in produced:
+                raise ValueError(f"step {step.name!r} reads {step.input!r}, which no earlier step produces")
+            for spec in step.specs:
+                if step.input != MIX and spec.channels == 2 and _mono(produced[step.input]):
+                    raise ValueError(f"step {spec.id!r} needs stereo but {step.input!r} is mono")
+            for source in step.sources:
                 if source in produced:
-                    raise ValueError(f"source {source!r} is produced twice (by {produced[source].id!r} and {spec.id!r})")
-                produced[source] = spec
+                    raise ValueError(f"source {source!r} is produced twice (by {produced[source].name!r} and {step.name!r})")
+                produced[source] = step
         if self.outputs != "*":
             for stem, sources in self.outputs.items():
                 for source in (sources,) if isinstance(sources, str) else sources:
@@ -68,26 +113,31 @@ class Chain(BaseModel):
 
     @property
     def model_ids(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(s.model for s in self.steps))
+        return tuple(dict.fromkeys(m for s in self.steps for m in s.models))
 
     @property
     def queue(self) -> str:
         """The queue of the chain's first GPU family, else the CPU queue."""
-        families = [FAMILIES[s.spec.family] for s in self.steps]
+        families = [FAMILIES[spec.family] for s in self.steps for spec in s.specs]
         gpu = [f.queue for f in families if f.gpu]
         return gpu[0] if gpu else families[0].queue
 
     def stems(self) -> tuple[str, ...]:
-        return self.steps[-1].spec.sources if self.outputs == "*" else tuple(self.outputs)
+        return self.steps[-1].sources if self.outputs == "*" else tuple(self.outputs)
 
     def made_by(self, stem: str) -> str:
         """Which model made a stem: the step(s) whose sources it uses."""
         if self.outputs == "*":
-            return self.steps[-1].model
+            return self.steps[-1].name
         sources = self.outputs[stem]
         sources = (sources,) if isinstance(sources, str) else sources
-        owners = [s.model for s in self.steps if set(s.spec.sources) & set(sources)]
+        owners = [s.name for s in self.steps if set(s.sources) & set(sources)]
         return "+".join(dict.fromkeys(owners))
+
+
+def _mono(step: Step) -> bool:
+    """Whether a step's sources are mono: a mono model's are (the engine keeps the input's channels otherwise)."""
+    return any(spec.channels == 1 for spec in step.specs)
 
 
 class Preset(BaseModel):

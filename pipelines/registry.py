@@ -36,6 +36,7 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family(name="demucs", impl="pipelines.families.demucs_family:DemucsSeparator", queue="gpu-demucs", gpu=True),
         Family(name="onnx_spec", impl="pipelines.families.onnx_spec:OnnxSpecSeparator", queue="gpu-onnx", gpu=True),
+        Family(name="roformer", impl="pipelines.families.roformer:RoformerSeparator", queue="gpu-roformer", gpu=True),
         Family(name="sam", impl="pipelines.families.sam:SamAudioSeparator", queue="gpu-sam", gpu=True),
         Family(name="speech", impl="pipelines.families.speech:SpeechEnhancer", queue="cpu", gpu=False),
         Family(name="dsp", impl="pipelines.families.dsp:DspSeparator", queue="cpu", gpu=False),

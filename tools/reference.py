@@ -1,10 +1,13 @@
 """Reference implementations written without our code, for fidelity tests and benchmarks.
 
 `demucs_reference` is what demucs itself does with the stored files (get_model, the CLI's
-normalisation, apply_model); `mdx_reference` is a plain STFT -> ONNX -> inverse-STFT loop.
+normalisation, apply_model); `mdx_reference` is a plain STFT -> ONNX -> inverse-STFT loop;
+`roformer_reference` is Music-Source-Separation-Training's inference written out from its
+description (see there).
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -91,3 +94,130 @@ def mdx_reference(path, audio: np.ndarray, p: dict, n_out: int) -> np.ndarray:
         env[f * hop:f * hop + n_fft] += window ** 2
     inside = slice(n_fft // 2, n_fft // 2 + n)
     return y[..., inside] / env[inside]
+
+
+@contextlib.contextmanager
+def _dc_zeroed_istft():
+    """MSST's `zero_dc`: the DC row of every spectrogram the model inverts is zeroed (index_fill before istft)."""
+    import torch
+
+    real = torch.istft
+
+    def istft(spec, *args, **kwargs):
+        return real(spec.index_fill(1, torch.tensor(0, device=spec.device), 0.0), *args, **kwargs)
+
+    torch.istft = istft
+    try:
+        yield
+    finally:
+        torch.istft = real
+
+
+def _msst_model(arch: str, model_cfg: dict, checkpoint: Path):
+    """The `bs-roformer` package's class for a config's model section, weights loaded strictly, as MSST loads them."""
+    import warnings
+
+    import torch
+    from bs_roformer import BSRoformer, MelBandRoformer
+    from bs_roformer.bs_roformer import MaskEstimator as BsEstimator
+    from bs_roformer.mel_band_roformer import MaskEstimator as MelEstimator
+
+    cls, estimator = (BSRoformer, BsEstimator) if arch == "bs_roformer" else (MelBandRoformer, MelEstimator)
+    cfg = dict(model_cfg)
+    factor = cfg.pop("mlp_expansion_factor", 4)
+    for key in ("linear_transformer_depth", "zero_dc", "sage_attention", "use_torch_checkpoint", "skip_connection"):
+        cfg.pop(key, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = cls(**cfg)
+    if factor != 4:
+        model.mask_estimators = torch.nn.ModuleList(
+            estimator(dim=cfg["dim"], dim_inputs=model.band_split.dim_inputs,
+                      depth=cfg.get("mask_estimator_depth", 2 if arch == "bs_roformer" else 1),
+                      mlp_expansion_factor=factor) for _ in range(cfg.get("num_stems", 1)))
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def roformer_reference(store: ModelStore, model_id: str, mix: np.ndarray,
+                       overrides: dict | None = None) -> dict[str, np.ndarray]:
+    """MSST's inference (utils/model_utils.py `demix`, generic mode, plus inference.py's normalisation and
+    --extract_instrumental) on the stored config and checkpoint, written out from its description.
+
+    The whole mix at once: reflect-pad by chunk_size - step when longer than twice that; chunks every
+    step = chunk_size // num_overlap, the last ones padded to a chunk (reflect if longer than half
+    a chunk, else zeros); batches of inference.batch_size share a window with linear fades of
+    chunk_size // 10, without fade-in for a batch ending with the first chunk and without fade-out
+    for the last batch; sum of weighted outputs over sum of weights, 0 where that is 0.
+    Sources come back under the registry's names (params.sources, params.residual).
+    """
+    import torch
+    import torch.nn.functional as F
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda ld, node: tuple(ld.construct_sequence(node)))
+    spec = get_spec(model_id)
+    p = {**spec.params, **(store.entry(model_id) or {}).get("params", {}), **(overrides or {})}
+    cfg = yaml.load((store.root / p["config"]).read_text(), Loader=Loader)
+    model = _msst_model(p["arch"], cfg["model"], store.root / p["checkpoint"])
+    inference = cfg["inference"]
+    chunk = p.get("chunk_size") or inference.get("chunk_size") or cfg["audio"]["chunk_size"]
+    num_overlap = p.get("num_overlap") or inference["num_overlap"]
+    batch_size = p.get("batch_size") or inference["batch_size"]
+    normalize = p.get("normalize") if p.get("normalize") is not None else inference.get("normalize", False)
+    target = cfg["training"].get("target_instrument")
+    instruments = [target] if target else list(cfg["training"]["instruments"])
+
+    x = mix.astype(np.float32)
+    if normalize:
+        mono = x.mean(0)
+        mean, std = mono.mean(), mono.std()
+        x = (x - mean) / std
+    x = torch.from_numpy(x)
+    fade = chunk // 10
+    step = chunk // num_overlap
+    border = chunk - step
+    n = x.shape[-1]
+    window_base = torch.ones(chunk)
+    window_base[-fade:] = torch.linspace(1, 0, fade)
+    window_base[:fade] = torch.linspace(0, 1, fade)
+    padded = n > 2 * border and border > 0
+    if padded:
+        x = F.pad(x[None], (border, border), mode="reflect")[0]
+    result = torch.zeros((len(instruments),) + tuple(x.shape))
+    counter = torch.zeros_like(result)
+    i, batch, where = 0, [], []
+    with torch.inference_mode(), _dc_zeroed_istft() if cfg["model"].get("zero_dc", True) else contextlib.nullcontext():
+        while i < x.shape[1]:
+            part = x[:, i:i + chunk]
+            length = part.shape[-1]
+            mode = "reflect" if length > chunk // 2 else "constant"
+            batch.append(F.pad(part[None], (0, chunk - length), mode=mode)[0] if length < chunk else part)
+            where.append((i, length))
+            i += step
+            if len(batch) >= batch_size or i >= x.shape[1]:
+                out = model(torch.stack(batch))
+                if out.dim() == 3:  # the package drops a one-stem model's stem axis; MSST's keeps it
+                    out = out[:, None]
+                window = window_base.clone()
+                if i - step == 0:
+                    window[:fade] = 1
+                elif i >= x.shape[1]:
+                    window[-fade:] = 1
+                for j, (start, length) in enumerate(where):
+                    result[..., start:start + length] += out[j, ..., :length] * window[:length]
+                    counter[..., start:start + length] += window[:length]
+                batch, where = [], []
+    estimated = np.nan_to_num((result / counter).numpy(), nan=0.0)
+    if padded:
+        estimated = estimated[..., border:-border]
+    if normalize:
+        estimated = estimated * std + mean
+    names = p.get("sources", {})
+    out = {names.get(k, k): estimated[j] for j, k in enumerate(instruments)}
+    if p.get("residual"):
+        out[p["residual"]] = mix - next(iter(out.values()))
+    return out

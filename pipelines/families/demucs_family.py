@@ -30,10 +30,9 @@ zero). Random `shifts` cannot be streamed exactly; with shifts > 0 the whole-sig
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -43,12 +42,12 @@ from demucs.htdemucs import HTDemucs
 from demucs.repo import BagOnlyRepo, ModelLoadingError, ModelOnlyRepo
 from demucs.states import load_model
 from demucs.utils import center_trim
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import audio as A
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
-from .base import Separator
+from .torch_model import Batch, Precision, TorchSeparator
 
 
 # A GPU's defaults, from bench/gpu.py on an H200 (random full-size htdemucs, a 5-minute track):
@@ -68,19 +67,12 @@ class DemucsParams(BaseModel):
     segment: float | None = Field(None, gt=0, description="seconds per forward; None = the model's own")
     overlap: float = Field(0.25, ge=0, lt=1)
     shifts: int = Field(0, ge=0, description="random time shifts averaged (the CLI's --shifts); >0 is not deterministic")
-    batch: int | Literal["auto"] = Field(
+    batch: Batch = Field(
         "auto", description="segments per forward; 1 runs apply_model exactly as the CLI does; "
                             f"auto: 1 on a CPU, {GPU_BATCH} on a GPU")
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    precision: Precision = Field(
         "auto", description="autocast dtype of the forward; float16 needs CUDA; auto: float32 on a CPU, "
                             f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32)")
-
-    @field_validator("batch")
-    @classmethod
-    def _positive(cls, v: int | str) -> int | str:
-        if v != "auto" and v < 1:
-            raise ValueError("batch must be at least 1")
-        return v
 
     def resolved(self, device: str) -> tuple[int, str]:
         """(batch, precision) on `device`: `auto` is the exact CLI path on a CPU, batched mixed precision on a GPU."""
@@ -137,45 +129,22 @@ def load_demucs(name: str, files: dict[str, Path]):
     return model.eval()
 
 
-class DemucsSeparator(Separator):
+class DemucsSeparator(TorchSeparator):
     """One demucs model or bag, loaded once by `setup` and run on whole tracks by `apply_model`."""
 
-    chunk_context = 0.0  # unused: apply_model segments and overlaps the track itself
-    streamable = False
+    Params, family = DemucsParams, "demucs"
 
     def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
         super().__init__(spec, files, params)
-        try:
-            self.settings = DemucsParams.model_validate(params)
-        except ValidationError as exc:
-            raise ChainError(f"invalid demucs params for {spec.id!r}: {exc}", model_id=spec.id) from exc
-        self.model = None
         self.batch, self.precision = self.settings.resolved("cpu")
-        self.fallbacks = 0  # forwards that overflowed in mixed precision and ran again in float32
 
     def setup(self, device: str = "cpu") -> None:
         super().setup(device)
-        self.batch, self.precision = self.settings.resolved(device)
-        if self.precision == "float16" and not device.startswith("cuda"):
-            raise ChainError(f"precision float16 for {self.spec.id!r} needs a CUDA device, not {device!r}; "
-                             "use bfloat16 or float32", model_id=self.spec.id)
+        self.batch, precision = self.settings.resolved(device)
+        self._use_precision(precision, device)
         model = load_demucs(self.settings.name, self.files)
         self._check(model)
         self.model = model.to(device)
-
-    def _autocast(self, enabled: bool = True):
-        if self.precision == "float32" or not enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.device).type, dtype=getattr(torch, self.precision))
-
-    def _forward(self, model, mix: torch.Tensor) -> torch.Tensor:
-        """model(mix) in the configured precision; float32 again if mixed precision overflowed."""
-        with self._autocast():
-            out = model(mix)
-        if self.precision != "float32" and not bool(torch.isfinite(out).all()):
-            self.fallbacks += 1
-            out = model(mix)
-        return out.float()
 
     def _check(self, model) -> None:
         """Fail at load time, naming the fix, on what would otherwise fail or mislabel mid-job."""
@@ -203,13 +172,6 @@ class DemucsSeparator(Separator):
                 f"segment {s.segment} s is longer than {spec.id!r} was trained for ({longest:.2f} s); lower params.segment",
                 model_id=spec.id, segment=s.segment, max_segment=longest,
             )
-
-    def _ready(self, sample_rate: int) -> None:
-        if self.model is None:
-            raise RuntimeError("DemucsSeparator.setup() must run before separate()")
-        if sample_rate != self.spec.sample_rate:  # the engine resamples; a wrong rate would pass silently
-            raise ChainError(f"{self.spec.id!r} runs at {self.spec.sample_rate} Hz, got {sample_rate} Hz",
-                             model_id=self.spec.id)
 
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         self._ready(sample_rate)

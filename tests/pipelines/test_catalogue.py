@@ -31,17 +31,21 @@ def test_every_chain_connects(name):
     registry = load_registry()
     assert preset.chains, name
     for chain in preset.chains:
-        produced: dict[str, object] = {}
+        produced: dict[str, list] = {}
         for step in chain.steps:
-            spec = registry[step.model]
-            assert spec.family in FAMILIES
+            specs = [registry[m] for m in step.models]  # one model, or an ensemble's
+            assert all(spec.family in FAMILIES for spec in specs)
+            if step.ensemble is not None:  # every model of an ensemble produces every source it combines
+                assert len(specs) >= 2 and all(set(step.ensemble.sources) <= set(spec.sources) for spec in specs)
+            else:
+                assert step.sources == specs[0].sources
             if step.input != MIX:
                 assert step.input in produced, (name, step)
                 upstream = produced[step.input]
                 # rates always connect (the engine resamples); channel counts must not go mono -> stereo
-                assert not (spec.channels == 2 and upstream.channels == 1)
-            for source in spec.sources:
-                produced[source] = spec
+                assert not (any(s.channels == 2 for s in specs) and any(u.channels == 1 for u in upstream))
+            for source in step.sources:
+                produced[source] = specs
         stems = chain.stems()
         assert stems == preset.output_stems()
         if chain.outputs != "*":
@@ -132,6 +136,14 @@ def test_broken_chains_are_refused_when_built():
         {"steps": [{"model": "no_such_model"}], "outputs": {"x": "x"}},
         {"steps": [{"model": "dsp.centre"}], "outputs": {"centre": "vocals"}},
         {"steps": [{"model": "deepfilternet3"}, {"model": "dsp.centre", "input": "speech"}], "outputs": {"centre": "centre"}},
+        # an ensemble whose models do not all produce the source, of one model, or naming a model twice
+        {"steps": [{"ensemble": {"models": ["htdemucs", "mdx_karaoke"], "sources": ["vocals"]}}], "outputs": {"v": "vocals"}},
+        {"steps": [{"ensemble": {"models": ["htdemucs"], "sources": ["vocals"]}}], "outputs": {"v": "vocals"}},
+        {"steps": [{"ensemble": {"models": ["htdemucs", "htdemucs"], "sources": ["vocals"]}}], "outputs": {"v": "vocals"}},
+        {"steps": [{"ensemble": {"models": ["htdemucs", "htdemucs_ft"], "sources": ["vocals"], "method": "max"}}],
+         "outputs": {"v": "vocals"}},
+        {"steps": [{"model": "htdemucs", "ensemble": {"models": ["htdemucs", "htdemucs_ft"], "sources": ["vocals"]}}],
+         "outputs": {"v": "vocals"}},
     ]
     for chain in bad:
         broken = json.loads(json.dumps(doc))
@@ -149,7 +161,7 @@ def test_availability_and_fallbacks(tmp_path):
         catalogue.preset("6_tracks").pick_chain(store.missing)
     assert err.value.fields["missing_models"] == ["htdemucs_6s"]
     index, chain = catalogue.preset("dereverb").pick_chain(store.missing)
-    assert (index, chain.model_ids) == (1, ("dsp.wpe",))  # the explicit WPE fallback
+    assert (index, chain.model_ids) == (2, ("dsp.wpe",))  # the explicit WPE fallback
     index, chain = catalogue.preset("custom_speech").pick_chain(store.missing)
     assert chain.model_ids == ("deepfilternet3",)  # weights in the wheel; the ensemble needs store files
 
@@ -168,3 +180,53 @@ def test_prompt_routing(prompt, preset, stems):
 
 def test_unknown_prompt_is_not_routed():
     assert load_catalogue().route_prompt("a theremin solo") is None
+
+
+# preset -> the RoFormer models its first chain runs, when everything is installed (the README's table)
+ROFORMER_FIRST = {
+    "2_tracks": ("bs_roformer_viperx_1297", "mel_band_roformer_kj"),
+    "acapella": ("bs_roformer_viperx_1297", "mel_band_roformer_kj"),
+    "instrumental": ("bs_roformer_viperx_1297", "mel_band_roformer_kj"),
+    "custom_singing": ("bs_roformer_viperx_1297",),
+    "custom_music": ("bs_roformer_viperx_1297",),
+    "lead_back": ("bs_roformer_viperx_1297", "mel_band_roformer_karaoke"),
+    "custom_main_solo_singer": ("bs_roformer_viperx_1297", "mel_band_roformer_karaoke"),
+    "duet": ("bs_roformer_viperx_1297", "mdx_duet"),
+    "4_tracks": ("bs_roformer_4stem",),
+    "2_tracks_drums": ("bs_roformer_4stem",),
+    "custom_remove_drums": ("bs_roformer_4stem",),
+    "5_drums_tracks": ("bs_roformer_4stem", "drumsep_5"),
+    "dereverb": ("mel_band_roformer_dereverb",),
+    "denoise": ("mel_band_roformer_denoise",),
+    "decrowd": ("mel_band_roformer_crowd",),
+    "custom_music_singing": ("mel_band_roformer_crowd",),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROFORMER_FIRST))
+def test_roformer_chains_come_first_and_the_old_ones_stay(name):
+    chains = load_catalogue().preset(name).chains
+    assert chains[0].model_ids == ROFORMER_FIRST[name]
+    assert chains[0].queue == "gpu-roformer"
+    assert any(all(load_registry()[m].family != "roformer" for m in c.model_ids) for c in chains[1:])  # fallbacks
+
+
+def test_every_roformer_model_serves_a_preset():
+    used = {m for p in load_catalogue().presets for c in p.chains for m in c.model_ids}
+    roformers = {m for m, spec in load_registry().items() if spec.family == "roformer"}
+    assert roformers and roformers <= used
+
+
+def test_vocal_ensemble_is_declared_and_credited_to_both_models():
+    chain = load_catalogue().preset("2_tracks").chains[0]
+    (step,) = chain.steps
+    assert step.ensemble is not None and step.ensemble.method == "mean_wave"
+    assert chain.made_by("vocals") == chain.made_by("instrumental") == "bs_roformer_viperx_1297+mel_band_roformer_kj"
+
+
+def test_downloads_name_the_models_files():
+    for spec in load_registry().values():
+        assert {d.file for d in spec.downloads} <= set(spec.files)
+        assert all(d.url.startswith("https://") for d in spec.downloads)
+    for model_id in ROFORMER_FIRST["2_tracks"] + ("mel_band_roformer_karaoke", "mel_band_roformer_crowd"):
+        assert {d.file for d in load_registry()[model_id].downloads} == set(load_registry()[model_id].files)

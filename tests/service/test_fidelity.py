@@ -2,12 +2,15 @@
 
 For each Demucs model id, a small randomly initialised model saved in Demucs's own format and
 installed in a model store gives the same stems as demucs's own loading + apply_model; an ONNX
-MDX-style model gives the same as a plain STFT -> ONNX -> inverse-STFT loop. Output is 32-bit
-float WAV, so the comparison sees the model's numbers, not a quantiser's.
+MDX-style model gives the same as a plain STFT -> ONNX -> inverse-STFT loop; a BS-RoFormer and a
+Mel-Band RoFormer saved as Music-Source-Separation-Training saves them (state dict + YAML) and
+installed with `stems models install` give the same as MSST's inference (tools/reference.py).
+Output is 32-bit float WAV, so the comparison sees the model's numbers, not a quantiser's.
 """
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -16,10 +19,14 @@ import pytest
 import soundfile as sf
 
 from pipelines.modelstore import ModelStore
-from pipelines.registry import get_spec
+from pipelines.registry import FAMILIES, get_spec
 from tests.support import ROOT, ServiceStack, upload, wait_for, write_audio
 
 pytest.importorskip("demucs")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+# Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spin-waiting costs minutes.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 SR = 44100
 TOL = 1e-4
@@ -29,6 +36,7 @@ SMALL_MDX = dict(n_fft=512, hop=128, dim_f=192, dim_t=32, segment_frames=32, ove
 CASES = {
     "htdemucs": "4_tracks", "htdemucs_ft": "4_tracks", "hdemucs_mmi": "4_tracks",
     "htdemucs_6s": "6_tracks", "drumsep_5": "5_drums_tracks", "mdx_strings": "modern_bowed_strings",
+    "bs_roformer_viperx_1297": "2_tracks", "mel_band_roformer_karaoke": "lead_back",
 }
 
 
@@ -46,16 +54,36 @@ def _store(tmp, model_id: str) -> ModelStore:
     store = ModelStore(tmp / f"store-{model_id}")
     if model_id == "drumsep_5":
         install_random_demucs(store, "htdemucs", seed=1)
+    if model_id == "mel_band_roformer_karaoke":  # lead_back: the vocals from Mel-Band RoFormer, then karaoke
+        _cli_install_roformer(store, "mel_band_roformer_kj", tmp, seed=4)
     if get_spec(model_id).family == "demucs":
         install_random_demucs(store, model_id, seed=2)
+    elif get_spec(model_id).family == "roformer":
+        _cli_install_roformer(store, model_id, tmp, seed=5)
     else:
         install_random_onnx(store, model_id, seed=3, params=SMALL_MDX)
     return store
 
 
-def _reference(store: ModelStore, model_id: str, audio: np.ndarray, tmp) -> dict[str, np.ndarray]:
-    from tools.reference import demucs_reference, mdx_reference
+def _cli_install_roformer(store: ModelStore, model_id: str, tmp, seed: int) -> None:
+    """A random stand-in written as MSST writes one, installed as a user installs a download: `stems models install`."""
+    from tools.roformer_models import make_random_roformer
 
+    files = make_random_roformer(model_id, tmp / f"made-{model_id}", seed=seed)
+    r = subprocess.run([sys.executable, "-m", "stems.cli", "models", "install", model_id, *map(str, files),
+                        "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **ONE_THREAD})
+    assert r.returncode == 0, r.stderr
+
+
+def _reference(store: ModelStore, model_id: str, audio: np.ndarray, tmp) -> dict[str, np.ndarray]:
+    from tools.reference import demucs_reference, mdx_reference, roformer_reference
+
+    if model_id == "mel_band_roformer_karaoke":
+        vocals = roformer_reference(store, "mel_band_roformer_kj", audio)["vocals"]
+        return roformer_reference(store, model_id, vocals)
+    if get_spec(model_id).family == "roformer":
+        return roformer_reference(store, model_id, audio)
     if model_id == "drumsep_5":
         drums = demucs_reference(store, "htdemucs", audio, tmp / "a")["drums"]
         return demucs_reference(store, "drumsep_5", drums, tmp / "b")
@@ -75,7 +103,7 @@ def test_cli_and_worker_match_the_reference(model_id, mix, tmp_path, redis_url, 
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "stems.cli", "split", str(path), "--preset", preset, "--out", str(out),
                         "--bit-depth", "32", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env={**os.environ, **ONE_THREAD})
     assert r.returncode == 0, r.stderr
     cli = {p.stem: sf.read(p, dtype="float32", always_2d=True)[0].T for p in out.glob("*.wav")}
     assert set(cli) == set(expected)
@@ -84,8 +112,8 @@ def test_cli_and_worker_match_the_reference(model_id, mix, tmp_path, redis_url, 
 
     stack = ServiceStack(tmp_path / "svc", redis_url, s3_url, model_dir=store.root)
     stack.start_api()
-    queue = "gpu-demucs" if get_spec(model_id).family == "demucs" else "gpu-onnx"
-    stack.start_worker(f"cpu,{queue}", "gpu")  # cpu too: the import runs there
+    queue = FAMILIES[get_spec(model_id).family].queue
+    stack.start_worker(f"cpu,{queue}", "gpu", **ONE_THREAD)  # cpu too: the import runs there
     try:
         with stack.client() as c:
             aid = upload(c, path)["audio_id"]

@@ -1,0 +1,73 @@
+"""What the PyTorch model families share: typed params, a rate check, and a mixed-precision forward with a float32 safety net."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import AfterValidator, BaseModel, ValidationError
+
+from ..errors import ChainError
+from ..registry import ModelSpec
+from .base import Separator
+
+
+def _at_least_one(v: int | str) -> int | str:
+    if v != "auto" and v < 1:
+        raise ValueError("batch must be at least 1")
+    return v
+
+
+Batch = Annotated[int | Literal["auto"], AfterValidator(_at_least_one)]  # items per forward
+Precision = Literal["auto", "float32", "bfloat16", "float16"]  # autocast dtype of the forward
+
+
+class TorchSeparator(Separator):
+    """A separator running a torch model: `Params` validates its params, `precision` is an autocast dtype.
+
+    A forward in mixed precision whose output is not finite runs again in float32 (counted in
+    `fallbacks`), so an overflow costs time, never a corrupt stem.
+    """
+
+    chunk_context = 0.0  # unused: these families stream on their own grids
+    streamable = False
+    Params: type[BaseModel]
+    family: str
+
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+        super().__init__(spec, files, params)
+        try:
+            self.settings = self.Params.model_validate(params)
+        except ValidationError as exc:
+            raise ChainError(f"invalid {self.family} params for {spec.id!r}: {exc}", model_id=spec.id) from exc
+        self.model = None
+        self.precision = "float32"
+        self.fallbacks = 0  # forwards that overflowed in mixed precision and ran again in float32
+
+    def _use_precision(self, precision: str, device: str) -> None:
+        if precision == "float16" and not device.startswith("cuda"):
+            raise ChainError(f"precision float16 for {self.spec.id!r} needs a CUDA device, not {device!r}; "
+                             "use bfloat16 or float32", model_id=self.spec.id)
+        self.precision = precision
+
+    def _autocast(self, enabled: bool = True):
+        if self.precision == "float32" or not enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=getattr(torch, self.precision))
+
+    def _forward(self, model, x: torch.Tensor) -> torch.Tensor:
+        """model(x) in the configured precision; float32 again if mixed precision overflowed."""
+        with self._autocast():
+            out = model(x)
+        if self.precision != "float32" and not bool(torch.isfinite(out).all()):
+            self.fallbacks += 1
+            out = model(x)
+        return out.float()
+
+    def _ready(self, sample_rate: int) -> None:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before separate()")
+        if sample_rate != self.spec.sample_rate:  # the engine resamples; a wrong rate would pass silently
+            raise ChainError(f"{self.spec.id!r} runs at {self.spec.sample_rate} Hz, got {sample_rate} Hz",
+                             model_id=self.spec.id)
