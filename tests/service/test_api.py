@@ -107,8 +107,8 @@ def test_presets_listing(stack):
     assert not presets["6_tracks"]["available"] and presets["6_tracks"]["missing_models"] == ["htdemucs_6s"]
     # what makes a preset available: the best chain's pull, or how to get weights that cannot be pulled
     assert presets["6_tracks"]["install_hint"] == "stems models pull htdemucs_6s"
-    assert presets["4_tracks"]["install_hint"] == "stems models pull htdemucs_ft"
-    assert presets["duet"]["install_hint"].startswith("stems models pull htdemucs_ft; mdx_duet: No public release")
+    assert presets["4_tracks"]["install_hint"] == "stems models pull bs_roformer_4stem"
+    assert presets["duet"]["install_hint"].startswith("stems models pull bs_roformer_viperx_1297; mdx_duet: No public release")
     assert presets["phantom_center"]["install_hint"] is None
     assert presets["mvsep_mega_53"]["usage_multiplier"] == 3
     assert len(presets) == 25

@@ -42,7 +42,7 @@ def sam_stack(tmp_path_factory, redis_url, s3_url):
 
 @pytest.fixture(scope="module")
 def song(tmp_path_factory):
-    return write_audio(tmp_path_factory.mktemp("sam-song") / "s.wav", tone_mix(0.5, SR), SR, "FLOAT")
+    return write_audio(tmp_path_factory.mktemp("sam-song") / "s.wav", tone_mix(0.8, SR), SR, "FLOAT")
 
 
 def _create(c, aid, **fields):
@@ -72,7 +72,7 @@ def test_a_sam_job_runs_on_the_sam_worker_and_through_the_cli(sam_stack, song, t
     with stack.client() as c:
         aid = upload(c, song)["audio_id"]
         r = _create(c, aid, prompt="a dog barking", sam_model=MODEL, stereo_mode="left_right",
-                    selection={"start": 0.1, "end": 0.45}, spans=[{"start": 0.2, "end": 0.3}])
+                    selection={"start": 0.1, "end": 0.65}, spans=[{"start": 0.2, "end": 0.3}])
         assert r.status_code == 200, r.text
         status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", {"complete", "failed"})
         assert status["status"] == "complete", status
@@ -80,14 +80,14 @@ def test_a_sam_job_runs_on_the_sam_worker_and_through_the_cli(sam_stack, song, t
         assert status["worker"].startswith("sam@")
         got = {s["name"]: sf.read(io.BytesIO(c.get(s["download"]["wav"]).content), dtype="float32",
                                   always_2d=True)[0].T for s in status["stems"]}
-    source, _ = A.decode(song, 0.1, 0.45)
+    source, _ = A.decode(song, 0.1, 0.65)
     spec = CustomSpec(prompt="a dog barking", sam_model=MODEL, stereo_mode="left_right",
                       spans=[TimeRange(start=0.2, end=0.3)])
     want = custom.extract(Engine(store), spec, A.ArraySignal(source), SR, None, 0.1, None, lambda: False)
     out = tmp_path / "cli"
     cli = subprocess.run([sys.executable, "-m", "stems.cli", "split", str(song), "--preset", "custom", "--out", str(out),
                           "--prompt", "a dog barking", "--sam-model", MODEL, "--stereo-mode", "left_right",
-                          "--selection", "0.1:0.45", "--spans", "0.2:0.3", "--bit-depth", "32",
+                          "--selection", "0.1:0.65", "--spans", "0.2:0.3", "--bit-depth", "32",
                           "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
     assert sorted(cli.stdout.split()) == sorted([str(out / "residual.wav"), MODEL, str(out / "target.wav"), MODEL])
