@@ -433,12 +433,13 @@ def percussive(x: np.ndarray, sr: int, p: HpssParams) -> np.ndarray:
 
 def band_features(mag: np.ndarray, stft: Stft) -> np.ndarray:
     """Each frame's 96 log-spaced band energies (log, centred, unit norm): what REPET-SIM compares frames by."""
-    f = stft.freqs()
     edges = np.geomspace(40.0, stft.sr / 2, 97)
-    band = np.clip(np.searchsorted(edges, f) - 1, 0, 95)
-    pool = np.zeros((stft.bins, 96), dtype=np.float32)
-    pool[np.arange(stft.bins), band] = 1
-    feat = np.log1p(100 * (mag @ pool))
+    band = np.clip(np.searchsorted(edges, stft.freqs()) - 1, 0, 95)  # non-decreasing: bands are runs of bins
+    present = np.unique(band)
+    energy = np.zeros(mag.shape[:-1] + (96,), dtype=np.float32)
+    # summed in order along each frame (not a matrix product, whose rounding depends on how many frames it is given)
+    energy[..., present] = np.add.reduceat(mag, np.searchsorted(band, present), axis=-1)
+    feat = np.log1p(100 * energy)
     feat -= feat.mean(axis=1, keepdims=True)
     feat /= np.linalg.norm(feat, axis=1, keepdims=True) + 1e-9
     return feat
