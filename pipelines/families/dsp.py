@@ -183,9 +183,11 @@ def around(blocks: Iterator[tuple[np.ndarray, ...]], total: int, step: int, cont
     of any size, and is read only as far as needed. Yields (a, b, lo, arrays) where the
     arrays hold frames [lo, hi) = [a - context, b + context) cut to [0, total): a method
     that looks at most `context` frames away gets, on [a, b), what it gets on the whole.
-    Each frame is made once, and memory holds 2 context + step frames and one block.
+    Each frame is made once and kept in one buffer of 2 context + step frames and a block,
+    moved down in place (no copy of the whole window per step); the arrays yielded are views
+    of it, valid until the next one.
     """
-    held: tuple[np.ndarray, ...] = ()
+    held: list[np.ndarray] = []
     held_lo = have = 0
     for a in range(0, total, step):
         if cancelled():
@@ -194,14 +196,24 @@ def around(blocks: Iterator[tuple[np.ndarray, ...]], total: int, step: int, cont
         lo, hi = max(0, a - context), min(total, b + context)
         while have < hi:
             new = next(blocks)
-            cut = max(0, lo - held_lo)  # `lo` only grows: what lies before it is never needed again
-            held = new if not held else tuple(np.concatenate([h[..., cut:, :], x], axis=-2) for h, x in zip(held, new))
+            m = new[0].shape[-2]
+            cut, keep = max(0, lo - held_lo), have - max(lo, held_lo)
+            if not held or keep + m > held[0].shape[-2]:
+                size = max(keep + m, min(total, hi - lo + m))
+                grown = [np.empty(x.shape[:-2] + (size, x.shape[-1]), x.dtype) for x in new]
+                for g, h in zip(grown, held):
+                    g[..., :keep, :] = h[..., cut:cut + keep, :]
+                held = grown
+            elif cut:
+                for h in held:  # pieces no longer than the cut never overlap their source
+                    for s in range(0, keep, cut):
+                        n = min(cut, keep - s)
+                        h[..., s:s + n, :] = h[..., cut + s:cut + s + n, :]
             held_lo += cut
-            have += new[0].shape[-2]
-        if lo > held_lo:
-            held = tuple(h[..., lo - held_lo:, :] for h in held)
-            held_lo = lo
-        yield a, b, lo, tuple(h[..., :hi - lo, :] for h in held)
+            for h, x in zip(held, new):
+                h[..., keep:keep + m, :] = x
+            have += m
+        yield a, b, lo, tuple(h[..., lo - held_lo:hi - held_lo, :] for h in held)
 
 
 def support(hop_s: float, frames: int, seconds: float = 0.0) -> float:
@@ -461,14 +473,19 @@ def similar_median(mag: np.ndarray, feat: np.ndarray, start: int, stop: int, off
     end = offset + mag.shape[0]
     out = np.empty((stop - start, mag.shape[1]), dtype=mag.dtype)
     for s in range(start, stop, 256):  # in row blocks, against the columns their window reaches
-        rows = np.arange(s, min(stop, s + 256))
-        lo, hi = max(offset, s - window), min(end, rows[-1] + window + 1)
-        cols = np.arange(lo, hi)
+        rows = np.arange(s, min(stop, s + 256), dtype=np.int32)
+        lo, hi = max(offset, s - window), min(end, int(rows[-1]) + window + 1)
         sim = feat[rows - offset] @ feat[lo - offset:hi - offset].T
-        dist = np.abs(rows[:, None] - cols[None, :])
+        dist = np.abs(np.arange(lo, hi, dtype=np.int32)[None, :] - rows[:, None])
         sim[(dist <= sep) | (dist > window)] = -np.inf
-        nearest = lo - offset + np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        out[rows - start] = np.median(mag[nearest], axis=1)
+        del dist
+        nearest = lo - offset + np.argpartition(-sim, k - 1, axis=1)[:, :k].copy()
+        del sim
+        for f in range(0, mag.shape[1], 256):  # the neighbours' magnitudes a few bins at a time
+            near = mag[nearest, f:f + 256]
+            # np.median's values, 4x as fast here: sorting 30 values beats partitioning them one row at a time
+            near.sort(axis=1)
+            out[rows - start, f:f + 256] = (near[:, (k - 1) // 2] + near[:, k // 2]) / 2
     return out
 
 
