@@ -277,7 +277,7 @@ def peak_while_streaming(sep, x: np.ndarray) -> int:
 def test_stream_memory_follows_the_block_not_the_track_and_stops_when_cancelled(model_id, params, make, short_s):
     sep = separator(model_id, **params)
     short, long = peak_while_streaming(sep, make(short_s)), peak_while_streaming(sep, make(3 * short_s))
-    # a track 3x as long, 3x the memory if it followed the track; measured 1.00 (WPE) and 1.12 (REPET-SIM:
+    # a track 3x as long, 3x the memory if it followed the track; measured 1.00 (WPE) and 1.10 (REPET-SIM:
     # the short track does not yet fill the window and block of the long one); the input, held by the caller,
     # is not counted
     assert long <= 1.25 * short, (short, long)
