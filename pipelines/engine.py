@@ -8,7 +8,7 @@ not the track, and assembles the preset's stems. Audio moves as `Signal`s (see
 float32 files in a scratch directory for the worker (`run_stream`, `stream_model`).
 
 How a step is cut, by what its separator declares (`families/base.py`):
-- a separator with `separate_stream` (Demucs, the MDX-style ONNX models, the recurrent
+- a separator with `separate_stream` (Demucs, RoFormer, the MDX-style ONNX models, WPE, REPET-SIM, the recurrent
   speech models) separates incrementally and exactly on the whole signal's own grid or
   state: the output equals a whole-signal run (within float rounding), for any block size;
 - `streamable` separators run on chunks of `chunk_seconds` plus `chunk_context` seconds of
