@@ -41,6 +41,16 @@ class PayloadTooLarge(StemsError):
     code = "too_large"
 
 
+class Unavailable(StemsError):
+    """A service the request needs (the broker) refused; nothing of the request was kept. Retry later."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, retry_after: int, **fields: object) -> None:
+        super().__init__(message, retry_after=retry_after, **fields)
+        self.retry_after = retry_after
+
+
 @dataclass
 class Services:
     settings: Settings

@@ -1,17 +1,23 @@
 """`Idempotency-Key` on POSTs: the same key and body answer the same response and queue nothing new.
 
 The key is claimed with SET NX before the work runs, so two concurrent requests with one
-key cannot both queue a job; a different body under a used key is a 409.
+key cannot both queue a job; a different body under a used key is a 409. Work that writes
+its records in one transaction can record the response in it too (`Claim.record`), so a
+request whose process dies right after the write still answers its replay; a claim that
+never got as far as writing anything is taken over by a replay after `STALE_S`.
 """
 from __future__ import annotations
 
 import hashlib
-import json
+from dataclasses import dataclass
 from typing import Callable
+
+from stems.jobstore import JobStore
 
 from .deps import Conflict, Invalid, Services
 
 TTL_S = 24 * 3600
+STALE_S = 600.0  # longer than any request takes between its claim and its first write (a 1 GiB upload's PUT)
 
 
 def body_hash(*parts: bytes | str) -> str:
@@ -22,16 +28,34 @@ def body_hash(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
-def once(svc: Services, user: str, route: str, idem_key: str | None, digest: str, run: Callable[[], dict]) -> dict:
+@dataclass
+class Claim:
+    """A request's idempotency scope (None without a key) and its body's digest."""
+
+    store: JobStore
+    scope: tuple[str, ...] | None
+    digest: str
+
+    def record(self, pipe, response: dict) -> None:
+        """Record the response in the transaction `pipe` that writes the work it answers for."""
+        if self.scope is not None:
+            self.store.remember_request(self.scope, self.digest, response, TTL_S, pipe)
+
+
+def claim_for(svc: Services, user: str, route: str, idem_key: str | None, digest: str) -> Claim:
     if not idem_key:
-        return run()
+        return Claim(svc.store, None, digest)
     if len(idem_key) > 255:
         raise Invalid("Idempotency-Key is longer than 255 characters", field="Idempotency-Key")
-    key = svc.store.k("idem", user, route, hashlib.sha256(idem_key.encode()).hexdigest())
-    claim = json.dumps({"hash": digest, "response": None})
-    if not svc.store.r.set(key, claim, nx=True, ex=TTL_S):
-        seen = json.loads(svc.store.r.get(key) or claim)
-        if seen["hash"] != digest:
+    return Claim(svc.store, (user, route, hashlib.sha256(idem_key.encode()).hexdigest()), digest)
+
+
+def run_once(claim: Claim, run: Callable[[], dict]) -> dict:
+    if claim.scope is None:
+        return run()
+    seen = claim.store.claim_request(claim.scope, claim.digest, TTL_S, STALE_S)
+    if seen is not None:
+        if seen["hash"] != claim.digest:
             raise Conflict("this Idempotency-Key was used with a different request body", field="Idempotency-Key")
         if seen["response"] is None:
             raise Conflict("a request with this Idempotency-Key is still being processed; retry shortly",
@@ -40,7 +64,11 @@ def once(svc: Services, user: str, route: str, idem_key: str | None, digest: str
     try:
         response = run()
     except BaseException:
-        svc.store.r.delete(key)  # a refused request does not burn the key
+        claim.store.forget_request(claim.scope)  # a refused request does not burn the key
         raise
-    svc.store.r.set(key, json.dumps({"hash": digest, "response": response}), ex=TTL_S)
+    claim.store.remember_request(claim.scope, claim.digest, response, TTL_S)
     return response
+
+
+def once(svc: Services, user: str, route: str, idem_key: str | None, digest: str, run: Callable[[], dict]) -> dict:
+    return run_once(claim_for(svc, user, route, idem_key, digest), run)

@@ -12,7 +12,8 @@ from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
 
 from .deps import Conflict, Invalid, NotFound, RateLimited, Services, Svc, User
-from .idempotency import body_hash, once
+from .idempotency import body_hash, claim_for, run_once
+from .queueing import queue_job
 from .routes_audio import owned_asset
 from .schemas import CreateStems, CustomFields, SplitStatus, StemsQueued
 
@@ -129,19 +130,18 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, idempotency_key: 
             upscaled = [Stem(user_id=user, job_id=job.id, name=f"{s.name}_restored", kind="upscaled", of_stem_id=s.id,
                              bit_depth=body.bit_depth, hq_format=hq) for s in records]
         job.stem_ids, job.upscaled_ids = [s.id for s in records], [s.id for s in upscaled]
-        svc.store.create_job(job, records + upscaled)
-        svc.celery.send_task("stems.split", args=[job.id], queue=chain.queue,
-                             soft_time_limit=svc.settings.soft_time_limit(end - start),
-                             time_limit=svc.settings.hard_time_limit(end - start))
-        return {
+        response = {
             "status": "processing", "message": "Stem separation queued", "audio_id": audio_id, "user_id": user,
             "creation_id": job.id,
             "audio_stems": [{"stem_id": s.id, "name": s.name, "status": s.status.value} for s in records],
             "upscaled_audios": [{"upscaled_id": u.id, "stem_id": u.of_stem_id, "name": u.name, "status": u.status.value}
                                 for u in upscaled],
         }
+        queue_job(svc, job, records + upscaled, claim, response)  # 503 if the broker refuses, nothing kept
+        return response
 
-    return once(svc, user, "create-stems", idempotency_key, body_hash(body.model_dump_json()), run)
+    claim = claim_for(svc, user, "create-stems", idempotency_key, body_hash(body.model_dump_json()))
+    return run_once(claim, run)
 
 
 def stem_info(s: Stem) -> dict:

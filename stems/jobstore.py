@@ -18,6 +18,7 @@ from redis.retry import Retry
 from pydantic import BaseModel
 
 from .models import AudioAsset, Job, Stem
+from .runstore import RunStore
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -26,7 +27,7 @@ def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
-class JobStore:
+class JobStore(RunStore):
     def __init__(self, client: redis.Redis, prefix: str = "stems") -> None:
         self.r = client
         self.p = prefix
@@ -82,17 +83,23 @@ class JobStore:
         raws = self.r.mget([self.k("stem", i) for i in ids])
         return [Stem.model_validate_json(r) for r in raws if r]
 
-    def create_job(self, job: Job, stems: list[Stem]) -> None:
-        """Job and its stem records in one transaction: all visible, or none."""
+    def create_job(self, job: Job, stems: list[Stem], also: Callable[[object], None] | None = None) -> None:
+        """Job and its stem records in one transaction: all visible, or none; `also(pipe)` adds writes to it."""
         pipe = self.r.pipeline(transaction=True)
         for s in stems:
             self._put("stem", s, pipe)
         self._put("job", job, pipe)
         pipe.sadd(self.k("active", job.user_id), job.id)
+        self.index_job(pipe, None, job)
+        if also is not None:
+            also(pipe)
         pipe.execute()
 
-    def update_job(self, job_id: str, fn: Callable[[Job], Job | None]) -> Job | None:
-        """Apply `fn` to the current job atomically; `fn` returns None to leave it unchanged."""
+    def update_job(self, job_id: str, fn: Callable[[Job], Job | None],
+                   also: Callable[[object, Job], None] | None = None) -> Job | None:
+        """Apply `fn` to the current job atomically; `fn` returns None to leave it unchanged.
+
+        `also(pipe, new)` adds writes to the same transaction (they happen only if the change does)."""
         key = self.k("job", job_id)
         with self.r.pipeline(transaction=True) as pipe:
             while True:
@@ -110,6 +117,9 @@ class JobStore:
                     pipe.set(key, new.model_dump_json())
                     if new.status.terminal:
                         pipe.srem(self.k("active", new.user_id), new.id)
+                    self.index_job(pipe, job, new)
+                    if also is not None:
+                        also(pipe, new)
                     pipe.execute()
                     return new
                 except redis.WatchError:
@@ -124,10 +134,6 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.k("cancel", job_id)))
-
-    def add_usage(self, user_id: str, minutes: float) -> None:
-        self.r.hincrbyfloat(self.k("usage", user_id), "minutes", minutes)
-        self.r.hincrby(self.k("usage", user_id), "jobs", 1)
 
     def usage(self, user_id: str) -> dict:
         raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k("usage", user_id)).items()}

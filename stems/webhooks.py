@@ -26,7 +26,13 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
 
 
 def deliver(url: str, payload: dict, settings: Settings) -> int:
-    """POST the payload once; returns the HTTP status. Raises LinkError for refused targets."""
+    """POST the payload once; returns the HTTP status. Raises LinkError for refused targets.
+
+    Bounded: each network step may wait STEMS_WEBHOOK_TIMEOUT_S at most (10 s at most), the
+    answer's body is never read (closing the stream drops the connection, so an endless body
+    costs nothing), and the webhook task's soft time limit, the same setting, ends a receiver
+    that trickles its headers.
+    """
     _, address = check_url(url, settings)
     target, pin = pinned(url, address)  # post to the address we checked, not to a fresh DNS answer
     body = json.dumps(payload, sort_keys=True).encode()
@@ -34,10 +40,11 @@ def deliver(url: str, payload: dict, settings: Settings) -> int:
     headers = {"content-type": "application/json", "x-stems-timestamp": ts,
                "x-stems-signature": sign(settings.webhook_secret, ts, body), "user-agent": "stems-webhook/1", **pin}
     try:
-        r = httpx.post(target, content=body, headers=headers, timeout=10.0, follow_redirects=False)
+        with httpx.stream("POST", target, content=body, headers=headers, follow_redirects=False,
+                          timeout=httpx.Timeout(min(10.0, settings.webhook_timeout_s))) as r:
+            return r.status_code
     except httpx.HTTPError as exc:
         raise ConnectionError(f"webhook delivery failed: {exc.__class__.__name__}") from exc
-    return r.status_code
 
 
 __all__ = ["deliver", "sign", "verify", "LinkError"]

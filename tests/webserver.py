@@ -25,6 +25,7 @@ class WebServer:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.unsized: set[str] = set()  # paths served without Content-Length
+        self.slow: dict[str, float] = {}  # path -> seconds to wait before each 64 KiB block
         self.redirects: dict[str, str] = {}
         self.answers: dict[str, list[int]] = {}  # POST path -> statuses to answer, in order; 200 after
         self.hits: list[Hit] = []
@@ -62,6 +63,7 @@ class WebServer:
                         self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     for i in range(0, len(data), 1 << 16):
+                        time.sleep(web.slow.get(path, 0.0))
                         self.wfile.write(data[i:i + (1 << 16)])
                 except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (too large)
                     pass

@@ -1,114 +1,84 @@
 """Celery tasks: thin, idempotent, JSON ids in; the work lives in importer / splitter.
 
-Retry policy: errors that retrying can fix (storage 5xx or timeouts, Redis connection
-loss) are retried with jittered exponential backoff; everything else fails the job at
-once with its reason. The attempt count lives in our job store, not only in Celery.
+Every task is bounded: a time limit (soft, then a hard kill after STEMS_TIME_LIMIT_GRACE_S;
+a split's limits come with its message, they follow the audio's length) and a try count in
+our job store, so a task that kills its worker is not delivered forever. Errors that retrying
+can fix (storage 5xx or timeouts, Redis connection loss) are tried again after a jittered
+exponential backoff (`workers/retry.py`); everything else fails at once with its reason.
 """
 from __future__ import annotations
 
 import logging
-import random
+import time
 
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from pipelines.errors import StemsError
 from stems.models import JobStatus
 from stems.netfetch import LinkError
+from stems.settings import get_settings
 from stems.webhooks import deliver
 
-from . import heartbeat  # noqa: F401 - registers the worker's model report on start
+from . import heartbeat, reaper  # noqa: F401 - register the worker's model report, the reaper, shutdown hand-back
 from .celery_app import app
-from .context import context
-from .importer import import_audio
-from .splitter import discard_outputs, finish, run_split
+from .context import context, store_context
+from .importer import run_import
+from .messages import flush
+from .retry import RETRYABLE, backoff
+from .splitter import run_split
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+_s = get_settings()
+WEBHOOK_HARD_S = _s.webhook_timeout_s + 10.0
 
 
-def backoff(retries: int, base: float = 1.0) -> float:
-    return min(60.0, base * 2.0 ** retries) * (0.5 + random.random())
+@app.task(name="stems.import_audio", soft_time_limit=_s.import_time_limit_s,
+          time_limit=_s.import_time_limit_s + _s.time_limit_grace_s)
+def import_audio_task(audio_id: str) -> None:
+    run_import(audio_id, store_context())
 
 
-def _retryable(exc: Exception) -> bool:
-    return isinstance(exc, RETRYABLE) or (isinstance(exc, StemsError) and exc.retryable)
-
-
-@app.task(name="stems.import_audio", bind=True, max_retries=8)
-def import_audio_task(self, audio_id: str) -> None:
-    try:
-        import_audio(audio_id, context())
-    except Exception as exc:
-        if _retryable(exc):
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries))
-        raise
-
-
-@app.task(name="stems.webhook", bind=True, max_retries=None)
-def webhook_task(self, job_id: str) -> None:
-    """Tell the job's callback_url how it ended; retried with backoff, bounded by settings."""
-    ctx = context()
-    job = ctx.store.get_job(job_id)
-    if job is None or not job.callback_url:
-        return
-    payload = {"creation_id": job.id, "status": job.status.value, "preset": job.preset, "audio_id": job.audio_id,
-               "error": job.error, "stem_ids": job.stem_ids, "upscaled_ids": job.upscaled_ids}
-    try:
-        status = deliver(job.callback_url, payload, ctx.settings)
-    except LinkError:
-        return  # the URL became unsafe (or never was): never retried
-    except ConnectionError:
-        status = 0
-    if status >= 300 or status == 0:
-        if self.request.retries + 1 >= ctx.settings.webhook_attempts:
-            log.warning("webhook for job %s gave up after %d attempts", job_id, self.request.retries + 1)
-            return
-        raise self.retry(countdown=backoff(self.request.retries, ctx.settings.webhook_backoff_s))
-
-
-def _notify(job_id: str, ctx) -> None:
-    job = ctx.store.get_job(job_id)
-    if job and job.callback_url and job.status in (JobStatus.complete, JobStatus.failed):
-        if ctx.store.r.set(ctx.store.k("webhook", job_id), "1", nx=True, ex=7 * 86400):
-            webhook_task.apply_async(args=[job_id], queue="cpu")
-
-
-@app.task(name="stems.split", bind=True, max_retries=8)
+@app.task(name="stems.split", bind=True)
 def split_task(self, job_id: str) -> None:
     ctx = context()
     try:
-        _split(self, job_id, ctx)
+        run_split(job_id, ctx, self.request.hostname)
     finally:
-        try:
-            _notify(job_id, ctx)
+        try:  # the webhook is owed with the final status; send it now rather than at the reaper's next pass
+            flush(app, ctx.settings, ctx.store, "webhook", job_id)
         except RETRYABLE:
             pass
 
 
-def _split(self, job_id: str, ctx) -> None:
+@app.task(name="stems.webhook", soft_time_limit=_s.webhook_timeout_s, time_limit=WEBHOOK_HARD_S)
+def webhook_task(job_id: str) -> None:
+    """Tell the job's callback_url how it ended; tried again with backoff, at most STEMS_WEBHOOK_ATTEMPTS times."""
+    ctx = store_context()
+    s, store = ctx.settings, ctx.store
+    job = store.get_job(job_id)
+    if job is None or not job.callback_url or job.status not in (JobStatus.complete, JobStatus.failed):
+        store.settle("webhook", job_id)
+        return
+    tries = store.count_try("webhook", job_id)
+    if tries > s.webhook_attempts:  # this delivery's earlier tries killed their worker
+        log.warning("webhook for job %s gave up after %d attempts", job_id, tries - 1)
+        store.settle("webhook", job_id)
+        return
+    # should this worker die mid-delivery, the webhook is owed again once its time limit has passed
+    store.owe("webhook", job_id, time.time() + WEBHOOK_HARD_S + s.enqueue_grace_s)
+    payload = {"creation_id": job.id, "status": job.status.value, "preset": job.preset, "audio_id": job.audio_id,
+               "error": job.error, "stem_ids": job.stem_ids, "upscaled_ids": job.upscaled_ids}
     try:
-        run_split(job_id, ctx, self.request.hostname)
-    except SoftTimeLimitExceeded:
-        job = ctx.store.get_job(job_id)
-        if job is not None:
-            discard_outputs(job, ctx)
-        finish(job_id, ctx, JobStatus.failed, {"code": "time_limit", "message": "the split ran past its time limit"})
-    except Exception as exc:
-        if _retryable(exc) and self.request.retries < self.max_retries:
-            log.warning("job %s: retryable error %s, retrying", job_id, exc)
-            try:
-                ctx.store.update_job(job_id, _back_to_queue)
-            except RETRYABLE:
-                pass
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries))
-        log.exception("job %s failed", job_id)
-        finish(job_id, ctx, JobStatus.failed, {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
-
-
-def _back_to_queue(job):
-    if job.status.terminal:
-        return None
-    job.status, job.stage = JobStatus.queued, "retrying"
-    return job
+        status = deliver(job.callback_url, payload, s)
+    except LinkError:  # the URL became unsafe (or never was): never tried again
+        store.settle("webhook", job_id)
+        return
+    except (ConnectionError, SoftTimeLimitExceeded):
+        status = 0
+    if 200 <= status < 300:
+        store.settle("webhook", job_id)
+    elif tries >= s.webhook_attempts:
+        log.warning("webhook for job %s gave up after %d attempts", job_id, tries)
+        store.settle("webhook", job_id)
+    else:
+        store.owe("webhook", job_id, time.time() + backoff(tries - 1, s.webhook_backoff_s))
