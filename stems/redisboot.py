@@ -43,7 +43,8 @@ def start_redis(run_dir: Path, port: int | None = None, persist: bool = False) -
     port = port or free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),
             # persist: what production runs (infra/compose.yaml): AOF, fsynced every second
-            "--save", "" if not persist else "60 1", "--appendonly", "yes" if persist else "no", "--appendfsync", "everysec",
+            "--save", "" if not persist else "60 1", "--appendonly", "yes" if persist else "no",
+            "--appendfsync", "everysec",
             "--logfile", str(run_dir / f"redis-{port}.log")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"redis://127.0.0.1:{port}/0"

@@ -16,7 +16,7 @@ import socket
 import time
 
 from pipelines.errors import StemsError
-from stems.models import Job, JobStatus, StemStatus
+from stems.models import Job, JobStatus, Stem, StemStatus
 from stems.storage import keys
 
 from .context import StoreContext
@@ -79,11 +79,15 @@ def start(job_id: str, ctx: StoreContext, worker: str | None = None) -> Job | No
     return job if job is not None and token is not None and job.attempt_id == token else None
 
 
+def _pending(stem: Stem) -> Stem:
+    stem.status, stem.wav_key, stem.hq_key, stem.wav_size, stem.hq_size, stem.made_by = (
+        StemStatus.pending, None, None, None, None, None)
+    return stem
+
+
 def reset_stems(job: Job, ctx: StoreContext) -> None:
     """Stem records back to pending for a new attempt (they may point at an earlier attempt's objects)."""
-    stale = [s for s in ctx.store.get_stems(job.stem_ids + job.upscaled_ids) if s.status != StemStatus.pending]
-    for s in stale:
-        s.status, s.wav_key, s.hq_key, s.wav_size, s.hq_size, s.made_by = StemStatus.pending, None, None, None, None, None
+    stale = [_pending(s) for s in ctx.store.get_stems(job.stem_ids + job.upscaled_ids) if s.status != StemStatus.pending]
     if not ctx.store.put_stems_fenced(stale, job.id, job.attempt_id):
         raise Superseded("another attempt took the job over")
 
@@ -150,9 +154,8 @@ def discard_attempt(job: Job, ctx: StoreContext) -> None:
     """Remove this attempt's objects, and its stem records while it still owns the job; never another's."""
     prefix = keys.attempt_prefix(job.user_id, job.id, job.attempt_id)
     ctx.storage.delete_prefix(prefix)
-    mine = [s for s in ctx.store.get_stems(job.stem_ids + job.upscaled_ids) if (s.wav_key or "").startswith(prefix)]
-    for s in mine:
-        s.status, s.wav_key, s.hq_key, s.wav_size, s.hq_size = StemStatus.pending, None, None, None, None
+    mine = [_pending(s) for s in ctx.store.get_stems(job.stem_ids + job.upscaled_ids)
+            if (s.wav_key or "").startswith(prefix)]
     ctx.store.put_stems_fenced(mine, job.id, job.attempt_id, running=False)
 
 
@@ -161,8 +164,7 @@ def discard_outputs(job: Job, ctx: StoreContext) -> None:
     ctx.storage.delete_prefix(keys.job_prefix(job.user_id, job.id))
     for stem in ctx.store.get_stems(job.stem_ids + job.upscaled_ids):
         if stem.status != StemStatus.pending:
-            stem.status, stem.wav_key, stem.hq_key, stem.wav_size, stem.hq_size = StemStatus.pending, None, None, None, None
-            ctx.store.put_stem(stem)
+            ctx.store.put_stem(_pending(stem))
 
 
 def sweep_other_attempts(job: Job, ctx: StoreContext) -> None:

@@ -92,8 +92,8 @@ def run_import(audio_id: str, ctx: StoreContext) -> None:
         return
     tries = store.count_try("import", audio_id)
     if tries > s.task_max_attempts:
-        refuse(asset, ctx, {"code": "too_many_attempts", "attempts": tries - 1,
-                            "message": f"the import was tried {tries - 1} times and never finished (its worker died each time)"})
+        message = f"the import was tried {tries - 1} times and never finished (its worker died each time)"
+        refuse(asset, ctx, {"code": "too_many_attempts", "attempts": tries - 1, "message": message})
         store.settle("import", audio_id)
         return
     store.owe("import", audio_id, time.time() + s.import_time_limit_s + s.time_limit_grace_s + s.enqueue_grace_s)

@@ -26,7 +26,8 @@ def _stack(tmp_path, redis_url, s3_url, models, broker, **env) -> ServiceStack:
     return s
 
 
-def test_sigkill_mid_split_redelivers_and_completes_once(tmp_path, redis_url, s3_url, demucs_models, fault_song, broker):
+def test_sigkill_mid_split_redelivers_and_completes_once(tmp_path, redis_url, s3_url, demucs_models, fault_song,
+                                                         broker):
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker)
     try:
         with s.client() as c:
@@ -44,7 +45,8 @@ def test_sigkill_mid_split_redelivers_and_completes_once(tmp_path, redis_url, s3
         s.stop()
 
 
-def test_job_that_keeps_killing_its_worker_fails_after_bounded_attempts(tmp_path, redis_url, s3_url, demucs_models, fault_song, broker):
+def test_job_that_keeps_killing_its_worker_fails_after_bounded_attempts(tmp_path, redis_url, s3_url, demucs_models,
+                                                                        fault_song, broker):
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker, STEMS_TASK_MAX_ATTEMPTS="2")
     try:
         with s.client() as c:
