@@ -52,6 +52,7 @@ def run(broker: str, args, tmp: Path) -> dict:
     from stems.stack import api_proc, make_sample, wait_http, worker_proc
     from stems.storage import make_storage
     from tools.random_models import install_random_demucs
+    from workers.celery_app import purge_rabbitmq
 
     tmp.mkdir(parents=True)
     redis, url = start_redis(tmp / "redis")
@@ -139,7 +140,7 @@ def run(broker: str, args, tmp: Path) -> dict:
         redis.terminate()
         redis.wait(10)
         if broker == "rabbitmq":
-            _purge(prefix)
+            purge_rabbitmq(RABBITMQ_URL, prefix)
 
 
 def audit(store, storage, accepted, kills, errors, broker, args) -> dict:
@@ -183,30 +184,6 @@ def audit(store, storage, accepted, kills, errors, broker, args) -> dict:
     }
 
 
-def _unreachable() -> str | None:
-    from kombu import Connection
-
-    try:
-        with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
-            conn.connect()
-    except Exception as exc:
-        return f"no RabbitMQ answers at {RABBITMQ_URL.split('@')[-1]} ({exc.__class__.__name__})"
-    return None
-
-
-def _purge(prefix: str) -> None:
-    from kombu import Connection
-
-    from pipelines.presets import load_catalogue
-
-    with Connection(RABBITMQ_URL, connect_timeout=5) as conn:
-        for q in [f"{prefix}.{q}" for q in load_catalogue().queues()] + [f"{prefix}.dead"]:
-            try:
-                conn.channel().queue_delete(q)
-            except Exception:
-                pass
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--broker", choices=("redis", "rabbitmq", "both"), default="both")
@@ -220,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 < args.minutes <= 30 and 1 <= args.workers <= 6 and 0 < args.jobs_per_minute <= 120):
         ap.error("--minutes up to 30, --workers 1..6, --jobs-per-minute up to 120")
     brokers = ["redis", "rabbitmq"] if args.broker == "both" else [args.broker]
+    from workers.celery_app import rabbitmq_unreachable
+
     results = {}
     root = Path(tempfile.mkdtemp(prefix="stems-chaos-"))
     try:
         for broker in brokers:
-            if broker == "rabbitmq" and (reason := _unreachable()):
+            if broker == "rabbitmq" and (reason := rabbitmq_unreachable(RABBITMQ_URL)):
                 print(f"rabbitmq: skipped, {reason}")
                 continue
             print(f"{broker}: {args.minutes:g} min, {args.workers} nodes, {args.jobs_per_minute:g} jobs/min, "

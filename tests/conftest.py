@@ -6,7 +6,8 @@ import os
 import pytest
 
 from stems.redisboot import start_redis
-from tests.support import ServiceStack, rabbitmq_unreachable, start_moto
+from tests.support import ServiceStack, start_moto
+from workers.celery_app import rabbitmq_unreachable
 
 RABBITMQ_URL = os.environ.get("STEMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 

@@ -15,6 +15,7 @@ import soundfile as sf
 from stems.jobstore import JobStore
 from stems.redisboot import free_port
 from stems.stack import Proc, api_proc, wait_http, wait_workers, worker_proc
+from workers.celery_app import purge_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,41 +27,6 @@ def start_moto(log: Path) -> tuple[Proc, str]:
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/moto-api/", proc=proc)
     return proc, url
-
-
-def rabbitmq_unreachable(url: str) -> str | None:
-    """Why no RabbitMQ answers at `url` (None if one does)."""
-    from kombu import Connection
-
-    try:
-        with Connection(url, connect_timeout=3) as conn:
-            conn.connect()
-    except Exception as exc:
-        return f"no RabbitMQ answers at {url.split('@')[-1]} ({exc.__class__.__name__}: {exc})"
-    return None
-
-
-def purge_rabbitmq(url: str, prefix: str) -> None:
-    """Delete the queues and exchanges a stack with key prefix `prefix` declared (see workers/celery_app.py)."""
-    from kombu import Connection
-
-    from pipelines.presets import load_catalogue
-
-    queues = [f"{prefix}.{q}" for q in load_catalogue().queues()] + [f"{prefix}.dead"]
-    exchanges = [prefix, f"{prefix}.dead", f"{prefix}.events", f"{prefix}.control.pidbox",
-                 f"reply.{prefix}.control.pidbox"]
-    with Connection(url, connect_timeout=5) as conn:
-        for name in queues + exchanges:
-            channel = conn.channel()
-            try:
-                (channel.queue_delete if name in queues else channel.exchange_delete)(name)
-            except Exception:  # never declared
-                pass
-            finally:
-                try:
-                    channel.close()
-                except Exception:
-                    pass
 
 
 class ServiceStack:

@@ -96,4 +96,39 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
+def rabbitmq_unreachable(url: str) -> str | None:
+    """Why no RabbitMQ answers at `url` (None if one does)."""
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.connect()
+    except Exception as exc:
+        return f"no RabbitMQ answers at {url.split('@')[-1]} ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def purge_rabbitmq(url: str, prefix: str) -> None:
+    """Delete the queues and exchanges a deployment with key prefix `prefix` declared (tests, benches)."""
+    from kombu import Connection
+
+    from pipelines.presets import load_catalogue
+
+    queues = [f"{prefix}.{q}" for q in load_catalogue().queues()] + [f"{prefix}.dead"]
+    exchanges = [prefix, f"{prefix}.dead", f"{prefix}.events", f"{prefix}.control.pidbox",
+                 f"reply.{prefix}.control.pidbox"]
+    with Connection(url, connect_timeout=5) as conn:
+        for name in queues + exchanges:
+            channel = conn.channel()
+            try:
+                (channel.queue_delete if name in queues else channel.exchange_delete)(name)
+            except Exception:  # never declared
+                pass
+            finally:
+                try:
+                    channel.close()
+                except Exception:
+                    pass
+
+
 app = make_celery()
