@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from celery.signals import celeryd_init
+
 from pipelines.cache import StepCache
 from pipelines.engine import Engine
 from pipelines.modelstore import ModelStore
@@ -66,3 +68,13 @@ def context() -> WorkerContext:
 def store_context() -> StoreContext:
     """What imports and webhooks need: no engine, so a short time limit never lands in a torch import."""
     return StoreContext.from_settings(get_settings())
+
+
+@celeryd_init.connect
+def _preload_torch(**_):
+    """Import torch in the worker's main process, before the pool forks, so no pool process imports it inside a
+    job's time limit: a soft limit landing mid-import leaves a process that can never import torch again."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # a deployment without the neural families
+        pass
