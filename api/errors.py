@@ -11,15 +11,15 @@ from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetEr
 from stems.netfetch import LinkError, TooLarge
 from stems.storage import StorageError
 
-from .deps import Conflict, Gone, Invalid, NotFound, OverBudget, PayloadTooLarge, RateLimited, Unauthorized
+from .deps import Conflict, Gone, Invalid, NotFound, OverBudget, PayloadTooLarge, RateLimited, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
 STATUS = [
     (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (Gone, 410), (PayloadTooLarge, 413), (TooLarge, 413),
     (OverBudget, 422),
-    (RateLimited, 429), (StorageError, 503), (PresetError, 422), (ModelNotInstalled, 422), (ChainError, 422),
-    (AudioError, 422), (LinkError, 422), (Invalid, 422),
+    (RateLimited, 429), (StorageError, 503), (Unavailable, 503), (PresetError, 422), (ModelNotInstalled, 422),
+    (ChainError, 422), (AudioError, 422), (LinkError, 422), (Invalid, 422),
 ]
 
 
@@ -34,7 +34,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StemsError)
     async def _ours(request: Request, exc: StemsError) -> JSONResponse:
         status = status_for(exc)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, (RateLimited, Unavailable)) else None
         if status == 401:
             headers = {"WWW-Authenticate": "ApiKey"}
         return JSONResponse({"detail": exc.message, **exc.to_dict()}, status_code=status, headers=headers)

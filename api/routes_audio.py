@@ -14,6 +14,7 @@ from stems.storage import keys
 
 from .deps import NotFound, Svc, User
 from .idempotency import body_hash, once
+from .queueing import queue_import
 from .schemas import AudioAccepted, AudioStatus, FromLink, FromStorage
 from .upload import receive_file
 
@@ -23,10 +24,6 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "type": "object", "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary", "description": "the audio file (anything ffmpeg decodes)"}},
 }}}}}
-
-
-def _enqueue_import(svc, asset: AudioAsset) -> None:
-    svc.celery.send_task("stems.import_audio", args=[asset.id], queue="cpu")
 
 
 @router.post("/from-file", response_model=AudioAccepted, openapi_extra=UPLOAD_BODY,
@@ -45,8 +42,7 @@ async def from_file(request: Request, svc=Svc, user: str = User,
             asset = AudioAsset(id=audio_id, user_id=user, origin="upload", filename=received.filename,
                                object_key=keys.original(user, audio_id), size=received.size)
             svc.storage.put_file(asset.object_key, received.path)
-            svc.store.put_asset(asset)
-            _enqueue_import(svc, asset)
+            queue_import(svc, asset)
             return {"audio_id": audio_id, "status": "processing"}
 
         return once(svc, user, "from-file", idempotency_key, body_hash(h.hexdigest()), run)
@@ -62,8 +58,7 @@ def from_link(body: FromLink, svc=Svc, user: str = User, idempotency_key: str | 
         audio_id = new_id()
         asset = AudioAsset(id=audio_id, user_id=user, origin="link", url=body.url,
                            object_key=keys.original(user, audio_id))
-        svc.store.put_asset(asset)
-        _enqueue_import(svc, asset)
+        queue_import(svc, asset)
         return {"audio_id": audio_id, "status": "processing"}
 
     return once(svc, user, "from-link", idempotency_key, body_hash(body.model_dump_json()), run)
@@ -84,8 +79,7 @@ def from_storage(body: FromStorage, svc=Svc, user: str = User, idempotency_key: 
         audio_id = new_id()
         asset = AudioAsset(id=audio_id, user_id=user, origin="ingest", object_key=key,
                            filename=body.filename or key.rsplit("/", 1)[-1])
-        svc.store.put_asset(asset)
-        _enqueue_import(svc, asset)
+        queue_import(svc, asset)
         return {"audio_id": audio_id, "status": "processing"}
 
     return once(svc, user, "from-storage", idempotency_key, body_hash(body.model_dump_json()), run)

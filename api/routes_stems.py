@@ -19,7 +19,8 @@ from stems.netfetch import check_url
 
 from . import budget
 from .deps import CallerKey, Conflict, Gone, Invalid, NotFound, RateLimited, Services, Svc, User
-from .idempotency import body_hash, once
+from .idempotency import body_hash, claim_for, run_once
+from .queueing import queue_job
 from .routes_audio import owned_asset
 from .schemas import CreateStems, CustomFields, SplitList, SplitStatus, StemsQueued
 
@@ -171,22 +172,21 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
             upscaled = [Stem(user_id=user, job_id=job.id, name=f"{s.name}_restored", kind="upscaled", of_stem_id=s.id,
                              bit_depth=body.bit_depth, hq_format=hq) for s in records]
         job.stem_ids, job.upscaled_ids = [s.id for s in records], [s.id for s in upscaled]
-        svc.store.create_job(job, records + upscaled)
-        if not _source_exists(svc, kind, source_id):  # deleted or expired meanwhile: see stems/lifecycle.py
-            delete_job(svc.store, svc.storage, job, tombstone=False)
-            raise NotFound(f"{kind} not found (deleted or expired just now)", **{f"{kind}_id": source_id})
-        svc.celery.send_task("stems.split", args=[job.id], queue=queue,
-                             soft_time_limit=svc.settings.soft_time_limit(end - start),
-                             time_limit=svc.settings.hard_time_limit(end - start))
-        return {
+        response = {
             "status": "processing", "message": "Stem separation queued", "audio_id": audio_id, "user_id": user,
             "creation_id": job.id,
             "audio_stems": [{"stem_id": s.id, "name": s.name, "status": s.status.value} for s in records],
             "upscaled_audios": [{"upscaled_id": u.id, "stem_id": u.of_stem_id, "name": u.name, "status": u.status.value}
                                 for u in upscaled],
         }
+        queue_job(svc, job, records + upscaled, claim, response)  # 503 if the broker refuses, nothing kept
+        if not _source_exists(svc, kind, source_id):  # deleted or expired meanwhile: see stems/lifecycle.py
+            delete_job(svc.store, svc.storage, job, tombstone=False)  # its message finds no job and does nothing
+            raise NotFound(f"{kind} not found (deleted or expired just now)", **{f"{kind}_id": source_id})
+        return response
 
-    return once(svc, user, "create-stems", idempotency_key, body_hash(body.model_dump_json()), run)
+    claim = claim_for(svc, user, "create-stems", idempotency_key, body_hash(body.model_dump_json()))
+    return run_once(claim, run)
 
 
 def stem_info(s: Stem) -> dict:

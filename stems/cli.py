@@ -250,9 +250,10 @@ def _hq_extension(fmt: str | None) -> str:
 
 
 def cmd_worker(args) -> int:
-    from workers.celery_app import app
+    from workers.celery_app import app, broker_queue
 
-    queues = args.queues or _settings().worker_queues
+    s = _settings()
+    queues = ",".join(broker_queue(q.strip(), s) for q in (args.queues or s.worker_queues).split(",") if q.strip())
     argv = ["worker", "-Q", queues, "-c", str(args.concurrency), "-O", "fair", "--loglevel", args.loglevel, "-E"]
     if args.hostname:
         argv += ["-n", args.hostname]

@@ -26,6 +26,7 @@ from redis.retry import Retry
 from pydantic import BaseModel
 
 from .models import USER_ID, AudioAsset, Job, Stem, StemStatus
+from .runstore import RunStore
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -62,7 +63,7 @@ class IssuedKey(BaseModel):
 _RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
-class JobStore:
+class JobStore(RunStore):
     def __init__(self, client: redis.Redis, prefix: str = "stems") -> None:
         self.r = client
         self.p = prefix
@@ -220,8 +221,8 @@ class JobStore:
     def get_jobs(self, ids: list[str]) -> list[Job]:
         return self._get_many("job", Job, ids)
 
-    def create_job(self, job: Job, stems: list[Stem]) -> None:
-        """Job and its stem records in one transaction: all visible, or none."""
+    def create_job(self, job: Job, stems: list[Stem], also: Callable[[object], None] | None = None) -> None:
+        """Job and its stem records in one transaction: all visible, or none; `also(pipe)` adds writes to it."""
         pipe = self.r.pipeline(transaction=True)
         for s in stems:
             self._put("stem", s, pipe)
@@ -231,6 +232,9 @@ class JobStore:
         pipe.sadd(self.k("asset_jobs", job.audio_id), job.id)
         if job.output_bytes:
             pipe.hset(self.k("pending_bytes", job.user_id), job.id, job.output_bytes)
+        self.index_job(pipe, None, job)
+        if also is not None:
+            also(pipe)
         pipe.execute()
 
     def list_jobs(self, user_id: str, limit: int, before: tuple[float, str] | None = None) -> list[tuple[str, float]]:
@@ -250,8 +254,11 @@ class JobStore:
                                                 withscores=True)
         return [(m.decode(), sc) for m, sc in rows[:limit]]
 
-    def update_job(self, job_id: str, fn: Callable[[Job], Job | None]) -> Job | None:
-        """Apply `fn` to the current job atomically; `fn` returns None to leave it unchanged."""
+    def update_job(self, job_id: str, fn: Callable[[Job], Job | None],
+                   also: Callable[[object, Job], None] | None = None) -> Job | None:
+        """Apply `fn` to the current job atomically; `fn` returns None to leave it unchanged.
+
+        `also(pipe, new)` adds writes to the same transaction (they happen only if the change does)."""
         key = self.k("job", job_id)
         with self.r.pipeline(transaction=True) as pipe:
             while True:
@@ -274,6 +281,9 @@ class JobStore:
                             ended = new.finished_at or time.time()
                             pipe.zadd(self.k("retain", "stems"), {new.id: ended})
                             pipe.zadd(self.k("retain", "job"), {new.id: ended})
+                    self.index_job(pipe, job, new)
+                    if also is not None:
+                        also(pipe, new)
                     pipe.execute()
                     return new
                 except redis.WatchError:
@@ -294,7 +304,8 @@ class JobStore:
 
     # -- deletion ------------------------------------------------------------------
     def delete_job_records(self, job: Job, tombstone: bool = True) -> None:
-        """Remove a job, its stem records and every index entry of it in one transaction.
+        """Remove a job, its stem records and every index entry of it in one transaction (also a job whose
+        message could not be sent: as if it never was).
 
         The cancel flag stays (a worker still running the job sees it and stops); usage totals
         stay (billing). With `tombstone`, `gone:{id}` remembers the deletion for a while.
@@ -305,6 +316,10 @@ class JobStore:
         pipe.srem(self.k("asset_jobs", job.audio_id), job.id)
         pipe.hdel(self.k("pending_bytes", job.user_id), job.id)
         pipe.zrem(self.k("user_jobs", job.user_id), job.id)  # the per-user listing (web page)
+        pipe.lrem(self.k("load", job.queue), 0, job.id)  # the run indexes (stems.runstore)
+        pipe.zrem(self.k("outbox"), f"split:{job.id}")
+        pipe.zrem(self.k("leases"), job.id)
+        pipe.zrem(self.k("deadlines"), job.id)
         pipe.delete(self.k("webhook", job.id))
         for phase in RETAIN_PHASES:
             pipe.zrem(self.k("retain", phase), job.id)
@@ -363,35 +378,9 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.k("cancel", job_id)))
 
-    def add_usage(self, user_id: str, minutes: float) -> None:
-        self.r.hincrbyfloat(self.k("usage", user_id), "minutes", minutes)
-        self.r.hincrby(self.k("usage", user_id), "jobs", 1)
-
     def usage(self, user_id: str) -> dict:
         raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k("usage", user_id)).items()}
         return {"minutes": round(float(raw.get("minutes", 0)), 4), "jobs": int(raw.get("jobs", 0))}
-
-    def _idem(self, user_id: str, route: str, idem_key: str) -> str:
-        return self.k("idem", user_id, route, hashlib.sha256(idem_key.encode()).hexdigest())
-
-    def claim_idempotency(self, user_id: str, route: str, idem_key: str, digest: str) -> dict | None:
-        """Claim an Idempotency-Key for a request whose body hashes to `digest`.
-
-        None: claimed now, run the request. Otherwise the earlier claim: `{"hash", "response"}`
-        (`response` is None while the first request is still running).
-        """
-        key = self._idem(user_id, route, idem_key)
-        claim = json.dumps({"hash": digest, "response": None})
-        if self.r.set(key, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
-            return None
-        return json.loads(self.r.get(key) or claim)
-
-    def record_idempotent_response(self, user_id: str, route: str, idem_key: str, digest: str, response: dict) -> None:
-        self.r.set(self._idem(user_id, route, idem_key), json.dumps({"hash": digest, "response": response}),
-                   ex=IDEMPOTENCY_TTL_S)
-
-    def release_idempotency(self, user_id: str, route: str, idem_key: str) -> None:
-        self.r.delete(self._idem(user_id, route, idem_key))
 
     def live_workers(self, ttl_s: float = 20.0) -> list[dict]:
         """Reports of workers that beat within the last `ttl_s` seconds (see workers.heartbeat)."""

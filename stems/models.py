@@ -104,7 +104,11 @@ class Job(BaseModel):
     stem_ids: list[str] = Field(default_factory=list)
     upscaled_ids: list[str] = Field(default_factory=list)
     attempts: int = 0
+    attempt_id: str | None = None  # token of the attempt that owns the job now; writes of any other are refused
+    lease_until: float | None = None  # the owning attempt renews this; past it, the reaper runs the job again
+    deadline_at: float | None = None  # the owning attempt's hard time limit (+ a lease): past it, the job fails
     worker: str | None = None  # hostname of the worker that ran the latest attempt
+    worker_host: str | None = None  # its machine, so a worker there can tell a dead process from a live one
     worker_pid: int | None = None  # its process (tests kill it to inject faults)
     audio_seconds: float | None = None
     usage_minutes: float = 0.0

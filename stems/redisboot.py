@@ -44,7 +44,9 @@ def start_redis(run_dir: Path, port: int | None = None, persist: bool = False, p
     run_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),
+            # persist: what production runs (infra/compose.yaml): AOF, fsynced every second
             "--save", "" if not persist else "60 1", "--appendonly", "yes" if persist else "no",
+            "--appendfsync", "everysec",
             "--logfile", str(run_dir / f"redis-{port}.log"), *(("--requirepass", password) if password else ()),
             *extra_args]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -50,7 +50,10 @@ class Settings(BaseSettings):
     env: Literal["development", "production"] = Field("development", validation_alias=_env("STEMS_ENV"),
         description="`production` refuses unsafe settings (local storage, the embedded Redis, open link fetching)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"),
-        description="Redis for the Celery broker and job state")
+        description="Redis for job state (and the Celery broker unless STEMS_BROKER_URL says otherwise)")
+    broker_url: str | None = Field(None, validation_alias=_env("STEMS_BROKER_URL"),
+        description="Celery broker: unset for REDIS_URL, or `amqp://user:password@host:5672/vhost` for RabbitMQ "
+                    "(quorum queues with a delivery limit and a dead-letter queue; see README, Brokers)")
     key_prefix: str = Field("stems", validation_alias=_env("STEMS_KEY_PREFIX"),
         description="prefix of every Redis key of ours, so several deployments (or test runs) can share a Redis")
     storage: Literal["local", "s3"] = Field("local", validation_alias=_env("STEMS_STORAGE"),
@@ -106,9 +109,29 @@ class Settings(BaseSettings):
     time_limit_base_s: float = Field(300.0, validation_alias=_env("STEMS_TIME_LIMIT_BASE_S"),
         description="time limit of a split: base seconds ...")
     time_limit_per_audio_s: float = Field(4.0, validation_alias=_env("STEMS_TIME_LIMIT_PER_AUDIO_S"),
-        description="... plus this many seconds per second of audio (the hard kill comes 20% + 60 s later)")
+        description="... plus this many seconds per second of audio (the hard kill comes 20% + STEMS_TIME_LIMIT_GRACE_S later)")
+    time_limit_grace_s: float = Field(60.0, ge=0, validation_alias=_env("STEMS_TIME_LIMIT_GRACE_S"),
+        description="seconds between a split's soft time limit (+20%) and the hard kill, so a long native call can return")
     visibility_timeout_s: int = Field(24 * 3600, validation_alias=_env("STEMS_VISIBILITY_TIMEOUT_S"),
-        description="broker visibility timeout; must exceed the longest allowed job")
+        description="broker visibility timeout (Redis) or consumer timeout (RabbitMQ); must exceed the longest allowed job")
+    lease_s: float = Field(30.0, gt=0, validation_alias=_env("STEMS_LEASE_S"),
+        description="a running job's lease: a job whose worker stopped renewing it this long ago is run again elsewhere "
+                    "(recovery after a node's death takes this plus STEMS_REAPER_INTERVAL_S, plus queue wait)")
+    lease_renew_s: float = Field(5.0, gt=0, validation_alias=_env("STEMS_LEASE_RENEW_S"),
+        description="how often a worker renews the lease of a job it runs (from a thread that runs through model calls)")
+    reaper_interval_s: float = Field(2.0, gt=0, validation_alias=_env("STEMS_REAPER_INTERVAL_S"),
+        description="how often the reaper (one per deployment at a time, run by the workers) looks for expired leases, "
+                    "jobs past their deadline and messages owed")
+    enqueue_grace_s: float = Field(10.0, gt=0, validation_alias=_env("STEMS_ENQUEUE_GRACE_S"),
+        description="a job, import or webhook whose message was not sent (the API died, the broker refused) or not "
+                    "started by the worker that received it is sent again after this long")
+    import_time_limit_s: float = Field(900.0, gt=0, validation_alias=_env("STEMS_IMPORT_TIME_LIMIT_S"),
+        description="time limit of an import (fetch, probe, checks); the hard kill comes STEMS_TIME_LIMIT_GRACE_S later")
+    webhook_timeout_s: float = Field(20.0, gt=0, validation_alias=_env("STEMS_WEBHOOK_TIMEOUT_S"),
+        description="total time one webhook delivery may take (connect, send, answer); slower counts as a failure")
+    shutdown_grace_s: float = Field(60.0, ge=0, validation_alias=_env("STEMS_SHUTDOWN_GRACE_S"),
+        description="on SIGTERM a worker takes no new jobs and lets running ones finish this long, then hands them "
+                    "back to the queue at once (0: hand back at once)")
     rate_limit_per_minute: int = Field(600, validation_alias=_env("STEMS_RATE_LIMIT_PER_MINUTE"),
         description="requests per API key per minute (429 beyond)")
     max_active_jobs: int = Field(50, validation_alias=_env("STEMS_MAX_ACTIVE_JOBS"),
@@ -163,6 +186,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _broker_defaults_to_redis(self) -> "Settings":
+        self.broker_url = self.broker_url or self.redis_url
+        return self
+
+    @model_validator(mode="after")
+    def _lease_renewed_in_time(self) -> "Settings":
+        if self.lease_renew_s * 2 > self.lease_s:
+            raise ValueError(f"STEMS_LEASE_RENEW_S ({self.lease_renew_s}) must be at most half of STEMS_LEASE_S "
+                             f"({self.lease_s}), or one slow renewal would let a running job be taken over")
+        return self
+
+    @model_validator(mode="after")
     def _safe_in_production(self) -> "Settings":
         if self.env == "production":
             problems = []
@@ -190,7 +225,11 @@ class Settings(BaseSettings):
     def hard_time_limit(self, audio_seconds: float) -> float:
         """When Celery kills the process. The grace after the soft limit lets a long native call
         (one model forward) return so the soft limit's exception can fail the job cleanly."""
-        return self.soft_time_limit(audio_seconds) * 1.2 + 60.0
+        return self.soft_time_limit(audio_seconds) * 1.2 + self.time_limit_grace_s
+
+    @property
+    def rabbitmq(self) -> bool:
+        return self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
 
 @lru_cache(maxsize=1)

@@ -31,7 +31,7 @@ class ObjectMissing(StemsError):
 
 
 class keys:
-    """Where objects live: users/{user}/audio/{audio}/..., users/{user}/jobs/{job}/..."""
+    """Where objects live: users/{user}/audio/{audio}/..., users/{user}/jobs/{job}/{attempt}/..."""
 
     @staticmethod
     def original(user_id: str, audio_id: str) -> str:
@@ -46,8 +46,13 @@ class keys:
         return f"users/{user_id}/jobs/{job_id}/"
 
     @staticmethod
-    def stem(user_id: str, job_id: str, stem_id: str, ext: str) -> str:
-        return f"users/{user_id}/jobs/{job_id}/{stem_id}.{ext}"
+    def attempt_prefix(user_id: str, job_id: str, attempt_id: str) -> str:
+        """Each attempt of a job writes under its own prefix, so no attempt can overwrite or delete another's."""
+        return f"users/{user_id}/jobs/{job_id}/{attempt_id}/"
+
+    @staticmethod
+    def stem(user_id: str, job_id: str, attempt_id: str, stem_id: str, ext: str) -> str:
+        return f"{keys.attempt_prefix(user_id, job_id, attempt_id)}{stem_id}.{ext}"
 
 
 class Storage(Protocol):

@@ -47,16 +47,23 @@ def verify(secret: str, body: bytes, header: str, tolerance_s: float = TOLERANCE
 
 
 def deliver(url: str, payload: dict, secret: str, settings: Settings) -> int:
-    """POST the payload once; returns the HTTP status. Raises LinkError for refused targets."""
+    """POST the payload once, signed with `secret`; returns the HTTP status. Raises LinkError for refused targets.
+
+    Bounded: each network step may wait STEMS_WEBHOOK_TIMEOUT_S at most (10 s at most), the
+    answer's body is never read (closing the stream drops the connection, so an endless body
+    costs nothing), and the webhook task's soft time limit, the same setting, ends a receiver
+    that trickles its headers.
+    """
     _, address = check_url(url, settings)
     target, pin = pinned(url, address)  # post to the address we checked, not to a fresh DNS answer
     body = json.dumps(payload, sort_keys=True).encode()
     headers = {"content-type": "application/json", HEADER: sign(secret, body), "user-agent": "stems-webhook/1", **pin}
     try:
-        r = httpx.post(target, content=body, headers=headers, timeout=10.0, follow_redirects=False)
+        with httpx.stream("POST", target, content=body, headers=headers, follow_redirects=False,
+                          timeout=httpx.Timeout(min(10.0, settings.webhook_timeout_s))) as r:
+            return r.status_code
     except httpx.HTTPError as exc:
         raise ConnectionError(f"webhook delivery failed: {exc.__class__.__name__}") from exc
-    return r.status_code
 
 
 __all__ = ["deliver", "sign", "verify", "LinkError", "HEADER", "TOLERANCE_S"]

@@ -1,10 +1,15 @@
-"""Shared fixtures: one private Redis and one S3-protocol server (moto) for the whole run."""
+"""Shared fixtures: one private Redis and one S3-protocol server (moto) for the whole run; the brokers."""
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from stems.redisboot import start_redis
 from tests.support import ServiceStack, start_moto
+from workers.celery_app import rabbitmq_unreachable
+
+RABBITMQ_URL = os.environ.get("STEMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +58,16 @@ def backend_stack(request, tmp_path_factory, redis_url, s3_url):
     s.start_worker("cpu", f"cpu{request.param}")
     yield s
     s.stop()
+@pytest.fixture(scope="session")
+def rabbitmq_url():
+    """The RabbitMQ the tests use as a broker (STEMS_TEST_RABBITMQ_URL); its tests are skipped, saying why, without one."""
+    reason = rabbitmq_unreachable(RABBITMQ_URL)
+    if reason:
+        pytest.skip(f"RabbitMQ broker tests skipped: {reason}")
+    return RABBITMQ_URL
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request):
+    """The Celery broker of a test's stack: None (the stack's own Redis) or a RabbitMQ URL."""
+    return None if request.param == "redis" else request.getfixturevalue("rabbitmq_url")

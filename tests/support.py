@@ -15,6 +15,7 @@ import soundfile as sf
 from stems.jobstore import JobStore
 from stems.redisboot import free_port
 from stems.stack import Proc, api_proc, wait_http, wait_workers, worker_proc
+from workers.celery_app import purge_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +38,16 @@ def start_moto(log: Path) -> tuple[Proc, str]:
 
 
 class ServiceStack:
-    """An API and workers on one Redis and one storage backend, each a real process."""
+    """An API and workers on one Redis and one storage backend, each a real process.
 
-    def __init__(self, tmp: Path, redis_url: str, s3_url: str | None, model_dir: Path | None = None, **extra: str) -> None:
+    `broker`: a RabbitMQ URL for the Celery broker (the job store stays in Redis); None uses the Redis.
+    """
+
+    def __init__(self, tmp: Path, redis_url: str, s3_url: str | None, model_dir: Path | None = None,
+                 broker: str | None = None, **extra: str) -> None:
         self.tmp = tmp
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.broker = broker
         self.env = {
             **os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "STEMS_KEY_PREFIX": self.prefix,
             "STEMS_DATA_DIR": str(tmp / "data"), "STEMS_MODEL_DIR": str(model_dir or tmp / "models"),
@@ -55,6 +61,8 @@ class ServiceStack:
 
             boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test",
                          aws_secret_access_key="test").create_bucket(Bucket=bucket)
+        if broker:
+            self.env["STEMS_BROKER_URL"] = broker
         self.env.update(extra)
         self.procs: list[Proc] = []
         self.store = JobStore.from_url(redis_url, self.prefix)
@@ -111,6 +119,8 @@ class ServiceStack:
         for p in reversed(self.procs):
             p.stop()
         self.procs.clear()
+        if self.broker:
+            purge_rabbitmq(self.broker, self.prefix)
 
 
 def tone_mix(seconds: float = 4.0, sr: int = 44100, channels: int = 2, seed: int = 0) -> np.ndarray:
@@ -147,3 +157,37 @@ def wait_for(client: httpx.Client, path: str, states: set[str], timeout: float =
             return body
         time.sleep(0.2)
     raise AssertionError(f"{path} still {body['status']} after {timeout} s: {body}")
+
+
+TERMINAL = {"complete", "failed", "cancelled"}
+SONG_S = 8.0  # the fault tests' song: a few seconds of small htdemucs on a CPU
+
+
+def wait_stage(stack: ServiceStack, job_id: str, stage_prefix: str = "", timeout: float = 120, attempts: int = 1):
+    """The job record once attempt `attempts` (or a later one) runs in a stage starting with `stage_prefix`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = stack.store.get_job(job_id)
+        if job.status.value in TERMINAL:
+            raise AssertionError(f"job ended before the fault: {job}")
+        if job.attempts >= attempts and job.stage.startswith(stage_prefix) and job.worker_pid:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job never reached {stage_prefix!r}: {stack.store.get_job(job_id)}")
+
+
+def start_job(c: httpx.Client, song: Path, preset: str = "4_tracks", audio_id: str | None = None, **extra) -> str:
+    audio_id = audio_id or upload(c, song)["audio_id"]
+    r = c.post("/create-stems", json={"preset": preset, "audio_id": audio_id, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["creation_id"]
+
+
+def expected_objects(stack: ServiceStack, job_id: str) -> list[str]:
+    """The object keys a job's stem records point at (exactly what storage should hold for it)."""
+    job = stack.store.get_job(job_id)
+    return sorted(k for s in stack.store.get_stems(job.stem_ids + job.upscaled_ids) for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
+
+
+def job_objects(stack: ServiceStack, job_id: str) -> list[str]:
+    return stack.objects(f"users/{stack.store.get_job(job_id).user_id}/jobs/{job_id}/")

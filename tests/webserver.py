@@ -29,6 +29,7 @@ class WebServer:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.unsized: set[str] = set()  # paths served without Content-Length
+        self.slow: dict[str, float] = {}  # path -> seconds to wait before each 64 KiB block
         self.redirects: dict[str, str] = {}
         self.answers: dict[str, list[int]] = {}  # POST path -> statuses to answer, in order; 200 after
         self.cuts: dict[str, list[int]] = {}  # GET path -> body bytes to send before dropping the connection, in order
@@ -75,6 +76,7 @@ class WebServer:
                         self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     for i in range(0, min(cut, len(body)), 1 << 16):
+                        time.sleep(web.slow.get(path, 0.0))
                         chunk = body[i:min(i + (1 << 16), cut)]
                         self.wfile.write(chunk)
                         hit.sent += len(chunk)

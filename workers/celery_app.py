@@ -1,21 +1,65 @@
-"""The Celery app: Redis broker, late acks, prefetch of one, task events for Flower.
+"""The Celery app: Redis or RabbitMQ broker, late acks, prefetch of one, task events for Flower.
 
 Queues come from the preset catalogue (`Catalogue.queues()`): `cpu` for DSP, speech
 enhancement and import work, and one `gpu-<family>` queue per neural model family. A
 worker serves the queues given with `-Q`, so a node only loads the models it has.
+
+On RabbitMQ (`STEMS_BROKER_URL=amqp://...`) every queue is a quorum queue (replicated, and
+it counts deliveries): a message delivered more than `STEMS_TASK_MAX_ATTEMPTS + 2` times
+goes to the dead-letter queue `<prefix>.dead` instead of killing workers forever, and the
+consumer timeout is the visibility timeout. Queue and exchange names carry
+`STEMS_KEY_PREFIX`, so deployments and test runs can share one RabbitMQ as they share one
+Redis. No task uses countdowns or ETAs (retries are scheduled by the reaper from our job
+store), so Celery's native delayed delivery for quorum queues is left out.
 """
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu import Exchange, Queue
 
 from pipelines.presets import load_catalogue
 from stems.settings import Settings, get_settings
 
 
+def broker_queue(name: str, s: Settings) -> str:
+    """The broker's name for one of our queues (Redis keys carry the prefix already; RabbitMQ names need it)."""
+    return f"{s.key_prefix}.{name}" if s.rabbitmq else name
+
+
+def our_queue(broker_name: str, s: Settings) -> str:
+    """Inverse of `broker_queue`."""
+    return broker_name.removeprefix(f"{s.key_prefix}.") if s.rabbitmq else broker_name
+
+
+def dead_letter_queue(s: Settings) -> Queue:
+    return Queue(f"{s.key_prefix}.dead", Exchange(f"{s.key_prefix}.dead", type="fanout"),
+                 queue_arguments={"x-queue-type": "quorum"})
+
+
+def _rabbitmq_queues(s: Settings, names: list[str]) -> list[Queue]:
+    exchange = Exchange(s.key_prefix, type="direct")
+    arguments = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": s.task_max_attempts + 2,  # our attempt counter fails the job first, with its reason
+        "x-dead-letter-exchange": dead_letter_queue(s).exchange.name,
+        # RabbitMQ >= 3.12 reads this per queue; older servers need consumer_timeout in rabbitmq.conf (infra/)
+        "x-consumer-timeout": s.visibility_timeout_s * 1000,
+    }
+    return [Queue(broker_queue(n, s), exchange, routing_key=n, queue_arguments=arguments) for n in names]
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer without native delayed delivery (28 extra queues per vhost that nothing here uses)."""
+
+    class Blueprint(CeleryConsumer.Blueprint):
+        default_steps = [s for s in CeleryConsumer.Blueprint.default_steps if not s.endswith(":DelayedDelivery")]
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
-    app = Celery("stems", broker=s.redis_url, include=["workers.tasks"])
+    app = Celery("stems", broker=s.broker_url, include=["workers.tasks"])
+    names = load_catalogue().queues()
     app.conf.update(
         task_serializer="json", accept_content=["json"],
         task_ignore_result=True,  # state lives in our job store, not in a result backend
@@ -23,18 +67,68 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,  # ... also when its process dies (SIGKILL, OOM)
         worker_prefetch_multiplier=1,  # a long split never sits reserved behind another
         worker_send_task_events=True,  # Flower (task-sent events would cost every POST a publish)
-        task_default_queue="cpu",
-        task_queues=[Queue(q) for q in load_catalogue().queues()],
+        task_default_queue=broker_queue("cpu", s),
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            # must exceed the longest allowed job, or Redis redelivers a running split
-            "visibility_timeout": s.visibility_timeout_s,
-            "global_keyprefix": f"{s.key_prefix}:celery:",
-        },
         worker_hijack_root_logger=False,
+        # a run that outlives its broker connection may be delivered again: our attempt fencing
+        # lets only one of the two write, so there is no need to kill it
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_consumer="workers.celery_app:Consumer",
+        # SIGQUIT (cold shutdown) waits this long too; SIGTERM hands jobs back after it (workers/reaper.py)
+        worker_soft_shutdown_timeout=s.shutdown_grace_s,
     )
+    if s.rabbitmq:
+        app.conf.update(
+            task_queues=_rabbitmq_queues(s, names),
+            task_default_exchange=s.key_prefix, task_default_exchange_type="direct", task_default_routing_key="cpu",
+            control_exchange=f"{s.key_prefix}.control", event_exchange=f"{s.key_prefix}.events",
+        )
+    else:
+        app.conf.update(
+            task_queues=[Queue(q) for q in names],
+            broker_transport_options={
+                # Redis hands an unacknowledged message out again after this: the lease drops such a
+                # duplicate of a running split, but keep it above the longest job to spare the delivery
+                "visibility_timeout": s.visibility_timeout_s,
+                "global_keyprefix": f"{s.key_prefix}:celery:",
+            },
+        )
     return app
+
+
+def rabbitmq_unreachable(url: str) -> str | None:
+    """Why no RabbitMQ answers at `url` (None if one does)."""
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.connect()
+    except Exception as exc:
+        return f"no RabbitMQ answers at {url.split('@')[-1]} ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def purge_rabbitmq(url: str, prefix: str) -> None:
+    """Delete the queues and exchanges a deployment with key prefix `prefix` declared (tests, benches)."""
+    from kombu import Connection
+
+    from pipelines.presets import load_catalogue
+
+    queues = [f"{prefix}.{q}" for q in load_catalogue().queues()] + [f"{prefix}.dead"]
+    exchanges = [prefix, f"{prefix}.dead", f"{prefix}.events", f"{prefix}.control.pidbox",
+                 f"reply.{prefix}.control.pidbox"]
+    with Connection(url, connect_timeout=5) as conn:
+        for name in queues + exchanges:
+            channel = conn.channel()
+            try:
+                (channel.queue_delete if name in queues else channel.exchange_delete)(name)
+            except Exception:  # never declared
+                pass
+            finally:
+                try:
+                    channel.close()
+                except Exception:
+                    pass
 
 
 app = make_celery()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from celery.signals import celeryd_init
+
 from pipelines.cache import StepCache
 from pipelines.engine import Engine
 from pipelines.modelstore import ModelStore
@@ -29,10 +31,20 @@ def make_cache(s: Settings) -> StepCache | None:
 
 
 @dataclass
-class WorkerContext:
+class StoreContext:
+    """What job bookkeeping needs: the reaper in a worker's main process has no engine (and loads no torch)."""
+
     settings: Settings
     store: JobStore
     storage: Storage
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "StoreContext":
+        return cls(settings=s, store=JobStore.from_url(s.redis_url, s.key_prefix), storage=make_storage(s))
+
+
+@dataclass
+class WorkerContext(StoreContext):
     models: ModelStore
     engine: Engine
     scratch_dir: Path | None = None  # job scratch directories (None: the system's temporary directory)
@@ -50,3 +62,19 @@ def context() -> WorkerContext:
         engine=Engine(models, device=s.device, chunk_seconds=s.chunk_seconds, cache=make_cache(s)),
         scratch_dir=Path(s.data_dir) / "work",
     )
+
+
+@lru_cache(maxsize=1)
+def store_context() -> StoreContext:
+    """What imports and webhooks need: no engine, so a short time limit never lands in a torch import."""
+    return StoreContext.from_settings(get_settings())
+
+
+@celeryd_init.connect
+def _preload_torch(**_):
+    """Import torch in the worker's main process, before the pool forks, so no pool process imports it inside a
+    job's time limit: a soft limit landing mid-import leaves a process that can never import torch again."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # a deployment without the neural families
+        pass

@@ -5,7 +5,6 @@ its chain, and to show which presets are available.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -16,6 +15,8 @@ from celery.signals import celeryd_init, worker_ready, worker_shutdown
 from pipelines.modelstore import ModelStore
 from stems.jobstore import JobStore
 from stems.settings import get_settings
+
+from .celery_app import our_queue
 
 INTERVAL_S = 5.0
 TTL_S = 20
@@ -31,15 +32,14 @@ def report(hostname: str, queues: list[str]) -> dict:
 def _loop(hostname: str, queues: list[str]) -> None:
     s = get_settings()
     store = JobStore.from_url(s.redis_url, s.key_prefix)
-    key = store.k("workers")
     while not _stop.is_set():
         try:
-            store.r.hset(key, hostname, json.dumps(report(hostname, queues)))
+            store.put_worker_report(hostname, report(hostname, queues))
         except Exception:  # Redis away: try again next beat; readers ignore reports older than TTL_S
             pass
         _stop.wait(INTERVAL_S)
     try:
-        store.r.hdel(key, hostname)
+        store.drop_worker_report(hostname)
     except Exception:
         pass
 
@@ -54,7 +54,8 @@ def _sync_models(**_):
 
 @worker_ready.connect
 def _start(sender=None, **_):
-    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values()) if sender else []
+    s = get_settings()
+    queues = sorted(our_queue(q.name, s) for q in sender.app.amqp.queues.consume_from.values()) if sender else []
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
     threading.Thread(target=_loop, args=(hostname, queues), daemon=True, name="stems-heartbeat").start()
 

@@ -3,24 +3,36 @@
 The asset's record is only ever updated here, never created: if the user deleted the asset
 while it was importing, the update finds no record, and an original this import stored
 itself (a link's download) is removed again.
+
+`run_import` bounds each delivery: it counts the try in the job store (a file that kills its
+worker is refused after STEMS_TASK_MAX_ATTEMPTS tries), owes the import a new message once its
+hard time limit has passed (so a worker dying mid-import does not strand the asset), and sends
+errors a retry can fix back after a backoff.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
+import time
 from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from pipelines import audio as A
 from pipelines.errors import AudioError, StemsError
 from pipelines.peaks import PeakAccumulator
-from stems.models import AssetStatus
+from stems.models import AssetStatus, AudioAsset
 from stems.netfetch import fetch_url
 from stems.storage import keys
 
-from .context import WorkerContext
+from .context import StoreContext
+from .retry import backoff, retryable
+
+log = logging.getLogger(__name__)
 
 
-def validate(info: A.AudioInfo, ctx: WorkerContext) -> None:
+def validate(info: A.AudioInfo, ctx: StoreContext) -> None:
     s = ctx.settings
     if info.duration < s.min_duration_s:
         raise AudioError(f"audio is {info.duration:.3f} s long; the shortest the models take is {s.min_duration_s} s",
@@ -42,7 +54,7 @@ def check_samples(path: Path, peaks: PeakAccumulator) -> None:
         peaks.feed(block)
 
 
-def import_audio(audio_id: str, ctx: WorkerContext) -> None:
+def import_audio(audio_id: str, ctx: StoreContext) -> None:
     asset = ctx.store.get_asset(audio_id)
     if asset is None or asset.status != AssetStatus.processing:
         return  # unknown, or already imported: delivering twice changes nothing
@@ -71,11 +83,44 @@ def import_audio(audio_id: str, ctx: WorkerContext) -> None:
         except StemsError as exc:
             if exc.retryable:
                 raise
-            asset.status, asset.error = AssetStatus.failed, exc.to_dict()
-            ctx.store.update_asset(asset)
-            if asset.origin != "ingest":  # refused audio is not kept (ingested objects are not ours)
-                ctx.storage.delete(asset.object_key)
+            refuse(asset, ctx, exc.to_dict())
             return
     asset.status, asset.info, asset.size, asset.sha256 = AssetStatus.complete, info.to_dict(), size, digest.hexdigest()
     if not ctx.store.update_asset(asset) and asset.origin == "link":
         ctx.storage.delete(asset.object_key)  # deleted while we fetched it: do not leave our download behind
+
+
+def refuse(asset: AudioAsset, ctx: StoreContext, error: dict) -> None:
+    asset.status, asset.error = AssetStatus.failed, error
+    ctx.store.update_asset(asset)
+    if asset.origin != "ingest":  # refused audio is not kept (ingested objects are not ours)
+        ctx.storage.delete(asset.object_key)
+
+
+def run_import(audio_id: str, ctx: StoreContext) -> None:
+    """One delivery of an import, counted and bounded."""
+    s, store = ctx.settings, ctx.store
+    asset = store.get_asset(audio_id)
+    if asset is None or asset.status != AssetStatus.processing:
+        store.settle("import", audio_id)
+        return
+    tries = store.count_try("import", audio_id)
+    if tries > s.task_max_attempts:
+        message = f"the import was tried {tries - 1} times and never finished (its worker died each time)"
+        refuse(asset, ctx, {"code": "too_many_attempts", "attempts": tries - 1, "message": message})
+        store.settle("import", audio_id)
+        return
+    store.owe("import", audio_id, time.time() + s.import_time_limit_s + s.time_limit_grace_s + s.enqueue_grace_s)
+    try:
+        import_audio(audio_id, ctx)
+    except SoftTimeLimitExceeded:
+        refuse(asset, ctx, {"code": "time_limit", "message": f"the import took longer than {s.import_time_limit_s:.0f} s"})
+    except Exception as exc:
+        if retryable(exc) and tries < s.task_max_attempts:
+            log.warning("import %s: retryable error %s, trying again", audio_id, exc)
+            store.owe("import", audio_id, time.time() + backoff(tries - 1))
+            return
+        log.warning("import %s failed: %s", audio_id, exc)
+        refuse(asset, ctx, exc.to_dict() if isinstance(exc, StemsError)
+               else {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
+    store.settle("import", audio_id)

@@ -17,6 +17,8 @@ from stems.lifecycle import run_locked
 from stems.settings import get_settings
 from stems.storage import make_storage
 
+from .celery_app import our_queue
+
 log = logging.getLogger(__name__)
 _stop = threading.Event()
 
@@ -37,7 +39,7 @@ def _loop(interval_s: float) -> None:
 @worker_ready.connect
 def _start(sender=None, **_):
     s = get_settings()
-    queues = {q.name for q in sender.app.amqp.queues.consume_from.values()} if sender else set()
+    queues = {our_queue(q.name, s) for q in sender.app.amqp.queues.consume_from.values()} if sender else set()
     if "cpu" in queues and s.retention_sweep_s > 0:
         threading.Thread(target=_loop, args=(s.retention_sweep_s,), daemon=True, name="stems-retention").start()
 

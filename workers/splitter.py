@@ -1,16 +1,18 @@
 """Run one split job: fetch the source, run `pipelines.split` on it, upload the stems, record status.
 
-Idempotent by construction: a job already terminal is left alone; object keys are
-derived from the job and stem ids, so a second delivery overwrites rather than
-duplicates; an attempt counter in the job store bounds how often a job that kills its
-worker is tried.
-
 The audio path is `pipelines.split.run`, the same function `stems split` runs locally: it
 streams (decode, separation and encodes block by block in the job's scratch directory), so
 a worker's memory follows the chunk and the model, not the track. This module adds what only
 a service has: the source from storage, stems to storage, records, progress and cancellation
-through the job store. Scratch directories are named by host and pid, so one left behind by a killed worker is
-removed by the next job on that host.
+through the job store.
+
+Each delivery runs as an attempt (`workers/attempts.py`): it takes a token, a lease renewed
+from a thread (`workers/lease.py`) and a deadline; its objects go under its own prefix, and its
+stem records, progress and final status take effect only while its token owns the job. A
+delivery of a job that ended, or that a live attempt holds, does nothing. An attempt counter
+bounds how often a job that kills its worker is tried; errors a retry can fix send the job
+back to the queue after a backoff (`workers/retry.py`). Scratch directories are named by host
+and pid, so one left behind by a killed worker is removed by the next job on that host.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from pipelines import audio as A
 from pipelines import split
 from pipelines.errors import Cancelled, StemsError
@@ -30,13 +34,13 @@ from pipelines.split import Product
 from stems.models import Job, JobStatus, Stem, StemStatus
 from stems.storage import keys
 
+from .attempts import (Superseded, alive, discard_attempt, discard_outputs, finish, give_up, requeue, reset_stems,
+                       stand_down, start, sweep_other_attempts)
 from .context import WorkerContext
+from .lease import Lease
+from .retry import backoff, retryable
 
 log = logging.getLogger(__name__)
-
-
-class GaveUp(StemsError):
-    code = "too_many_attempts"
 
 
 def _source_key(job: Job, ctx: WorkerContext) -> str:
@@ -46,10 +50,11 @@ def _source_key(job: Job, ctx: WorkerContext) -> str:
 
 
 class Progress:
-    """Throttled progress writes: a new stage at once, the same stage at most once per `every` seconds."""
+    """Throttled progress writes, only while this attempt owns the job: a new stage at once, the same
+    stage at most once per `every` seconds."""
 
-    def __init__(self, ctx: WorkerContext, job_id: str, every: float = 0.5) -> None:
-        self.ctx, self.job_id, self.every, self.last, self.stage = ctx, job_id, every, 0.0, None
+    def __init__(self, ctx: WorkerContext, job_id: str, attempt_id: str, every: float = 0.5) -> None:
+        self.ctx, self.job_id, self.attempt_id, self.every, self.last, self.stage = ctx, job_id, attempt_id, every, 0.0, None
 
     def __call__(self, fraction: float, stage: str) -> None:
         t = time.monotonic()
@@ -58,7 +63,7 @@ class Progress:
         self.last, self.stage = t, stage
 
         def apply(job: Job) -> Job | None:
-            if job.status != JobStatus.processing:
+            if job.status != JobStatus.processing or job.attempt_id != self.attempt_id:
                 return None
             job.progress, job.stage = round(max(job.progress, min(fraction, 0.999)), 4), stage
             return job
@@ -66,63 +71,24 @@ class Progress:
         self.ctx.store.update_job(self.job_id, apply)
 
 
-def start(job_id: str, ctx: WorkerContext, worker: str | None = None) -> Job | None:
-    """Mark the job processing and count the attempt; None if there is nothing to do."""
-
-    def apply(job: Job) -> Job | None:
-        if job.status.terminal:
-            return None
-        job.status, job.stage, job.attempts = JobStatus.processing, "starting", job.attempts + 1
-        job.started_at = job.started_at or time.time()
-        job.worker, job.worker_pid = worker, os.getpid()
-        return job
-
-    job = ctx.store.update_job(job_id, apply)
-    if job is None or job.status != JobStatus.processing:
-        return None
-    return job
-
-
-def finish(job_id: str, ctx: WorkerContext, status: JobStatus, error: dict | None = None,
-           usage_minutes: float = 0.0) -> Job | None:
-    def apply(job: Job) -> Job | None:
-        if job.status.terminal:
-            return None
-        job.status, job.error, job.finished_at = status, error, time.time()
-        job.stage = status.value
-        job.progress = 1.0 if status == JobStatus.complete else job.progress
-        job.usage_minutes = usage_minutes
-        return job
-
-    return ctx.store.update_job(job_id, apply)
-
-
-def discard_outputs(job: Job, ctx: WorkerContext) -> None:
-    ctx.storage.delete_prefix(keys.job_prefix(job.user_id, job.id))
-    for stem in ctx.store.get_stems(job.stem_ids + job.upscaled_ids):
-        if stem.status != StemStatus.pending:
-            stem.status, stem.wav_key, stem.hq_key, stem.wav_size, stem.hq_size = StemStatus.pending, None, None, None, None
-            stem.peaks_key = None
-            ctx.store.put_stem(stem)
-
-
 def store_product(product: Product, stem: Stem, job: Job, ctx: WorkerContext) -> None:
-    """Upload one stem's encoded files, then mark its record complete."""
-    wav_key = keys.stem(job.user_id, job.id, stem.id, "wav")
-    ctx.storage.put_file(wav_key, product.wav)
-    stem.wav_key, stem.wav_size = wav_key, product.wav.stat().st_size
-    stem.peaks_key = keys.stem(job.user_id, job.id, stem.id, "peaks.json")
-    ctx.storage.put_file(stem.peaks_key, product.peaks)
-    product.peaks.unlink()
+    """Upload one stem's encoded files under the attempt's prefix, then mark its record complete (only while
+    the attempt owns the job)."""
+    def put(path: Path, ext: str) -> str:
+        key = keys.stem(job.user_id, job.id, job.attempt_id, stem.id, ext)
+        ctx.storage.put_file(key, path)
+        return key
+
+    stem.wav_key, stem.wav_size = put(product.wav, "wav"), product.wav.stat().st_size
+    stem.peaks_key = put(product.peaks, "peaks.json")
     if product.hq is not None:
-        hq_key = keys.stem(job.user_id, job.id, stem.id, A.hq_extension(stem.hq_format))
-        ctx.storage.put_file(hq_key, product.hq)
-        stem.hq_key, stem.hq_size = hq_key, product.hq.stat().st_size
-        product.hq.unlink()
-    product.wav.unlink()
+        stem.hq_key, stem.hq_size = put(product.hq, A.hq_extension(stem.hq_format)), product.hq.stat().st_size
+    for path in filter(None, (product.wav, product.hq, product.peaks)):
+        path.unlink()
     stem.status, stem.made_by = StemStatus.complete, product.made_by
     stem.duration, stem.sample_rate, stem.channels = product.frames / product.sample_rate, product.sample_rate, product.channels
-    ctx.store.put_stem(stem)
+    if not ctx.store.put_stems_fenced([stem], job.id, job.attempt_id):
+        raise Superseded("another attempt owns the job now")
 
 
 _HOST = socket.gethostname().replace("-", "_")
@@ -139,74 +105,97 @@ def scratch_dir(ctx: WorkerContext) -> Path | None:
             pid = int(p.name.split("-")[2])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not alive(pid):
             shutil.rmtree(p, ignore_errors=True)
     return root
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def run_split(job_id: str, ctx: WorkerContext, worker: str | None = None) -> None:
+    """Run one delivery of a job: take an attempt, hold its lease, and end the attempt one way or another."""
     job = start(job_id, ctx, worker)
     if job is None:
-        return
+        return  # ended, unknown, or a live attempt has it (a duplicate delivery)
     if job.attempts > ctx.settings.task_max_attempts:
-        discard_outputs(job, ctx)
-        err = GaveUp(f"the job was tried {job.attempts - 1} times and never finished (its worker died each time)",
-                     attempts=job.attempts - 1)
-        finish(job_id, ctx, JobStatus.failed, err.to_dict())
+        give_up(job, ctx)
         return
-    if job.attempts > 1:  # a previous delivery died mid-way: start from a clean slate
-        discard_outputs(job, ctx)
-    progress = Progress(ctx, job_id)
+    s = ctx.settings
+    with Lease(ctx.store, job.id, job.attempt_id, s.lease_s, s.lease_renew_s) as lease:
+        try:
+            reset_stems(job, ctx)
+            _run(job, ctx, lease)
+        except Superseded:
+            stand_down(job, ctx)
+        except Cancelled:
+            if lease.superseded():
+                stand_down(job, ctx)
+            else:
+                _end_without_stems(job, ctx, JobStatus.cancelled)
+        except SoftTimeLimitExceeded:
+            _end_without_stems(job, ctx, JobStatus.failed,
+                               {"code": "time_limit", "message": "the split ran past its time limit"})
+        except Exception as exc:
+            if retryable(exc) and job.attempts < s.task_max_attempts:
+                _retry(job, ctx, exc)
+            elif isinstance(exc, StemsError):
+                log.warning("job %s failed: %s", job_id, exc)
+                _end_without_stems(job, ctx, JobStatus.failed, exc.to_dict())
+            else:
+                log.exception("job %s failed", job_id)
+                _end_without_stems(job, ctx, JobStatus.failed,
+                                   {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
+
+
+def _run(job: Job, ctx: WorkerContext, lease: Lease) -> None:
+    progress = Progress(ctx, job.id, job.attempt_id)
     t0, loaded = time.perf_counter(), ctx.engine.load_seconds
 
-    def cancelled() -> bool:
-        return ctx.store.cancel_requested(job_id)
+    def cancelled() -> bool:  # checked between chunks and stems: cancelled, or no longer this attempt's job
+        return lease.lost() or ctx.store.cancel_requested(job.id)
 
+    with tempfile.TemporaryDirectory(prefix=f"split-{_HOST}-{os.getpid()}-", dir=scratch_dir(ctx)) as tmpdir:
+        tmp = Path(tmpdir)
+        progress(0.01, "downloading")
+        src = tmp / "source"
+        ctx.storage.get_file(_source_key(job, ctx), src)
+        records = {s.name: s for s in ctx.store.get_stems(job.stem_ids)}
+        restored = {u.of_stem_id: u for u in ctx.store.get_stems(job.upscaled_ids)}
+
+        def deliver(product: Product) -> None:
+            stem = records[product.name] if product.of is None else restored[records[product.of].id]
+            store_product(product, stem, job, ctx)
+
+        done = split.run(ctx.engine, job.spec, src, tmp, deliver, progress, cancelled, wanted=set(records))
+    dropped = [record for name, stem in records.items() if name not in done.made_by
+               for record in filter(None, (stem, restored.get(stem.id)))]
+    for record in dropped:
+        record.status = StemStatus.dropped
+    if not ctx.store.put_stems_fenced(dropped, job.id, job.attempt_id):
+        raise Superseded("another attempt owns the job now")
+    if cancelled():
+        raise Cancelled("job cancelled")
+    minutes = done.seconds / 60 * load_catalogue().preset(job.preset).usage_multiplier
+    if finish(job.id, ctx, JobStatus.complete, usage_minutes=minutes, attempt_id=job.attempt_id) is None:
+        raise Cancelled("the job was cancelled or taken over while its stems were stored")
+    sweep_other_attempts(job, ctx)
+    log.info("job %s: %.2f s, of which %.2f s loading models", job.id, time.perf_counter() - t0,
+             ctx.engine.load_seconds - loaded)
+
+
+def _end_without_stems(job: Job, ctx: WorkerContext, status: JobStatus, error: dict | None = None) -> None:
+    """End the job as `status` if this attempt still owns it, leaving no stems; else stand down."""
+    ended = finish(job.id, ctx, status, error, attempt_id=job.attempt_id)
+    current = ctx.store.get_job(job.id)
+    if ended is not None or (current is not None and current.attempt_id == job.attempt_id):
+        discard_outputs(job, ctx)  # the job is over (cancelled by its owner, failed by us or the reaper)
+    else:
+        stand_down(job, ctx)
+
+
+def _retry(job: Job, ctx: WorkerContext, exc: Exception) -> None:
+    """Back to the queue: this attempt's outputs removed, the message owed again after a backoff."""
+    log.warning("job %s: retryable error %s, trying again", job.id, exc)
     try:
-        with tempfile.TemporaryDirectory(prefix=f"split-{_HOST}-{os.getpid()}-", dir=scratch_dir(ctx)) as tmpdir:
-            tmp = Path(tmpdir)
-            progress(0.01, "downloading")
-            src = tmp / "source"
-            ctx.storage.get_file(_source_key(job, ctx), src)
-            records = {s.name: s for s in ctx.store.get_stems(job.stem_ids)}
-            restored = {u.of_stem_id: u for u in ctx.store.get_stems(job.upscaled_ids)}
-
-            def deliver(product: Product) -> None:
-                stem = records[product.name] if product.of is None else restored[records[product.of].id]
-                store_product(product, stem, job, ctx)
-
-            done = split.run(ctx.engine, job.spec, src, tmp, deliver, progress, cancelled, wanted=set(records))
-        for name, stem in records.items():
-            if name not in done.made_by:
-                for record in filter(None, (stem, restored.get(stem.id))):
-                    record.status = StemStatus.dropped
-                    ctx.store.put_stem(record)
-        if cancelled():
-            raise Cancelled("job cancelled")
-        minutes = done.seconds / 60 * load_catalogue().preset(job.preset).usage_multiplier
-        done = finish(job_id, ctx, JobStatus.complete, usage_minutes=minutes)
-        if done is not None and done.status == JobStatus.complete:
-            ctx.store.add_usage(job.user_id, minutes)
-        else:  # cancelled while we were storing: the outputs must not stay
-            discard_outputs(job, ctx)
-        log.info("job %s: %.2f s, of which %.2f s loading models", job_id, time.perf_counter() - t0,
-                 ctx.engine.load_seconds - loaded)
-    except Cancelled:
-        discard_outputs(job, ctx)
-        finish(job_id, ctx, JobStatus.cancelled)
-    except StemsError as exc:
-        if exc.retryable:
-            raise  # the task's retry policy decides
-        log.warning("job %s failed: %s", job_id, exc)
-        discard_outputs(job, ctx)
-        finish(job_id, ctx, JobStatus.failed, exc.to_dict())
+        discard_attempt(job, ctx)
+        requeue(job.id, ctx, "retrying", time.time() + backoff(job.attempts - 1), attempt_id=job.attempt_id)
+    except Exception as again:  # the store is away too: the lease lapses and the reaper runs the job again
+        log.warning("job %s: could not hand it back (%s); the reaper will", job.id, again)

@@ -68,3 +68,27 @@ def test_production_refuses_unsafe_settings():
     for problem in ("STEMS_STORAGE=local", "STEMS_SECRET_KEY", "STEMS_LINK_ALLOW_HOSTS"):
         assert problem in str(err.value)
     Settings(env="production", storage="s3", secret_key="a-real-secret-of-some-length")
+
+
+def test_lease_is_renewed_well_within_its_length():
+    with pytest.raises(ValueError, match="STEMS_LEASE_RENEW_S"):
+        Settings(lease_s=10, lease_renew_s=6)
+    s = Settings()
+    assert s.lease_renew_s * 2 <= s.lease_s and s.lease_s + s.reaper_interval_s < 60  # recovery under a minute
+
+
+def test_rabbitmq_queues_are_quorum_with_a_delivery_limit_a_dead_letter_queue_and_a_consumer_timeout():
+    from workers.celery_app import Consumer, broker_queue, make_celery, our_queue
+
+    s = Settings(broker_url="amqp://guest:guest@127.0.0.1:5672//", key_prefix="dep1", task_max_attempts=3)
+    conf = make_celery(s).conf
+    names = {q.name for q in conf.task_queues}
+    assert "dep1.cpu" in names and "dep1.gpu-demucs" in names  # deployments sharing a RabbitMQ do not collide
+    for q in conf.task_queues:
+        args = q.queue_arguments
+        assert args["x-queue-type"] == "quorum" and args["x-delivery-limit"] == 5
+        assert args["x-dead-letter-exchange"] == "dep1.dead"
+        assert args["x-consumer-timeout"] == s.visibility_timeout_s * 1000 > s.hard_time_limit(s.max_duration_s) * 1000
+    assert our_queue(broker_queue("gpu-onnx", s), s) == "gpu-onnx"
+    assert not any(step.endswith(":DelayedDelivery") for step in Consumer.Blueprint.default_steps)  # no countdowns used
+    assert broker_queue("cpu", Settings()) == "cpu"  # Redis: the key prefix is the transport's

@@ -1,0 +1,213 @@
+"""The job store's keys that keep work moving when processes and nodes die (a part of `JobStore`).
+
+- **Leases.** A running job's record carries its owning attempt (`attempt_id`), its lease and its
+  deadline; `{p}:leases` and `{p}:deadlines` (sorted sets: job id -> time) mirror them, written in
+  the record's own transaction (`index_job`), so the reaper finds expired leases and overdue jobs
+  without reading every record.
+- **The outbox.** `{p}:outbox` (sorted set: "kind:id" -> ms since the epoch) holds every message owed:
+  written with the work it is for (a job, an import, a webhook) in one transaction, cleared once a
+  worker has started the work. The reaper sends what falls due, so no work is left without a message
+  when the API dies between writing a job and queueing it, a broker refuses, or a worker dies
+  holding a message it had not started.
+- **Load.** `{p}:load:{queue}` lists the unfinished (queued or running) jobs of a queue, the
+  number an autoscaler must keep workers for (KEDA's Redis list trigger reads its length).
+- Usage metering, the reaper's lock, try counters of tasks without a job record, worker reports and
+  request idempotency records.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import redis
+
+from .models import Job, JobStatus, Stem
+
+DAY_S = 86400
+
+# compare-and-delete: settle an outbox entry only if nobody rescheduled it since we read it
+_SETTLE = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+# take or keep a lock: set it if free, extend it if ours
+_LOCK = """
+local v = redis.call('GET', KEYS[1])
+if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+
+def _ms(t: float) -> int:
+    return int(t * 1000)
+
+
+class RunStore:
+    """Mixed into `JobStore` (which provides `r`, `k`, `_put` and `_get`)."""
+
+    r: redis.Redis
+    k: Callable[..., str]
+
+    # -- indexes that follow the job record --------------------------------------
+    def index_job(self, pipe, old: Job | None, new: Job) -> None:
+        """Mirror a job write into the run indexes, inside the write's transaction."""
+        if new.status == JobStatus.processing and new.lease_until:
+            pipe.zadd(self.k("leases"), {new.id: new.lease_until})
+            pipe.zadd(self.k("deadlines"), {new.id: new.deadline_at or new.lease_until})
+            pipe.zrem(self.k("outbox"), f"split:{new.id}")  # a worker holds it: the lease governs now
+        else:
+            pipe.zrem(self.k("leases"), new.id)
+            pipe.zrem(self.k("deadlines"), new.id)
+        if old is None:
+            pipe.rpush(self.k("load", new.queue), new.id)
+        if new.status.terminal and (old is None or not old.status.terminal):
+            pipe.lrem(self.k("load", new.queue), 0, new.id)
+            pipe.zrem(self.k("outbox"), f"split:{new.id}")
+
+    def meter_usage(self, pipe, job: Job) -> None:
+        """Count a completed job's minutes; called in the transaction that completes it, which happens once."""
+        pipe.hincrbyfloat(self.k("usage", job.user_id), "minutes", job.usage_minutes)
+        pipe.hincrby(self.k("usage", job.user_id), "jobs", 1)
+
+    def expired_leases(self, now: float, limit: int = 100) -> list[str]:
+        return [m.decode() for m in self.r.zrangebyscore(self.k("leases"), "-inf", now, start=0, num=limit)]
+
+    def past_deadline(self, now: float, limit: int = 100) -> list[str]:
+        return [m.decode() for m in self.r.zrangebyscore(self.k("deadlines"), "-inf", now, start=0, num=limit)]
+
+    def forget_run(self, job_id: str) -> None:
+        """Drop the lease and deadline entries of a job that no longer runs (its record ended or vanished)."""
+        self.r.zrem(self.k("leases"), job_id)
+        self.r.zrem(self.k("deadlines"), job_id)
+
+    def running(self) -> int:
+        return self.r.zcard(self.k("leases"))
+
+    def load(self, queue: str) -> int:
+        """Unfinished jobs of a queue: what an autoscaler must keep workers for."""
+        return self.r.llen(self.k("load", queue))
+
+    def prune_load(self, queue: str) -> int:
+        """Drop ids of jobs that ended or vanished without a terminal write (a record deleted by hand)."""
+        key = self.k("load", queue)
+        ids = [i.decode() for i in self.r.lrange(key, 0, -1)]
+        raws = self.r.mget([self.k("job", i) for i in ids]) if ids else []
+        gone = [i for i, raw in zip(ids, raws) if raw is None or Job.model_validate_json(raw).status.terminal]
+        for i in gone:
+            self.r.lrem(key, 0, i)
+        return len(gone)
+
+    # -- fenced writes -----------------------------------------------------------
+    def fenced(self, job_id: str, attempt_id: str, writes: Callable[[object], None], running: bool = True) -> bool:
+        """Run `writes(pipe)` in a transaction only while `attempt_id` owns the job (and it runs, if `running`).
+
+        The job record is rewritten unchanged in that transaction (`update_job`), so the check and
+        the writes are one atomic step against any other writer of the job."""
+        def ours(job: Job) -> Job | None:
+            owned = job.attempt_id == attempt_id and (not running or job.status == JobStatus.processing)
+            return job if owned else None
+
+        done = []
+        self.update_job(job_id, ours, lambda pipe, _: (writes(pipe), done.append(True)))
+        return bool(done)
+
+    def put_stems_fenced(self, stems: list[Stem], job_id: str, attempt_id: str, running: bool = True) -> bool:
+        def writes(pipe) -> None:
+            for s in stems:
+                pipe.set(self.k("stem", s.id), s.model_dump_json())
+
+        return self.fenced(job_id, attempt_id, writes, running) if stems else True
+
+    # -- the outbox ----------------------------------------------------------------
+    def owe(self, kind: str, id_: str, due: float, pipe=None) -> int:
+        """Record that a message for `kind:id` is owed at `due` (unless the work starts first); returns its score."""
+        score = _ms(due)
+        (pipe or self.r).zadd(self.k("outbox"), {f"{kind}:{id_}": score})
+        return score
+
+    def owed(self, now: float, limit: int = 200) -> list[tuple[str, str, int]]:
+        """(kind, id, score) of the messages due by `now`."""
+        rows = self.r.zrangebyscore(self.k("outbox"), "-inf", _ms(now), start=0, num=limit, withscores=True)
+        out = []
+        for member, score in rows:
+            kind, _, id_ = member.decode().partition(":")
+            out.append((kind, id_, int(score)))
+        return out
+
+    def owes(self, kind: str, id_: str) -> bool:
+        return self.r.zscore(self.k("outbox"), f"{kind}:{id_}") is not None
+
+    def settle(self, kind: str, id_: str, score: int | None = None) -> None:
+        """The message was sent or is no longer needed; with `score`, only if nobody rescheduled it meanwhile."""
+        member = f"{kind}:{id_}"
+        if score is None:
+            self.r.zrem(self.k("outbox"), member)
+        else:
+            self.r.eval(_SETTLE, 1, self.k("outbox"), member, score)
+
+    # -- the reaper's lock, try counters, worker reports -------------------------
+    def hold_lock(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take the lock `name` for `holder` for `ttl_s`, or extend it if `holder` has it; False if another has it."""
+        return bool(self.r.eval(_LOCK, 1, self.k("lock", name), holder, max(1, _ms(ttl_s))))
+
+    def release_lock(self, name: str, holder: str) -> None:
+        key = self.k("lock", name)
+        if self.r.get(key) == holder.encode():
+            self.r.delete(key)
+
+    def count_try(self, kind: str, id_: str) -> int:
+        """One more try of a task on `id_`; returns how many there have been (kept a week)."""
+        key = self.k("tries", kind, id_)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 7 * DAY_S)
+            return int(pipe.execute()[0])
+
+    def put_worker_report(self, hostname: str, report: dict) -> None:
+        self.r.hset(self.k("workers"), hostname, json.dumps(report))
+
+    def drop_worker_report(self, hostname: str) -> None:
+        self.r.hdel(self.k("workers"), hostname)
+
+    # -- request idempotency ---------------------------------------------------------
+    def claim_request(self, scope: tuple[str, ...], digest: str, ttl_s: int, stale_s: float) -> dict | None:
+        """Claim an idempotency scope for a request; None if claimed now, else what the first request left.
+
+        A claim still without a response after `stale_s` belonged to a request whose process died
+        before it wrote anything: it is taken over.
+        """
+        key = self.k("idem", *scope)
+        claim = json.dumps({"hash": digest, "response": None, "at": time.time()})
+        for _ in range(2):
+            if self.r.set(key, claim, nx=True, ex=ttl_s):
+                return None
+            raw = self.r.get(key)
+            if raw is None:
+                continue
+            seen = json.loads(raw)
+            if seen["response"] is not None or time.time() - seen.get("at", time.time()) < stale_s:
+                return seen
+            with self.r.pipeline(transaction=True) as pipe:  # delete the abandoned claim unless it just changed
+                try:
+                    pipe.watch(key)
+                    if pipe.get(key) == raw:
+                        pipe.multi()
+                        pipe.delete(key)
+                        pipe.execute()
+                except redis.WatchError:
+                    pass
+        return json.loads(self.r.get(key) or claim)
+
+    def remember_request(self, scope: tuple[str, ...], digest: str, response: dict, ttl_s: int, pipe=None) -> None:
+        (pipe or self.r).set(self.k("idem", *scope), json.dumps({"hash": digest, "response": response}), ex=ttl_s)
+
+    def forget_request(self, scope: tuple[str, ...]) -> None:
+        self.r.delete(self.k("idem", *scope))
+
+    # -- undoing work that could not be queued -------------------------------------
+    def delete_asset(self, audio_id: str) -> None:
+        self.r.delete(self.k("audio", audio_id))
+

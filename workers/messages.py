@@ -1,0 +1,72 @@
+"""The messages of our tasks, and sending the ones the outbox owes.
+
+Work is owed a message in the outbox (`stems/runstore.py`) from the moment it is written;
+whoever sends the message then settles the entry. Three kinds: `split` (a queued job),
+`import` (an asset being imported) and `webhook` (a job that ended with a callback URL).
+`send` looks at the record first, so an entry whose work has started, ended or vanished is
+settled without a message: sending twice is harmless (a delivery of work already started is
+dropped), and the checks keep it rare.
+"""
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from stems.jobstore import JobStore
+from stems.models import AssetStatus, Job, JobStatus
+from stems.settings import Settings
+
+from .celery_app import broker_queue
+
+log = logging.getLogger(__name__)
+
+TASKS = {"split": "stems.split", "import": "stems.import_audio", "webhook": "stems.webhook"}
+KINDS = {task: kind for kind, task in TASKS.items()}
+
+
+def send_split(app: Celery, s: Settings, job: Job) -> None:
+    seconds = job.audio_seconds or 0.0
+    app.send_task(TASKS["split"], args=[job.id], queue=broker_queue(job.queue, s),
+                  soft_time_limit=s.soft_time_limit(seconds), time_limit=s.hard_time_limit(seconds))
+
+
+def needs_message(store: JobStore, kind: str, id_: str) -> bool:
+    """Whether the work `kind:id` still waits for a message."""
+    if kind == "split":
+        job = store.get_job(id_)
+        return job is not None and job.status == JobStatus.queued
+    if kind == "import":
+        asset = store.get_asset(id_)
+        return asset is not None and asset.status == AssetStatus.processing
+    if kind == "webhook":
+        job = store.get_job(id_)
+        return job is not None and bool(job.callback_url) and job.status in (JobStatus.complete, JobStatus.failed)
+    return False
+
+
+def send(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> bool:
+    """Send the message for `kind:id` if its work still waits for one; False if it did not."""
+    if not needs_message(store, kind, id_):
+        return False
+    if kind == "split":
+        send_split(app, s, store.get_job(id_))
+    else:
+        app.send_task(TASKS[kind], args=[id_], queue=broker_queue("cpu", s))
+    return True
+
+
+def send_owed(app: Celery, s: Settings, store: JobStore, kind: str, id_: str, score: int | None = None) -> None:
+    """Send an owed message and settle its entry (only the entry read, if `score` is given)."""
+    send(app, s, store, kind, id_)
+    store.settle(kind, id_, score)
+
+
+def flush(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> None:
+    """Send `kind:id` now if the outbox owes it; if the broker refuses, the reaper sends it when it falls due."""
+    if not store.owes(kind, id_):
+        return
+    try:
+        send_owed(app, s, store, kind, id_)
+    except Exception as exc:  # the entry stays: the reaper retries it
+        log.warning("could not send %s %s now (%s); the reaper will", kind, id_, exc)
