@@ -247,7 +247,7 @@ def test_redis_sigkilled_mid_job(tmp_path, s3_url, demucs_models, fault_song, br
                 status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, 240)
                 assert status["status"] == "complete", status
                 assert status["attempts"] <= 2, status
-                assert job_objects(s, job_id) == expected_objects(s, job_id) and len(job_objects(s, job_id)) == 8
+                assert job_objects(s, job_id) == expected_objects(s, job_id) and len(job_objects(s, job_id)) == 12
             usage = c.get("/usage").json()
             assert usage["jobs"] == 2 and usage["minutes"] == pytest.approx(2 * _minutes(SONG_S), abs=1e-3), usage
         _nothing_left(s)
@@ -283,7 +283,7 @@ def test_sigterm_lets_the_job_finish_or_hands_it_back(tmp_path, redis_url, s3_ur
             s.start_worker(QUEUES, "next")
             status = wait_for(c, f"/status/stem_split/{handed}", TERMINAL, 180)
             assert status["status"] == "complete" and status["attempts"] == 1, status  # the hand-back did not count
-            assert job_objects(s, handed) == expected_objects(s, handed) and len(job_objects(s, handed)) == 8
+            assert job_objects(s, handed) == expected_objects(s, handed) and len(job_objects(s, handed)) == 12
         _nothing_left(s)
     finally:
         s.stop()
