@@ -320,7 +320,7 @@ class JobStore(RunStore):
         pipe.zrem(self.k("outbox"), f"split:{job.id}")
         pipe.zrem(self.k("leases"), job.id)
         pipe.zrem(self.k("deadlines"), job.id)
-        pipe.delete(self.k("webhook", job.id))
+        pipe.delete(self.k("webhook", job.id), self.k("tries", "webhook", job.id))
         for phase in RETAIN_PHASES:
             pipe.zrem(self.k("retain", phase), job.id)
         if tombstone:
@@ -329,7 +329,8 @@ class JobStore(RunStore):
 
     def delete_asset_record(self, asset: AudioAsset, tombstone: bool = True) -> None:
         pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.k("audio", asset.id))
+        pipe.delete(self.k("audio", asset.id), self.k("tries", "import", asset.id))
+        pipe.zrem(self.k("outbox"), f"import:{asset.id}")
         for phase in RETAIN_PHASES:
             pipe.zrem(self.k("retain", phase), asset.id)
         if tombstone:

@@ -253,7 +253,7 @@ def _stored_split(store, storage, tmp_path: Path, user: str, created: float, fin
     job.stem_ids = [s.id for s in stems]
     store.create_job(job, stems)
     for s in stems:
-        s.status, s.wav_key = StemStatus.complete, keys.stem(user, job.id, s.id, "wav")
+        s.status, s.wav_key = StemStatus.complete, keys.stem(user, job.id, "1-test", s.id, "wav")
         storage.put_file(s.wav_key, src)
         store.put_stem(s)
     if finished is not None:
