@@ -53,14 +53,33 @@ def cmd_models_verify(args) -> int:
 def cmd_models_install(args) -> int:
     from pipelines.errors import StemsError
 
+    store = _model_store(args)
     try:
-        entry = _model_store(args).install(args.model_id, [Path(p) for p in args.files],
-                                           json.loads(args.params) if args.params else None)
+        entry = store.install(args.model_id, [Path(p) for p in args.files],
+                              json.loads(args.params) if args.params else None)
+        print(json.dumps({args.model_id: entry}, indent=1))
+        if not args.no_prepare:
+            _prepare(store, args.model_id)
     except StemsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({args.model_id: entry}, indent=1))
     return 0
+
+
+def _prepare(store, model_id: str) -> None:
+    """Load the model once, as a worker will: it is checked now, and what its family derives from the
+    weights (demucs's ONNX Runtime files) is built into the store now rather than on the first job."""
+    from pipelines.engine import Engine
+    from pipelines.registry import get_spec
+
+    if reason := store.missing(get_spec(model_id)):  # e.g. its package is not installed on this machine
+        print(f"not loaded here ({reason}); it is checked and prepared on first use", file=sys.stderr)
+        return
+    sep = Engine(store, device="cpu").separator(model_id)
+    backend = getattr(sep, "backend", None)
+    if backend is not None:
+        why = getattr(sep, "backend_reason", "")
+        print(f"{model_id} loads and runs on {backend}" + (f" ({why})" if why else ""), file=sys.stderr)
 
 
 def cmd_presets(args) -> int:
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     mi.add_argument("files", nargs="+")
     mi.add_argument("--params", help="JSON object of family parameters overriding the registry's")
     mi.add_argument("--model-dir")
+    mi.add_argument("--no-prepare", action="store_true",
+                    help="do not load the model now (its derived files are then built on first use)")
     mi.set_defaults(fn=cmd_models_install)
 
     pr = sub.add_parser("presets", help="the catalogue with availability")
