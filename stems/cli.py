@@ -67,13 +67,16 @@ def cmd_models_install(args) -> int:
 
 
 def _prepare(store, model_id: str) -> None:
-    """Load the model once, as a worker will: it is checked now, and what its family derives from the
-    weights (demucs's ONNX Runtime files) is built into the store now rather than on the first job."""
+    """Load a model whose family derives files from its weights (demucs's ONNX Runtime graphs) once, as a
+    worker will: they are built into the store now rather than on the first job."""
     from pipelines.engine import Engine
     from pipelines.registry import get_spec
 
-    if reason := store.missing(get_spec(model_id)):  # e.g. its package is not installed on this machine
-        print(f"not loaded here ({reason}); it is checked and prepared on first use", file=sys.stderr)
+    spec = get_spec(model_id)
+    if reason := store.missing(spec):  # e.g. its package is not installed on this machine
+        print(f"not loaded here ({reason}); it is prepared on first use", file=sys.stderr)
+        return
+    if not spec.separator_class().derives_files:
         return
     sep = Engine(store, device="cpu").separator(model_id)
     backend = getattr(sep, "backend", None)

@@ -167,6 +167,7 @@ class DemucsSeparator(Separator):
 
     chunk_context = 0.0  # unused: apply_model segments and overlaps the track itself
     streamable = False
+    derives_files = True  # the ONNX Runtime graphs (demucs_onnx)
 
     def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
         super().__init__(spec, files, params)

@@ -26,6 +26,7 @@ from tools.reference import demucs_reference  # noqa: E402
 SR = 44100
 TOLERANCE = 1e-4  # max abs difference from demucs's apply_model (the promise on full-size models is 1e-3)
 ROOT = Path(__file__).resolve().parents[2]
+# share_derived=False throughout: these tests are about building the derived files, so each store builds its own
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -48,7 +49,7 @@ def max_difference(ours: dict, theirs: dict) -> float:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> ModelStore:
     store = ModelStore(tmp_path_factory.mktemp("store"))
-    install_random_demucs(store, "htdemucs", seed=5)
+    install_random_demucs(store, "htdemucs", seed=5, share_derived=False)
     return store
 
 
@@ -74,7 +75,7 @@ def test_stems_split_runs_onnxruntime_and_matches_demucs(store, mix, tmp_path):
 
 def test_engine_uses_onnxruntime_for_a_bag(mix, tmp_path):
     store = ModelStore(tmp_path / "store")
-    install_random_demucs(store, "htdemucs_ft", params={"segment": 1.5})
+    install_random_demucs(store, "htdemucs_ft", params={"segment": 1.5}, share_derived=False)
     engine = Engine(store)
     ours = engine.run_model("htdemucs_ft", mix, SR)
     sep = engine.separator("htdemucs_ft")
@@ -84,7 +85,7 @@ def test_engine_uses_onnxruntime_for_a_bag(mix, tmp_path):
 
 def test_torch_backend_param_builds_nothing(mix, tmp_path):
     store = ModelStore(tmp_path / "store")
-    install_random_demucs(store, "htdemucs", seed=5, params={"backend": "torch"})
+    install_random_demucs(store, "htdemucs", seed=5, params={"backend": "torch"}, share_derived=False)
     ours = Engine(store).run_model("htdemucs", mix, SR)
     assert derived(store) == []
     assert max_difference(ours, demucs_reference(store, "htdemucs", mix, tmp_path)) <= TOLERANCE
@@ -111,7 +112,7 @@ def test_without_onnxruntime_auto_runs_torch_and_says_why(store, mix, tmp_path):
 def test_unwritable_store_falls_back_or_fails_when_asked(mix, tmp_path):
     """Where the derived file cannot be written, auto runs torch (same stems); an explicit onnxruntime fails at load."""
     store = ModelStore(tmp_path / "store")
-    install_random_demucs(store, "htdemucs", seed=5)
+    install_random_demucs(store, "htdemucs", seed=5, share_derived=False)
     (store.root / "derived").write_text("a file where the directory should be")
     engine = Engine(store)
     ours = engine.run_model("htdemucs", mix, SR)
@@ -119,7 +120,7 @@ def test_unwritable_store_falls_back_or_fails_when_asked(mix, tmp_path):
     assert sep.backend == "torch" and "derived" in sep.backend_reason
     assert max_difference(ours, demucs_reference(store, "htdemucs", mix, tmp_path)) <= TOLERANCE
     explicit = ModelStore(tmp_path / "explicit")
-    install_random_demucs(explicit, "htdemucs", params={"backend": "onnxruntime"})
+    install_random_demucs(explicit, "htdemucs", params={"backend": "onnxruntime"}, share_derived=False)
     (explicit.root / "derived").write_text("")
     with pytest.raises(ChainError, match="onnxruntime"):
         Engine(explicit).separator("htdemucs")
@@ -127,7 +128,7 @@ def test_unwritable_store_falls_back_or_fails_when_asked(mix, tmp_path):
 
 def test_mixed_precision_keeps_torch(tmp_path):
     store = ModelStore(tmp_path / "store")
-    install_random_demucs(store, "htdemucs", params={"precision": "bfloat16"})
+    install_random_demucs(store, "htdemucs", params={"precision": "bfloat16"}, share_derived=False)
     sep = Engine(store).separator("htdemucs")
     assert sep.backend == "torch" and "bfloat16" in sep.backend_reason and derived(store) == []
 
@@ -149,7 +150,7 @@ def test_a_corrupt_derived_file_is_rebuilt(store, mix, tmp_path):
 def test_hdemucs_runs_onnxruntime_when_asked(mix, tmp_path):
     """hdemucs_mmi (LSTMs and local attention in its DConv) exports too; auto keeps it on torch."""
     store = ModelStore(tmp_path / "store")
-    install_random_demucs(store, "hdemucs_mmi", params={"segment": 2.0, "backend": "onnxruntime"})
+    install_random_demucs(store, "hdemucs_mmi", params={"segment": 2.0, "backend": "onnxruntime"}, share_derived=False)
     engine = Engine(store)
     ours = engine.run_model("hdemucs_mmi", mix, SR)
     sep = engine.separator("hdemucs_mmi")
@@ -157,6 +158,19 @@ def test_hdemucs_runs_onnxruntime_when_asked(mix, tmp_path):
     # 2 s segments: the first two run in ONNX Runtime, the short last one in torch
     assert max_difference(ours, demucs_reference(store, "hdemucs_mmi", mix, tmp_path, segment=2.0)) <= 1e-3
     auto = ModelStore(tmp_path / "auto")
-    install_random_demucs(auto, "hdemucs_mmi", params={"segment": 2.0})
+    install_random_demucs(auto, "hdemucs_mmi", params={"segment": 2.0}, share_derived=False)
     sep = Engine(auto).separator("hdemucs_mmi")
     assert sep.backend == "torch" and "HDemucs" in sep.backend_reason and derived(auto) == []
+
+
+def test_models_install_builds_the_derived_file(tmp_path):
+    from tools.random_models import make_random_demucs
+
+    (weights,) = make_random_demucs("htdemucs", tmp_path / "made", seed=7)
+    store = tmp_path / "store"
+    r = subprocess.run([sys.executable, "-m", "stems.cli", "models", "install", "htdemucs", str(weights),
+                        "--model-dir", str(store)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert "htdemucs loads and runs on onnxruntime" in r.stderr
+    assert json.loads(r.stdout)["htdemucs"]["family"] == "demucs"
+    assert len(derived(ModelStore(store))) == 1
