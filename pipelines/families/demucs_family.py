@@ -45,8 +45,8 @@ from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from demucs.apply import BagOfModels, TensorChunk, apply_model
 from demucs.htdemucs import HTDemucs
 from demucs.repo import BagOnlyRepo, ModelLoadingError, ModelOnlyRepo
@@ -208,6 +208,7 @@ class DemucsSeparator(Separator):
         members = list(self.model.models) if isinstance(self.model, BagOfModels) else [self.model]
         reason = reason or next(filter(None, (demucs_onnx.exportable(m, explicit) for m in members)), None)
         runners: dict[int, demucs_onnx.CoreRunner] = {}
+        failed = reason is not None and reason == demucs_onnx.runtime_missing()
         if reason is None:
             try:
                 for member, path in zip(members, member_files(self.settings.name, self.files)):
@@ -219,11 +220,13 @@ class DemucsSeparator(Separator):
             # operator the runtime lacks) leaves the exact torch path, and is said (backend_reason, the log)
             except Exception as exc:  # noqa: BLE001
                 reason = f"{type(exc).__name__}: {exc}"
+                failed = True
         if reason is not None:
             if explicit:
                 raise ChainError(f"params.backend 'onnxruntime' for {self.spec.id!r} cannot run: {reason}",
                                  model_id=self.spec.id, reason=reason)
-            log.warning("%s runs in torch: %s", self.spec.id, reason)
+            # a GPU or mixed precision choosing torch is the plan; a failed build is news for the operator
+            log.log(logging.WARNING if failed else logging.INFO, "%s runs in torch: %s", self.spec.id, reason)
             self.backend_reason = reason
             return
         self._runners, self.backend = runners, "onnxruntime"
