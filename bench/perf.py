@@ -165,6 +165,13 @@ def child_split(args) -> int:
     return 0 if job.status == JobStatus.complete else 1
 
 
+def prepare_in_child(model_dir: Path, model_id: str) -> None:
+    """Load `model_id` once in a child process: builds its derived files into the store."""
+    code = ("import sys; from pipelines.engine import Engine; from pipelines.modelstore import ModelStore; "
+            "Engine(ModelStore(sys.argv[1])).separator(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(model_dir), model_id], cwd=ROOT, check=True)
+
+
 def run_child(tmp: Path, redis_url: str, model_dir: Path, source: Path, preset: str, hq: str = "aac",
               device: str = "cpu") -> dict:
     data = tmp / f"child-{uuid.uuid4().hex[:6]}"
@@ -448,12 +455,16 @@ def main() -> int:
                "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
                "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     try:
-        # installing builds the ONNX Runtime files, as `stems models install` does: no figure pays for them
+        # the ONNX Runtime files are built at install, as `stems models install` does, so no figure pays
+        # for them; in a child process: on Linux a child's ru_maxrss starts from its parent's RSS at
+        # fork, so this process must never hold a model, or every memory figure would read its size
         log("installing the random htdemucs stand-ins (and their ONNX Runtime files)")
         full = ModelStore(tmp / "models-full")
-        install_random_demucs(full, "htdemucs", size="full")
+        install_random_demucs(full, "htdemucs", size="full", share_derived=False)
+        prepare_in_child(full.root, "htdemucs")
         small = ModelStore(tmp / "models-small")
-        install_random_demucs(small, "htdemucs", size="small")
+        install_random_demucs(small, "htdemucs", size="small", share_derived=False)
+        prepare_in_child(small.root, "htdemucs")
         dsp_ok = _dsp_available()
         only = set(args.only or [])
 
@@ -462,12 +473,14 @@ def main() -> int:
 
         if wanted("cold"):
             torch_store = ModelStore(tmp / "models-full-torch")
-            install_random_demucs(torch_store, "htdemucs", size="full", params={"backend": "torch"})
+            install_random_demucs(torch_store, "htdemucs", size="full", params={"backend": "torch"},
+                                  share_derived=False)
             clip = write_music(tmp / "cold30.wav", 30.0 if not q else 8.0, 60)
             figures.append(cold_split_vs_demucs_cli(full.root, torch_store.root, clip, tmp, 3 if not q else 1, log))
         if wanted("memory_hour"):
             narrow = ModelStore(tmp / "models-narrow")
-            install_random_demucs(narrow, "htdemucs", size="narrow")
+            install_random_demucs(narrow, "htdemucs", size="narrow", share_derived=False)
+            prepare_in_child(narrow.root, "htdemucs")
             figures.append(memory_ratio(
                 tmp, url, narrow.root, "4_tracks", 60.0 if not q else 10.0, 3600.0 if not q else 40.0,
                 "a 60-minute vs a 1-minute stereo track with a narrow htdemucs (the released architecture: depth, "
