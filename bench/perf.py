@@ -165,6 +165,13 @@ def child_split(args) -> int:
     return 0 if job.status == JobStatus.complete else 1
 
 
+def prepare_in_child(model_dir: Path, model_id: str) -> None:
+    """Load `model_id` once in a child process: builds its derived files into the store."""
+    code = ("import sys; from pipelines.engine import Engine; from pipelines.modelstore import ModelStore; "
+            "Engine(ModelStore(sys.argv[1])).separator(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(model_dir), model_id], cwd=ROOT, check=True)
+
+
 def run_child(tmp: Path, redis_url: str, model_dir: Path, source: Path, preset: str, hq: str = "aac",
               device: str = "cpu") -> dict:
     data = tmp / f"child-{uuid.uuid4().hex[:6]}"
@@ -195,7 +202,7 @@ def _figure(name: str, value: float | None, goal: str, how: str, **detail) -> di
 
 
 def memory_ratio(tmp: Path, redis_url: str, model_dir: Path, preset: str, short_s: float, long_s: float,
-                 label: str, hq: str, log, device: str = "cpu", source: str = "flac") -> dict:
+                 label: str, hq: str, log, device: str = "cpu", source: str = "flac", name: str | None = None) -> dict:
     short = write_music(tmp / f"mem-{preset}-{short_s:g}.{source}", short_s, 11)
     long = write_music(tmp / f"mem-{preset}-{long_s:g}.{source}", long_s, 12)
     log(f"memory {preset}: {short_s:g} s")
@@ -208,7 +215,7 @@ def memory_ratio(tmp: Path, redis_url: str, model_dir: Path, preset: str, short_
     if "cuda_peak_mib" in a:
         gpu = {"cuda_peak_ratio": round(b["cuda_peak_mib"] / a["cuda_peak_mib"], 4),
                "short_cuda_peak_mib": round(a["cuda_peak_mib"], 1), "long_cuda_peak_mib": round(b["cuda_peak_mib"], 1)}
-    return _figure(f"memory_ratio_60min_vs_1min[{preset}]", b["maxrss_mib"] / a["maxrss_mib"], "<= 1.3",
+    return _figure(name or f"memory_ratio_60min_vs_1min[{preset}]", b["maxrss_mib"] / a["maxrss_mib"], "<= 1.3",
                    f"peak RSS (ru_maxrss) of a fresh worker subprocess running run_split end to end on {label} "
                    f"({preset}, 24-bit WAV + {hq} HQ, {source.upper()} source, device {a['device']})",
                    short_seconds=short_s, long_seconds=long_s, short_peak_mib=round(a["maxrss_mib"], 1),
@@ -298,6 +305,69 @@ def vs_demucs_cli(worker: Worker, store_root: Path, clips: list[Path], tmp: Path
                    **_spread("ours_without_hq", no_hq), **_spread("cli", theirs))
 
 
+def _cold_run(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MiB) of one fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {err[-3000:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def cold_split_vs_demucs_cli(full: Path, torch_store: Path, clip: Path, tmp: Path, rounds: int, log) -> dict:
+    """`stems split` in a fresh process against the demucs CLI on the same WAV clip and weights, WAV out both sides."""
+    import soundfile as sf
+
+    from pipelines.families.demucs_family import signature
+    from pipelines.registry import get_spec
+
+    repo = tmp / "cold_cli_repo"
+    repo.mkdir(exist_ok=True)
+    (name,) = get_spec("htdemucs").files
+    shutil.copyfile(full / name, repo / f"{signature(name)}.th")
+
+    def cli(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", signature(name), "--shifts", "0",
+                "-d", "cpu", "-o", str(out), *extra, str(clip)]
+
+    def ours(store: Path, out: Path, bits: int = 16) -> list[str]:
+        return [sys.executable, "-m", "stems.cli", "split", str(clip), "--preset", "4_tracks", "--out", str(out),
+                "--model-dir", str(store), "--bit-depth", str(bits), "--hq", "none"]
+
+    runs: dict[str, list] = {"cli": [], "ours": [], "ours_torch": []}
+    for k in range(rounds):  # interleaved: a drift of the shared machine's speed hits every side alike
+        for side, cmd in (("cli", cli(tmp / "cold_cli")), ("ours", ours(full, tmp / "cold_ours")),
+                          ("ours_torch", ours(torch_store, tmp / "cold_torch"))):
+            log(f"cold split: {side} ({k + 1}/{rounds})")
+            runs[side].append(_cold_run(cmd))
+    log("cold split: float32 stems of both, for their difference")
+    _cold_run(cli(tmp / "cold_cli_f32", "--float32", "--clip-mode", "none"))
+    _cold_run(ours(full, tmp / "cold_ours_f32", 32))
+    cli_dir = next((tmp / "cold_cli_f32").glob(f"{signature(name)}/*"))
+    difference = max(float(np.abs(sf.read(str(cli_dir / f"{s}.wav"), dtype="float32")[0]
+                                  - sf.read(str(tmp / "cold_ours_f32" / f"{s}.wav"), dtype="float32")[0]).max())
+                     for s in get_spec("htdemucs").sources)
+    pairs = [o[0] / c[0] for o, c in zip(runs["ours"], runs["cli"])]
+    torch_pairs = [o[0] / c[0] for o, c in zip(runs["ours_torch"], runs["cli"])]
+    return _figure("cold_split_vs_demucs_cli", float(np.median(pairs)), "<= 0.6",
+                   f"wall time of `stems split CLIP --preset 4_tracks --bit-depth 16 --hq none` (a fresh process: "
+                   f"imports, model and ONNX Runtime load, separation, 4 x 16-bit WAV) / `python -m demucs --repo DIR "
+                   f"-n 955717e8 --shifts 0 -d cpu -o OUT CLIP` (16-bit WAV, its default) on one {clips_seconds([clip]):g} s "
+                   "WAV clip and the same full-size random htdemucs; median of the ratios of interleaved pairs; "
+                   "ours_torch: the same command with params.backend torch (the path before ONNX Runtime)",
+                   ratio_pairs=[round(r, 4) for r in pairs], ratio_torch_backend=round(float(np.median(torch_pairs)), 4),
+                   ratio_torch_backend_pairs=[round(r, 4) for r in torch_pairs],
+                   stems_max_abs_difference=difference,
+                   stems_difference_how="float32 WAVs of both (demucs --float32 --clip-mode none; stems --bit-depth 32)",
+                   **{f"{side}_{what}": [round(r[i], 2) for r in rs] for side, rs in runs.items()
+                      for i, what in enumerate(("s", "cpu_s", "peak_mib"))})
+
+
 def clips_seconds(clips: list[Path]) -> float:
     import soundfile as sf
 
@@ -359,6 +429,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short inputs: a smoke run, not the figures")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--only", action="append", choices=("cold", "memory_hour", "warm"),
+                    help="run only these figures and merge them into --out (repeatable)")
     ap.add_argument("--child-split", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--source", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
@@ -383,11 +455,44 @@ def main() -> int:
                "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
                "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     try:
+        # the ONNX Runtime files are built at install, as `stems models install` does, so no figure pays
+        # for them; in a child process: on Linux a child's ru_maxrss starts from its parent's RSS at
+        # fork, so this process must never hold a model, or every memory figure would read its size
+        log("installing the random htdemucs stand-ins (and their ONNX Runtime files)")
         full = ModelStore(tmp / "models-full")
-        install_random_demucs(full, "htdemucs", size="full")
+        install_random_demucs(full, "htdemucs", size="full", share_derived=False)
+        prepare_in_child(full.root, "htdemucs")
         small = ModelStore(tmp / "models-small")
-        install_random_demucs(small, "htdemucs", size="small")
+        install_random_demucs(small, "htdemucs", size="small", share_derived=False)
+        prepare_in_child(small.root, "htdemucs")
         dsp_ok = _dsp_available()
+        only = set(args.only or [])
+
+        def wanted(group: str) -> bool:
+            return not only or group in only
+
+        if wanted("cold"):
+            torch_store = ModelStore(tmp / "models-full-torch")
+            install_random_demucs(torch_store, "htdemucs", size="full", params={"backend": "torch"},
+                                  share_derived=False)
+            clip = write_music(tmp / "cold30.wav", 30.0 if not q else 8.0, 60)
+            figures.append(cold_split_vs_demucs_cli(full.root, torch_store.root, clip, tmp, 3 if not q else 1, log))
+        if wanted("memory_hour"):
+            narrow = ModelStore(tmp / "models-narrow")
+            install_random_demucs(narrow, "htdemucs", size="narrow", share_derived=False)
+            prepare_in_child(narrow.root, "htdemucs")
+            figures.append(memory_ratio(
+                tmp, url, narrow.root, "4_tracks", 60.0 if not q else 10.0, 3600.0 if not q else 40.0,
+                "a 60-minute vs a 1-minute stereo track with a narrow htdemucs (the released architecture: depth, "
+                "7.8 s segments, 5 transformer layers; 8 channels instead of 48, transformer width 64 instead of "
+                "512: the full size would take hours here; HQ as FLAC, as for phantom_center)", "flac", log))
+        if "warm" in only:  # the warm worker against the demucs CLI (figure 3 below), on its own
+            worker = Worker(tmp / "warm", url, full.root, cache=False)
+            worker.split(worker.submit(write_music(tmp / "warm.flac", 3.0, 20), "4_tracks"))
+            clips = [write_music(tmp / f"cli{k}.wav", 5.5, 30 + k) for k in range(5 if not q else 2)]
+            figures.append(vs_demucs_cli(worker, full.root, clips, tmp, 2 if not q else 1, log))
+        if only:
+            raise _Done
 
         # 1. memory: a fresh worker process per split
         if dsp_ok:
@@ -401,7 +506,7 @@ def main() -> int:
         figures.append(memory_ratio(tmp, url, full.root, "4_tracks", 30.0 if not q else 4.0, 120.0 if not q else 12.0,
                                     "a 120 s vs a 30 s stereo track with the full-size htdemucs (4x the length, both at "
                                     "least one 30 s engine block; not 60 min vs 1 min: an hour of it takes hours on "
-                                    "this CPU)", "aac", log))
+                                    "this CPU)", "aac", log, name="memory_ratio_120s_vs_30s[4_tracks, full size]"))
 
         # a warm worker (the full htdemucs) for the timing figures
         worker = Worker(tmp / "warm", url, full.root, cache=False)
@@ -433,14 +538,24 @@ def main() -> int:
 
         # 6. model loading in the warm worker's jobs after its first
         figures.append(warm_load_fraction(worker))
+    except _Done:
+        pass
     finally:
         redis.terminate()
         redis.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    command = "python -m bench.perf" + (" --quick" if q else "") + "".join(f" --only {o}" for o in args.only or [])
     doc = {"machine": machine, "quick": q, "total_seconds": round(time.perf_counter() - started, 1),
-           "command": "python -m bench.perf" + (" --quick" if q else ""), "figures": figures}
+           "command": command, "figures": figures}
+    if args.only and args.out.exists():  # a partial run replaces its own figures and keeps the others
+        kept = json.loads(args.out.read_text())
+        names = {f["figure"] for f in figures}
+        doc["figures"] = [f for f in kept["figures"] if f["figure"] not in names] + figures
+        doc["partial_runs"] = kept.get("partial_runs", []) + [{"command": command, "machine": machine,
+                                                               "total_seconds": doc["total_seconds"]}]
+        doc["machine"], doc["command"], doc["total_seconds"] = kept["machine"], kept["command"], kept["total_seconds"]
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print_table(doc)
     return 0
@@ -456,6 +571,10 @@ def warm_load_fraction(worker: Worker) -> dict:
                    first_job_load_fraction=round(first["load_seconds"] / first["seconds"], 4),
                    first_job_s=round(first["seconds"], 2), first_job_load_s=round(first["load_seconds"], 2),
                    warm_jobs=len(warm), warm_jobs_s=round(total, 2), warm_load_s=round(loading, 4))
+
+
+class _Done(Exception):
+    """A --only run has its figures."""
 
 
 def _dsp_available() -> bool:

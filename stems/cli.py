@@ -118,13 +118,16 @@ def cmd_models_verify(args) -> int:
 def cmd_models_install(args) -> int:
     from pipelines.errors import StemsError
 
+    store = _model_store(args)
     try:
-        entry = _model_store(args).install(args.model_id, [Path(p) for p in args.files],
-                                           json.loads(args.params) if args.params else None)
+        entry = store.install(args.model_id, [Path(p) for p in args.files],
+                              json.loads(args.params) if args.params else None)
+        print(json.dumps({args.model_id: entry}, indent=1))
+        if not args.no_prepare:
+            _prepare(store, args.model_id)
     except StemsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({args.model_id: entry}, indent=1))
     return 0
 
 
@@ -152,6 +155,23 @@ def cmd_models_pull(args) -> int:
         print(f"{o.model_id}: {o.status.replace('_', ' ')}: {o.message}", file=sys.stdout if o.ok else sys.stderr)
     # --all reports the gated models and goes on; naming one that cannot be pulled is a failure
     return 1 if any(o.status == "failed" or (o.status == "gated" and not args.all) for o in outcomes) else 0
+def _prepare(store, model_id: str) -> None:
+    """Load a model whose family derives files from its weights (demucs's ONNX Runtime graphs) once, as a
+    worker will: they are built into the store now rather than on the first job."""
+    from pipelines.engine import Engine
+    from pipelines.registry import get_spec
+
+    spec = get_spec(model_id)
+    if reason := store.missing(spec):  # e.g. its package is not installed on this machine
+        print(f"not loaded here ({reason}); it is prepared on first use", file=sys.stderr)
+        return
+    if not spec.separator_class().derives_files:
+        return
+    sep = Engine(store, device="cpu").separator(model_id)
+    backend = getattr(sep, "backend", None)
+    if backend is not None:
+        why = getattr(sep, "backend_reason", "")
+        print(f"{model_id} loads and runs on {backend}" + (f" ({why})" if why else ""), file=sys.stderr)
 
 
 def cmd_presets(args) -> int:
@@ -320,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     mi.add_argument("files", nargs="+")
     mi.add_argument("--params", help="JSON object of family parameters overriding the registry's")
     mi.add_argument("--model-dir")
+    mi.add_argument("--no-prepare", action="store_true",
+                    help="do not load the model now (its derived files are then built on first use)")
     mi.set_defaults(fn=cmd_models_install)
     mp = models.add_parser("pull", help="download models from their publishers (or STEMS_MODEL_MIRROR), check, install")
     mp.add_argument("model_ids", nargs="*", metavar="ID")

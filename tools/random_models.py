@@ -10,6 +10,8 @@ reads them. Their weights are random: the outputs are noise-like and do not sum 
 """
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -25,7 +27,7 @@ from pipelines.families.demucs_family import signature
 from pipelines.modelstore import ModelStore
 from pipelines.registry import get_spec
 
-Size = Literal["small", "full"]
+Size = Literal["small", "narrow", "full"]
 
 # Released architectures (see shared/models/README.md); everything else is the class default.
 _FULL: dict[str, tuple[type, dict]] = {
@@ -47,16 +49,23 @@ _SMALL: dict[str, dict] = {
 _SMALL["htdemucs_ft"] = _SMALL["htdemucs"]
 _SMALL["drumsep_5"] = _SMALL["htdemucs"]
 
+# The released architecture (depth, layers, 7.8 s segments, five transformer layers, eight heads)
+# with 8 channels instead of 48 and a transformer 64 wide instead of 512 (0.8M parameters, not
+# 42M): hour-long memory runs on the same segment grid and code paths in a fraction of the compute.
+_NARROW: dict[str, dict] = {"htdemucs": dict(channels=8, bottom_channels=64)}
+
 
 def demucs_architecture(model_id: str, size: Size = "small") -> tuple[type, dict]:
     """The Demucs class and constructor kwargs of a stand-in for `model_id`."""
     spec = get_spec(model_id)
     if spec.family != "demucs" or model_id not in _FULL:
         raise ValueError(f"no random stand-in for {model_id!r}; known: {sorted(_FULL)}")
-    if size not in ("small", "full"):
-        raise ValueError(f"size must be 'small' or 'full', not {size!r}")
+    if size not in ("small", "narrow", "full"):
+        raise ValueError(f"size must be 'small', 'narrow' or 'full', not {size!r}")
+    if size == "narrow" and model_id not in _NARROW:
+        raise ValueError(f"no narrow stand-in for {model_id!r}; known: {sorted(_NARROW)}")
     klass, kwargs = _FULL[model_id]
-    kwargs = {**kwargs, **(_SMALL[model_id] if size == "small" else {})}
+    kwargs = {**kwargs, **{"small": _SMALL, "narrow": _NARROW, "full": {}}[size].get(model_id, {})}
     return klass, {**kwargs, "sources": list(spec.sources), "audio_channels": spec.channels,
                    "samplerate": spec.sample_rate}
 
@@ -101,8 +110,46 @@ def make_random_demucs(model_id: str, out_dir: Path, size: Size = "small", seed:
 
 
 def install_random_demucs(store: ModelStore, model_id: str, size: Size = "small", seed: int = 0,
-                          params: dict | None = None) -> list[Path]:
-    """Make a random stand-in for `model_id` and install it into `store`; returns the installed files."""
+                          params: dict | None = None, share_derived: bool = True) -> list[Path]:
+    """Make a random stand-in for `model_id` and install it into `store`; returns the installed files.
+
+    With `share_derived`, the store also gets the files the demucs family derives from these
+    weights (ONNX Runtime graphs), built once per stand-in and copied from DERIVED_CACHE after
+    that (see `_share_derived`); without it, they are built on first use as in a fresh store.
+    """
     with tempfile.TemporaryDirectory(prefix="random_demucs_") as tmp:
         store.install(model_id, make_random_demucs(model_id, Path(tmp), size, seed), params=params)
+    if share_derived:
+        _share_derived(store, model_id)
     return [store.root / name for name in get_spec(model_id).files]
+
+
+# A stand-in of one model, size and seed always has the same weights, so the same derived files
+# (they are named by the weights' sha256 and checked against it on load). A test suite builds
+# each once, here, instead of once per store it makes.
+DERIVED_CACHE = Path(tempfile.gettempdir()) / f"stems-random-demucs-derived-{os.getuid()}"
+
+
+def _share_derived(store: ModelStore, model_id: str) -> None:
+    from pipelines.engine import Engine
+    from pipelines.families import demucs_onnx
+
+    entry = store.entry(model_id) or {}
+    shas = [sha for name, sha in entry.get("files", {}).items() if name.endswith(".th")]
+    target = store.root / demucs_onnx.DERIVED
+    cached = {sha: sorted(DERIVED_CACHE.glob(f"{sha[:32]}-*.onnx")) for sha in shas}
+    if not all(cached.values()):
+        sep = Engine(store).separator(model_id)  # builds them into the store, where its backend is ONNX Runtime
+        if getattr(sep, "backend", None) == "onnxruntime":
+            _copy([p for sha in shas for p in target.glob(f"{sha[:32]}-*") if p.suffix in (".onnx", ".json")],
+                  DERIVED_CACHE)
+        return
+    _copy([f for files in cached.values() for p in files for f in (p, p.with_suffix(".json")) if f.exists()], target)
+
+
+def _copy(paths: list[Path], to: Path) -> None:
+    to.mkdir(parents=True, exist_ok=True)
+    for p in sorted(paths, key=lambda p: p.suffix != ".onnx"):  # each graph before its sidecar
+        tmp = to / f".{p.name}.{os.getpid()}.part"
+        shutil.copyfile(p, tmp)
+        os.replace(tmp, to / p.name)

@@ -32,6 +32,9 @@ class Separator(ABC):
     chunk_context: float = 1.0
     streamable: bool = True
     min_chunk_seconds: float = 0.0  # the engine's chunks are at least this long (see chunk_context)
+    # setup derives files from the weights into the model store (demucs's ONNX Runtime graphs):
+    # `stems models install` then loads the model once so that no job pays for building them
+    derives_files: bool = False
 
     def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
         self.spec = spec

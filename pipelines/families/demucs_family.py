@@ -27,16 +27,25 @@ streaming pass computes (mean and std of the mono mix, accumulated in float64). 
 their members side by side and combine them with the bag's weights as apply_model does.
 A segment whose input is digital silence is not run: it counts as silence (the mix's
 zero). Random `shifts` cannot be streamed exactly; with shifts > 0 the whole-signal path runs.
+
+On a CPU in float32, `backend` "auto" runs each network through ONNX Runtime from a file
+derived once per checkpoint and cached in the model store (`demucs_onnx`; the STFT stays in
+torch): the same arithmetic on faster kernels, checked against torch when the file is built.
+When that cannot be had (no onnxruntime, a model without an exported form, a store that
+cannot be written), "auto" runs torch and says why in `backend_reason`; an explicit
+"onnxruntime" fails at load instead. The whole-signal path (shifts > 0) always runs torch.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from demucs.apply import BagOfModels, TensorChunk, apply_model
 from demucs.htdemucs import HTDemucs
 from demucs.repo import BagOnlyRepo, ModelLoadingError, ModelOnlyRepo
@@ -46,8 +55,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import audio as A
 from ..errors import Cancelled, ChainError
+from ..modelstore import sha256_file
 from ..registry import ModelSpec
+from . import demucs_onnx
 from .torch_model import Batch, Precision, TorchSeparator
+
+log = logging.getLogger(__name__)
 
 
 # A GPU's defaults, from bench/gpu.py on an H200 (random full-size htdemucs, a 5-minute track):
@@ -73,6 +86,9 @@ class DemucsParams(BaseModel):
     precision: Precision = Field(
         "auto", description="autocast dtype of the forward; float16 needs CUDA; auto: float32 on a CPU, "
                             f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32)")
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="what runs the network: torch, or ONNX Runtime from a file derived from the weights "
+                            "(CPU, float32; same stems within 1e-3); auto: onnxruntime where it can run, else torch")
 
     def resolved(self, device: str) -> tuple[int, str]:
         """(batch, precision) on `device`: `auto` is the exact CLI path on a CPU, batched mixed precision on a GPU."""
@@ -106,6 +122,15 @@ def signature(file_name: str) -> str:
     return stem.rsplit("-", 1)[0] if "-" in stem else stem
 
 
+def member_files(name: str, files: dict[str, Path]) -> list[Path]:
+    """The checkpoint file of each network `load_demucs(name, files)` holds, in the bag's member order."""
+    checkpoints = {signature(n): p for n, p in files.items() if n.endswith(".th")}
+    if name in checkpoints:
+        return [checkpoints[name]]
+    (bag,) = [p for n, p in files.items() if n.endswith(".yaml") and Path(n).stem == name]
+    return [checkpoints[sig] for sig in yaml.safe_load(bag.read_text())["models"]]  # as demucs's BagOnlyRepo
+
+
 def load_demucs(name: str, files: dict[str, Path]):
     """The demucs model or bag `name` from verified files (file name -> path), in eval mode on the CPU."""
     checkpoints = {signature(n): p for n, p in files.items() if n.endswith(".th")}
@@ -133,10 +158,14 @@ class DemucsSeparator(TorchSeparator):
     """One demucs model or bag, loaded once by `setup` and run on whole tracks by `apply_model`."""
 
     Params, family = DemucsParams, "demucs"
+    derives_files = True  # the ONNX Runtime graphs (demucs_onnx)
 
     def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
         super().__init__(spec, files, params)
         self.batch, self.precision = self.settings.resolved("cpu")
+        self.backend = "torch"  # what runs the networks, once setup has resolved params.backend
+        self.backend_reason = ""  # why "auto" runs torch, when it does
+        self._runners: dict[int, demucs_onnx.CoreRunner] = {}  # id(network) -> its ONNX Runtime session
 
     def setup(self, device: str = "cpu") -> None:
         super().setup(device)
@@ -145,6 +174,53 @@ class DemucsSeparator(TorchSeparator):
         model = load_demucs(self.settings.name, self.files)
         self._check(model)
         self.model = model.to(device)
+        self._runners, self.backend, self.backend_reason = {}, "torch", ""
+        if self.settings.backend != "torch":
+            self._setup_onnx()
+
+    def _setup_onnx(self) -> None:
+        """ONNX Runtime sessions for every network (params.backend auto or onnxruntime; see the module docstring)."""
+        explicit = self.settings.backend == "onnxruntime"
+        reason = None
+        if not self.device.startswith("cpu"):
+            reason = f"ONNX Runtime serves the CPU here, not {self.device!r}"
+        elif self.precision != "float32":
+            reason = f"precision {self.precision} runs in torch's autocast"
+        else:
+            reason = demucs_onnx.runtime_missing()
+        members = list(self.model.models) if isinstance(self.model, BagOfModels) else [self.model]
+        reason = reason or next(filter(None, (demucs_onnx.exportable(m, explicit) for m in members)), None)
+        runners: dict[int, demucs_onnx.CoreRunner] = {}
+        failed = reason is not None and reason == demucs_onnx.runtime_missing()
+        if reason is None:
+            try:
+                for member, path in zip(members, member_files(self.settings.name, self.files)):
+                    length = demucs_onnx.network_length(member, _valid_length(member, _segment_samples(
+                        member, self.settings.segment), self.settings.segment))
+                    runners[id(member)] = demucs_onnx.prepared_runner(
+                        member, path.parent, sha256_file(path), length, torch.get_num_threads())
+            # whatever stops the optional path (a read-only store, an export that does not match torch, an
+            # operator the runtime lacks) leaves the exact torch path, and is said (backend_reason, the log)
+            except Exception as exc:  # noqa: BLE001
+                reason = f"{type(exc).__name__}: {exc}"
+                failed = True
+        if reason is not None:
+            if explicit:
+                raise ChainError(f"params.backend 'onnxruntime' for {self.spec.id!r} cannot run: {reason}",
+                                 model_id=self.spec.id, reason=reason)
+            # a GPU or mixed precision choosing torch is the plan; a failed build is news for the operator
+            log.log(logging.WARNING if failed else logging.INFO, "%s runs in torch: %s", self.spec.id, reason)
+            self.backend_reason = reason
+            return
+        self._runners, self.backend = runners, "onnxruntime"
+
+    def _forward(self, model, mix: torch.Tensor) -> torch.Tensor:
+        """The network's ONNX Runtime session where it has one, else torch (see TorchSeparator._forward)."""
+        runner = self._runners.get(id(model))
+        if runner is not None and runner.accepts(mix):
+            return runner(mix)
+        return super()._forward(model, mix)
+
 
     def _check(self, model) -> None:
         """Fail at load time, naming the fix, on what would otherwise fail or mislabel mid-job."""
@@ -259,6 +335,11 @@ def _mono_stats(audio: A.Signal) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32) + 1e-8
 
 
+def _segment_samples(model, segment: float | None) -> int:
+    """A full segment's samples on apply_model's grid: `segment` seconds, or the model's own."""
+    return int(model.samplerate * (segment if segment is not None else model.segment))
+
+
 def _valid_length(model, length: int, segment: float | None) -> int:
     """The padded length apply_model's un-split branch runs a `length`-sample segment at."""
     if isinstance(model, HTDemucs) and segment is not None:
@@ -277,7 +358,7 @@ class _SegmentStream:
         self.segment = segment  # what apply_model passes down (None: the model's own)
         self.batch, self.device, self.forward, self.cancelled = batch, torch.device(device), forward, cancelled
         self.n = audio.frames
-        self.seg_len = int(model.samplerate * (segment if segment is not None else model.segment))
+        self.seg_len = _segment_samples(model, segment)
         stride = int((1 - overlap) * self.seg_len)
         self.offsets = range(0, self.n, stride)
         # apply_model's transition weight (transition_power 1)
