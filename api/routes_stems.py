@@ -16,6 +16,7 @@ from pipelines.registry import get_spec
 from stems.lifecycle import delete_job, expiry
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
+from stems.storage import keys
 
 from . import budget
 from .deps import CallerKey, Conflict, Gone, Invalid, NotFound, RateLimited, Services, Svc, User
@@ -262,7 +263,10 @@ def cancel(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     if job.status.terminal and job.status != JobStatus.cancelled:
         raise Conflict(f"the split already ended ({job.status.value})", creation_id=job.id)
     svc.store.request_cancel(job.id)  # a running worker stops between chunks and removes its outputs
-    svc.store.update_job(job.id, _cancel)
+    ended = svc.store.update_job(job.id, _cancel)
+    if ended is not None and ended.separated is not None and job.attempt_id is None and not job.status.terminal:
+        # separated and waiting for its delivery stage: no worker holds it to remove the float stems
+        svc.storage.delete_prefix(keys.job_prefix(job.user_id, job.id))
     return split_status(creation_id, svc, user)
 
 

@@ -49,7 +49,7 @@ def run(broker: str, args, tmp: Path) -> dict:
     from stems.jobstore import JobStore
     from stems.redisboot import free_port, start_redis
     from stems.settings import Settings
-    from stems.stack import api_proc, make_sample, wait_http, worker_proc
+    from stems.stack import api_proc, make_sample, upload_file, wait_http, wait_workers, worker_proc
     from stems.storage import make_storage
     from tools.random_models import install_random_demucs
     from workers.celery_app import purge_rabbitmq
@@ -88,16 +88,11 @@ def run(broker: str, args, tmp: Path) -> dict:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", proc=api)
-        deadline = time.monotonic() + 120
-        while len(store.live_workers()) < args.workers and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_workers(store, args.workers, 120)
         sample = tmp / "sample.wav"
         make_sample(sample, seconds=8.0)
         with httpx.Client(base_url=base, headers={"x-api-key": store.create_key("chaos")}, timeout=60) as c:
-            with open(sample, "rb") as f:
-                audio_id = c.post("/from-file", files={"file": ("s.wav", f)}).raise_for_status().json()["audio_id"]
-            while c.get(f"/status/audio/{audio_id}").json()["status"] == "processing":
-                time.sleep(0.2)
+            audio_id = upload_file(c, sample)["audio_id"]
             body = {"preset": "4_tracks", "audio_id": audio_id, "hq_streaming_format": "none"}
             t0 = time.monotonic()
             end = t0 + args.minutes * 60

@@ -104,6 +104,7 @@ class Engine:
         self._warm: dict[str, Separator] = {}
         self.load_seconds = 0.0  # total spent loading models in this process
         self.loads = 0  # models loaded in this process (a warm worker stops adding to it)
+        self.model_seconds = 0.0  # total spent running models (their forward passes and chunk I/O), loads excluded
 
     # -- models ------------------------------------------------------------------
     def separator(self, model_id: str) -> Separator:
@@ -197,6 +198,7 @@ class Engine:
                 return hit
         sinks = _Sinks(workdir, digest=self.cache is not None)
         sep = self.separator(model_id)
+        t0 = time.perf_counter()
         if spec.channels == 1 and audio.channels > 1:  # mono model: one pass per channel
             per = []
             for c in range(audio.channels):
@@ -205,6 +207,7 @@ class Engine:
             out: dict[str, Signal] = {s: A.StackSignal([p[s] for p in per]) for s in spec.sources}
         else:
             out = self._run_adapted(sep, spec, audio, sr, sinks, progress, cancelled)
+        self.model_seconds += time.perf_counter() - t0
         if key is not None:
             self.cache.put(key, out)
         return out

@@ -1,5 +1,10 @@
 """One split, start to finish, for the worker and the local CLI alike: decode, separate, restore, encode.
 
+`run` is `separate_all` then `deliver_all` in one process. A worker may run them as two stages
+on two machines (separation on a GPU worker, the encodes on a CPU one): `materialize` writes
+the separated samples as float32 files for the second stage, which reads them back bit for
+bit, so both ways give the same files.
+
 `run` decodes the selection block by block into a scratch file, separates it chunk by chunk
 (`Engine.run_stream`, or `pipelines.custom` for the prompt-guided preset), restores each stem
 when asked, and writes each stem's WAV and HQ copy block by block, so memory follows the
@@ -28,8 +33,8 @@ from .presets import load_catalogue
 STORE_BLOCK_S = 10  # seconds of a stem written per block
 ENCODE_THREADS = max(1, min(4, os.cpu_count() or 1))  # stems encoded at once (encoders release the GIL)
 
-# where the stages sit on the job's 0..1 progress scale
-DECODED, SEPARATED, ENCODED = 0.05, 0.8, 0.95
+# where the stages sit on the job's 0..1 progress scale (restoration, when asked, runs from RESTORING)
+DECODED, RESTORING, SEPARATED, ENCODED = 0.05, 0.65, 0.8, 1.0
 
 
 @dataclass
@@ -152,12 +157,31 @@ def encode_all(engine: Engine, spec: SplitSpec, items: list[tuple[str, str | Non
             raise
 
 
-def run(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, deliver: Callable[[Product], None],
-        progress: Progress | None = None, cancelled: Callable[[], bool] = _never,
-        wanted: set[str] | None = None) -> Done:
-    """Split `source` as `spec` asks, delivering each stem (then each restored copy) as it is encoded.
+@dataclass
+class Separated:
+    """A separation's outputs before encoding: (name, of, Output) items, stems first, then restored copies.
 
-    `wanted` limits delivery to those stem names (the worker's records). A preset that drops
+    The items may read the decoded mix (a residual stem is mix minus the others), so it is held
+    here too; `close` releases both.
+    """
+
+    items: list[tuple[str, str | None, Output]]
+    done: Done
+    mix: A.Signal | None  # None when the items came from stored files (a delivery stage)
+    held: list[A.Signal]  # every signal made, kept or not (a kept stem may read one that is not)
+
+    def close(self) -> None:
+        for signal in self.held:
+            signal.close()
+        if self.mix is not None:
+            self.mix.close()
+
+
+def separate_all(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, progress: Progress | None = None,
+                 cancelled: Callable[[], bool] = _never, wanted: set[str] | None = None) -> Separated:
+    """Decode the selection, separate it and restore each kept stem when asked: everything but the encodes.
+
+    `wanted` limits the items to those stem names (the worker's records). A preset that drops
     silent stems makes fewer than it declares: `Done.made_by` lists those it made.
     """
     workdir.mkdir(parents=True, exist_ok=True)
@@ -166,26 +190,68 @@ def run(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, deliver: C
     mix, sr = decode_selection(source, workdir, spec, digest=engine.cache is not None)
     stems: dict[str, Output] = {}
     try:
+        restoring = spec.restoration is not None
+        until = RESTORING if restoring else SEPARATED
         if progress:
             progress(DECODED, "separating")
         stems = separate(engine, spec, mix, sr, workdir,
-                         progress and (lambda f, m: progress(DECODED + (SEPARATED - DECODED) * f, f"separating ({m})")),
+                         progress and (lambda f, m: progress(DECODED + (until - DECODED) * f, f"separating ({m})")),
                          cancelled)
         _check(cancelled)
-        chosen = [(name, None, out) for name, out in stems.items() if wanted is None or name in wanted]
-        if progress:
-            progress(SEPARATED, "encoding")
-        encode_all(engine, spec, chosen, sr, workdir, deliver, progress, cancelled, SEPARATED, ENCODED - SEPARATED)
-        if spec.restoration is not None:
-            for i, (name, _, out) in enumerate(chosen):
+        items = [(name, None, out) for name, out in stems.items() if wanted is None or name in wanted]
+        if restoring:
+            for i, (name, _, out) in enumerate(list(items)):
                 _check(cancelled)
                 if progress:
-                    progress(ENCODED + (1 - ENCODED) * i / len(chosen), f"restoring {name}")
-                restored = restore(engine, spec, out, sr, workdir, cancelled)
-                encode_all(engine, spec, [(f"{name}_restored", name, restored)], sr, workdir, deliver, None, cancelled,
-                           0, 0)
-        return Done({name: out.made_by for name, out in stems.items()}, mix.frames, sr)
-    finally:
+                    progress(RESTORING + (SEPARATED - RESTORING) * i / len(items), f"restoring {name}")
+                items.append((f"{name}_restored", name, restore(engine, spec, out, sr, workdir, cancelled)))
+        held = [out.signal for out in stems.values()] + [out.signal for _, of, out in items if of is not None]
+        return Separated(items, Done({name: out.made_by for name, out in stems.items()}, mix.frames, sr), mix, held)
+    except BaseException:
         for out in stems.values():
             out.signal.close()
         mix.close()
+        raise
+
+
+def deliver_all(engine: Engine, spec: SplitSpec, separated: Separated, workdir: Path,
+                deliver: Callable[[Product], None], progress: Progress | None = None,
+                cancelled: Callable[[], bool] = _never) -> Done:
+    """Encode every item of a separation (WAV at its bit depth, HQ copy, peaks) and deliver each."""
+    if progress:
+        progress(SEPARATED, "encoding")
+    encode_all(engine, spec, separated.items, separated.done.sample_rate, workdir, deliver, progress, cancelled,
+               SEPARATED, ENCODED - SEPARATED)
+    return separated.done
+
+
+def run(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, deliver: Callable[[Product], None],
+        progress: Progress | None = None, cancelled: Callable[[], bool] = _never,
+        wanted: set[str] | None = None) -> Done:
+    """Split `source` as `spec` asks in one process, delivering each stem and restored copy as it is encoded."""
+    separated = separate_all(engine, spec, source, workdir, progress, cancelled, wanted)
+    try:
+        _check(cancelled)
+        return deliver_all(engine, spec, separated, workdir, deliver, progress, cancelled)
+    finally:
+        separated.close()
+
+
+def materialize(separated: Separated, workdir: Path) -> list[tuple[str, str | None, str, Path]]:
+    """Each item as a float32 .npy FrameFile of its own: (name, of, made_by, path), for a later delivery stage.
+
+    The samples are the ones `deliver_all` would encode (float32 written and read back
+    bit for bit), so a job split in two stages gives the files a one-stage job gives.
+    """
+    files = []
+    for name, of, out in separated.items:
+        writer = A.FrameWriter(workdir / f"separated-{name}.npy", out.signal.channels, out.signal.frames)
+        try:
+            for _, block in out.signal.blocks(STORE_BLOCK_S * separated.done.sample_rate):
+                writer.write(block)
+        except BaseException:
+            writer.abandon()
+            raise
+        writer.close().close()
+        files.append((name, of, out.made_by, writer.path))
+    return files

@@ -88,6 +88,29 @@ class Stem(BaseModel):
     peaks_key: str | None = None  # waveform peaks (pipelines/peaks.py), made while the WAV is written
 
 
+DELIVERY_QUEUE = "cpu"  # where the delivery stage of a two-stage job runs (the CPU queue)
+
+
+class SeparatedStem(BaseModel):
+    """One float stem a separation stage stored for delivery; `of` names the stem a restored copy restores."""
+
+    name: str
+    of: str | None = None
+    made_by: str
+    key: str  # a float32 (frames, channels) .npy under the separating attempt's prefix
+
+
+class Separated(BaseModel):
+    """What a job's separation stage left for its delivery stage (see workers/delivery.py)."""
+
+    attempt_id: str  # the separating attempt: its prefix holds the float stems
+    worker: str | None = None  # the worker that separated (Job.worker names the one that delivered)
+    frames: int
+    sample_rate: int
+    made_by: dict[str, str]  # every stem the chain made (one the job does not keep is still named)
+    stems: list[SeparatedStem]
+
+
 class Job(BaseModel):
     id: str = Field(default_factory=new_id)
     user_id: str
@@ -110,6 +133,9 @@ class Job(BaseModel):
     worker: str | None = None  # hostname of the worker that ran the latest attempt
     worker_host: str | None = None  # its machine, so a worker there can tell a dead process from a live one
     worker_pid: int | None = None  # its process (tests kill it to inject faults)
+    separated: Separated | None = None  # set when separation handed the job to delivery (two stages)
+    deliveries: int = 0  # delivery-stage runs of it, bounded like attempts
+    timings: dict[str, float] = Field(default_factory=dict)  # seconds: separate_s, model_s, deliver_s
     audio_seconds: float | None = None
     usage_minutes: float = 0.0
     created_at: float = Field(default_factory=now)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import redis
 
-from .models import Job, JobStatus, Stem
+from .models import DELIVERY_QUEUE, Job, JobStatus, Stem
 
 DAY_S = 86400
 
@@ -57,7 +57,8 @@ class RunStore:
         if new.status == JobStatus.processing and new.lease_until:
             pipe.zadd(self.k("leases"), {new.id: new.lease_until})
             pipe.zadd(self.k("deadlines"), {new.id: new.deadline_at or new.lease_until})
-            pipe.zrem(self.k("outbox"), f"split:{new.id}")  # a worker holds it: the lease governs now
+            # a worker holds it: the lease governs now
+            pipe.zrem(self.k("outbox"), f"split:{new.id}", f"deliver:{new.id}")
         else:
             pipe.zrem(self.k("leases"), new.id)
             pipe.zrem(self.k("deadlines"), new.id)
@@ -65,7 +66,15 @@ class RunStore:
             pipe.rpush(self.k("load", new.queue), new.id)
         if new.status.terminal and (old is None or not old.status.terminal):
             pipe.lrem(self.k("load", new.queue), 0, new.id)
-            pipe.zrem(self.k("outbox"), f"split:{new.id}")
+            if new.separated is not None:  # counted on the delivery queue since its hand-over
+                pipe.lrem(self.k("load", DELIVERY_QUEUE), 0, new.id)
+            pipe.zrem(self.k("outbox"), f"split:{new.id}", f"deliver:{new.id}")
+
+    def move_load(self, pipe, job_id: str, src: str, dest: str) -> None:
+        """Count an unfinished job on another queue (a two-stage job handed from separation to delivery)."""
+        if src != dest:
+            pipe.lrem(self.k("load", src), 0, job_id)
+            pipe.rpush(self.k("load", dest), job_id)
 
     def meter_usage(self, pipe, job: Job) -> None:
         """Count a completed job's minutes; called in the transaction that completes it, which happens once."""

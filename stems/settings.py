@@ -104,8 +104,12 @@ class Settings(BaseSettings):
     link_timeout_s: float = Field(60.0, validation_alias=_env("STEMS_LINK_TIMEOUT_S"), description="time limit of a /from-link download")
     link_allow_hosts: list[str] = Field(default_factory=list, validation_alias=_env("STEMS_LINK_ALLOW_HOSTS"),
         description="hosts /from-link may fetch even if they resolve to private addresses (tests, internal mirrors); JSON list")
+    two_stage: Literal["auto", "always", "never"] = Field("auto", validation_alias=_env("STEMS_TWO_STAGE"),
+        description="split a job into separation (on its model queue) and delivery (WAVs, HQ encodes and peaks, on "
+                    "the CPU queue): auto does so for jobs on GPU queues, so a GPU worker only separates")
     task_max_attempts: int = Field(3, validation_alias=_env("STEMS_TASK_MAX_ATTEMPTS"),
-        description="deliveries of one job before it is failed (a job that kills its worker is not retried forever)")
+        description="runs of one job (and, apart, of its delivery stage) before it is failed (a job that kills its "
+                    "worker is not retried forever)")
     time_limit_base_s: float = Field(300.0, validation_alias=_env("STEMS_TIME_LIMIT_BASE_S"),
         description="time limit of a split: base seconds ...")
     time_limit_per_audio_s: float = Field(4.0, validation_alias=_env("STEMS_TIME_LIMIT_PER_AUDIO_S"),

@@ -200,9 +200,8 @@ def demo(file: str | None = None, preset: str = "phantom_center", selection: str
         start, _, end = selection.partition(":")
         chosen = Selection(start=float(start or 0), end=float(end) if end else None)
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
-        with open(sample, "rb") as f:
-            audio_id = _ok(client.post("/from-file", files={"file": (sample.name, f, "application/octet-stream")}))["audio_id"]
-        status = _poll(client, f"/status/audio/{audio_id}", {"complete", "failed"})
+        status = upload_file(client, sample)
+        audio_id = status["audio_id"]
         if status["status"] != "complete":
             print(f"import failed: {status['error']}")
             return 1
@@ -236,6 +235,13 @@ def demo(file: str | None = None, preset: str = "phantom_center", selection: str
           f"open the API at {base}/docs (key in {RUN / 'dev-api-key'}); the job: GET {base}/status/stem_split/{job['creation_id']}\n"
           "the stack is still up (make down stops it)")
     return 0
+
+
+def upload_file(client: httpx.Client, path: Path, timeout: float = 300.0) -> dict:
+    """POST /from-file, then the import's status once it ended (complete or failed)."""
+    with open(path, "rb") as f:
+        audio_id = _ok(client.post("/from-file", files={"file": (path.name, f, "application/octet-stream")}))["audio_id"]
+    return _poll(client, f"/status/audio/{audio_id}", {"complete", "failed"}, timeout)
 
 
 def _ok(r: httpx.Response, json: bool = True):

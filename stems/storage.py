@@ -51,6 +51,11 @@ class keys:
         return f"users/{user_id}/jobs/{job_id}/{attempt_id}/"
 
     @staticmethod
+    def separated(user_id: str, job_id: str, attempt_id: str, name: str) -> str:
+        """A float stem the separation stage leaves for the delivery stage (two-stage jobs)."""
+        return f"{keys.attempt_prefix(user_id, job_id, attempt_id)}separated/{name}.npy"
+
+    @staticmethod
     def stem(user_id: str, job_id: str, attempt_id: str, stem_id: str, ext: str) -> str:
         return f"{keys.attempt_prefix(user_id, job_id, attempt_id)}{stem_id}.{ext}"
 

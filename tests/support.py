@@ -161,6 +161,7 @@ def wait_for(client: httpx.Client, path: str, states: set[str], timeout: float =
 
 TERMINAL = {"complete", "failed", "cancelled"}
 SONG_S = 8.0  # the fault tests' song: a few seconds of small htdemucs on a CPU
+LONG_S = 5 * SONG_S  # for drills that must catch one stage of a job mid-way, which the 8 s song's can outrun
 
 
 def wait_stage(stack: ServiceStack, job_id: str, stage_prefix: str = "", timeout: float = 120, attempts: int = 1):

@@ -7,6 +7,11 @@ under the attempt's own prefix (`keys.attempt_prefix`), so an attempt that lost 
 node froze and came back, its broker connection dropped and the message went elsewhere) can
 neither overwrite nor delete the winner's stems. Usage is metered in the transaction that
 completes the job, which happens once; the same transaction owes the webhook.
+
+A job split in two stages (`workers/delivery.py`) is handed from its separating attempt to
+delivery with its float stems named in `Job.separated`; each delivery run is an attempt of its
+own (a token, a lease, a deadline, counted in `Job.deliveries`), and a delivery that dies or is
+handed back goes to delivery again, not to separation: the separated stems are kept.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ import socket
 import time
 
 from pipelines.errors import StemsError
-from stems.models import Job, JobStatus, Stem, StemStatus
+from pipelines.split import SEPARATED
+from stems.models import DELIVERY_QUEUE, Job, JobStatus, Separated, Stem, StemStatus
 from stems.storage import keys
 
 from .context import StoreContext
@@ -56,19 +62,35 @@ def holder_gone(job: Job, now: float) -> bool:
 def start(job_id: str, ctx: StoreContext, worker: str | None = None) -> Job | None:
     """Take the job for a new attempt; None if this delivery has nothing to do.
 
-    Nothing to do: the job is unknown or ended, or a live attempt holds it (this delivery is a
-    duplicate: a broker redelivered a message whose first run still goes on).
+    Nothing to do: the job is unknown or ended, or separated already (a stale message: its
+    delivery stage runs now), or a live attempt holds it (this delivery is a duplicate: a
+    broker redelivered a message whose first run still goes on).
     """
+    return _claim(job_id, ctx, worker, delivery=False)
+
+
+def start_delivery(job_id: str, ctx: StoreContext, worker: str | None = None) -> Job | None:
+    """Take a separated job for a delivery run; None if this message has nothing to do (as `start`)."""
+    return _claim(job_id, ctx, worker, delivery=True)
+
+
+def _claim(job_id: str, ctx: StoreContext, worker: str | None, delivery: bool) -> Job | None:
     s, now = ctx.settings, time.time()
     token = None
 
     def apply(job: Job) -> Job | None:
         nonlocal token
-        if job.status.terminal or (job.status == JobStatus.processing and not holder_gone(job, now)):
+        if job.status.terminal or (job.separated is not None) != delivery:
             return None
-        job.attempts += 1
-        token = job.attempt_id = f"{job.attempts}-{secrets.token_hex(4)}"
-        job.status, job.stage = JobStatus.processing, "starting"
+        if job.status == JobStatus.processing and not holder_gone(job, now):
+            return None
+        if delivery:
+            job.deliveries += 1
+            token = job.attempt_id = f"{job.attempts}-d{job.deliveries}-{secrets.token_hex(4)}"
+        else:
+            job.attempts += 1
+            token = job.attempt_id = f"{job.attempts}-{secrets.token_hex(4)}"
+        job.status, job.stage = JobStatus.processing, "delivering" if delivery else "starting"
         job.started_at = job.started_at or now
         job.lease_until = now + s.lease_s
         job.deadline_at = now + s.hard_time_limit(job.audio_seconds or 0.0)
@@ -77,6 +99,25 @@ def start(job_id: str, ctx: StoreContext, worker: str | None = None) -> Job | No
 
     job = ctx.store.update_job(job_id, apply)
     return job if job is not None and token is not None and job.attempt_id == token else None
+
+
+def hand_to_delivery(job: Job, ctx: StoreContext, separated: Separated, timings: dict[str, float]) -> bool:
+    """Separation is done: the job waits for delivery with its float stems (only while this attempt owns it)."""
+    def apply(current: Job) -> Job | None:
+        if current.status != JobStatus.processing or current.attempt_id != job.attempt_id:
+            return None
+        current.separated, current.timings = separated, {**current.timings, **timings}
+        current.stage, current.progress = "separated: waiting for delivery", max(current.progress, SEPARATED)
+        current.attempt_id = current.lease_until = current.deadline_at = None
+        return current
+
+    def also(pipe, new: Job) -> None:
+        ctx.store.owe("deliver", new.id, time.time() + ctx.settings.enqueue_grace_s, pipe)
+        ctx.store.move_load(pipe, new.id, new.queue, DELIVERY_QUEUE)
+
+    handed = []
+    ctx.store.update_job(job.id, apply, lambda pipe, new: (also(pipe, new), handed.append(True)))
+    return bool(handed)
 
 
 def _pending(stem: Stem) -> Stem:
@@ -139,15 +180,32 @@ def requeue(job_id: str, ctx: StoreContext, stage: str, due: float, attempt_id: 
             return None
         if lease_lapsed and not holder_gone(job, now):
             return None
-        job.status, job.stage = JobStatus.queued, stage
+        if job.separated is None:
+            job.status = JobStatus.queued
+            if not counts:
+                job.attempts = max(0, job.attempts - 1)
+        elif not counts:  # a delivery run: the job stays processing, its separated stems wait for the next one
+            job.deliveries = max(0, job.deliveries - 1)
+        job.stage = stage
         job.attempt_id = job.lease_until = job.deadline_at = None
-        if not counts:
-            job.attempts = max(0, job.attempts - 1)
         return job
 
     changed = []
-    job = ctx.store.update_job(job_id, apply, lambda pipe, new: changed.append(ctx.store.owe("split", new.id, due, pipe)))
+    job = ctx.store.update_job(job_id, apply, lambda pipe, new: changed.append(ctx.store.owe(owed_kind(new), new.id,
+                                                                                              due, pipe)))
     return job if changed else None
+
+
+def owed_kind(job: Job) -> str:
+    """The message a job waiting to run needs: a delivery once it is separated, else a split."""
+    return "split" if job.separated is None else "deliver"
+
+
+def waiting(job: Job) -> bool:
+    """Whether the job waits for a message: queued for a split, or separated with no delivery running."""
+    if job.separated is None:
+        return job.status == JobStatus.queued
+    return job.status == JobStatus.processing and job.attempt_id is None
 
 
 def discard_attempt(job: Job, ctx: StoreContext) -> None:
@@ -181,14 +239,19 @@ def stand_down(job: Job, ctx: StoreContext) -> None:
     If nobody owns the job now and nothing is owed for it (its record went back in time with a
     Redis that lost its last second of writes), owe it a message so it cannot stay queued.
     """
-    ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.attempt_id))
     now = ctx.store.get_job(job.id)
-    if now is not None and now.status == JobStatus.queued and not ctx.store.owes("split", job.id):
-        ctx.store.owe("split", job.id, time.time() + ctx.settings.enqueue_grace_s)
+    if now is None or now.separated is None or now.separated.attempt_id != job.attempt_id:
+        ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.attempt_id))
+    if now is not None and waiting(now) and not ctx.store.owes(owed_kind(now), job.id):
+        ctx.store.owe(owed_kind(now), job.id, time.time() + ctx.settings.enqueue_grace_s)
 
 
 def give_up(job: Job, ctx: StoreContext) -> None:
-    err = GaveUp(f"the job was tried {job.attempts - 1} times and never finished (its worker died each time)",
-                 attempts=job.attempts - 1)
+    if job.separated is not None:
+        err = GaveUp(f"the job's stems were separated, and their delivery was tried {job.deliveries - 1} times and "
+                     "never finished (its worker died each time)", attempts=job.attempts, deliveries=job.deliveries - 1)
+    else:
+        err = GaveUp(f"the job was tried {job.attempts - 1} times and never finished (its worker died each time)",
+                     attempts=job.attempts - 1)
     if finish(job.id, ctx, JobStatus.failed, err.to_dict(), attempt_id=job.attempt_id) is not None:
         discard_outputs(job, ctx)

@@ -1,8 +1,9 @@
 """The messages of our tasks, and sending the ones the outbox owes.
 
 Work is owed a message in the outbox (`stems/runstore.py`) from the moment it is written;
-whoever sends the message then settles the entry. Three kinds: `split` (a queued job),
-`import` (an asset being imported) and `webhook` (a job that ended with a callback URL).
+whoever sends the message then settles the entry. Four kinds: `split` (a queued job),
+`deliver` (a separated job waiting for its delivery stage, `workers/delivery.py`), `import`
+(an asset being imported) and `webhook` (a job that ended with a callback URL).
 `send` looks at the record first, so an entry whose work has started, ended or vanished is
 settled without a message: sending twice is harmless (a delivery of work already started is
 dropped), and the checks keep it rare.
@@ -14,28 +15,32 @@ import logging
 from celery import Celery
 
 from stems.jobstore import JobStore
-from stems.models import AssetStatus, Job, JobStatus
+from stems.models import DELIVERY_QUEUE, AssetStatus, Job, JobStatus
 from stems.settings import Settings
 
+from .attempts import owed_kind, waiting
 from .celery_app import broker_queue
 
 log = logging.getLogger(__name__)
 
-TASKS = {"split": "stems.split", "import": "stems.import_audio", "webhook": "stems.webhook"}
+TASKS = {"split": "stems.split", "deliver": "stems.deliver", "import": "stems.import_audio",
+         "webhook": "stems.webhook"}
 KINDS = {task: kind for kind, task in TASKS.items()}
 
 
-def send_split(app: Celery, s: Settings, job: Job) -> None:
+def send_split(app: Celery, s: Settings, job: Job, kind: str = "split") -> None:
+    """A split's message (to its model queue) or a separated job's delivery (to the CPU queue); limits follow the audio."""
     seconds = job.audio_seconds or 0.0
-    app.send_task(TASKS["split"], args=[job.id], queue=broker_queue(job.queue, s),
+    queue = job.queue if kind == "split" else DELIVERY_QUEUE
+    app.send_task(TASKS[kind], args=[job.id], queue=broker_queue(queue, s),
                   soft_time_limit=s.soft_time_limit(seconds), time_limit=s.hard_time_limit(seconds))
 
 
 def needs_message(store: JobStore, kind: str, id_: str) -> bool:
     """Whether the work `kind:id` still waits for a message."""
-    if kind == "split":
+    if kind in ("split", "deliver"):
         job = store.get_job(id_)
-        return job is not None and job.status == JobStatus.queued
+        return job is not None and owed_kind(job) == kind and waiting(job)
     if kind == "import":
         asset = store.get_asset(id_)
         return asset is not None and asset.status == AssetStatus.processing
@@ -49,8 +54,8 @@ def send(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> bool
     """Send the message for `kind:id` if its work still waits for one; False if it did not."""
     if not needs_message(store, kind, id_):
         return False
-    if kind == "split":
-        send_split(app, s, store.get_job(id_))
+    if kind in ("split", "deliver"):
+        send_split(app, s, store.get_job(id_), kind)
     else:
         app.send_task(TASKS[kind], args=[id_], queue=broker_queue("cpu", s))
     return True

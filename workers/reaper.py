@@ -7,7 +7,8 @@ over). Every STEMS_REAPER_INTERVAL_S it
 1. fails running jobs past their hard deadline (their worker was killed at the time limit, or
    ignores it) with `time_limit`: outputs removed, quota slot freed, webhook owed;
 2. runs again the jobs whose lease lapsed (the worker died, froze or lost its network): back
-   to `queued` with a new message (a lapse past the deadline is a time limit, as in 1);
+   to `queued` with a new message, or, for a delivery stage, to delivery again with the
+   separated stems kept (a lapse past the deadline is a time limit, as in 1);
 3. sends the messages the outbox owes: jobs written but never queued (the API died or the
    broker refused), retries whose backoff is over, work a dead worker had received but not
    started, webhooks not yet sent.
@@ -35,7 +36,7 @@ from stems.jobstore import JobStore
 from stems.models import JobStatus
 from stems.settings import Settings, get_settings
 
-from .attempts import discard_outputs, finish, requeue
+from .attempts import discard_outputs, finish, owed_kind, requeue
 from .celery_app import dead_letter_queue, make_celery
 from .context import StoreContext
 from .messages import KINDS, flush, send_owed
@@ -176,18 +177,21 @@ def _running_splits() -> list[str]:
 
     for _ in range(5):  # the consumer thread may change the set while we copy it
         try:
-            return [str(r.args[0]) for r in list(state.active_requests) if r.name == "stems.split" and r.args]
+            return [str(r.args[0]) for r in list(state.active_requests)
+                    if r.name in ("stems.split", "stems.deliver") and r.args]
         except RuntimeError:
             time.sleep(0.01)
     return []
 
 
 def hand_back(hostname: str, ctx: StoreContext, app) -> list[str]:
-    """Send the split jobs this worker still runs back to the queue, with a message now; not counted as attempts."""
+    """Send the split and delivery runs this worker still has back to their queues, with a message now; not
+    counted as attempts."""
     handed = []
     for job_id in _running_splits():
-        if requeue(job_id, ctx, "handed back: its worker shut down", time.time(), worker=hostname, counts=False):
-            flush(app, ctx.settings, ctx.store, "split", job_id)
+        job = requeue(job_id, ctx, "handed back: its worker shut down", time.time(), worker=hostname, counts=False)
+        if job:
+            flush(app, ctx.settings, ctx.store, owed_kind(job), job_id)
             handed.append(job_id)
     if handed:
         log.warning("handed back %d running job(s) at shutdown: %s", len(handed), ", ".join(handed))

@@ -4,7 +4,8 @@ The audio path is `pipelines.split.run`, the same function `stems split` runs lo
 streams (decode, separation and encodes block by block in the job's scratch directory), so
 a worker's memory follows the chunk and the model, not the track. This module adds what only
 a service has: the source from storage, stems to storage, records, progress and cancellation
-through the job store.
+through the job store. A job on a GPU queue (STEMS_TWO_STAGE) runs only `separate_all` here and
+stores its float stems; the CPU queue's delivery stage (`workers/delivery.py`) encodes them.
 
 Each delivery runs as an attempt (`workers/attempts.py`): it takes a token, a lease renewed
 from a thread (`workers/lease.py`) and a deadline; its objects go under its own prefix, and its
@@ -23,6 +24,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -31,11 +33,11 @@ from pipelines import split
 from pipelines.errors import Cancelled, StemsError
 from pipelines.presets import load_catalogue
 from pipelines.split import Product
-from stems.models import Job, JobStatus, Stem, StemStatus
+from stems.models import DELIVERY_QUEUE, Job, JobStatus, Separated, SeparatedStem, Stem, StemStatus
 from stems.storage import keys
 
-from .attempts import (Superseded, alive, discard_attempt, discard_outputs, finish, give_up, requeue, reset_stems,
-                       stand_down, start, sweep_other_attempts)
+from .attempts import (Superseded, alive, discard_attempt, discard_outputs, finish, give_up, hand_to_delivery, requeue,
+                       reset_stems, stand_down, start, sweep_other_attempts)
 from .context import WorkerContext
 from .lease import Lease
 from .retry import backoff, retryable
@@ -111,18 +113,32 @@ def scratch_dir(ctx: WorkerContext) -> Path | None:
 
 
 def run_split(job_id: str, ctx: WorkerContext, worker: str | None = None) -> None:
-    """Run one delivery of a job: take an attempt, hold its lease, and end the attempt one way or another."""
+    """Run one delivery of a job's message: take an attempt, hold its lease, and end the attempt one way or another."""
     job = start(job_id, ctx, worker)
     if job is None:
         return  # ended, unknown, or a live attempt has it (a duplicate delivery)
-    if job.attempts > ctx.settings.task_max_attempts:
+    run_attempt(job, ctx, job.attempts, _separate_stage if two_stage(job, ctx) else _run)
+
+
+def two_stage(job: Job, ctx: WorkerContext) -> bool:
+    """Whether the job's encodes go to the CPU queue's delivery stage (STEMS_TWO_STAGE; auto: jobs on GPU queues)."""
+    mode = ctx.settings.two_stage
+    return mode == "always" or (mode == "auto" and job.queue != DELIVERY_QUEUE)
+
+
+def run_attempt(job: Job, ctx: WorkerContext, tries: int, body: Callable[[Job, WorkerContext, Lease], None]) -> None:
+    """Run `body` as attempt `job.attempt_id` under its lease; end the attempt one way or another.
+
+    `tries` counts the runs of this stage so far (a job that kills its worker each time is given up).
+    """
+    if tries > ctx.settings.task_max_attempts:
         give_up(job, ctx)
         return
     s = ctx.settings
     with Lease(ctx.store, job.id, job.attempt_id, s.lease_s, s.lease_renew_s) as lease:
         try:
             reset_stems(job, ctx)
-            _run(job, ctx, lease)
+            body(job, ctx, lease)
         except Superseded:
             stand_down(job, ctx)
         except Cancelled:
@@ -134,38 +150,96 @@ def run_split(job_id: str, ctx: WorkerContext, worker: str | None = None) -> Non
             _end_without_stems(job, ctx, JobStatus.failed,
                                {"code": "time_limit", "message": "the split ran past its time limit"})
         except Exception as exc:
-            if retryable(exc) and job.attempts < s.task_max_attempts:
+            if retryable(exc) and tries < s.task_max_attempts:
                 _retry(job, ctx, exc)
             elif isinstance(exc, StemsError):
-                log.warning("job %s failed: %s", job_id, exc)
+                log.warning("job %s failed: %s", job.id, exc)
                 _end_without_stems(job, ctx, JobStatus.failed, exc.to_dict())
             else:
-                log.exception("job %s failed", job_id)
+                log.exception("job %s failed", job.id)
                 _end_without_stems(job, ctx, JobStatus.failed,
                                    {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
 
 
+def _cancelled(job: Job, ctx: WorkerContext, lease: Lease) -> Callable[[], bool]:
+    """The run's check between chunks and stems: cancelled, or no longer this attempt's job."""
+    return lambda: lease.lost() or ctx.store.cancel_requested(job.id)
+
+
+def _records(job: Job, ctx: WorkerContext) -> tuple[dict[str, Stem], Callable[[Product], None]]:
+    """The job's stem records by name, and `deliver`: a Product uploaded and recorded on its stem's record."""
+    records = {s.name: s for s in ctx.store.get_stems(job.stem_ids)}
+    restored = {u.of_stem_id: u for u in ctx.store.get_stems(job.upscaled_ids)}
+
+    def deliver(product: Product) -> None:
+        stem = records[product.name] if product.of is None else restored[records[product.of].id]
+        store_product(product, stem, job, ctx)
+
+    return records, deliver
+
+
+def _job_dir(ctx: WorkerContext):
+    return tempfile.TemporaryDirectory(prefix=f"split-{_HOST}-{os.getpid()}-", dir=scratch_dir(ctx))
+
+
+def _fetch_source(job: Job, ctx: WorkerContext, tmp: Path, progress: Progress) -> Path:
+    progress(0.01, "downloading")
+    src = tmp / "source"
+    ctx.storage.get_file(_source_key(job, ctx), src)
+    return src
+
+
 def _run(job: Job, ctx: WorkerContext, lease: Lease) -> None:
-    progress = Progress(ctx, job.id, job.attempt_id)
+    """The whole job in this process: separation, then the encodes."""
+    progress, cancelled = Progress(ctx, job.id, job.attempt_id), _cancelled(job, ctx, lease)
     t0, loaded = time.perf_counter(), ctx.engine.load_seconds
-
-    def cancelled() -> bool:  # checked between chunks and stems: cancelled, or no longer this attempt's job
-        return lease.lost() or ctx.store.cancel_requested(job.id)
-
-    with tempfile.TemporaryDirectory(prefix=f"split-{_HOST}-{os.getpid()}-", dir=scratch_dir(ctx)) as tmpdir:
+    with _job_dir(ctx) as tmpdir:
         tmp = Path(tmpdir)
-        progress(0.01, "downloading")
-        src = tmp / "source"
-        ctx.storage.get_file(_source_key(job, ctx), src)
-        records = {s.name: s for s in ctx.store.get_stems(job.stem_ids)}
-        restored = {u.of_stem_id: u for u in ctx.store.get_stems(job.upscaled_ids)}
-
-        def deliver(product: Product) -> None:
-            stem = records[product.name] if product.of is None else restored[records[product.of].id]
-            store_product(product, stem, job, ctx)
-
+        src = _fetch_source(job, ctx, tmp, progress)
+        records, deliver = _records(job, ctx)
         done = split.run(ctx.engine, job.spec, src, tmp, deliver, progress, cancelled, wanted=set(records))
-    dropped = [record for name, stem in records.items() if name not in done.made_by
+    complete(job, ctx, done.made_by, done.seconds, cancelled)
+    log.info("job %s: %.2f s, of which %.2f s loading models", job.id, time.perf_counter() - t0,
+             ctx.engine.load_seconds - loaded)
+
+
+def _separate_stage(job: Job, ctx: WorkerContext, lease: Lease) -> None:
+    """Stage one of two: separate (and restore), store the float stems, hand the job to the CPU queue's delivery."""
+    progress, cancelled = Progress(ctx, job.id, job.attempt_id), _cancelled(job, ctx, lease)
+    t0, model0 = time.perf_counter(), ctx.engine.model_seconds
+    with _job_dir(ctx) as tmpdir:
+        tmp = Path(tmpdir)
+        src = _fetch_source(job, ctx, tmp, progress)
+        records, _ = _records(job, ctx)
+        separated = split.separate_all(ctx.engine, job.spec, src, tmp, progress, cancelled, wanted=set(records))
+        try:
+            model_s = ctx.engine.model_seconds - model0
+            files = split.materialize(separated, tmp)
+        finally:
+            separated.close()
+        _check(cancelled)
+        stored = []
+        for name, of, made_by, path in files:
+            key = keys.separated(job.user_id, job.id, job.attempt_id, name)
+            ctx.storage.put_file(key, path)
+            path.unlink()
+            stored.append(SeparatedStem(name=name, of=of, made_by=made_by, key=key))
+    _check(cancelled)
+    done = separated.done
+    handed = Separated(attempt_id=job.attempt_id, worker=job.worker, frames=done.frames, sample_rate=done.sample_rate,
+                       made_by=done.made_by, stems=stored)
+    timings = {"separate_s": round(time.perf_counter() - t0, 4), "model_s": round(model_s, 4)}
+    if not hand_to_delivery(job, ctx, handed, timings):
+        raise Cancelled("the job was cancelled or taken over while its stems were stored")
+    log.info("job %s separated in %.2f s (%.2f s in models); delivery queued", job.id, timings["separate_s"], model_s)
+
+
+def complete(job: Job, ctx: WorkerContext, made_by: dict[str, str], seconds: float,
+             cancelled: Callable[[], bool]) -> None:
+    """Mark the stems the chain did not make as dropped, then complete the job (only while this attempt owns it)."""
+    records = {s.name: s for s in ctx.store.get_stems(job.stem_ids)}
+    restored = {u.of_stem_id: u for u in ctx.store.get_stems(job.upscaled_ids)}
+    dropped = [record for name, stem in records.items() if name not in made_by
                for record in filter(None, (stem, restored.get(stem.id)))]
     for record in dropped:
         record.status = StemStatus.dropped
@@ -173,12 +247,17 @@ def _run(job: Job, ctx: WorkerContext, lease: Lease) -> None:
         raise Superseded("another attempt owns the job now")
     if cancelled():
         raise Cancelled("job cancelled")
-    minutes = done.seconds / 60 * load_catalogue().preset(job.preset).usage_multiplier
+    if job.separated is not None:  # the float stems go before the job completes: a complete job holds its stems only
+        ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.separated.attempt_id))
+    minutes = seconds / 60 * load_catalogue().preset(job.preset).usage_multiplier
     if finish(job.id, ctx, JobStatus.complete, usage_minutes=minutes, attempt_id=job.attempt_id) is None:
         raise Cancelled("the job was cancelled or taken over while its stems were stored")
     sweep_other_attempts(job, ctx)
-    log.info("job %s: %.2f s, of which %.2f s loading models", job.id, time.perf_counter() - t0,
-             ctx.engine.load_seconds - loaded)
+
+
+def _check(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise Cancelled("job cancelled")
 
 
 def _end_without_stems(job: Job, ctx: WorkerContext, status: JobStatus, error: dict | None = None) -> None:

@@ -25,6 +25,7 @@ from .context import context, store_context
 from .importer import run_import
 from .messages import flush
 from .retry import RETRYABLE, backoff
+from .delivery import run_delivery
 from .splitter import run_split
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,28 @@ def import_audio_task(audio_id: str) -> None:
 
 @app.task(name="stems.split", bind=True)
 def split_task(self, job_id: str) -> None:
+    """A job's split: the whole of it, or its separation stage when its encodes run on the CPU queue."""
+    _run_then_flush(run_split, job_id, self.request.hostname)
+
+
+@app.task(name="stems.deliver", bind=True)
+def deliver_task(self, job_id: str) -> None:
+    """A separated job's delivery stage: WAVs, HQ encodes and peaks, uploaded; the job completed."""
+    _run_then_flush(run_delivery, job_id, self.request.hostname)
+
+
+def _run_then_flush(run, job_id: str, hostname: str | None) -> None:
     ctx = context()
     try:
-        run_split(job_id, ctx, self.request.hostname)
+        run(job_id, ctx, hostname)
     finally:
-        try:  # the webhook is owed with the final status; send it now rather than at the reaper's next pass
-            flush(app, ctx.settings, ctx.store, "webhook", job_id)
-        except RETRYABLE:
-            pass
+        # what the run owes (its delivery stage, or the webhook of its final status) is sent now rather than
+        # at the reaper's next pass
+        for kind in ("deliver", "webhook"):
+            try:
+                flush(app, ctx.settings, ctx.store, kind, job_id)
+            except RETRYABLE:
+                pass
 
 
 @app.task(name="stems.webhook", soft_time_limit=_s.webhook_timeout_s, time_limit=WEBHOOK_HARD_S)

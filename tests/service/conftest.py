@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.modelstore import ModelStore
-from tests.support import SONG_S, tone_mix, write_audio
+from tests.support import LONG_S, SONG_S, tone_mix, write_audio
 
 SR = 44100
 
@@ -23,3 +23,8 @@ def demucs_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fault_song(tmp_path_factory):
     return write_audio(tmp_path_factory.mktemp("song") / "song.wav", tone_mix(SONG_S, SR), SR)
+
+
+@pytest.fixture(scope="module")
+def long_song(tmp_path_factory):
+    return write_audio(tmp_path_factory.mktemp("long") / "long.wav", tone_mix(LONG_S, SR), SR)

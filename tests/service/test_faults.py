@@ -104,12 +104,13 @@ def test_unfixable_errors_fail_at_once_with_the_reason(tmp_path, redis_url, s3_u
         s.stop()
 
 
-def test_time_limit_fails_the_job(tmp_path, redis_url, s3_url, demucs_models, fault_song, broker):
+def test_time_limit_fails_the_job(tmp_path, redis_url, s3_url, demucs_models, long_song, broker):
+    # each stage of a job has the limit; the long song's separation outlasts 2 s on any CPU
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker, STEMS_TIME_LIMIT_BASE_S="2",
                STEMS_TIME_LIMIT_PER_AUDIO_S="0")
     try:
         with s.client() as c:
-            job_id = start_job(c, fault_song)
+            job_id = start_job(c, long_song)
             status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, 120)
             assert status["status"] == "failed" and status["error"]["code"] == "time_limit", status
     finally:

@@ -21,12 +21,11 @@ import pytest
 from pipelines.presets import load_catalogue
 from stems.redisboot import free_port, start_redis
 from tests.blackhole import Server, endless_body, silent, trickle_headers
-from tests.support import (SONG_S, TERMINAL, ServiceStack, expected_objects, job_objects, start_job, tone_mix, upload,
-                           wait_for, wait_stage, write_audio)
+from tests.support import (LONG_S, SONG_S, TERMINAL, ServiceStack, expected_objects, job_objects, start_job, tone_mix,
+                           upload, wait_for, wait_stage, write_audio)
 from tests.webserver import WebServer
 
 SR = 44100
-LONG_S = 5 * SONG_S
 # test-speed leases and reaper; no step cache, so every attempt really separates
 FAST = {"STEMS_LEASE_S": "4", "STEMS_LEASE_RENEW_S": "1", "STEMS_REAPER_INTERVAL_S": "0.5",
         "STEMS_ENQUEUE_GRACE_S": "2", "STEMS_CACHE_MAX_BYTES": "0"}
@@ -60,12 +59,6 @@ def _complete_once(s: ServiceStack, c: httpx.Client, job_id: str, status: dict, 
     usage = c.get("/usage").json()
     assert usage["jobs"] == 1 and usage["minutes"] == pytest.approx(_minutes(seconds), abs=1e-3), usage
 
-
-@pytest.fixture(scope="module")
-def long_song(tmp_path_factory):
-    # the two-deliveries drill holds the first run for seconds before it freezes it: on a fast CPU the
-    # 8 s song's whole split fits in that wait, so this one is five times as long
-    return write_audio(tmp_path_factory.mktemp("long") / "long.wav", tone_mix(LONG_S, SR), SR)
 
 
 def _nothing_left(s: ServiceStack, queues=("cpu", "gpu-demucs"), timeout: float = 15) -> None:
@@ -157,7 +150,7 @@ def test_two_deliveries_of_one_job_at_once_give_one_result(tmp_path, redis_url, 
                 os.killpg(runner.pid, signal.SIGCONT)  # ... and thaws: both runs go on at once
             status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, 120)
             _complete_once(s, c, job_id, status, attempts=2, seconds=LONG_S)
-            assert s.store.get_job(job_id).attempt_id == second.attempt_id
+            assert s.store.get_job(job_id).separated.attempt_id == second.attempt_id  # the winner separated it
             time.sleep(3)  # the thawed run stops at its next check; it must not have touched the winner's stems
             assert job_objects(s, job_id) == expected_objects(s, job_id)
             assert c.get("/usage").json()["jobs"] == 1
@@ -276,8 +269,11 @@ def test_sigterm_lets_the_job_finish_or_hands_it_back(tmp_path, redis_url, s3_ur
             finishes = start_job(c, fault_song, audio_id=audio_id)
             wait_stage(s, finishes, "separating")
             os.kill(patient.pid, signal.SIGTERM)  # to the main process, as Kubernetes and docker stop do
+            # it finishes the separation it runs; the delivery stage goes to a CPU worker (it takes no more work)
+            s.start_worker("cpu", "deliverer")
             status = wait_for(c, f"/status/stem_split/{finishes}", TERMINAL, 180)
             assert status["status"] == "complete" and status["attempts"] == 1, status
+            assert status["worker"].startswith("deliverer@"), status
             assert patient.popen.wait(30) is not None  # and then it exits
 
             hasty = s.start_worker(QUEUES, "hasty", STEMS_SHUTDOWN_GRACE_S="0")

@@ -45,8 +45,12 @@ def test_each_job_runs_on_the_worker_of_its_queue(two_workers, tmp_path):
         for preset, job_id in jobs.items():
             status = wait_for(c, f"/status/stem_split/{job_id}", {"complete", "failed"}, 180)
             assert status["status"] == "complete", status
-            expected = "cpu@" if preset == "phantom_center" else "demucs@"
-            assert status["worker"].startswith(expected), (preset, status["worker"])
+            job = two_workers.store.get_job(job_id)
+            if preset == "phantom_center":  # DSP on the cpu queue, in one stage
+                assert job.separated is None and status["worker"].startswith("cpu@"), (preset, status["worker"])
+            else:  # separated on the model's queue, delivered (encoded) on the cpu queue
+                assert job.separated.worker.startswith("demucs@"), (preset, job.separated)
+                assert status["worker"].startswith("cpu@"), (preset, status["worker"])
         status = c.get(f"/status/stem_split/{jobs['2_tracks']}").json()
         assert status["models"] == {"vocals": "htdemucs", "instrumental": "htdemucs"}
 
