@@ -49,6 +49,7 @@ test: install
 # bench/results.json on any machine; bench/gpu_results.json too where torch sees a CUDA device
 bench: install
 	$(BIN)/python -m bench.perf
+	$(BIN)/python -m bench.two_stage
 	$(BIN)/python -m bench.cli_memory
 	$(BIN)/python -m bench.gpu --if-available
 

@@ -135,7 +135,8 @@ class Job(BaseModel):
     worker_pid: int | None = None  # its process (tests kill it to inject faults)
     separated: Separated | None = None  # set when separation handed the job to delivery (two stages)
     deliveries: int = 0  # delivery-stage runs of it, bounded like attempts
-    timings: dict[str, float] = Field(default_factory=dict)  # seconds: separate_s, model_s, deliver_s
+    timings: dict[str, float] = Field(default_factory=dict)  # seconds: run_s (one stage) or separate_s and
+    # deliver_s (two stages), and model_s, the time in models
     audio_seconds: float | None = None
     usage_minutes: float = 0.0
     created_at: float = Field(default_factory=now)

@@ -27,7 +27,7 @@ from stems.storage import ObjectMissing, keys
 from .attempts import discard_outputs, requeue, start_delivery
 from .context import WorkerContext
 from .lease import Lease
-from .splitter import Progress, _cancelled, _job_dir, _records, complete, run_attempt
+from .splitter import Progress, _cancelled, _job_dir, _records, complete, record_timings, run_attempt
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,10 @@ def _deliver(job: Job, ctx: WorkerContext, lease: Lease) -> None:
         finally:
             for signal in held:
                 signal.close()
-    deliver_s = round(time.perf_counter() - t0, 4)
-    ctx.store.update_job(job.id, lambda j: _timed(j, job.attempt_id, deliver_s))
+    deliver_s = time.perf_counter() - t0
+    record_timings(job, ctx, deliver_s=deliver_s)
     complete(job, ctx, sep.made_by, sep.frames / sep.sample_rate, cancelled)
     log.info("job %s delivered in %.2f s", job.id, deliver_s)
-
-
-def _timed(job: Job, attempt_id: str, deliver_s: float) -> Job | None:
-    if job.attempt_id != attempt_id or job.status != JobStatus.processing:
-        return None
-    job.timings = {**job.timings, "deliver_s": deliver_s}
-    return job
 
 
 def _separate_again(job: Job, ctx: WorkerContext, key: str) -> None:

@@ -192,12 +192,13 @@ def _fetch_source(job: Job, ctx: WorkerContext, tmp: Path, progress: Progress) -
 def _run(job: Job, ctx: WorkerContext, lease: Lease) -> None:
     """The whole job in this process: separation, then the encodes."""
     progress, cancelled = Progress(ctx, job.id, job.attempt_id), _cancelled(job, ctx, lease)
-    t0, loaded = time.perf_counter(), ctx.engine.load_seconds
+    t0, loaded, model0 = time.perf_counter(), ctx.engine.load_seconds, ctx.engine.model_seconds
     with _job_dir(ctx) as tmpdir:
         tmp = Path(tmpdir)
         src = _fetch_source(job, ctx, tmp, progress)
         records, deliver = _records(job, ctx)
         done = split.run(ctx.engine, job.spec, src, tmp, deliver, progress, cancelled, wanted=set(records))
+    record_timings(job, ctx, run_s=time.perf_counter() - t0, model_s=ctx.engine.model_seconds - model0)
     complete(job, ctx, done.made_by, done.seconds, cancelled)
     log.info("job %s: %.2f s, of which %.2f s loading models", job.id, time.perf_counter() - t0,
              ctx.engine.load_seconds - loaded)
@@ -232,6 +233,17 @@ def _separate_stage(job: Job, ctx: WorkerContext, lease: Lease) -> None:
     if not hand_to_delivery(job, ctx, handed, timings):
         raise Cancelled("the job was cancelled or taken over while its stems were stored")
     log.info("job %s separated in %.2f s (%.2f s in models); delivery queued", job.id, timings["separate_s"], model_s)
+
+
+def record_timings(job: Job, ctx: WorkerContext, **seconds: float) -> None:
+    """Add stage timings to the job record (only while this attempt owns it): what a node spent on the job."""
+    def apply(current: Job) -> Job | None:
+        if current.attempt_id != job.attempt_id or current.status != JobStatus.processing:
+            return None
+        current.timings = {**current.timings, **{k: round(v, 4) for k, v in seconds.items()}}
+        return current
+
+    ctx.store.update_job(job.id, apply)
 
 
 def complete(job: Job, ctx: WorkerContext, made_by: dict[str, str], seconds: float,

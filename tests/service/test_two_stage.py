@@ -89,7 +89,9 @@ def test_two_stages_give_the_one_stage_files(tmp_path, redis_url, s3_url, demucs
             job_id = start_job(c, fault_song, audio_id=audio_id, **REQUEST)
             single = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, 120)
             assert single["status"] == "complete", single
-            assert s.store.get_job(job_id).separated is None and s.store.get_job(job_id).deliveries == 0
+            one_stage = s.store.get_job(job_id)
+            assert one_stage.separated is None and one_stage.deliveries == 0
+            assert set(one_stage.timings) == {"run_s", "model_s"}
             expected = _files(c, single)
             one.stop()
 
