@@ -212,7 +212,9 @@ def split_status(creation_id: UUID, svc=Svc, user: str = User) -> dict:
 def status_of(job: Job, stems: list[Stem], ups: list[Stem], retain_stems_s: float) -> dict:
     return {
         "creation_id": job.id, "audio_id": job.audio_id, "preset": job.preset, "status": job.status.value,
-        "progress": job.progress, "stage": job.stage, "error": job.error, "attempts": job.attempts, "worker": job.worker,
+        "progress": job.progress, "stage": job.stage, "error": job.error, "attempts": job.attempts,
+        "worker": job.separated.worker if job.separated else job.worker,
+        "delivered_by": job.worker if job.separated and job.deliveries else None,
         "models": {s.name: s.made_by for s in stems + ups if s.made_by},
         "stems": [stem_info(s) for s in stems if s.status != StemStatus.dropped],
         "upscaled_audios": [stem_info(s) for s in ups if s.status != StemStatus.dropped],

@@ -146,7 +146,10 @@ class SplitStatus(BaseModel):
     stage: str
     error: dict | None
     attempts: int
-    worker: str | None = Field(None, description="the worker that ran the latest attempt")
+    worker: str | None = Field(None, description="the worker that ran the job's model (its latest attempt); for a job "
+                                                 "in two stages, the separating worker on the model's queue")
+    delivered_by: str | None = Field(None, description="for a job in two stages, the cpu-queue worker that encoded and "
+                                                       "stored its stems (its latest delivery run)")
     models: dict[str, str] = Field(description="stem name -> model or method that made it")
     stems: list[StemInfo]
     upscaled_audios: list[StemInfo]

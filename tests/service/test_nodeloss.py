@@ -273,7 +273,7 @@ def test_sigterm_lets_the_job_finish_or_hands_it_back(tmp_path, redis_url, s3_ur
             s.start_worker("cpu", "deliverer")
             status = wait_for(c, f"/status/stem_split/{finishes}", TERMINAL, 180)
             assert status["status"] == "complete" and status["attempts"] == 1, status
-            assert status["worker"].startswith("deliverer@"), status
+            assert status["worker"].startswith("patient@") and status["delivered_by"].startswith("deliverer@"), status
             assert patient.popen.wait(30) is not None  # and then it exits
 
             hasty = s.start_worker(QUEUES, "hasty", STEMS_SHUTDOWN_GRACE_S="0")

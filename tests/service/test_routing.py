@@ -45,12 +45,11 @@ def test_each_job_runs_on_the_worker_of_its_queue(two_workers, tmp_path):
         for preset, job_id in jobs.items():
             status = wait_for(c, f"/status/stem_split/{job_id}", {"complete", "failed"}, 180)
             assert status["status"] == "complete", status
-            job = two_workers.store.get_job(job_id)
             if preset == "phantom_center":  # DSP on the cpu queue, in one stage
-                assert job.separated is None and status["worker"].startswith("cpu@"), (preset, status["worker"])
-            else:  # separated on the model's queue, delivered (encoded) on the cpu queue
-                assert job.separated.worker.startswith("demucs@"), (preset, job.separated)
-                assert status["worker"].startswith("cpu@"), (preset, status["worker"])
+                assert status["worker"].startswith("cpu@") and status["delivered_by"] is None, (preset, status)
+            else:  # separated on the model's queue, then encoded and stored on the cpu queue
+                assert status["worker"].startswith("demucs@"), (preset, status["worker"])
+                assert status["delivered_by"].startswith("cpu@"), (preset, status["delivered_by"])
         status = c.get(f"/status/stem_split/{jobs['2_tracks']}").json()
         assert status["models"] == {"vocals": "htdemucs", "instrumental": "htdemucs"}
 

@@ -91,9 +91,13 @@ def _wavs(ctx, job: Job) -> dict[str, np.ndarray]:
 
 
 def _split(ctx, job: Job) -> Job:
+    """The job's run as a worker does it, in this process: a GPU-queue job's separation, then its delivery stage."""
+    from workers.delivery import run_delivery
     from workers.splitter import run_split
 
     run_split(job.id, ctx)
+    if ctx.store.get_job(job.id).separated is not None:
+        run_delivery(job.id, ctx)
     done = ctx.store.get_job(job.id)
     assert done.status == JobStatus.complete, done
     return done

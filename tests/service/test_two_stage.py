@@ -102,6 +102,8 @@ def test_two_stages_give_the_one_stage_files(tmp_path, redis_url, s3_url, demucs
             assert status["status"] == "complete", status
             assert status["models"] == single["models"] and status["progress"] == 1.0
             assert _files(c, status) == expected  # the same bytes: WAV, AAC and peaks, stems and restored copies
+            assert single["worker"].startswith("one@") and single["delivered_by"] is None
+            assert status["worker"].startswith("gpu@") and status["delivered_by"].startswith("cpu@")
             job = s.store.get_job(job_id)
             assert job.separated is not None and job.attempts == 1 and job.deliveries == 1
             assert job.worker.startswith("cpu@")  # the delivery ran on the CPU queue's worker ...
