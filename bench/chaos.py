@@ -2,8 +2,9 @@
 
 Starts a private Redis (the job store, and the broker unless RabbitMQ is asked for), the API
 and W worker groups (`stems worker`, its own process group each, as a node), with a small
-randomly initialised htdemucs so a split takes seconds. For M minutes it submits `4_tracks`
-splits of an 8-second file at a steady rate while, every 10 to 25 s (random), it SIGKILLs one
+randomly initialised htdemucs on torch (ONNX Runtime would finish a split before most kills
+land) so a split takes seconds. For M minutes it submits `4_tracks` splits of a `--seconds`
+file (40 by default) at a steady rate while, every 10 to 25 s (random), it SIGKILLs one
 worker group's whole process group (parent and pool: a reclaimed spot node) and starts a
 replacement at once. Leases, the reaper and every other setting keep their defaults unless
 given. Then it waits for every accepted job to end and audits the job store and storage:
@@ -58,7 +59,7 @@ def run(broker: str, args, tmp: Path) -> dict:
     redis, url = start_redis(tmp / "redis")
     prefix = f"chaos{random.randrange(1 << 30):x}"
     models = ModelStore(tmp / "models")
-    install_random_demucs(models, "htdemucs", size="small")
+    install_random_demucs(models, "htdemucs", size="small", params={"backend": "torch"}, share_derived=False)
     env = {**os.environ, "REDIS_URL": url, "STEMS_KEY_PREFIX": prefix, "STEMS_STORAGE": "local",
            "STEMS_DATA_DIR": str(tmp / "data"), "STEMS_MODEL_DIR": str(models.root), "STEMS_CHUNK_SECONDS": "5",
            "STEMS_CACHE_MAX_BYTES": "0", "STEMS_MAX_ACTIVE_JOBS": "1000", "STEMS_RATE_LIMIT_PER_MINUTE": "100000"}
@@ -90,7 +91,7 @@ def run(broker: str, args, tmp: Path) -> dict:
         wait_http(base + "/healthz", proc=api)
         wait_workers(store, args.workers, 120)
         sample = tmp / "sample.wav"
-        make_sample(sample, seconds=8.0)
+        make_sample(sample, seconds=args.seconds)
         with httpx.Client(base_url=base, headers={"x-api-key": store.create_key("chaos")}, timeout=60) as c:
             audio_id = upload_file(c, sample)["audio_id"]
             body = {"preset": "4_tracks", "audio_id": audio_id, "hq_streaming_format": "none"}
@@ -114,7 +115,7 @@ def run(broker: str, args, tmp: Path) -> dict:
                     victim = random.choice(sorted(workers))
                     proc = workers.pop(victim)
                     hit = [j for j in map(store.get_job, accepted) if j and j.status.value == "processing"
-                           and (j.worker or "").startswith(victim + "@")]
+                           and j.attempt_id and (j.worker or "").startswith(victim + "@")]  # a run it holds
                     try:
                         os.killpg(proc.pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -153,8 +154,10 @@ def audit(store, storage, accepted, kills, errors, broker, args) -> dict:
             reasons[job.error.get("code", "?")] = reasons.get(job.error.get("code", "?"), 0) + 1
         stems = store.get_stems(job.stem_ids)
         objects = sorted(storage.list(f"users/{job.user_id}/jobs/{job.id}/"))
-        expected = sorted(k for s in stems for k in (s.wav_key, s.hq_key) if k) if job.status.value == "complete" else []
-        if objects != expected or (job.status.value == "complete" and len(expected) != len(job.stem_ids)):
+        expected = (sorted(k for s in stems for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
+                    if job.status.value == "complete" else [])
+        whole = sum(1 for s in stems if s.wav_key) == len(job.stem_ids)  # every stem stored, once
+        if objects != expected or (job.status.value == "complete" and not whole):
             duplicated.append(job_id)
         if job.status.value == "complete" and job.attempts == 1 and job.started_at:
             clean_runs.append(job.finished_at - job.started_at)
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=3.0, help="how long jobs are submitted and nodes killed")
     ap.add_argument("--workers", type=int, default=2, help="worker groups (nodes) alive at a time")
     ap.add_argument("--jobs-per-minute", type=float, default=12.0)
+    ap.add_argument("--seconds", type=float, default=40.0, help="length of the file each job splits")
     ap.add_argument("--lease", type=float, default=None, help="STEMS_LEASE_S (default: the setting's default)")
     ap.add_argument("--drain-timeout", type=float, default=600.0)
     ap.add_argument("--out", type=Path, default=Path("bench/chaos_results.json"))
