@@ -4,8 +4,8 @@ A job on a GPU queue separates there (`workers/splitter.py`) and stores its floa
 its attempt's prefix; the job, still `processing`, is handed to the CPU queue with those
 stems named in `Job.separated`. A delivery run takes an attempt of its own (a token, a lease
 and a deadline, counted in `Job.deliveries`), encodes every stem with `pipelines.split`'s own
-`deliver_all`, uploads the files under its own prefix and completes the job; the float stems
-go with the sweep of other attempts. So a GPU worker's busy time per job is its separation,
+`deliver_all`, uploads the files under its own prefix, removes the float stems and completes
+the job. So a GPU worker's busy time per job is its separation,
 and the encodes of one job run on the CPU workers while the GPU separates the next.
 
 A delivery run that dies, freezes or is handed back at shutdown leaves the float stems where
