@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SHARED ?= ../shared
 
-.PHONY: install models run up down test bench bench-quality bench-api web clean
+.PHONY: install models run up down test test-fast bench bench-quality bench-api web clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ down:
 
 test: install
 	$(BIN)/python -m pytest
+
+# The quick tiers (pure code and the real stack); `make test` runs every tier (drills, installs, the browser too)
+test-fast: install
+	$(BIN)/python -m pytest -m "unit or service"
 
 # bench/results.json on any machine; bench/gpu_results.json too where torch sees a CUDA device
 bench: install

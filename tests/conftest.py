@@ -11,6 +11,27 @@ from workers.celery_app import rabbitmq_unreachable
 
 RABBITMQ_URL = os.environ.get("STEMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
+# The tiers (pyproject's markers). A test's tier follows from where it lives, so a new test file is in a tier
+# without anyone marking it: pure code under tests/pipelines, the real stack under tests/service, except the
+# modules that kill processes or cut services (drills) and those that install the project (install).
+DRILLS = {"test_nodeloss.py", "test_faults.py", "test_durability.py", "test_two_stage.py"}
+INSTALLS = {"test_make_run.py", "test_modelpull.py"}
+
+
+def tier(path) -> str:
+    if path.parent.name == "browser":
+        return "browser"
+    if path.parent.name == "pipelines":
+        return "unit"
+    if path.name in DRILLS:
+        return "drill"
+    return "install" if path.name in INSTALLS else "service"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier(item.path)))
+
 
 @pytest.fixture(scope="module")
 def torch_one_thread():
