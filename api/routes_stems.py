@@ -14,6 +14,7 @@ from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.presets import load_catalogue
 from pipelines.registry import get_spec
 from stems.lifecycle import delete_job, expiry
+from stems.masterings import root_audio_id
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
 from stems.storage import keys
@@ -44,15 +45,14 @@ def owned_job(svc: Services, user: str, job_id: str) -> Job:
 
 def resolve_source(svc: Services, user: str, body: CreateStems) -> tuple[str, str, str, float]:
     """(source kind, source id, root audio id, duration in seconds) of the request's source."""
-    if body.stem_id or body.upscaled_id:
-        kind = "stem" if body.stem_id else "upscaled"
-        stem = owned_stem(svc, user, str(body.stem_id or body.upscaled_id), kind)
+    if body.stem_id or body.upscaled_id or body.mastered_id:
+        kind = "stem" if body.stem_id else "upscaled" if body.upscaled_id else "mastered"
+        stem = owned_stem(svc, user, str(body.stem_id or body.upscaled_id or body.mastered_id), kind)
+        if stem.status == StemStatus.expired:
+            raise Gone(f"that {kind} was deleted by the retention policy", **{f"{kind}_id": stem.id})
         if stem.status != StemStatus.complete:
             raise Conflict(f"that {kind} is not ready (status {stem.status.value})", **{f"{kind}_id": stem.id})
-        job = svc.store.get_job(stem.job_id)
-        return kind, stem.id, job.audio_id if job else stem.id, stem.duration or 0.0
-    if body.mastered_id:  # mastering is not part of this deployment: no such ids exist
-        raise NotFound("mastered audio not found", mastered_id=str(body.mastered_id))
+        return kind, stem.id, root_audio_id(svc.store, stem), stem.duration or 0.0
     if not body.audio_id:
         raise Invalid("give the source as one of audio_id, stem_id, upscaled_id or mastered_id", field="audio_id")
     asset = owned_asset(svc, user, str(body.audio_id))

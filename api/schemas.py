@@ -242,3 +242,63 @@ class PresetInfo(BaseModel):
 class PresetList(BaseModel):
     presets: list[PresetInfo]
     restoration_presets: list[dict]
+
+
+# -- mastering (api/routes_master.py) --------------------------------------------------------------------------
+
+class MasterAudio(Strict):
+    """Master an audio, a stem, an upscaled copy (or a mastered version again). Give one source id."""
+
+    audio_id: UUID | None = None
+    stem_id: UUID | None = Field(None, description="master a stem (takes priority over the other ids)")
+    upscaled_id: UUID | None = Field(None, description="master a restored (upscaled) stem")
+    mastered_id: UUID | None = Field(None, description="master a mastered version again")
+    preset: Literal["streaming", "loud", "podcast"] = Field(
+        "streaming", description="streaming: -14 LUFS, -1 dBTP; loud: -9 LUFS, -1 dBTP; podcast: -16 LUFS, -1.5 dBTP")
+    bit_depth: Literal[16, 24, 32] = Field(24, description="WAV bit depth of the result; 32 is float")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "preset": "streaming", "bit_depth": 24}]})
+
+
+class MasterQueued(BaseModel):
+    status: str = "processing"
+    message: str = "Mastering queued"
+    mastered_id: str = Field(description="follow it on /status/mastered/{mastered_id}; split it with /create-stems")
+    audio_id: str
+    user_id: str
+    preset: str
+
+
+class Loudness(BaseModel):
+    integrated_lufs: float | None = Field(None, description="ITU-R BS.1770-4 integrated loudness (LUFS)")
+    true_peak_dbtp: float | None = Field(None, description="4x oversampled true peak (dBTP)")
+    loudness_range_lu: float | None = Field(None, description="EBU Tech 3342 loudness range (LU)")
+    duration_s: float | None = None
+
+
+class MasterTarget(BaseModel):
+    integrated_lufs: float
+    true_peak_dbtp: float = Field(description="the ceiling the true peak stays at or under")
+
+
+class MasterStatus(BaseModel):
+    mastered_id: str
+    audio_id: str
+    source_kind: str = Field(description="audio, stem, upscaled or mastered")
+    source_id: str
+    preset: str
+    status: str = Field(description="queued, processing, complete or failed")
+    error: dict | None = None
+    target: MasterTarget
+    measured: Loudness | None = Field(None, description="what the result measures (once complete)")
+    source_measured: Loudness | None = Field(None, description="what the source measured")
+    processing: dict | None = Field(None, description="gain_db, low_shelf_db, high_shelf_db (the tonal balance) and "
+                                                      "renders (a render is made again when the limiter cost loudness)")
+    bit_depth: int
+    sample_rate: int | None = None
+    channels: int | None = None
+    size: int | None = Field(None, description="bytes of the WAV")
+    download: str | None = Field(None, description="path of GET /download/mastered once complete")
+    created_at: float
+    finished_at: float | None = None
+    expires_at: float | None = Field(None, description="when the retention policy deletes the WAV")
