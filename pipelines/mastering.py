@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from scipy import signal as sps
 from scipy.ndimage import maximum_filter1d, minimum_filter1d
 
+from .audio import AudioInfo, WavWriter, iter_decode, probe
 from .errors import AudioError
 
 RENDER_TOLERANCE_LU = 0.2
@@ -400,3 +402,15 @@ def master(blocks: Blocks, sample_rate: int, channels: int, preset_name: str,
         tried = (gain, result.integrated_lufs)
         gain = min(gain + miss / slope, MAX_GAIN_DB)
     return MasterReport(p.name, source, result, round(used, 2), round(low, 2), round(high, 2), renders)
+
+
+def master_file(src: Path, dest: Path, preset_name: str, bit_depth: int = 24) -> tuple[MasterReport, AudioInfo]:
+    """Master a file into a WAV at its own rate (the worker and `stems master` both call this)."""
+    info = probe(src)
+    channels = min(info.channels, 2)  # iter_decode folds more than two channels to stereo
+
+    def open_sink():
+        w = WavWriter(dest, info.sample_rate, channels, bit_depth)
+        return w.write, w.close
+
+    return master(lambda: iter_decode(src), info.sample_rate, channels, preset_name, open_sink), info

@@ -261,6 +261,59 @@ def cmd_remote_split(args) -> int:
     return 0
 
 
+def cmd_master(args) -> int:
+    """Master a file locally (no server); prints what the source and the result measure."""
+    from pipelines.errors import StemsError
+    from pipelines.mastering import master_file
+
+    out = Path(args.out or Path(args.file).with_suffix("").name + f".{args.preset}.wav")
+    try:
+        report, _ = master_file(Path(args.file), out, args.preset, args.bit_depth)
+    except StemsError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    src, res = report.source, report.result
+    print(f"{out}\t{res.integrated_lufs:.2f} LUFS\t{res.true_peak_dbtp:.2f} dBTP\tLRA {res.loudness_range_lu:.2f} LU")
+    print(f"source {src.integrated_lufs:.2f} LUFS {src.true_peak_dbtp:.2f} dBTP; gain {report.gain_db} dB, "
+          f"shelves {report.low_shelf_db}/{report.high_shelf_db} dB, {report.renders} render(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_remote_master(args) -> int:
+    """Master a file on a stems server; downloads the WAV and prints what it measures."""
+    from .client import ApiError, Client, JobFailed
+
+    if not args.key:
+        print("error: no API key: pass --key or set STEMS_API_KEY", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(args.file).with_suffix("").name + f".{args.preset}.wav")
+    with Client(args.server, args.key) as client:
+        try:
+            audio = client.upload(args.file)
+            client.wait_audio(audio.audio_id)
+            queued = client.master_audio(audio_id=audio.audio_id, preset=args.preset, bit_depth=args.bit_depth)
+            done = client.wait_mastered(queued.mastered_id)
+            client.download_mastered(done.mastered_id, out)
+        except (ApiError, JobFailed) as exc:
+            print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    m = done.measured
+    print(f"{out}\t{m.integrated_lufs:.2f} LUFS\t{m.true_peak_dbtp:.2f} dBTP\tLRA {m.loudness_range_lu:.2f} LU\t"
+          f"{done.mastered_id}")
+    return 0
+
+
+def _master_args(p) -> None:
+    p.add_argument("file")
+    p.add_argument("--preset", choices=("streaming", "loud", "podcast"), default="streaming",
+                   help="streaming: -14 LUFS / -1 dBTP; loud: -9 / -1; podcast: -16 / -1.5")
+    p.add_argument("--out", help="the WAV to write (default: FILE's name + .PRESET.wav, here)")
+    p.add_argument("--bit-depth", type=int, choices=(16, 24, 32), default=24)
+
+
 def _hq_extension(fmt: str | None) -> str:
     from pipelines.audio import hq_extension
 
@@ -375,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: STEMS_DEVICE)")
     sp.set_defaults(fn=cmd_split)
 
+    ms = sub.add_parser("master", help="master a file locally, no server (loudness, tonal balance, true-peak limit)")
+    _master_args(ms)
+    ms.set_defaults(fn=cmd_master)
+
     remote = sub.add_parser("remote", help="use a stems server through its HTTP API").add_subparsers(
         dest="action", required=True)
     rs = remote.add_parser("split", help="upload a file to a server, split it there, download the stems")
@@ -389,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("--hq", choices=("aac", "mp3", "opus", "flac", "none"))
     rs.add_argument("--format", choices=("wav", "hq"), default="wav", help="which file of each stem to download")
     rs.set_defaults(fn=cmd_remote_split)
+    rm = remote.add_parser("master", help="upload a file to a server, master it there, download the WAV")
+    _master_args(rm)
+    rm.add_argument("--server", default=os.environ.get("STEMS_SERVER", "http://127.0.0.1:8000"))
+    rm.add_argument("--key", default=os.environ.get("STEMS_API_KEY"), help="API key (default: $STEMS_API_KEY)")
+    rm.set_defaults(fn=cmd_remote_master)
 
     wk = sub.add_parser("worker", help="run a Celery worker")
     wk.add_argument("-Q", "--queues")

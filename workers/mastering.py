@@ -16,7 +16,6 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from pipelines import audio as A
 from pipelines import mastering as M
 from pipelines.errors import StemsError
 from stems.masterings import TASK_KIND, Mastering, Masterings, output_stem, wav_key
@@ -35,21 +34,6 @@ def source_key(m: Mastering, ctx: StoreContext) -> str | None:
         return asset.object_key if asset else None
     stem = ctx.store.get_stem(m.source_id)
     return stem.wav_key if stem else None
-
-
-def master_file(src: Path, dest: Path, preset: str, bit_depth: int) -> tuple[M.MasterReport, A.AudioInfo]:
-    """Master a local file into a WAV at the source's rate (the CLI's `stems master` calls this too)."""
-    info = A.probe(src)
-    channels = min(info.channels, 2)  # iter_decode folds more than two channels to stereo
-    writer: list[A.WavWriter] = []
-
-    def open_sink():
-        w = A.WavWriter(dest, info.sample_rate, channels, bit_depth)
-        writer.append(w)
-        return w.write, w.close
-
-    report = M.master(lambda: A.iter_decode(src), info.sample_rate, channels, preset, open_sink)
-    return report, info
 
 
 def _fail(store: Masterings, m: Mastering, error: dict) -> None:
@@ -99,7 +83,7 @@ def _master(m: Mastering, ctx: StoreContext, masters: Masterings) -> None:
     with tempfile.TemporaryDirectory(prefix="stems-master-") as tmp:
         src, dest = Path(tmp) / "source", Path(tmp) / "mastered.wav"
         ctx.storage.get_file(key, src)
-        report, info = master_file(src, dest, m.preset, m.bit_depth)
+        report, info = M.master_file(src, dest, m.preset, m.bit_depth)
         out_key = wav_key(m)
         ctx.storage.put_file(out_key, dest)
         size = dest.stat().st_size

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,13 +21,14 @@ import pytest
 import soundfile as sf
 from scipy import signal as sps
 
+from stems.client import ApiError, Client
 from stems.jobstore import JobStore
 from stems.lifecycle import sweep
 from stems.masterings import Mastering, Masterings, output_stem, wav_key
 from stems.models import JobStatus, StemStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage
-from tests.support import tone_mix, upload, wait_for, write_audio
+from tests.support import ROOT, tone_mix, upload, wait_for, write_audio
 
 SR = 44100
 TERMINAL = {"complete", "failed"}
@@ -191,3 +195,38 @@ def test_retention_expires_a_mastered_version_then_its_records(redis_url, tmp_pa
     report = sweep(store, storage, settings, now=t0 + 1001)
     assert report.jobs == 1 and masters.get(m.id) is None and store.get_stem(m.id) is None
     assert store.usage("u")["minutes"] == 0.0  # usage_minutes was 0 here; metered once, at completion
+
+
+def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stems.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_client_and_cli_master_remotely_and_locally(stack, music, tmp_path):
+    """The Python client, `stems remote master` and `stems master` (no server) make the same kind of result."""
+    key = stack.store.create_key("cli-master")
+    with Client(stack.base, key) as client:
+        audio = client.upload(music)
+        client.wait_audio(audio.audio_id)
+        queued = client.master_audio(audio_id=audio.audio_id, preset="podcast")
+        done = client.wait_mastered(queued.mastered_id, timeout=180)
+        assert done.measured.integrated_lufs == pytest.approx(-16.0, abs=0.5)
+        path = client.download_mastered(done.mastered_id, tmp_path / "m.wav")
+        assert sf.info(path).samplerate == done.sample_rate
+        job = client.create_stems(preset="phantom_center", mastered_id=done.mastered_id)
+        assert client.wait(job.creation_id, timeout=180).status == "complete"
+        client.delete_mastered(done.mastered_id)
+        with pytest.raises(ApiError) as err:
+            client.mastered_status(done.mastered_id)
+        assert err.value.status == 404
+
+    env = {**os.environ, "STEMS_SERVER": stack.base, "STEMS_API_KEY": key, "PYTHONPATH": str(ROOT)}
+    remote = _cli("remote", "master", str(music), "--preset", "loud", "--out", str(tmp_path / "r.wav"), env=env)
+    assert remote.returncode == 0, remote.stderr
+    out, lufs, peak, *_ = remote.stdout.strip().split("\t")
+    assert out == str(tmp_path / "r.wav") and abs(float(lufs.split()[0]) + 9.0) <= 0.5 and float(peak.split()[0]) <= -1
+    local = _cli("master", str(music), "--preset", "loud", "--out", str(tmp_path / "l.wav"), env=env)
+    assert local.returncode == 0, local.stderr
+    assert sf.read(tmp_path / "l.wav")[0] == pytest.approx(sf.read(tmp_path / "r.wav")[0], abs=1e-6)  # same chain
+    bad = _cli("master", str(tmp_path / "missing.flac"), env=env)
+    assert bad.returncode == 2 and "error:" in bad.stderr
