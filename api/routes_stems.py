@@ -19,12 +19,12 @@ from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
 from stems.storage import keys
 
-from . import budget
+from . import budget, estimate
 from .deps import CallerKey, Conflict, Gone, Invalid, NotFound, RateLimited, Services, Svc, User
 from .idempotency import body_hash, claim_for, run_once
 from .queueing import queue_job
 from .routes_audio import owned_asset
-from .schemas import CreateStems, CustomFields, SplitList, SplitStatus, StemsQueued
+from .schemas import CreateStems, CustomFields, SplitList, SplitStatus, StemsEstimate, StemsQueued
 
 router = APIRouter(tags=["stems"])
 
@@ -100,7 +100,8 @@ def _source_exists(svc: Services, kind: str, source_id: str) -> bool:
     return stem is not None and stem.status == StemStatus.complete
 
 
-@router.post("/create-stems", response_model=StemsQueued, summary="Queue a stem split",
+@router.post("/create-stems", response_model=StemsQueued | StemsEstimate,
+             summary="Queue a stem split (or, with dry_run, estimate one)",
              responses={410: {"description": "the source expired, or an Idempotency-Key replay whose job was deleted"},
                         422: {"description": "invalid field, preset not available here, or over the per-job output "
                                              "budget (code `over_budget`, with the estimate's numbers)"},
@@ -145,11 +146,12 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
                              [TimeRange(start=s.start, end=s.end) for s in fields.spans or []], avail.pick,
                              avail.model_served(fields.sam_model))
         chain_index = None
-        queue = (get_spec(fields.sam_model).queue if custom.route is None else
-                 catalogue.preset(custom.route.preset).chains[custom.route.chain_index].queue)
+        routed = None if custom.route is None else catalogue.preset(custom.route.preset).chains[custom.route.chain_index]
+        queue = get_spec(fields.sam_model).queue if routed is None else routed.queue
+        models = [fields.sam_model] if routed is None else list(routed.model_ids)
     else:
         chain_index, chain = avail.pick(preset)
-        queue = chain.queue
+        queue, models = chain.queue, list(chain.model_ids)
     hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
     sample_rate, channels = source_format(svc, kind, source_id)
     numbers = budget.estimate(len(stems), channels, sample_rate, end - start, body.bit_depth, hq,
@@ -157,6 +159,9 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
     budget.check_job(numbers, svc.settings.max_job_output_bytes)
     spec = SplitSpec(preset=preset.name, chain_index=chain_index, selection=selection, bit_depth=body.bit_depth,
                      hq_format=hq, custom=custom, restoration=restoration)
+    if body.dry_run:  # nothing is created: see api/estimate.py
+        return estimate.answer(svc, user, preset, kind, source_id, audio_id, end - start, queue, models, chain_index,
+                               numbers)
 
     def run() -> dict:
         # inside `run`: a replay of an accepted Idempotency-Key answers its job even when the quota is full now
@@ -205,8 +210,8 @@ def stem_info(s: Stem) -> dict:
 @router.get("/status/stem_split/{creation_id}", response_model=SplitStatus, summary="Status of a split")
 def split_status(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     job = owned_job(svc, user, str(creation_id))
-    return status_of(job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids),
-                     svc.settings.retain_stems_s)
+    return {**status_of(job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids),
+                        svc.settings.retain_stems_s), "eta_s": estimate.of_job(svc, job)}
 
 
 def status_of(job: Job, stems: list[Stem], ups: list[Stem], retain_stems_s: float) -> dict:

@@ -81,6 +81,8 @@ class CreateStems(Strict):
     sam_model: Any = Field(None, description=f"custom only: one of {', '.join(SAM_MODELS)} (default sam-audio-base)")
     stereo_mode: Any = Field(None, description=f"custom only: one of {', '.join(STEREO_MODES)} (default mono)")
     spans: Any = Field(None, description="custom only: list of {start, end} to extract within")
+    dry_run: bool = Field(False, description="answer what the split would do (chain, queue, usage, output bytes, "
+                                             "eta_s) without creating anything")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"preset": "4_tracks", "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "bit_depth": 24,
@@ -158,6 +160,8 @@ class SplitStatus(BaseModel):
     finished_at: float | None
     expires_at: float | None = Field(None, description="when the retention policy deletes the stored stems "
                                                        "(STEMS_RETAIN_STEMS_S after the end; null: kept or not ended)")
+    eta_s: float | None = Field(None, description="queued or running: estimated seconds until complete (the queue "
+                                                  "ahead and the chain's measured speed, less its progress)")
 
 
 class SplitListItem(SplitStatus):
@@ -302,3 +306,40 @@ class MasterStatus(BaseModel):
     created_at: float
     finished_at: float | None = None
     expires_at: float | None = Field(None, description="when the retention policy deletes the WAV")
+
+
+# -- estimates (POST /create-stems with dry_run) and batches (api/routes_batch.py) ------------------------------
+
+class EtaBasis(BaseModel):
+    queue: str
+    jobs_ahead: int = Field(description="unfinished jobs of the queue before this one")
+    workers: int = Field(description="live workers serving the queue (at least 1 is assumed)")
+    seconds_per_audio_second: float = Field(description="the median measured speed used")
+    speed_source: Literal["chain", "queue", "default"] = Field(
+        description="chain: measured on completed jobs of this preset's chain here; queue: of any chain on the "
+                    "queue; default: nothing measured yet (1 s per audio second assumed)")
+    speed_samples: int
+
+
+class StemsEstimate(BaseModel):
+    """What a create-stems would do (`dry_run: true`): nothing is created, queued or charged."""
+
+    dry_run: Literal[True] = True
+    preset: str
+    audio_id: str
+    source_kind: str
+    source_id: str
+    seconds: float = Field(description="seconds of audio the split would process (the selection)")
+    stems: list[str] = Field(description="stems the preset makes (and their restored copies when asked)")
+    queue: str
+    chain: list[str] = Field(description="model ids of the chain that would serve it now")
+    chain_index: int | None
+    usage_minutes: float = Field(description="what /usage would be charged: minutes x the preset's multiplier")
+    estimated_output_bytes: int = Field(description="upper bound of what it writes (see the output budgets)")
+    output: dict = Field(description="the numbers the byte estimate comes from")
+    eta_s: float = Field(description="estimated seconds until complete: the queue ahead at the measured speed of the "
+                                     "chain on this deployment's workers, then the split itself")
+    eta_basis: EtaBasis
+    would_be_refused: dict | None = Field(
+        None, description="the error (code, message) the real request would get now from the active-job quota or "
+                          "the per-key output budget; null when it would be queued")
