@@ -343,3 +343,28 @@ class StemsEstimate(BaseModel):
     would_be_refused: dict | None = Field(
         None, description="the error (code, message) the real request would get now from the active-job quota or "
                           "the per-key output budget; null when it would be queued")
+
+
+class CreateStemsBatch(Strict):
+    """Several create-stems requests in one call, queued in order, each as if it were sent alone."""
+
+    items: list[dict[str, Any]] = Field(..., min_length=1, max_length=100,
+                                        description="up to 100 create-stems bodies (each may be a dry run)")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"items": [
+        {"preset": "4_tracks", "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11"},
+        {"preset": "phantom_center", "audio_id": "9d3f1c2a-7b6e-4c1d-8e2f-3a4b5c6d7e8f", "bit_depth": 16}]}]})
+
+
+class BatchItemError(BaseModel):
+    """An item the API refused: the HTTP status and the error body a single /create-stems would have answered."""
+
+    status: Literal["error"] = "error"
+    http_status: int = Field(description="what a single call would have answered, e.g. 404, 422 or 429")
+    code: str
+    detail: Any = Field(description="the message (or, for a body that fails validation, the list of errors)")
+    model_config = ConfigDict(extra="allow")
+
+
+class BatchQueued(BaseModel):
+    items: list[StemsQueued | StemsEstimate | BatchItemError] = Field(
+        description="one per item, in order: its create-stems answer, or its error")

@@ -202,7 +202,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_remote_split(args) -> int:
-    """Split a file on a stems server through the Python client; prints `path<TAB>made_by` per stem."""
+    """Split files on a stems server through the Python client; prints `path<TAB>made_by` per stem."""
     from tqdm import tqdm
 
     from pipelines.errors import StemsError
@@ -220,10 +220,9 @@ def cmd_remote_split(args) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    job = None
+    jobs: list = []
     with Client(args.server, args.key) as client:
         try:
-            size = Path(args.file).stat().st_size
             # the key and the preset are checked before a long upload, not after it
             known = {p.name: p for p in client.presets().presets}
             preset = known.get(args.preset)
@@ -231,32 +230,50 @@ def cmd_remote_split(args) -> int:
                 print(f"error: preset {args.preset!r} is not available on {args.server}: no worker holds "
                       f"{', '.join(preset.missing_models)} (stems models install on a worker)", file=sys.stderr)
                 return 2
-            with tqdm(total=size, unit="B", unit_scale=True, desc="upload", file=sys.stderr) as bar:
-                audio = client.upload(args.file, progress=lambda sent, _: bar.update(sent - bar.n))
-            duration = client.wait_audio(audio.audio_id).duration
-            selection = {"start": chosen.start, "end": chosen.end or duration} if chosen else None
-            job = client.create_stems(preset=args.preset, audio_id=audio.audio_id, bit_depth=args.bit_depth,
-                                      hq_streaming_format=args.hq, selection=selection)
-            with tqdm(total=100, unit="%", desc=args.preset, file=sys.stderr) as bar:
-                def progress(status) -> None:
-                    bar.set_postfix_str(status.stage)
-                    bar.update(int(status.progress * 100) - bar.n)
+            bodies = []
+            for file in args.files:
+                with tqdm(total=Path(file).stat().st_size, unit="B", unit_scale=True, desc=f"upload {Path(file).name}",
+                          file=sys.stderr) as bar:
+                    audio = client.upload(file, progress=lambda sent, _: bar.update(sent - bar.n))
+                duration = client.wait_audio(audio.audio_id).duration
+                selection = {"start": chosen.start, "end": chosen.end or duration} if chosen else None
+                bodies.append({"preset": args.preset, "audio_id": audio.audio_id, "bit_depth": args.bit_depth,
+                               "hq_streaming_format": args.hq, "selection": selection})
+            if len(bodies) == 1:
+                jobs = [client.create_stems(**bodies[0])]
+            else:  # one call queues them all, each checked as if sent alone
+                jobs = client.create_stems_batch(bodies)
+                refused = [(f, j) for f, j in zip(args.files, jobs) if j.status == "error"]
+                for file, j in refused:
+                    print(f"error: {file}: {j.detail} ({j.code})", file=sys.stderr)
+                if refused:
+                    for j in jobs:
+                        if j.status != "error":
+                            client.cancel(j.creation_id)
+                    return 2
+            for file, job in zip(args.files, jobs):
+                dest = out if len(jobs) == 1 else out / Path(file).stem
+                with tqdm(total=100, unit="%", desc=f"{args.preset} {Path(file).name}", file=sys.stderr) as bar:
+                    def progress(status) -> None:
+                        bar.set_postfix_str(status.stage)
+                        bar.update(int(status.progress * 100) - bar.n)
 
-                done = client.wait(job.creation_id, progress=progress)
-            for stem in done.stems:
-                ext = "wav" if args.format == "wav" else _hq_extension(stem.hq_format)
-                path = client.download_stem(stem.stem_id, out / f"{stem.name}.{ext}", format=args.format)
-                print(f"{path}\t{stem.made_by}")
+                    done = client.wait(job.creation_id, progress=progress)
+                for stem in done.stems:
+                    ext = "wav" if args.format == "wav" else _hq_extension(stem.hq_format)
+                    path = client.download_stem(stem.stem_id, dest / f"{stem.name}.{ext}", format=args.format)
+                    print(f"{path}\t{stem.made_by}")
         except (ApiError, JobFailed) as exc:
             print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
             return 2
         except OSError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:  # a split nobody waits for is cancelled, not left running
-            if job is not None:
-                client.cancel(job.creation_id)
-                print(f"cancelled {job.creation_id}", file=sys.stderr)
+        except KeyboardInterrupt:  # splits nobody waits for are cancelled, not left running
+            for job in jobs:
+                if getattr(job, "creation_id", None):
+                    client.cancel(job.creation_id)
+                    print(f"cancelled {job.creation_id}", file=sys.stderr)
             return 130
     return 0
 
@@ -434,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
 
     remote = sub.add_parser("remote", help="use a stems server through its HTTP API").add_subparsers(
         dest="action", required=True)
-    rs = remote.add_parser("split", help="upload a file to a server, split it there, download the stems")
-    rs.add_argument("file")
+    rs = remote.add_parser("split", help="upload files to a server, split them there (several: in one batch), "
+                                         "download the stems (several files: into OUT/<file name>/)")
+    rs.add_argument("files", nargs="+", metavar="FILE")
     rs.add_argument("--preset", required=True)
     rs.add_argument("--out", required=True)
     rs.add_argument("--server", default=os.environ.get("STEMS_SERVER", "http://127.0.0.1:8000"),

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
-from api.schemas import (AudioAccepted, AudioStatus, DownloadLinks, MasterQueued, MasterStatus, Peaks, PresetList,
-                         SplitList, SplitStatus, StemsQueued)
+from api.schemas import (AudioAccepted, AudioStatus, BatchItemError, BatchQueued, DownloadLinks, MasterQueued,
+                         MasterStatus, Peaks, PresetList, SplitList, SplitStatus, StemsEstimate, StemsQueued)
 from pipelines.errors import StemsError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -179,6 +179,13 @@ class Client:
         headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
         body = {k: v for k, v in fields.items() if v is not None}
         return StemsQueued.model_validate(self._json("POST", "/create-stems", json=body, headers=headers))
+
+    def create_stems_batch(self, items: list[dict], *, idempotency_key: str | None = None
+                           ) -> list[StemsQueued | StemsEstimate | BatchItemError]:
+        """POST /create-stems/batch: up to 100 create-stems bodies; each answer (or error) in order, never raised."""
+        headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
+        body = {"items": [{k: v for k, v in item.items() if v is not None} for item in items]}
+        return BatchQueued.model_validate(self._json("POST", "/create-stems/batch", json=body, headers=headers)).items
 
     def status(self, creation_id: str) -> SplitStatus:
         return SplitStatus.model_validate(self._json("GET", f"/status/stem_split/{creation_id}", retry=True))
