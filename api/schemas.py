@@ -217,7 +217,10 @@ class DownloadLinks(BaseModel):
 class ArchiveRequest(Strict):
     creation_id: UUID | None = None
     stem_ids: list[UUID] | None = Field(None, min_length=1, max_length=200)
-    format: Literal["wav", "hq"] = "wav"
+    format: Literal["wav", "hq", "stem.mp4"] = Field(
+        "wav", description="wav or hq: a zip of those files; stem.mp4: a DJ stem file (Native Instruments' Stem "
+                           "format: the mix and drums, bass, other, vocals as AAC tracks) of a 4-stem split's "
+                           "creation_id, for Traktor, Mixxx and Serato")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ArchiveRequest":

@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     custom.add_argument("--sam-model", choices=SAM_MODELS, default="sam-audio-base")
     custom.add_argument("--stereo-mode", choices=STEREO_MODES, default="mono")
     custom.add_argument("--spans", help="START:END[,START:END...] in seconds of the source: extract only there")
+    sp.add_argument("--stem-mp4", action="store_true",
+                    help="also write SOURCE.stem.mp4 (Native Instruments' Stem format for Traktor, Mixxx, Serato); "
+                         "needs a 4-stem preset such as 4_tracks")
     sp.add_argument("--model-dir")
     sp.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: STEMS_DEVICE)")
     sp.set_defaults(fn=cmd_split)
