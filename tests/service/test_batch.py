@@ -14,8 +14,7 @@ import pytest
 import soundfile as sf
 
 from stems.client import Client
-from stems.models import AssetStatus, AudioAsset
-from tests.support import ROOT, ServiceStack, tone_mix, write_audio
+from tests.support import ROOT, ServiceStack, asset_record, tone_mix, write_audio
 
 SR = 44100
 
@@ -29,17 +28,10 @@ def idle(tmp_path_factory, redis_url, s3_url):
     s.stop()
 
 
-def _asset(stack, user: str, seconds: float) -> str:
-    a = AudioAsset(user_id=user, origin="upload", status=AssetStatus.complete, object_key=f"users/{user}/x",
-                   info={"duration": seconds, "sample_rate": SR, "channels": 2})
-    stack.store.put_asset(a)
-    return a.id
-
-
 def test_each_item_answers_what_a_single_call_would(idle):
     with idle.client("b1") as c, idle.client("b1-other") as other:
-        audio = _asset(idle, "b1", 20.0)
-        theirs = _asset(idle, "b1-other", 20.0)
+        audio = asset_record(idle, "b1", 20.0)
+        theirs = asset_record(idle, "b1-other", 20.0)
         items = [{"preset": "phantom_center", "audio_id": audio},
                  {"preset": "nope", "audio_id": audio},
                  {"preset": "phantom_center", "audio_id": theirs},  # another tenant's: 404 as alone
@@ -64,7 +56,7 @@ def test_each_item_answers_what_a_single_call_would(idle):
 
 def test_the_quota_counts_every_item_and_one_key_covers_the_batch(idle):
     with idle.client("b2") as c:
-        audio = _asset(idle, "b2", 5.0)
+        audio = asset_record(idle, "b2", 5.0)
         items = [{"preset": "phantom_center", "audio_id": audio}] * 6
         r = c.post("/create-stems/batch", json={"items": items}, headers={"Idempotency-Key": "k1"})
         got = r.json()["items"]
@@ -81,7 +73,7 @@ def test_the_quota_counts_every_item_and_one_key_covers_the_batch(idle):
 def test_the_output_budget_counts_every_item(idle):
     """STEMS_MAX_JOB_OUTPUT_BYTES=20 MiB: each item is checked against it as a single call is."""
     with idle.client("b3") as c:
-        audio = _asset(idle, "b3", 200.0)
+        audio = asset_record(idle, "b3", 200.0)
         items = [{"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": 10}},
                  {"preset": "phantom_center", "audio_id": audio}]  # 200 s x 2 stems x 24-bit: ~100 MiB
         got = c.post("/create-stems/batch", json={"items": items}).json()["items"]

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from api import budget
-from stems.models import AssetStatus, AudioAsset, JobStatus
-from tests.support import ServiceStack, wait_for
+from stems.models import JobStatus
+from tests.support import ServiceStack, asset_record, wait_for
 
 SR = 44100
 
@@ -27,14 +27,6 @@ def idle(tmp_path_factory, redis_url, s3_url):
     s.stop()
 
 
-def _asset(stack, user: str, seconds: float) -> str:
-    """An imported audio's record, as the import leaves it (the jobs on it never run in these tests)."""
-    a = AudioAsset(user_id=user, origin="upload", status=AssetStatus.complete, object_key=f"users/{user}/x",
-                   info={"duration": seconds, "sample_rate": SR, "channels": 2})
-    stack.store.put_asset(a)
-    return a.id
-
-
 def _everything(stack) -> list[str]:
     return sorted(k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000)
                   if b":rate:" not in k and b":workers" not in k)
@@ -42,7 +34,7 @@ def _everything(stack) -> list[str]:
 
 def test_dry_run_answers_the_estimate_and_creates_nothing(idle):
     with idle.client("dry") as c:
-        audio = _asset(idle, "dry", 30.0)
+        audio = asset_record(idle, "dry", 30.0)
         before = _everything(idle)
         body = {"preset": "phantom_center", "audio_id": audio, "selection": {"start": 5, "end": 25}, "bit_depth": 16,
                 "hq_streaming_format": "mp3", "restoration_params": {"preset": "universal_enhancer"}, "dry_run": True}
@@ -67,7 +59,7 @@ def test_dry_run_answers_the_estimate_and_creates_nothing(idle):
 
 def test_dry_run_refuses_what_a_real_call_refuses(idle):
     with idle.client("dry-bad") as c:
-        audio = _asset(idle, "dry-bad", 30.0)
+        audio = asset_record(idle, "dry-bad", 30.0)
         for body, code in (({"preset": "nope", "audio_id": audio}, 422),
                            ({"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": 99}}, 422),
                            ({"preset": "phantom_center", "mastered_id": audio}, 404),
@@ -78,7 +70,7 @@ def test_dry_run_refuses_what_a_real_call_refuses(idle):
 def test_queued_jobs_carry_eta_from_the_queue_ahead_then_the_measured_speed(idle, tmp_path):
     store = idle.store
     with idle.client("eta") as c:
-        audio = _asset(idle, "eta", 60.0)
+        audio = asset_record(idle, "eta", 60.0)
         jobs = []
         for seconds in (10.0, 20.0, 30.0):
             r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio,
