@@ -21,7 +21,7 @@ from .deps import CallerKey, NotFound, RateLimited, Services, Svc, Unavailable, 
 from .idempotency import body_hash, claim_for, run_once
 from .queueing import RETRY_AFTER_S
 from .routes_downloads import download_stem
-from .routes_stems import owned_stem, resolve_source
+from .routes_stems import _source_exists, owned_stem, resolve_source
 from .schemas import MasterAudio, MasterQueued, MasterStatus
 
 router = APIRouter(tags=["mastering"])
@@ -62,21 +62,13 @@ def master_audio(body: MasterAudio, svc=Svc, user: str = User, key_id: str = Cal
             raise Unavailable("the job queue is unavailable, so nothing was queued; try again shortly",
                               retry_after=RETRY_AFTER_S) from None
         svc.store.settle(TASK_KIND, m.id, score)
-        if not _source_there(svc, kind, source_id):  # deleted meanwhile: see stems/lifecycle.py
+        if not _source_exists(svc, kind, source_id):  # deleted meanwhile: see stems/lifecycle.py
             masters.delete(svc.storage, m)
             raise NotFound(f"{kind} not found (deleted or expired just now)", **{f"{kind}_id": source_id})
         return response
 
     claim = claim_for(svc, user, "master-audio", idempotency_key, body_hash(body.model_dump_json()))
     return run_once(claim, run)
-
-
-def _source_there(svc: Services, kind: str, source_id: str) -> bool:
-    if kind == "audio":
-        asset = svc.store.get_asset(source_id)
-        return asset is not None and asset.status.value == "complete"
-    stem = svc.store.get_stem(source_id)
-    return stem is not None and stem.status == StemStatus.complete
 
 
 @router.get("/status/mastered/{mastered_id}", response_model=MasterStatus,

@@ -87,7 +87,10 @@ def asset_record_retention(settings: Settings) -> float:
 
 
 def _has_active_job(store: JobStore, audio_id: str) -> bool:
-    return any(j is not None and not j.status.terminal for j in map(store.get_job, store.asset_job_ids(audio_id)))
+    """A queued or running split of the audio (or of what was made from it), or mastering of it."""
+    masters = Masterings(store)
+    return any(j is not None and not j.status.terminal for j in map(store.get_job, store.asset_job_ids(audio_id))) \
+        or any(m is not None and not m.status.terminal for m in map(masters.get, masters.of_asset(audio_id)))
 
 
 @dataclass

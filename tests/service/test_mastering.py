@@ -25,7 +25,7 @@ from stems.client import ApiError, Client
 from stems.jobstore import JobStore
 from stems.lifecycle import sweep
 from stems.masterings import Mastering, Masterings, output_stem, wav_key
-from stems.models import JobStatus, StemStatus
+from stems.models import AssetStatus, AudioAsset, JobStatus, StemStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage
 from tests.support import ROOT, tone_mix, upload, wait_for, write_audio
@@ -230,3 +230,24 @@ def test_client_and_cli_master_remotely_and_locally(stack, music, tmp_path):
     assert sf.read(tmp_path / "l.wav")[0] == pytest.approx(sf.read(tmp_path / "r.wav")[0], abs=1e-6)  # same chain
     bad = _cli("master", str(tmp_path / "missing.flac"), env=env)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_retention_keeps_an_original_a_queued_mastering_needs(redis_url, tmp_path):
+    store = JobStore.from_url(redis_url, f"t{uuid.uuid4().hex[:8]}")
+    storage = LocalStorage(tmp_path / "objects")
+    t0 = time.time()
+    asset = AudioAsset(user_id="u", origin="upload", status=AssetStatus.complete, object_key="users/u/audio/a/original",
+                       created_at=t0, info={"duration": 2.0, "sample_rate": SR, "channels": 2})
+    src = tmp_path / "o.bin"
+    src.write_bytes(b"audio")
+    storage.put_file(asset.object_key, src)
+    store.put_asset(asset)
+    m = Mastering(user_id="u", audio_id=asset.id, source_kind="audio", source_id=asset.id, preset="loud")
+    Masterings(store).create(m, t0 + 3600)
+    settings = Settings(retain_originals_s=10, retain_stems_s=10, retain_records_s=1000)
+    report = sweep(store, storage, settings, now=t0 + 20)
+    assert report.postponed == 1 and storage.size(asset.object_key) is not None  # the mastering still reads it
+    m.status, m.finished_at = JobStatus.failed, t0 + 21
+    Masterings(store).update(m)
+    report = sweep(store, storage, settings, now=t0 + 22)
+    assert report.originals == 1 and storage.size(asset.object_key) is None
