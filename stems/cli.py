@@ -263,12 +263,8 @@ def cmd_remote_split(args) -> int:
                     ext = "wav" if args.format == "wav" else _hq_extension(stem.hq_format)
                     path = client.download_stem(stem.stem_id, dest / f"{stem.name}.{ext}", format=args.format)
                     print(f"{path}\t{stem.made_by}")
-        except (ApiError, JobFailed) as exc:
-            print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        except (ApiError, JobFailed, OSError) as exc:
+            return _remote_failed(exc)
         except KeyboardInterrupt:  # splits nobody waits for are cancelled, not left running
             for job in jobs:
                 if getattr(job, "creation_id", None):
@@ -311,16 +307,19 @@ def cmd_remote_master(args) -> int:
             queued = client.master_audio(audio_id=audio.audio_id, preset=args.preset, bit_depth=args.bit_depth)
             done = client.wait_mastered(queued.mastered_id)
             client.download_mastered(done.mastered_id, out)
-        except (ApiError, JobFailed) as exc:
-            print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        except (ApiError, JobFailed, OSError) as exc:
+            return _remote_failed(exc)
     m = done.measured
     print(f"{out}\t{m.integrated_lufs:.2f} LUFS\t{m.true_peak_dbtp:.2f} dBTP\tLRA {m.loudness_range_lu:.2f} LU\t"
           f"{done.mastered_id}")
     return 0
+
+
+def _remote_failed(exc: Exception) -> int:
+    """Say why a remote command stopped (the API's message and code, or the file system's); exit status 2."""
+    print(f"error: {exc.message} ({exc.code})" if hasattr(exc, "code") and hasattr(exc, "message") else f"error: {exc}",
+          file=sys.stderr)
+    return 2
 
 
 def _master_args(p) -> None:
