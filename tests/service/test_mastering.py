@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from stems.masterings import Mastering, Masterings, output_stem, wav_key
 from stems.models import AssetStatus, AudioAsset, JobStatus, StemStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage
-from tests.support import ROOT, tone_mix, upload, wait_for, write_audio
+from tests.support import ROOT, ServiceStack, tone_mix, upload, wait_for, write_audio
 
 SR = 44100
 TERMINAL = {"complete", "failed"}
@@ -251,3 +252,39 @@ def test_retention_keeps_an_original_a_queued_mastering_needs(redis_url, tmp_pat
     Masterings(store).update(m)
     report = sweep(store, storage, settings, now=t0 + 22)
     assert report.originals == 1 and storage.size(asset.object_key) is None
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+def test_a_worker_killed_mid_mastering_loses_nothing(tmp_path, redis_url, s3_url):
+    """SIGKILL the pool process mid-way: the mastering runs again (its outbox entry, or the broker's redelivery),
+    completes once, metered once, with exactly one WAV stored."""
+    s = ServiceStack(tmp_path, redis_url, s3_url, STEMS_REAPER_INTERVAL_S="0.5", STEMS_ENQUEUE_GRACE_S="2",
+                     STEMS_TIME_LIMIT_BASE_S="3", STEMS_TIME_LIMIT_PER_AUDIO_S="2", STEMS_TIME_LIMIT_GRACE_S="1")
+    try:
+        s.start_api()
+        worker = s.start_worker("cpu", "mw")
+        song = write_audio(tmp_path / "long.wav", tone_mix(30.0, SR) * 2.5, SR)  # hot: the limiter works
+        with s.client("killed") as c:
+            audio = upload(c, song)["audio_id"]
+            mid = c.post("/master-audio", json={"audio_id": audio, "preset": "loud"}).json()["mastered_id"]
+            wait_for(c, f"/status/mastered/{mid}", {"processing", "complete", "failed"}, 60)
+            time.sleep(1.0)
+            assert c.get(f"/status/mastered/{mid}").json()["status"] == "processing"
+            for child in _children(worker.pid):
+                os.kill(child, signal.SIGKILL)
+            done = wait_for(c, f"/status/mastered/{mid}", TERMINAL, 240)
+            assert done["status"] == "complete", done
+            assert int(s.store.r.get(s.store.k("tries", "master", mid))) == 2
+            assert s.objects(f"users/killed/jobs/{mid}/") == [f"users/killed/jobs/{mid}/mastered.wav"]
+            assert c.get("/usage").json()["minutes"] == pytest.approx(0.5, abs=1e-3)  # counted once
+            assert not s.store.owes("master", mid)
+            assert abs(done["measured"]["integrated_lufs"] + 9.0) <= 0.5
+    finally:
+        s.stop()
