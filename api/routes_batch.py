@@ -4,7 +4,7 @@ Items run in order through the same code as `/create-stems`, so the active-job q
 output budgets count every item before it (an item past the quota gets the 429 a single call
 would). One Idempotency-Key covers the batch: a replay answers the recorded batch; each item
 also carries a key derived from it, so a batch whose process died half-way queues, when sent
-again, only the items it had not queued yet.
+again (once its claim is stale, `api/idempotency.py`), only the items it had not queued yet.
 """
 from __future__ import annotations
 

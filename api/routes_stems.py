@@ -146,7 +146,8 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
                              [TimeRange(start=s.start, end=s.end) for s in fields.spans or []], avail.pick,
                              avail.model_served(fields.sam_model))
         chain_index = None
-        routed = None if custom.route is None else catalogue.preset(custom.route.preset).chains[custom.route.chain_index]
+        route = custom.route
+        routed = None if route is None else catalogue.preset(route.preset).chains[route.chain_index]
         queue = get_spec(fields.sam_model).queue if routed is None else routed.queue
         models = [fields.sam_model] if routed is None else list(routed.model_ids)
     else:
