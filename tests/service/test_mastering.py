@@ -29,6 +29,7 @@ from stems.masterings import Mastering, Masterings, output_stem, wav_key
 from stems.models import AssetStatus, AudioAsset, JobStatus, StemStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage
+from tests.service.test_nodeloss import _children
 from tests.support import ROOT, ServiceStack, tone_mix, upload, wait_for, write_audio
 
 SR = 44100
@@ -252,14 +253,6 @@ def test_retention_keeps_an_original_a_queued_mastering_needs(redis_url, tmp_pat
     Masterings(store).update(m)
     report = sweep(store, storage, settings, now=t0 + 22)
     assert report.originals == 1 and storage.size(asset.object_key) is None
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            kids += [int(k) for k in f.read().split()]
-    return kids
 
 
 def test_a_worker_killed_mid_mastering_loses_nothing(tmp_path, redis_url, s3_url):
