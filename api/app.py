@@ -9,7 +9,8 @@ from stems.jobstore import JobStore
 from stems.settings import Settings, get_settings
 from stems.storage import make_storage
 
-from . import errors, routes_audio, routes_downloads, routes_meta, routes_page, routes_peaks, routes_stems
+from . import (errors, routes_audio, routes_batch, routes_downloads, routes_master, routes_meta, routes_page,
+               routes_peaks, routes_stems)
 from .availability import Availability
 from .deps import Services
 from .limits import BodyLimit
@@ -36,7 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = svc
     errors.install(app)
     app.add_middleware(BodyLimit)
-    for module in (routes_audio, routes_stems, routes_downloads, routes_peaks, routes_meta):
+    routers = (routes_audio, routes_batch, routes_stems, routes_master, routes_downloads, routes_peaks, routes_meta)
+    for module in routers:
         app.include_router(module.router)
     routes_page.install(app)
     return app

@@ -23,6 +23,7 @@ from stems.models import JobStatus, Stem, StemStatus
 from .deps import Conflict, Gone, NotFound, Services, Svc, Unauthorized, User, current_user
 from .routes_stems import owned_job, owned_stem
 from .schemas import ArchiveRequest, DownloadLinks, DownloadLinksRequest
+from .stemfile import stem_file
 
 router = APIRouter(tags=["downloads"])
 
@@ -117,9 +118,12 @@ def download_stem(stem_id: UUID, request: Request, format: str = Query("wav", pa
                                       "Content-Length": str(end - start + 1)})
 
 
-@router.post("/download-archive", summary="One zip of a job's stems, or of chosen stems",
-             responses={200: {"content": {"application/zip": {}}}})
+@router.post("/download-archive", summary="One zip of a job's stems, or of chosen stems; or a DJ stem file",
+             responses={200: {"content": {"application/zip": {}, "audio/mp4": {}},
+                              "description": "a zip, or with `format: stem.mp4` a .stem.mp4 (NI's Stem format)"}})
 def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User) -> Response:
+    if body.format == "stem.mp4":  # not a zip: NI's Stem format for DJ software (api/stemfile.py)
+        return stem_file(svc, user, body.creation_id)
     if body.creation_id:
         job = owned_job(svc, user, str(body.creation_id))
         if job.status != JobStatus.complete:

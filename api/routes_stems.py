@@ -14,16 +14,17 @@ from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.presets import load_catalogue
 from pipelines.registry import get_spec
 from stems.lifecycle import delete_job, expiry
+from stems.masterings import root_audio_id
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
 from stems.storage import keys
 
-from . import budget
+from . import budget, estimate
 from .deps import CallerKey, Conflict, Gone, Invalid, NotFound, RateLimited, Services, Svc, User
 from .idempotency import body_hash, claim_for, run_once
 from .queueing import queue_job
 from .routes_audio import owned_asset
-from .schemas import CreateStems, CustomFields, SplitList, SplitStatus, StemsQueued
+from .schemas import CreateStems, CustomFields, SplitList, SplitStatus, StemsEstimate, StemsQueued
 
 router = APIRouter(tags=["stems"])
 
@@ -44,15 +45,14 @@ def owned_job(svc: Services, user: str, job_id: str) -> Job:
 
 def resolve_source(svc: Services, user: str, body: CreateStems) -> tuple[str, str, str, float]:
     """(source kind, source id, root audio id, duration in seconds) of the request's source."""
-    if body.stem_id or body.upscaled_id:
-        kind = "stem" if body.stem_id else "upscaled"
-        stem = owned_stem(svc, user, str(body.stem_id or body.upscaled_id), kind)
+    if body.stem_id or body.upscaled_id or body.mastered_id:
+        kind = "stem" if body.stem_id else "upscaled" if body.upscaled_id else "mastered"
+        stem = owned_stem(svc, user, str(body.stem_id or body.upscaled_id or body.mastered_id), kind)
+        if stem.status == StemStatus.expired:
+            raise Gone(f"that {kind} was deleted by the retention policy", **{f"{kind}_id": stem.id})
         if stem.status != StemStatus.complete:
             raise Conflict(f"that {kind} is not ready (status {stem.status.value})", **{f"{kind}_id": stem.id})
-        job = svc.store.get_job(stem.job_id)
-        return kind, stem.id, job.audio_id if job else stem.id, stem.duration or 0.0
-    if body.mastered_id:  # mastering is not part of this deployment: no such ids exist
-        raise NotFound("mastered audio not found", mastered_id=str(body.mastered_id))
+        return kind, stem.id, root_audio_id(svc.store, stem), stem.duration or 0.0
     if not body.audio_id:
         raise Invalid("give the source as one of audio_id, stem_id, upscaled_id or mastered_id", field="audio_id")
     asset = owned_asset(svc, user, str(body.audio_id))
@@ -100,7 +100,8 @@ def _source_exists(svc: Services, kind: str, source_id: str) -> bool:
     return stem is not None and stem.status == StemStatus.complete
 
 
-@router.post("/create-stems", response_model=StemsQueued, summary="Queue a stem split",
+@router.post("/create-stems", response_model=StemsQueued | StemsEstimate,
+             summary="Queue a stem split (or, with dry_run, estimate one)",
              responses={410: {"description": "the source expired, or an Idempotency-Key replay whose job was deleted"},
                         422: {"description": "invalid field, preset not available here, or over the per-job output "
                                              "budget (code `over_budget`, with the estimate's numbers)"},
@@ -145,11 +146,13 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
                              [TimeRange(start=s.start, end=s.end) for s in fields.spans or []], avail.pick,
                              avail.model_served(fields.sam_model))
         chain_index = None
-        queue = (get_spec(fields.sam_model).queue if custom.route is None else
-                 catalogue.preset(custom.route.preset).chains[custom.route.chain_index].queue)
+        route = custom.route
+        routed = None if route is None else catalogue.preset(route.preset).chains[route.chain_index]
+        queue = get_spec(fields.sam_model).queue if routed is None else routed.queue
+        models = [fields.sam_model] if routed is None else list(routed.model_ids)
     else:
         chain_index, chain = avail.pick(preset)
-        queue = chain.queue
+        queue, models = chain.queue, list(chain.model_ids)
     hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
     sample_rate, channels = source_format(svc, kind, source_id)
     numbers = budget.estimate(len(stems), channels, sample_rate, end - start, body.bit_depth, hq,
@@ -157,6 +160,9 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
     budget.check_job(numbers, svc.settings.max_job_output_bytes)
     spec = SplitSpec(preset=preset.name, chain_index=chain_index, selection=selection, bit_depth=body.bit_depth,
                      hq_format=hq, custom=custom, restoration=restoration)
+    if body.dry_run:  # nothing is created: see api/estimate.py
+        return estimate.answer(svc, user, preset, kind, source_id, audio_id, end - start, queue, models, chain_index,
+                               numbers)
 
     def run() -> dict:
         # inside `run`: a replay of an accepted Idempotency-Key answers its job even when the quota is full now
@@ -205,8 +211,8 @@ def stem_info(s: Stem) -> dict:
 @router.get("/status/stem_split/{creation_id}", response_model=SplitStatus, summary="Status of a split")
 def split_status(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     job = owned_job(svc, user, str(creation_id))
-    return status_of(job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids),
-                     svc.settings.retain_stems_s)
+    return {**status_of(job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids),
+                        svc.settings.retain_stems_s), "eta_s": estimate.of_job(svc, job)}
 
 
 def status_of(job: Job, stems: list[Stem], ups: list[Stem], retain_stems_s: float) -> dict:

@@ -81,6 +81,8 @@ class CreateStems(Strict):
     sam_model: Any = Field(None, description=f"custom only: one of {', '.join(SAM_MODELS)} (default sam-audio-base)")
     stereo_mode: Any = Field(None, description=f"custom only: one of {', '.join(STEREO_MODES)} (default mono)")
     spans: Any = Field(None, description="custom only: list of {start, end} to extract within")
+    dry_run: bool = Field(False, description="answer what the split would do (chain, queue, usage, output bytes, "
+                                             "eta_s) without creating anything")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"preset": "4_tracks", "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "bit_depth": 24,
@@ -158,6 +160,8 @@ class SplitStatus(BaseModel):
     finished_at: float | None
     expires_at: float | None = Field(None, description="when the retention policy deletes the stored stems "
                                                        "(STEMS_RETAIN_STEMS_S after the end; null: kept or not ended)")
+    eta_s: float | None = Field(None, description="queued or running: estimated seconds until complete (the queue "
+                                                  "ahead and the chain's measured speed, less its progress)")
 
 
 class SplitListItem(SplitStatus):
@@ -213,7 +217,10 @@ class DownloadLinks(BaseModel):
 class ArchiveRequest(Strict):
     creation_id: UUID | None = None
     stem_ids: list[UUID] | None = Field(None, min_length=1, max_length=200)
-    format: Literal["wav", "hq"] = "wav"
+    format: Literal["wav", "hq", "stem.mp4"] = Field(
+        "wav", description="wav or hq: a zip of those files; stem.mp4: a DJ stem file (Native Instruments' Stem "
+                           "format: the mix and drums, bass, other, vocals as AAC tracks) of a 4-stem split's "
+                           "creation_id, for Traktor, Mixxx and Serato")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ArchiveRequest":
@@ -242,3 +249,125 @@ class PresetInfo(BaseModel):
 class PresetList(BaseModel):
     presets: list[PresetInfo]
     restoration_presets: list[dict]
+
+
+# -- mastering (api/routes_master.py) --------------------------------------------------------------------------
+
+class MasterAudio(Strict):
+    """Master an audio, a stem, an upscaled copy (or a mastered version again). Give one source id."""
+
+    audio_id: UUID | None = None
+    stem_id: UUID | None = Field(None, description="master a stem (takes priority over the other ids)")
+    upscaled_id: UUID | None = Field(None, description="master a restored (upscaled) stem")
+    mastered_id: UUID | None = Field(None, description="master a mastered version again")
+    preset: Literal["streaming", "loud", "podcast"] = Field(
+        "streaming", description="streaming: -14 LUFS, -1 dBTP; loud: -9 LUFS, -1 dBTP; podcast: -16 LUFS, -1.5 dBTP")
+    bit_depth: Literal[16, 24, 32] = Field(24, description="WAV bit depth of the result; 32 is float")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "preset": "streaming", "bit_depth": 24}]})
+
+
+class MasterQueued(BaseModel):
+    status: str = "processing"
+    message: str = "Mastering queued"
+    mastered_id: str = Field(description="follow it on /status/mastered/{mastered_id}; split it with /create-stems")
+    audio_id: str
+    user_id: str
+    preset: str
+
+
+class Loudness(BaseModel):
+    integrated_lufs: float | None = Field(None, description="ITU-R BS.1770-4 integrated loudness (LUFS)")
+    true_peak_dbtp: float | None = Field(None, description="4x oversampled true peak (dBTP)")
+    loudness_range_lu: float | None = Field(None, description="EBU Tech 3342 loudness range (LU)")
+    duration_s: float | None = None
+
+
+class MasterTarget(BaseModel):
+    integrated_lufs: float
+    true_peak_dbtp: float = Field(description="the ceiling the true peak stays at or under")
+
+
+class MasterStatus(BaseModel):
+    mastered_id: str
+    audio_id: str
+    source_kind: str = Field(description="audio, stem, upscaled or mastered")
+    source_id: str
+    preset: str
+    status: str = Field(description="queued, processing, complete or failed")
+    error: dict | None = None
+    target: MasterTarget
+    measured: Loudness | None = Field(None, description="what the result measures (once complete)")
+    source_measured: Loudness | None = Field(None, description="what the source measured")
+    processing: dict | None = Field(None, description="gain_db, low_shelf_db, high_shelf_db (the tonal balance) and "
+                                                      "renders (a render is made again when the limiter cost loudness)")
+    bit_depth: int
+    sample_rate: int | None = None
+    channels: int | None = None
+    size: int | None = Field(None, description="bytes of the WAV")
+    download: str | None = Field(None, description="path of GET /download/mastered once complete")
+    created_at: float
+    finished_at: float | None = None
+    expires_at: float | None = Field(None, description="when the retention policy deletes the WAV")
+
+
+# -- estimates (POST /create-stems with dry_run) and batches (api/routes_batch.py) ------------------------------
+
+class EtaBasis(BaseModel):
+    queue: str
+    jobs_ahead: int = Field(description="unfinished jobs of the queue before this one")
+    workers: int = Field(description="live workers serving the queue (at least 1 is assumed)")
+    seconds_per_audio_second: float = Field(description="the median measured speed used")
+    speed_source: Literal["chain", "queue", "default"] = Field(
+        description="chain: measured on completed jobs of this preset's chain here; queue: of any chain on the "
+                    "queue; default: nothing measured yet (1 s per audio second assumed)")
+    speed_samples: int
+
+
+class StemsEstimate(BaseModel):
+    """What a create-stems would do (`dry_run: true`): nothing is created, queued or charged."""
+
+    dry_run: Literal[True] = True
+    preset: str
+    audio_id: str
+    source_kind: str
+    source_id: str
+    seconds: float = Field(description="seconds of audio the split would process (the selection)")
+    stems: list[str] = Field(description="stems the preset makes (and their restored copies when asked)")
+    queue: str
+    chain: list[str] = Field(description="model ids of the chain that would serve it now")
+    chain_index: int | None
+    usage_minutes: float = Field(description="what /usage would be charged: minutes x the preset's multiplier")
+    estimated_output_bytes: int = Field(description="upper bound of what it writes (see the output budgets)")
+    output: dict = Field(description="the numbers the byte estimate comes from")
+    eta_s: float = Field(description="estimated seconds until complete: the queue ahead at the measured speed of the "
+                                     "chain on this deployment's workers, then the split itself")
+    eta_basis: EtaBasis
+    would_be_refused: dict | None = Field(
+        None, description="the error (code, message) the real request would get now from the active-job quota or "
+                          "the per-key output budget; null when it would be queued")
+
+
+class CreateStemsBatch(Strict):
+    """Several create-stems requests in one call, queued in order, each as if it were sent alone."""
+
+    items: list[dict[str, Any]] = Field(..., min_length=1, max_length=100,
+                                        description="up to 100 create-stems bodies (each may be a dry run)")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"items": [
+        {"preset": "4_tracks", "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11"},
+        {"preset": "phantom_center", "audio_id": "9d3f1c2a-7b6e-4c1d-8e2f-3a4b5c6d7e8f", "bit_depth": 16}]}]})
+
+
+class BatchItemError(BaseModel):
+    """An item the API refused: the HTTP status and the error body a single /create-stems would have answered."""
+
+    status: Literal["error"] = "error"
+    http_status: int = Field(description="what a single call would have answered, e.g. 404, 422 or 429")
+    code: str
+    detail: Any = Field(description="the message (or, for a body that fails validation, the list of errors)")
+    model_config = ConfigDict(extra="allow")
+
+
+class BatchQueued(BaseModel):
+    items: list[StemsQueued | StemsEstimate | BatchItemError] = Field(
+        description="one per item, in order: its create-stems answer, or its error")

@@ -202,7 +202,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_remote_split(args) -> int:
-    """Split a file on a stems server through the Python client; prints `path<TAB>made_by` per stem."""
+    """Split files on a stems server through the Python client; prints `path<TAB>made_by` per stem."""
     from tqdm import tqdm
 
     from pipelines.errors import StemsError
@@ -220,10 +220,9 @@ def cmd_remote_split(args) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    job = None
+    jobs: list = []
     with Client(args.server, args.key) as client:
         try:
-            size = Path(args.file).stat().st_size
             # the key and the preset are checked before a long upload, not after it
             known = {p.name: p for p in client.presets().presets}
             preset = known.get(args.preset)
@@ -231,34 +230,104 @@ def cmd_remote_split(args) -> int:
                 print(f"error: preset {args.preset!r} is not available on {args.server}: no worker holds "
                       f"{', '.join(preset.missing_models)} (stems models install on a worker)", file=sys.stderr)
                 return 2
-            with tqdm(total=size, unit="B", unit_scale=True, desc="upload", file=sys.stderr) as bar:
-                audio = client.upload(args.file, progress=lambda sent, _: bar.update(sent - bar.n))
-            duration = client.wait_audio(audio.audio_id).duration
-            selection = {"start": chosen.start, "end": chosen.end or duration} if chosen else None
-            job = client.create_stems(preset=args.preset, audio_id=audio.audio_id, bit_depth=args.bit_depth,
-                                      hq_streaming_format=args.hq, selection=selection)
-            with tqdm(total=100, unit="%", desc=args.preset, file=sys.stderr) as bar:
-                def progress(status) -> None:
-                    bar.set_postfix_str(status.stage)
-                    bar.update(int(status.progress * 100) - bar.n)
+            bodies = []
+            for file in args.files:
+                with tqdm(total=Path(file).stat().st_size, unit="B", unit_scale=True, desc=f"upload {Path(file).name}",
+                          file=sys.stderr) as bar:
+                    audio = client.upload(file, progress=lambda sent, _: bar.update(sent - bar.n))
+                duration = client.wait_audio(audio.audio_id).duration
+                selection = {"start": chosen.start, "end": chosen.end or duration} if chosen else None
+                bodies.append({"preset": args.preset, "audio_id": audio.audio_id, "bit_depth": args.bit_depth,
+                               "hq_streaming_format": args.hq, "selection": selection})
+            if len(bodies) == 1:
+                jobs = [client.create_stems(**bodies[0])]
+            else:  # one call queues them all, each checked as if sent alone
+                jobs = client.create_stems_batch(bodies)
+                refused = [(f, j) for f, j in zip(args.files, jobs) if j.status == "error"]
+                for file, j in refused:
+                    print(f"error: {file}: {j.detail} ({j.code})", file=sys.stderr)
+                if refused:
+                    for j in jobs:
+                        if j.status != "error":
+                            client.cancel(j.creation_id)
+                    return 2
+            for file, job in zip(args.files, jobs):
+                dest = out if len(jobs) == 1 else out / Path(file).stem
+                with tqdm(total=100, unit="%", desc=f"{args.preset} {Path(file).name}", file=sys.stderr) as bar:
+                    def progress(status) -> None:
+                        bar.set_postfix_str(status.stage)
+                        bar.update(int(status.progress * 100) - bar.n)
 
-                done = client.wait(job.creation_id, progress=progress)
-            for stem in done.stems:
-                ext = "wav" if args.format == "wav" else _hq_extension(stem.hq_format)
-                path = client.download_stem(stem.stem_id, out / f"{stem.name}.{ext}", format=args.format)
-                print(f"{path}\t{stem.made_by}")
-        except (ApiError, JobFailed) as exc:
-            print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:  # a split nobody waits for is cancelled, not left running
-            if job is not None:
-                client.cancel(job.creation_id)
-                print(f"cancelled {job.creation_id}", file=sys.stderr)
+                    done = client.wait(job.creation_id, progress=progress)
+                for stem in done.stems:
+                    ext = "wav" if args.format == "wav" else _hq_extension(stem.hq_format)
+                    path = client.download_stem(stem.stem_id, dest / f"{stem.name}.{ext}", format=args.format)
+                    print(f"{path}\t{stem.made_by}")
+        except (ApiError, JobFailed, OSError) as exc:
+            return _remote_failed(exc)
+        except KeyboardInterrupt:  # splits nobody waits for are cancelled, not left running
+            for job in jobs:
+                if getattr(job, "creation_id", None):
+                    client.cancel(job.creation_id)
+                    print(f"cancelled {job.creation_id}", file=sys.stderr)
             return 130
     return 0
+
+
+def cmd_master(args) -> int:
+    """Master a file locally (no server); prints what the source and the result measure."""
+    from pipelines.errors import StemsError
+    from pipelines.mastering import master_file
+
+    out = Path(args.out or Path(args.file).with_suffix("").name + f".{args.preset}.wav")
+    try:
+        report, _ = master_file(Path(args.file), out, args.preset, args.bit_depth)
+    except StemsError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    src, res = report.source, report.result
+    print(f"{out}\t{res.integrated_lufs:.2f} LUFS\t{res.true_peak_dbtp:.2f} dBTP\tLRA {res.loudness_range_lu:.2f} LU")
+    print(f"source {src.integrated_lufs:.2f} LUFS {src.true_peak_dbtp:.2f} dBTP; gain {report.gain_db} dB, "
+          f"shelves {report.low_shelf_db}/{report.high_shelf_db} dB, {report.renders} render(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_remote_master(args) -> int:
+    """Master a file on a stems server; downloads the WAV and prints what it measures."""
+    from .client import ApiError, Client, JobFailed
+
+    if not args.key:
+        print("error: no API key: pass --key or set STEMS_API_KEY", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(args.file).with_suffix("").name + f".{args.preset}.wav")
+    with Client(args.server, args.key) as client:
+        try:
+            audio = client.upload(args.file)
+            client.wait_audio(audio.audio_id)
+            queued = client.master_audio(audio_id=audio.audio_id, preset=args.preset, bit_depth=args.bit_depth)
+            done = client.wait_mastered(queued.mastered_id)
+            client.download_mastered(done.mastered_id, out)
+        except (ApiError, JobFailed, OSError) as exc:
+            return _remote_failed(exc)
+    m = done.measured
+    print(f"{out}\t{m.integrated_lufs:.2f} LUFS\t{m.true_peak_dbtp:.2f} dBTP\tLRA {m.loudness_range_lu:.2f} LU\t"
+          f"{done.mastered_id}")
+    return 0
+
+
+def _remote_failed(exc: Exception) -> int:
+    """Say why a remote command stopped (the API's message and code, or the file system's); exit status 2."""
+    print(f"error: {exc.message} ({exc.code})" if hasattr(exc, "code") and hasattr(exc, "message") else f"error: {exc}",
+          file=sys.stderr)
+    return 2
+
+
+def _master_args(p) -> None:
+    p.add_argument("file")
+    p.add_argument("--preset", choices=("streaming", "loud", "podcast"), default="streaming",
+                   help="streaming: -14 LUFS / -1 dBTP; loud: -9 / -1; podcast: -16 / -1.5")
+    p.add_argument("--out", help="the WAV to write (default: FILE's name + .PRESET.wav, here)")
+    p.add_argument("--bit-depth", type=int, choices=(16, 24, 32), default=24)
 
 
 def _hq_extension(fmt: str | None) -> str:
@@ -371,14 +440,22 @@ def main(argv: list[str] | None = None) -> int:
     custom.add_argument("--sam-model", choices=SAM_MODELS, default="sam-audio-base")
     custom.add_argument("--stereo-mode", choices=STEREO_MODES, default="mono")
     custom.add_argument("--spans", help="START:END[,START:END...] in seconds of the source: extract only there")
+    sp.add_argument("--stem-mp4", action="store_true",
+                    help="also write SOURCE.stem.mp4 (Native Instruments' Stem format for Traktor, Mixxx, Serato); "
+                         "needs a 4-stem preset such as 4_tracks")
     sp.add_argument("--model-dir")
     sp.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: STEMS_DEVICE)")
     sp.set_defaults(fn=cmd_split)
 
+    ms = sub.add_parser("master", help="master a file locally, no server (loudness, tonal balance, true-peak limit)")
+    _master_args(ms)
+    ms.set_defaults(fn=cmd_master)
+
     remote = sub.add_parser("remote", help="use a stems server through its HTTP API").add_subparsers(
         dest="action", required=True)
-    rs = remote.add_parser("split", help="upload a file to a server, split it there, download the stems")
-    rs.add_argument("file")
+    rs = remote.add_parser("split", help="upload files to a server, split them there (several: in one batch), "
+                                         "download the stems (several files: into OUT/<file name>/)")
+    rs.add_argument("files", nargs="+", metavar="FILE")
     rs.add_argument("--preset", required=True)
     rs.add_argument("--out", required=True)
     rs.add_argument("--server", default=os.environ.get("STEMS_SERVER", "http://127.0.0.1:8000"),
@@ -389,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("--hq", choices=("aac", "mp3", "opus", "flac", "none"))
     rs.add_argument("--format", choices=("wav", "hq"), default="wav", help="which file of each stem to download")
     rs.set_defaults(fn=cmd_remote_split)
+    rm = remote.add_parser("master", help="upload a file to a server, master it there, download the WAV")
+    _master_args(rm)
+    rm.add_argument("--server", default=os.environ.get("STEMS_SERVER", "http://127.0.0.1:8000"))
+    rm.add_argument("--key", default=os.environ.get("STEMS_API_KEY"), help="API key (default: $STEMS_API_KEY)")
+    rm.set_defaults(fn=cmd_remote_master)
 
     wk = sub.add_parser("worker", help="run a Celery worker")
     wk.add_argument("-Q", "--queues")

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
-from api.schemas import (AudioAccepted, AudioStatus, DownloadLinks, Peaks, PresetList, SplitList, SplitStatus,
-                         StemsQueued)
+from api.schemas import (AudioAccepted, AudioStatus, BatchItemError, BatchQueued, DownloadLinks, MasterQueued,
+                         MasterStatus, Peaks, PresetList, SplitList, SplitStatus, StemsEstimate, StemsQueued)
 from pipelines.errors import StemsError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -65,9 +65,9 @@ class ApiError(StemsError):
 
 
 class JobFailed(StemsError):
-    """A split or an import ended failed (or cancelled): the code and message of its `error`, and its last status."""
+    """A split, an import or a mastering ended failed (or cancelled): the code and message of its `error`, and its last status."""
 
-    def __init__(self, status: SplitStatus | AudioStatus) -> None:
+    def __init__(self, status: SplitStatus | AudioStatus | MasterStatus) -> None:
         error = status.error or {}
         super().__init__(error.get("message") or f"ended {status.status}",
                          **{k: v for k, v in error.items() if k not in ("code", "message")})
@@ -165,19 +165,27 @@ class Client:
         return PresetList.model_validate(self._json("GET", "/presets", retry=True))
 
     def create_stems(self, *, preset: str, audio_id: str | None = None, stem_id: str | None = None,
-                     upscaled_id: str | None = None, selection: dict | None = None, bit_depth: int | None = None,
+                     upscaled_id: str | None = None, mastered_id: str | None = None, selection: dict | None = None, bit_depth: int | None = None,
                      hq_streaming_format: str | None = None, restoration_params: dict | None = None,
                      callback_url: str | None = None, prompt: str | None = None, sam_model: str | None = None,
                      stereo_mode: str | None = None, spans: list[dict] | None = None,
                      idempotency_key: str | None = None) -> StemsQueued:
         """POST /create-stems with the fields given (None: the API's default)."""
-        fields = dict(preset=preset, audio_id=audio_id, stem_id=stem_id, upscaled_id=upscaled_id, selection=selection,
+        fields = dict(preset=preset, audio_id=audio_id, stem_id=stem_id, upscaled_id=upscaled_id,
+                      mastered_id=mastered_id, selection=selection,
                       bit_depth=bit_depth, hq_streaming_format=hq_streaming_format,
                       restoration_params=restoration_params, callback_url=callback_url, prompt=prompt,
                       sam_model=sam_model, stereo_mode=stereo_mode, spans=spans)
         headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
         body = {k: v for k, v in fields.items() if v is not None}
         return StemsQueued.model_validate(self._json("POST", "/create-stems", json=body, headers=headers))
+
+    def create_stems_batch(self, items: list[dict], *, idempotency_key: str | None = None
+                           ) -> list[StemsQueued | StemsEstimate | BatchItemError]:
+        """POST /create-stems/batch: up to 100 create-stems bodies; each answer (or error) in order, never raised."""
+        headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
+        body = {"items": [{k: v for k, v in item.items() if v is not None} for item in items]}
+        return BatchQueued.model_validate(self._json("POST", "/create-stems/batch", json=body, headers=headers)).items
 
     def status(self, creation_id: str) -> SplitStatus:
         return SplitStatus.model_validate(self._json("GET", f"/status/stem_split/{creation_id}", retry=True))
@@ -221,6 +229,34 @@ class Client:
                 return
             cursor = page.next_cursor
 
+    # -- mastering ----------------------------------------------------------------------
+    def master_audio(self, *, audio_id: str | None = None, stem_id: str | None = None,
+                     upscaled_id: str | None = None, mastered_id: str | None = None, preset: str = "streaming",
+                     bit_depth: int | None = None, idempotency_key: str | None = None) -> MasterQueued:
+        """POST /master-audio: a mastered version of an audio, a stem or an upscaled copy."""
+        fields = dict(audio_id=audio_id, stem_id=stem_id, upscaled_id=upscaled_id, mastered_id=mastered_id,
+                      preset=preset, bit_depth=bit_depth)
+        headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
+        body = {k: v for k, v in fields.items() if v is not None}
+        return MasterQueued.model_validate(self._json("POST", "/master-audio", json=body, headers=headers))
+
+    def mastered_status(self, mastered_id: str) -> MasterStatus:
+        return MasterStatus.model_validate(self._json("GET", f"/status/mastered/{mastered_id}", retry=True))
+
+    def wait_mastered(self, mastered_id: str, *, timeout: float | None = None) -> MasterStatus:
+        """Poll the mastering until it ends; JobFailed unless it completed."""
+        status = self._poll(lambda: self.mastered_status(mastered_id), timeout, None)
+        if status.status != "complete":
+            raise JobFailed(status)
+        return status
+
+    def download_mastered(self, mastered_id: str, dest: str | os.PathLike, *,
+                          progress: Progress | None = None) -> Path:
+        return self._download(f"/download/mastered/{mastered_id}", {}, dest, progress)
+
+    def delete_mastered(self, mastered_id: str) -> None:
+        self._request("DELETE", f"/mastered/{mastered_id}")
+
     # -- results ------------------------------------------------------------------------
     def stem_peaks(self, stem_id: str) -> Peaks:
         return Peaks.model_validate(self._json("GET", f"/stem/{stem_id}/peaks", retry=True))
@@ -235,12 +271,15 @@ class Client:
     def download_stem(self, stem_id: str, dest: str | os.PathLike, *, format: str = "wav",
                       progress: Progress | None = None) -> Path:
         """Download a stem to `dest`, resuming a `dest.part` left by an interrupted try (HTTP Range)."""
+        return self._download(f"/download/stem/{stem_id}", {"format": format}, dest, progress)
+
+    def _download(self, path: str, params: dict, dest: str | os.PathLike, progress: Progress | None) -> Path:
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
         dest.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(self.retries + 1):
             try:
-                self._fetch(f"/download/stem/{stem_id}", {"format": format}, part, progress)
+                self._fetch(path, params, part, progress)
                 os.replace(part, dest)
                 return dest
             except (httpx.TransportError, ApiError) as exc:

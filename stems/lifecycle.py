@@ -13,6 +13,8 @@ Retention phases (sorted sets in the job store, scored by the time each clock st
   asset becomes `expired` (its record still answers status; it can no longer be split);
 - `stems` (STEMS_RETAIN_STEMS_S from the job's end): the job's objects are deleted and its stems
   become `expired` (unless a queued or running job splits one of them);
+- `mastered` and `mastered_record` (the same two times from a mastering's end): its WAV, then its
+  records (`stems/masterings.py`);
 - `job` (STEMS_RETAIN_RECORDS_S from the job's end) and `asset` (STEMS_RETAIN_RECORDS_S from its
   creation, never before its original): the record goes, with anything still stored for it.
 
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from .jobstore import JobStore
+from .masterings import Masterings
 from .models import AssetStatus, AudioAsset, Job
 from .settings import Settings
 from .storage import Storage, keys
@@ -64,6 +67,7 @@ def delete_asset(store: JobStore, storage: Storage, asset: AudioAsset, tombstone
                 store.forget_asset_job(asset.id, job_id)
                 continue
             removed += delete_job(store, storage, job, tombstone)
+    removed += Masterings(store).delete_of_asset(storage, asset.id)  # a running one finds its record gone
     return removed + delete_asset_objects(storage, asset)
 
 
@@ -83,7 +87,10 @@ def asset_record_retention(settings: Settings) -> float:
 
 
 def _has_active_job(store: JobStore, audio_id: str) -> bool:
-    return any(j is not None and not j.status.terminal for j in map(store.get_job, store.asset_job_ids(audio_id)))
+    """A queued or running split of the audio (or of what was made from it), or mastering of it."""
+    masters = Masterings(store)
+    return any(j is not None and not j.status.terminal for j in map(store.get_job, store.asset_job_ids(audio_id))) \
+        or any(m is not None and not m.status.terminal for m in map(masters.get, masters.of_asset(audio_id)))
 
 
 @dataclass
@@ -107,7 +114,9 @@ def sweep(store: JobStore, storage: Storage, settings: Settings, now: float | No
     report = SweepReport()
     phases = (("job", settings.retain_records_s, _expire_job), ("stems", settings.retain_stems_s, _expire_stems),
               ("asset", asset_record_retention(settings), _expire_asset),
-              ("original", settings.retain_originals_s, _expire_original))
+              ("original", settings.retain_originals_s, _expire_original),
+              ("mastered", settings.retain_stems_s, _expire_mastered),
+              ("mastered_record", settings.retain_records_s, _expire_mastered_record))
     for phase, keep_s, expire in phases:
         if keep_s <= 0:
             continue
@@ -184,6 +193,18 @@ def _expire_original(store: JobStore, storage: Storage, audio_id: str, report: S
         delete_asset_objects(storage, asset)  # its peaks too: they are drawn from the music
         report.originals += 1
     store.done_with("original", audio_id)
+
+
+def _expire_mastered(store: JobStore, storage: Storage, id_: str, report: SweepReport) -> None:
+    if Masterings(store).expire_objects(storage, id_):
+        report.stems += 1
+    else:
+        report.postponed += 1
+
+
+def _expire_mastered_record(store: JobStore, storage: Storage, id_: str, report: SweepReport) -> None:
+    Masterings(store).expire_record(storage, id_)
+    report.jobs += 1
 
 
 def run_locked(store: JobStore, storage: Storage, settings: Settings, lock_ttl_s: float = 600.0) -> SweepReport | None:

@@ -19,6 +19,7 @@ from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.modelstore import ModelStore
 from pipelines.presets import Preset, load_catalogue
 from pipelines.registry import get_spec
+from pipelines.stemfile import NI_ORDER, write_stem_mp4
 
 
 class UsageError(StemsError):
@@ -101,6 +102,10 @@ def run(args, store: ModelStore, settings) -> int:
         if not source.is_file():
             raise UsageError(f"{source} is not a file")
         spec = plan(args, store)
+        makes = set(load_catalogue().preset(spec.preset).output_stems())
+        if getattr(args, "stem_mp4", False) and not set(NI_ORDER) <= makes:
+            raise UsageError(f"--stem-mp4 needs a preset that makes drums, bass, other and vocals (4_tracks); "
+                             f"{spec.preset} does not")
         engine = Engine(store, device=args.device or settings.device, chunk_seconds=settings.chunk_seconds)
         out.mkdir(parents=True, exist_ok=True)
         # scratch beside the outputs: same disk, so finished files are renamed, not copied (and not in a RAM /tmp)
@@ -121,6 +126,10 @@ def run(args, store: ModelStore, settings) -> int:
 
             split.run(engine, spec, source, Path(work), deliver, progress)
             bar.update(100 - bar.n)
+        if getattr(args, "stem_mp4", False):  # NI's Stem format for DJ software, from the WAVs just written
+            wavs = {p.stem: p for p, _ in written if p.suffix == ".wav"}
+            dest = out / f"{source.name.split('.')[0]}.stem.mp4"
+            written.append((write_stem_mp4(dest, {n: wavs[n] for n in NI_ORDER if n in wavs}), "stem.mp4"))
         for path, made_by in sorted(written):
             print(f"{path}\t{made_by}")
     except StemsError as exc:

@@ -22,6 +22,7 @@ from typing import Callable
 
 import redis
 
+from . import eta
 from .models import DELIVERY_QUEUE, Job, JobStatus, Stem
 
 DAY_S = 86400
@@ -80,6 +81,7 @@ class RunStore:
         """Count a completed job's minutes; called in the transaction that completes it, which happens once."""
         pipe.hincrbyfloat(self.k("usage", job.user_id), "minutes", job.usage_minutes)
         pipe.hincrby(self.k("usage", job.user_id), "jobs", 1)
+        eta.record(self, pipe, job)  # its speed, for the estimates of the jobs after it
 
     def expired_leases(self, now: float, limit: int = 100) -> list[str]:
         return [m.decode() for m in self.r.zrangebyscore(self.k("leases"), "-inf", now, start=0, num=limit)]

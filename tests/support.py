@@ -192,3 +192,14 @@ def expected_objects(stack: ServiceStack, job_id: str) -> list[str]:
 
 def job_objects(stack: ServiceStack, job_id: str) -> list[str]:
     return stack.objects(f"users/{stack.store.get_job(job_id).user_id}/jobs/{job_id}/")
+
+
+def asset_record(stack: ServiceStack, user: str, seconds: float, sr: int = 44100) -> str:
+    """An imported audio's record as the import leaves it, with no object behind it: for tests whose jobs on it
+    never run (the estimate and batch tests queue them on a stack without workers)."""
+    from stems.models import AssetStatus, AudioAsset
+
+    a = AudioAsset(user_id=user, origin="upload", status=AssetStatus.complete, object_key=f"users/{user}/x",
+                   info={"duration": seconds, "sample_rate": sr, "channels": 2})
+    stack.store.put_asset(a)
+    return a.id

@@ -1,7 +1,7 @@
 """The messages of our tasks, and sending the ones the outbox owes.
 
 Work is owed a message in the outbox (`stems/runstore.py`) from the moment it is written;
-whoever sends the message then settles the entry. Four kinds: `split` (a queued job),
+whoever sends the message then settles the entry. Five kinds: `split` (a queued job), `master` (a mastering, `workers/mastering.py`),
 `deliver` (a separated job waiting for its delivery stage, `workers/delivery.py`), `import`
 (an asset being imported) and `webhook` (a job that ended with a callback URL).
 `send` looks at the record first, so an entry whose work has started, ended or vanished is
@@ -15,6 +15,7 @@ import logging
 from celery import Celery
 
 from stems.jobstore import JobStore
+from stems.masterings import Mastering, Masterings
 from stems.models import DELIVERY_QUEUE, AssetStatus, Job, JobStatus
 from stems.settings import Settings
 
@@ -24,7 +25,7 @@ from .celery_app import broker_queue
 log = logging.getLogger(__name__)
 
 TASKS = {"split": "stems.split", "deliver": "stems.deliver", "import": "stems.import_audio",
-         "webhook": "stems.webhook"}
+         "webhook": "stems.webhook", "master": "stems.master_audio"}
 KINDS = {task: kind for kind, task in TASKS.items()}
 
 
@@ -36,6 +37,12 @@ def send_split(app: Celery, s: Settings, job: Job, kind: str = "split") -> None:
                   soft_time_limit=s.soft_time_limit(seconds), time_limit=s.hard_time_limit(seconds))
 
 
+def send_master(app: Celery, s: Settings, m: Mastering) -> None:
+    """A mastering's message, to the CPU queue, with limits that follow the audio as a split's do."""
+    app.send_task(TASKS["master"], args=[m.id], queue=broker_queue("cpu", s),
+                  soft_time_limit=s.soft_time_limit(m.audio_seconds), time_limit=s.hard_time_limit(m.audio_seconds))
+
+
 def needs_message(store: JobStore, kind: str, id_: str) -> bool:
     """Whether the work `kind:id` still waits for a message."""
     if kind in ("split", "deliver"):
@@ -44,6 +51,9 @@ def needs_message(store: JobStore, kind: str, id_: str) -> bool:
     if kind == "import":
         asset = store.get_asset(id_)
         return asset is not None and asset.status == AssetStatus.processing
+    if kind == "master":
+        m = Masterings(store).get(id_)
+        return m is not None and not m.status.terminal
     if kind == "webhook":
         job = store.get_job(id_)
         return job is not None and bool(job.callback_url) and job.status in (JobStatus.complete, JobStatus.failed)
@@ -56,6 +66,8 @@ def send(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> bool
         return False
     if kind in ("split", "deliver"):
         send_split(app, s, store.get_job(id_), kind)
+    elif kind == "master":
+        send_master(app, s, Masterings(store).get(id_))
     else:
         app.send_task(TASKS[kind], args=[id_], queue=broker_queue("cpu", s))
     return True

@@ -23,6 +23,7 @@ from . import heartbeat, preflight, reaper, retention  # noqa: F401
 from .celery_app import app
 from .context import context, store_context
 from .importer import run_import
+from .mastering import run_master
 from .messages import flush
 from .retry import RETRYABLE, backoff
 from .delivery import run_delivery
@@ -64,6 +65,12 @@ def _run_then_flush(run, job_id: str, hostname: str | None) -> None:
                 flush(app, ctx.settings, ctx.store, kind, job_id)
             except RETRYABLE:
                 pass
+
+
+@app.task(name="stems.master_audio", bind=True)
+def master_task(self, mastering_id: str) -> None:
+    """Master an audio, stem or upscaled copy (its limits come with its message, as a split's do)."""
+    run_master(mastering_id, store_context(), self.request.hostname)
 
 
 @app.task(name="stems.webhook", soft_time_limit=_s.webhook_timeout_s, time_limit=WEBHOOK_HARD_S)

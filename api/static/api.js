@@ -62,6 +62,13 @@ export async function callBlob(method, path, body) {
   return response.blob();
 }
 
+/** A GET answered with a file (a mastered WAV), as a Blob. */
+export async function getBlob(path) {
+  const response = await fetch(path, { headers: { "x-api-key": savedKey() } });
+  if (!response.ok) throw new ApiError(response.status, await parse(response));
+  return response.blob();
+}
+
 /** POST /from-file with upload progress (fetch cannot report it; XMLHttpRequest can). */
 export function upload(file, onProgress) {
   return new Promise((resolve, reject) => {

@@ -1,6 +1,6 @@
 // The stems page: sign in, bring audio in, pick a preset and a selection, follow the split, mix and download.
 
-import { ApiError, call, callBlob, poll, saveKey, savedKey, upload } from "/static/api.js";
+import { ApiError, call, callBlob, getBlob, poll, saveKey, savedKey, upload } from "/static/api.js";
 import { Mixer } from "/static/mixer.js";
 import { sourceWaveform } from "/static/waveform.js";
 
@@ -8,7 +8,9 @@ const $ = (id) => document.getElementById(id);
 const CHIPS = 10;  // stem names shown on a preset card (mvsep_mega_53 has 53)
 const GROUPS = { music: "Music", speech: "Speech", cleanup: "Clean-up", custom: "Prompt-guided" };
 
-const state = { audio: null, source: null, selection: null, presets: [], preset: null, job: null, cursor: null };
+const state = { audio: null, source: null, selection: null, presets: [], preset: null, job: null, cursor: null,
+                mastered: null };
+const NI_STEMS = ["drums", "bass", "other", "vocals"];  // a split with these can be a DJ stem file
 const mixer = new Mixer($("stems"), $("clock"), $("play-button"));
 window.stems = { state, mixer };  // for the browser console
 
@@ -89,6 +91,7 @@ async function imported(accepted, name) {
   $("source-info").textContent =
     `${status.duration.toFixed(2)} s · ${status.sample_rate} Hz · ${status.channels} ch · ${status.codec}`;
   state.source = sourceWaveform($("source-waveform"), peaks, status.duration, selectionChanged);
+  forgetMastered();
   selectionChanged(0, null);
   $("split-button").disabled = !state.preset;
 }
@@ -117,6 +120,58 @@ function importLink(url) {
     setProgress("upload-progress", 0.5, `fetching ${url}…`);
     await imported(await call("POST", "/from-link", { url }), url.split("/").pop());
   });
+}
+
+// -- mastering: a mastered version of the audio, which can be split instead of the original -------------
+function forgetMastered() {
+  state.mastered = null;
+  $("master-result").textContent = "";
+  $("master-download").hidden = true;
+  $("use-master-label").hidden = true;
+  $("use-master").checked = false;
+}
+
+async function master() {
+  show("source-message", "");
+  forgetMastered();
+  $("master-button").disabled = true;
+  try {
+    const queued = await call("POST", "/master-audio", { audio_id: state.audio.audio_id, preset: $("master-preset").value });
+    $("master-result").textContent = "mastering…";
+    const status = await poll(`/status/mastered/${queued.mastered_id}`, ["complete", "failed"]);
+    if (status.status === "failed") {
+      $("master-result").textContent = "";
+      show("source-message", `The mastering failed: ${status.error ? status.error.message : "unknown reason"}`);
+      return;
+    }
+    const m = status.measured;
+    state.mastered = status;
+    $("master-result").textContent = `${status.preset}: ${m.integrated_lufs.toFixed(1)} LUFS · ` +
+      `${m.true_peak_dbtp.toFixed(1)} dBTP · LRA ${m.loudness_range_lu.toFixed(1)} LU`;
+    $("master-download").hidden = false;
+    $("use-master-label").hidden = false;
+  } catch (exc) {
+    $("master-result").textContent = "";
+    show("source-message", errorText(exc));
+  } finally {
+    $("master-button").disabled = false;
+  }
+}
+
+function save(blob, name) {
+  const a = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 60_000);
+}
+
+async function downloadMastered() {
+  try {
+    save(await getBlob(`/download/mastered/${state.mastered.mastered_id}`), `mastered-${state.mastered.preset}.wav`);
+  } catch (exc) {
+    show("source-message", errorText(exc));
+  }
 }
 
 function selectionChanged(start, end) {
@@ -199,6 +254,10 @@ function request() {
     preset: state.preset.name, audio_id: state.audio.audio_id,
     bit_depth: Number($("bit-depth").value), hq_streaming_format: $("hq-format").value,
   };
+  if (state.mastered && $("use-master").checked) {  // the same selection, of the mastered version
+    delete body.audio_id;
+    body.mastered_id = state.mastered.mastered_id;
+  }
   if (state.selection) body.selection = state.selection;
   if ($("restoration").value) body.restoration_params = { preset: $("restoration").value, strength: Number($("strength").value) };
   if (state.preset.name === "custom") {
@@ -236,6 +295,7 @@ async function follow(creationId, preset) {
       if (state.job !== creationId) throw new Error("superseded");
       setProgress("job-progress", s.progress, `${Math.round(100 * s.progress)}%`);
       $("job-stage").textContent = s.stage && s.stage !== s.status ? `${s.status}: ${s.stage}` : s.status;
+      $("job-eta").textContent = s.eta_s != null ? `about ${Math.ceil(s.eta_s)} s left` : "";
     });
   } catch (exc) {
     if (exc.message !== "superseded") show("job-message", errorText(exc));
@@ -247,6 +307,7 @@ async function follow(creationId, preset) {
   if (status.status === "cancelled") show("job-message", "The split was cancelled; its outputs were removed.", "warning");
   if (status.status !== "complete") return;
   $("mixer").hidden = false;
+  $("stemfile-button").hidden = !NI_STEMS.every((n) => status.stems.some((s) => s.name === n));
   try {
     await mixer.load(status.stems);
   } catch (exc) {
@@ -264,12 +325,17 @@ async function cancel() {
 
 async function downloadZip() {
   try {
-    const blob = await callBlob("POST", "/download-archive", { creation_id: state.job, format: "wav" });
-    const a = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), download: `stems-${state.job.slice(0, 8)}.zip` });
-    document.body.append(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(a.href), 60_000);
+    save(await callBlob("POST", "/download-archive", { creation_id: state.job, format: "wav" }),
+         `stems-${state.job.slice(0, 8)}.zip`);
+  } catch (exc) {
+    show("job-message", errorText(exc));
+  }
+}
+
+async function downloadStemFile() {
+  try {
+    save(await callBlob("POST", "/download-archive", { creation_id: state.job, format: "stem.mp4" }),
+         `stems-${state.job.slice(0, 8)}.stem.mp4`);
   } catch (exc) {
     show("job-message", errorText(exc));
   }
@@ -327,6 +393,9 @@ function wire() {
   $("split-button").addEventListener("click", split);
   $("cancel-button").addEventListener("click", cancel);
   $("zip-button").addEventListener("click", downloadZip);
+  $("stemfile-button").addEventListener("click", downloadStemFile);
+  $("master-button").addEventListener("click", master);
+  $("master-download").addEventListener("click", downloadMastered);
   $("history-more").addEventListener("click", () => loadHistory(false));
 }
 

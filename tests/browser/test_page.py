@@ -245,3 +245,34 @@ def test_a_queued_split_can_be_cancelled(stack, song, page, shots):
     job = httpx.get(stack.base + "/stem_split", headers={"x-api-key": key}).json()["items"][0]
     assert job["status"] == "cancelled"
     assert page.problems == []
+
+
+def test_master_download_and_split_the_mastered_version(stack, song, page, shots):
+    key = stack.store.create_key("browser-master")
+    api = httpx.Client(base_url=stack.base, headers={"x-api-key": key}, timeout=30)
+    page.goto(f"{stack.base}/#key={key}")
+    page.locator("#app").wait_for(state="visible")
+    drop(page, "#dropzone", song)
+    page.locator("#source-waveform canvas").first.wait_for()
+
+    page.select_option("#master-preset", "podcast")
+    page.click("#master-button")
+    page.locator("#master-download").wait_for(state="visible", timeout=120_000)
+    text = page.text_content("#master-result")
+    assert text.startswith("podcast: ") and "LUFS" in text and "dBTP" in text and "LRA" in text
+    lufs = float(text.split(": ")[1].split(" LUFS")[0])
+    assert abs(lufs + 16.0) <= 0.5
+    shots(page, "07-mastered")
+    mastered_id = page.evaluate("() => window.stems.state.mastered.mastered_id")
+    with page.expect_download() as download:
+        page.click("#master-download")
+    assert open(download.value.path(), "rb").read() == api.get(f"/download/mastered/{mastered_id}").content
+
+    page.check("#use-master")
+    page.check(".preset[data-preset=phantom_center] input")
+    page.click("#split-button")
+    page.locator("#mixer").wait_for(state="visible", timeout=120_000)
+    job = api.get("/stem_split", params={"limit": 1}).json()["items"][0]
+    assert stack.store.get_job(job["creation_id"]).source_id == mastered_id  # the mastered version was split
+    assert page.locator("#stemfile-button").is_hidden()  # two stems: no DJ stem file
+    assert page.problems == []

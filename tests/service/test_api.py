@@ -118,8 +118,27 @@ def test_openapi_describes_the_api(stack):
     doc = httpx.get(stack.base + "/openapi.json").json()
     for path in ("/from-file", "/from-link", "/from-storage", "/create-stems", "/status/audio/{audio_id}",
                  "/status/stem_split/{creation_id}", "/download/stem/{stem_id}", "/download-archive", "/presets",
-                 "/healthz", "/readyz", "/cancel/{creation_id}", "/usage"):
+                 "/healthz", "/readyz", "/cancel/{creation_id}", "/usage", "/master-audio",
+                 "/status/mastered/{mastered_id}", "/download/mastered/{mastered_id}", "/mastered/{mastered_id}",
+                 "/create-stems/batch"):
         assert path in doc["paths"], path
+    schemas = doc["components"]["schemas"]
+    # the new fields and answers (#22): mastering, dry runs and eta_s, batches
+    assert set(schemas["MasterAudio"]["properties"]) == {"audio_id", "stem_id", "upscaled_id", "mastered_id", "preset",
+                                                        "bit_depth"}
+    assert schemas["MasterAudio"]["properties"]["preset"]["enum"] == ["streaming", "loud", "podcast"]
+    assert {"integrated_lufs", "true_peak_dbtp", "loudness_range_lu"} <= set(schemas["Loudness"]["properties"])
+    assert {"measured", "target", "download"} <= set(schemas["MasterStatus"]["properties"])
+    assert {"dry_run", "mastered_id"} <= set(schemas["CreateStems"]["properties"])
+    assert "eta_s" in schemas["SplitStatus"]["properties"]
+    assert {"chain", "queue", "usage_minutes", "estimated_output_bytes", "eta_s", "eta_basis"} <= \
+        set(schemas["StemsEstimate"]["properties"])
+    created = doc["paths"]["/create-stems"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert {r["$ref"].rsplit("/", 1)[1] for r in created["anyOf"]} == {"StemsQueued", "StemsEstimate"}
+    assert schemas["CreateStemsBatch"]["properties"]["items"]["maxItems"] == 100
+    batch = doc["paths"]["/create-stems/batch"]["post"]
+    assert any(p["name"].lower() == "idempotency-key" for p in batch["parameters"])
+    assert doc["paths"]["/download/mastered/{mastered_id}"]["get"]["responses"]["200"]["content"]["audio/wav"] == {}
     assert "multipart/form-data" in doc["paths"]["/from-file"]["post"]["requestBody"]["content"]
     assert doc["components"]["schemas"]["CreateStems"]["examples"]
     assert "stems models pull" in doc["components"]["schemas"]["PresetInfo"]["properties"]["install_hint"]["description"]

@@ -53,9 +53,11 @@ def _owned_split(fuzz_stack, tmp_path_factory) -> dict:
         assert asset["status"] == "complete", asset
         job = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"]}).json()
         status = wait_for(c, f"/status/stem_split/{job['creation_id']}", {"complete", "failed"}, 120)
+        mastered = c.post("/master-audio", json={"audio_id": asset["audio_id"]}).json()["mastered_id"]
+        wait_for(c, f"/status/mastered/{mastered}", {"complete", "failed"}, 120)
     stem = status["stems"][0]["stem_id"] if status["stems"] else job["audio_stems"][0]["stem_id"]
     return {"key": key, "audio_id": asset["audio_id"], "creation_id": job["creation_id"], "stem_id": stem,
-            "status": status}
+            "mastered_id": mastered, "status": status}
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +67,11 @@ def api_schema(fuzz_stack):
 
 def _operations() -> list[tuple[str, str]]:
     """(method, path) of every route, known at collection time without a running server."""
-    from api import routes_audio, routes_downloads, routes_meta, routes_peaks, routes_stems
+    from api import (routes_audio, routes_batch, routes_downloads, routes_master, routes_meta, routes_peaks,
+                     routes_stems)
 
-    return sorted((m, r.path) for mod in (routes_audio, routes_stems, routes_downloads, routes_peaks, routes_meta)
-                  for r in mod.router.routes for m in r.methods if m != "HEAD")
+    modules = (routes_audio, routes_stems, routes_batch, routes_master, routes_downloads, routes_peaks, routes_meta)
+    return sorted((m, r.path) for mod in modules for r in mod.router.routes for m in r.methods if m != "HEAD")
 
 
 def _swap(value, known: dict, name: str):
@@ -86,7 +89,7 @@ def _use_known_ids(case, known: dict) -> None:
     for name, value in list((case.path_parameters or {}).items()):
         case.path_parameters[name] = _swap(value, known, name)
     if isinstance(case.body, dict):
-        for name in ("audio_id", "creation_id", "stem_id"):
+        for name in ("audio_id", "creation_id", "stem_id", "mastered_id"):
             if name in case.body:
                 case.body[name] = _swap(case.body[name], known, name)
         preset = case.body.get("preset")
