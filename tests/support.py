@@ -203,3 +203,12 @@ def asset_record(stack: ServiceStack, user: str, seconds: float, sr: int = 44100
                    info={"duration": seconds, "sample_rate": sr, "channels": 2})
     stack.store.put_asset(a)
     return a.id
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (a Celery worker's pool processes, say)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out

@@ -21,8 +21,8 @@ import pytest
 from pipelines.presets import load_catalogue
 from stems.redisboot import free_port, start_redis
 from tests.blackhole import Server, endless_body, silent, trickle_headers
-from tests.support import (LONG_S, SONG_S, TERMINAL, ServiceStack, expected_objects, job_objects, start_job, tone_mix,
-                           upload, wait_for, wait_stage, write_audio)
+from tests.support import (LONG_S, SONG_S, TERMINAL, ServiceStack, child_pids, expected_objects, job_objects, start_job,
+                           tone_mix, upload, wait_for, wait_stage, write_audio)
 from tests.webserver import WebServer
 
 SR = 44100
@@ -347,7 +347,7 @@ def test_imports_are_bounded_in_time_and_tries(tmp_path, redis_url, s3_url, brok
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
                 time.sleep(0.3)
-                for child in _children(worker.pid):
+                for child in child_pids(worker.pid):
                     os.kill(child, signal.SIGKILL)
             status = wait_for(c, f"/status/audio/{killer}", {"complete", "failed"}, 60)
             assert status["status"] == "failed" and status["error"]["code"] == "too_many_attempts", status
@@ -358,10 +358,3 @@ def test_imports_are_bounded_in_time_and_tries(tmp_path, redis_url, s3_url, brok
         s.stop()
         web.close()
 
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out

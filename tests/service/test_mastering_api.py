@@ -29,8 +29,7 @@ from stems.masterings import Mastering, Masterings, output_stem, wav_key
 from stems.models import AssetStatus, AudioAsset, JobStatus, StemStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage
-from tests.service.test_nodeloss import _children
-from tests.support import ROOT, ServiceStack, tone_mix, upload, wait_for, write_audio
+from tests.support import ROOT, ServiceStack, child_pids, tone_mix, upload, wait_for, write_audio
 
 SR = 44100
 TERMINAL = {"complete", "failed"}
@@ -270,7 +269,7 @@ def test_a_worker_killed_mid_mastering_loses_nothing(tmp_path, redis_url, s3_url
             wait_for(c, f"/status/mastered/{mid}", {"processing", "complete", "failed"}, 60)
             time.sleep(1.0)
             assert c.get(f"/status/mastered/{mid}").json()["status"] == "processing"
-            for child in _children(worker.pid):
+            for child in child_pids(worker.pid):
                 os.kill(child, signal.SIGKILL)
             done = wait_for(c, f"/status/mastered/{mid}", TERMINAL, 240)
             assert done["status"] == "complete", done
