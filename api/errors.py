@@ -5,6 +5,8 @@ import logging
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetError, StemsError
@@ -44,3 +46,14 @@ def install(app: FastAPI) -> None:
         log.warning("redis unavailable: %s", exc)
         return JSONResponse({"detail": "job store unavailable, try again shortly", "code": "unavailable"},
                             status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # a URL the schema refused (api/schemas.py::Link) answers like one the handler refused: code
+        # invalid_link, with the field named; every other validation error keeps FastAPI's answer
+        link = next((e for e in exc.errors() if e.get("type") == "invalid_link"), None)
+        if link is None:
+            return await request_validation_exception_handler(request, exc)
+        field = ".".join(str(p) for p in link["loc"][1:])
+        return JSONResponse({"detail": f"{field}: {link['msg']}", "code": "invalid_link", "message": link["msg"],
+                             "field": field}, status_code=422)

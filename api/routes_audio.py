@@ -71,7 +71,8 @@ def from_link(body: FromLink, svc=Svc, user: str = User, idempotency_key: str | 
 def from_storage(body: FromStorage, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
     key = clean_key(body.key)
     # one answer for "not yours" and "not there": a tenant cannot probe which objects exist
-    if key is None or not may_register(key, user, svc.settings.ingest_prefix, svc.settings.secret_key, body.grant) \
+    if key is None or not may_register(key, user, svc.settings.ingest_prefix, svc.settings.secret_key, body.grant,
+                                        svc.settings.grant_max_ttl_s) \
             or svc.storage.size(key) is None:
         raise NotFound("no such object under your ingest prefix", field="key")
 
