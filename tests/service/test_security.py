@@ -19,6 +19,7 @@ import soundfile as sf
 
 from pipelines.presets import load_catalogue
 from stems.models import AssetStatus, AudioAsset
+from stems.purpose_keys import legacy_webhook_secret
 from stems.storage import keys
 from stems.webhooks import sign, verify
 from tests.support import ServiceStack, tone_mix, upload, wait_for, write_audio
@@ -427,6 +428,27 @@ def test_webhook_secret_rotation_and_revocation(guarded, guarded_audio, web):
         assert not guarded.store.revoke_key(issued.key_id)
 
 
+def test_a_key_without_its_own_secret_signs_with_a_value_for_it_alone(guarded, guarded_audio, web):
+    """A key made before keys had their own secret: its webhooks are signed with a value derived for that key
+    (never the server secret, which also signed grants: #19), until `stems keys rotate` gives it its own."""
+    c, issued = guarded.keyed_client("hooked")
+    guarded.store.r.hdel(guarded.store.k("apikey", guarded.store._digest(issued.key_id)), "webhook_secret")
+    assert guarded.store.key_by_id(issued.key_id).webhook_secret is None  # as such keys are stored
+    server = guarded.settings().secret_key
+    legacy = legacy_webhook_secret(server, issued.key_id)
+    with c:
+        path = f"/hook-{uuid.uuid4().hex[:8]}"
+        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio,
+                                          "hq_streaming_format": "none", "callback_url": web.url(path, "localhost")})
+        assert r.status_code == 200, r.text
+        wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
+        (hit,) = web.wait_posts(path, 1)
+        assert verify(legacy, hit.body, _signature(hit))
+        other_legacy = legacy_webhook_secret(server, guarded.store.issue_key("hooked").key_id)
+        for wrong in (server, other_legacy, issued.webhook_secret):  # nor another legacy key's value
+            assert not verify(wrong, hit.body, _signature(hit))
+
+
 def test_webhook_retried_after_5xx(guarded, guarded_audio, web):
     path = f"/hook-{uuid.uuid4().hex[:8]}"
     web.answers[path] = [500, 503]
@@ -493,6 +515,24 @@ def owned(stack, tmp_path_factory):
     assert status["status"] == "complete", status
     yield c, asset["audio_id"], status
     c.close()
+
+
+def test_download_links_stop_when_their_key_is_revoked(stack, owned):
+    c, _, status = owned
+    owner, sid = c.get("/usage").json()["user_id"], status["stems"][0]["stem_id"]
+    doomed, issued = stack.keyed_client(owner)
+    links = {}
+    for name, client in (("doomed", doomed), ("kept", c)):
+        r = client.post("/download-links", json={"stem_ids": [sid]})
+        assert r.status_code == 200, r.text
+        links[name] = r.json()["links"][0]["url"]
+    doomed.close()
+    with httpx.Client(base_url=stack.base, timeout=60) as anonymous:
+        assert anonymous.get(links["doomed"]).status_code == 200
+        assert stack.store.revoke_key(issued.key_id)
+        r = anonymous.get(links["doomed"])
+        assert r.status_code == 401 and "revoked" in r.json()["detail"], r.text
+        assert anonymous.get(links["kept"]).status_code == 200  # the same user's other key's links still work
 
 
 def test_other_users_ids_are_404_on_every_route(stack, owned):

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 import soundfile as sf
 
 from stems.ingest import mint_grant
+from stems.purpose_keys import legacy_webhook_secret
 from stems.storage import make_storage
 from tests.support import ROOT, tone_mix, wait_for
 
@@ -91,6 +93,15 @@ def test_a_signed_grant_opens_one_key_to_one_tenant(tenants):
         (cb, objects["shared"], grant[:-2] + ("00" if not grant.endswith("00") else "11")),  # tampered
         (cb, objects["shared"], "g1.not.a-grant"),
         (cb, objects["shared"], ""),
+        # what a tenant holding the server secret could mint before #19 (legacy keys' webhooks were signed with it)
+        (cb, objects["shared"], _grant_under_the_raw_secret(secret, b, objects["shared"])),
+        (cb, objects["shared"], _grant_under_the_raw_secret(secret, b, objects["a"])),
+        # nor does any value a tenant holds now: a legacy key's webhook secret mints nothing
+        (cb, objects["shared"], mint_grant(legacy_webhook_secret(secret, "key_0123456789abcdef"), b, objects["shared"], 60)),
+        (cb, objects["shared"], mint_grant(legacy_webhook_secret(secret, None), b, objects["shared"], 60)),
+        # longer than STEMS_GRANT_MAX_TTL_S: refused where it is used, not only by the CLI that mints
+        (cb, objects["shared"], mint_grant(secret, b, objects["shared"], s.settings().grant_max_ttl_s + 3600)),
+        (cb, objects["shared"], mint_grant(secret, b, objects["shared"], 60, now=time.time() + 3600)),  # minted "later"
     ]
     for client, key, g in refused:
         r = _register(client, key, grant=g)
@@ -98,6 +109,18 @@ def test_a_signed_grant_opens_one_key_to_one_tenant(tenants):
     prefix_grant = mint_grant(secret, b, f"partner/{a}/", 60)  # a prefix grant: any key under it
     assert _register(cb, objects["partner"], grant=prefix_grant).status_code == 200
     assert _register(cb, f"partner/{a}x/track.wav", grant=prefix_grant).status_code == 404
+
+
+def _grant_under_the_raw_secret(secret: str, user: str, key: str) -> str:
+    """A grant as main minted it before #19: HMAC under the server secret itself."""
+    import base64
+    import hashlib
+    import hmac
+
+    payload = base64.urlsafe_b64encode(json.dumps({"u": user, "k": key, "e": int(time.time() + 60)},
+                                                  sort_keys=True).encode()).rstrip(b"=")
+    mac = hmac.new(secret.encode(), b"stems-ingest-grant." + payload, hashlib.sha256).hexdigest()
+    return f"g1.{payload.decode()}.{mac}"
 
 
 def _cli(s, *args: str) -> subprocess.CompletedProcess:
@@ -125,6 +148,14 @@ def test_keys_cli_create_list_rotate_revoke_grant(backend_stack):
     assert issued["api_key"] not in listed.stdout and issued["webhook_secret"] not in listed.stdout
     assert issued["key_id"] in _cli(s, "list").stdout
 
+    # a key made before keys had their own secret is marked, and rotating gives it one
+    legacy = s.store.issue_key(user)
+    s.store.r.hdel(s.store.k("apikey", s.store._digest(legacy.key_id)), "webhook_secret")
+    row = next(line for line in _cli(s, "list").stdout.splitlines() if legacy.key_id in line)
+    assert "stems keys rotate" in row, row
+    own = json.loads(_cli(s, "rotate", legacy.key_id, "--json").stdout)["webhook_secret"]
+    assert own.startswith("whsec_") and s.store.key_by_id(legacy.key_id).webhook_secret == own
+
     rotated = json.loads(_cli(s, "rotate", issued["key_id"], "--json").stdout)
     assert rotated["key_id"] == issued["key_id"] and rotated["webhook_secret"] != issued["webhook_secret"]
     assert s.store.key_by_id(issued["key_id"]).webhook_secret == rotated["webhook_secret"]
@@ -132,7 +163,7 @@ def test_keys_cli_create_list_rotate_revoke_grant(backend_stack):
     grant = _cli(s, "grant", "--user", user, "--key", "partner/x.wav", "--ttl", "60").stdout.strip()
     from stems.ingest import grant_allows
 
-    assert grant_allows(s.settings().secret_key, grant, user, "partner/x.wav")
+    assert grant_allows(s.settings().secret_key, grant, user, "partner/x.wav", s.settings().grant_max_ttl_s)
 
     revoked = _cli(s, "revoke", issued["key_id"])
     assert revoked.returncode == 0 and s.store.user_for_key(issued["api_key"]) is None
