@@ -6,6 +6,9 @@ STEMS_SECRET_KEY for this purpose only, `stems/purpose_keys.py`) that names the 
 prefix ending in `/`), when it was minted and when it expires, minted by the operator with
 `stems keys grant`. STEMS_GRANT_MAX_TTL_S bounds a grant where it is used, not only where it is minted. The API answers 404 for every other key, exactly as for a key that does not
 exist, so a tenant cannot learn which objects exist outside what it was given.
+
+A registered object stays where the ingestion service wrote it, so it can be rewritten after its
+import probed it; `check_original` lets a worker refuse an original that is no longer what was imported.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import hashlib
 import hmac
 import json
 import time
+from pathlib import Path
+
+from pipelines.errors import StemsError
 
 from .purpose_keys import INGEST_GRANT, derive
 
@@ -71,3 +77,29 @@ def may_register(key: str, user_id: str, ingest_prefix: str, secret: str, grant:
                  max_ttl_s: float) -> bool:
     return key.startswith(user_prefix(ingest_prefix, user_id)) or (
         grant is not None and grant_allows(secret, grant, user_id, key, max_ttl_s))
+
+
+class OriginalChanged(StemsError):
+    """The stored original is not what its import probed (rewritten since): the job would split something else."""
+
+    code = "original_changed"
+
+
+def check_original(path: Path, size: int | None, sha256: str | None) -> None:
+    """Raise OriginalChanged unless the file at `path` has the size and sha256 its import recorded.
+
+    The size is compared first, so a rewritten object of another size costs no hashing."""
+    if size is None or sha256 is None:
+        return  # imported before sizes and hashes were recorded
+    found = path.stat().st_size
+    if found != size:
+        raise OriginalChanged(f"the stored original is {found} bytes; it was {size} bytes when imported (it was "
+                              f"rewritten since): register the new object to split it", size=found, imported_size=size)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        raise OriginalChanged("the stored original's sha256 differs from the one recorded at its import (it was "
+                              "rewritten since): register the new object to split it",
+                              sha256=digest.hexdigest(), imported_sha256=sha256)

@@ -16,7 +16,7 @@ import soundfile as sf
 from stems.ingest import mint_grant
 from stems.purpose_keys import legacy_webhook_secret
 from stems.storage import make_storage
-from tests.support import ROOT, tone_mix, wait_for
+from tests.support import ROOT, job_objects, tone_mix, wait_for
 
 SR = 22050
 
@@ -109,6 +109,34 @@ def test_a_signed_grant_opens_one_key_to_one_tenant(tenants):
     prefix_grant = mint_grant(secret, b, f"partner/{a}/", 60)  # a prefix grant: any key under it
     assert _register(cb, objects["partner"], grant=prefix_grant).status_code == 200
     assert _register(cb, f"partner/{a}x/track.wav", grant=prefix_grant).status_code == 404
+
+
+@pytest.mark.parametrize("rewrite", ["longer", "same-size"])
+def test_a_registered_object_rewritten_after_its_import_fails_the_split(tenants, rewrite):
+    """The worker splits only what the import probed: a rewritten ingest object (a longer track past the
+    budget the import measured, or other bytes of the same size) fails the job, and nothing is produced."""
+    s, (a, ca), _, objects = tenants
+    r = _register(ca, objects["a"])
+    assert r.status_code == 200, r.text
+    asset = wait_for(ca, f"/status/audio/{r.json()['audio_id']}", {"complete", "failed"})
+    assert asset["status"] == "complete", asset
+    imported = s.store.get_asset(asset["audio_id"])
+    assert imported.size and imported.sha256
+    original = _wav()
+    new = _wav(30.0) if rewrite == "longer" else original[:-4] + b"\x01\x02\x03\x04"
+    assert len(new) != len(original) if rewrite == "longer" else len(new) == len(original)
+    storage = make_storage(s.settings())
+    src = s.tmp / f"rewritten-{rewrite}.wav"
+    src.write_bytes(new)
+    storage.put_file(objects["a"], src)  # the ingestion service writes the same key again
+    job = ca.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"]})
+    assert job.status_code == 200, job.text
+    status = wait_for(ca, f"/status/stem_split/{job.json()['creation_id']}", {"complete", "failed"}, 120)
+    assert status["status"] == "failed", status
+    assert status["error"]["code"] == "original_changed", status["error"]
+    assert "rewritten" in status["error"]["message"]
+    assert all(st["status"] != "complete" for st in status["stems"])
+    assert job_objects(s, job.json()["creation_id"]) == []
 
 
 def _grant_under_the_raw_secret(secret: str, user: str, key: str) -> str:
