@@ -8,6 +8,7 @@ queued and the Celery queue can be counted.
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -535,42 +536,97 @@ def test_download_links_stop_when_their_key_is_revoked(stack, owned):
         assert anonymous.get(links["kept"]).status_code == 200  # the same user's other key's links still work
 
 
+def _id_inputs(doc: dict) -> set[tuple[str, str, str]]:
+    """(method, path, where:name) of every id an operation of the served OpenAPI document takes: a path or query
+    parameter, or a JSON body field, that is a UUID or a list of UUIDs."""
+    schemas = doc["components"]["schemas"]
+
+    def resolve(schema: dict) -> dict:
+        while "$ref" in schema:
+            schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+        return schema
+
+    def is_id(schema: dict) -> bool:
+        schema = resolve(schema)
+        return (schema.get("format") == "uuid" or (schema.get("type") == "array" and is_id(schema.get("items", {})))
+                or any(is_id(s) for s in schema.get("anyOf", [])))
+
+    found = set()
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            found |= {(method.upper(), path, f"{p['in']}:{p['name']}") for p in op.get("parameters", [])
+                      if is_id(p.get("schema", {}))}
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if body:
+                found |= {(method.upper(), path, f"body:{name}")
+                          for name, prop in resolve(body).get("properties", {}).items() if is_id(prop)}
+    return found
+
+
 def test_other_users_ids_are_404_on_every_route(stack, owned):
+    """Every id-taking input of every route (enumerated from the served OpenAPI document, so a new route or
+    field fails here until it is covered) answers another tenant 404, exactly as an unknown id, changing nothing."""
     c, aid, status = owned
     cid, sid, uid = status["creation_id"], status["stems"][0]["stem_id"], status["upscaled_audios"][0]["stem_id"]
+    owner = c.get("/usage").json()["user_id"]
     too_long = {"selection": {"start": 0, "end": 999}}  # the owner gets 422 for this: the source was found
-    calls = [
-        ("GET", f"/status/audio/{aid}", None, 200),
-        ("GET", f"/status/stem_split/{cid}", None, 200),
-        ("GET", f"/download/stem/{sid}", None, 200),
-        ("GET", f"/download/stem/{sid}?format=hq", None, 200),
-        ("GET", f"/download/stem/{uid}", None, 200),
-        ("POST", "/download-archive", {"creation_id": cid}, 200),
-        ("POST", "/download-archive", {"stem_ids": [sid]}, 200),
-        ("POST", "/download-archive", {"stem_ids": [uid, sid]}, 200),
-        ("POST", "/create-stems", {"preset": "phantom_center", "audio_id": aid, **too_long}, 422),
-        ("POST", "/create-stems", {"preset": "phantom_center", "stem_id": sid, **too_long}, 422),
-        ("POST", "/create-stems", {"preset": "phantom_center", "upscaled_id": uid, **too_long}, 422),
-        ("POST", f"/cancel/{cid}", None, 409),
-    ]
+    split = {"preset": "phantom_center"}
+    # (method, path template, input it exercises) -> calls: (path, body, the owner's answer; None: the intruder only)
+    calls = {
+        ("GET", "/status/audio/{audio_id}", "path:audio_id"): [(f"/status/audio/{aid}", None, 200)],
+        ("DELETE", "/audio/{audio_id}", "path:audio_id"): [(f"/audio/{aid}", None, None)],
+        ("GET", "/audio/{audio_id}/peaks", "path:audio_id"): [(f"/audio/{aid}/peaks", None, 200)],
+        ("POST", "/create-stems", "body:audio_id"): [("/create-stems", {**split, "audio_id": aid, **too_long}, 422)],
+        ("POST", "/create-stems", "body:stem_id"): [("/create-stems", {**split, "stem_id": sid, **too_long}, 422)],
+        ("POST", "/create-stems", "body:upscaled_id"): [("/create-stems", {**split, "upscaled_id": uid, **too_long}, 422)],
+        # no mastered audio exists in this deployment: the owner's answer is the same 404
+        ("POST", "/create-stems", "body:mastered_id"): [("/create-stems", {**split, "mastered_id": aid}, 404)],
+        ("GET", "/status/stem_split/{creation_id}", "path:creation_id"): [(f"/status/stem_split/{cid}", None, 200)],
+        ("POST", "/cancel/{creation_id}", "path:creation_id"): [(f"/cancel/{cid}", None, 409)],
+        ("DELETE", "/stem_split/{creation_id}", "path:creation_id"): [(f"/stem_split/{cid}", None, None)],
+        ("POST", "/download-links", "body:stem_ids"): [("/download-links", {"stem_ids": [sid]}, 200),
+                                                       ("/download-links", {"stem_ids": [uid], "format": "hq"}, 200)],
+        ("GET", "/download/stem/{stem_id}", "path:stem_id"): [
+            (f"/download/stem/{sid}", None, 200), (f"/download/stem/{sid}?format=hq", None, 200),
+            (f"/download/stem/{uid}", None, 200)],
+        ("POST", "/download-archive", "body:creation_id"): [("/download-archive", {"creation_id": cid}, 200)],
+        ("POST", "/download-archive", "body:stem_ids"): [("/download-archive", {"stem_ids": [sid]}, 200),
+                                                         ("/download-archive", {"stem_ids": [uid, sid]}, 200)],
+        ("GET", "/stem/{stem_id}/peaks", "path:stem_id"): [(f"/stem/{sid}/peaks", None, 200),
+                                                           (f"/stem/{uid}/peaks", None, 200)],
+    }
+    assert _id_inputs(c.get("/openapi.json").json()) == set(calls), "an id-taking input lacks an isolation check"
+    before = (c.get(f"/status/stem_split/{cid}").json(), c.get(f"/status/audio/{aid}").json(),
+              sorted(stack.objects(f"users/{owner}/")))
     intruder = f"intruder-{uuid.uuid4().hex[:6]}"
     with stack.client(intruder) as m:
-        for method, path, body, owner_status in calls:
-            mine = c.request(method, path, json=body)
-            assert mine.status_code == owner_status, (method, path, mine.text)
-            theirs = m.request(method, path, json=body)
-            assert theirs.status_code == 404, (method, path, theirs.text)
-            assert theirs.json()["code"] == "not_found"
+        unknown = m.get(f"/status/stem_split/{uuid.uuid4()}")
+        for (method, _, _), cases in calls.items():
+            for path, body, owner_status in cases:
+                if owner_status is not None:
+                    mine = c.request(method, path, json=body)
+                    assert mine.status_code == owner_status, (method, path, mine.text)
+                theirs = m.request(method, path, json=body)
+                assert theirs.status_code == 404, (method, path, theirs.text)
+                assert theirs.json()["code"] == "not_found"
         # a foreign id answers exactly like an id that does not exist: no existence oracle
-        unknown = m.get(f"/status/stem_split/{uuid.uuid4()}").json()
         foreign = m.get(f"/status/stem_split/{cid}").json()
-        assert {k: v for k, v in unknown.items() if k != "creation_id"} == \
+        assert {k: v for k, v in unknown.json().items() if k != "creation_id"} == \
             {k: v for k, v in foreign.items() if k != "creation_id"}
+        # the listing shows the intruder none of the owner's splits, even from a cursor made of the owner's split
+        cursor = base64.urlsafe_b64encode(f"{time.time() + 60!r}|{cid}".encode()).decode()
+        for params in ({}, {"cursor": cursor}):
+            listed = m.get("/stem_split", params=params)
+            assert listed.status_code == 200 and listed.json()["items"] == [], listed.text
+        # a download link names one stem: the owner's link for one stem opens no other, whoever sends it
+        token = c.post("/download-links", json={"stem_ids": [sid]}).json()["links"][0]["url"].rsplit("token=", 1)[1]
+        r = m.get(f"/download/stem/{uid}", params={"token": token})
+        assert r.status_code == 401 and "download link" in r.json()["detail"], r.text
         assert m.get("/usage").json() == {"user_id": intruder, "minutes": 0.0, "jobs": 0}
-        for path in (f"/stem_split/{cid}", f"/audio/{aid}"):  # nor can the intruder delete
-            r = m.delete(path)
-            assert r.status_code == 404 and r.json()["code"] == "not_found", (path, r.text)
-    assert stack.store.get_job(cid).status.value == "complete"  # the intruder's cancel and deletes changed nothing
-    assert stack.store.get_asset(aid) is not None
+    # nothing the intruder did changed anything: the owner's records and objects are as they were
+    after = (c.get(f"/status/stem_split/{cid}").json(), c.get(f"/status/audio/{aid}").json(),
+             sorted(stack.objects(f"users/{owner}/")))
+    assert after == before
+    assert stack.store.get_job(cid).status.value == "complete"
     assert c.get(f"/download/stem/{sid}").status_code == 200
-    assert stack.store.active_jobs(intruder) == 0
+    assert stack.store.active_jobs(intruder) == 0 and stack.store.list_jobs(intruder, 10, None) == []
