@@ -173,8 +173,4 @@ def test_deployment_files_run_production_with_flower_behind_basic_auth():
     assert "redis://:${REDIS_PASSWORD:?" in compose
     for manifest in ("api.yaml", "workers.yaml"):
         assert "{name: STEMS_ENV, value: production}" in (ROOT / "infra" / "k8s" / manifest).read_text()
-    import json
-
-    rules = json.loads((ROOT / "infra" / "s3-lifecycle.json").read_text())["Rules"]
-    assert {r["Filter"]["Prefix"] for r in rules} == {"users/", "ingest/"}
-    assert all(r["Expiration"]["Days"] > Settings().retain_stems_s / 86400 for r in rules)  # the sweep comes first
+    # the bucket's lifecycle rule: tests/service/test_s3_lifecycle_rule.py
