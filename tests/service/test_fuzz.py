@@ -204,7 +204,7 @@ def _json_body(op: dict, doc: dict) -> dict:
 
 
 def _url_fields() -> list[tuple[str, str, str]]:
-    """(method, path, field) of every URL field of the API's own OpenAPI document (format `uri`)."""
+    """(method, path, field) of every URL field of the API's own OpenAPI document: format `uri`, or named so."""
     from api.app import create_app
 
     doc = create_app().openapi()
@@ -212,7 +212,8 @@ def _url_fields() -> list[tuple[str, str, str]]:
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             for name, prop in _json_body(op, doc).get("properties", {}).items():
-                if any(_resolve(s, doc).get("format") == "uri" for s in [prop, *prop.get("anyOf", [])]):
+                if name.endswith(("url", "uri")) or any(_resolve(s, doc).get("format") == "uri"
+                                                        for s in [prop, *prop.get("anyOf", [])]):
                     found.append((method.upper(), path, name))
     return sorted(found)
 
