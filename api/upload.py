@@ -4,9 +4,10 @@ Starlette's form parsing reads the whole body before the handler runs; this pars
 each block as it arrives, so an oversized upload is stopped mid-stream and nothing of it
 is kept. The event loop only receives: parsing, writing and hashing (the sha256 the
 idempotency check needs) run in a worker thread, a megabyte at a time, so status polls and
-/healthz of the same process answer while a large upload streams in. Besides the file's own limit, a hostile body is capped in every other dimension a
-parser would otherwise buffer or loop over: the boundary's length, the number of parts, the
-headers of each part, the bytes of the non-file parts, and the body as a whole.
+/healthz of the same process answer while a large upload streams in. Besides the file's own
+limit, a hostile body is capped in every other dimension a parser would otherwise buffer or
+loop over: the boundary's length, the number of parts, the headers of each part, the bytes of
+the non-file parts, and the body as a whole.
 """
 from __future__ import annotations
 

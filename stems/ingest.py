@@ -4,8 +4,9 @@ An ingestion service writes a tenant's objects under `{STEMS_INGEST_PREFIX}{user
 (relative to S3_PREFIX). Anything else needs a grant: an HMAC under the grant key (derived from
 STEMS_SECRET_KEY for this purpose only, `stems/purpose_keys.py`) that names the user, the key (or a
 prefix ending in `/`), when it was minted and when it expires, minted by the operator with
-`stems keys grant`. STEMS_GRANT_MAX_TTL_S bounds a grant where it is used, not only where it is minted. The API answers 404 for every other key, exactly as for a key that does not
-exist, so a tenant cannot learn which objects exist outside what it was given.
+`stems keys grant`. STEMS_GRANT_MAX_TTL_S bounds a grant where it is used, not only where it is
+minted. The API answers 404 for every other key, exactly as for a key that does not exist, so a
+tenant cannot learn which objects exist outside what it was given.
 
 A registered object stays where the ingestion service wrote it, so it can be rewritten after its
 import probed it; `check_original` lets a worker refuse an original that is no longer what was imported.

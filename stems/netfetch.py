@@ -105,7 +105,7 @@ def check_url(url: str, settings: Settings) -> tuple[str, str]:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError, ValueError) as exc:  # ValueError: a NUL-free name getaddrinfo still refuses
+    except (socket.gaierror, UnicodeError, ValueError) as exc:  # ValueError: a name the resolver refuses outright
         raise LinkError(f"cannot resolve host {host!r}", url=url) from exc
     addresses = sorted({i[4][0] for i in infos})
     if host not in settings.link_allow_hosts:
