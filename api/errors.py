@@ -1,11 +1,13 @@
 """Map our errors to HTTP answers: every refusal is a clear 4xx with a code and the fields."""
 from __future__ import annotations
 
+import json
 import logging
 
 import redis
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 
 from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetError, StemsError
 from stems.netfetch import LinkError, TooLarge
@@ -44,3 +46,19 @@ def install(app: FastAPI) -> None:
         log.warning("redis unavailable: %s", exc)
         return JSONResponse({"detail": "job store unavailable, try again shortly", "code": "unavailable"},
                             status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        # a URL the schema refused (api/schemas.py::Link) answers like one the handler refused: code
+        # invalid_link, with the field named. Others keep FastAPI's shape without echoing the input,
+        # which JSON may not carry (1e400 parses as inf, "\ud800" is a lone surrogate): that was a 500
+        errors = exc.errors()
+        link = next((e for e in errors if e.get("type") == "invalid_link"), None)
+        if link is None:
+            body = {"detail": [{"type": e["type"], "loc": [p if isinstance(p, int) else str(p) for p in e["loc"]],
+                                "msg": e["msg"]} for e in errors]}
+        else:
+            field = ".".join(str(p) for p in link["loc"][1:])
+            body = {"detail": f"{field}: {link['msg']}", "code": "invalid_link", "message": link["msg"], "field": field}
+        return Response(json.dumps(body, ensure_ascii=True, default=str), status_code=422,
+                        media_type="application/json")

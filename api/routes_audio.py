@@ -1,10 +1,10 @@
 """Bringing audio in: upload, link, or an object an ingestion service already stored."""
 from __future__ import annotations
 
-import hashlib
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from stems.ingest import clean_key, may_register
 from stems.lifecycle import delete_asset, expiry
@@ -31,23 +31,21 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 async def from_file(request: Request, svc=Svc, user: str = User,
                     idempotency_key: str | None = Header(None)) -> dict:
     received = await receive_file(request, "file", svc.settings.max_upload_bytes, svc.settings.data_dir / "tmp")
+
+    def run() -> dict:
+        audio_id = new_id()
+        asset = AudioAsset(id=audio_id, user_id=user, origin="upload", filename=received.filename,
+                           object_key=keys.original(user, audio_id), size=received.size)
+        svc.storage.put_file(asset.object_key, received.path)
+        queue_import(svc, asset)
+        return {"audio_id": audio_id, "status": "processing"}
+
+    # storage, Redis and the broker are blocking clients: in the thread pool, so one large upload (a
+    # minute's put to S3) does not stall every other request of this process
     try:
-        h = hashlib.sha256()
-        with open(received.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-
-        def run() -> dict:
-            audio_id = new_id()
-            asset = AudioAsset(id=audio_id, user_id=user, origin="upload", filename=received.filename,
-                               object_key=keys.original(user, audio_id), size=received.size)
-            svc.storage.put_file(asset.object_key, received.path)
-            queue_import(svc, asset)
-            return {"audio_id": audio_id, "status": "processing"}
-
-        return once(svc, user, "from-file", idempotency_key, body_hash(h.hexdigest()), run)
+        return await run_in_threadpool(once, svc, user, "from-file", idempotency_key, body_hash(received.sha256), run)
     finally:
-        received.path.unlink(missing_ok=True)
+        await run_in_threadpool(received.path.unlink, missing_ok=True)
 
 
 @router.post("/from-link", response_model=AudioAccepted, summary="Import audio from an http(s) link")
@@ -71,7 +69,8 @@ def from_link(body: FromLink, svc=Svc, user: str = User, idempotency_key: str | 
 def from_storage(body: FromStorage, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
     key = clean_key(body.key)
     # one answer for "not yours" and "not there": a tenant cannot probe which objects exist
-    if key is None or not may_register(key, user, svc.settings.ingest_prefix, svc.settings.secret_key, body.grant) \
+    if key is None or not may_register(key, user, svc.settings.ingest_prefix, svc.settings.secret_key, body.grant,
+                                        svc.settings.grant_max_ttl_s) \
             or svc.storage.size(key) is None:
         raise NotFound("no such object under your ingest prefix", field="key")
 

@@ -2,7 +2,8 @@
 
 A media element or a plain link cannot send the x-api-key header, and an API key must never
 appear in a URL (logs, history, Referer). So POST /download-links hands out short-lived tokens,
-each good for one stem in one format, that GET /download/stem accepts as `?token=`.
+each good for one stem in one format while the key that asked for it lives, that GET
+/download/stem accepts as `?token=`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from starlette.background import BackgroundTask
 from pipelines.audio import hq_extension
 from stems.models import JobStatus, Stem, StemStatus
 
-from .deps import Conflict, Gone, NotFound, Services, Svc, Unauthorized, User, current_user
+from .deps import CallerKey, Conflict, Gone, NotFound, Services, Svc, Unauthorized, User, current_user
 from .routes_stems import owned_job, owned_stem
 from .schemas import ArchiveRequest, DownloadLinks, DownloadLinksRequest
 from .stemfile import stem_file
@@ -75,19 +76,20 @@ def link_or_key_user(request: Request, stem_id: UUID, format: str = Query("wav",
         return current_user(request, x_api_key)
     grant = request.app.state.services.store.download_grant(token)
     if grant is None or grant["stem_id"] != str(stem_id) or grant["format"] != format:
-        raise Unauthorized("this download link has expired or is for another stem; ask POST /download-links for a new one")
+        raise Unauthorized("this download link has expired, its API key was revoked, or it is for another stem; ask "
+                           "POST /download-links for a new one")
     return grant["user_id"]
 
 
 @router.post("/download-links", response_model=DownloadLinks,
              summary="Short-lived links to stems, for players and links that cannot send the key")
-def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = User) -> dict:
+def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = User, key_id: str = CallerKey) -> dict:
     ttl = svc.settings.download_link_ttl_s
     links = []
     for stem_id in dict.fromkeys(str(i) for i in body.stem_ids):
         stem = owned_stem(svc, user, stem_id)
         _object(stem, body.format)  # 409 if not complete, 404 for hq without an HQ encode
-        token = svc.store.create_download_token(user, stem.id, body.format, ttl)
+        token = svc.store.create_download_token(user, key_id, stem.id, body.format, ttl)
         links.append({"stem_id": stem.id, "format": body.format, "expires_at": time.time() + ttl,
                       "url": f"/download/stem/{stem.id}?format={body.format}&token={token}"})
     return {"links": links}

@@ -1,12 +1,27 @@
 """Request and response bodies of the public API (they are also its OpenAPI schema)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipelines.jobspec import SAM_MODELS, STEREO_MODES, TimeRange
+from stems.netfetch import LinkError, parse_link
+
+
+def _link(url: str) -> str:
+    """Parsed here, so a malformed URL is a 422 naming its field (api/errors.py) before any handler runs."""
+    try:
+        parse_link(url)
+    except LinkError as exc:
+        raise PydanticCustomError("invalid_link", "{reason}", {"reason": exc.message}) from None
+    return url
+
+
+# every URL field of the API is a Link: the fuzz tests find them by this format
+Link = Annotated[str, Field(max_length=4096, json_schema_extra={"format": "uri"}), AfterValidator(_link)]
 
 
 class Strict(BaseModel):
@@ -22,8 +37,8 @@ class Selection(Span):
 
 
 class FromLink(Strict):
-    url: str = Field(..., max_length=4096, examples=["https://example.com/track.mp3"])
-    callback_url: str | None = Field(None, max_length=4096)
+    url: Link = Field(..., examples=["https://example.com/track.mp3"])
+    callback_url: Link | None = None
 
 
 class FromStorage(Strict):
@@ -75,7 +90,7 @@ class CreateStems(Strict):
     hq_streaming_format: Literal["aac", "mp3", "opus", "flac", "none"] = "aac"
     selection: Selection | None = None
     restoration_params: RestorationParams | None = None
-    callback_url: str | None = Field(None, max_length=4096, description="called with a signed body when the job ends")
+    callback_url: Link | None = Field(None, description="called with a signed body when the job ends")
     # used only by the `custom` preset; ignored (not validated) for the others
     prompt: Any = Field(None, description="custom only: what to extract, e.g. 'lead vocal'")
     sam_model: Any = Field(None, description=f"custom only: one of {', '.join(SAM_MODELS)} (default sam-audio-base)")

@@ -2,17 +2,22 @@
 
 Starlette's form parsing reads the whole body before the handler runs; this parser sees
 each block as it arrives, so an oversized upload is stopped mid-stream and nothing of it
-is kept. Besides the file's own limit, a hostile body is capped in every other dimension a
-parser would otherwise buffer or loop over: the boundary's length, the number of parts, the
-headers of each part, the bytes of the non-file parts, and the body as a whole.
+is kept. The event loop only receives: parsing, writing and hashing (the sha256 the
+idempotency check needs) run in a worker thread, a megabyte at a time, so status polls and
+/healthz of the same process answer while a large upload streams in. Besides the file's own
+limit, a hostile body is capped in every other dimension a parser would otherwise buffer or
+loop over: the boundary's length, the number of parts, the headers of each part, the bytes of
+the non-file parts, and the body as a whole.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -25,6 +30,7 @@ MAX_PART_HEADERS = 16  # header lines of one part
 MAX_PART_HEADER_BYTES = 8 * 1024  # names and values of one part's headers together
 MAX_FIELD_BYTES = 64 * 1024  # data of all non-file parts together (they are read and dropped)
 OVERHEAD_BYTES = 256 * 1024  # what a body may hold beyond the file: boundaries, headers, small fields
+BATCH_BYTES = 1 << 20  # received bytes handed to the parsing thread at once: one thread hop per megabyte
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Received:
     path: Path
     size: int
     filename: str | None
+    sha256: str
 
 
 class Refused(Exception):
@@ -56,6 +63,7 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
     state = {"name": None, "filename": None, "in_file": False, "size": 0, "found": False, "header": b"", "value": b"",
              "parts": 0, "header_bytes": 0, "field_bytes": 0, "ended": False}
     headers: dict[bytes, bytes] = {}
+    digest = hashlib.sha256()
 
     def on_part_begin() -> None:
         headers.clear()
@@ -96,7 +104,9 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
             state["size"] += end - start
             if state["size"] > max_bytes:
                 raise Refused(PayloadTooLarge(f"upload is over the maximum of {max_bytes} bytes", max_bytes=max_bytes))
-            out.write(data[start:end])
+            block = data[start:end]
+            out.write(block)
+            digest.update(block)
         else:
             state["field_bytes"] += end - start
             if state["field_bytes"] > MAX_FIELD_BYTES:
@@ -114,14 +124,17 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
         "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end,
     })
-    received = 0
+    received, batch = 0, bytearray()
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > body_max:
                 raise Refused(PayloadTooLarge(f"upload is over the maximum of {max_bytes} bytes", max_bytes=max_bytes))
-            parser.write(chunk)
-        parser.finalize()
+            batch += chunk
+            if len(batch) >= BATCH_BYTES:
+                await anyio.to_thread.run_sync(parser.write, bytes(batch))
+                batch.clear()
+        await anyio.to_thread.run_sync(_last, parser, bytes(batch))
     except Refused as refused:
         out.close()
         Path(out.name).unlink(missing_ok=True)
@@ -143,4 +156,9 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
     name = state["filename"]
     if name:
         name = re.sub(r"[^\w.\- ]", "_", Path(name).name)[:200] or None
-    return Received(Path(out.name), state["size"], name)
+    return Received(Path(out.name), state["size"], name, digest.hexdigest())
+
+
+def _last(parser: MultipartParser, batch: bytes) -> None:
+    parser.write(batch)
+    parser.finalize()

@@ -57,7 +57,7 @@ def cmd_keys_list(args) -> int:
         return 0
     for r in rows:
         made = datetime.datetime.fromtimestamp(r["created_at"]).isoformat(timespec="seconds") if r["created_at"] else "-"
-        print(f"{r['key_id']:22} {r['user_id']:24} {made:20} {'' if r['own_webhook_secret'] else 'server secret signs'}")
+        print(f"{r['key_id']:22} {r['user_id']:24} {made:20} {'' if r['own_webhook_secret'] else 'no secret of its own: stems keys rotate'}")
     return 0
 
 

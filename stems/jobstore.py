@@ -101,18 +101,23 @@ class JobStore(RunStore):
         return user.decode() if user else None
 
     # -- download links ----------------------------------------------------------
-    def create_download_token(self, user_id: str, stem_id: str, fmt: str, ttl_s: int) -> str:
+    def create_download_token(self, user_id: str, key_id: str, stem_id: str, fmt: str, ttl_s: int) -> str:
         """A token that lets a URL (an <audio> element, a link) fetch one stem in one format for `ttl_s`
-        seconds; only its sha256 is stored, as for API keys."""
+        seconds, while the API key `key_id` that asked for it lives; only its sha256 is stored, as for API keys."""
         token = "dl_" + secrets.token_urlsafe(24)
-        grant = json.dumps({"user_id": user_id, "stem_id": stem_id, "format": fmt})
+        grant = json.dumps({"user_id": user_id, "key_id": key_id, "stem_id": stem_id, "format": fmt})
         self.r.set(self.k("download_token", hash_key(token)), grant, ex=ttl_s)
         return token
 
     def download_grant(self, token: str) -> dict | None:
-        """{user_id, stem_id, format} of a live download token, None for an unknown or expired one."""
+        """{user_id, key_id, stem_id, format} of a live download token; None for an unknown or expired one, or
+        one whose API key was revoked since (a revoked key's links stop with it)."""
         raw = self.r.get(self.k("download_token", hash_key(token)))
-        return json.loads(raw) if raw else None
+        grant = json.loads(raw) if raw else None
+        if grant is None or not grant.get("key_id") or self.key_by_id(grant["key_id"]) is None:
+            return None
+        return grant
+
     def key_record(self, api_key: str) -> KeyRecord | None:
         return self._key_record(hash_key(api_key))
 

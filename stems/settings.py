@@ -148,10 +148,11 @@ class Settings(BaseSettings):
     max_key_output_bytes: int = Field(100 << 30, gt=0, validation_alias=_env("STEMS_MAX_KEY_OUTPUT_BYTES"),
         description="budget of the estimated output of one key's queued and running splits together (429 beyond)")
     secret_key: str = Field("dev-secret-key", validation_alias=_env("STEMS_SECRET_KEY", "STEMS_WEBHOOK_SECRET"),
-        description="server secret: signs /from-storage grants, and the webhooks of API keys made before keys had "
-                    "their own secret (STEMS_WEBHOOK_SECRET is its old name); placeholders are refused in production")
+        description="server secret: signs nothing itself; the keys of /from-storage grants and of the webhooks of API "
+                    "keys made before keys had their own secret are derived from it, one per purpose "
+                    "(STEMS_WEBHOOK_SECRET is its old name); placeholders are refused in production")
     grant_max_ttl_s: int = Field(7 * 86400, gt=0, validation_alias=_env("STEMS_GRANT_MAX_TTL_S"),
-        description="longest validity of a /from-storage grant (`stems keys grant`)")
+        description="longest validity of a /from-storage grant (`stems keys grant`), checked again when it is used")
     webhook_attempts: int = Field(6, validation_alias=_env("STEMS_WEBHOOK_ATTEMPTS"),
         description="deliveries of a webhook before giving up (jittered exponential backoff between)")
     webhook_backoff_s: float = Field(1.0, validation_alias=_env("STEMS_WEBHOOK_BACKOFF_S"),

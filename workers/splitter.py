@@ -33,6 +33,7 @@ from pipelines import split
 from pipelines.errors import Cancelled, StemsError
 from pipelines.presets import load_catalogue
 from pipelines.split import Product
+from stems.ingest import check_original
 from stems.models import DELIVERY_QUEUE, Job, JobStatus, Separated, SeparatedStem, Stem, StemStatus
 from stems.storage import keys
 
@@ -43,12 +44,6 @@ from .lease import Lease
 from .retry import backoff, retryable
 
 log = logging.getLogger(__name__)
-
-
-def _source_key(job: Job, ctx: WorkerContext) -> str:
-    if job.source_kind == "audio":
-        return ctx.store.get_asset(job.source_id).object_key
-    return ctx.store.get_stem(job.source_id).wav_key
 
 
 class Progress:
@@ -185,7 +180,14 @@ def _job_dir(ctx: WorkerContext):
 def _fetch_source(job: Job, ctx: WorkerContext, tmp: Path, progress: Progress) -> Path:
     progress(0.01, "downloading")
     src = tmp / "source"
-    ctx.storage.get_file(_source_key(job, ctx), src)
+    if job.source_kind != "audio":
+        ctx.storage.get_file(ctx.store.get_stem(job.source_id).wav_key, src)
+        return src
+    asset = ctx.store.get_asset(job.source_id)
+    ctx.storage.get_file(asset.object_key, src)
+    # a registered original stays where its ingestion service wrote it and may be rewritten after the import
+    # probed it (and the budget was computed from it): split only what was imported
+    check_original(src, asset.size, asset.sha256)
     return src
 
 

@@ -15,6 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from stems.models import JobStatus
 from stems.netfetch import LinkError
+from stems.purpose_keys import legacy_webhook_secret
 from stems.settings import get_settings
 from stems.webhooks import deliver
 
@@ -113,9 +114,12 @@ def webhook_task(job_id: str) -> None:
 
 
 def _signing_secret(job, ctx) -> str | None:
-    """The webhook secret of the key that created the job; the server secret for keys (or jobs) older than
-    per-key secrets; None when the key was revoked."""
+    """The webhook secret of the key that created the job; for keys (or jobs) older than per-key secrets, a
+    value derived from the server secret for that key alone (never the server secret, which would let its
+    tenant mint grants); None when the key was revoked."""
     if job.key_id is None:
-        return ctx.settings.secret_key
+        return legacy_webhook_secret(ctx.settings.secret_key, None)
     key = ctx.store.key_by_id(job.key_id)
-    return None if key is None else key.webhook_secret or ctx.settings.secret_key
+    if key is None:
+        return None
+    return key.webhook_secret or legacy_webhook_secret(ctx.settings.secret_key, key.key_id)

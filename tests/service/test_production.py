@@ -127,6 +127,29 @@ def test_a_redis_hiding_config_needs_aof_or_the_operators_word(tmp_path, s3_url,
         s.stop()
 
 
+def test_production_refuses_keys_without_their_own_webhook_secret(tmp_path, s3_url, redis_server):
+    """A key made before keys had their own secret blocks production until `stems keys rotate` gives it one."""
+    s = _stack(tmp_path, redis_server(persist=True), s3_url)
+    legacy, modern = s.store.issue_key("old-tenant"), s.store.issue_key("new-tenant")
+    s.store.r.hdel(s.store.k("apikey", s.store._digest(legacy.key_id)), "webhook_secret")
+    try:
+        from stems.stack import api_proc, worker_proc
+
+        api = api_proc(s.env, s.port, tmp_path / "api.log").start()
+        worker = worker_proc(s.env, "cpu", "prod", tmp_path / "worker.log").start()
+        s.procs += [api, worker]
+        log = _refuses(api, legacy.key_id, "stems keys rotate")
+        assert modern.key_id not in log
+        _refuses(worker, legacy.key_id, "stems keys rotate")
+        s.procs.clear()
+        assert s.store.rotate_webhook_secret(legacy.key_id) is not None
+        s.start_api()
+        with s.client("prod-user") as c:
+            assert c.get("/usage").status_code == 200
+    finally:
+        s.stop()
+
+
 def test_api_refuses_a_placeholder_secret_at_start(tmp_path, s3_url, redis_server):
     s = _stack(tmp_path, redis_server(persist=True), s3_url)
     s.env["STEMS_SECRET_KEY"] = "change-me"
@@ -150,8 +173,4 @@ def test_deployment_files_run_production_with_flower_behind_basic_auth():
     assert "redis://:${REDIS_PASSWORD:?" in compose
     for manifest in ("api.yaml", "workers.yaml"):
         assert "{name: STEMS_ENV, value: production}" in (ROOT / "infra" / "k8s" / manifest).read_text()
-    import json
-
-    rules = json.loads((ROOT / "infra" / "s3-lifecycle.json").read_text())["Rules"]
-    assert {r["Filter"]["Prefix"] for r in rules} == {"users/", "ingest/"}
-    assert all(r["Expiration"]["Days"] > Settings().retain_stems_s / 86400 for r in rules)  # the sweep comes first
+    # the bucket's lifecycle rule: tests/service/test_s3_lifecycle_rule.py

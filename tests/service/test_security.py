@@ -8,6 +8,7 @@ queued and the Celery queue can be counted.
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -19,6 +20,7 @@ import soundfile as sf
 
 from pipelines.presets import load_catalogue
 from stems.models import AssetStatus, AudioAsset
+from stems.purpose_keys import legacy_webhook_secret
 from stems.storage import keys
 from stems.webhooks import sign, verify
 from tests.support import ServiceStack, tone_mix, upload, wait_for, write_audio
@@ -81,16 +83,26 @@ def idle(tmp_path_factory, redis_url, s3_url):
 
 # -- /from-link: SSRF ---------------------------------------------------------------
 
-@pytest.mark.parametrize("url", [
+MALFORMED_LINKS = [
     "ftp://localhost/a.wav", "file:///etc/passwd", "gopher://localhost:70/_x", "javascript:alert(1)",
-    "localhost/a.wav", "http:///a.wav", "http://user:secret@localhost/a.wav",
-])
+    "localhost/a.wav", "http:///a.wav", "http://user:secret@localhost/a.wav", "http://@localhost/a.wav",
+    # what urlsplit() or .port raise ValueError for (a 500 before: #19)
+    "http://[::1/a.wav", "http://[abc]/a.wav", "http://localhost:99999/a.wav", "http://localhost:x/a.wav",
+    "http://localhost:-1/a.wav", "http://localhost:0/a.wav",
+    # blanks and control characters; a host that is no IDNA name
+    "http://local host/a.wav", "http://localhost/a\x00.wav", "http://local\thost/", "http://xn--a-ecp.ru\u0000/",
+    "http://" + "a" * 64 + ".example/", "http://\u00e9" + "a" * 300 + ".example/",
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_LINKS)
 def test_link_scheme_and_form_refused(guarded, url):
+    """Every malformed link is a 422 invalid_link naming the field, from /from-link and from a callback_url."""
     with guarded.client("ssrf") as c:
         before = _count(guarded, "audio")
         r = c.post("/from-link", json={"url": url})
         assert r.status_code == 422, (url, r.text)
-        assert r.json()["code"] == "invalid_link"
+        assert r.json()["code"] == "invalid_link" and r.json()["field"] == "url", r.text
         assert _count(guarded, "audio") == before
 
 
@@ -100,6 +112,8 @@ def test_link_scheme_and_form_refused(guarded, url):
     "169.254.169.254", "169.254.1.1",  # link-local, cloud metadata
     "[::1]", "[fd00::1]", "[fe80::1]", "[::ffff:127.0.0.1]", "[::ffff:169.254.169.254]", "[2002:7f00:1::1]",
     "[64:ff9b::a9fe:a9fe]", "224.0.0.1",
+    "[fec0::1]", "[fec0:1::5]", "[feff::1]",  # site-local (fec0::/10): is_global calls it global
+    "[::ffff:10.0.0.1]", "[64:ff9b::7f00:1]", "[2001:db8::1]", "[100::1]", "198.18.0.1", "240.0.0.1",
 ])
 def test_link_to_non_public_address_refused(guarded, web, host):
     with guarded.client("ssrf") as c:
@@ -415,6 +429,27 @@ def test_webhook_secret_rotation_and_revocation(guarded, guarded_audio, web):
         assert not guarded.store.revoke_key(issued.key_id)
 
 
+def test_a_key_without_its_own_secret_signs_with_a_value_for_it_alone(guarded, guarded_audio, web):
+    """A key made before keys had their own secret: its webhooks are signed with a value derived for that key
+    (never the server secret, which also signed grants: #19), until `stems keys rotate` gives it its own."""
+    c, issued = guarded.keyed_client("hooked")
+    guarded.store.r.hdel(guarded.store.k("apikey", guarded.store._digest(issued.key_id)), "webhook_secret")
+    assert guarded.store.key_by_id(issued.key_id).webhook_secret is None  # as such keys are stored
+    server = guarded.settings().secret_key
+    legacy = legacy_webhook_secret(server, issued.key_id)
+    with c:
+        path = f"/hook-{uuid.uuid4().hex[:8]}"
+        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio,
+                                          "hq_streaming_format": "none", "callback_url": web.url(path, "localhost")})
+        assert r.status_code == 200, r.text
+        wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
+        (hit,) = web.wait_posts(path, 1)
+        assert verify(legacy, hit.body, _signature(hit))
+        other_legacy = legacy_webhook_secret(server, guarded.store.issue_key("hooked").key_id)
+        for wrong in (server, other_legacy, issued.webhook_secret):  # nor another legacy key's value
+            assert not verify(wrong, hit.body, _signature(hit))
+
+
 def test_webhook_retried_after_5xx(guarded, guarded_audio, web):
     path = f"/hook-{uuid.uuid4().hex[:8]}"
     web.answers[path] = [500, 503]
@@ -450,6 +485,21 @@ def test_callback_to_private_address_refused_at_create(guarded, guarded_audio, w
     assert _count(guarded, "job") == jobs
 
 
+@pytest.mark.parametrize("callback", MALFORMED_LINKS + ["http://[fec0::1]/hook"])
+def test_malformed_callback_url_is_422_naming_the_field(guarded, guarded_audio, callback):
+    jobs = _count(guarded, "job")
+    with guarded.client("hooked") as c:
+        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio,
+                                          "callback_url": callback})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_link", (callback, r.text)
+        if "fec0" in callback:  # well-formed, refused by the handler's address check
+            return
+        assert r.json()["field"] == "callback_url", r.text  # the malformed ones: by the schema, before any handler
+        r = c.post("/from-link", json={"url": "https://example.com/a.wav", "callback_url": callback})
+        assert r.status_code == 422 and r.json()["field"] == "callback_url", (callback, r.text)
+    assert _count(guarded, "job") == jobs
+
+
 # -- isolation --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -468,42 +518,115 @@ def owned(stack, tmp_path_factory):
     c.close()
 
 
+def test_download_links_stop_when_their_key_is_revoked(stack, owned):
+    c, _, status = owned
+    owner, sid = c.get("/usage").json()["user_id"], status["stems"][0]["stem_id"]
+    doomed, issued = stack.keyed_client(owner)
+    links = {}
+    for name, client in (("doomed", doomed), ("kept", c)):
+        r = client.post("/download-links", json={"stem_ids": [sid]})
+        assert r.status_code == 200, r.text
+        links[name] = r.json()["links"][0]["url"]
+    doomed.close()
+    with httpx.Client(base_url=stack.base, timeout=60) as anonymous:
+        assert anonymous.get(links["doomed"]).status_code == 200
+        assert stack.store.revoke_key(issued.key_id)
+        r = anonymous.get(links["doomed"])
+        assert r.status_code == 401 and "revoked" in r.json()["detail"], r.text
+        assert anonymous.get(links["kept"]).status_code == 200  # the same user's other key's links still work
+
+
+def _id_inputs(doc: dict) -> set[tuple[str, str, str]]:
+    """(method, path, where:name) of every id an operation of the served OpenAPI document takes: a path or query
+    parameter, or a JSON body field, that is a UUID or a list of UUIDs."""
+    schemas = doc["components"]["schemas"]
+
+    def resolve(schema: dict) -> dict:
+        while "$ref" in schema:
+            schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+        return schema
+
+    def is_id(schema: dict) -> bool:
+        schema = resolve(schema)
+        return (schema.get("format") == "uuid" or (schema.get("type") == "array" and is_id(schema.get("items", {})))
+                or any(is_id(s) for s in schema.get("anyOf", [])))
+
+    found = set()
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            found |= {(method.upper(), path, f"{p['in']}:{p['name']}") for p in op.get("parameters", [])
+                      if is_id(p.get("schema", {}))}
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if body:
+                found |= {(method.upper(), path, f"body:{name}")
+                          for name, prop in resolve(body).get("properties", {}).items() if is_id(prop)}
+    return found
+
+
 def test_other_users_ids_are_404_on_every_route(stack, owned):
+    """Every id-taking input of every route (enumerated from the served OpenAPI document, so a new route or
+    field fails here until it is covered) answers another tenant 404, exactly as an unknown id, changing nothing."""
     c, aid, status = owned
     cid, sid, uid = status["creation_id"], status["stems"][0]["stem_id"], status["upscaled_audios"][0]["stem_id"]
+    owner = c.get("/usage").json()["user_id"]
     too_long = {"selection": {"start": 0, "end": 999}}  # the owner gets 422 for this: the source was found
-    calls = [
-        ("GET", f"/status/audio/{aid}", None, 200),
-        ("GET", f"/status/stem_split/{cid}", None, 200),
-        ("GET", f"/download/stem/{sid}", None, 200),
-        ("GET", f"/download/stem/{sid}?format=hq", None, 200),
-        ("GET", f"/download/stem/{uid}", None, 200),
-        ("POST", "/download-archive", {"creation_id": cid}, 200),
-        ("POST", "/download-archive", {"stem_ids": [sid]}, 200),
-        ("POST", "/download-archive", {"stem_ids": [uid, sid]}, 200),
-        ("POST", "/create-stems", {"preset": "phantom_center", "audio_id": aid, **too_long}, 422),
-        ("POST", "/create-stems", {"preset": "phantom_center", "stem_id": sid, **too_long}, 422),
-        ("POST", "/create-stems", {"preset": "phantom_center", "upscaled_id": uid, **too_long}, 422),
-        ("POST", f"/cancel/{cid}", None, 409),
-    ]
+    split = {"preset": "phantom_center"}
+    # (method, path template, input it exercises) -> calls: (path, body, the owner's answer; None: the intruder only)
+    calls = {
+        ("GET", "/status/audio/{audio_id}", "path:audio_id"): [(f"/status/audio/{aid}", None, 200)],
+        ("DELETE", "/audio/{audio_id}", "path:audio_id"): [(f"/audio/{aid}", None, None)],
+        ("GET", "/audio/{audio_id}/peaks", "path:audio_id"): [(f"/audio/{aid}/peaks", None, 200)],
+        ("POST", "/create-stems", "body:audio_id"): [("/create-stems", {**split, "audio_id": aid, **too_long}, 422)],
+        ("POST", "/create-stems", "body:stem_id"): [("/create-stems", {**split, "stem_id": sid, **too_long}, 422)],
+        ("POST", "/create-stems", "body:upscaled_id"): [("/create-stems", {**split, "upscaled_id": uid, **too_long}, 422)],
+        # no mastered audio exists in this deployment: the owner's answer is the same 404
+        ("POST", "/create-stems", "body:mastered_id"): [("/create-stems", {**split, "mastered_id": aid}, 404)],
+        ("GET", "/status/stem_split/{creation_id}", "path:creation_id"): [(f"/status/stem_split/{cid}", None, 200)],
+        ("POST", "/cancel/{creation_id}", "path:creation_id"): [(f"/cancel/{cid}", None, 409)],
+        ("DELETE", "/stem_split/{creation_id}", "path:creation_id"): [(f"/stem_split/{cid}", None, None)],
+        ("POST", "/download-links", "body:stem_ids"): [("/download-links", {"stem_ids": [sid]}, 200),
+                                                       ("/download-links", {"stem_ids": [uid], "format": "hq"}, 200)],
+        ("GET", "/download/stem/{stem_id}", "path:stem_id"): [
+            (f"/download/stem/{sid}", None, 200), (f"/download/stem/{sid}?format=hq", None, 200),
+            (f"/download/stem/{uid}", None, 200)],
+        ("POST", "/download-archive", "body:creation_id"): [("/download-archive", {"creation_id": cid}, 200)],
+        ("POST", "/download-archive", "body:stem_ids"): [("/download-archive", {"stem_ids": [sid]}, 200),
+                                                         ("/download-archive", {"stem_ids": [uid, sid]}, 200)],
+        ("GET", "/stem/{stem_id}/peaks", "path:stem_id"): [(f"/stem/{sid}/peaks", None, 200),
+                                                           (f"/stem/{uid}/peaks", None, 200)],
+    }
+    assert _id_inputs(c.get("/openapi.json").json()) == set(calls), "an id-taking input lacks an isolation check"
+    before = (c.get(f"/status/stem_split/{cid}").json(), c.get(f"/status/audio/{aid}").json(),
+              sorted(stack.objects(f"users/{owner}/")))
     intruder = f"intruder-{uuid.uuid4().hex[:6]}"
     with stack.client(intruder) as m:
-        for method, path, body, owner_status in calls:
-            mine = c.request(method, path, json=body)
-            assert mine.status_code == owner_status, (method, path, mine.text)
-            theirs = m.request(method, path, json=body)
-            assert theirs.status_code == 404, (method, path, theirs.text)
-            assert theirs.json()["code"] == "not_found"
+        unknown = m.get(f"/status/stem_split/{uuid.uuid4()}")
+        for (method, _, _), cases in calls.items():
+            for path, body, owner_status in cases:
+                if owner_status is not None:
+                    mine = c.request(method, path, json=body)
+                    assert mine.status_code == owner_status, (method, path, mine.text)
+                theirs = m.request(method, path, json=body)
+                assert theirs.status_code == 404, (method, path, theirs.text)
+                assert theirs.json()["code"] == "not_found"
         # a foreign id answers exactly like an id that does not exist: no existence oracle
-        unknown = m.get(f"/status/stem_split/{uuid.uuid4()}").json()
         foreign = m.get(f"/status/stem_split/{cid}").json()
-        assert {k: v for k, v in unknown.items() if k != "creation_id"} == \
+        assert {k: v for k, v in unknown.json().items() if k != "creation_id"} == \
             {k: v for k, v in foreign.items() if k != "creation_id"}
+        # the listing shows the intruder none of the owner's splits, even from a cursor made of the owner's split
+        cursor = base64.urlsafe_b64encode(f"{time.time() + 60!r}|{cid}".encode()).decode()
+        for params in ({}, {"cursor": cursor}):
+            listed = m.get("/stem_split", params=params)
+            assert listed.status_code == 200 and listed.json()["items"] == [], listed.text
+        # a download link names one stem: the owner's link for one stem opens no other, whoever sends it
+        token = c.post("/download-links", json={"stem_ids": [sid]}).json()["links"][0]["url"].rsplit("token=", 1)[1]
+        r = m.get(f"/download/stem/{uid}", params={"token": token})
+        assert r.status_code == 401 and "download link" in r.json()["detail"], r.text
         assert m.get("/usage").json() == {"user_id": intruder, "minutes": 0.0, "jobs": 0}
-        for path in (f"/stem_split/{cid}", f"/audio/{aid}"):  # nor can the intruder delete
-            r = m.delete(path)
-            assert r.status_code == 404 and r.json()["code"] == "not_found", (path, r.text)
-    assert stack.store.get_job(cid).status.value == "complete"  # the intruder's cancel and deletes changed nothing
-    assert stack.store.get_asset(aid) is not None
+    # nothing the intruder did changed anything: the owner's records and objects are as they were
+    after = (c.get(f"/status/stem_split/{cid}").json(), c.get(f"/status/audio/{aid}").json(),
+             sorted(stack.objects(f"users/{owner}/")))
+    assert after == before
+    assert stack.store.get_job(cid).status.value == "complete"
     assert c.get(f"/download/stem/{sid}").status_code == 200
-    assert stack.store.active_jobs(intruder) == 0
+    assert stack.store.active_jobs(intruder) == 0 and stack.store.list_jobs(intruder, 10, None) == []

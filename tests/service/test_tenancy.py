@@ -7,14 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 import soundfile as sf
 
 from stems.ingest import mint_grant
+from stems.purpose_keys import legacy_webhook_secret
 from stems.storage import make_storage
-from tests.support import ROOT, tone_mix, wait_for
+from tests.support import ROOT, job_objects, tone_mix, wait_for
 
 SR = 22050
 
@@ -91,6 +93,15 @@ def test_a_signed_grant_opens_one_key_to_one_tenant(tenants):
         (cb, objects["shared"], grant[:-2] + ("00" if not grant.endswith("00") else "11")),  # tampered
         (cb, objects["shared"], "g1.not.a-grant"),
         (cb, objects["shared"], ""),
+        # what a tenant holding the server secret could mint before #19 (legacy keys' webhooks were signed with it)
+        (cb, objects["shared"], _grant_under_the_raw_secret(secret, b, objects["shared"])),
+        (cb, objects["shared"], _grant_under_the_raw_secret(secret, b, objects["a"])),
+        # nor does any value a tenant holds now: a legacy key's webhook secret mints nothing
+        (cb, objects["shared"], mint_grant(legacy_webhook_secret(secret, "key_0123456789abcdef"), b, objects["shared"], 60)),
+        (cb, objects["shared"], mint_grant(legacy_webhook_secret(secret, None), b, objects["shared"], 60)),
+        # longer than STEMS_GRANT_MAX_TTL_S: refused where it is used, not only by the CLI that mints
+        (cb, objects["shared"], mint_grant(secret, b, objects["shared"], s.settings().grant_max_ttl_s + 3600)),
+        (cb, objects["shared"], mint_grant(secret, b, objects["shared"], 60, now=time.time() + 3600)),  # minted "later"
     ]
     for client, key, g in refused:
         r = _register(client, key, grant=g)
@@ -98,6 +109,46 @@ def test_a_signed_grant_opens_one_key_to_one_tenant(tenants):
     prefix_grant = mint_grant(secret, b, f"partner/{a}/", 60)  # a prefix grant: any key under it
     assert _register(cb, objects["partner"], grant=prefix_grant).status_code == 200
     assert _register(cb, f"partner/{a}x/track.wav", grant=prefix_grant).status_code == 404
+
+
+@pytest.mark.parametrize("rewrite", ["longer", "same-size"])
+def test_a_registered_object_rewritten_after_its_import_fails_the_split(tenants, rewrite):
+    """The worker splits only what the import probed: a rewritten ingest object (a longer track past the
+    budget the import measured, or other bytes of the same size) fails the job, and nothing is produced."""
+    s, (a, ca), _, objects = tenants
+    r = _register(ca, objects["a"])
+    assert r.status_code == 200, r.text
+    asset = wait_for(ca, f"/status/audio/{r.json()['audio_id']}", {"complete", "failed"})
+    assert asset["status"] == "complete", asset
+    imported = s.store.get_asset(asset["audio_id"])
+    assert imported.size and imported.sha256
+    original = _wav()
+    new = _wav(30.0) if rewrite == "longer" else original[:-4] + b"\x01\x02\x03\x04"
+    assert len(new) != len(original) if rewrite == "longer" else len(new) == len(original)
+    storage = make_storage(s.settings())
+    src = s.tmp / f"rewritten-{rewrite}.wav"
+    src.write_bytes(new)
+    storage.put_file(objects["a"], src)  # the ingestion service writes the same key again
+    job = ca.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"]})
+    assert job.status_code == 200, job.text
+    status = wait_for(ca, f"/status/stem_split/{job.json()['creation_id']}", {"complete", "failed"}, 120)
+    assert status["status"] == "failed", status
+    assert status["error"]["code"] == "original_changed", status["error"]
+    assert "rewritten" in status["error"]["message"]
+    assert all(st["status"] != "complete" for st in status["stems"])
+    assert job_objects(s, job.json()["creation_id"]) == []
+
+
+def _grant_under_the_raw_secret(secret: str, user: str, key: str) -> str:
+    """A grant as main minted it before #19: HMAC under the server secret itself."""
+    import base64
+    import hashlib
+    import hmac
+
+    payload = base64.urlsafe_b64encode(json.dumps({"u": user, "k": key, "e": int(time.time() + 60)},
+                                                  sort_keys=True).encode()).rstrip(b"=")
+    mac = hmac.new(secret.encode(), b"stems-ingest-grant." + payload, hashlib.sha256).hexdigest()
+    return f"g1.{payload.decode()}.{mac}"
 
 
 def _cli(s, *args: str) -> subprocess.CompletedProcess:
@@ -125,6 +176,14 @@ def test_keys_cli_create_list_rotate_revoke_grant(backend_stack):
     assert issued["api_key"] not in listed.stdout and issued["webhook_secret"] not in listed.stdout
     assert issued["key_id"] in _cli(s, "list").stdout
 
+    # a key made before keys had their own secret is marked, and rotating gives it one
+    legacy = s.store.issue_key(user)
+    s.store.r.hdel(s.store.k("apikey", s.store._digest(legacy.key_id)), "webhook_secret")
+    row = next(line for line in _cli(s, "list").stdout.splitlines() if legacy.key_id in line)
+    assert "stems keys rotate" in row, row
+    own = json.loads(_cli(s, "rotate", legacy.key_id, "--json").stdout)["webhook_secret"]
+    assert own.startswith("whsec_") and s.store.key_by_id(legacy.key_id).webhook_secret == own
+
     rotated = json.loads(_cli(s, "rotate", issued["key_id"], "--json").stdout)
     assert rotated["key_id"] == issued["key_id"] and rotated["webhook_secret"] != issued["webhook_secret"]
     assert s.store.key_by_id(issued["key_id"]).webhook_secret == rotated["webhook_secret"]
@@ -132,7 +191,7 @@ def test_keys_cli_create_list_rotate_revoke_grant(backend_stack):
     grant = _cli(s, "grant", "--user", user, "--key", "partner/x.wav", "--ttl", "60").stdout.strip()
     from stems.ingest import grant_allows
 
-    assert grant_allows(s.settings().secret_key, grant, user, "partner/x.wav")
+    assert grant_allows(s.settings().secret_key, grant, user, "partner/x.wav", s.settings().grant_max_ttl_s)
 
     revoked = _cli(s, "revoke", issued["key_id"])
     assert revoked.returncode == 0 and s.store.user_for_key(issued["api_key"]) is None
