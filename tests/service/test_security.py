@@ -504,7 +504,7 @@ def test_malformed_callback_url_is_422_naming_the_field(guarded, guarded_audio, 
 
 @pytest.fixture(scope="module")
 def owned(stack, tmp_path_factory):
-    """A complete split (with restored copies) of one user's audio."""
+    """A complete split (with restored copies) of one user's audio, and a mastered version of it."""
     owner = f"owner-{uuid.uuid4().hex[:6]}"
     path = write_audio(tmp_path_factory.mktemp("iso") / "o.wav", tone_mix(2.0, SR), SR)
     c = stack.client(owner)
@@ -514,6 +514,11 @@ def owned(stack, tmp_path_factory):
     assert r.status_code == 200, r.text
     status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
     assert status["status"] == "complete", status
+    r = c.post("/master-audio", json={"audio_id": asset["audio_id"], "preset": "streaming"})
+    assert r.status_code == 200, r.text
+    mastered = wait_for(c, f"/status/mastered/{r.json()['mastered_id']}", TERMINAL, 180)
+    assert mastered["status"] == "complete", mastered
+    status["mastered_id"] = mastered["mastered_id"]
     yield c, asset["audio_id"], status
     c.close()
 
@@ -568,6 +573,7 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
     field fails here until it is covered) answers another tenant 404, exactly as an unknown id, changing nothing."""
     c, aid, status = owned
     cid, sid, uid = status["creation_id"], status["stems"][0]["stem_id"], status["upscaled_audios"][0]["stem_id"]
+    mid = status["mastered_id"]
     owner = c.get("/usage").json()["user_id"]
     too_long = {"selection": {"start": 0, "end": 999}}  # the owner gets 422 for this: the source was found
     split = {"preset": "phantom_center"}
@@ -579,8 +585,15 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
         ("POST", "/create-stems", "body:audio_id"): [("/create-stems", {**split, "audio_id": aid, **too_long}, 422)],
         ("POST", "/create-stems", "body:stem_id"): [("/create-stems", {**split, "stem_id": sid, **too_long}, 422)],
         ("POST", "/create-stems", "body:upscaled_id"): [("/create-stems", {**split, "upscaled_id": uid, **too_long}, 422)],
-        # no mastered audio exists in this deployment: the owner's answer is the same 404
-        ("POST", "/create-stems", "body:mastered_id"): [("/create-stems", {**split, "mastered_id": aid}, 404)],
+        ("POST", "/create-stems", "body:mastered_id"): [("/create-stems", {**split, "mastered_id": mid, **too_long}, 422)],
+        # a mastering the owner asked for would add objects: these are the intruder's alone
+        ("POST", "/master-audio", "body:audio_id"): [("/master-audio", {"audio_id": aid}, None)],
+        ("POST", "/master-audio", "body:stem_id"): [("/master-audio", {"stem_id": sid}, None)],
+        ("POST", "/master-audio", "body:upscaled_id"): [("/master-audio", {"upscaled_id": uid}, None)],
+        ("POST", "/master-audio", "body:mastered_id"): [("/master-audio", {"mastered_id": mid}, None)],
+        ("GET", "/status/mastered/{mastered_id}", "path:mastered_id"): [(f"/status/mastered/{mid}", None, 200)],
+        ("GET", "/download/mastered/{mastered_id}", "path:mastered_id"): [(f"/download/mastered/{mid}", None, 200)],
+        ("DELETE", "/mastered/{mastered_id}", "path:mastered_id"): [(f"/mastered/{mid}", None, None)],
         ("GET", "/status/stem_split/{creation_id}", "path:creation_id"): [(f"/status/stem_split/{cid}", None, 200)],
         ("POST", "/cancel/{creation_id}", "path:creation_id"): [(f"/cancel/{cid}", None, 409)],
         ("DELETE", "/stem_split/{creation_id}", "path:creation_id"): [(f"/stem_split/{cid}", None, None)],
@@ -628,5 +641,5 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
              sorted(stack.objects(f"users/{owner}/")))
     assert after == before
     assert stack.store.get_job(cid).status.value == "complete"
-    assert c.get(f"/download/stem/{sid}").status_code == 200
+    assert c.get(f"/download/stem/{sid}").status_code == 200 and c.get(f"/download/mastered/{mid}").status_code == 200
     assert stack.store.active_jobs(intruder) == 0 and stack.store.list_jobs(intruder, 10, None) == []
