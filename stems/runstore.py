@@ -11,8 +11,8 @@
   holding a message it had not started.
 - **Load.** `{p}:load:{queue}` lists the unfinished (queued or running) jobs of a queue, the
   number an autoscaler must keep workers for (KEDA's Redis list trigger reads its length).
-- Usage metering, the reaper's lock, try counters of tasks without a job record, worker reports and
-  request idempotency records.
+- Usage metering, the reaper's lock, try counters of tasks without a job record, worker reports (and
+  `{p}:served`: each queue's last report, kept while its pool is at zero) and request idempotency records.
 """
 from __future__ import annotations
 
@@ -176,7 +176,19 @@ class RunStore:
             return int(pipe.execute()[0])
 
     def put_worker_report(self, hostname: str, report: dict) -> None:
-        self.r.hset(self.k("workers"), hostname, json.dumps(report))
+        """Keep a worker's report, and remember it as what each of its queues serves (`served`)."""
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self.k("workers"), hostname, json.dumps(report))
+            for queue in report["queues"]:
+                pipe.hset(self.k("served"), queue, json.dumps(report))
+            pipe.execute()
+
+    def served(self, max_age_s: float) -> dict[str, dict]:
+        """queue -> the last report of a worker of it, within `max_age_s`: what the deployment serves, also
+        on a queue whose pool is scaled to zero (its workers gone, their reports dropped)."""
+        now = time.time()
+        reports = {q.decode(): json.loads(v) for q, v in self.r.hgetall(self.k("served")).items()}
+        return {q: r for q, r in reports.items() if now - r["ts"] < max_age_s}
 
     def drop_worker_report(self, hostname: str) -> None:
         self.r.hdel(self.k("workers"), hostname)
