@@ -105,9 +105,11 @@ def sweep(store: JobStore, storage: Storage, settings: Settings, now: float | No
     """One pass of the retention policy over at most `batch` ids per phase."""
     now = time.time() if now is None else now
     report = SweepReport()
-    phases = (("job", settings.retain_records_s, _expire_job), ("stems", settings.retain_stems_s, _expire_stems),
-              ("asset", asset_record_retention(settings), _expire_asset),
-              ("original", settings.retain_originals_s, _expire_original))
+    # objects before records, and every phase checks what depends on it: a split of a stem keeps the stem's
+    # job (records and objects), a split of an audio keeps the audio
+    phases = (("stems", settings.retain_stems_s, _expire_stems), ("job", settings.retain_records_s, _expire_job),
+              ("original", settings.retain_originals_s, _expire_original),
+              ("asset", asset_record_retention(settings), _expire_asset))
     for phase, keep_s, expire in phases:
         if keep_s <= 0:
             continue
@@ -123,6 +125,9 @@ def sweep(store: JobStore, storage: Storage, settings: Settings, now: float | No
 def _expire_job(store: JobStore, storage: Storage, job_id: str, report: SweepReport) -> None:
     job = store.get_job(job_id)
     if job is not None:
+        if _splits_of_stems(store, job):  # its stems are the source of a queued or running split
+            report.postponed += 1
+            return
         delete_job(store, storage, job, tombstone=False)
         report.jobs += 1
     store.done_with("job", job_id)
@@ -139,13 +144,15 @@ def _splits_of_stems(store: JobStore, job: Job) -> bool:
 def _expire_stems(store: JobStore, storage: Storage, job_id: str, report: SweepReport) -> None:
     job = store.get_job(job_id)
     if job is not None:
-        before = store.mark_stems_expired(job)  # marked, checked, then deleted: as for originals below
+        # marked, checked, then deleted, as for originals below; each step is kept in the stem records
+        # (`JobStore.mark_stems_expired`), so a sweeper that dies half-way leaves nothing the next cannot finish
+        store.mark_stems_expired(job)
         if _splits_of_stems(store, job):
-            for stem in before:
-                store.put_stem(stem)
+            store.unmark_stems_expired(job)
             report.postponed += 1
             return
         storage.delete_prefix(keys.job_prefix(job.user_id, job.id))
+        store.drop_expired_keys(job)
         report.stems += 1
     store.done_with("stems", job_id)
 
