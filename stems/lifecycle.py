@@ -14,7 +14,8 @@ Retention phases (sorted sets in the job store, scored by the time each clock st
 - `stems` (STEMS_RETAIN_STEMS_S from the job's end): the job's objects are deleted and its stems
   become `expired` (unless a queued or running job splits one of them);
 - `job` (STEMS_RETAIN_RECORDS_S from the job's end) and `asset` (STEMS_RETAIN_RECORDS_S from its
-  creation, never before its original): the record goes, with anything still stored for it.
+  creation, never before its original): the record goes, with anything still stored for it (a
+  job not while a queued or running job splits one of its stems).
 
 An asset with a queued or running job is left for the next sweep, so no job loses its source.
 """
