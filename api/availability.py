@@ -1,8 +1,11 @@
 """Which chain serves a preset on this deployment, from the workers' own model reports.
 
 A chain is served when a live worker consuming the chain's queue reports every model of
-the chain as installed. Before any worker has reported (a fresh deployment), the API's
-own view of the model store stands in, so the listing is still truthful about weights.
+the chain as installed. A queue with no live worker is judged by its last worker's report,
+kept for STEMS_SERVED_MEMORY_S: a GPU pool that its autoscaler scaled to zero still serves
+its presets, so their jobs are accepted and queued, and the queue's load list (what the
+autoscaler reads) brings a worker up. Before any worker has reported (a fresh deployment),
+the API's own view of the model store stands in, so the listing is still truthful about weights.
 """
 from __future__ import annotations
 
@@ -21,29 +24,35 @@ class Availability:
     def __init__(self, svc: Services) -> None:
         self.svc = svc
         self._workers: list[dict] = []
+        self._served: dict[str, dict] = {}
         self._at = 0.0
 
-    def workers(self) -> list[dict]:
+    def _reports(self) -> tuple[list[dict], dict[str, dict]]:
+        """The live workers' reports, and each queue's last report (see `RunStore.served`)."""
         if time.monotonic() - self._at > _CACHE_S:
-            self._workers, self._at = self.svc.store.live_workers(), time.monotonic()
-        return self._workers
+            store = self.svc.store
+            self._workers, self._served = store.live_workers(), store.served(self.svc.settings.served_memory_s)
+            self._at = time.monotonic()
+        return self._workers, self._served
 
     def chain_missing(self, chain: Chain) -> list[str]:
-        """Model ids of `chain` that no live worker of its queue holds (empty: served)."""
+        """Model ids of `chain` that no worker of its queue holds (empty: served)."""
         return self._missing(list(chain.model_ids), chain.queue)
 
     def model_served(self, model_id: str) -> bool:
-        """Whether a live worker of the model's queue holds `model_id` (a prompt-guided model, say)."""
+        """Whether a worker of the model's queue holds `model_id` (a prompt-guided model, say)."""
         from pipelines.registry import get_spec
 
         return not self._missing([model_id], get_spec(model_id).queue)
 
     def _missing(self, model_ids: list[str], queue: str) -> list[str]:
-        workers = [w for w in self.workers() if queue in w["queues"]]
-        if not self.workers():  # nobody reported yet: judge by the model store we can see
+        live, served = self._reports()
+        if not live and not served:  # nobody reported yet: judge by the model store we can see
             from pipelines.registry import get_spec
 
             return [m for m in model_ids if self.svc.models.missing(get_spec(m))]
+        # a pool at zero has no live worker: its last report says what it serves when it scales up
+        workers = [w for w in live if queue in w["queues"]] or ([served[queue]] if queue in served else [])
         if not workers:
             return list(model_ids)
         return min(([m for m in model_ids if m not in w["models"]] for w in workers), key=len)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetError, StemsError
 from stems.netfetch import LinkError, TooLarge
-from stems.storage import StorageError
+from stems.storage import ObjectMissing, StorageError
 
 from .deps import Conflict, Gone, Invalid, NotFound, OverBudget, PayloadTooLarge, RateLimited, Unauthorized, Unavailable
 
@@ -40,6 +40,14 @@ def install(app: FastAPI) -> None:
         if status == 401:
             headers = {"WWW-Authenticate": "ApiKey"}
         return JSONResponse({"detail": exc.message, **exc.to_dict()}, status_code=status, headers=headers)
+
+    @app.exception_handler(ObjectMissing)
+    async def _missing(request: Request, exc: ObjectMissing) -> JSONResponse:
+        # an object the records point at is gone (deleted behind our back, lost): the resource cannot be
+        # served again, so 410; its storage key is internal and stays in the log
+        log.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        return JSONResponse({"detail": "the stored audio of this resource is missing, so it cannot be served; "
+                                       "separate or upload it again", "code": ObjectMissing.code}, status_code=410)
 
     @app.exception_handler(redis.RedisError)
     async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:

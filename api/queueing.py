@@ -43,7 +43,8 @@ def queue_job(svc: Services, job: Job, stems: list[Stem], claim: Claim, response
     except Exception as exc:  # whatever the broker's client raises: never a 500, never a job without a message
         svc.store.delete_job_records(job, tombstone=False)
         raise _refused(f"job {job.id}", exc) from None
-    svc.store.settle("split", job.id, score)
+    # kept, due again after STEMS_RESEND_QUEUED_S: a job whose message the broker lost is sent again
+    svc.store.settle("split", job.id, score, again_at=time.time() + svc.settings.resend_queued_s)
 
 
 def queue_import(svc: Services, asset: AudioAsset) -> None:

@@ -20,6 +20,7 @@ from starlette.background import BackgroundTask
 
 from pipelines.audio import hq_extension
 from stems.models import JobStatus, Stem, StemStatus
+from stems.storage import ObjectMissing
 
 from .deps import CallerKey, Conflict, Gone, NotFound, Services, Svc, Unauthorized, User, current_user
 from .routes_stems import owned_job, owned_stem
@@ -101,7 +102,11 @@ def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = 
 def download_stem(stem_id: UUID, request: Request, format: str = Query("wav", pattern="^(wav|hq)$"),
                   svc: Services = Svc, user: str = Depends(link_or_key_user)) -> Response:
     stem = owned_stem(svc, user, str(stem_id))
-    key, filename, size = _object(stem, format)
+    key, filename, _ = _object(stem, format)
+    # look before answering: a 200 whose body then fails mid-way is a broken download, not an error
+    size = svc.storage.size(key)
+    if size is None:
+        raise ObjectMissing(f"no object {key!r}", key=key)  # 410 object_missing (api.errors), no key shown
     url = svc.storage.presigned_url(key, filename)
     if url:
         return RedirectResponse(url, status_code=307)
@@ -141,13 +146,17 @@ def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User
     tmp.close()
     path = Path(tmp.name)
     used: set[str] = set()
-    # stored, not deflated: audio does not compress and the zip should cost no CPU
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for (key, filename, _), stem in zip(objects, stems):
-            arcname = filename if filename not in used else f"{stem.id[:8]}-{filename}"
-            used.add(arcname)
-            with zf.open(arcname, "w", force_zip64=True) as out:
-                for block in svc.storage.iter_range(key):
-                    out.write(block)
+    try:
+        # stored, not deflated: audio does not compress and the zip should cost no CPU
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for (key, filename, _), stem in zip(objects, stems):
+                arcname = filename if filename not in used else f"{stem.id[:8]}-{filename}"
+                used.add(arcname)
+                with zf.open(arcname, "w", force_zip64=True) as out:
+                    for block in svc.storage.iter_range(key):
+                        out.write(block)
+    except BaseException:  # an object missing, storage away: the answer is an error, and no zip stays behind
+        path.unlink(missing_ok=True)
+        raise
     return FileResponse(path, media_type="application/zip", filename=name,
                         background=BackgroundTask(path.unlink, missing_ok=True))

@@ -351,12 +351,26 @@ class JobStore(RunStore):
         raw = self.r.get(self.k("gone", id_))
         return json.loads(raw) if raw else None
 
-    def mark_stems_expired(self, job: Job) -> list[Stem]:
-        """Mark the job's complete stems expired; returns them as they were (to undo)."""
-        before = [s for s in self.get_stems(job.stem_ids + job.upscaled_ids) if s.status == StemStatus.complete]
-        for stem in before:
-            self.put_stem(stem.model_copy(update={"status": StemStatus.expired, "wav_key": None, "hq_key": None}))
-        return before
+    # A stem expires in three idempotent steps, each safe to repeat by the next sweep if the sweeper dies:
+    # marked (expired, its keys kept: no download, no new split of it), then either unmarked (a split of
+    # it still runs) or its objects deleted and its keys dropped. Expired with keys = marked, not deleted.
+    def mark_stems_expired(self, job: Job) -> None:
+        """Mark the job's complete stems expired, keeping their keys (see above)."""
+        for stem in self.get_stems(job.stem_ids + job.upscaled_ids):
+            if stem.status == StemStatus.complete:
+                self.put_stem(stem.model_copy(update={"status": StemStatus.expired}))
+
+    def unmark_stems_expired(self, job: Job) -> None:
+        """Undo the mark of stems whose objects were not deleted: complete again, as they were."""
+        for stem in self.get_stems(job.stem_ids + job.upscaled_ids):
+            if stem.status == StemStatus.expired and stem.wav_key:
+                self.put_stem(stem.model_copy(update={"status": StemStatus.complete}))
+
+    def drop_expired_keys(self, job: Job) -> None:
+        """The objects of the job's expired stems are deleted: their records stop pointing at them."""
+        for stem in self.get_stems(job.stem_ids + job.upscaled_ids):
+            if stem.status == StemStatus.expired and (stem.wav_key or stem.hq_key):
+                self.put_stem(stem.model_copy(update={"wav_key": None, "hq_key": None}))
 
     # -- retention -------------------------------------------------------------------
     def due(self, phase: str, before: float, limit: int = 500) -> list[str]:

@@ -16,7 +16,8 @@ Retention phases (sorted sets in the job store, scored by the time each clock st
 - `mastered` and `mastered_record` (the same two times from a mastering's end): its WAV, then its
   records (`stems/masterings.py`);
 - `job` (STEMS_RETAIN_RECORDS_S from the job's end) and `asset` (STEMS_RETAIN_RECORDS_S from its
-  creation, never before its original): the record goes, with anything still stored for it.
+  creation, never before its original): the record goes, with anything still stored for it (a
+  job not while a queued or running job splits one of its stems).
 
 An asset with a queued or running job is left for the next sweep, so no job loses its source.
 """
@@ -112,11 +113,13 @@ def sweep(store: JobStore, storage: Storage, settings: Settings, now: float | No
     """One pass of the retention policy over at most `batch` ids per phase."""
     now = time.time() if now is None else now
     report = SweepReport()
-    phases = (("job", settings.retain_records_s, _expire_job), ("stems", settings.retain_stems_s, _expire_stems),
-              ("asset", asset_record_retention(settings), _expire_asset),
+    # objects before records, and every phase checks what depends on it: a split of a stem keeps the stem's
+    # job (records and objects), a split of an audio keeps the audio, a mastering keeps its original
+    phases = (("stems", settings.retain_stems_s, _expire_stems), ("mastered", settings.retain_stems_s, _expire_mastered),
+              ("job", settings.retain_records_s, _expire_job),
+              ("mastered_record", settings.retain_records_s, _expire_mastered_record),
               ("original", settings.retain_originals_s, _expire_original),
-              ("mastered", settings.retain_stems_s, _expire_mastered),
-              ("mastered_record", settings.retain_records_s, _expire_mastered_record))
+              ("asset", asset_record_retention(settings), _expire_asset))
     for phase, keep_s, expire in phases:
         if keep_s <= 0:
             continue
@@ -132,6 +135,9 @@ def sweep(store: JobStore, storage: Storage, settings: Settings, now: float | No
 def _expire_job(store: JobStore, storage: Storage, job_id: str, report: SweepReport) -> None:
     job = store.get_job(job_id)
     if job is not None:
+        if _splits_of_stems(store, job):  # its stems are the source of a queued or running split
+            report.postponed += 1
+            return
         delete_job(store, storage, job, tombstone=False)
         report.jobs += 1
     store.done_with("job", job_id)
@@ -148,13 +154,15 @@ def _splits_of_stems(store: JobStore, job: Job) -> bool:
 def _expire_stems(store: JobStore, storage: Storage, job_id: str, report: SweepReport) -> None:
     job = store.get_job(job_id)
     if job is not None:
-        before = store.mark_stems_expired(job)  # marked, checked, then deleted: as for originals below
+        # marked, checked, then deleted, as for originals below; each step is kept in the stem records
+        # (`JobStore.mark_stems_expired`), so a sweeper that dies half-way leaves nothing the next cannot finish
+        store.mark_stems_expired(job)
         if _splits_of_stems(store, job):
-            for stem in before:
-                store.put_stem(stem)
+            store.unmark_stems_expired(job)
             report.postponed += 1
             return
         storage.delete_prefix(keys.job_prefix(job.user_id, job.id))
+        store.drop_expired_keys(job)
         report.stems += 1
     store.done_with("stems", job_id)
 

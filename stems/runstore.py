@@ -8,11 +8,13 @@
   written with the work it is for (a job, an import, a webhook) in one transaction, cleared once a
   worker has started the work. The reaper sends what falls due, so no work is left without a message
   when the API dies between writing a job and queueing it, a broker refuses, or a worker dies
-  holding a message it had not started.
+  holding a message it had not started. A job's entry is not cleared when its message is sent
+  (and confirmed, on RabbitMQ) but moved STEMS_RESEND_QUEUED_S ahead: a job still waiting then is
+  sent again, so a message the broker lost does not leave it queued for ever.
 - **Load.** `{p}:load:{queue}` lists the unfinished (queued or running) jobs of a queue, the
   number an autoscaler must keep workers for (KEDA's Redis list trigger reads its length).
-- Usage metering, the reaper's lock, try counters of tasks without a job record, worker reports and
-  request idempotency records.
+- Usage metering, the reaper's lock, try counters of tasks without a job record, worker reports (and
+  `{p}:served`: each queue's last report, kept while its pool is at zero) and request idempotency records.
 """
 from __future__ import annotations
 
@@ -27,11 +29,13 @@ from .models import DELIVERY_QUEUE, Job, JobStatus, Stem
 
 DAY_S = 86400
 
-# compare-and-delete: settle an outbox entry only if nobody rescheduled it since we read it
+# compare-and-settle: settle an outbox entry only if nobody rescheduled it since we read it (a worker that
+# received the message owes it anew); settling is deleting it, or, with ARGV[3], moving it to that score
 _SETTLE = """
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if s and tonumber(s) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
-return 0
+if not s or tonumber(s) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1]) return 1 end
+return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 # take or keep a lock: set it if free, extend it if ours
 _LOCK = """
@@ -149,15 +153,23 @@ class RunStore:
         return out
 
     def owes(self, kind: str, id_: str) -> bool:
-        return self.r.zscore(self.k("outbox"), f"{kind}:{id_}") is not None
+        return self.owed_score(kind, id_) is not None
 
-    def settle(self, kind: str, id_: str, score: int | None = None) -> None:
-        """The message was sent or is no longer needed; with `score`, only if nobody rescheduled it meanwhile."""
+    def owed_score(self, kind: str, id_: str) -> int | None:
+        """The score of the entry owed for `kind:id` (what `settle` compares), None if none is owed."""
+        score = self.r.zscore(self.k("outbox"), f"{kind}:{id_}")
+        return None if score is None else int(score)
+
+    def settle(self, kind: str, id_: str, score: int | None = None, again_at: float | None = None) -> bool:
+        """The message was sent or is no longer needed; with `score`, only if nobody rescheduled it meanwhile.
+
+        With `again_at` the entry is not deleted but falls due again then: the message was sent, and is
+        sent again if the work has not started by that time (a message the broker lost)."""
         member = f"{kind}:{id_}"
         if score is None:
-            self.r.zrem(self.k("outbox"), member)
-        else:
-            self.r.eval(_SETTLE, 1, self.k("outbox"), member, score)
+            return bool(self.r.zrem(self.k("outbox"), member))
+        return bool(self.r.eval(_SETTLE, 1, self.k("outbox"), member, score,
+                                "" if again_at is None else _ms(again_at)))
 
     # -- the reaper's lock, try counters, worker reports -------------------------
     def hold_lock(self, name: str, holder: str, ttl_s: float) -> bool:
@@ -178,7 +190,19 @@ class RunStore:
             return int(pipe.execute()[0])
 
     def put_worker_report(self, hostname: str, report: dict) -> None:
-        self.r.hset(self.k("workers"), hostname, json.dumps(report))
+        """Keep a worker's report, and remember it as what each of its queues serves (`served`)."""
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self.k("workers"), hostname, json.dumps(report))
+            for queue in report["queues"]:
+                pipe.hset(self.k("served"), queue, json.dumps(report))
+            pipe.execute()
+
+    def served(self, max_age_s: float) -> dict[str, dict]:
+        """queue -> the last report of a worker of it, within `max_age_s`: what the deployment serves, also
+        on a queue whose pool is scaled to zero (its workers gone, their reports dropped)."""
+        now = time.time()
+        reports = {q.decode(): json.loads(v) for q, v in self.r.hgetall(self.k("served")).items()}
+        return {q: r for q, r in reports.items() if now - r["ts"] < max_age_s}
 
     def drop_worker_report(self, hostname: str) -> None:
         self.r.hdel(self.k("workers"), hostname)

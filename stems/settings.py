@@ -129,6 +129,14 @@ class Settings(BaseSettings):
     enqueue_grace_s: float = Field(10.0, gt=0, validation_alias=_env("STEMS_ENQUEUE_GRACE_S"),
         description="a job, import or webhook whose message was not sent (the API died, the broker refused) or not "
                     "started by the worker that received it is sent again after this long")
+    resend_queued_s: float = Field(900.0, gt=0, validation_alias=_env("STEMS_RESEND_QUEUED_S"),
+        description="a job still waiting this long after its message was sent is sent again (a message a broker "
+                    "lost: a restart, a purge); a duplicate is dropped by the job's claim, so a job waiting in a long "
+                    "queue costs one short extra message each time")
+    served_memory_s: float = Field(30 * 86400.0, ge=0, validation_alias=_env("STEMS_SERVED_MEMORY_S"),
+        description="how long a queue's last worker report still counts after the queue's pool stopped reporting "
+                    "(scaled to zero): its presets stay available, their jobs queue and the autoscaler sees them; "
+                    "0: only live workers count")
     import_time_limit_s: float = Field(900.0, gt=0, validation_alias=_env("STEMS_IMPORT_TIME_LIMIT_S"),
         description="time limit of an import (fetch, probe, checks); the hard kill comes STEMS_TIME_LIMIT_GRACE_S later")
     webhook_timeout_s: float = Field(20.0, gt=0, validation_alias=_env("STEMS_WEBHOOK_TIMEOUT_S"),

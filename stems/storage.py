@@ -91,8 +91,11 @@ class LocalStorage:
 
     def put_file(self, key: str, path: Path) -> None:
         dst, tmp = self._atomic(key)
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dst)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dst)
+        finally:  # a copy that failed half-way (disk full, a read error) leaves no part behind
+            tmp.unlink(missing_ok=True)
 
     def put_stream(self, key: str, stream: BinaryIO) -> int:
         dst, tmp = self._atomic(key)
@@ -136,6 +139,11 @@ class LocalStorage:
         found = self.list(prefix)
         for key in found:
             self.delete(key)
+        # the parts of writes a killed process left half-done (never listed: they are not objects)
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if base.is_dir():
+            for part in base.rglob(".*.part"):
+                part.unlink(missing_ok=True)
         return len(found)
 
     def list(self, prefix: str) -> list[str]:
@@ -259,7 +267,12 @@ class S3Storage:
 
     @_retrying
     def _delete_many(self, batch: list[str]) -> None:
-        self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": self._k(k)} for k in batch]})
+        answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": self._k(k)} for k in batch]})
+        # a 200 may still refuse some keys (a policy, an object lock, a 5xx of one key): those are not deleted
+        refused = answer.get("Errors") or []
+        if refused:
+            codes = sorted({e.get("Code", "?") for e in refused})
+            raise StorageError(f"storage refused to delete {len(refused)} of {len(batch)} objects ({', '.join(codes)})")
 
     @_retrying
     def list(self, prefix: str) -> list[str]:

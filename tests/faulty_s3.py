@@ -1,12 +1,15 @@
 """An HTTP proxy in front of the S3 server that fails on command: 5xx answers or stalls.
 
-`POST /__fault?count=N&mode=500|stall` makes the next N requests fail that way; other
+`POST /__fault?count=N&mode=500|stall` makes the next N requests fail that way, and
+`mode=deny-delete` the next N DeleteObjects calls answer 200 with every key refused
+(`AccessDenied` in the per-key `Errors`, as S3 does for a key a policy or lock protects); other
 requests are forwarded unchanged. It stands between the service and moto's server, so
 the service talks real S3 over HTTP and meets real failures.
 """
 from __future__ import annotations
 
 import http.client
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,9 +31,9 @@ class FaultyS3:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _take_fault(self) -> str | None:
+            def _take_fault(self, batch_delete: bool) -> str | None:
                 with proxy.lock:
-                    if proxy.fail_next > 0:
+                    if proxy.fail_next > 0 and (proxy.mode != "deny-delete" or batch_delete):
                         proxy.fail_next -= 1
                         proxy.failed += 1
                         return proxy.mode
@@ -46,7 +49,14 @@ class FaultyS3:
                         proxy.fail_next = int(q.get("count", ["1"])[0])
                         proxy.mode = q.get("mode", ["500"])[0]
                     return self._reply(204, b"", {})
-                fault = self._take_fault()
+                batch_delete = self.command == "POST" and "delete" in parse_qs(parts.query, keep_blank_values=True)
+                fault = self._take_fault(batch_delete)
+                if fault == "deny-delete":
+                    keys = [k.decode() for k in re.findall(rb"<Key>(.*?)</Key>", body)]
+                    refused = "".join(f"<Error><Key>{k}</Key><Code>AccessDenied</Code><Message>Access Denied</Message>"
+                                      f"</Error>" for k in keys)
+                    return self._reply(200, f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult>{refused}'
+                                            f'</DeleteResult>'.encode(), {"content-type": "application/xml"})
                 if fault == "stall":
                     time.sleep(3)
                     self.close_connection = True

@@ -82,6 +82,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
             task_queues=_rabbitmq_queues(s, names),
             task_default_exchange=s.key_prefix, task_default_exchange_type="direct", task_default_routing_key="cpu",
             control_exchange=f"{s.key_prefix}.control", event_exchange=f"{s.key_prefix}.events",
+            # publisher confirms: send_task returns once the broker has the message (and raises if it refused
+            # it), so an outbox entry is settled only for a message the broker holds
+            broker_transport_options={"confirm_publish": True},
         )
     else:
         app.conf.update(

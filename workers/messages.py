@@ -11,6 +11,7 @@ dropped), and the checks keep it rare.
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import Celery
 
@@ -74,16 +75,24 @@ def send(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> bool
 
 
 def send_owed(app: Celery, s: Settings, store: JobStore, kind: str, id_: str, score: int | None = None) -> None:
-    """Send an owed message and settle its entry (only the entry read, if `score` is given)."""
-    send(app, s, store, kind, id_)
-    store.settle(kind, id_, score)
+    """Send an owed message and settle its entry (only the entry read, if `score` is given).
+
+    `send` returns once the broker has the message (on RabbitMQ, once it confirmed it). A job's entry
+    then falls due again after STEMS_RESEND_QUEUED_S, and is cleared when the job starts: a job whose
+    message the broker lost is sent again (reconciliation), a duplicate is dropped by its claim."""
+    sent = send(app, s, store, kind, id_)
+    again = time.time() + s.resend_queued_s if sent and kind in ("split", "deliver") else None
+    store.settle(kind, id_, score, again)
 
 
 def flush(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> None:
     """Send `kind:id` now if the outbox owes it; if the broker refuses, the reaper sends it when it falls due."""
-    if not store.owes(kind, id_):
+    # settle only the entry read here: a worker that already received the message owes it anew, and
+    # that entry must outlive this settle, or the worker's death would leave the job without a message
+    score = store.owed_score(kind, id_)
+    if score is None:
         return
     try:
-        send_owed(app, s, store, kind, id_)
+        send_owed(app, s, store, kind, id_, score)
     except Exception as exc:  # the entry stays: the reaper retries it
         log.warning("could not send %s %s now (%s); the reaper will", kind, id_, exc)

@@ -8,7 +8,11 @@ over). Every STEMS_REAPER_INTERVAL_S it
    ignores it) with `time_limit`: outputs removed, quota slot freed, webhook owed;
 2. runs again the jobs whose lease lapsed (the worker died, froze or lost its network): back
    to `queued` with a new message, or, for a delivery stage, to delivery again with the
-   separated stems kept (a lapse past the deadline is a time limit, as in 1);
+   separated stems kept (a lapse past the deadline is a time limit, as in 1). A lease is judged
+   only against time this reaper watched: after a gap in its contact with Redis longer than half
+   a lease (Redis down, a partition, the reaper's own stall), it requeues nothing until it has been
+   in contact again for a whole STEMS_LEASE_S. Live workers renew within STEMS_LEASE_RENEW_S of
+   Redis coming back, so an outage longer than the lease does not run every job again;
 3. sends the messages the outbox owes: jobs written but never queued (the API died or the
    broker refused), retries whose backoff is over, work a dead worker had received but not
    started, webhooks not yet sent.
@@ -52,6 +56,8 @@ class Reaper:
         self.app = make_celery(settings)  # its own broker connections: the consumer's are not for other threads
         self.holder = holder
         self.passes = 0
+        self.contact_at: float | None = None  # this reaper's last successful exchange with Redis
+        self.watching_since: float | None = None  # start of its unbroken contact (see the module's step 2)
 
     @property
     def store(self) -> JobStore:
@@ -59,9 +65,25 @@ class Reaper:
 
     def step(self) -> dict[str, int] | None:
         """One pass if this reaper holds (or takes) the lock; None if another one is active."""
-        if not self.store.hold_lock("reaper", self.holder, 3 * self.ctx.settings.reaper_interval_s + 1):
-            return None
-        return self.pass_once()
+        try:
+            held = self.store.hold_lock("reaper", self.holder, 3 * self.ctx.settings.reaper_interval_s + 1)
+        except Exception:
+            self.contact_at = None  # out of contact: the next success starts a new watch
+            raise
+        self.saw_redis(time.time())
+        return self.pass_once() if held else None
+
+    def saw_redis(self, at: float) -> None:
+        """Count `at` as contact with Redis; a gap since the last contact longer than half a lease (a renewal
+        period may have fallen in it) restarts the watch. A call that blocked through an outage and then
+        succeeded is such a gap too."""
+        if self.contact_at is None or at - self.contact_at > self.ctx.settings.lease_s / 2:
+            self.watching_since = at
+        self.contact_at = at
+
+    def judges_leases(self, now: float) -> bool:
+        """Whether this reaper has watched Redis for a whole lease: only then is a lapsed lease a dead holder."""
+        return self.watching_since is not None and now - self.watching_since >= self.ctx.settings.lease_s
 
     def pass_once(self, now: float | None = None) -> dict[str, int]:
         s, store = self.ctx.settings, self.store
@@ -69,7 +91,7 @@ class Reaper:
         counts = {"timed_out": 0, "requeued": 0, "sent": 0}
         for job_id in store.past_deadline(now - s.lease_s):
             counts["timed_out"] += self.time_out(job_id)
-        for job_id in store.expired_leases(now):
+        for job_id in store.expired_leases(now) if self.judges_leases(now) else ():
             job = store.get_job(job_id)
             if job is None or job.status != JobStatus.processing:
                 store.forget_run(job_id)  # an index entry whose record went away
@@ -85,6 +107,7 @@ class Reaper:
                 log.warning("reaper: cannot send %s %s (%s)", kind, id_, exc)
                 break
             counts["sent"] += 1
+        self.saw_redis(time.time())
         self.passes += 1
         if self.passes % PRUNE_EVERY == 0:
             from pipelines.presets import load_catalogue
@@ -115,6 +138,7 @@ class Reaper:
             try:
                 self.step()
             except Exception as exc:  # Redis or the broker away: the next pass tries again
+                self.contact_at = None
                 log.warning("reaper pass failed: %s", exc)
         try:
             self.store.release_lock("reaper", self.holder)

@@ -318,6 +318,65 @@ def test_sweep_keeps_what_a_queued_job_still_needs(store_and_storage, tmp_path):
     assert storage.list(keys.job_prefix("dep", job.id)) == [] and storage.size(asset.object_key) is None
 
 
+def _split_of_stem(store, asset, job) -> Job:
+    """A queued split of `job`'s first stem: it will read that stem's object."""
+    on_stem = Job(user_id=job.user_id, preset="phantom_center", audio_id=asset.id, source_kind="stem",
+                  source_id=job.stem_ids[0], spec=SplitSpec(preset="phantom_center", chain_index=0), queue="cpu")
+    store.create_job(on_stem, [])
+    return on_stem
+
+
+@pytest.mark.parametrize("stems_s,records_s", [(10, 10), (1000, 10)], ids=["together", "records-first"])
+def test_records_of_a_job_whose_stem_is_being_split_are_kept(store_and_storage, tmp_path, stems_s, records_s):
+    """The records phase checks dependents as the stems phase does: the old sweep ran it first and deleted
+    the job (records and objects) under a queued split of its stem."""
+    store, storage = store_and_storage
+    settings = Settings(retain_originals_s=1000, retain_stems_s=stems_s, retain_records_s=records_s)
+    t0 = time.time()
+    asset, job = _stored_split(store, storage, tmp_path, "rec", t0, t0 + 1)
+    on_stem = _split_of_stem(store, asset, job)
+    report = sweep(store, storage, settings, now=t0 + 60)
+    assert report.total == 0 and report.postponed >= 1, report
+    assert store.get_job(job.id) is not None and len(storage.list(keys.job_prefix("rec", job.id))) == 2
+    assert {s.status for s in store.get_stems(job.stem_ids)} == {StemStatus.complete}
+
+    def done(j):
+        j.status, j.finished_at = JobStatus.complete, t0 + 2
+        return j
+
+    store.update_job(on_stem.id, done)
+    report = sweep(store, storage, settings, now=t0 + 60)
+    assert report.jobs >= 1 and store.get_job(job.id) is None and storage.list(keys.job_prefix("rec", job.id)) == []
+
+
+def test_a_sweeper_that_died_after_marking_stems_leaves_them_to_the_next(store_and_storage, tmp_path):
+    """Marking stems expired is kept in their records, not in the sweeper's memory: the next sweep undoes
+    the mark of stems a split still needs (the old one left them expired, their keys gone, for good)."""
+    store, storage = store_and_storage
+    settings = Settings(retain_originals_s=1000, retain_stems_s=10, retain_records_s=1000)
+    t0 = time.time()
+    asset, job = _stored_split(store, storage, tmp_path, "died", t0, t0 + 1)
+    on_stem = _split_of_stem(store, asset, job)
+    store.mark_stems_expired(job)  # a sweep's first step; its process died there
+    report = sweep(store, storage, settings, now=t0 + 60)
+    assert report.postponed == 1 and report.stems == 0, report
+    stems = store.get_stems(job.stem_ids)
+    assert {s.status for s in stems} == {StemStatus.complete} and all(s.wav_key for s in stems), stems
+    assert sorted(s.wav_key for s in stems) == storage.list(keys.job_prefix("died", job.id))
+
+    def done(j):
+        j.status, j.finished_at = JobStatus.complete, t0 + 2
+        return j
+
+    store.update_job(on_stem.id, done)
+    store.mark_stems_expired(job)  # and again it dies after marking, now with nothing depending on the stems
+    report = sweep(store, storage, settings, now=t0 + 60)
+    assert report.stems == 2, report  # both jobs' stems (the split of the stem made none)
+    stems = store.get_stems(job.stem_ids)
+    assert {s.status for s in stems} == {StemStatus.expired} and not any(s.wav_key for s in stems)
+    assert storage.list(keys.job_prefix("died", job.id)) == []
+
+
 def test_zero_retention_keeps_everything(store_and_storage, tmp_path):
     store, storage = store_and_storage
     t0 = time.time() - 400 * 86400

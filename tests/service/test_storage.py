@@ -93,3 +93,42 @@ def test_s3_prefix_is_applied(s3_url):
     S3Storage(settings).put_stream("x/y", io.BytesIO(b"1"))
     raw = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t")
     assert [o["Key"] for o in raw.list_objects_v2(Bucket=settings.s3_bucket)["Contents"]] == ["pre/fix/x/y"]
+
+
+def test_s3_delete_prefix_raises_when_storage_refuses_keys(s3_url):
+    """DeleteObjects answers 200 even when it refuses keys (a policy, an object lock): those stay, so
+    delete_prefix must raise (its caller tries again later) instead of reporting them deleted."""
+    from stems.storage import StorageError
+    from tests.faulty_s3 import FaultyS3
+
+    proxy = FaultyS3(s3_url)
+    try:
+        s = S3Storage(s3_settings(s3_url).model_copy(update={"s3_endpoint_url": proxy.url}))
+        for k in ("users/u/jobs/j1/a.wav", "users/u/jobs/j1/b.wav"):
+            s.put_stream(k, io.BytesIO(b"1"))
+        proxy.fail(1, "deny-delete")
+        with pytest.raises(StorageError, match="refused to delete 2 of 2 objects"):
+            s.delete_prefix("users/u/jobs/j1/")
+        assert proxy.failed == 1 and s.list("users/u/jobs/j1/") == ["users/u/jobs/j1/a.wav", "users/u/jobs/j1/b.wav"]
+        assert s.delete_prefix("users/u/jobs/j1/") == 2 and s.list("users/u/") == []
+    finally:
+        proxy.close()
+
+
+def test_local_put_file_that_fails_half_way_leaves_no_part(tmp_path):
+    storage = LocalStorage(tmp_path / "objects")
+    # reading /proc/self/mem from offset 0 fails with EIO: a copy that fails after the part file exists
+    with pytest.raises(OSError):
+        storage.put_file("users/u/jobs/j1/a.wav", "/proc/self/mem")
+    assert [p.name for p in (tmp_path / "objects").rglob("*") if p.is_file()] == []
+
+
+def test_local_delete_prefix_removes_parts_a_killed_writer_left(tmp_path):
+    storage = LocalStorage(tmp_path / "objects")
+    storage.put_stream("users/u/jobs/j1/a.wav", io.BytesIO(b"1"))
+    part = tmp_path / "objects" / "users/u/jobs/j1/att/.b.wav.0123.part"  # its writer was SIGKILLed mid-copy
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"half")
+    assert storage.list("users/u/jobs/j1/") == ["users/u/jobs/j1/a.wav"]  # a part is never an object ...
+    assert storage.delete_prefix("users/u/jobs/j1/") == 1
+    assert [p for p in (tmp_path / "objects").rglob("*") if p.is_file()] == []  # ... but goes with its prefix
