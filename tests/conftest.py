@@ -14,14 +14,14 @@ RABBITMQ_URL = os.environ.get("STEMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127
 # The tiers (pyproject's markers). A test's tier follows from where it lives, so a new test file is in a tier
 # without anyone marking it: pure code under tests/pipelines, the real stack under tests/service, except the
 # modules that kill processes or cut services (drills) and those that install the project (install).
-DRILLS = {"test_nodeloss.py", "test_faults.py", "test_durability.py", "test_two_stage.py"}
+DRILLS = {"test_nodeloss.py", "test_faults.py", "test_durability.py", "test_two_stage.py", "test_outage.py", "test_outbox.py"}
 INSTALLS = {"test_make_run.py", "test_modelpull.py"}
 
 
 def tier(path) -> str:
     if path.parent.name == "browser":
         return "browser"
-    if path.parent.name == "pipelines":
+    if path.parent.name in ("pipelines", "tests"):  # tests/test_infra.py reads files only
         return "unit"
     if path.name in DRILLS:
         return "drill"
