@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sk = sub.add_parser("stack", help="the development stack (make up / down / run)")
     sk.add_argument("action", choices=("up", "down", "demo"))
-    sk.add_argument("--file", help="demo: the audio file to split (default: a generated sample)")
-    sk.add_argument("--preset", default="phantom_center", help="demo: the preset")
+    sk.add_argument("--file", help="demo: the audio file to split (default: Spleeter's example song)")
+    sk.add_argument("--preset", help="demo: the preset (default: 2_tracks)")
     sk.add_argument("--selection", help="demo: START:END in seconds")
     sk.set_defaults(fn=cmd_stack)
 
