@@ -21,7 +21,8 @@ source separation tool with pre-trained models", JOSS 2020, and the spleeter rep
 Variants measured in `bench/quality.py` (README, Quality): `swap_channels` also runs the
 networks on the channel-swapped mix and averages the estimates (test-time augmentation), and
 `instrumental: residual` takes the instrumental as the mix less the vocals, so it keeps the
-band above 11 kHz that Spleeter's zero mask extension drops.
+band above 11 kHz that Spleeter's zero mask extension drops, and `vocals_highpass_hz` gives the
+bins below a voice's range to the instrumental.
 
 The checkpoints are torch zip files whose pickle holds a dict of numpy float32 arrays: they
 are read with an unpickler that admits numpy's array reconstruction and nothing else.
@@ -170,6 +171,8 @@ class SpleeterParams(BaseModel):
     swap_channels: bool = Field(False, description="average with a run on the channel-swapped mix (test-time augmentation)")
     instrumental: Literal["mask", "residual"] = Field(
         "mask", description="the second source from its own mask, or as the mix less the first")
+    vocals_highpass_hz: float = Field(0.0, ge=0.0, description="bins below this give the first source nothing "
+                                      "(voices have no energy there; what the network leaves is bass and kick)")
     batch: int = Field(1, ge=1, description="512-frame segments per network call")
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -270,6 +273,9 @@ class SpleeterSeparator(TorchSeparator):
             return self._wiener(est, spec)
         powered = est.astype(np.float32) ** p.mask_exponent
         masks = (powered + EPS / 2) / (powered.sum(axis=0) + EPS)
+        if p.vocals_highpass_hz:
+            low = int(np.ceil(p.vocals_highpass_hz * N_FFT / self.spec.sample_rate))
+            masks[0, ..., :low], masks[1, ..., :low] = 0.0, 1.0
         full = np.zeros((2, channels, n, n_bins), np.float32)
         full[..., :BINS] = masks
         if p.mask_extension == "average":
@@ -282,7 +288,9 @@ class SpleeterSeparator(TorchSeparator):
 
         channels, n, n_bins = spec.shape
         v = np.zeros((n, n_bins, channels, 2), np.float32)
-        v[:, :BINS] = est.transpose(2, 3, 1, 0)
+        # norbert starts from soft masks v_j / sum v: the estimates to the mask exponent start it from
+        # Spleeter's own masks (Spleeter's MWF passes the magnitudes: exponent 1)
+        v[:, :BINS] = est.transpose(2, 3, 1, 0) ** self.settings.mask_exponent
         y = norbert.wiener(v, spec.transpose(1, 2, 0), iterations=self.settings.wiener_iterations)
         return y.transpose(3, 2, 0, 1).astype(np.complex64)
 

@@ -32,7 +32,7 @@ if example_clip() is None:
 SR = 44100
 TOL = 1e-4
 PLAIN = {"mask_exponent": 2.0, "mask_extension": "zeros", "wiener_iterations": 0, "swap_channels": False,
-         "instrumental": "mask"}
+         "instrumental": "mask", "vocals_highpass_hz": 0.0}
 
 
 @pytest.fixture(scope="module")
