@@ -215,10 +215,10 @@ def unavailable(engine: Engine, name: str) -> str | None:
         _, chain = engine.pick_chain(load_catalogue().preset(name))
     except PresetError as exc:
         return f"not available here: missing {', '.join(exc.fields.get('missing_models', []))}"
-    for step in chain.steps:  # a family whose code is not written yet (the registry names it ahead)
-        module = FAMILIES[step.spec.family].impl.split(":")[0]
+    for spec in (spec for step in chain.steps for spec in step.specs):  # a family whose code is not written yet
+        module = FAMILIES[spec.family].impl.split(":")[0]
         if importlib.util.find_spec(module) is None:
-            return f"{module} (family {step.spec.family!r}, needed by {step.model!r}) does not exist"
+            return f"{module} (family {spec.family!r}, needed by {spec.id!r}) does not exist"
     return None
 
 

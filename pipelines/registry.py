@@ -91,7 +91,9 @@ class ModelSpec(BaseModel):
     weights: Literal["none", "package", "store"]
     files: tuple[str, ...] = ()
     requires_package: str | None = None  # import name that must be importable
-    licence: str = "unknown"
+    licence: str  # of the weights (for DSP, of this project's code)
+    licence_source: str  # where that statement comes from: a licence file, a paper, an issue thread
+    commercial_use: Literal["yes", "no", "unclear"]  # what the source allows; "unclear" is never served commercially
     params: dict = Field(default_factory=dict)
     downloads: tuple[Download, ...] = ()  # where `stems models pull` fetches each file
     gated: str | None = None  # weights behind a licence or login: how to get them (pull refuses, says this)
