@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from .. import audio as A
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
-from .onnx_spec import _overlap_add, _window_envelope_range
+from .onnx_spec import OverlapAdder
 from .torch_model import TorchSeparator
 
 N_FFT, HOP, BINS, FRAMES = 4096, 1024, 1024, 512  # fixed by the trained networks
@@ -211,9 +211,9 @@ class SpleeterSeparator(TorchSeparator):
                 cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
         """The sources `batch` segments at a time, in order; memory follows the segments, not the track.
 
-        Coordinates are those of the zero-padded signal (N_FFT // 2 zeros before the first
-        sample). Once the segments before frame `s` have run, the samples before `s * HOP` get
-        nothing more from later frames: they are normalised by the window envelope and given out.
+        Frames are those of the zero-padded signal (N_FFT // 2 zeros before the first sample).
+        Once the segments before frame `s` have run, the samples before `s * HOP` get nothing
+        more from later frames, and `OverlapAdder` gives them out.
         """
         self._ready(sample_rate)
         if audio.channels != 2:
@@ -222,9 +222,7 @@ class SpleeterSeparator(TorchSeparator):
         n_frames = 1 + n // HOP
         window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)  # periodic, as torch.hann_window
         starts = list(range(0, n_frames, FRAMES))
-        r = N_FFT // HOP
-        acc = np.zeros((2, 2, 0), np.float32)  # (sources, channels, padded samples from acc_lo on)
-        acc_lo, emitted = 0, pad
+        adder = OverlapAdder(2, 2, window, HOP, n_frames, pad, n)
         for b in range(0, len(starts), self.settings.batch):
             if cancelled():
                 raise Cancelled("job cancelled")
@@ -234,21 +232,12 @@ class SpleeterSeparator(TorchSeparator):
             framed = np.lib.stride_tricks.sliding_window_view(x, N_FFT, axis=-1)[:, ::HOP]
             spec = np.fft.rfft(framed * window, axis=-1).astype(np.complex64)  # (channels, frames, bins)
             est = self._stft_estimates(spec, len(group))  # (sources, channels, frames, all bins)
-            need = (stop + r) * HOP - acc_lo
-            if acc.shape[-1] < need:
-                acc = np.concatenate([acc, np.zeros((*acc.shape[:-1], need - acc.shape[-1]), np.float32)], axis=-1)
             frames = np.fft.irfft(est, n=N_FFT, axis=-1).astype(np.float32) * window
             for k in range(2):
-                _overlap_add(acc[k], frames[k], group[0] - acc_lo // HOP, HOP)
-            final = (group[-1] + FRAMES) * HOP if b + self.settings.batch < len(starts) else (n_frames + r) * HOP
-            hi = min(final, pad + n)
-            if hi > emitted:
-                env = _window_envelope_range(window.astype(np.float64), HOP, n_frames, emitted, hi)
-                out = acc[..., emitted - acc_lo:hi - acc_lo] / np.maximum(env, 1e-11).astype(np.float32)
-                yield self._sources(out, audio, emitted - pad, hi - pad)
-                emitted = hi
-            keep = emitted // HOP * HOP
-            acc, acc_lo = acc[..., keep - acc_lo:], keep
+                adder.add(k, frames[k], group[0])
+            done = adder.take((group[-1] + FRAMES) * HOP if b + self.settings.batch < len(starts) else adder.end)
+            if done:
+                yield self._sources(done[2], audio, done[0], done[1])
 
     def _sources(self, out: np.ndarray, audio: A.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
         first, second = self.spec.sources
