@@ -28,22 +28,21 @@ def store(tmp_path_factory) -> ModelStore:
     return store
 
 
-def _presets(stack: ServiceStack) -> dict:
+def _serving(stack: ServiceStack, use: str) -> dict:
+    """Start the stack's API and a worker holding the store; its presets by name, once it declares `use`."""
+    stack.start_api()
+    stack.start_worker("cpu,gpu-demucs", "w")
     with stack.client() as c:
         r = c.get("/presets")
-        assert r.status_code == 200, r.text
-        return r.json()
+    assert r.status_code == 200 and r.json()["declared_use"] == use, r.text
+    return {p["name"]: p for p in r.json()["presets"]}
 
 
 @pytest.mark.timeout(600)
 def test_declared_commercial_use_skips_chains_whose_licence_does_not_allow_it(store, tmp_path, redis_url, s3_url):
     research = ServiceStack(tmp_path / "research", redis_url, s3_url, model_dir=store.root)
     try:
-        research.start_api()
-        research.start_worker("cpu,gpu-demucs", "w")
-        listing = _presets(research)
-        by_name = {p["name"]: p for p in listing["presets"]}
-        assert listing["declared_use"] == "research"
+        by_name = _serving(research, "research")
         assert by_name["2_tracks"]["chain"] == ["htdemucs"] and not by_name["2_tracks"]["dsp_fallback"]
         assert by_name["2_tracks"]["licence_refused"] == [] and by_name["4_tracks"]["available"]
     finally:
@@ -52,11 +51,7 @@ def test_declared_commercial_use_skips_chains_whose_licence_does_not_allow_it(st
     commercial = ServiceStack(tmp_path / "commercial", redis_url, s3_url, model_dir=store.root,
                               STEMS_DECLARED_USE="commercial")
     try:
-        commercial.start_api()
-        commercial.start_worker("cpu,gpu-demucs", "w")
-        listing = _presets(commercial)
-        by_name = {p["name"]: p for p in listing["presets"]}
-        assert listing["declared_use"] == "commercial"
+        by_name = _serving(commercial, "commercial")
         two = by_name["2_tracks"]
         assert two["available"] and two["chain"] == ["dsp.repet_sim"] and two["dsp_fallback"]
         assert {"htdemucs", "htdemucs_ft", "hdemucs_mmi"} <= set(two["licence_refused"])
