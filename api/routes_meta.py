@@ -5,7 +5,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from pipelines.errors import PresetError
+from pipelines.install_hint import hint_command
 from pipelines.presets import load_catalogue
+from pipelines.registry import get_spec
 
 from .deps import Services, Svc, User
 from .schemas import PresetList
@@ -20,14 +22,16 @@ def presets(svc: Services = Svc, user: str = User) -> dict:
     for p in catalogue.presets:
         try:
             _, chain = svc.availability.pick(p)
-            info = {"available": True, "queue": chain.queue, "chain": list(chain.model_ids), "missing_models": []}
+            info = {"available": True, "queue": chain.queue, "chain": list(chain.model_ids), "missing_models": [],
+                    "dsp_fallback": all(get_spec(m).family == "dsp" for m in chain.model_ids)}
         except PresetError as exc:
             info = {"available": False, "queue": None, "chain": None, "missing_models": exc.fields["missing_models"],
-                    "install_hint": svc.availability.install_hint(p)}
+                    "install_hint": (hint := svc.availability.install_hint(p)), "install_command": hint_command(hint)}
+        info["licence_refused"] = svc.availability.licence_refused(p)
         out.append({"name": p.name, "description": p.description, "group": p.group, "stems": list(p.output_stems()),
                     "usage_multiplier": p.usage_multiplier, **info})
     restoration = [{"name": r.name, "description": r.description} for r in catalogue.restoration_presets]
-    return {"presets": out, "restoration_presets": restoration}
+    return {"presets": out, "restoration_presets": restoration, "declared_use": svc.settings.declared_use}
 
 
 @router.get("/usage", summary="Processed audio minutes for this key (times each preset's multiplier)")

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from pipelines.errors import PresetError
 from pipelines.custom import plan as plan_custom
 from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
+from pipelines.licences import licence_of
 from pipelines.presets import load_catalogue
 from pipelines.registry import get_spec
 from stems.lifecycle import delete_job, expiry
@@ -203,7 +204,8 @@ def stem_info(s: Stem) -> dict:
         download = {"wav": f"/download/stem/{s.id}"}
         if s.hq_key:
             download["hq"] = f"/download/stem/{s.id}?format=hq"
-    return {"stem_id": s.id, "name": s.name, "status": s.status.value, "made_by": s.made_by, "duration": s.duration,
+    return {"stem_id": s.id, "name": s.name, "status": s.status.value, "made_by": s.made_by,
+            "licence": licence_of(s.made_by), "duration": s.duration,
             "sample_rate": s.sample_rate, "channels": s.channels, "bit_depth": s.bit_depth, "size": s.wav_size,
             "hq_format": s.hq_format if s.hq_key else None, "hq_size": s.hq_size, "download": download}
 

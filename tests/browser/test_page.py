@@ -211,6 +211,12 @@ def test_a_bad_key_and_an_unavailable_preset_show_the_api_message(stack, song, p
     assert page.locator("#custom-fields").is_visible()  # custom-only fields for custom alone
     card = page.locator(".preset[data-preset='4_tracks']")
     assert "unavailable" in card.get_attribute("class") and "htdemucs" in card.locator(".why").text_content()
+    # the command comes first, the rest on demand; what serves a preset says when it is a DSP fallback
+    listed = {p["name"]: p for p in httpx.get(stack.base + "/presets", headers={"x-api-key": key}).json()["presets"]}
+    assert card.locator(".why > code").text_content() == listed["4_tracks"]["install_command"]
+    assert card.locator(".why details").get_attribute("open") is None
+    served = page.locator(".preset[data-preset=phantom_center] .served").text_content()
+    assert "DSP fallback" in served and "dsp.centre" in served
     page.check(".preset[data-preset='4_tracks'] input")
     assert page.locator("#custom-fields").is_hidden()
     page.click("#split-button")

@@ -76,7 +76,14 @@ def test_presets_cli_lists_availability(tmp_path):
     r = cli("presets", "--model-dir", str(tmp_path))
     assert r.returncode == 0
     lines = r.stdout.splitlines()
-    assert any(line.startswith("phantom_center") and "available" in line for line in lines)
+    # what serves a preset here, and plainly when it is signal processing rather than a trained model
+    assert any(line.startswith("phantom_center") and "served by  dsp.centre" in line and "DSP fallback" in line
+               for line in lines)
     assert any(line.startswith("6_tracks") and "missing" in line and "htdemucs_6s" in line for line in lines)
     hint = lines[[i for i, line in enumerate(lines) if line.startswith("6_tracks")][0] + 2]
     assert hint.split() == ["to", "install:", "stems", "models", "pull", "htdemucs_6s"]
+    # weights with no public release: the command first; the explanation with --details
+    strings = lines[[i for i, line in enumerate(lines) if line.startswith("modern_bowed_strings")][0] + 2]
+    assert strings.split() == ["to", "install:", "stems", "models", "install", "mdx_strings", "PATH/mdx_strings.onnx"]
+    details = cli("presets", "--model-dir", str(tmp_path), "--details").stdout
+    assert "No public release of these weights is known" in details

@@ -1,0 +1,38 @@
+"""What a deployment may serve under the use its operator declares, from the registry's licence records.
+
+Every model records its weights' licence, the source of that statement and whether commercial
+use is allowed (`yes`, `no`, or `unclear` where the publisher says nothing). An operator who
+declares `commercial` use (STEMS_DECLARED_USE) is served only the models whose record says
+`yes`; chains using any other model are skipped, as if the model were not installed, and said so.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from .registry import get_spec, load_registry
+
+Use = Literal["research", "commercial"]
+
+
+def refused(model_id: str, use: Use) -> str | None:
+    """Why `use` may not be served by `model_id`, or None when its licence record allows it."""
+    spec = get_spec(model_id)
+    if use == "commercial" and spec.commercial_use != "yes":
+        allowed = "does not allow" if spec.commercial_use == "no" else "does not clearly allow"
+        return f"{model_id}: its licence ({spec.licence}) {allowed} commercial use"
+    return None
+
+
+def refused_models(model_ids, use: Use) -> list[str]:
+    """The ids among `model_ids` that `use` may not be served by, in order."""
+    return [m for m in dict.fromkeys(model_ids) if refused(m, use)]
+
+
+def licence_of(made_by: str | None) -> list[dict] | None:
+    """The licence records of the model(s) named in a stem's `made_by` ('a+b' for an ensemble)."""
+    if not made_by:
+        return None
+    registry = load_registry()
+    specs = [registry[m] for m in made_by.split("+") if m in registry]
+    return [{"model": s.id, "licence": s.licence, "commercial_use": s.commercial_use, "source": s.licence_source}
+            for s in specs] or None
