@@ -135,13 +135,17 @@ def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User
     tmp.close()
     path = Path(tmp.name)
     used: set[str] = set()
-    # stored, not deflated: audio does not compress and the zip should cost no CPU
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for (key, filename, _), stem in zip(objects, stems):
-            arcname = filename if filename not in used else f"{stem.id[:8]}-{filename}"
-            used.add(arcname)
-            with zf.open(arcname, "w", force_zip64=True) as out:
-                for block in svc.storage.iter_range(key):
-                    out.write(block)
+    try:
+        # stored, not deflated: audio does not compress and the zip should cost no CPU
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for (key, filename, _), stem in zip(objects, stems):
+                arcname = filename if filename not in used else f"{stem.id[:8]}-{filename}"
+                used.add(arcname)
+                with zf.open(arcname, "w", force_zip64=True) as out:
+                    for block in svc.storage.iter_range(key):
+                        out.write(block)
+    except BaseException:  # storage went away mid-zip (503): no half-made zip is left behind
+        path.unlink(missing_ok=True)
+        raise
     return FileResponse(path, media_type="application/zip", filename=name,
                         background=BackgroundTask(path.unlink, missing_ok=True))
