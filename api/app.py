@@ -1,11 +1,13 @@
 """The FastAPI application factory; `uvicorn api.app:app` serves it with settings from the environment."""
 from __future__ import annotations
 
+import sys
+
 from fastapi import FastAPI
 
 from pipelines.modelstore import ModelStore
 from stems import production
-from stems.jobstore import JobStore
+from stems.jobstore import API_RETRIES, JobStore
 from stems.settings import Settings, get_settings
 from stems.storage import make_storage
 
@@ -26,11 +28,19 @@ header."""
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    production.check(settings)  # production: refuse to serve on a Redis that does not persist
+    # storage, Redis and the broker answer: development warns in one line each, production refuses to start
+    # (also on a Redis that does not persist)
+    try:
+        production.check(settings, "stems api")
+    except production.UnsafeProduction as exc:
+        print(f"stems api: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(78) from None  # EX_CONFIG, as a worker's refusal
     from workers.celery_app import make_celery
 
     (settings.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    svc = Services(settings=settings, store=JobStore.from_url(settings.redis_url, settings.key_prefix),
+    # a request rides out a Redis blip of a second or two, then answers 503 redis_unavailable with Retry-After
+    store = JobStore.from_url(settings.redis_url, settings.key_prefix, retries=API_RETRIES)
+    svc = Services(settings=settings, store=store,
                    storage=make_storage(settings), models=ModelStore(settings.model_dir), celery=make_celery(settings))
     svc.availability = Availability(svc)
     app = FastAPI(title="stems", version="0.1.0", description=DESCRIPTION)

@@ -57,14 +57,6 @@ class KeyBudgetExceeded(RateLimited):
     """The key's queued and running splits already hold the per-key output budget."""
 
     code = "key_output_budget"
-class Unavailable(StemsError):
-    """A service the request needs (the broker) refused; nothing of the request was kept. Retry later."""
-
-    code = "unavailable"
-
-    def __init__(self, message: str, retry_after: int, **fields: object) -> None:
-        super().__init__(message, retry_after=retry_after, **fields)
-        self.retry_after = retry_after
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Map our errors to HTTP answers: every refusal is a clear 4xx with a code and the fields."""
+"""Map our errors to HTTP answers: every refusal is a clear 4xx with a code and the fields, and a dependency
+that is down (storage, Redis, the broker) is a 503 naming it, with Retry-After: never a 500."""
 from __future__ import annotations
 
 import json
@@ -10,17 +11,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetError, StemsError
+from stems.jobstore import unavailable as redis_unavailable
 from stems.netfetch import LinkError, TooLarge
 from stems.storage import ObjectMissing, StorageError
+from stems.unavailable import DependencyUnavailable, RedisUnavailable
 
-from .deps import Conflict, Gone, Invalid, NotFound, OverBudget, PayloadTooLarge, RateLimited, Unauthorized, Unavailable
+from .deps import Conflict, Gone, Invalid, NotFound, OverBudget, PayloadTooLarge, RateLimited, Unauthorized
 
 log = logging.getLogger(__name__)
 
 STATUS = [
     (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (Gone, 410), (PayloadTooLarge, 413), (TooLarge, 413),
     (OverBudget, 422),
-    (RateLimited, 429), (StorageError, 503), (Unavailable, 503), (PresetError, 422), (ModelNotInstalled, 422),
+    (RateLimited, 429), (DependencyUnavailable, 503), (PresetError, 422), (ModelNotInstalled, 422),
     (ChainError, 422), (AudioError, 422), (LinkError, 422), (Invalid, 422),
 ]
 
@@ -32,11 +35,20 @@ def status_for(exc: StemsError) -> int:
     return 400
 
 
+def unavailable_response(request: Request, exc: DependencyUnavailable) -> JSONResponse:
+    # the operator's line (host, bucket, the client's error) goes to the log; the answer says what to check
+    log.warning("%s %s: 503 %s: %s", request.method, request.url.path, exc.code, exc.line())
+    return JSONResponse({"detail": exc.message, **exc.to_dict()}, status_code=503,
+                        headers={"Retry-After": str(exc.retry_after)})
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(StemsError)
     async def _ours(request: Request, exc: StemsError) -> JSONResponse:
+        if isinstance(exc, DependencyUnavailable):
+            return unavailable_response(request, exc)
         status = status_for(exc)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, (RateLimited, Unavailable)) else None
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
         if status == 401:
             headers = {"WWW-Authenticate": "ApiKey"}
         return JSONResponse({"detail": exc.message, **exc.to_dict()}, status_code=status, headers=headers)
@@ -51,9 +63,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(redis.RedisError)
     async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
-        log.warning("redis unavailable: %s", exc)
-        return JSONResponse({"detail": "job store unavailable, try again shortly", "code": "unavailable"},
-                            status_code=503, headers={"Retry-After": "5"})
+        # the job store raises RedisUnavailable itself; this is for a Redis error from elsewhere
+        error = redis_unavailable(exc) or RedisUnavailable("refused", "Redis refused a command; the operator "
+                                                           "should check the API's log", f"{exc.__class__.__name__}: {exc}")
+        return unavailable_response(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:

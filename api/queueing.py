@@ -1,9 +1,9 @@
 """Queueing work from the API: the record and the message it is owed written in one transaction, then sent.
 
-If the broker refuses, the work is undone and the request answers 503 with Retry-After:
-nothing is left half-made (no record, no quota slot, no object of ours, the Idempotency-Key
-free for the retry). If the API dies between the write and the send, the outbox entry falls
-due after STEMS_ENQUEUE_GRACE_S and a worker's reaper sends the message.
+If the broker refuses, the work is undone and the request answers 503 `broker_unavailable` with
+Retry-After: nothing is left half-made (no record, no quota slot, no object of ours, the
+Idempotency-Key free for the retry). If the API dies between the write and the send, the outbox
+entry falls due after STEMS_ENQUEUE_GRACE_S and a worker's reaper sends the message.
 """
 from __future__ import annotations
 
@@ -11,21 +11,13 @@ import logging
 import time
 
 from stems.models import AudioAsset, Job, Stem
-from workers.celery_app import broker_queue
-from workers.messages import TASKS, send_split
+from stems.unavailable import BrokerUnavailable, DependencyUnavailable
+from workers.messages import publish, send_split
 
-from .deps import Services, Unavailable
+from .deps import Services
 from .idempotency import Claim
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_S = 5
-
-
-def _refused(what: str, exc: Exception) -> Unavailable:
-    log.warning("the broker refused %s: %s: %s", what, exc.__class__.__name__, exc)
-    return Unavailable("the job queue is unavailable, so nothing was queued; try again shortly",
-                       retry_after=RETRY_AFTER_S)
 
 
 def queue_job(svc: Services, job: Job, stems: list[Stem], claim: Claim, response: dict) -> None:
@@ -40,23 +32,46 @@ def queue_job(svc: Services, job: Job, stems: list[Stem], claim: Claim, response
     svc.store.create_job(job, stems, also)
     try:
         send_split(svc.celery, svc.settings, job)
-    except Exception as exc:  # whatever the broker's client raises: never a 500, never a job without a message
+    except BrokerUnavailable as exc:  # never a 500, never a job without a message
+        log.warning("nothing queued for job %s: %s", job.id, exc.line())
         svc.store.delete_job_records(job, tombstone=False)
-        raise _refused(f"job {job.id}", exc) from None
+        raise
     # kept, due again after STEMS_RESEND_QUEUED_S: a job whose message the broker lost is sent again
     svc.store.settle("split", job.id, score, again_at=time.time() + svc.settings.resend_queued_s)
 
 
 def queue_import(svc: Services, asset: AudioAsset) -> None:
-    """Write the asset with its owed import message, then send it; undo both (and our object) if the broker refuses."""
-    score = svc.store.owe("import", asset.id, time.time() + svc.settings.enqueue_grace_s)
-    svc.store.put_asset(asset)
+    """Write the asset with its owed import message in one transaction, then send the message; if either fails,
+    undo what was written, and our uploaded object with it."""
+    score = 0
+
+    def owe(pipe) -> None:
+        nonlocal score
+        score = svc.store.owe("import", asset.id, time.time() + svc.settings.enqueue_grace_s, pipe)
+
     try:
-        svc.celery.send_task(TASKS["import"], args=[asset.id], queue=broker_queue("cpu", svc.settings))
-    except Exception as exc:
-        svc.store.delete_asset(asset.id)
-        svc.store.settle("import", asset.id)
-        if asset.origin == "upload":  # a link has no object yet; an ingested object is not ours
-            svc.storage.delete(asset.object_key)
-        raise _refused(f"the import of {asset.id}", exc) from None
+        svc.store.put_asset(asset, owe)
+    except DependencyUnavailable:  # nothing written
+        _drop_upload(svc, asset)
+        raise
+    try:
+        publish(svc.celery, svc.settings, "import", asset.id, "cpu")
+    except BrokerUnavailable as exc:
+        log.warning("nothing kept of the import of %s: %s", asset.id, exc.line())
+        try:
+            svc.store.delete_asset_record(asset, tombstone=False)  # the asset and its owed entry, together
+        except DependencyUnavailable as also:  # Redis went too: the entry stays, and a worker imports it later
+            log.warning("the import of %s stays owed: %s", asset.id, also.line())
+            raise exc from None
+        _drop_upload(svc, asset)
+        raise
     svc.store.settle("import", asset.id, score)
+
+
+def _drop_upload(svc: Services, asset: AudioAsset) -> None:
+    if asset.origin != "upload":  # a link has no object yet; an ingested object is not ours
+        return
+    try:
+        svc.storage.delete(asset.object_key)
+    except DependencyUnavailable as exc:
+        log.warning("the upload of %s stays in storage without its record: %s", asset.id, exc.line())

@@ -155,7 +155,7 @@ def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User
                 with zf.open(arcname, "w", force_zip64=True) as out:
                     for block in svc.storage.iter_range(key):
                         out.write(block)
-    except BaseException:  # an object missing, storage away: the answer is an error, and no zip stays behind
+    except BaseException:  # an object missing, storage away mid-zip (503): an error answers, and no zip stays
         path.unlink(missing_ok=True)
         raise
     return FileResponse(path, media_type="application/zip", filename=name,

@@ -8,6 +8,7 @@ from pipelines.errors import PresetError
 from pipelines.install_hint import hint_command
 from pipelines.presets import load_catalogue
 from pipelines.registry import get_spec
+from stems.production import DEPENDENCIES, dependency_problems
 
 from .deps import Services, Svc, User
 from .schemas import PresetList
@@ -44,14 +45,14 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: Redis and storage answer")
+@router.get("/readyz", summary="Readiness: Redis, storage and the broker answer")
 def readyz(svc: Services = Svc) -> JSONResponse:
-    checks = {}
-    for name, fn in (("redis", svc.store.ping), ("storage", svc.storage.ping)):
-        try:
-            fn()
-            checks[name] = "ok"
-        except Exception as exc:  # readiness reports, it does not raise
-            checks[name] = f"error: {exc.__class__.__name__}"
-    ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+    """200 when Redis, storage (the bucket) and the broker answer; else 503 with each failing check's reason and
+    what to check (no host, bucket or password: this answer needs no key)."""
+    problems = dependency_problems(svc.settings, svc.store, svc.storage)
+    checks = {name: "ok" if name not in problems else f"unavailable: {problems[name].reason}: {problems[name].check}"
+              for name in DEPENDENCIES}
+    if not problems:
+        return JSONResponse({"status": "ok", "checks": checks})
+    return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503,
+                        headers={"Retry-After": str(min(e.retry_after for e in problems.values()))})

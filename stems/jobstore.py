@@ -21,12 +21,13 @@ import time
 from typing import Callable, TypeVar
 
 import redis
-from redis.backoff import EqualJitterBackoff
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 from pydantic import BaseModel
 
 from .models import USER_ID, AudioAsset, Job, Stem, StemStatus
 from .runstore import RunStore
+from .unavailable import RedisUnavailable, redact_url
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -63,18 +64,105 @@ class IssuedKey(BaseModel):
 _RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
+# what the operator should check, by reason (an API client reads it: no host, no password)
+REDIS_CHECKS = {
+    "unreachable": "Redis cannot be reached; the operator should check that it is running and that REDIS_URL "
+                   "points at it",
+    "timeout": "Redis did not answer in time; the operator should check its load and the network to it",
+    "access_denied": "Redis refused our credentials; the operator should check the password in REDIS_URL",
+    "loading": "Redis is loading its data after a restart; it answers again when done",
+    "out_of_memory": "Redis is out of memory; the operator should check its maxmemory and what fills it",
+    "read_only": "Redis is a read-only replica; the operator should point REDIS_URL at the primary",
+    "failover": "Redis has no primary (failover in progress); it answers again once one is elected",
+}
+
+
+def _errors(*names: str) -> tuple[type, ...]:
+    return tuple(getattr(redis.exceptions, n) for n in names if hasattr(redis.exceptions, n))  # across redis-py 5..8
+
+
+# (errors, reason), first match wins: what makes Redis unavailable to us, as opposed to a bug or a WATCH conflict
+_FAILURES = ((_errors("AuthenticationError", "AuthorizationError"), "access_denied"),
+             (_errors("BusyLoadingError"), "loading"), (_errors("TimeoutError"), "timeout"),
+             (_errors("ConnectionError"), "unreachable"), (_errors("OutOfMemoryError"), "out_of_memory"),
+             (_errors("ReadOnlyError"), "read_only"), (_errors("MasterDownError", "TryAgainError"), "failover"))
+
+
+def redis_failure(exc: BaseException) -> str | None:
+    """The reason Redis failed us, or None when `exc` is not Redis being unavailable (a bug, a WATCH conflict)."""
+    if isinstance(exc, RedisUnavailable):
+        return exc.reason
+    return next((reason for errors, reason in _FAILURES if isinstance(exc, errors)), None)
+
+
+def unavailable(exc: BaseException, where: str = "") -> RedisUnavailable | None:
+    reason = redis_failure(exc)
+    if reason is None:
+        return None
+    if isinstance(exc, RedisUnavailable):
+        return exc
+    return RedisUnavailable(reason, REDIS_CHECKS[reason], f"{where}: {exc.__class__.__name__}: {exc}".lstrip(": "))
+
+
+class _Translating:
+    """Commands raise `RedisUnavailable` (with its reason) when Redis is down or refuses us, after the client's
+    own retries; every other error of the client is raised as it is."""
+
+    where = ""
+
+    def _translated(self, run, *args, **options):
+        try:
+            return run(*args, **options)
+        except redis.RedisError as exc:
+            error = unavailable(exc, self.where)
+            if error is None or error is exc:
+                raise
+            raise error from exc
+
+
+class _Pipeline(_Translating, redis.client.Pipeline):
+    def immediate_execute_command(self, *args, **options):
+        return self._translated(super().immediate_execute_command, *args, **options)
+
+    def execute(self, raise_on_error: bool = True):
+        return self._translated(super().execute, raise_on_error)
+
+
+class StoreClient(_Translating, redis.Redis):
+    """The job store's Redis client: `RedisUnavailable` instead of the client's connection errors."""
+
+    def execute_command(self, *args, **options):
+        return self._translated(super().execute_command, *args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint=None) -> _Pipeline:
+        pipe = _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.where = self.where
+        return pipe
+
+
+WORKER_RETRIES = 12  # about 13 s of reconnecting: a worker rides out a Redis restart inside the client
+API_RETRIES = 5  # about 2 to 3 s: a request answers 503 with Retry-After rather than hang
+
+
 class JobStore(RunStore):
+    _url: str | None = None
+    _probe: redis.Redis | None = None
+
     def __init__(self, client: redis.Redis, prefix: str = "stems") -> None:
         self.r = client
         self.p = prefix
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "stems") -> "JobStore":
+    def from_url(cls, url: str, prefix: str = "stems", retries: int = WORKER_RETRIES) -> "JobStore":
         # a Redis restart (a few seconds) is ridden out inside the client: reconnect with
         # jittered exponential backoff instead of failing the job that happened to write
-        retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=12)
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
-                                        retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError]), prefix)
+        retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=retries)
+        client = StoreClient.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
+                                      retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        client.where = f"Redis at {redact_url(url)}"
+        store = cls(client, prefix)
+        store._url = url
+        return store
 
     def k(self, *parts: str) -> str:
         return ":".join((self.p, *parts))
@@ -189,12 +277,15 @@ class JobStore(RunStore):
     def get_asset(self, id_: str) -> AudioAsset | None:
         return self._get("audio", AudioAsset, id_)
 
-    def put_asset(self, asset: AudioAsset) -> None:
-        """Create (or overwrite) an asset record; retention counts from its `created_at`."""
+    def put_asset(self, asset: AudioAsset, also: Callable[[object], None] | None = None) -> None:
+        """Create (or overwrite) an asset record; retention counts from its `created_at`; `also(pipe)` adds writes
+        to the same transaction."""
         pipe = self.r.pipeline(transaction=True)
         self._put("audio", asset, pipe)
         for phase in ("original", "asset"):
             pipe.zadd(self.k("retain", phase), {asset.id: asset.created_at})
+        if also is not None:
+            also(pipe)
         pipe.execute()
 
     def update_asset(self, asset: AudioAsset) -> bool:
@@ -410,6 +501,16 @@ class JobStore(RunStore):
 
     def ping(self) -> None:
         self.r.ping()
+
+    def check(self, timeout_s: float = 2.0) -> None:
+        """Readiness and start-up: one PING, no retries, short timeouts; RedisUnavailable with the reason."""
+        if self._url is None:
+            return self.ping()
+        if self._probe is None:
+            self._probe = StoreClient.from_url(self._url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                               retry=Retry(NoBackoff(), 0))
+            self._probe.where = self.r.where
+        self._probe.ping()
 
     def persistence(self) -> dict:
         """How the Redis server keeps its data: `appendonly` and `save` from CONFIG, or, where a managed

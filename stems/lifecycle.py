@@ -41,8 +41,13 @@ def expiry(start: float | None, keep_s: float) -> float | None:
     return start + keep_s if start is not None and keep_s > 0 else None
 
 
-def delete_job(store: JobStore, storage: Storage, job: Job, tombstone: bool = True) -> int:
-    """Stop (if running) and remove a job: its records, stems and upscaled copies. Returns objects deleted."""
+def delete_job(store: JobStore, storage: Storage, job: Job, tombstone: bool = True, checked: bool = False) -> int:
+    """Stop (if running) and remove a job: its records, stems and upscaled copies. Returns objects deleted.
+
+    Storage is asked first (`checked`: the caller did): when it is down, StorageUnavailable is raised before
+    any record goes, so a deletion refused for it leaves records and objects as they were."""
+    if not checked:
+        storage.ping()
     if not job.status.terminal:
         store.request_cancel(job.id)  # a running worker stops between chunks and removes its own writes
     store.delete_job_records(job, tombstone)
@@ -54,8 +59,10 @@ def delete_asset(store: JobStore, storage: Storage, asset: AudioAsset, tombstone
 
     The asset record goes first, so no new job can be created on it; then the jobs the index
     holds, until it holds none (a create-stems that read the asset just before checks again
-    after creating its job, and removes it: see `api/routes_stems.py`).
+    after creating its job, and removes it: see `api/routes_stems.py`). Storage is asked first, as in
+    `delete_job`.
     """
+    storage.ping()
     store.delete_asset_record(asset, tombstone)
     removed = 0
     for _ in range(100):  # bounded: each round removes what the index held
@@ -67,7 +74,7 @@ def delete_asset(store: JobStore, storage: Storage, asset: AudioAsset, tombstone
             if job is None:
                 store.forget_asset_job(asset.id, job_id)
                 continue
-            removed += delete_job(store, storage, job, tombstone)
+            removed += delete_job(store, storage, job, tombstone, checked=True)
     removed += Masterings(store).delete_of_asset(storage, asset.id)  # a running one finds its record gone
     return removed + delete_asset_objects(storage, asset)
 

@@ -1,20 +1,30 @@
-"""Production refusals that need the live services: a service started with STEMS_ENV=production checks
-that its Redis keeps its data (AOF or RDB snapshots), and that every API key signs its webhooks with a
-secret of its own, before serving, and refuses to start otherwise.
+"""Start-up checks that need the live services, for the API process, `stems worker` and `make up`.
+
+Every service checks its dependencies when it starts: storage (the bucket exists and takes a write),
+Redis (PING) and the broker (a connection), and says what is wrong in one line per dependency. In
+development it warns and starts anyway: it answers 503 naming the dependency until it is back, and a
+thread keeps checking and says when it is. In production (STEMS_ENV=production) it waits up to
+STEMS_STARTUP_WAIT_S for them, then refuses to start with that line; it also refuses a Redis that does
+not keep its data (AOF or RDB snapshots), and API keys that sign their webhooks without a secret of their own.
 
 The static checks (storage backend, placeholder secrets, a password for a Redis beyond this
 machine) live in `Settings`, so a bad environment fails when the settings load.
 """
 from __future__ import annotations
 
+import sys
+import threading
 import time
-
-import redis
 
 from pipelines.errors import StemsError
 
 from .jobstore import JobStore
 from .settings import Settings
+from .storage import CHECKS as STORAGE_CHECKS, Storage, StorageUnavailable, make_storage
+from .unavailable import DependencyUnavailable
+
+DEPENDENCIES = ("redis", "storage", "broker")
+RECHECK_S = 5.0
 
 
 class UnsafeProduction(StemsError):
@@ -45,20 +55,79 @@ def key_problems(store: JobStore) -> list[str]:
             f"each and give its tenant the new webhook_secret it prints"]
 
 
-def check(settings: Settings, wait_s: float = 30.0) -> None:
-    """Raise UnsafeProduction (production only) when Redis does not persist, or cannot be reached to tell, or a
-    key has no webhook secret of its own."""
-    if settings.env != "production":
-        return
+def dependency_problems(settings: Settings, store: JobStore | None = None, storage: Storage | None = None,
+                        write: bool = False, only: tuple[str, ...] = DEPENDENCIES) -> dict[str, DependencyUnavailable]:
+    """The dependencies that fail a quick check now, each with its reason: Redis (one PING), storage (the bucket
+    answers; with `write`, it also takes a small object) and the broker (a connection). None are retried."""
+    from workers.celery_app import broker_check
+
+    store = store or JobStore.from_url(settings.redis_url, settings.key_prefix)
+    checks = {"redis": store.check, "broker": lambda: broker_check(settings)}
+    out: dict[str, DependencyUnavailable] = {}
+    for name in only:
+        try:
+            if name == "storage":
+                storage = storage or make_storage(settings)
+                (storage.check if write else storage.ping)()
+            else:
+                checks[name]()
+        except DependencyUnavailable as exc:
+            out[name] = exc
+        except Exception as exc:  # not one of the failures we know: still the dependency's, said so
+            if name != "storage":
+                raise
+            out[name] = StorageUnavailable("refused", STORAGE_CHECKS["refused"], f"{exc.__class__.__name__}: {exc}")
+    return out
+
+
+def summary(problems: dict[str, DependencyUnavailable]) -> str:
+    return "; ".join(f"{name}: {exc.line()}" for name, exc in problems.items())
+
+
+def say(who: str, text: str) -> None:
+    print(f"{who}: {text}", file=sys.stderr, flush=True)
+
+
+def check(settings: Settings, who: str = "stems", wait_s: float | None = None) -> dict[str, DependencyUnavailable]:
+    """A service's start-up check. Development: one warning line per dependency that fails, then a thread that
+    says when each is back; returns the problems. Production: waits up to `wait_s` (STEMS_STARTUP_WAIT_S) for
+    the dependencies, then raises UnsafeProduction with one line; also when Redis does not persist."""
+    wait_s = settings.startup_wait_s if wait_s is None else wait_s
     store = JobStore.from_url(settings.redis_url, settings.key_prefix)
+    storage = make_storage(settings)
+    if settings.env != "production":
+        problems = dependency_problems(settings, store, storage, write=True)
+        for name, exc in problems.items():
+            say(who, f"warning: {exc.line()}; starting anyway: requests that need {name} answer 503 until it is "
+                     f"back (checked again every {RECHECK_S:.0f} s)")
+        if problems:
+            threading.Thread(target=_watch, args=(settings, who, store, storage, tuple(problems)), daemon=True,
+                             name="stems-dependency-watch").start()
+        return problems
     deadline = time.monotonic() + wait_s
     while True:
+        problems = dependency_problems(settings, store, storage, write=True)
+        if "redis" not in problems:
+            unsafe = redis_problems(store, settings) + key_problems(store)
+            if unsafe:
+                raise UnsafeProduction("refusing to start in production: " + "; ".join(unsafe), problems=unsafe)
+        if not problems:
+            return {}
+        if time.monotonic() > deadline:
+            raise UnsafeProduction(f"refusing to start in production: {summary(problems)} (still so after "
+                                   f"{wait_s:.0f} s, STEMS_STARTUP_WAIT_S)", problems=list(problems))
+        time.sleep(1.0)
+
+
+def _watch(settings: Settings, who: str, store: JobStore, storage: Storage, failing: tuple[str, ...]) -> None:
+    """Development: check the failing dependencies again until each answers, saying so once it does."""
+    while failing:
+        time.sleep(RECHECK_S)
         try:
-            problems = redis_problems(store, settings) + key_problems(store)
-            break
-        except redis.RedisError as exc:
-            if time.monotonic() > deadline:
-                raise UnsafeProduction(f"cannot reach Redis to check its persistence: {exc}") from exc
-            time.sleep(1.0)
-    if problems:
-        raise UnsafeProduction("refusing to start in production: " + "; ".join(problems), problems=problems)
+            still = dependency_problems(settings, store, storage, only=failing)
+        except Exception:
+            continue
+        for name in failing:
+            if name not in still:
+                say(who, f"{name}: ok now")
+        failing = tuple(still)

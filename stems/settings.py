@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     retention_sweep_s: float = Field(300.0, ge=0, validation_alias=_env("STEMS_RETENTION_SWEEP_S"),
         description="how often a worker of the cpu queue sweeps out what retention expired (one at a time, by a "
                     "Redis lock); 0 turns the sweep off")
+    startup_wait_s: float = Field(30.0, ge=0, validation_alias=_env("STEMS_STARTUP_WAIT_S"),
+        description="how long a starting service waits for storage, Redis and the broker to answer before it "
+                    "refuses to start (production; development warns and starts at once), and `make up` for /readyz "
+                    "before it reports what is not ready (exit 1)")
     redis_assume_persistent: bool = Field(False, validation_alias=_env("STEMS_REDIS_ASSUME_PERSISTENT"),
         description="production: trust that a Redis which hides CONFIG (managed services) persists its data")
     worker_queues: str = Field("cpu", validation_alias=_env("STEMS_WORKER_QUEUES"),

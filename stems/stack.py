@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from .production import dependency_problems
 from .redisboot import ensure_redis
 
 RUN = Path(".run")
@@ -117,6 +118,9 @@ def up() -> int:
         print(f"started a private Redis at {url} (none answered at {s.redis_url})")
     env = {**os.environ, "REDIS_URL": url}
     (RUN / "env").write_text(f"REDIS_URL={url}\n")
+    checked = s.model_copy(update={"redis_url": url, "broker_url": os.environ.get("STEMS_BROKER_URL") or url})
+    for exc in dependency_problems(checked, write=True).values():  # one line each; the stack starts anyway
+        print(f"warning: {exc.line()}")
     procs = [api_proc(env, s.api_port, RUN / "api.log")]
     procs += [worker_proc(env, queues, name, RUN / f"worker-{name}.log") for name, queues in worker_groups(s.model_dir).items()]
     procs.append(flower_proc(env, s.flower_port, RUN / "flower.log"))
@@ -131,10 +135,32 @@ def up() -> int:
         (RUN / "dev-webhook-secret").write_text(issued.webhook_secret + "\n")  # signs the dev key's webhooks
     wait_http(f"http://127.0.0.1:{s.api_port}/healthz", proc=procs[0])
     wait_workers(store, len(procs) - 2)
+    problems = wait_ready(f"http://127.0.0.1:{s.api_port}/readyz", s.startup_wait_s)
+    if problems:  # not "up" while /readyz says otherwise
+        print(f"not ready: {problems}\nthe services are running and keep trying; fix the above and watch "
+              f"http://127.0.0.1:{s.api_port}/readyz, or stop them with `make down` (logs: {RUN}/*.log)")
+        return 1
     print(f"page     {page_link(s.api_port, key_file.read_text().strip())}  (signed in with the development key)\n"
           f"API      http://127.0.0.1:{s.api_port}  (docs at /docs)\nFlower   http://127.0.0.1:{s.flower_port}\n"
           f"API key  {key_file} (its webhook secret: {RUN}/dev-webhook-secret)\nlogs     {RUN}/*.log\nstop     make down")
     return 0
+
+
+def wait_ready(url: str, timeout: float) -> str:
+    """'' once `url` (/readyz) answers 200; else, after `timeout`, its failing checks in one line."""
+    deadline = time.monotonic() + timeout
+    said = "no answer"
+    while True:
+        try:
+            r = httpx.get(url, timeout=10)
+            if r.status_code == 200:
+                return ""
+            said = "; ".join(f"{k}: {v}" for k, v in r.json().get("checks", {}).items() if v != "ok") or r.text
+        except (httpx.HTTPError, ValueError) as exc:
+            said = f"{url}: {exc.__class__.__name__}"
+        if time.monotonic() > deadline:
+            return said
+        time.sleep(0.5)
 
 
 def page_link(port: int, key: str) -> str:
@@ -202,7 +228,8 @@ def demo(file: str | None = None, preset: str | None = None, selection: str | No
     if file and not Path(file).is_file():
         print(f"{file}: no such file")
         return 2
-    up()
+    if up() != 0:
+        return 1
     base = f"http://127.0.0.1:{s.api_port}"
     headers = {"x-api-key": (RUN / "dev-api-key").read_text().strip()}
     out = Path("out")

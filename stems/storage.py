@@ -17,17 +17,30 @@ from typing import BinaryIO, Iterator, Protocol
 from pipelines.errors import StemsError
 
 from .settings import Settings
+from .unavailable import StorageUnavailable, scrub
 
-
-class StorageError(StemsError):
-    """Storage failed in a way retrying may fix (5xx, timeouts)."""
-
-    code = "storage_unavailable"
-    retryable = True
+StorageError = StorageUnavailable  # its old name: storage failed in a way retrying (later) may fix
 
 
 class ObjectMissing(StemsError):
     code = "object_missing"
+
+
+# what the operator should check, by reason (the message an API client reads: no bucket, endpoint or key in it)
+CHECKS = {
+    "bucket_missing": "the bucket does not exist; the operator should create it or correct S3_BUCKET",
+    "access_denied": "storage refused our credentials; the operator should check S3_ACCESS_KEY_ID, "
+                     "S3_SECRET_ACCESS_KEY and the bucket's policy",
+    "misconfigured": "storage refused the bucket name or region; the operator should check S3_BUCKET, S3_REGION "
+                     "and S3_ENDPOINT_URL",
+    "unreachable": "the S3 endpoint cannot be reached; the operator should check that it is up and that "
+                   "S3_ENDPOINT_URL points at it",
+    "timeout": "the S3 endpoint did not answer within S3_TIMEOUT_S; the operator should check its health and the "
+               "network to it",
+    "server_error": "the S3 endpoint answers with server errors; the operator should check its health",
+    "refused": "storage refused the request; the operator should check the storage settings and the API's log",
+    "not_writable": "the storage directory is missing or not writable; the operator should check STEMS_DATA_DIR",
+}
 
 
 class keys:
@@ -61,6 +74,9 @@ class keys:
 
 
 class Storage(Protocol):
+    """Every method raises `StorageUnavailable` (with its reason) when storage is down or refuses us, and
+    `ObjectMissing` for an object that is not there; nothing else a caller must know about."""
+
     def put_file(self, key: str, path: Path) -> None: ...
     def put_stream(self, key: str, stream: BinaryIO) -> int: ...
     def get_file(self, key: str, path: Path) -> None: ...
@@ -71,6 +87,10 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def presigned_url(self, key: str, filename: str) -> str | None: ...
     def ping(self) -> None: ...
+    def check(self) -> None: ...
+
+
+CHECK_PREFIX = ".stems-check/"  # where the start-up check writes (and at once deletes) one small object
 
 
 class LocalStorage:
@@ -89,16 +109,23 @@ class LocalStorage:
         dst.parent.mkdir(parents=True, exist_ok=True)
         return dst, dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
 
+    def _unwritable(self, exc: OSError) -> StorageUnavailable:
+        return StorageUnavailable("not_writable", CHECKS["not_writable"], f"{self.root}: {exc}")
+
     def put_file(self, key: str, path: Path) -> None:
-        dst, tmp = self._atomic(key)
+        dst, tmp = self._atomic_or_unavailable(key)
         try:
             shutil.copyfile(path, tmp)
             os.replace(tmp, dst)
+        except OSError as exc:
+            if not path.exists():  # the caller's file, not our storage
+                raise
+            raise self._unwritable(exc) from None
         finally:  # a copy that failed half-way (disk full, a read error) leaves no part behind
             tmp.unlink(missing_ok=True)
 
     def put_stream(self, key: str, stream: BinaryIO) -> int:
-        dst, tmp = self._atomic(key)
+        dst, tmp = self._atomic_or_unavailable(key)
         try:
             with open(tmp, "wb") as f:
                 shutil.copyfileobj(stream, f, 1 << 20)
@@ -108,6 +135,12 @@ class LocalStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _atomic_or_unavailable(self, key: str):
+        try:
+            return self._atomic(key)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+
     def get_file(self, key: str, path: Path) -> None:
         src = self._path(key)
         if not src.exists():
@@ -115,11 +148,18 @@ class LocalStorage:
         shutil.copyfile(src, path)
 
     def iter_range(self, key: str, start: int = 0, end: int | None = None, block: int = 1 << 20) -> Iterator[bytes]:
+        """Opens the object now (so a missing one raises here, not half-way through an answer), reads it lazily."""
         src = self._path(key)
-        if not src.exists():
-            raise ObjectMissing(f"no object {key!r}", key=key)
-        remaining = (end if end is not None else src.stat().st_size - 1) - start + 1
-        with open(src, "rb") as f:
+        try:
+            f = open(src, "rb")
+        except FileNotFoundError:
+            raise ObjectMissing(f"no object {key!r}", key=key) from None
+        remaining = (end if end is not None else os.fstat(f.fileno()).st_size - 1) - start + 1
+        return self._blocks(f, start, remaining, block)
+
+    @staticmethod
+    def _blocks(f, start: int, remaining: int, block: int) -> Iterator[bytes]:
+        with f:
             f.seek(start)
             while remaining > 0:
                 data = f.read(min(block, remaining))
@@ -159,33 +199,101 @@ class LocalStorage:
 
     def ping(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
-            raise StorageError(f"storage directory {self.root} is not writable")
+            raise StorageUnavailable("not_writable", CHECKS["not_writable"], f"{self.root} is not a writable directory")
+
+    def check(self) -> None:
+        """Start-up: the directory is there and a file can be written in it."""
+        self.ping()
+        key = CHECK_PREFIX + uuid.uuid4().hex
+        try:
+            dst, tmp = self._atomic(key)
+            tmp.write_bytes(b"ok")
+            os.replace(tmp, dst)
+            dst.unlink()
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+
+
+NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+          "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity", "403", "Forbidden"}
+MISCONFIGURED = {"InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException",
+                 "InvalidRegion", "301"}
+TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError",
+             "RequestTimeTooSkewed"}
+
+
+def _client_error(exc: BaseException):
+    """The botocore ClientError behind `exc` (boto3's S3UploadFailedError wraps one), or None."""
+    from botocore.exceptions import ClientError
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ClientError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def classify(exc: BaseException) -> tuple[str | None, bool]:
+    """(reason, whether another try may help) of an exception an S3 call raised. Reason None: an object that is
+    not there ("missing": a key), or not a storage failure at all ("" : a bug of ours, raised as it is)."""
+    from botocore.exceptions import (BotoCoreError, ConnectTimeoutError, NoCredentialsError, PartialCredentialsError,
+                                     ReadTimeoutError)
+
+    client_error = _client_error(exc)
+    if client_error is not None:
+        meta = client_error.response.get("ResponseMetadata", {})
+        status = meta.get("HTTPStatusCode", 0)
+        code = str(client_error.response.get("Error", {}).get("Code", ""))
+        if code == "NoSuchBucket":
+            return "bucket_missing", False
+        if code in NOT_FOUND:
+            return "missing", False
+        if code in DENIED or status == 403:
+            return "access_denied", False
+        if code in MISCONFIGURED or status == 301:
+            return "misconfigured", False
+        if status >= 500 or code in TRANSIENT:
+            return "server_error", True
+        return "refused", False
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return "access_denied", False
+    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, TimeoutError)):
+        return "timeout", True
+    if isinstance(exc, (BotoCoreError, ConnectionError)):  # refused, reset, DNS, TLS
+        return "unreachable", True
+    return "", False
 
 
 def _retrying(fn):
-    """Retry S3 calls on 5xx, throttling and timeouts with jittered exponential backoff."""
+    """Retry S3 calls on 5xx, throttling and timeouts with jittered exponential backoff; classify what is left.
+
+    A missing bucket or refused credentials are not retried: no retry within a request can fix them.
+    """
 
     def wrapper(self, *args, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError  # here: local storage needs no boto
-
         delay = 0.2
         for attempt in range(self.attempts):
             try:
                 return fn(self, *args, **kwargs)
-            except ClientError as exc:
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code in ("NoSuchKey", "404", "NotFound"):
+            except StemsError:
+                raise
+            except Exception as exc:
+                reason, again = classify(exc)
+                if reason == "missing":
+                    self._bucket_must_exist()  # a HEAD's bare 404 does not say whether the key or the bucket
                     raise ObjectMissing(f"no object {args[0] if args else ''!r}") from exc
-                if status < 500 and code not in ("SlowDown", "Throttling", "RequestTimeout"):
-                    raise StemsError(f"storage refused the request: {code} {exc}") from exc
-                last = exc
-            except BotoCoreError as exc:  # connection errors, read timeouts
-                last = exc
+                if not reason:
+                    raise
+                error = self._unavailable(reason, exc, fn.__name__)
+                if not again:
+                    raise error from None
             if attempt + 1 < self.attempts:
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
-        raise StorageError(f"storage unavailable after {self.attempts} attempts: {last}")
+        error.detail += f" (after {self.attempts} attempts)"
+        raise error from None
 
     wrapper.__name__ = fn.__name__
     return wrapper
@@ -211,9 +319,25 @@ class S3Storage:
         self.attempts = attempts
         self.client = s3_client(settings)
         self.presign = settings.s3_presign_downloads
+        self.where = f"bucket {self.bucket!r} at {settings.s3_endpoint_url or 'AWS S3'} ({settings.s3_region})"
 
     def _k(self, key: str) -> str:
         return self.prefix + key
+
+    def _unavailable(self, reason: str, exc: BaseException, op: str) -> StorageUnavailable:
+        """The error for the API client (reason, what to check) and, for the log, where and what happened."""
+        return StorageUnavailable(reason, CHECKS[reason], scrub(f"{self.where}, {op}: {exc.__class__.__name__}: {exc}"))
+
+    def _bucket_must_exist(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                raise self._unavailable("bucket_missing", exc, "head_bucket") from None
+        except Exception:  # whatever else: the caller's own error stands
+            pass
 
     @_retrying
     def put_file(self, key: str, path: Path) -> None:
@@ -224,10 +348,13 @@ class S3Storage:
         counter = _Counting(stream)
         try:
             self.client.upload_fileobj(counter, self.bucket, self._k(key))
+        except StemsError:
+            raise
         except Exception as exc:
-            if isinstance(exc, StemsError):
-                raise
-            raise StorageError(f"upload to storage failed: {exc}") from exc
+            reason, _ = classify(exc)
+            if reason in ("", "missing"):
+                reason = "refused" if reason == "missing" else "unreachable"
+            raise self._unavailable(reason, exc, "put_stream") from None
         return counter.n
 
     @_retrying
@@ -235,10 +362,18 @@ class S3Storage:
         self.client.download_file(self.bucket, self._k(key), str(path))
 
     def iter_range(self, key: str, start: int = 0, end: int | None = None, block: int = 1 << 20) -> Iterator[bytes]:
+        """GETs the object now (so a failure raises here, before an answer starts), streams its body lazily."""
         rng = f"bytes={start}-{'' if end is None else end}"
-        body = self._get(key, rng)["Body"]
+        return self._chunks(self._get(key, rng)["Body"], block)
+
+    def _chunks(self, body, block: int) -> Iterator[bytes]:
         try:
             yield from body.iter_chunks(block)
+        except StemsError:
+            raise
+        except Exception as exc:  # the connection broke mid-body
+            reason, _ = classify(exc)
+            raise self._unavailable(reason or "unreachable", exc, "get_object body") from None
         finally:
             body.close()
 
@@ -251,7 +386,8 @@ class S3Storage:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._k(key))["ContentLength"]
         except Exception as exc:
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if classify(exc)[0] == "missing":
+                self._bucket_must_exist()
                 return None
             raise
 
@@ -289,9 +425,26 @@ class S3Storage:
             Params={"Bucket": self.bucket, "Key": self._k(key), "ResponseContentDisposition": f'attachment; filename="{filename}"'},
         )
 
-    @_retrying
     def ping(self) -> None:
-        self.client.head_bucket(Bucket=self.bucket)
+        """One HEAD of the bucket, not retried (readiness, start-up): StorageUnavailable with the reason."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            reason, _ = classify(exc)
+            if not reason:
+                raise
+            raise self._unavailable("bucket_missing" if reason == "missing" else reason, exc, "head_bucket") from None
+
+    def check(self) -> None:
+        """Start-up: the bucket exists and takes a write (one small object under S3_PREFIX, deleted at once)."""
+        self.ping()
+        key = CHECK_PREFIX + uuid.uuid4().hex
+        self._put_bytes(key, b"ok")
+        self.delete(key)
+
+    @_retrying
+    def _put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
 
     def ensure_bucket(self) -> None:
         try:

@@ -99,6 +99,75 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
+BROKER_CHECKS = {
+    "unreachable": "the broker cannot be reached; the operator should check that it (RabbitMQ, or the Redis of "
+                   "REDIS_URL) is running and that STEMS_BROKER_URL points at it",
+    "timeout": "the broker did not answer in time; the operator should check its load and the network to it",
+    "access_denied": "the broker refused our credentials; the operator should check the user and password in "
+                     "STEMS_BROKER_URL (or REDIS_URL)",
+    "refused": "the broker refused the message; the operator should check the broker's log and the API's",
+}
+
+
+def broker_failure(exc: BaseException) -> str:
+    """Why a send or a connection to the broker failed: access_denied, timeout, unreachable or refused."""
+    import socket
+
+    import redis
+    from kombu.exceptions import OperationalError
+
+    names = []
+    seen = exc
+    while seen is not None and len(names) < 8:
+        names.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(e.__class__.__name__ in ("AccessRefused", "AuthenticationError") or isinstance(e, redis.AuthenticationError)
+           for e in names):
+        return "access_denied"
+    if any(isinstance(e, (socket.timeout, TimeoutError, redis.TimeoutError)) for e in names):
+        return "timeout"
+    if any(isinstance(e, (OSError, OperationalError, redis.ConnectionError)) or
+           e.__class__.__name__ in ("ConnectionError", "RecoverableConnectionError", "ConnectionForced") for e in names):
+        return "unreachable"
+    return "refused"
+
+
+def broker_unavailable(exc: BaseException, s: Settings, what: str) -> "BrokerUnavailable":
+    from stems.unavailable import BrokerUnavailable, redact_url, scrub
+
+    reason = broker_failure(exc)
+    return BrokerUnavailable(reason, BROKER_CHECKS[reason],
+                             scrub(f"broker at {redact_url(s.broker_url)}, {what}: {exc.__class__.__name__}: {exc}"))
+
+
+def broker_check(s: Settings, timeout_s: float = 3.0) -> None:
+    """Readiness and start-up: the broker takes a connection within `timeout_s`; BrokerUnavailable with the
+    reason if not. The connection is tried in a thread, so a broker that accepts and never answers costs
+    `timeout_s`, not a hang."""
+    import threading
+
+    from kombu import Connection
+
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            with Connection(s.broker_url, connect_timeout=timeout_s,
+                            transport_options={"socket_timeout": timeout_s}) as conn:
+                conn.connect()
+            outcome.append(None)
+        except Exception as exc:
+            outcome.append(exc)
+
+    probe = threading.Thread(target=connect, daemon=True, name="stems-broker-check")
+    probe.start()
+    probe.join(timeout_s + 1.0)
+    if not outcome:
+        raise broker_unavailable(TimeoutError(f"no answer within {timeout_s:.0f} s"), s, "connect")
+    if outcome[0] is not None:
+        raise broker_unavailable(outcome[0], s, "connect") from None
+
+
 def rabbitmq_unreachable(url: str) -> str | None:
     """Why no RabbitMQ answers at `url` (None if one does)."""
     from kombu import Connection

@@ -21,7 +21,7 @@ from stems.models import DELIVERY_QUEUE, AssetStatus, Job, JobStatus
 from stems.settings import Settings
 
 from .attempts import owed_kind, waiting
-from .celery_app import broker_queue
+from .celery_app import broker_queue, broker_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,20 @@ TASKS = {"split": "stems.split", "deliver": "stems.deliver", "import": "stems.im
 KINDS = {task: kind for kind, task in TASKS.items()}
 
 
+def publish(app: Celery, s: Settings, kind: str, id_: str, queue: str, **options) -> None:
+    """Send one task message; `BrokerUnavailable` (with the reason) if the broker is down or refuses it."""
+    try:
+        app.send_task(TASKS[kind], args=[id_], queue=broker_queue(queue, s), **options)
+    except Exception as exc:  # whatever the broker's client raises (kombu, py-amqp, redis-py, sockets)
+        raise broker_unavailable(exc, s, f"send {kind} {id_}") from None
+
+
 def send_split(app: Celery, s: Settings, job: Job, kind: str = "split") -> None:
     """A split's message (to its model queue) or a separated job's delivery (to the CPU queue); limits follow the audio."""
     seconds = job.audio_seconds or 0.0
     queue = job.queue if kind == "split" else DELIVERY_QUEUE
-    app.send_task(TASKS[kind], args=[job.id], queue=broker_queue(queue, s),
-                  soft_time_limit=s.soft_time_limit(seconds), time_limit=s.hard_time_limit(seconds))
+    publish(app, s, kind, job.id, queue, soft_time_limit=s.soft_time_limit(seconds),
+            time_limit=s.hard_time_limit(seconds))
 
 
 def send_master(app: Celery, s: Settings, m: Mastering) -> None:
@@ -70,7 +78,7 @@ def send(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> bool
     elif kind == "master":
         send_master(app, s, Masterings(store).get(id_))
     else:
-        app.send_task(TASKS[kind], args=[id_], queue=broker_queue("cpu", s))
+        publish(app, s, kind, id_, "cpu")
     return True
 
 

@@ -1,4 +1,7 @@
-"""A worker started with STEMS_ENV=production refuses to start when its Redis does not persist (stems/production.py)."""
+"""A worker's start-up check (stems/production.py): storage, Redis and the broker answer, one line for each that
+does not. In development it warns and starts (Celery keeps reconnecting to the broker, the job store to Redis,
+and work that met storage down is retried with backoff); with STEMS_ENV=production it refuses to start, also
+when its Redis does not persist."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +15,7 @@ from stems.settings import get_settings
 @celeryd_init.connect
 def _refuse_unsafe(**_):
     try:
-        check(get_settings())
+        check(get_settings(), "stems worker")
     except UnsafeProduction as exc:
         print(f"stems worker: {exc}", file=sys.stderr, flush=True)
         # SystemExit, not an Exception: Celery logs and ignores exceptions of signal handlers

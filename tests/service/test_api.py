@@ -23,7 +23,7 @@ def imported(stack, tmp_path_factory):
 def test_health_needs_no_key(stack):
     assert httpx.get(stack.base + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(stack.base + "/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "storage": "ok"}
+    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "storage": "ok", "broker": "ok"}
 
 
 @pytest.mark.parametrize("headers", [{}, {"x-api-key": "stk_wrong"}])

@@ -197,7 +197,8 @@ def test_api_killed_between_writing_a_job_and_queueing_it(tmp_path, redis_url, s
                 r = httpx.post(base + "/create-stems", json=body, headers={**c.headers, "Idempotency-Key": "gap-2"},
                                timeout=60)
                 assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
-                assert r.json()["code"] == "unavailable"
+                assert r.json()["code"] == "broker_unavailable" and r.json()["reason"] == "unreachable", r.text
+                assert "STEMS_BROKER_URL" in r.json()["detail"]
                 assert len(list(s.store.r.scan_iter(match=s.store.k("job", "*")))) == jobs_before
                 assert s.store.active_jobs(s.store.get_job(job_id).user_id) == 0
             finally:

@@ -174,3 +174,25 @@ def test_deployment_files_run_production_with_flower_behind_basic_auth():
     for manifest in ("api.yaml", "workers.yaml"):
         assert "{name: STEMS_ENV, value: production}" in (ROOT / "infra" / "k8s" / manifest).read_text()
     # the bucket's lifecycle rule: tests/service/test_s3_lifecycle_rule.py
+
+
+def test_api_and_worker_refuse_to_start_without_their_bucket(tmp_path, s3_url, redis_server):
+    """Production: storage, Redis and the broker are checked at start; a missing bucket is waited for for
+    STEMS_STARTUP_WAIT_S, then both refuse with one line that says what is wrong and what to do."""
+    import boto3
+
+    s = _stack(tmp_path, redis_server(persist=True), s3_url, STEMS_STARTUP_WAIT_S="2")
+    boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").delete_bucket(Bucket=s.env["S3_BUCKET"])
+    try:
+        from stems.stack import api_proc, worker_proc
+
+        api = api_proc(s.env, s.port, tmp_path / "api.log").start()
+        worker = worker_proc(s.env, "cpu", "prod", tmp_path / "worker.log").start()
+        s.procs += [api, worker]
+        line = ("refusing to start in production: storage: storage is unavailable (bucket missing): the bucket does "
+                "not exist; the operator should create it or correct S3_BUCKET")
+        for proc, who in ((api, "stems api"), (worker, "stems worker")):
+            _refuses(proc, f"{who}: {line}", "still so after 2 s")
+    finally:
+        s.stop()
