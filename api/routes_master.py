@@ -15,11 +15,11 @@ from pipelines.mastering import PRESETS
 from stems.lifecycle import expiry
 from stems.masterings import TASK_KIND, Mastering, Masterings
 from stems.models import StemStatus
+from stems.unavailable import BrokerUnavailable
 from workers.messages import send_master
 
-from .deps import CallerKey, NotFound, RateLimited, Services, Svc, Unavailable, User
+from .deps import CallerKey, NotFound, RateLimited, Services, Svc, User
 from .idempotency import body_hash, claim_for, run_once
-from .queueing import RETRY_AFTER_S
 from .routes_downloads import download_stem
 from .routes_stems import _source_exists, owned_stem, resolve_source
 from .schemas import MasterAudio, MasterQueued, MasterStatus
@@ -56,11 +56,10 @@ def master_audio(body: MasterAudio, svc=Svc, user: str = User, key_id: str = Cal
         score = masters.create(m, time.time() + svc.settings.enqueue_grace_s, lambda pipe: claim.record(pipe, response))
         try:
             send_master(svc.celery, svc.settings, m)
-        except Exception as exc:  # the broker refused: nothing is kept, the request may be retried
+        except BrokerUnavailable as exc:  # nothing is kept, the request may be retried: 503 broker_unavailable
             masters.delete(svc.storage, m)
-            log.warning("the broker refused mastering %s: %s", m.id, exc)
-            raise Unavailable("the job queue is unavailable, so nothing was queued; try again shortly",
-                              retry_after=RETRY_AFTER_S) from None
+            log.warning("nothing queued for mastering %s: %s", m.id, exc.line())
+            raise
         svc.store.settle(TASK_KIND, m.id, score)
         if not _source_exists(svc, kind, source_id):  # deleted meanwhile: see stems/lifecycle.py
             masters.delete(svc.storage, m)

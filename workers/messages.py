@@ -48,8 +48,8 @@ def send_split(app: Celery, s: Settings, job: Job, kind: str = "split") -> None:
 
 def send_master(app: Celery, s: Settings, m: Mastering) -> None:
     """A mastering's message, to the CPU queue, with limits that follow the audio as a split's do."""
-    app.send_task(TASKS["master"], args=[m.id], queue=broker_queue("cpu", s),
-                  soft_time_limit=s.soft_time_limit(m.audio_seconds), time_limit=s.hard_time_limit(m.audio_seconds))
+    publish(app, s, "master", m.id, "cpu", soft_time_limit=s.soft_time_limit(m.audio_seconds),
+            time_limit=s.hard_time_limit(m.audio_seconds))
 
 
 def needs_message(store: JobStore, kind: str, id_: str) -> bool:
