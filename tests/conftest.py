@@ -30,7 +30,11 @@ def tier(path) -> str:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        item.add_marker(getattr(pytest.mark, tier(item.path)))
+        kind = tier(item.path)
+        item.add_marker(getattr(pytest.mark, kind))
+        if kind == "drill" and item.get_closest_marker("timeout") is None:
+            # a drill waits for its job to reach a state (no fixed sleeps), however slow a loaded machine is (#24)
+            item.add_marker(pytest.mark.timeout(1200))
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,12 @@ def _files(c, status: dict) -> dict[str, bytes]:
     return out
 
 
-def _wait_job(s: ServiceStack, job_id: str, ready, what: str, timeout: float = 120):
+# Waits are for a state to be reached, so they end as soon as it is: they are long because a loaded 2-core
+# machine runs these 40 s torch splits several times slower (#24), not because a pass needs the time.
+SLOW = 600
+
+
+def _wait_job(s: ServiceStack, job_id: str, ready, what: str, timeout: float = SLOW):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = s.store.get_job(job_id)
@@ -87,7 +92,7 @@ def test_two_stages_give_the_one_stage_files(tmp_path, redis_url, s3_url, demucs
             one = s.start_worker("cpu,gpu-demucs", "one", STEMS_TWO_STAGE="never")
             audio_id = upload(c, fault_song)["audio_id"]
             job_id = start_job(c, fault_song, audio_id=audio_id, **REQUEST)
-            single = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, 120)
+            single = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, SLOW)
             assert single["status"] == "complete", single
             one_stage = s.store.get_job(job_id)
             assert one_stage.separated is None and one_stage.deliveries == 0
@@ -98,7 +103,7 @@ def test_two_stages_give_the_one_stage_files(tmp_path, redis_url, s3_url, demucs
             s.start_worker("gpu-demucs", "gpu")
             s.start_worker("cpu", "cpu")
             job_id = start_job(c, fault_song, audio_id=audio_id, **REQUEST)
-            status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, 120)
+            status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, SLOW)
             assert status["status"] == "complete", status
             assert status["models"] == single["models"] and status["progress"] == 1.0
             assert _files(c, status) == expected  # the same bytes: WAV, AAC and peaks, stems and restored copies
@@ -125,7 +130,7 @@ def test_workers_killed_between_the_stages_and_during_delivery_lose_nothing(tmp_
         gpu = s.start_worker("gpu-demucs", "gpu")
         with s.client() as c:
             job_id = start_job(c, long_song, audio_id=_imported(s, c, long_song), **REQUEST)
-            handed = _wait_job(s, job_id, _waiting_for_delivery, "its hand-over to delivery", 180)
+            handed = _wait_job(s, job_id, _waiting_for_delivery, "its hand-over to delivery")
             assert handed.status.value == "processing" and handed.progress >= 0.8
             assert len(_separated_objects(s, job_id)) == 8  # 4 stems + 4 restored copies, as float32
             os.killpg(gpu.pid, signal.SIGKILL)  # the GPU node is gone between the stages: nothing of the job is lost
@@ -137,7 +142,7 @@ def test_workers_killed_between_the_stages_and_during_delivery_lose_nothing(tmp_
             c1.popen.wait(10)
             s.start_worker("cpu", "c2")  # the reaper sends the job to delivery again, not to separation
 
-            status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, 120)
+            status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, SLOW)
             assert status["status"] == "complete", status
             job = s.store.get_job(job_id)
             assert job.attempts == 1 and job.deliveries == 2, job  # separated once, delivered twice
@@ -162,7 +167,7 @@ def test_cancelling_while_waiting_for_delivery_or_during_it_removes_every_output
         with s.client() as c:
             audio_id = _imported(s, c, long_song)
             waiting = start_job(c, long_song, audio_id=audio_id, **REQUEST)
-            _wait_job(s, waiting, _waiting_for_delivery, "its hand-over to delivery", 180)
+            _wait_job(s, waiting, _waiting_for_delivery, "its hand-over to delivery")
             assert _separated_objects(s, waiting)
             r = c.post(f"/cancel/{waiting}")
             assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
@@ -170,7 +175,7 @@ def test_cancelling_while_waiting_for_delivery_or_during_it_removes_every_output
 
             s.start_worker("cpu", "cpu")
             running = start_job(c, long_song, audio_id=audio_id, **REQUEST)
-            _wait_job(s, running, _delivering(1), "its delivery run", 180)
+            _wait_job(s, running, _delivering(1), "its delivery run")
             r = c.post(f"/cancel/{running}")
             assert r.status_code == 200, r.text
             assert wait_for(c, f"/status/stem_split/{running}", TERMINAL, 60)["status"] == "cancelled"
