@@ -90,7 +90,10 @@ class DemucsParams(BaseModel):
                             f"auto: 1 on a CPU, {GPU_BATCH} on a GPU")
     precision: Precision = Field(
         "auto", description="autocast dtype of the forward; float16 needs CUDA; auto: float32 on a CPU, "
-                            f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32)")
+                            f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32); "
+                            "bfloat16 on a CPU runs torch's CPU autocast, worth it only with AVX512-BF16 or AMX "
+                            "(within 30 dB of float32, worst stem, on the random htdemucs: tests/pipelines/"
+                            "test_streaming.py)")
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="what runs the network: torch, or ONNX Runtime from a file derived from the weights "
                             "(CPU, float32; same stems within 1e-3); auto: the one measured faster on this CPU "

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from pipelines.engine import Engine  # noqa: E402
-from pipelines.families import backend_choice, demucs_onnx  # noqa: E402
+from pipelines.families import backend_choice  # noqa: E402
 from pipelines.machine import Machine, cpu_info, this_machine  # noqa: E402
 from pipelines.modelstore import ModelStore  # noqa: E402
 from tools.random_models import install_random_demucs  # noqa: E402
