@@ -197,8 +197,12 @@ def progress_log(started: float):
 
 
 def _figure(name: str, value: float | None, goal: str, how: str, **detail) -> dict:
+    """One figure with the machine it was measured on (CPU, flags, libraries, load when it was taken):
+    a figure holds for that CPU, never for the project on all (issue 21)."""
+    from pipelines.machine import bench_description
+
     return {"figure": name, "value": None if value is None else round(value, 4), "goal": goal, "how": how,
-            "detail": detail}
+            "machine": bench_description(), "detail": detail}
 
 
 def memory_ratio(tmp: Path, redis_url: str, model_dir: Path, preset: str, short_s: float, long_s: float,
@@ -441,6 +445,7 @@ def main() -> int:
 
     import torch
 
+    from pipelines.machine import bench_description
     from pipelines.modelstore import ModelStore
     from stems.redisboot import start_redis
     from tools.random_models import install_random_demucs
@@ -451,9 +456,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stems-bench-perf-"))
     redis, url = start_redis(tmp / "redis")
     figures: list[dict] = []
-    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-               "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-               "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    machine = {**bench_description(), "torch_threads": torch.get_num_threads(),
+               "processor": platform.processor() or platform.machine(),
+               "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     try:
         # the ONNX Runtime files are built at install, as `stems models install` does, so no figure pays
         # for them; in a child process: on Linux a child's ru_maxrss starts from its parent's RSS at
@@ -589,7 +594,8 @@ def _dsp_available() -> bool:
 
 def print_table(doc: dict) -> None:
     m = doc["machine"]
-    print(f"\nstems performance ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}, {m['platform']}; "
+    print(f"\nstems performance on {m.get('cpu', m.get('processor'))} [{' '.join(m.get('flags', []))}] "
+          f"({m['cpu_count']} CPUs, torch threads {m['torch_threads']}, {m['platform']}; "
           f"load average {m['loadavg_start']} -> {m['loadavg_end']}; {doc['total_seconds']:.0f} s)")
     rows = []
     for f in doc["figures"]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -109,8 +108,9 @@ def main() -> int:
 
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="stems-bench-two-stage-"))
-    machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    from pipelines.machine import bench_description  # the figures hold for this CPU, at this load
+
+    machine = {**bench_description(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     try:
         store = ModelStore(tmp / "models")
         install_random_demucs(store, "htdemucs", size=args.size)

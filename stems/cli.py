@@ -93,18 +93,57 @@ def cmd_keys_grant(args) -> int:
 
 
 def cmd_models_list(args) -> int:
+    from pipelines.families import backend_choice
+    from pipelines.machine import this_machine
     from pipelines.registry import load_registry
 
     store = _model_store(args)
+    machine = this_machine()
     rows = []
     for model_id, reason in store.installed().items():
         spec = load_registry()[model_id]
-        rows.append((model_id, spec.family, spec.queue, "yes" if reason is None else "no", reason or ""))
+        files = dict(sorted(((store.entry(model_id) or {}).get("files") or {}).items()))
+        # this CPU's figures, for the weights installed now (what `auto` follows; `stems models bench` re-measures)
+        record = backend_choice.load(backend_choice.path_for(store.root, model_id, machine))
+        record = record if record is not None and (record.machine, record.files) == (machine, files) else None
+        rows.append((model_id, spec.family, spec.queue, "yes" if reason is None else "no", reason or "", record))
     if args.json:
-        print(json.dumps([dict(zip(("id", "family", "queue", "installed", "reason"), r)) for r in rows], indent=1))
+        print(json.dumps([dict(zip(("id", "family", "queue", "installed", "reason"), r[:5]))
+                          | {"backend": r[5] and r[5].model_dump(mode="json", include={"choice", "seconds", "rounds",
+                                                                                       "loadavg", "measured_at"})}
+                          for r in rows], indent=1))
     else:
         for r in rows:
-            print(f"{r[0]:22} {r[1]:10} {r[2]:11} {r[3]:4} {r[4]}")
+            print(f"{r[0]:22} {r[1]:10} {r[2]:11} {r[3]:4} {r[4]}" + (f"  [{r[5].summary()}]" if r[5] else ""))
+    return 0
+
+
+def cmd_models_bench(args) -> int:
+    """Time each backend that can run the model on this CPU again and keep the choice `auto` follows."""
+    from pipelines.engine import Engine
+    from pipelines.errors import StemsError
+    from pipelines.families import backend_choice
+    from pipelines.machine import this_machine
+    from pipelines.registry import get_spec
+
+    store = _model_store(args)
+    try:
+        spec = get_spec(args.model_id)
+        if not getattr(spec.separator_class(), "derives_files", False):
+            print(f"error: {args.model_id} has one backend (torch or its own library): nothing to choose",
+                  file=sys.stderr)
+            return 2
+        machine = this_machine()
+        backend_choice.forget(store.root, args.model_id, machine)
+        sep = Engine(store, device="cpu").separator(args.model_id)
+    except StemsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    record = getattr(sep, "backend_record", None)
+    if record is None:  # params.backend is explicit, or the model cannot run on ONNX Runtime here
+        print(f"{args.model_id} runs on {sep.backend}, not measured: {sep.backend_reason or 'params.backend'}")
+        return 0
+    print(f"{args.model_id} on {machine.describe()}: {record.summary()}")
     return 0
 
 
@@ -170,7 +209,8 @@ def _prepare(store, model_id: str) -> None:
     sep = Engine(store, device="cpu").separator(model_id)
     backend = getattr(sep, "backend", None)
     if backend is not None:
-        why = getattr(sep, "backend_reason", "")
+        record = getattr(sep, "backend_record", None)
+        why = record.summary() if record is not None else getattr(sep, "backend_reason", "")
         print(f"{model_id} loads and runs on {backend}" + (f" ({why})" if why else ""), file=sys.stderr)
 
 
@@ -413,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--model-dir")
         p.add_argument("--json", action="store_true")
         p.set_defaults(fn=fn)
+    mb = models.add_parser("bench", help="time the backends that can run a model on this CPU again and keep "
+                                         "the faster for params.backend auto")
+    mb.add_argument("model_id")
+    mb.add_argument("--model-dir")
+    mb.set_defaults(fn=cmd_models_bench)
     mi = models.add_parser("install", help="copy weight files into the store and pin their sha256")
     mi.add_argument("model_id")
     mi.add_argument("files", nargs="+")

@@ -131,7 +131,6 @@ DERIVED_CACHE = Path(tempfile.gettempdir()) / f"stems-random-demucs-derived-{os.
 
 
 def _share_derived(store: ModelStore, model_id: str) -> None:
-    from pipelines.engine import Engine
     from pipelines.families import demucs_onnx
 
     entry = store.entry(model_id) or {}
@@ -139,7 +138,15 @@ def _share_derived(store: ModelStore, model_id: str) -> None:
     target = store.root / demucs_onnx.DERIVED
     cached = {sha: sorted(DERIVED_CACHE.glob(f"{sha[:32]}-*.onnx")) for sha in shas}
     if not all(cached.values()):
-        sep = Engine(store).separator(model_id)  # builds them into the store, where its backend is ONNX Runtime
+        if _FULL[model_id][0] is not HTDemucs:  # "auto" runs HDemucs in torch: nothing to share
+            return
+        # built by a separator that asks for ONNX Runtime, whichever backend this CPU's figures choose for "auto"
+        spec = get_spec(model_id)
+        sep = spec.separator_class()(spec, store.resolve(spec), {**store.params_for(spec), "backend": "onnxruntime"})
+        try:
+            sep.setup("cpu")
+        except Exception:  # noqa: BLE001  (no onnxruntime, or a model without an exported form: nothing to share)
+            return
         if getattr(sep, "backend", None) == "onnxruntime":
             _copy([p for sha in shas for p in target.glob(f"{sha[:32]}-*") if p.suffix in (".onnx", ".json")],
                   DERIVED_CACHE)

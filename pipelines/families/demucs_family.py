@@ -28,9 +28,11 @@ their members side by side and combine them with the bag's weights as apply_mode
 A segment whose input is digital silence is not run: it counts as silence (the mix's
 zero). Random `shifts` cannot be streamed exactly; with shifts > 0 the whole-signal path runs.
 
-On a CPU in float32, `backend` "auto" runs each network through ONNX Runtime from a file
-derived once per checkpoint and cached in the model store (`demucs_onnx`; the STFT stays in
-torch): the same arithmetic on faster kernels, checked against torch when the file is built.
+On a CPU in float32, `backend` "auto" runs each network in whichever of torch and ONNX
+Runtime was measured faster on this CPU (`backend_choice`, kept in the store per CPU and
+library versions). ONNX Runtime runs from a file derived once per checkpoint and cached in the
+model store (`demucs_onnx`; the STFT stays in torch): the same arithmetic on other kernels,
+checked against torch when the file is built.
 When that cannot be had (no onnxruntime, a model without an exported form, a store that
 cannot be written), "auto" runs torch and says why in `backend_reason`; an explicit
 "onnxruntime" fails at load instead. The whole-signal path (shifts > 0) always runs torch.
@@ -39,6 +41,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -55,9 +59,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import audio as A
 from ..errors import Cancelled, ChainError
+from ..machine import this_machine
 from ..modelstore import sha256_file
 from ..registry import ModelSpec
-from . import demucs_onnx
+from . import backend_choice, demucs_onnx
 from .torch_model import Batch, Precision, TorchSeparator
 
 log = logging.getLogger(__name__)
@@ -85,10 +90,14 @@ class DemucsParams(BaseModel):
                             f"auto: 1 on a CPU, {GPU_BATCH} on a GPU")
     precision: Precision = Field(
         "auto", description="autocast dtype of the forward; float16 needs CUDA; auto: float32 on a CPU, "
-                            f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32)")
+                            f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32); "
+                            "bfloat16 on a CPU runs torch's CPU autocast, worth it only with AVX512-BF16 or AMX "
+                            "(within 30 dB of float32, worst stem, on the random htdemucs: tests/pipelines/"
+                            "test_streaming.py)")
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="what runs the network: torch, or ONNX Runtime from a file derived from the weights "
-                            "(CPU, float32; same stems within 1e-3); auto: onnxruntime where it can run, else torch")
+                            "(CPU, float32; same stems within 1e-3); auto: the one measured faster on this CPU "
+                            "(timed once per CPU and library versions, kept in the store; `stems models bench`)")
 
     def resolved(self, device: str) -> tuple[int, str]:
         """(batch, precision) on `device`: `auto` is the exact CLI path on a CPU, batched mixed precision on a GPU."""
@@ -165,6 +174,7 @@ class DemucsSeparator(TorchSeparator):
         self.batch, self.precision = self.settings.resolved("cpu")
         self.backend = "torch"  # what runs the networks, once setup has resolved params.backend
         self.backend_reason = ""  # why "auto" runs torch, when it does
+        self.backend_record: backend_choice.BackendRecord | None = None  # this CPU's figures, when "auto" used them
         self._runners: dict[int, demucs_onnx.CoreRunner] = {}  # id(network) -> its ONNX Runtime session
 
     def setup(self, device: str = "cpu") -> None:
@@ -179,7 +189,12 @@ class DemucsSeparator(TorchSeparator):
             self._setup_onnx()
 
     def _setup_onnx(self) -> None:
-        """ONNX Runtime sessions for every network (params.backend auto or onnxruntime; see the module docstring)."""
+        """ONNX Runtime sessions for every network (params.backend auto or onnxruntime; see the module docstring).
+
+        "auto" follows this CPU's measured figures (backend_choice): a kept record that chose torch
+        builds no session at all, so the process holds only torch's memory; without a record, both
+        run one segment here, the choice is kept, and the sessions are dropped again if torch won.
+        """
         explicit = self.settings.backend == "onnxruntime"
         reason = None
         if not self.device.startswith("cpu"):
@@ -192,27 +207,56 @@ class DemucsSeparator(TorchSeparator):
         reason = reason or next(filter(None, (demucs_onnx.exportable(m, explicit) for m in members)), None)
         runners: dict[int, demucs_onnx.CoreRunner] = {}
         failed = reason is not None and reason == demucs_onnx.runtime_missing()
+        paths = member_files(self.settings.name, self.files)
+        lengths = [demucs_onnx.network_length(m, _valid_length(m, _segment_samples(m, self.settings.segment),
+                                                                  self.settings.segment)) for m in members]
+        machine = this_machine()
+        files = {name: sha256_file(path) for name, path in sorted(self.files.items())}
+        record = None
+        if reason is None and not explicit:
+            record = backend_choice.recorded(paths[0].parent, self.spec.id, files, lengths[0], self.batch, machine)
+            if record is not None and record.choice == "torch":
+                reason = record.summary()
         if reason is None:
             try:
-                for member, path in zip(members, member_files(self.settings.name, self.files)):
-                    length = demucs_onnx.network_length(member, _valid_length(member, _segment_samples(
-                        member, self.settings.segment), self.settings.segment))
+                for member, path, length in zip(members, paths, lengths):
                     runners[id(member)] = demucs_onnx.prepared_runner(
                         member, path.parent, sha256_file(path), length, torch.get_num_threads())
+                if record is None and not explicit:
+                    record = self._measure(members[0], runners[id(members[0])], files, machine)
+                    backend_choice.save(paths[0].parent, record)
+                    if record.choice == "torch":
+                        reason, runners = record.summary(), {}  # the sessions go: torch's memory only
             # whatever stops the optional path (a read-only store, an export that does not match torch, an
             # operator the runtime lacks) leaves the exact torch path, and is said (backend_reason, the log)
             except Exception as exc:  # noqa: BLE001
                 reason = f"{type(exc).__name__}: {exc}"
                 failed = True
+        self.backend_record = record
         if reason is not None:
             if explicit:
                 raise ChainError(f"params.backend 'onnxruntime' for {self.spec.id!r} cannot run: {reason}",
                                  model_id=self.spec.id, reason=reason)
-            # a GPU or mixed precision choosing torch is the plan; a failed build is news for the operator
+            # a GPU, mixed precision or a measurement choosing torch is the plan; a failed build is news
             log.log(logging.WARNING if failed else logging.INFO, "%s runs in torch: %s", self.spec.id, reason)
             self.backend_reason = reason
             return
         self._runners, self.backend = runners, "onnxruntime"
+
+    def _measure(self, member, runner: demucs_onnx.CoreRunner, files: dict[str, str],
+                 machine) -> backend_choice.BackendRecord:
+        """Time one full segment (a batch of them) of `member` in torch and in ONNX Runtime, interleaved."""
+        g = torch.Generator().manual_seed(0)
+        mix = torch.randn(self.batch, member.audio_channels, runner.length, generator=g)
+        with torch.inference_mode():
+            seconds, rounds = backend_choice.time_interleaved(
+                {"torch": lambda: TorchSeparator._forward(self, member, mix), "onnxruntime": lambda: runner(mix)})
+        record = backend_choice.BackendRecord(
+            model_id=self.spec.id, files=files, segment_samples=runner.length, batch=self.batch, machine=machine,
+            seconds={k: round(v, 5) for k, v in seconds.items()}, rounds=rounds, choice=backend_choice.choose(seconds),
+            loadavg=[round(x, 2) for x in os.getloadavg()], measured_at=time.time())
+        log.info("%s on %s: %s", self.spec.id, machine.describe(), record.summary())
+        return record
 
     def _forward(self, model, mix: torch.Tensor) -> torch.Tensor:
         """The network's ONNX Runtime session where it has one, else torch (see TorchSeparator._forward)."""
