@@ -18,7 +18,7 @@ from stems.jobstore import JobStore
 from stems.models import DELIVERY_QUEUE, AssetStatus, Job, JobStatus
 from stems.settings import Settings
 
-from .attempts import owed_kind, waiting
+from .jobstate import owed_kind, waiting
 from .celery_app import broker_queue
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from stems.jobstore import JobStore
 from stems.models import JobStatus
 from stems.settings import Settings, get_settings
 
-from .attempts import discard_outputs, finish, owed_kind, requeue
+from .jobstate import clean_now, finish, owed_kind, requeue, settle_clean
 from .celery_app import dead_letter_queue, make_celery
 from .context import StoreContext
 from .messages import KINDS, flush, send_owed
@@ -66,7 +66,7 @@ class Reaper:
     def pass_once(self, now: float | None = None) -> dict[str, int]:
         s, store = self.ctx.settings, self.store
         now = now or time.time()
-        counts = {"timed_out": 0, "requeued": 0, "sent": 0}
+        counts = {"timed_out": 0, "requeued": 0, "sent": 0, "cleaned": 0}
         for job_id in store.past_deadline(now - s.lease_s):
             counts["timed_out"] += self.time_out(job_id)
         for job_id in store.expired_leases(now):
@@ -75,7 +75,8 @@ class Reaper:
                 store.forget_run(job_id)  # an index entry whose record went away
             elif job.deadline_at and now >= job.deadline_at:
                 counts["timed_out"] += self.time_out(job_id)
-            elif requeue(job_id, self.ctx, "requeued: its worker stopped renewing the lease", now, lease_lapsed=True):
+            elif requeue(job_id, self.ctx, "requeued: its worker stopped renewing the lease", now, lease_lapsed=True,
+                         now=now):
                 log.warning("job %s: the lease of attempt %s lapsed; running it again", job_id, job.attempt_id)
                 counts["requeued"] += 1
         for kind, id_, score in store.owed(now):
@@ -85,6 +86,12 @@ class Reaper:
                 log.warning("reaper: cannot send %s %s (%s)", kind, id_, exc)
                 break
             counts["sent"] += 1
+        for job_id, user_id, score in store.cleanups_due(now):
+            try:
+                counts["cleaned"] += settle_clean(self.ctx, job_id, user_id, score, now)
+            except Exception as exc:  # storage away: the entry stays for the next pass
+                log.warning("reaper: cannot clean up job %s (%s)", job_id, exc)
+                break
         self.passes += 1
         if self.passes % PRUNE_EVERY == 0:
             from pipelines.presets import load_catalogue
@@ -107,7 +114,7 @@ class Reaper:
         if ended is None:
             return 0
         log.warning("job %s: past its hard time limit (%.0f s); failed", job_id, limit)
-        discard_outputs(ended, self.ctx)
+        clean_now(ended, self.ctx)  # owed by `finish`: a reaper that dies here leaves it to the next pass
         return 1
 
     def loop(self, stop: threading.Event) -> None:
