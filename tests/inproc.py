@@ -30,7 +30,7 @@ def worker_ctx(tmp: Path, redis_url: str, s3_url: str, **settings):
 
 
 def queued_job(ctx, song: Path, user: str = "u", queue: str = "cpu", seconds: float = 2.0,
-               callback_url: str | None = None) -> Job:
+               callback_url: str | None = None, hq_format: str | None = "aac") -> Job:
     """An imported asset and a queued phantom_center split of it (two stems), as the API writes them."""
     asset = AudioAsset(user_id=user, origin="upload", status=AssetStatus.complete, object_key="",
                        info={"duration": seconds, "sample_rate": SR, "channels": 2})
@@ -38,9 +38,9 @@ def queued_job(ctx, song: Path, user: str = "u", queue: str = "cpu", seconds: fl
     ctx.storage.put_file(asset.object_key, song)
     ctx.store.put_asset(asset)
     job = Job(user_id=user, preset="phantom_center", audio_id=asset.id, source_kind="audio", source_id=asset.id,
-              spec=SplitSpec(preset="phantom_center", chain_index=0, hq_format="aac"), queue=queue,
+              spec=SplitSpec(preset="phantom_center", chain_index=0, hq_format=hq_format), queue=queue,
               audio_seconds=seconds, callback_url=callback_url)
-    stems = [Stem(user_id=user, job_id=job.id, name=n, hq_format="aac") for n in ("centre", "sides")]
+    stems = [Stem(user_id=user, job_id=job.id, name=n, hq_format=hq_format) for n in ("centre", "sides")]
     job.stem_ids = [s.id for s in stems]
     ctx.store.create_job(job, stems)
     return job

@@ -5,13 +5,17 @@ a time (it lapses three passes after its holder stops, and another worker's reap
 over). Every STEMS_REAPER_INTERVAL_S it
 
 1. fails running jobs past their hard deadline (their worker was killed at the time limit, or
-   ignores it) with `time_limit`: outputs removed, quota slot freed, webhook owed;
+   ignores it) with `time_limit`: quota slot freed, webhook and the removal of its outputs owed
+   in that transaction;
 2. runs again the jobs whose lease lapsed (the worker died, froze or lost its network): back
    to `queued` with a new message, or, for a delivery stage, to delivery again with the
    separated stems kept (a lapse past the deadline is a time limit, as in 1);
 3. sends the messages the outbox owes: jobs written but never queued (the API died or the
    broker refused), retries whose backoff is over, work a dead worker had received but not
-   started, webhooks not yet sent.
+   started, webhooks not yet sent;
+4. does the cleanups owed (`{p}:cleanup`) that their owner did not get to (it died, or storage
+   was away): the objects of ended and deleted jobs brought to what their state allows
+   (`workers/jobstate.py::clean`).
 
 Each worker also owes a message, for a few seconds, for every message it receives (Celery's
 `task_received`), cleared once the task starts: a worker that dies holding messages it had
