@@ -182,8 +182,7 @@ class World:
     def run_message(self, name: str, id_: str, ctx, app) -> None:
         """What a worker does with one message (`workers/tasks.py`), on `ctx`, publishing through `app`."""
         from workers.delivery import run_delivery
-        from workers.messages import KINDS, flush
-        from workers.retry import RETRYABLE
+        from workers.messages import KINDS, run_then_flush
         from workers.splitter import run_split
 
         try:  # the receipt is owed again for a while (`workers/reaper.py::_received`, which logs an error)
@@ -196,14 +195,7 @@ class World:
                 self.webhooks.setdefault(id_, []).append(job.status.value)
             ctx.store.settle("webhook", id_)
             return
-        try:
-            (run_split if name == "stems.split" else run_delivery)(id_, ctx, "sim-worker")
-        finally:
-            for kind in ("deliver", "webhook"):
-                try:
-                    flush(app, ctx.settings, ctx.store, kind, id_)
-                except RETRYABLE:
-                    pass
+        run_then_flush(run_split if name == "stems.split" else run_delivery, id_, ctx, app, "sim-worker")
 
     def drain(self, ctx, app, until: Callable[[], bool] = lambda: False) -> int:
         ran = 0

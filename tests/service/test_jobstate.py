@@ -159,7 +159,6 @@ def _running_with_stems(ctx, song):
         return j
 
     ctx.store.update_job(job.id, back)
-    ctx.store.r.zrem(ctx.store.k("cleanup"), f"{job.id}:u")  # the completing run's cleanup is done
     return job
 
 
@@ -199,7 +198,7 @@ def test_cancel_dying_before_cleanup_leaves_it_owed(two_stage_ctx, song):
     with api_client(ctx) as client:
         client.app.state.services.storage = FailingStorage(real, "delete_prefix", ConnectionError("died"), lambda: True)
         r = client.post(f"/cancel/{job.id}")
-        assert r.status_code in (200, 500, 503)
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
     assert ctx.store.get_job(job.id).status == JobStatus.cancelled
     reaper = Reaper(ctx.settings, "r1")
     reaper.ctx = ctx
