@@ -397,6 +397,9 @@ def complete(job: Job, ctx: WorkerContext, made_by: dict[str, str], seconds: flo
         raise Superseded("another attempt owns the job now")
     if cancelled():
         raise Cancelled("job cancelled")
+    if job.separated is not None:  # before the job reads complete: a complete job holds its stems only (the
+        # cleanup `finish` owes would remove them too, but after); a failure here is before the end: retried
+        ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.separated.attempt_id))
     minutes = seconds / 60 * load_catalogue().preset(job.preset).usage_multiplier
     ended = finish(job.id, ctx, JobStatus.complete, usage_minutes=minutes, attempt_id=job.attempt_id)
     if ended is None:

@@ -124,7 +124,11 @@ def check_downloads(ctx, client, job_id: str, user: str) -> list[str]:
     key = ctx.store.create_key(user)
     bad = []
     for stem in ctx.store.get_stems(job.stem_ids + job.upscaled_ids):
-        r = client.get(f"/download/stem/{stem.id}", headers={"x-api-key": key})
+        try:
+            r = client.get(f"/download/stem/{stem.id}", headers={"x-api-key": key})
+        except Exception as exc:  # the API answered 200 and then found no object to stream
+            bad.append(f"stem {stem.name}: the download broke off ({exc.__class__.__name__}: {exc})")
+            continue
         if job.status != JobStatus.complete or stem.status != StemStatus.complete:
             if r.status_code == 200:
                 bad.append(f"stem {stem.name} of a {job.status.value} job downloads")
