@@ -192,7 +192,7 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
 
 
 def stem_info(s: Stem, job: Job) -> dict:
-    done = s.status == StemStatus.complete and job.status == JobStatus.complete  # a job's stems are its, whole
+    done = s.status == StemStatus.complete and job.status == JobStatus.complete  # a stem downloads once its job is complete
     download = None
     if done:
         download = {"wav": f"/download/stem/{s.id}"}
