@@ -32,13 +32,20 @@ router = APIRouter(tags=["downloads"])
 MEDIA = {"wav": "audio/wav", "m4a": "audio/mp4", "mp3": "audio/mpeg", "ogg": "audio/ogg", "flac": "audio/flac"}
 
 
-def _object(stem: Stem, fmt: str) -> tuple[str, str, int]:
-    """(key, file name, size) of a complete stem in `fmt` (wav or hq)."""
+def _object(svc: Services, stem: Stem, fmt: str) -> tuple[str, str, int]:
+    """(key, file name, size) of a complete stem of a complete job in `fmt` (wav or hq).
+
+    The job's status is checked, not only the stem's: a job that failed or was cancelled after its
+    stems were stored keeps them only until its owed cleanup runs, and they are never its result."""
     if stem.status == StemStatus.expired:
         raise Gone("the stem was deleted by the retention policy (STEMS_RETAIN_STEMS_S after its split ended)",
                    stem_id=stem.id)
     if stem.status != StemStatus.complete:
         raise Conflict(f"the stem is not ready (status {stem.status.value})", stem_id=stem.id)
+    job = None if stem.kind == "mastered" else svc.store.get_job(stem.job_id)  # a mastering's WAV has no job
+    if stem.kind != "mastered" and (job is None or job.status != JobStatus.complete):
+        status = job.status.value if job else "deleted"
+        raise Conflict(f"the stem's split is not complete (status {status})", stem_id=stem.id)
     if fmt == "hq":
         if not stem.hq_key:
             raise NotFound("this stem has no HQ streaming encode (hq_streaming_format was none)", stem_id=stem.id)
@@ -89,7 +96,7 @@ def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = 
     links = []
     for stem_id in dict.fromkeys(str(i) for i in body.stem_ids):
         stem = owned_stem(svc, user, stem_id)
-        _object(stem, body.format)  # 409 if not complete, 404 for hq without an HQ encode
+        _object(svc, stem, body.format)  # 409 if not complete, 404 for hq without an HQ encode
         token = svc.store.create_download_token(user, key_id, stem.id, body.format, ttl)
         links.append({"stem_id": stem.id, "format": body.format, "expires_at": time.time() + ttl,
                       "url": f"/download/stem/{stem.id}?format={body.format}&token={token}"})
@@ -102,7 +109,7 @@ def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = 
 def download_stem(stem_id: UUID, request: Request, format: str = Query("wav", pattern="^(wav|hq)$"),
                   svc: Services = Svc, user: str = Depends(link_or_key_user)) -> Response:
     stem = owned_stem(svc, user, str(stem_id))
-    key, filename, _ = _object(stem, format)
+    key, filename, _ = _object(svc, stem, format)
     # look before answering: a 200 whose body then fails mid-way is a broken download, not an error
     size = svc.storage.size(key)
     if size is None:
@@ -141,7 +148,7 @@ def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User
     else:
         stems = [owned_stem(svc, user, str(i)) for i in dict.fromkeys(body.stem_ids)]
         name = "stems.zip"
-    objects = [_object(s, body.format) for s in stems]  # 409 if any is not complete
+    objects = [_object(svc, s, body.format) for s in stems]  # 409 if any is not complete
     tmp = tempfile.NamedTemporaryFile(dir=svc.settings.data_dir / "tmp", suffix=".zip", delete=False)
     tmp.close()
     path = Path(tmp.name)

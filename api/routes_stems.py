@@ -18,7 +18,8 @@ from stems.lifecycle import delete_job, expiry
 from stems.masterings import root_audio_id
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
-from stems.storage import keys
+from workers.context import StoreContext
+from workers.jobstate import cancel as cancel_job, clean_now
 
 from . import budget, estimate
 from .deps import CallerKey, Conflict, Gone, Invalid, NotFound, RateLimited, Services, Svc, User
@@ -197,8 +198,8 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
     return run_once(claim, run)
 
 
-def stem_info(s: Stem) -> dict:
-    done = s.status == StemStatus.complete
+def stem_info(s: Stem, job: Job) -> dict:
+    done = s.status == StemStatus.complete and job.status == JobStatus.complete  # a stem downloads once its job is complete
     download = None
     if done:
         download = {"wav": f"/download/stem/{s.id}"}
@@ -224,8 +225,8 @@ def status_of(job: Job, stems: list[Stem], ups: list[Stem], retain_stems_s: floa
         "worker": job.separated.worker if job.separated else job.worker,
         "delivered_by": job.worker if job.separated and job.deliveries else None,
         "models": {s.name: s.made_by for s in stems + ups if s.made_by},
-        "stems": [stem_info(s) for s in stems if s.status != StemStatus.dropped],
-        "upscaled_audios": [stem_info(s) for s in ups if s.status != StemStatus.dropped],
+        "stems": [stem_info(s, job) for s in stems if s.status != StemStatus.dropped],
+        "upscaled_audios": [stem_info(s, job) for s in ups if s.status != StemStatus.dropped],
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "expires_at": expiry(job.finished_at, retain_stems_s) if job.status.terminal else None,
     }
@@ -260,23 +261,19 @@ def _cursor(text: str) -> tuple[float, str]:
         raise Invalid("cursor is not one this API gave (pass next_cursor unchanged)", field="cursor") from None
 
 
-def _cancel(job: Job) -> Job | None:
-    if job.status.terminal:
-        return None
-    job.status, job.stage = JobStatus.cancelled, "cancelled"
-    return job
-
-
 @router.post("/cancel/{creation_id}", response_model=SplitStatus, summary="Cancel a queued or running split")
 def cancel(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     job = owned_job(svc, user, str(creation_id))
+    ctx = StoreContext(settings=svc.settings, store=svc.store, storage=svc.storage)
+    if not job.status.terminal:
+        ended = cancel_job(job.id, ctx)  # a compare-and-set: it owes the cleanup of the job's objects
+        if ended is not None and ended.attempt_id is None:
+            # nobody runs it (queued, or separated and waiting for delivery): its objects go now (else the reaper);
+            # a running attempt stops at its next check and does it
+            clean_now(ended, ctx)
+        job = svc.store.get_job(job.id) or job
     if job.status.terminal and job.status != JobStatus.cancelled:
         raise Conflict(f"the split already ended ({job.status.value})", creation_id=job.id)
-    svc.store.request_cancel(job.id)  # a running worker stops between chunks and removes its outputs
-    ended = svc.store.update_job(job.id, _cancel)
-    if ended is not None and ended.separated is not None and job.attempt_id is None and not job.status.terminal:
-        # separated and waiting for its delivery stage: no worker holds it to remove the float stems
-        svc.storage.delete_prefix(keys.job_prefix(job.user_id, job.id))
     return split_status(creation_id, svc, user)
 
 

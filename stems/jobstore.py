@@ -354,7 +354,22 @@ class JobStore(RunStore):
                    also: Callable[[object, Job], None] | None = None) -> Job | None:
         """Apply `fn` to the current job atomically; `fn` returns None to leave it unchanged.
 
-        `also(pipe, new)` adds writes to the same transaction (they happen only if the change does)."""
+        Returns the job as it is now (changed or not; None if it does not exist). `also(pipe, new)`
+        adds writes to the same transaction (they happen only if the change does)."""
+        job, _ = self._transact(job_id, fn, also)
+        return job
+
+    def transition(self, job_id: str, fn: Callable[[Job], Job | None],
+                   also: Callable[[object, Job], None] | None = None) -> Job | None:
+        """A compare-and-set of the job: the new job if `fn`'s change was committed, None if it was not (the
+        job is gone, or `fn` declined it as the job was when the transaction committed).
+
+        `fn` may run more than once (a concurrent write restarts the transaction): what it decides
+        must depend only on the job it is given, never on a flag set by an earlier run."""
+        job, changed = self._transact(job_id, fn, also)
+        return job if changed else None
+
+    def _transact(self, job_id: str, fn, also) -> tuple[Job | None, bool]:
         key = self.k("job", job_id)
         with self.r.pipeline(transaction=True) as pipe:
             while True:
@@ -362,12 +377,12 @@ class JobStore(RunStore):
                     pipe.watch(key)
                     raw = pipe.get(key)
                     if raw is None:
-                        return None
+                        return None, False
                     job = Job.model_validate_json(raw)
                     new = fn(job.model_copy(deep=True))
                     if new is None:
                         pipe.unwatch()
-                        return job
+                        return job, False
                     pipe.multi()
                     pipe.set(key, new.model_dump_json())
                     if new.status.terminal:
@@ -381,7 +396,7 @@ class JobStore(RunStore):
                     if also is not None:
                         also(pipe, new)
                     pipe.execute()
-                    return new
+                    return new, True
                 except redis.WatchError:
                     continue
 
@@ -417,6 +432,7 @@ class JobStore(RunStore):
         pipe.zrem(self.k("leases"), job.id)
         pipe.zrem(self.k("deadlines"), job.id)
         pipe.delete(self.k("webhook", job.id), self.k("tries", "webhook", job.id))
+        self.owe_cleanup(pipe, job.id, job.user_id, time.time())  # its objects: removed by the caller, else the reaper
         for phase in RETAIN_PHASES:
             pipe.zrem(self.k("retain", phase), job.id)
         if tombstone:

@@ -50,8 +50,14 @@ def delete_job(store: JobStore, storage: Storage, job: Job, tombstone: bool = Tr
         storage.ping()
     if not job.status.terminal:
         store.request_cancel(job.id)  # a running worker stops between chunks and removes its own writes
-    store.delete_job_records(job, tombstone)
-    return storage.delete_prefix(keys.job_prefix(job.user_id, job.id))
+    store.delete_job_records(job, tombstone)  # owes the removal of its objects in the same transaction
+    score = store.cleanup_owed(job.id, job.user_id)
+    removed = storage.delete_prefix(keys.job_prefix(job.user_id, job.id))
+    if score is not None and not job.status.terminal:
+        return removed  # a running worker may still write: the reaper removes its prefix again later
+    if score is not None:
+        store.settle_cleanup(job.id, job.user_id, score)
+    return removed
 
 
 def delete_asset(store: JobStore, storage: Storage, asset: AudioAsset, tombstone: bool = True) -> int:

@@ -13,6 +13,9 @@
   sent again, so a message the broker lost does not leave it queued for ever.
 - **Load.** `{p}:load:{queue}` lists the unfinished (queued or running) jobs of a queue, the
   number an autoscaler must keep workers for (KEDA's Redis list trigger reads its length).
+- **Cleanup owed.** `{p}:cleanup` (sorted set: "job id:user id" -> ms since the epoch) holds every job whose
+  objects must still be brought to what its state allows (`workers/jobstate.py::clean`), written in the
+  transaction that made the cleanup necessary (a job ended, a job deleted); settled once storage confirms.
 - Usage metering, the reaper's lock, try counters of tasks without a job record, worker reports (and
   `{p}:served`: each queue's last report, kept while its pool is at zero) and request idempotency records.
 """
@@ -125,9 +128,7 @@ class RunStore:
             owned = job.attempt_id == attempt_id and (not running or job.status == JobStatus.processing)
             return job if owned else None
 
-        done = []
-        self.update_job(job_id, ours, lambda pipe, _: (writes(pipe), done.append(True)))
-        return bool(done)
+        return self.transition(job_id, ours, lambda pipe, _: writes(pipe)) is not None
 
     def put_stems_fenced(self, stems: list[Stem], job_id: str, attempt_id: str, running: bool = True) -> bool:
         def writes(pipe) -> None:
@@ -170,6 +171,26 @@ class RunStore:
             return bool(self.r.zrem(self.k("outbox"), member))
         return bool(self.r.eval(_SETTLE, 1, self.k("outbox"), member, score,
                                 "" if again_at is None else _ms(again_at)))
+
+    # -- cleanup owed -------------------------------------------------------------------
+    def owe_cleanup(self, pipe, job_id: str, user_id: str, due: float) -> int:
+        """Owe the cleanup of the job's objects at `due` (in the caller's transaction); returns its score."""
+        score = _ms(due)
+        (pipe or self.r).zadd(self.k("cleanup"), {f"{job_id}:{user_id}": score})
+        return score
+
+    def cleanups_due(self, now: float, limit: int = 200) -> list[tuple[str, str, int]]:
+        """(job id, user id, score) of the cleanups due by `now`."""
+        rows = self.r.zrangebyscore(self.k("cleanup"), "-inf", _ms(now), start=0, num=limit, withscores=True)
+        return [(*member.decode().split(":", 1), int(score)) for member, score in rows]
+
+    def cleanup_owed(self, job_id: str, user_id: str) -> int | None:
+        score = self.r.zscore(self.k("cleanup"), f"{job_id}:{user_id}")
+        return None if score is None else int(score)
+
+    def settle_cleanup(self, job_id: str, user_id: str, score: int) -> None:
+        """The cleanup is done: drop its entry, unless it was owed again since (a newer score)."""
+        self.r.eval(_SETTLE, 1, self.k("cleanup"), f"{job_id}:{user_id}", score)
 
     # -- the reaper's lock, try counters, worker reports -------------------------
     def hold_lock(self, name: str, holder: str, ttl_s: float) -> bool:

@@ -22,12 +22,12 @@ from pipelines import audio as A
 from pipelines import split
 from pipelines.jobspec import Output
 from stems.models import Job, JobStatus
-from stems.storage import ObjectMissing, keys
+from stems.storage import ObjectMissing
 
-from .attempts import discard_outputs, requeue, start_delivery
 from .context import WorkerContext
+from .jobstate import clean_now, complete, run_attempt, separate_again, start_delivery
 from .lease import Lease
-from .splitter import Progress, _cancelled, _job_dir, _records, complete, record_timings, run_attempt
+from .splitter import Progress, _cancelled, _job_dir, _records, record_timings
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,11 @@ def run_delivery(job_id: str, ctx: WorkerContext, worker: str | None = None) -> 
 
 
 def _clear_abandoned(job_id: str, ctx: WorkerContext) -> None:
-    """A job cancelled while it waited for delivery: nobody runs it now, so its float stems go here."""
+    """A job cancelled while it waited for delivery: nobody runs it now, so the cleanup its cancel owes is done
+    here (if the API that cancelled it did not get to it; else by the reaper)."""
     job = ctx.store.get_job(job_id)
     if job is not None and job.separated is not None and job.status in (JobStatus.cancelled, JobStatus.failed):
-        discard_outputs(job, ctx)
+        clean_now(job, ctx)
 
 
 def _deliver(job: Job, ctx: WorkerContext, lease: Lease) -> None:
@@ -81,13 +82,4 @@ def _deliver(job: Job, ctx: WorkerContext, lease: Lease) -> None:
 def _separate_again(job: Job, ctx: WorkerContext, key: str) -> None:
     """The float stems are gone: the job goes back to its model queue to be separated again."""
     log.warning("job %s: separated stem %s is missing; separating it again", job.id, key)
-
-    def forget(current: Job) -> Job | None:
-        if current.attempt_id != job.attempt_id or current.status != JobStatus.processing:
-            return None
-        current.separated = None
-        return current
-
-    ctx.store.update_job(job.id, forget)
-    if requeue(job.id, ctx, "requeued: its separated stems were lost", time.time(), attempt_id=job.attempt_id):
-        ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.separated.attempt_id))
+    separate_again(job, ctx)

@@ -20,8 +20,9 @@ from stems.masterings import Mastering, Masterings
 from stems.models import DELIVERY_QUEUE, AssetStatus, Job, JobStatus
 from stems.settings import Settings
 
-from .attempts import owed_kind, waiting
 from .celery_app import broker_queue, broker_unavailable
+from .jobstate import owed_kind, waiting
+from .retry import RETRYABLE
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +105,16 @@ def flush(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> Non
         send_owed(app, s, store, kind, id_, score)
     except Exception as exc:  # the entry stays: the reaper retries it
         log.warning("could not send %s %s now (%s); the reaper will", kind, id_, exc)
+
+
+def run_then_flush(run, job_id: str, ctx, app: Celery, hostname: str | None) -> None:
+    """Run a split or delivery task's work, then send what the run owes (its delivery stage, or the webhook of
+    its final status) now rather than at the reaper's next pass."""
+    try:
+        run(job_id, ctx, hostname)
+    finally:
+        for kind in ("deliver", "webhook"):
+            try:
+                flush(app, ctx.settings, ctx.store, kind, job_id)
+            except RETRYABLE:
+                pass

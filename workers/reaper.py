@@ -5,7 +5,8 @@ a time (it lapses three passes after its holder stops, and another worker's reap
 over). Every STEMS_REAPER_INTERVAL_S it
 
 1. fails running jobs past their hard deadline (their worker was killed at the time limit, or
-   ignores it) with `time_limit`: outputs removed, quota slot freed, webhook owed;
+   ignores it) with `time_limit`: quota slot freed, webhook and the removal of its outputs owed
+   in that transaction;
 2. runs again the jobs whose lease lapsed (the worker died, froze or lost its network): back
    to `queued` with a new message, or, for a delivery stage, to delivery again with the
    separated stems kept (a lapse past the deadline is a time limit, as in 1). A lease is judged
@@ -15,7 +16,10 @@ over). Every STEMS_REAPER_INTERVAL_S it
    Redis coming back, so an outage longer than the lease does not run every job again;
 3. sends the messages the outbox owes: jobs written but never queued (the API died or the
    broker refused), retries whose backoff is over, work a dead worker had received but not
-   started, webhooks not yet sent.
+   started, webhooks not yet sent;
+4. does the cleanups owed (`{p}:cleanup`) that their owner did not get to (it died, or storage
+   was away): the objects of ended and deleted jobs brought to what their state allows
+   (`workers/jobstate.py::clean`).
 
 Each worker also owes a message, for a few seconds, for every message it receives (Celery's
 `task_received`), cleared once the task starts: a worker that dies holding messages it had
@@ -40,7 +44,7 @@ from stems.jobstore import JobStore
 from stems.models import JobStatus
 from stems.settings import Settings, get_settings
 
-from .attempts import discard_outputs, finish, owed_kind, requeue
+from .jobstate import clean_now, finish, owed_kind, requeue, settle_clean
 from .celery_app import dead_letter_queue, make_celery
 from .context import StoreContext
 from .messages import KINDS, flush, send_owed
@@ -88,7 +92,7 @@ class Reaper:
     def pass_once(self, now: float | None = None) -> dict[str, int]:
         s, store = self.ctx.settings, self.store
         now = now or time.time()
-        counts = {"timed_out": 0, "requeued": 0, "sent": 0}
+        counts = {"timed_out": 0, "requeued": 0, "sent": 0, "cleaned": 0}
         for job_id in store.past_deadline(now - s.lease_s):
             counts["timed_out"] += self.time_out(job_id)
         for job_id in store.expired_leases(now) if self.judges_leases(now) else ():
@@ -97,7 +101,8 @@ class Reaper:
                 store.forget_run(job_id)  # an index entry whose record went away
             elif job.deadline_at and now >= job.deadline_at:
                 counts["timed_out"] += self.time_out(job_id)
-            elif requeue(job_id, self.ctx, "requeued: its worker stopped renewing the lease", now, lease_lapsed=True):
+            elif requeue(job_id, self.ctx, "requeued: its worker stopped renewing the lease", now, lease_lapsed=True,
+                         now=now):
                 log.warning("job %s: the lease of attempt %s lapsed; running it again", job_id, job.attempt_id)
                 counts["requeued"] += 1
         for kind, id_, score in store.owed(now):
@@ -108,6 +113,12 @@ class Reaper:
                 break
             counts["sent"] += 1
         self.saw_redis(time.time())
+        for job_id, user_id, score in store.cleanups_due(now):
+            try:
+                counts["cleaned"] += settle_clean(self.ctx, job_id, user_id, score, now)
+            except Exception as exc:  # storage away: the entry stays for the next pass
+                log.warning("reaper: cannot clean up job %s (%s)", job_id, exc)
+                break
         self.passes += 1
         if self.passes % PRUNE_EVERY == 0:
             from pipelines.presets import load_catalogue
@@ -130,7 +141,7 @@ class Reaper:
         if ended is None:
             return 0
         log.warning("job %s: past its hard time limit (%.0f s); failed", job_id, limit)
-        discard_outputs(ended, self.ctx)
+        clean_now(ended, self.ctx)  # owed by `finish`: a reaper that dies here leaves it to the next pass
         return 1
 
     def loop(self, stop: threading.Event) -> None:

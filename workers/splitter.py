@@ -7,7 +7,7 @@ a service has: the source from storage, stems to storage, records, progress and 
 through the job store. A job on a GPU queue (STEMS_TWO_STAGE) runs only `separate_all` here and
 stores its float stems; the CPU queue's delivery stage (`workers/delivery.py`) encodes them.
 
-Each delivery runs as an attempt (`workers/attempts.py`): it takes a token, a lease renewed
+Each delivery runs as an attempt (`workers/jobstate.py`, the job's state machine): it takes a token, a lease renewed
 from a thread (`workers/lease.py`) and a deadline; its objects go under its own prefix, and its
 stem records, progress and final status take effect only while its token owns the job. A
 delivery of a job that ended, or that a live attempt holds, does nothing. An attempt counter
@@ -26,22 +26,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from celery.exceptions import SoftTimeLimitExceeded
-
 from pipelines import audio as A
 from pipelines import split
-from pipelines.errors import Cancelled, StemsError
-from pipelines.presets import load_catalogue
+from pipelines.errors import Cancelled
 from pipelines.split import Product
 from stems.ingest import check_original
 from stems.models import DELIVERY_QUEUE, Job, JobStatus, Separated, SeparatedStem, Stem, StemStatus
 from stems.storage import keys
 
-from .attempts import (Superseded, alive, discard_attempt, discard_outputs, finish, give_up, hand_to_delivery, requeue,
-                       reset_stems, stand_down, start, sweep_other_attempts)
 from .context import WorkerContext
+from .jobstate import Superseded, alive, complete, hand_to_delivery, run_attempt, start
 from .lease import Lease
-from .retry import backoff, retryable
 
 log = logging.getLogger(__name__)
 
@@ -119,41 +114,6 @@ def two_stage(job: Job, ctx: WorkerContext) -> bool:
     """Whether the job's encodes go to the CPU queue's delivery stage (STEMS_TWO_STAGE; auto: jobs on GPU queues)."""
     mode = ctx.settings.two_stage
     return mode == "always" or (mode == "auto" and job.queue != DELIVERY_QUEUE)
-
-
-def run_attempt(job: Job, ctx: WorkerContext, tries: int, body: Callable[[Job, WorkerContext, Lease], None]) -> None:
-    """Run `body` as attempt `job.attempt_id` under its lease; end the attempt one way or another.
-
-    `tries` counts the runs of this stage so far (a job that kills its worker each time is given up).
-    """
-    if tries > ctx.settings.task_max_attempts:
-        give_up(job, ctx)
-        return
-    s = ctx.settings
-    with Lease(ctx.store, job.id, job.attempt_id, s.lease_s, s.lease_renew_s) as lease:
-        try:
-            reset_stems(job, ctx)
-            body(job, ctx, lease)
-        except Superseded:
-            stand_down(job, ctx)
-        except Cancelled:
-            if lease.superseded():
-                stand_down(job, ctx)
-            else:
-                _end_without_stems(job, ctx, JobStatus.cancelled)
-        except SoftTimeLimitExceeded:
-            _end_without_stems(job, ctx, JobStatus.failed,
-                               {"code": "time_limit", "message": "the split ran past its time limit"})
-        except Exception as exc:
-            if retryable(exc) and tries < s.task_max_attempts:
-                _retry(job, ctx, exc)
-            elif isinstance(exc, StemsError):
-                log.warning("job %s failed: %s", job.id, exc)
-                _end_without_stems(job, ctx, JobStatus.failed, exc.to_dict())
-            else:
-                log.exception("job %s failed", job.id)
-                _end_without_stems(job, ctx, JobStatus.failed,
-                                   {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
 
 
 def _cancelled(job: Job, ctx: WorkerContext, lease: Lease) -> Callable[[], bool]:
@@ -248,47 +208,6 @@ def record_timings(job: Job, ctx: WorkerContext, **seconds: float) -> None:
     ctx.store.update_job(job.id, apply)
 
 
-def complete(job: Job, ctx: WorkerContext, made_by: dict[str, str], seconds: float,
-             cancelled: Callable[[], bool]) -> None:
-    """Mark the stems the chain did not make as dropped, then complete the job (only while this attempt owns it)."""
-    records = {s.name: s for s in ctx.store.get_stems(job.stem_ids)}
-    restored = {u.of_stem_id: u for u in ctx.store.get_stems(job.upscaled_ids)}
-    dropped = [record for name, stem in records.items() if name not in made_by
-               for record in filter(None, (stem, restored.get(stem.id)))]
-    for record in dropped:
-        record.status = StemStatus.dropped
-    if not ctx.store.put_stems_fenced(dropped, job.id, job.attempt_id):
-        raise Superseded("another attempt owns the job now")
-    if cancelled():
-        raise Cancelled("job cancelled")
-    if job.separated is not None:  # the float stems go before the job completes: a complete job holds its stems only
-        ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.separated.attempt_id))
-    minutes = seconds / 60 * load_catalogue().preset(job.preset).usage_multiplier
-    if finish(job.id, ctx, JobStatus.complete, usage_minutes=minutes, attempt_id=job.attempt_id) is None:
-        raise Cancelled("the job was cancelled or taken over while its stems were stored")
-    sweep_other_attempts(job, ctx)
-
-
 def _check(cancelled: Callable[[], bool]) -> None:
     if cancelled():
         raise Cancelled("job cancelled")
-
-
-def _end_without_stems(job: Job, ctx: WorkerContext, status: JobStatus, error: dict | None = None) -> None:
-    """End the job as `status` if this attempt still owns it, leaving no stems; else stand down."""
-    ended = finish(job.id, ctx, status, error, attempt_id=job.attempt_id)
-    current = ctx.store.get_job(job.id)
-    if ended is not None or (current is not None and current.attempt_id == job.attempt_id):
-        discard_outputs(job, ctx)  # the job is over (cancelled by its owner, failed by us or the reaper)
-    else:
-        stand_down(job, ctx)
-
-
-def _retry(job: Job, ctx: WorkerContext, exc: Exception) -> None:
-    """Back to the queue: this attempt's outputs removed, the message owed again after a backoff."""
-    log.warning("job %s: retryable error %s, trying again", job.id, exc)
-    try:
-        discard_attempt(job, ctx)
-        requeue(job.id, ctx, "retrying", time.time() + backoff(job.attempts - 1), attempt_id=job.attempt_id)
-    except Exception as again:  # the store is away too: the lease lapses and the reaper runs the job again
-        log.warning("job %s: could not hand it back (%s); the reaper will", job.id, again)

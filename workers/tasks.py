@@ -25,7 +25,7 @@ from .celery_app import app
 from .context import context, store_context
 from .importer import run_import
 from .mastering import run_master
-from .messages import flush
+from .messages import flush, run_then_flush
 from .retry import RETRYABLE, backoff
 from .delivery import run_delivery
 from .splitter import run_split
@@ -45,27 +45,13 @@ def import_audio_task(audio_id: str) -> None:
 @app.task(name="stems.split", bind=True)
 def split_task(self, job_id: str) -> None:
     """A job's split: the whole of it, or its separation stage when its encodes run on the CPU queue."""
-    _run_then_flush(run_split, job_id, self.request.hostname)
+    run_then_flush(run_split, job_id, context(), app, self.request.hostname)
 
 
 @app.task(name="stems.deliver", bind=True)
 def deliver_task(self, job_id: str) -> None:
     """A separated job's delivery stage: WAVs, HQ encodes and peaks, uploaded; the job completed."""
-    _run_then_flush(run_delivery, job_id, self.request.hostname)
-
-
-def _run_then_flush(run, job_id: str, hostname: str | None) -> None:
-    ctx = context()
-    try:
-        run(job_id, ctx, hostname)
-    finally:
-        # what the run owes (its delivery stage, or the webhook of its final status) is sent now rather than
-        # at the reaper's next pass
-        for kind in ("deliver", "webhook"):
-            try:
-                flush(app, ctx.settings, ctx.store, kind, job_id)
-            except RETRYABLE:
-                pass
+    run_then_flush(run_delivery, job_id, context(), app, self.request.hostname)
 
 
 @app.task(name="stems.master_audio", bind=True)
