@@ -118,7 +118,7 @@ class LocalStorage:
             shutil.copyfile(path, tmp)
             os.replace(tmp, dst)
         except OSError as exc:
-            if not path.exists():  # the caller's file, not our storage
+            if not Path(path).exists():  # the caller's file, not our storage
                 raise
             raise self._unwritable(exc) from None
         finally:  # a copy that failed half-way (disk full, a read error) leaves no part behind
@@ -408,7 +408,8 @@ class S3Storage:
         refused = answer.get("Errors") or []
         if refused:
             codes = sorted({e.get("Code", "?") for e in refused})
-            raise StorageError(f"storage refused to delete {len(refused)} of {len(batch)} objects ({', '.join(codes)})")
+            raise StorageUnavailable("refused", CHECKS["refused"],
+                                     f"refused to delete {len(refused)} of {len(batch)} objects ({', '.join(codes)})")
 
     @_retrying
     def list(self, prefix: str) -> list[str]:
