@@ -125,7 +125,10 @@ class Masterings:
         return sorted(i.decode() for i in self.r.smembers(self.k("asset_masters", audio_id)))
 
     def delete(self, storage: Storage, m: Mastering) -> int:
-        """Remove the records, every index entry and the stored objects; returns objects deleted."""
+        """Remove the records, every index entry and the stored objects; returns objects deleted. Storage is asked
+        first, as `stems.lifecycle.delete_job` does: when it is down, StorageUnavailable is raised with nothing
+        removed, rather than records gone and objects left without them."""
+        storage.ping()
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(self.k("mastering", m.id), self.k("stem", m.id), self.k("tries", TASK_KIND, m.id))
         pipe.srem(self.k("asset_masters", m.audio_id), m.id)

@@ -190,7 +190,7 @@ class RunStore:
 
     def settle_cleanup(self, job_id: str, user_id: str, score: int) -> None:
         """The cleanup is done: drop its entry, unless it was owed again since (a newer score)."""
-        self.r.eval(_SETTLE, 1, self.k("cleanup"), f"{job_id}:{user_id}", score)
+        self.r.eval(_SETTLE, 1, self.k("cleanup"), f"{job_id}:{user_id}", score, "")
 
     # -- the reaper's lock, try counters, worker reports -------------------------
     def hold_lock(self, name: str, holder: str, ttl_s: float) -> bool:

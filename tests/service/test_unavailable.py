@@ -29,6 +29,7 @@ import boto3
 import httpx
 import pytest
 
+from stems.masterings import Masterings
 from stems.redisboot import free_port, start_redis
 from tests.support import ServiceStack, start_moto, tone_mix, upload, wait_for, write_audio
 from tests.tcpproxy import TcpProxy
@@ -41,8 +42,9 @@ RECORD_ONLY = os.environ.get("STEMS_MATRIX_RECORD") == "1"
 NO_DEPENDENCY = {"GET /healthz", "GET /openapi.json", "GET /docs", "GET /"}
 STORAGE = {"POST /from-file", "POST /from-storage", "DELETE /audio/{audio_id}", "DELETE /stem_split/{creation_id}",
            "GET /download/stem/{stem_id}", "POST /download-archive", "GET /stem/{stem_id}/peaks",
-           "GET /audio/{audio_id}/peaks"}
-BROKER = {"POST /from-file", "POST /from-link", "POST /from-storage", "POST /create-stems"}
+           "GET /audio/{audio_id}/peaks", "GET /download/mastered/{mastered_id}", "DELETE /mastered/{mastered_id}"}
+# a batch answers 200 with each item's own answer: its one item says 503 broker_unavailable (see `call`)
+BROKER = {"POST /from-file", "POST /from-link", "POST /from-storage", "POST /create-stems", "POST /master-audio"}
 OUTAGES = ("bucket deleted", "S3 endpoint stopped", "Redis stopped", "broker stopped")
 NEEDS = {"bucket deleted": ("storage_unavailable", STORAGE), "S3 endpoint stopped": ("storage_unavailable", STORAGE),
          "Redis stopped": ("redis_unavailable", None), "broker stopped": ("broker_unavailable", BROKER)}
@@ -76,6 +78,8 @@ class World:
     link: str = ""
     delete_audio: list[str] = field(default_factory=list)
     delete_split: list[str] = field(default_factory=list)
+    mastered_id: str = ""
+    delete_mastered: list[str] = field(default_factory=list)
 
 
 def operations(w: World, walk: int) -> dict[str, tuple[str, str, dict]]:
@@ -97,6 +101,12 @@ def operations(w: World, walk: int) -> dict[str, tuple[str, str, dict]]:
         "POST /download-archive": ("POST", "/download-archive", {"json": {"creation_id": w.job_id}}),
         "POST /download-links": ("POST", "/download-links", {"json": {"stem_ids": [w.stem_id]}}),
         "GET /stem/{stem_id}/peaks": ("GET", f"/stem/{w.stem_id}/peaks", {}),
+        "POST /create-stems/batch": ("POST", "/create-stems/batch", {"json": {"items": [
+            {"preset": "phantom_center", "audio_id": w.audio_id, "hq_streaming_format": "none"}]}}),
+        "POST /master-audio": ("POST", "/master-audio", {"json": {"audio_id": w.audio_id}}),
+        "GET /status/mastered/{mastered_id}": ("GET", f"/status/mastered/{w.mastered_id}", {}),
+        "GET /download/mastered/{mastered_id}": ("GET", f"/download/mastered/{w.mastered_id}", {}),
+        "DELETE /mastered/{mastered_id}": ("DELETE", f"/mastered/{w.delete_mastered[walk]}", {}),
         "GET /presets": ("GET", "/presets", {}),
         "GET /usage": ("GET", "/usage", {}),
         "GET /healthz": ("GET", "/healthz", {}),
@@ -119,6 +129,9 @@ def call(c: httpx.Client, method: str, path: str, kw: dict) -> Cell:
         code = body.get("code")
         if path == "/readyz":  # the readiness answer names its failing checks
             code = "+".join(k for k, v in body.get("checks", {}).items() if v != "ok") or None
+    if path == "/create-stems/batch" and r.status_code == 200:  # the item's own answer
+        item = r.json()["items"][0]
+        code = item.get("code") if item.get("status") == "error" else None
     return Cell(r.status_code, code, r.headers.get("retry-after"), time.monotonic() - t0)
 
 
@@ -196,10 +209,11 @@ def audit(s: ServiceStack, user: str) -> list[str]:
     objects = set(s.objects(f"users/{user}/"))
     assets, jobs = _records(s, "audio", user), _records(s, "job", user)
     asset_ids, job_ids = {a.id for a in assets}, {j.id for j in jobs}
+    masters = Masterings(s.store)
     problems = []
     for key in sorted(objects):
         kind, owner = key.split("/")[2:4]
-        if owner not in (asset_ids if kind == "audio" else job_ids):
+        if owner not in (asset_ids if kind == "audio" else job_ids) and not (kind == "jobs" and masters.get(owner)):
             problems.append(f"object without its record: {key}")
     for a in assets:
         if a.origin == "upload" and a.status.value != "expired" and a.object_key not in objects:
@@ -218,12 +232,19 @@ def _records(s: ServiceStack, kind: str, user: str) -> list:
     return [r for r in found if r is not None and r.user_id == user]
 
 
+def _masterings(s: ServiceStack, user: str) -> list:
+    found = (Masterings(s.store).get(n.decode().rsplit(":", 1)[1])
+             for n in s.store.r.scan_iter(match=s.store.k("mastering", "*")))
+    return [m for m in found if m is not None and m.user_id == user]
+
+
 def idle(s: ServiceStack, user: str, timeout: float = 180) -> str:
     """Wait until every import and split of `user` ended, so nothing writes while a dependency goes down."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         busy = ([f"audio {a.id}" for a in _records(s, "audio", user) if a.status.value == "processing"] +
                 [f"job {j.id}" for j in _records(s, "job", user) if not j.status.terminal])
+        busy += [f"mastering {m}" for m in _masterings(s, user) if m.status.value in ("queued", "processing")]
         if not busy:
             return "ok"
         time.sleep(0.3)
@@ -282,6 +303,11 @@ def test_every_route_answers_503_naming_the_dependency_and_recovers(tmp_path, ca
         w.job_id = r.json()["creation_id"]
         w.stem_id = wait_for(w.c, f"/status/stem_split/{w.job_id}", {"complete"}, 120)["stems"][0]["stem_id"]
         w.delete_audio = [upload(w.c, song_path)["audio_id"] for _ in range(WALKS)]
+        masterings = [w.c.post("/master-audio", json={"audio_id": w.audio_id}) for _ in range(WALKS + 1)]
+        assert all(r.status_code == 200 for r in masterings), [r.text for r in masterings]
+        for r in masterings:
+            wait_for(w.c, f"/status/mastered/{r.json()['mastered_id']}", {"complete"}, 180)
+        w.mastered_id, w.delete_mastered = masterings[0].json()["mastered_id"], [r.json()["mastered_id"] for r in masterings[1:]]
         w.ingest_key = f"ingest/{user}/track.wav"
         deps.s3.put_object(Bucket=deps.bucket, Key=f"{s.env['S3_PREFIX']}/{w.ingest_key}", Body=w.song)
         # splits that end cancelled before the worker sees them (it is frozen meanwhile): what /cancel and
@@ -338,6 +364,8 @@ def test_every_route_answers_503_naming_the_dependency_and_recovers(tmp_path, ca
     assert all(cell.status < 400 for cell in before.values()), before
     ready_code = {"bucket deleted": "storage", "S3 endpoint stopped": "storage", "Redis stopped": "redis",
                   "broker stopped": "broker"}
+    batch = {o: matrix[o]["POST /create-stems/batch"].code for o in OUTAGES}
+    assert batch["broker stopped"] == "broker_unavailable" and batch["bucket deleted"] is None, batch
     for outage in OUTAGES:
         for op, cell in matrix[outage].items():
             status, code = expected(outage, op, before[op])
