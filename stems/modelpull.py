@@ -279,7 +279,7 @@ def pull(spec: ModelSpec, store: ModelStore, fetcher: Fetcher, mirror: str | Non
             fetch(fetcher, url, part, name)
         except DownloadFailed as exc:
             raise DownloadFailed(
-                f"{exc.message}. Without internet, set STEMS_MODEL_MIRROR to a mirror (README, Models), or fetch "
+                f"{exc.message}. Without internet, set STEMS_MODEL_MIRROR to a mirror (docs/models.md), or fetch "
                 f"the files elsewhere and run: {store.install_command(spec)}", **exc.fields) from exc
         try:
             verify(spec, download, part, url)

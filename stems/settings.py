@@ -1,6 +1,6 @@
 """One typed settings object for the whole service, read from the environment (and `.env`).
 
-Every field is documented in the README's settings table (generated from this class by
+Every field is documented in docs/deployment.md's settings table (generated from this class by
 `stems settings --markdown`). Production refuses unsafe values at start-up.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         description="Redis for job state (and the Celery broker unless STEMS_BROKER_URL says otherwise)")
     broker_url: str | None = Field(None, validation_alias=_env("STEMS_BROKER_URL"),
         description="Celery broker: unset for REDIS_URL, or `amqp://user:password@host:5672/vhost` for RabbitMQ "
-                    "(quorum queues with a delivery limit and a dead-letter queue; see README, Brokers)")
+                    "(quorum queues with a delivery limit and a dead-letter queue; see docs/deployment.md, Brokers)")
     key_prefix: str = Field("stems", validation_alias=_env("STEMS_KEY_PREFIX"),
         description="prefix of every Redis key of ours, so several deployments (or test runs) can share a Redis")
     storage: Literal["local", "s3"] = Field("local", validation_alias=_env("STEMS_STORAGE"),

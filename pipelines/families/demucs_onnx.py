@@ -1,7 +1,7 @@
 """Demucs networks on ONNX Runtime: the part between the STFT and the iSTFT, exported once per checkpoint.
 
 Why: on a CPU, ONNX Runtime's kernels run the full-size htdemucs network in about half the
-time torch's take (README, Performance: torch's matrix products go through MKL, which on
+time torch's take (docs/benchmarks.md, Performance: torch's matrix products go through MKL, which on
 the AMD benchmark machine reached half of what ONNX Runtime's MLAS did), and the outputs
 stay within float rounding of torch's. The STFT and iSTFT stay in torch: complex tensors
 do not export, and they are a small share of the time.
@@ -186,7 +186,7 @@ def _session(path: Path, threads: int, save_optimized: Path | None = None):
     so a cold process skips them (1.9 s to 0.8 s for the full-size htdemucs); the layout passes
     that depend on the processor still run at load. Threads do not spin while waiting for work:
     on a shared 2-core machine spinning took a core from the neighbours and from our own
-    STFT, for no gain on an idle one (README, Performance).
+    STFT, for no gain on an idle one (docs/benchmarks.md, Performance).
     """
     import onnxruntime as ort
 

@@ -18,7 +18,7 @@ source separation tool with pre-trained models", JOSS 2020, and the spleeter rep
   masks of the estimates). Spleeter runs it over the whole track; here it runs per segment, so
   its spatial covariances are those of about 12 s of music and memory stays bounded.
 
-Variants measured in `bench/quality.py` (README, Quality): `swap_channels` also runs the
+Variants measured in `bench/quality.py` (docs/benchmarks.md, Quality): `swap_channels` also runs the
 networks on the channel-swapped mix and averages the estimates (test-time augmentation), and
 `instrumental: residual` takes the instrumental as the mix less the vocals, so it keeps the
 band above 11 kHz that Spleeter's zero mask extension drops, and `vocals_highpass_hz` gives the

@@ -183,7 +183,7 @@ def test_unknown_prompt_is_not_routed():
     assert load_catalogue().route_prompt("a theremin solo") is None
 
 
-# preset -> the RoFormer models its first chain runs, when everything is installed (the README's table)
+# preset -> the RoFormer models its first chain runs, when everything is installed (docs/models.md's table)
 ROFORMER_FIRST = {
     "2_tracks": ("bs_roformer_viperx_1297", "mel_band_roformer_kj"),
     "acapella": ("bs_roformer_viperx_1297", "mel_band_roformer_kj"),

@@ -216,7 +216,7 @@ def _relative_error(mixed: dict[str, np.ndarray], exact: dict[str, np.ndarray], 
 
 
 def test_bfloat16_autocast_stays_close_to_float32(mix, tmp_path):
-    """Mixed precision on the CPU: the target within 40 dB of float32 (46 dB measured, README)."""
+    """Mixed precision on the CPU: the target within 40 dB of float32 (46 dB measured, docs/models.md)."""
     store = _store(tmp_path, "bs_roformer_viperx_1297", params={"precision": "bfloat16"})
     mixed = Engine(store).run_model("bs_roformer_viperx_1297", mix, SR)
     exact = roformer_reference(store, "bs_roformer_viperx_1297", mix)
