@@ -92,13 +92,14 @@ def test_unfixable_errors_fail_at_once_with_the_reason(tmp_path, redis_url, s3_u
     try:
         with s.client() as c:
             asset = upload(c, write_audio(tmp_path / "a.wav", tone_mix(2.0, SR), SR))
-            # the stored original is damaged after import: corrupt audio is not retried
+            # the stored original is damaged after import: the worker finds it is not what was imported (its
+            # size and sha256, #19) before decoding anything, and fails at once; this is not retried
             from stems.storage import make_storage
 
             make_storage(s.settings()).put_file(s.store.get_asset(asset["audio_id"]).object_key, tmp_path / "api.log")
             job = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"]}).json()
             status = wait_for(c, f"/status/stem_split/{job['creation_id']}", TERMINAL, 60)
-            assert status["status"] == "failed" and status["error"]["code"] == "invalid_audio"
+            assert status["status"] == "failed" and status["error"]["code"] == "original_changed", status
             assert status["attempts"] == 1
     finally:
         s.stop()
