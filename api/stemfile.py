@@ -27,7 +27,7 @@ def stem_file(svc: Services, user: str, creation_id: str | None) -> FileResponse
     if not set(NI_ORDER) <= set(stems):
         raise Invalid(f"a stem file holds drums, bass, other and vocals (a 4-stem split such as 4_tracks); this split "
                       f"made {', '.join(sorted(stems))}", field="format", creation_id=job.id)
-    keys = {name: _object(stems[name], "wav")[0] for name in NI_ORDER}  # 409 / 410 unless each is stored
+    keys = {name: _object(svc, stems[name], "wav")[0] for name in NI_ORDER}  # 409 / 410 unless each is stored
     tmp = Path(tempfile.mkdtemp(dir=svc.settings.data_dir / "tmp", prefix="stemfile-"))
     try:
         for name, key in keys.items():
