@@ -42,10 +42,11 @@ def _object(svc: Services, stem: Stem, fmt: str) -> tuple[str, str, int]:
                    stem_id=stem.id)
     if stem.status != StemStatus.complete:
         raise Conflict(f"the stem is not ready (status {stem.status.value})", stem_id=stem.id)
-    job = None if stem.kind == "mastered" else svc.store.get_job(stem.job_id)  # a mastering's WAV has no job
-    if stem.kind != "mastered" and (job is None or job.status != JobStatus.complete):
-        status = job.status.value if job else "deleted"
-        raise Conflict(f"the stem's split is not complete (status {status})", stem_id=stem.id)
+    if stem.kind != "mastered":  # a mastering's WAV has no job: its stem's status is its result
+        job = svc.store.get_job(stem.job_id)
+        if job is None or job.status != JobStatus.complete:
+            status = job.status.value if job else "deleted"
+            raise Conflict(f"the stem's split is not complete (status {status})", stem_id=stem.id)
     if fmt == "hq":
         if not stem.hq_key:
             raise NotFound("this stem has no HQ streaming encode (hq_streaming_format was none)", stem_id=stem.id)
