@@ -14,7 +14,8 @@ RABBITMQ_URL = os.environ.get("STEMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127
 # The tiers (pyproject's markers). A test's tier follows from where it lives, so a new test file is in a tier
 # without anyone marking it: pure code under tests/pipelines, the real stack under tests/service, except the
 # modules that kill processes or cut services (drills) and those that install the project (install).
-DRILLS = {"test_nodeloss.py", "test_faults.py", "test_durability.py", "test_two_stage.py", "test_outage.py", "test_outbox.py"}
+DRILLS = {"test_nodeloss.py", "test_faults.py", "test_durability.py", "test_two_stage.py", "test_outage.py", "test_outbox.py",
+          "test_node_drills.py"}
 INSTALLS = {"test_make_run.py", "test_modelpull.py"}
 
 

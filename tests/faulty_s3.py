@@ -3,7 +3,10 @@
 `POST /__fault?count=N&mode=500|stall` makes the next N requests fail that way, and
 `mode=deny-delete` the next N DeleteObjects calls answer 200 with every key refused
 (`AccessDenied` in the per-key `Errors`, as S3 does for a key a policy or lock protects); other
-requests are forwarded unchanged. It stands between the service and moto's server, so
+requests are forwarded unchanged. `slow(match, seconds)` delays every PUT whose path holds `match`
+(a window in which a drill can kill a node mid-upload); `hold(match, method)` keeps each such
+request waiting, unanswered, until `release()` drops it (a node killed with that call in flight:
+it never reached storage). It stands between the service and moto's server, so
 the service talks real S3 over HTTP and meets real failures.
 """
 from __future__ import annotations
@@ -23,6 +26,9 @@ class FaultyS3:
         self.mode = "500"
         self.failed = 0
         self.lock = threading.Lock()
+        self.slow_match, self.slow_s = "", 0.0
+        self.hold_match, self.hold_method, self.held = "", "", 0
+        self.released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,6 +57,14 @@ class FaultyS3:
                     return self._reply(204, b"", {})
                 batch_delete = self.command == "POST" and "delete" in parse_qs(parts.query, keep_blank_values=True)
                 fault = self._take_fault(batch_delete)
+                if proxy.hold_match and self.command == proxy.hold_method and proxy.hold_match in self.path:
+                    with proxy.lock:
+                        proxy.held += 1
+                    proxy.released.wait()
+                    self.close_connection = True  # dropped: the caller is gone, storage never sees it
+                    return
+                if proxy.slow_match and self.command == "PUT" and proxy.slow_match in self.path:
+                    time.sleep(proxy.slow_s)
                 if fault == "deny-delete":
                     keys = [k.decode() for k in re.findall(rb"<Key>(.*?)</Key>", body)]
                     refused = "".join(f"<Error><Key>{k}</Key><Code>AccessDenied</Code><Message>Access Denied</Message>"
@@ -100,6 +114,18 @@ class FaultyS3:
         with self.lock:
             self.fail_next, self.mode = count, mode
 
+    def slow(self, match: str, seconds: float) -> None:
+        self.slow_match, self.slow_s = match, seconds
+
+    def hold(self, match: str, method: str) -> None:
+        self.released.clear()
+        self.hold_match, self.hold_method, self.held = match, method, 0
+
+    def release(self) -> None:
+        self.hold_match = ""
+        self.released.set()
+
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()

@@ -445,6 +445,8 @@ def stand_down(job: Job, ctx: StoreContext) -> None:
     for. If nobody owns the job now and nothing is owed for it (its record went back in time with a
     Redis that lost its last second of writes), owe it a message so it cannot stay queued.
     """
+    # at WARNING: an operator sees a node that came back from a partition, or a duplicate delivery
+    log.warning("job %s: attempt %s lost the job; it stands down", job.id, job.attempt_id)
     now = ctx.store.get_job(job.id)
     completed_by_me = now is not None and now.status == JobStatus.complete and now.attempt_id == job.attempt_id
     handed_by_me = now is not None and now.separated is not None and now.separated.attempt_id == job.attempt_id
