@@ -5,7 +5,7 @@ after a write: a delivery node SIGKILLed once some of its stems are in storage a
 uploading; the node that then wins the job SIGKILLed after the job completed, while it removes
 what the dead node left (its delete calls held in flight, so they never reach storage); and a
 worker cut off from Redis and storage for longer than its lease, which comes back while another
-runs its job. Each checks what the user and the bucket end with: one complete job, every stem
+runs its job; and RabbitMQ itself SIGKILLed with jobs queued in it, then started again. Each checks what the user and the bucket end with: one complete job, every stem
 downloadable, exactly its final objects, usage counted once, nothing owed or leased.
 """
 from __future__ import annotations
@@ -15,12 +15,16 @@ import signal
 import time
 from urllib.parse import urlsplit
 
+import pytest
+
 from stems.storage import keys
 from tests.faulty_s3 import FaultyS3
+from tests.rabbitmq_node import RabbitNode
 from tests.service.test_two_stage import (REQUEST, SLOW, _files, _imported, _settled, _stack, _wait_job,
                                           _waiting_for_delivery)
-from tests.support import TERMINAL, expected_objects, job_objects, start_job, wait_for
+from tests.support import TERMINAL, ServiceStack, expected_objects, start_job, tone_mix, upload, wait_for, write_audio
 from tests.tcpproxy import TcpProxy
+from workers.celery_app import make_celery
 
 
 def _stored(s, job) -> list[str]:
@@ -38,6 +42,11 @@ def _nothing_owed(s, job_id: str, user_id: str, timeout: float = 60) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"left over: {left}")
+
+
+def _messages(s, queue: str) -> int:
+    with make_celery(s.settings()).connection_for_read() as conn:
+        return conn.default_channel.queue_declare(f"{s.settings().key_prefix}.{queue}", passive=True).message_count
 
 
 def _one_complete_job(s, c, job_id: str, status: dict) -> None:
@@ -134,3 +143,48 @@ def test_a_worker_cut_off_past_its_lease_comes_back_and_leaves_nothing(tmp_path,
         s.stop()
         to_redis.stop()
         to_s3.stop()
+
+
+def test_rabbitmq_killed_with_jobs_queued_loses_none(tmp_path, redis_url, s3_url):
+    """A private node (the machine's RabbitMQ is left alone), SIGKILLed with three jobs' messages in its queue."""
+    if RabbitNode.unavailable():
+        pytest.skip(RabbitNode.unavailable())
+    rabbit = RabbitNode()
+    try:
+        rabbit.start()
+    except RuntimeError as exc:  # this machine cannot run a second node (not the drill's failure)
+        rabbit.stop()
+        pytest.skip(f"a private RabbitMQ node could not start: {exc}")
+    s = ServiceStack(tmp_path, redis_url, s3_url, broker=rabbit.url, STEMS_RESEND_QUEUED_S="30",
+                     STEMS_REAPER_INTERVAL_S="0.5", STEMS_ENQUEUE_GRACE_S="2")
+    try:
+        s.start_api()
+        importer = s.start_worker("cpu", "importer")
+        with s.client() as c:
+            aid = upload(c, write_audio(tmp_path / "a.wav", tone_mix(3.0, 44100), 44100))["audio_id"]
+            importer.stop()  # nobody consumes: the jobs' messages wait in the broker
+            jobs = []
+            for _ in range(3):
+                r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": aid})
+                assert r.status_code == 200, r.text
+                jobs.append(r.json()["creation_id"])
+            deadline = time.monotonic() + 30
+            while _messages(s, "cpu") < 3:  # the broker holds the three messages
+                assert time.monotonic() < deadline, "the broker never held the jobs' messages"
+                time.sleep(0.1)
+            rabbit.kill()
+            rabbit.start()  # the same node and data again
+            deadline = time.monotonic() + 60
+            while _messages(s, "cpu") != 3:  # quorum queues: what the broker confirmed was on disk (a restarted
+                # queue may count 0 for a moment, until its log is read back)
+                assert time.monotonic() < deadline, "the restarted broker lost the messages"
+                time.sleep(0.2)
+            s.start_worker("cpu", "after")
+            for job_id in jobs:
+                status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, SLOW)
+                assert status["status"] == "complete" and status["attempts"] == 1, status
+            assert c.get("/usage").json()["jobs"] == 3
+            assert s.store.running() == 0 and s.store.load("cpu") == 0
+    finally:
+        s.stop()
+        rabbit.stop()
