@@ -34,6 +34,9 @@ T = TypeVar("T", bound=BaseModel)
 IDEMPOTENCY_TTL_S = 24 * 3600
 TOMBSTONE_TTL_S = IDEMPOTENCY_TTL_S + 3600
 RETAIN_PHASES = ("original", "asset", "stems", "job")  # see stems/lifecycle.py
+# a deleted record's objects are owed this long before the reaper removes them: the process that deleted the
+# record removes them at once, and the reaper only finishes what a process that died left
+OBJECTS_GRACE_S = 30.0
 
 
 def hash_key(api_key: str) -> str:
@@ -440,7 +443,10 @@ class JobStore(RunStore):
         pipe.execute()
 
     def delete_asset_record(self, asset: AudioAsset, tombstone: bool = True) -> None:
+        """Delete the record, owing the removal of the objects it names in the same transaction (the caller
+        removes them next, and settles; if it dies first, the reaper does, after OBJECTS_GRACE_S)."""
         pipe = self.r.pipeline(transaction=True)
+        self.owe_objects(pipe, asset.stored_keys, time.time() + OBJECTS_GRACE_S)
         pipe.delete(self.k("audio", asset.id), self.k("tries", "import", asset.id))
         pipe.zrem(self.k("outbox"), f"import:{asset.id}")
         for phase in RETAIN_PHASES:

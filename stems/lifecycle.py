@@ -82,14 +82,16 @@ def delete_asset(store: JobStore, storage: Storage, asset: AudioAsset, tombstone
                 continue
             removed += delete_job(store, storage, job, tombstone, checked=True)
     removed += Masterings(store).delete_of_asset(storage, asset.id)  # a running one finds its record gone
-    return removed + delete_asset_objects(storage, asset)
+    return removed + delete_asset_objects(store, storage, asset)
 
 
-def delete_asset_objects(storage: Storage, asset: AudioAsset) -> int:
-    """The asset's stored original and its waveform peaks; returns how many objects that is."""
-    for key in filter(None, (asset.object_key, asset.peaks_key)):
+def delete_asset_objects(store: JobStore, storage: Storage, asset: AudioAsset) -> int:
+    """The asset's stored original and its waveform peaks, then what was owed of them settled; returns how many
+    objects that is."""
+    for key in asset.stored_keys:
         storage.delete(key)
-    return 1 + bool(asset.peaks_key)
+    store.settle_objects(asset.stored_keys)
+    return len(asset.stored_keys)
 
 
 def asset_record_retention(settings: Settings) -> float:
@@ -187,7 +189,7 @@ def _expire_asset(store: JobStore, storage: Storage, audio_id: str, report: Swee
             report.postponed += 1
             return
         store.delete_asset_record(asset, tombstone=False)
-        delete_asset_objects(storage, asset)
+        delete_asset_objects(store, storage, asset)
         report.assets += 1
     store.done_with("asset", audio_id)
     store.done_with("original", audio_id)
@@ -211,7 +213,7 @@ def _expire_original(store: JobStore, storage: Storage, audio_id: str, report: S
                 store.update_asset(before)
                 report.postponed += 1
                 return
-        delete_asset_objects(storage, asset)  # its peaks too: they are drawn from the music
+        delete_asset_objects(store, storage, asset)  # its peaks too: they are drawn from the music
         report.originals += 1
     store.done_with("original", audio_id)
 

@@ -64,6 +64,11 @@ class AudioAsset(BaseModel):
     error: dict | None = None
     created_at: float = Field(default_factory=now)
 
+    @property
+    def stored_keys(self) -> list[str]:
+        """The objects this record names: its original and its peaks (deleted with it, or by retention)."""
+        return [k for k in (self.object_key, self.peaks_key) if k]
+
 
 class Stem(BaseModel):
     """A stem a job makes; `kind=upscaled` marks a restored copy of another stem."""

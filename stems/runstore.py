@@ -192,6 +192,24 @@ class RunStore:
         """The cleanup is done: drop its entry, unless it was owed again since (a newer score)."""
         self.r.eval(_SETTLE, 1, self.k("cleanup"), f"{job_id}:{user_id}", score, "")
 
+    # -- objects owed: what a deleted record named (an asset's original and peaks) ---------------
+    def owe_objects(self, pipe, object_keys: list[str], due: float) -> None:
+        """Owe the removal of these objects at `due`, in the transaction that deletes the record naming them:
+        a process that dies before removing them leaves them owed (the reaper removes them), not orphaned."""
+        if object_keys:
+            (pipe or self.r).zadd(self.k("cleanup_objects"), {key: _ms(due) for key in object_keys})
+
+    def objects_due(self, now: float, limit: int = 200) -> list[str]:
+        return [m.decode() for m in self.r.zrangebyscore(self.k("cleanup_objects"), "-inf", _ms(now), 0, limit)]
+
+    def objects_owed(self) -> int:
+        return int(self.r.zcard(self.k("cleanup_objects")))
+
+    def settle_objects(self, object_keys: list[str]) -> None:
+        """Those objects are gone (deleting a missing object succeeds, so a repeat is harmless)."""
+        if object_keys:
+            self.r.zrem(self.k("cleanup_objects"), *object_keys)
+
     # -- the reaper's lock, try counters, worker reports -------------------------
     def hold_lock(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take the lock `name` for `holder` for `ttl_s`, or extend it if `holder` has it; False if another has it."""

@@ -119,6 +119,14 @@ class Reaper:
             except Exception as exc:  # storage away: the entry stays for the next pass
                 log.warning("reaper: cannot clean up job %s (%s)", job_id, exc)
                 break
+        for key in store.objects_due(now):  # what a deleted record named, left by a process that died
+            try:
+                self.ctx.storage.delete(key)
+            except Exception as exc:
+                log.warning("reaper: cannot remove an owed object (%s)", exc)
+                break
+            store.settle_objects([key])
+            counts["cleaned"] += 1
         self.passes += 1
         if self.passes % PRUNE_EVERY == 0:
             from pipelines.presets import load_catalogue

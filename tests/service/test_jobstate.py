@@ -7,6 +7,7 @@ its commit. See RELIABILITY.md, "The job lifecycle".
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import replace
 
@@ -297,3 +298,42 @@ def test_cancel_racing_a_delivery_keeps_the_stems(two_stage_ctx, song):
     assert_downloads(ctx, job.id)
     assert ctx.storage.list(keys.job_prefix("u", job.id)) == sorted(
         k for s in ctx.store.get_stems(job.stem_ids) for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
+
+
+# -- finding 4, for an audio: its original and peaks are owed with the record's deletion --------------------
+
+def test_deleting_an_audio_and_dying_before_its_objects_go_leaves_them_owed(ctx, song):
+    """The API deletes an audio (and its split) and dies before removing its original and peaks: they are owed
+    in the transaction that deleted the record, and the reaper removes them (main: orphaned for ever)."""
+    from stems.jobstore import OBJECTS_GRACE_S
+    from stems.lifecycle import delete_asset
+    from workers.reaper import Reaper
+
+    job = queued_job(ctx, song)
+    asset = ctx.store.get_asset(job.audio_id)
+    asset.peaks_key = keys.audio_peaks("u", asset.id)
+    ctx.storage.put_stream(asset.peaks_key, io.BytesIO(b"[]"))
+    ctx.store.update_asset(asset)
+    real = ctx.storage
+    ctx.storage = FailingStorage(real, "delete", Died(), lambda: True)
+    with pytest.raises(Died):
+        delete_asset(ctx.store, ctx.storage, asset)
+    ctx.storage = real
+    assert ctx.store.get_asset(asset.id) is None and ctx.store.get_job(job.id) is None
+    assert sorted(ctx.storage.list(f"users/u/audio/{asset.id}")) == sorted(asset.stored_keys)  # left behind ...
+    assert ctx.store.objects_owed() == 2  # ... but owed
+
+    reaper = Reaper(ctx.settings, "r1")
+    reaper.ctx = ctx
+    reaper.pass_once()
+    assert ctx.store.objects_owed() == 2  # not yet: the deleting process had OBJECTS_GRACE_S to do it itself
+    reaper.pass_once(now=time.time() + OBJECTS_GRACE_S + 1)
+    assert ctx.storage.list(f"users/u/audio/{asset.id}") == [] and ctx.store.objects_owed() == 0
+
+
+def test_a_deletion_that_finishes_owes_nothing(ctx, song):
+    from stems.lifecycle import delete_asset
+
+    asset = ctx.store.get_asset(queued_job(ctx, song).audio_id)
+    delete_asset(ctx.store, ctx.storage, asset)
+    assert ctx.storage.list(f"users/u/audio/{asset.id}") == [] and ctx.store.objects_owed() == 0
