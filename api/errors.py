@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetError, StemsError
 from stems.jobstore import unavailable as redis_unavailable
 from stems.netfetch import LinkError, TooLarge
-from stems.storage import ObjectMissing, StorageError
+from stems.storage import ObjectMissing
 from stems.unavailable import DependencyUnavailable, RedisUnavailable
 
 from .deps import Conflict, Gone, Invalid, NotFound, OverBudget, PayloadTooLarge, RateLimited, Unauthorized

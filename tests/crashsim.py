@@ -222,7 +222,7 @@ class World:
 
 def check(world: World, job_id: str, user: str, queues: tuple[str, ...], deleted_ok: bool) -> list[str]:
     """The invariants after recovery; each string says one that does not hold."""
-    ctx, store, storage = world.ctx, world.ctx.store, world.ctx.storage
+    store, storage = world.ctx.store, world.ctx.storage
     bad: list[str] = []
     job = store.get_job(job_id)
     on_storage = sorted(storage.list(keys.job_prefix(user, job_id)))

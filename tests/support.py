@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -14,7 +13,7 @@ import soundfile as sf
 
 from stems.jobstore import JobStore
 from stems.redisboot import free_port
-from stems.stack import Proc, api_proc, wait_http, wait_workers, worker_proc
+from stems.stack import Proc, api_proc, wait_http, worker_proc
 from workers.celery_app import purge_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,12 +14,17 @@ store), so Celery's native delayed delivery for quorum queues is left out.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from celery import Celery
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Exchange, Queue
 
 from pipelines.presets import load_catalogue
 from stems.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from stems.unavailable import BrokerUnavailable
 
 
 def broker_queue(name: str, s: Settings) -> str:

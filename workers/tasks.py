@@ -25,8 +25,8 @@ from .celery_app import app
 from .context import context, store_context
 from .importer import run_import
 from .mastering import run_master
-from .messages import flush, run_then_flush
-from .retry import RETRYABLE, backoff
+from .messages import run_then_flush
+from .retry import backoff
 from .delivery import run_delivery
 from .splitter import run_split
 

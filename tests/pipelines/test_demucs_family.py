@@ -1,9 +1,6 @@
 """The demucs family against demucs itself, on small random models saved in Demucs's checkpoint format."""
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,12 +8,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("demucs")
 
 from demucs.api import Separator as DemucsCli  # noqa: E402
-from demucs.apply import apply_model  # noqa: E402
-from demucs.pretrained import get_model  # noqa: E402
 
 from pipelines.engine import Engine  # noqa: E402
 from pipelines.errors import ChainError, ChecksumMismatch, ModelNotInstalled  # noqa: E402
-from pipelines.families.demucs_family import DemucsSeparator, signature  # noqa: E402
+from pipelines.families.demucs_family import DemucsSeparator  # noqa: E402
 from pipelines.modelstore import ModelStore  # noqa: E402
 from pipelines.presets import load_catalogue  # noqa: E402
 from pipelines.registry import get_spec, load_registry  # noqa: E402

@@ -1,7 +1,6 @@
 """The Python client and `stems remote split` against the live stack (API, Redis, S3, worker)."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
