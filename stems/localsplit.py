@@ -16,6 +16,7 @@ from pipelines.engine import Engine
 from pipelines.errors import PresetError, StemsError
 from pipelines.install_hint import install_hint, preset_hint
 from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
+from pipelines.licences import Use, refused, refused_models
 from pipelines.modelstore import ModelStore
 from pipelines.presets import Preset, load_catalogue
 from pipelines.registry import get_spec
@@ -47,20 +48,29 @@ def restoration(text: str) -> RestorationSpec:
         raise UsageError(f"--restore {text!r}: STRENGTH is a number from 0 to 1 ({exc.__class__.__name__})") from None
 
 
-def pick(preset: Preset, store: ModelStore, chain: str | None) -> int:
-    """The chain to run: the first installed one, or the one `chain` names (its index, or its models joined by '+')."""
+def pick(preset: Preset, store: ModelStore, chain: str | None, use: Use) -> int:
+    """The chain to run: the first installed one whose licences allow `use` (STEMS_DECLARED_USE, as the API
+    serves), or the one `chain` names (its index, or its models joined by '+')."""
+    skipped = refused_models([m for c in preset.chains for m in c.model_ids], use)
     if chain is None:
         try:
-            return preset.pick_chain(store.missing)[0]
+            return preset.pick_chain(lambda spec: store.missing(spec) or refused(spec.id, use))[0]
         except PresetError as exc:
-            gaps = [[m for m in c.model_ids if store.missing(get_spec(m))] for c in preset.chains]
+            gaps = [[m for m in c.model_ids if store.missing(get_spec(m))] for c in preset.chains
+                    if not set(skipped) & set(c.model_ids)]
             hint = preset_hint(gaps)
-            raise PresetError(f"{exc.message}; to make it available: {hint}" if hint else exc.message, **exc.fields) from None
+            message = exc.message + (f" (chains of {', '.join(skipped)} are skipped: their licence does not allow "
+                                     f"{use} use, STEMS_DECLARED_USE)" if skipped else "")
+            raise PresetError(f"{message}; to make it available: {hint}" if hint else message, **exc.fields) from None
     names = ["+".join(c.model_ids) for c in preset.chains]
     index = int(chain) if chain.isdigit() else names.index(chain) if chain in names else None
     if index is None or index >= len(preset.chains):
         raise UsageError(f"preset {preset.name!r} has no chain {chain!r}; its chains: "
                          + ", ".join(f"{i}={n}" for i, n in enumerate(names)))
+    if set(skipped) & set(preset.chains[index].model_ids):
+        raise PresetError(f"chain {names[index]!r} of preset {preset.name!r} is not served for {use} use "
+                          f"(STEMS_DECLARED_USE): the licence of {', '.join(sorted(set(skipped) & set(preset.chains[index].model_ids)))} "
+                          "does not allow it", preset=preset.name, licence_refused=sorted(skipped))
     missing = {m: r for m in preset.chains[index].model_ids if (r := store.missing(get_spec(m)))}
     if missing:
         raise PresetError(f"chain {names[index]!r} of preset {preset.name!r} cannot run here: "
@@ -69,7 +79,7 @@ def pick(preset: Preset, store: ModelStore, chain: str | None) -> int:
     return index
 
 
-def plan(args, store: ModelStore) -> SplitSpec:
+def plan(args, store: ModelStore, use: Use) -> SplitSpec:
     from pipelines import custom
 
     preset = load_catalogue().preset(args.preset)
@@ -84,10 +94,10 @@ def plan(args, store: ModelStore) -> SplitSpec:
             if s.start < lo or s.end > hi:
                 raise UsageError(f"span {s.start}-{s.end} s is outside the selection {lo}-{hi} s")
         fields = custom.plan(args.prompt.strip(), args.sam_model, args.stereo_mode, spans,
-                             lambda p: (pick(p, store, args.chain), None), store.missing(get_spec(args.sam_model)) is None)
+                             lambda p: (pick(p, store, args.chain, use), None), store.missing(get_spec(args.sam_model)) is None)
     elif args.prompt or args.spans:
         raise UsageError("--prompt and --spans are for the custom preset only")
-    return SplitSpec(preset=preset.name, chain_index=None if fields else pick(preset, store, args.chain),
+    return SplitSpec(preset=preset.name, chain_index=None if fields else pick(preset, store, args.chain, use),
                      selection=selection, bit_depth=args.bit_depth, hq_format=None if args.hq == "none" else args.hq,
                      custom=fields, restoration=restoration(args.restore) if args.restore else None)
 
@@ -101,7 +111,7 @@ def run(args, store: ModelStore, settings) -> int:
     try:
         if not source.is_file():
             raise UsageError(f"{source} is not a file")
-        spec = plan(args, store)
+        spec = plan(args, store, settings.declared_use)
         makes = set(load_catalogue().preset(spec.preset).output_stems())
         if getattr(args, "stem_mp4", False) and not set(NI_ORDER) <= makes:
             raise UsageError(f"--stem-mp4 needs a preset that makes drums, bass, other and vocals (4_tracks); "

@@ -74,3 +74,30 @@ def test_declared_commercial_use_skips_chains_whose_licence_does_not_allow_it(st
             assert stem["licence"][0]["commercial_use"] == "yes" and stem["licence"][0]["source"]
     finally:
         commercial.stop()
+
+
+def test_stems_split_follows_the_declared_use_as_the_api_does(store, tmp_path):
+    """`stems split` on the same store: the default picks htdemucs; under commercial use it falls to the DSP
+    fallback, and a chain asked for by name whose licence does not allow it is refused, saying why."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    src = write_audio(tmp_path / "mix.wav", tone_mix(2.0, SR), SR)
+
+    def split(use: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stems.cli", "split", str(src), "--preset", "2_tracks",
+                               "--out", str(tmp_path / use), "--model-dir", str(store.root), *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "STEMS_DECLARED_USE": use, "PYTHONPATH": str(ROOT)})
+
+    research = split("research")
+    assert research.returncode == 0, research.stderr
+    assert {line.split("\t")[1] for line in research.stdout.splitlines() if "\t" in line} == {"htdemucs"}
+    commercial = split("commercial")
+    assert commercial.returncode == 0, commercial.stderr
+    assert {line.split("\t")[1] for line in commercial.stdout.splitlines() if "\t" in line} == {"dsp.repet_sim"}
+    named = split("commercial", "--chain", "htdemucs")
+    assert named.returncode != 0 and "licence" in named.stderr and "commercial" in named.stderr, named.stderr
