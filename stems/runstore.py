@@ -192,6 +192,27 @@ class RunStore:
         """The cleanup is done: drop its entry, unless it was owed again since (a newer score)."""
         self.r.eval(_SETTLE, 1, self.k("cleanup"), f"{job_id}:{user_id}", score, "")
 
+    # -- the last sweep of an ended job, once no attempt of it can still write ------------------
+    def owe_last_sweep(self, pipe, job_id: str, user_id: str, due: float) -> None:
+        """Owe one more cleanup of the job at `due`, when every attempt that started before it ended is past its
+        hard time limit (dead): what a stale attempt uploaded after the first cleanup goes then."""
+        (pipe or self.r).zadd(self.k("last_sweep"), {f"{job_id}:{user_id}": _ms(due)})
+
+    def last_sweeps_due(self, now: float, limit: int = 200) -> list[tuple[str, str]]:
+        rows = self.r.zrangebyscore(self.k("last_sweep"), "-inf", _ms(now), 0, limit)
+        return [tuple(m.decode().split(":", 1)) for m in rows]  # type: ignore[misc]
+
+    def last_sweep_owed(self, job_id: str, user_id: str) -> float | None:
+        score = self.r.zscore(self.k("last_sweep"), f"{job_id}:{user_id}")
+        return None if score is None else score / 1000
+
+    def settle_last_sweep(self, job_id: str, user_id: str, again_at: float | None = None) -> None:
+        member = f"{job_id}:{user_id}"
+        if again_at is None:
+            self.r.zrem(self.k("last_sweep"), member)
+        else:
+            self.r.zadd(self.k("last_sweep"), {member: _ms(again_at)}, xx=True)
+
     # -- objects owed: what a deleted record named (an asset's original and peaks) ---------------
     def owe_objects(self, pipe, object_keys: list[str], due: float) -> None:
         """Owe the removal of these objects at `due`, in the transaction that deletes the record naming them:

@@ -20,7 +20,8 @@ simulator, tests/service/test_crashpoints.py, check them):
    (other attempts' prefixes and float stems for a complete job; everything for a failed or
    cancelled one); a deleted job owes the removal of its prefix. `clean` does it idempotently,
    called by whoever gets there first (the worker or API that made it necessary, else the reaper),
-   and the entry is settled only once storage confirms.
+   and the entry is settled only once storage confirms. Ending a job also owes a last sweep, due
+   once every attempt is past its hard time limit, for what a stale attempt uploaded after that.
 5. An attempt writes objects only under its own prefix, and records only while its token owns the
    job (fenced writes); an attempt that lost the job removes its own prefix and nothing else.
 6. A job's load entry (`{p}:load:{queue}`) is on the queue whose workers must run it next: its model
@@ -167,8 +168,17 @@ def finish(job_id: str, ctx: StoreContext, status: JobStatus, error: dict | None
         if job.callback_url and job.status in (JobStatus.complete, JobStatus.failed):
             ctx.store.owe("webhook", job.id, time.time() + ctx.settings.enqueue_grace_s, pipe)
         ctx.store.owe_cleanup(pipe, job.id, job.user_id, time.time() + ctx.settings.enqueue_grace_s)
+        _owe_last_sweep(pipe, job, ctx)
 
     return ctx.store.transition(job_id, apply, also)
+
+
+def _owe_last_sweep(pipe, job: Job, ctx: StoreContext) -> None:
+    # every attempt of the job started before now, so each is dead (its pool process killed at its hard time
+    # limit) by now + the longest limit: an attempt frozen past its lease that wakes and uploads before it
+    # checks its fence leaves objects after the first cleanup, and this sweep removes them
+    ctx.store.owe_last_sweep(pipe, job.id, job.user_id, time.time() + ctx.settings.hard_time_limit(
+        job.audio_seconds or 0.0) + ctx.settings.lease_s)
 
 
 def cancel(job_id: str, ctx: StoreContext) -> Job | None:
@@ -185,6 +195,7 @@ def cancel(job_id: str, ctx: StoreContext) -> Job | None:
     def also(pipe, job: Job) -> None:
         # a running attempt may still write until it sees the cancel: the cleanup is settled after its lease
         ctx.store.owe_cleanup(pipe, job.id, job.user_id, time.time() + ctx.settings.enqueue_grace_s)
+        _owe_last_sweep(pipe, job, ctx)
 
     ctx.store.request_cancel(job_id)
     return ctx.store.transition(job_id, apply, also)
@@ -321,6 +332,15 @@ def settle_clean(ctx: StoreContext, job_id: str, user_id: str, score: int, now: 
     job = ctx.store.get_job(job_id)
     later = max(job.lease_until or 0.0, time.time()) if job is not None else time.time()
     ctx.store.owe_cleanup(None, job_id, user_id, later + ctx.settings.reaper_interval_s)
+    return False
+
+
+def last_sweep(ctx: StoreContext, job_id: str, user_id: str, now: float) -> bool:
+    """The ended job's last cleanup (see `_owe_last_sweep`); True once done and settled."""
+    if clean(ctx, job_id, user_id, now):
+        ctx.store.settle_last_sweep(job_id, user_id)
+        return True
+    ctx.store.settle_last_sweep(job_id, user_id, again_at=now + ctx.settings.reaper_interval_s)
     return False
 
 

@@ -337,3 +337,31 @@ def test_a_deletion_that_finishes_owes_nothing(ctx, song):
     asset = ctx.store.get_asset(queued_job(ctx, song).audio_id)
     delete_asset(ctx.store, ctx.storage, asset)
     assert ctx.storage.list(f"users/u/audio/{asset.id}") == [] and ctx.store.objects_owed() == 0
+
+
+# -- a stale attempt that uploads after the job's cleanup ----------------------------------------------------
+
+def test_what_a_stale_attempt_uploads_after_the_cleanup_goes_in_the_last_sweep(ctx, song):
+    """An attempt frozen past its lease wakes after the job completed and its cleanup was settled, uploads a
+    stem and dies before it checks its fence: the last sweep, owed when the job ended and due once every
+    attempt is past its hard time limit, removes it and nothing of the winner's (main: kept for ever)."""
+    from workers.reaper import Reaper
+    from workers.splitter import run_split
+
+    job = queued_job(ctx, song)
+    run_split(job.id, ctx, "w1")
+    done = ctx.store.get_job(job.id)
+    assert done.status == JobStatus.complete and ctx.store.cleanup_owed(job.id, "u") is None
+    due = ctx.store.last_sweep_owed(job.id, "u")
+    assert due is not None and due >= done.finished_at + ctx.settings.hard_time_limit(2.0)
+    stale = keys.stem("u", job.id, "1-stale", "x", "wav")
+    ctx.storage.put_stream(stale, io.BytesIO(b"RIFF"))
+
+    reaper = Reaper(ctx.settings, "r1")
+    reaper.ctx = ctx
+    reaper.pass_once(now=time.time() + 60)
+    assert stale in ctx.storage.list(keys.job_prefix("u", job.id))  # not yet: that attempt may still be alive
+    reaper.pass_once(now=due + 1)
+    assert stale not in ctx.storage.list(keys.job_prefix("u", job.id))
+    assert ctx.store.last_sweep_owed(job.id, "u") is None
+    assert_downloads(ctx, job.id)  # the winner's stems untouched
