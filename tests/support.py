@@ -74,8 +74,12 @@ class ServiceStack:
         wait_http(self.base + "/healthz", proc=p)
         return p
 
-    def start_worker(self, queues: str, name: str, wait: bool = True, **env: str) -> Proc:
-        p = worker_proc({**self.env, **env}, queues, name, self.tmp / f"worker-{name}.log").start()
+    def start_worker(self, queues: str, name: str, wait: bool = True, wrap=None, **env: str) -> Proc:
+        """`wrap`: a function of the worker's argv giving the command to run (e.g. inside a network namespace)."""
+        p = worker_proc({**self.env, **env}, queues, name, self.tmp / f"worker-{name}.log")
+        if wrap is not None:
+            p.argv = wrap(p.argv)
+        p.start()
         self.procs.append(p)
         if wait:
             deadline = time.monotonic() + 60

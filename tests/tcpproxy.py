@@ -14,8 +14,10 @@ from stems.redisboot import free_port
 
 
 class TcpProxy:
-    def __init__(self, upstream_port: int, port: int | None = None) -> None:
+    def __init__(self, upstream_port: int, port: int | None = None, host: str = "127.0.0.1") -> None:
+        """Listens on `host` (loopback, or an address a network namespace reaches) and forwards to loopback."""
         self.upstream_port = upstream_port
+        self.host = host
         self.port = port or free_port()
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -25,11 +27,11 @@ class TcpProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
         self._stopped = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
+        self._listener = socket.create_server((self.host, self.port))  # SO_REUSEADDR: the same port again
         self._listener.settimeout(0.2)
         threading.Thread(target=self._accept, args=(self._listener, self._stopped), daemon=True,
                          name=f"tcpproxy-{self.port}").start()

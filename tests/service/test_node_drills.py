@@ -3,9 +3,9 @@
 The other drills kill a worker while it separates, before it has written anything. These land
 after a write: a delivery node SIGKILLed once some of its stems are in storage and others are still
 uploading; the node that then wins the job SIGKILLed after the job completed, while it removes
-what the dead node left (its delete calls held in flight, so they never reach storage); and a
-worker cut off from Redis and storage for longer than its lease, which comes back while another
-runs its job; and RabbitMQ itself SIGKILLed with jobs queued in it, then started again. Each checks what the user and the bucket end with: one complete job, every stem
+what the dead node left (its delete calls held in flight, so they never reach storage); a worker
+in its own network namespace cut off from Redis, storage and the broker for longer than its lease,
+which comes back while another runs its job; and RabbitMQ itself SIGKILLed with jobs queued in it, then started again. Each checks what the user and the bucket end with: one complete job, every stem
 downloadable, exactly its final objects, usage counted once, nothing owed or leased.
 """
 from __future__ import annotations
@@ -13,17 +13,16 @@ from __future__ import annotations
 import os
 import signal
 import time
-from urllib.parse import urlsplit
 
 import pytest
 
 from stems.storage import keys
 from tests.faulty_s3 import FaultyS3
+from tests.partition import make_link
 from tests.rabbitmq_node import RabbitNode
 from tests.service.test_two_stage import (REQUEST, SLOW, _files, _imported, _settled, _stack, _wait_job,
                                           _waiting_for_delivery)
 from tests.support import TERMINAL, ServiceStack, expected_objects, start_job, tone_mix, upload, wait_for, write_audio
-from tests.tcpproxy import TcpProxy
 from workers.celery_app import make_celery
 
 
@@ -107,31 +106,28 @@ def test_killed_while_uploading_stems_then_the_winner_killed_while_it_cleans_up(
 
 def test_a_worker_cut_off_past_its_lease_comes_back_and_leaves_nothing(tmp_path, redis_url, s3_url, demucs_models,
                                                                        long_song, broker):
-    """Its own network path to Redis and storage (proxies a test can cut), not the API's or the other node's."""
-    to_redis = TcpProxy(urlsplit(redis_url).port)
-    to_s3 = TcpProxy(urlsplit(s3_url).port)
+    """The worker runs in its own network namespace (where the machine allows one), reaching Redis, storage and
+    the broker over a veth link the test takes down: its packets are dropped, not refused. The API and the other
+    node keep their paths."""
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker)
+    link = make_link({"REDIS_URL": redis_url, "S3_ENDPOINT_URL": s3_url, **({"STEMS_BROKER_URL": broker} if broker else {})})
     queues = "cpu,gpu-demucs"
     try:
         with s.client() as c:
             audio_id = _imported(s, c, long_song)
-            cut = s.start_worker(queues, "cut", REDIS_URL=redis_url.replace(f":{urlsplit(redis_url).port}/",
-                                                                           f":{to_redis.port}/"),
-                                 S3_ENDPOINT_URL=to_s3.url)
+            cut = s.start_worker(queues, "cut", wrap=link.argv, **link.env)
             job_id = start_job(c, long_song, audio_id=audio_id, **REQUEST)
             lost = _wait_job(s, job_id, lambda j: j.stage.startswith("separating") and j.worker_pid
                              and j.worker.startswith("cut@"), "its separation on the node to cut off")
-            to_redis.stop()
-            to_s3.stop()  # the node is partitioned: it goes on separating, but reaches nothing
+            link.cut()  # the node is partitioned: it goes on separating, but reaches nothing
             s.start_worker(queues, "b")
             _wait_job(s, job_id, lambda j: j.attempt_id not in (None, lost.attempt_id), "the job's next attempt")
-            to_redis.start()
-            to_s3.start()  # the partition heals while the other node runs the job
+            link.heal()  # the partition heals while the other node runs the job
 
             status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, SLOW)
             deadline = time.monotonic() + SLOW
             while f"attempt {lost.attempt_id} lost the job" not in cut.log.read_text():
-                assert time.monotonic() < deadline, "the node that came back never stood down"
+                assert time.monotonic() < deadline, f"the node that came back never stood down ({link.kind})"
                 assert cut.popen.poll() is None, "the node that came back exited"
                 time.sleep(0.2)
             _one_complete_job(s, c, job_id, status)
@@ -139,10 +135,10 @@ def test_a_worker_cut_off_past_its_lease_comes_back_and_leaves_nothing(tmp_path,
             assert job.separated.attempt_id != lost.attempt_id and job.attempts == 2, job
             assert _stored(s, lost) == []  # whatever it wrote on its return, it removed
         _nothing_owed(s, job_id, job.user_id)
+        print(f"cut off through a {link.kind}")
     finally:
         s.stop()
-        to_redis.stop()
-        to_s3.stop()
+        link.close()
 
 
 def test_rabbitmq_killed_with_jobs_queued_loses_none(tmp_path, redis_url, s3_url):
