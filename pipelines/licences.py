@@ -7,9 +7,9 @@ declares `commercial` use (STEMS_DECLARED_USE) is served only the models whose r
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
-from .registry import get_spec, load_registry
+from .registry import ModelSpec, get_spec, load_registry
 
 Use = Literal["research", "commercial"]
 
@@ -26,6 +26,19 @@ def refused(model_id: str, use: Use) -> str | None:
 def refused_models(model_ids, use: Use) -> list[str]:
     """The ids among `model_ids` that `use` may not be served by, in order."""
     return [m for m in dict.fromkeys(model_ids) if refused(m, use)]
+
+
+Missing = Callable[[ModelSpec], "str | None"]
+
+
+def unservable(missing: Missing, use: Use) -> Missing:
+    """For picking a chain: why a model cannot serve here (not installed, or its licence refuses `use`)."""
+    return lambda spec: missing(spec) or refused(spec.id, use)
+
+
+def install_gaps(chains, missing: Missing, use: Use) -> list[list[str]]:
+    """For each chain that `use` may be served by, the models it still needs installed (for an install hint)."""
+    return [[m for m in c.model_ids if missing(get_spec(m))] for c in chains if not refused_models(c.model_ids, use)]
 
 
 def licence_of(made_by: str | None) -> list[dict] | None:

@@ -217,7 +217,7 @@ def _prepare(store, model_id: str) -> None:
 def cmd_presets(args) -> int:
     from pipelines.errors import PresetError
     from pipelines.install_hint import hint_command, preset_hint
-    from pipelines.licences import refused, refused_models
+    from pipelines.licences import install_gaps, refused_models, unservable
     from pipelines.presets import load_catalogue
     from pipelines.registry import get_spec
 
@@ -227,15 +227,14 @@ def cmd_presets(args) -> int:
         hint = None
         skipped = refused_models([m for c in p.chains for m in c.model_ids], use)
         try:
-            _, chain = p.pick_chain(lambda spec: store.missing(spec) or refused(spec.id, use))
+            _, chain = p.pick_chain(unservable(store.missing, use))
             dsp = all(get_spec(m).family == "dsp" for m in chain.model_ids)
             status = "served by  " + "+".join(chain.model_ids) + ("  (DSP fallback: no trained model)" if dsp else "")
         except PresetError as exc:
             missing = [m for m in exc.fields["missing_models"] if m not in skipped]
             status = ("missing    " + ", ".join(missing) if missing
                       else f"refused    no chain's licence allows {use} use")
-            hint = preset_hint([[m for m in c.model_ids if store.missing(get_spec(m))] for c in p.chains
-                                if not set(skipped) & set(c.model_ids)])
+            hint = preset_hint(install_gaps(p.chains, store.missing, use))
         print(f"{p.name:24} {status}\n{'':24} -> {', '.join(p.output_stems())}")
         if hint:
             print(f"{'':24} to install: {hint if args.details else hint_command(hint)}")

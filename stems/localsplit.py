@@ -16,7 +16,7 @@ from pipelines.engine import Engine
 from pipelines.errors import PresetError, StemsError
 from pipelines.install_hint import install_hint, preset_hint
 from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
-from pipelines.licences import Use, refused, refused_models
+from pipelines.licences import Use, install_gaps, refused_models, unservable
 from pipelines.modelstore import ModelStore
 from pipelines.presets import Preset, load_catalogue
 from pipelines.registry import get_spec
@@ -54,11 +54,9 @@ def pick(preset: Preset, store: ModelStore, chain: str | None, use: Use) -> int:
     skipped = refused_models([m for c in preset.chains for m in c.model_ids], use)
     if chain is None:
         try:
-            return preset.pick_chain(lambda spec: store.missing(spec) or refused(spec.id, use))[0]
+            return preset.pick_chain(unservable(store.missing, use))[0]
         except PresetError as exc:
-            gaps = [[m for m in c.model_ids if store.missing(get_spec(m))] for c in preset.chains
-                    if not set(skipped) & set(c.model_ids)]
-            hint = preset_hint(gaps)
+            hint = preset_hint(install_gaps(preset.chains, store.missing, use))
             message = exc.message + (f" (chains of {', '.join(skipped)} are skipped: their licence does not allow "
                                      f"{use} use, STEMS_DECLARED_USE)" if skipped else "")
             raise PresetError(f"{message}; to make it available: {hint}" if hint else message, **exc.fields) from None
@@ -67,10 +65,11 @@ def pick(preset: Preset, store: ModelStore, chain: str | None, use: Use) -> int:
     if index is None or index >= len(preset.chains):
         raise UsageError(f"preset {preset.name!r} has no chain {chain!r}; its chains: "
                          + ", ".join(f"{i}={n}" for i, n in enumerate(names)))
-    if set(skipped) & set(preset.chains[index].model_ids):
+    refusing = refused_models(preset.chains[index].model_ids, use)
+    if refusing:
         raise PresetError(f"chain {names[index]!r} of preset {preset.name!r} is not served for {use} use "
-                          f"(STEMS_DECLARED_USE): the licence of {', '.join(sorted(set(skipped) & set(preset.chains[index].model_ids)))} "
-                          "does not allow it", preset=preset.name, licence_refused=sorted(skipped))
+                          f"(STEMS_DECLARED_USE): the licence of {', '.join(refusing)} does not allow it",
+                          preset=preset.name, licence_refused=sorted(skipped))
     missing = {m: r for m in preset.chains[index].model_ids if (r := store.missing(get_spec(m)))}
     if missing:
         raise PresetError(f"chain {names[index]!r} of preset {preset.name!r} cannot run here: "

@@ -173,45 +173,29 @@ class RunStore:
                                 "" if again_at is None else _ms(again_at)))
 
     # -- cleanup owed -------------------------------------------------------------------
-    def owe_cleanup(self, pipe, job_id: str, user_id: str, due: float) -> int:
+    # Two sets of the same entries: `cleanup`, due soon after the transition that owes it, and `last`, the
+    # last sweep of an ended job, due once every attempt of it is past its hard time limit (workers/jobstate.py).
+    def _cleanups(self, last: bool) -> str:
+        return self.k("last_sweep" if last else "cleanup")
+
+    def owe_cleanup(self, pipe, job_id: str, user_id: str, due: float, last: bool = False) -> int:
         """Owe the cleanup of the job's objects at `due` (in the caller's transaction); returns its score."""
         score = _ms(due)
-        (pipe or self.r).zadd(self.k("cleanup"), {f"{job_id}:{user_id}": score})
+        (pipe or self.r).zadd(self._cleanups(last), {f"{job_id}:{user_id}": score})
         return score
 
-    def cleanups_due(self, now: float, limit: int = 200) -> list[tuple[str, str, int]]:
+    def cleanups_due(self, now: float, limit: int = 200, last: bool = False) -> list[tuple[str, str, int]]:
         """(job id, user id, score) of the cleanups due by `now`."""
-        rows = self.r.zrangebyscore(self.k("cleanup"), "-inf", _ms(now), start=0, num=limit, withscores=True)
+        rows = self.r.zrangebyscore(self._cleanups(last), "-inf", _ms(now), start=0, num=limit, withscores=True)
         return [(*member.decode().split(":", 1), int(score)) for member, score in rows]
 
-    def cleanup_owed(self, job_id: str, user_id: str) -> int | None:
-        score = self.r.zscore(self.k("cleanup"), f"{job_id}:{user_id}")
+    def cleanup_owed(self, job_id: str, user_id: str, last: bool = False) -> int | None:
+        score = self.r.zscore(self._cleanups(last), f"{job_id}:{user_id}")
         return None if score is None else int(score)
 
-    def settle_cleanup(self, job_id: str, user_id: str, score: int) -> None:
+    def settle_cleanup(self, job_id: str, user_id: str, score: int, last: bool = False) -> None:
         """The cleanup is done: drop its entry, unless it was owed again since (a newer score)."""
-        self.r.eval(_SETTLE, 1, self.k("cleanup"), f"{job_id}:{user_id}", score, "")
-
-    # -- the last sweep of an ended job, once no attempt of it can still write ------------------
-    def owe_last_sweep(self, pipe, job_id: str, user_id: str, due: float) -> None:
-        """Owe one more cleanup of the job at `due`, when every attempt that started before it ended is past its
-        hard time limit (dead): what a stale attempt uploaded after the first cleanup goes then."""
-        (pipe or self.r).zadd(self.k("last_sweep"), {f"{job_id}:{user_id}": _ms(due)})
-
-    def last_sweeps_due(self, now: float, limit: int = 200) -> list[tuple[str, str]]:
-        rows = self.r.zrangebyscore(self.k("last_sweep"), "-inf", _ms(now), 0, limit)
-        return [tuple(m.decode().split(":", 1)) for m in rows]  # type: ignore[misc]
-
-    def last_sweep_owed(self, job_id: str, user_id: str) -> float | None:
-        score = self.r.zscore(self.k("last_sweep"), f"{job_id}:{user_id}")
-        return None if score is None else score / 1000
-
-    def settle_last_sweep(self, job_id: str, user_id: str, again_at: float | None = None) -> None:
-        member = f"{job_id}:{user_id}"
-        if again_at is None:
-            self.r.zrem(self.k("last_sweep"), member)
-        else:
-            self.r.zadd(self.k("last_sweep"), {member: _ms(again_at)}, xx=True)
+        self.r.eval(_SETTLE, 1, self._cleanups(last), f"{job_id}:{user_id}", score, "")
 
     # -- objects owed: what a deleted record named (an asset's original and peaks) ---------------
     def owe_objects(self, pipe, object_keys: list[str], due: float) -> None:

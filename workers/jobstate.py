@@ -177,8 +177,8 @@ def _owe_last_sweep(pipe, job: Job, ctx: StoreContext) -> None:
     # every attempt of the job started before now, so each is dead (its pool process killed at its hard time
     # limit) by now + the longest limit: an attempt frozen past its lease that wakes and uploads before it
     # checks its fence leaves objects after the first cleanup, and this sweep removes them
-    ctx.store.owe_last_sweep(pipe, job.id, job.user_id, time.time() + ctx.settings.hard_time_limit(
-        job.audio_seconds or 0.0) + ctx.settings.lease_s)
+    ctx.store.owe_cleanup(pipe, job.id, job.user_id, time.time() + ctx.settings.hard_time_limit(
+        job.audio_seconds or 0.0) + ctx.settings.lease_s, last=True)
 
 
 def cancel(job_id: str, ctx: StoreContext) -> Job | None:
@@ -324,23 +324,16 @@ def clean(ctx: StoreContext, job_id: str, user_id: str, now: float | None = None
     return True
 
 
-def settle_clean(ctx: StoreContext, job_id: str, user_id: str, score: int, now: float | None = None) -> bool:
-    """Run an owed cleanup (the entry read with `score`); settle it once done, else owe it again later."""
+def settle_clean(ctx: StoreContext, job_id: str, user_id: str, score: int, now: float | None = None,
+                 last: bool = False) -> bool:
+    """Run an owed cleanup (the entry read with `score`; `last`: a last sweep); settle it once done, else owe it
+    again later."""
     if clean(ctx, job_id, user_id, now):
-        ctx.store.settle_cleanup(job_id, user_id, score)
+        ctx.store.settle_cleanup(job_id, user_id, score, last)
         return True
     job = ctx.store.get_job(job_id)
     later = max(job.lease_until or 0.0, time.time()) if job is not None else time.time()
-    ctx.store.owe_cleanup(None, job_id, user_id, later + ctx.settings.reaper_interval_s)
-    return False
-
-
-def last_sweep(ctx: StoreContext, job_id: str, user_id: str, now: float) -> bool:
-    """The ended job's last cleanup (see `_owe_last_sweep`); True once done and settled."""
-    if clean(ctx, job_id, user_id, now):
-        ctx.store.settle_last_sweep(job_id, user_id)
-        return True
-    ctx.store.settle_last_sweep(job_id, user_id, again_at=now + ctx.settings.reaper_interval_s)
+    ctx.store.owe_cleanup(None, job_id, user_id, later + ctx.settings.reaper_interval_s, last)
     return False
 
 

@@ -44,7 +44,7 @@ from stems.jobstore import JobStore
 from stems.models import JobStatus
 from stems.settings import Settings, get_settings
 
-from .jobstate import clean_now, finish, last_sweep, owed_kind, requeue, settle_clean
+from .jobstate import clean_now, finish, owed_kind, requeue, settle_clean
 from .celery_app import dead_letter_queue, make_celery
 from .context import StoreContext
 from .messages import KINDS, flush, send_owed
@@ -113,18 +113,13 @@ class Reaper:
                 break
             counts["sent"] += 1
         self.saw_redis(time.time())
-        for job_id, user_id, score in store.cleanups_due(now):
-            try:
-                counts["cleaned"] += settle_clean(self.ctx, job_id, user_id, score, now)
-            except Exception as exc:  # storage away: the entry stays for the next pass
-                log.warning("reaper: cannot clean up job %s (%s)", job_id, exc)
-                break
-        for job_id, user_id in store.last_sweeps_due(now):
-            try:
-                counts["cleaned"] += last_sweep(self.ctx, job_id, user_id, now)
-            except Exception as exc:
-                log.warning("reaper: cannot sweep job %s once more (%s)", job_id, exc)
-                break
+        for last in (False, True):  # the cleanups owed, then the last sweeps of ended jobs
+            for job_id, user_id, score in store.cleanups_due(now, last=last):
+                try:
+                    counts["cleaned"] += settle_clean(self.ctx, job_id, user_id, score, now, last)
+                except Exception as exc:  # storage away: the entry stays for the next pass
+                    log.warning("reaper: cannot clean up job %s (%s)", job_id, exc)
+                    break
         for key in store.objects_due(now):  # what a deleted record named, left by a process that died
             try:
                 self.ctx.storage.delete(key)

@@ -352,8 +352,9 @@ def test_what_a_stale_attempt_uploads_after_the_cleanup_goes_in_the_last_sweep(c
     run_split(job.id, ctx, "w1")
     done = ctx.store.get_job(job.id)
     assert done.status == JobStatus.complete and ctx.store.cleanup_owed(job.id, "u") is None
-    due = ctx.store.last_sweep_owed(job.id, "u")
-    assert due is not None and due >= done.finished_at + ctx.settings.hard_time_limit(2.0)
+    owed = ctx.store.cleanup_owed(job.id, "u", last=True)
+    assert owed is not None and owed / 1000 >= done.finished_at + ctx.settings.hard_time_limit(2.0)
+    due = owed / 1000
     stale = keys.stem("u", job.id, "1-stale", "x", "wav")
     ctx.storage.put_stream(stale, io.BytesIO(b"RIFF"))
 
@@ -363,5 +364,5 @@ def test_what_a_stale_attempt_uploads_after_the_cleanup_goes_in_the_last_sweep(c
     assert stale in ctx.storage.list(keys.job_prefix("u", job.id))  # not yet: that attempt may still be alive
     reaper.pass_once(now=due + 1)
     assert stale not in ctx.storage.list(keys.job_prefix("u", job.id))
-    assert ctx.store.last_sweep_owed(job.id, "u") is None
+    assert ctx.store.cleanup_owed(job.id, "u", last=True) is None
     assert_downloads(ctx, job.id)  # the winner's stems untouched
