@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SHARED ?= ../shared
 
-.PHONY: install models run up down test test-fast bench bench-quality bench-api web clean
+.PHONY: install models run up down test test-fast lint bench bench-quality bench-api web clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ down:
 
 test: install
 	$(BIN)/python -m pytest
+
+# ruff's lint and format, and mypy on pipelines/ and stems/ (pyproject.toml says what each checks); CI runs it first
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The quick tiers (pure code and the real stack); `make test` runs every tier (drills, installs, the browser too)
 test-fast: install

@@ -5,14 +5,24 @@ import sys
 
 from fastapi import FastAPI
 
+from pipelines.errors import UnsafeProduction
 from pipelines.modelstore import ModelStore
 from stems import production
 from stems.jobstore import API_RETRIES, JobStore
 from stems.settings import Settings, get_settings
 from stems.storage import make_storage
 
-from . import (errors, routes_audio, routes_batch, routes_downloads, routes_master, routes_meta, routes_page,
-               routes_peaks, routes_stems)
+from . import (
+    errors,
+    routes_audio,
+    routes_batch,
+    routes_downloads,
+    routes_master,
+    routes_meta,
+    routes_page,
+    routes_peaks,
+    routes_stems,
+)
 from .availability import Availability
 from .deps import Services
 from .limits import BodyLimit
@@ -32,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # (also on a Redis that does not persist)
     try:
         production.check(settings, "stems api")
-    except production.UnsafeProduction as exc:
+    except UnsafeProduction as exc:
         print(f"stems api: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(78) from None  # EX_CONFIG, as a worker's refusal
     from workers.celery_app import make_celery

@@ -8,8 +8,7 @@ as the WAV) and the restored copies when restoration is asked for.
 from __future__ import annotations
 
 from pipelines.audio import HQ_FORMATS
-
-from .deps import KeyBudgetExceeded, OverBudget
+from pipelines.errors import KeyBudgetExceeded, OverBudget
 
 
 def estimate(stems: int, channels: int, sample_rate: int, seconds: float, bit_depth: int, hq_format: str | None,

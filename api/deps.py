@@ -6,57 +6,11 @@ from dataclasses import dataclass
 
 from fastapi import Depends, Header, Request
 
-from pipelines.errors import StemsError
+from pipelines.errors import RateLimited, Unauthorized
 from pipelines.modelstore import ModelStore
 from stems.jobstore import JobStore
 from stems.settings import Settings
 from stems.storage import Storage
-
-
-class Unauthorized(StemsError):
-    code = "unauthorized"
-
-
-class NotFound(StemsError):
-    code = "not_found"
-
-
-class Conflict(StemsError):
-    code = "conflict"
-
-
-class Invalid(StemsError):
-    code = "invalid_request"
-
-
-class RateLimited(StemsError):
-    code = "rate_limited"
-
-    def __init__(self, message: str, retry_after: int, **fields: object) -> None:
-        super().__init__(message, retry_after=retry_after, **fields)
-        self.retry_after = retry_after
-
-
-class PayloadTooLarge(StemsError):
-    code = "too_large"
-
-
-class Gone(StemsError):
-    """The resource existed and was deleted (by its owner or the retention policy)."""
-
-    code = "gone"
-
-
-class OverBudget(StemsError):
-    """The split would write more than the per-job output budget."""
-
-    code = "over_budget"
-
-
-class KeyBudgetExceeded(RateLimited):
-    """The key's queued and running splits already hold the per-key output budget."""
-
-    code = "key_output_budget"
 
 
 @dataclass

@@ -10,29 +10,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from pipelines.errors import AudioError, ChainError, ModelNotInstalled, PresetError, StemsError
+from pipelines.errors import (
+    DependencyUnavailable,
+    ObjectMissing,
+    RateLimited,
+    StemsError,
+    Unauthorized,
+)
 from stems.jobstore import unavailable as redis_unavailable
-from stems.netfetch import LinkError, TooLarge
-from stems.storage import ObjectMissing
-from stems.unavailable import DependencyUnavailable, RedisUnavailable
-
-from .deps import Conflict, Gone, Invalid, NotFound, OverBudget, PayloadTooLarge, RateLimited, Unauthorized
+from stems.unavailable import RedisUnavailable
 
 log = logging.getLogger(__name__)
 
-STATUS = [
-    (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (Gone, 410), (PayloadTooLarge, 413), (TooLarge, 413),
-    (OverBudget, 422),
-    (RateLimited, 429), (DependencyUnavailable, 503), (PresetError, 422), (ModelNotInstalled, 422),
-    (ChainError, 422), (AudioError, 422), (LinkError, 422), (Invalid, 422),
-]
-
-
 def status_for(exc: StemsError) -> int:
-    for cls, status in STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 400
+    """The HTTP status of one of our errors: the class says it (pipelines/errors.py), nothing here decides."""
+    return exc.http_status
 
 
 def unavailable_response(request: Request, exc: DependencyUnavailable) -> JSONResponse:
@@ -49,7 +41,7 @@ def install(app: FastAPI) -> None:
             return unavailable_response(request, exc)
         status = status_for(exc)
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
-        if status == 401:
+        if isinstance(exc, Unauthorized):
             headers = {"WWW-Authenticate": "ApiKey"}
         return JSONResponse({"detail": exc.message, **exc.to_dict()}, status_code=status, headers=headers)
 
@@ -59,7 +51,7 @@ def install(app: FastAPI) -> None:
         # served again, so 410; its storage key is internal and stays in the log
         log.warning("%s %s: %s", request.method, request.url.path, exc.message)
         return JSONResponse({"detail": "the stored audio of this resource is missing, so it cannot be served; "
-                                       "separate or upload it again", "code": ObjectMissing.code}, status_code=410)
+                                       "separate or upload it again", "code": exc.code}, status_code=exc.http_status)
 
     @app.exception_handler(redis.RedisError)
     async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:

@@ -1,7 +1,7 @@
 """The answer of a dry run of /create-stems, and the `eta_s` of a queued or running split's status."""
 from __future__ import annotations
 
-from pipelines.errors import StemsError
+from pipelines.errors import RateLimited, StemsError
 from pipelines.presets import Preset
 from stems import eta
 from stems.masterings import Masterings
@@ -9,6 +9,11 @@ from stems.models import Job
 
 from . import budget
 from .deps import Services
+
+
+def _refusal(exc: StemsError) -> dict:
+    """What a dry run reports of the refusal the real request would get: its code, HTTP status and message."""
+    return {"code": exc.code, "status": exc.http_status, "message": exc.message}
 
 
 def answer(svc: Services, user: str, preset: Preset, kind: str, source_id: str, audio_id: str, seconds: float,
@@ -20,14 +25,13 @@ def answer(svc: Services, user: str, preset: Preset, kind: str, source_id: str, 
     refusal = None
     active = svc.store.active_jobs(user) + Masterings(svc.store).active(user)
     if active >= svc.settings.max_active_jobs:
-        refusal = {"code": "rate_limited", "status": 429,
-                   "message": f"{svc.settings.max_active_jobs} splits are already queued or running for this key"}
+        refusal = _refusal(RateLimited(f"{svc.settings.max_active_jobs} splits are already queued or running "
+                                       "for this key", retry_after=0))
     else:
         try:
             budget.check_key(svc.store.pending_output_bytes(user), numbers, svc.settings.max_key_output_bytes)
         except StemsError as exc:
-            refusal = {"code": exc.code, "status": 429 if exc.code == "key_output_budget" else 422,
-                       "message": exc.message}
+            refusal = _refusal(exc)
     guess = eta.estimate(svc.store, queue, preset.name, chain_index, seconds)
     return {"dry_run": True, "preset": preset.name, "audio_id": audio_id, "source_kind": kind, "source_id": source_id,
             "seconds": round(seconds, 3), "stems": stems, "queue": queue, "chain": models, "chain_index": chain_index,

@@ -11,12 +11,13 @@ silently nor points at an id that answers 404.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+from pipelines.errors import Conflict, Gone, Invalid
 from stems.jobstore import JobStore
 
-from .deps import Conflict, Gone, Invalid, Services
+from .deps import Services
 
 TTL_S = 24 * 3600
 STALE_S = 600.0  # longer than any request takes between its claim and its first write (a 1 GiB upload's PUT)

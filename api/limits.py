@@ -7,6 +7,8 @@ import json
 
 from starlette.exceptions import HTTPException
 
+from pipelines.errors import TooLarge
+
 MAX_JSON_BYTES = 1 << 20  # the largest real body (an archive of 200 stem ids) is about 8 KiB
 STREAMED = ("/from-file",)
 
@@ -35,8 +37,8 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes", "code": "too_large",
-                           "max_bytes": self.max_bytes}).encode()
-        await send({"type": "http.response.start", "status": 413,
+        error = TooLarge(f"request body over {self.max_bytes} bytes", max_bytes=self.max_bytes)
+        body = json.dumps({"detail": error.message, **error.to_dict()}).encode()
+        await send({"type": "http.response.start", "status": error.http_status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

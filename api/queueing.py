@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
+from pipelines.errors import BrokerUnavailable, DependencyUnavailable
 from stems.models import AudioAsset, Job, Stem
-from stems.unavailable import BrokerUnavailable, DependencyUnavailable
 from workers.messages import publish, send_split
 
 from .deps import Services

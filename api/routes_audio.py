@@ -6,13 +6,14 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from pipelines.errors import NotFound
 from stems.ingest import clean_key, may_register
 from stems.lifecycle import delete_asset, expiry
 from stems.models import AssetStatus, AudioAsset, new_id
 from stems.netfetch import check_url
 from stems.storage import keys
 
-from .deps import NotFound, Svc, User
+from .deps import Svc, User
 from .idempotency import body_hash, once
 from .queueing import queue_import
 from .schemas import AudioAccepted, AudioStatus, FromLink, FromStorage

@@ -15,14 +15,19 @@ from pathlib import Path
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.background import BackgroundTask
 
 from pipelines.audio import hq_extension
+from pipelines.errors import Conflict, Gone, NotFound, ObjectMissing, Unauthorized
 from stems.models import JobStatus, Stem, StemStatus
-from stems.storage import ObjectMissing
 
-from .deps import CallerKey, Conflict, Gone, NotFound, Services, Svc, Unauthorized, User, current_user
+from .deps import CallerKey, Services, Svc, User, current_user
 from .routes_stems import owned_job, owned_stem
 from .schemas import ArchiveRequest, DownloadLinks, DownloadLinksRequest
 from .stemfile import stem_file

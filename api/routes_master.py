@@ -11,14 +11,14 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Request, Response
 
+from pipelines.errors import BrokerUnavailable, NotFound, RateLimited
 from pipelines.mastering import PRESETS
 from stems.lifecycle import expiry
 from stems.masterings import TASK_KIND, Mastering, Masterings
 from stems.models import StemStatus
-from stems.unavailable import BrokerUnavailable
 from workers.messages import send_master
 
-from .deps import CallerKey, NotFound, RateLimited, Services, Svc, User
+from .deps import CallerKey, Services, Svc, User
 from .idempotency import body_hash, claim_for, run_once
 from .routes_downloads import download_stem
 from .routes_stems import _source_exists, owned_stem, resolve_source

@@ -6,9 +6,10 @@ from uuid import UUID
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from pipelines.errors import Conflict, NotFound
 from stems.models import AssetStatus, StemStatus
 
-from .deps import Conflict, NotFound, Services, Svc, User
+from .deps import Services, Svc, User
 from .routes_audio import owned_asset
 from .routes_stems import owned_stem
 from .schemas import Peaks

@@ -8,8 +8,8 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Query, Response
 from pydantic import ValidationError
 
-from pipelines.errors import PresetError
 from pipelines.custom import plan as plan_custom
+from pipelines.errors import Conflict, Gone, Invalid, NotFound, PresetError, RateLimited
 from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.licences import licence_of
 from pipelines.presets import load_catalogue
@@ -19,14 +19,22 @@ from stems.masterings import root_audio_id
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
 from workers.context import StoreContext
-from workers.jobstate import cancel as cancel_job, clean_now
+from workers.jobstate import cancel as cancel_job
+from workers.jobstate import clean_now
 
 from . import budget, estimate
-from .deps import CallerKey, Conflict, Gone, Invalid, NotFound, RateLimited, Services, Svc, User
+from .deps import CallerKey, Services, Svc, User
 from .idempotency import body_hash, claim_for, run_once
 from .queueing import queue_job
 from .routes_audio import owned_asset
-from .schemas import CreateStems, CustomFields, SplitList, SplitStatus, StemsEstimate, StemsQueued
+from .schemas import (
+    CreateStems,
+    CustomFields,
+    SplitList,
+    SplitStatus,
+    StemsEstimate,
+    StemsQueued,
+)
 
 router = APIRouter(tags=["stems"])
 

@@ -7,8 +7,9 @@ from uuid import UUID
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from pipelines.errors import LinkError
 from pipelines.jobspec import SAM_MODELS, STEREO_MODES, TimeRange
-from stems.netfetch import LinkError, parse_link
+from stems.netfetch import parse_link
 
 
 def _link(url: str) -> str:
@@ -246,7 +247,7 @@ class ArchiveRequest(Strict):
                            "creation_id, for Traktor, Mixxx and Serato")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ArchiveRequest":
+    def _one_source(self) -> ArchiveRequest:
         if (self.creation_id is None) == (self.stem_ids is None):
             raise ValueError("give exactly one of creation_id or stem_ids")
         return self

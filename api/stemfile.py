@@ -8,10 +8,11 @@ from pathlib import Path
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from pipelines.errors import Conflict, Invalid
 from pipelines.stemfile import NI_ORDER, write_stem_mp4
 from stems.models import JobStatus
 
-from .deps import Conflict, Invalid, Services
+from .deps import Services
 
 
 def stem_file(svc: Services, user: str, creation_id: str | None) -> FileResponse:

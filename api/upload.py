@@ -21,8 +21,7 @@ import anyio
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .deps import Invalid, PayloadTooLarge
-
+from pipelines.errors import Invalid, TooLarge
 
 MAX_BOUNDARY = 200  # RFC 2046 allows 70; clients use far less
 MAX_PARTS = 16  # the upload is one `file` part; a few other fields are tolerated and ignored
@@ -57,7 +56,7 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
     body_max = max_bytes + OVERHEAD_BYTES
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > body_max:
-        raise PayloadTooLarge(f"upload is {declared} bytes; the maximum is {max_bytes}", max_bytes=max_bytes)
+        raise TooLarge(f"upload is {declared} bytes; the maximum is {max_bytes}", max_bytes=max_bytes)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     out = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="upload-", delete=False)
     state = {"name": None, "filename": None, "in_file": False, "size": 0, "found": False, "header": b"", "value": b"",
@@ -75,7 +74,7 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
     def _header_bytes(n: int) -> None:
         state["header_bytes"] += n
         if state["header_bytes"] > MAX_PART_HEADER_BYTES:
-            raise Refused(PayloadTooLarge(f"a part's headers are over {MAX_PART_HEADER_BYTES} bytes",
+            raise Refused(TooLarge(f"a part's headers are over {MAX_PART_HEADER_BYTES} bytes",
                                           max_part_header_bytes=MAX_PART_HEADER_BYTES))
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -103,14 +102,14 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
         if state["in_file"]:
             state["size"] += end - start
             if state["size"] > max_bytes:
-                raise Refused(PayloadTooLarge(f"upload is over the maximum of {max_bytes} bytes", max_bytes=max_bytes))
+                raise Refused(TooLarge(f"upload is over the maximum of {max_bytes} bytes", max_bytes=max_bytes))
             block = data[start:end]
             out.write(block)
             digest.update(block)
         else:
             state["field_bytes"] += end - start
             if state["field_bytes"] > MAX_FIELD_BYTES:
-                raise Refused(PayloadTooLarge(f"the non-file parts hold more than {MAX_FIELD_BYTES} bytes",
+                raise Refused(TooLarge(f"the non-file parts hold more than {MAX_FIELD_BYTES} bytes",
                                               max_field_bytes=MAX_FIELD_BYTES))
 
     def on_part_end() -> None:
@@ -129,7 +128,7 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
         async for chunk in request.stream():
             received += len(chunk)
             if received > body_max:
-                raise Refused(PayloadTooLarge(f"upload is over the maximum of {max_bytes} bytes", max_bytes=max_bytes))
+                raise Refused(TooLarge(f"upload is over the maximum of {max_bytes} bytes", max_bytes=max_bytes))
             batch += chunk
             if len(batch) >= BATCH_BYTES:
                 await anyio.to_thread.run_sync(parser.write, bytes(batch))

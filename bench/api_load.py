@@ -72,7 +72,7 @@ def main() -> int:
             per = args.requests // clients
             t0 = time.perf_counter()
 
-            async def load() -> None:
+            async def load(per: int = per, lat: list[float] = lat, clients: int = clients) -> None:
                 await asyncio.wait_for(asyncio.gather(*(_client(base, key, body, per, lat, err) for _ in range(clients))), 600)
 
             asyncio.run(load())

@@ -150,8 +150,8 @@ def main() -> int:
             sep = engine.separator("htdemucs")
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            outs[c], t = clock.time(lambda: engine.run_model("htdemucs", track, sr))
-            t = min(t, clock.time(lambda: engine.run_model("htdemucs", track, sr))[1])
+            outs[c], t = clock.time(lambda engine=engine: engine.run_model("htdemucs", track, sr))
+            t = min(t, clock.time(lambda engine=engine: engine.run_model("htdemucs", track, sr))[1])
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
             base = outs[("float32", 1)]
             agreement = min(sdr(base[s], outs[c][s]) for s in base)

@@ -183,7 +183,7 @@ class MemorySampler:
     def take(self) -> None:
         self.samples.append((round(time.monotonic() - self._t0, 1), self.store.memory_used(), len(self.tally.accepted)))
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 

@@ -22,10 +22,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -188,7 +188,7 @@ class Corpus:
                 return p
         return None
 
-    @lru_cache(maxsize=64)
+    @lru_cache(maxsize=64)  # noqa: B019 - one corpus per bench run, kept for the run
     def read(self, track: str, name: str) -> tuple[np.ndarray, int]:
         return A.decode(self.path(track, name))
 

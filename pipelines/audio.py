@@ -14,9 +14,9 @@ import hashlib
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import av
 import numpy as np
@@ -279,7 +279,7 @@ class WavWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "WavWriter":
+    def __enter__(self) -> WavWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -354,7 +354,7 @@ class HqEncoder:
         finally:
             self._out.close()
 
-    def __enter__(self) -> "HqEncoder":
+    def __enter__(self) -> HqEncoder:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -710,7 +710,7 @@ def decode_to_file(path: Path, dest: Path, start: float = 0.0, end: float | None
 def resample_signal(signal: Signal, sr_in: int, sr_out: int, writer, block: int = BLOCK) -> Signal:
     """`signal` resampled block by block into `writer` (the same samples as `resample` on the whole)."""
     r = StreamResampler(sr_in, sr_out, signal.channels)
-    for _, block in signal.blocks(block):
-        writer.write(r.push(block))
+    for _, chunk in signal.blocks(block):
+        writer.write(r.push(chunk))
     writer.write(r.flush())
     return writer.close()

@@ -14,8 +14,9 @@ Everything is a Signal computed per read, so memory follows the chunk, as for ev
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from . import audio as A
 from .errors import PresetError
@@ -63,8 +64,8 @@ def span_anchors(spans, offset: float = 0.0) -> list[tuple[str, float, float]]:
     return [("+", s.start - offset, s.end - offset) for s in spans]
 
 
-def extract(engine: "Engine", custom: CustomSpec, mix: A.Signal, sr: int, workdir: Path | None, offset: float,
-            progress: "Progress | None", cancelled: Callable[[], bool]) -> dict[str, Output]:
+def extract(engine: Engine, custom: CustomSpec, mix: A.Signal, sr: int, workdir: Path | None, offset: float,
+            progress: Progress | None, cancelled: Callable[[], bool]) -> dict[str, Output]:
     """`target` and `residual` of `mix` (the selection; it starts `offset` s into the source) for the prompt."""
     route = custom.route
     if route is None:
@@ -87,7 +88,7 @@ def extract(engine: "Engine", custom: CustomSpec, mix: A.Signal, sr: int, workdi
     return {"target": Output(target, made_by), "residual": Output(residual, made_by)}
 
 
-def by_stereo_mode(mix: A.Signal, mode: str, part: Extractor, progress: "Progress | None"):
+def by_stereo_mode(mix: A.Signal, mode: str, part: Extractor, progress: Progress | None):
     """Run `part` on what the stereo mode has it hear, and put its outputs back in `mix`'s channel layout."""
     if mix.channels != 2:
         mode = "mono"

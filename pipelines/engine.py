@@ -29,9 +29,10 @@ import importlib.metadata
 import importlib.util
 import itertools
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -6,7 +6,7 @@ Pure registry data: the hint names the command, and where the weights cannot be 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .registry import ModelSpec, get_spec
 

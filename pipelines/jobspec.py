@@ -30,7 +30,7 @@ class TimeRange(_Record):
     end: float = Field(..., gt=0, description="seconds from the start of the source")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "TimeRange":
+    def _ordered(self) -> TimeRange:
         if self.start >= self.end:
             raise ValueError("start must be before end")
         return self
@@ -43,7 +43,7 @@ class Selection(_Record):
     end: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Selection":
+    def _ordered(self) -> Selection:
         if self.end is not None and self.start >= self.end:
             raise ValueError("start must be before end")
         return self

@@ -7,7 +7,8 @@ declares `commercial` use (STEMS_DECLARED_USE) is served only the models whose r
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from .registry import ModelSpec, get_spec, load_registry
 

@@ -14,9 +14,9 @@ Blocks are float32 (channels, frames) arrays, as `pipelines.audio.iter_decode` y
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from scipy import signal as sps
@@ -385,7 +385,7 @@ def master(blocks: Blocks, sample_rate: int, channels: int, preset_name: str,
     low, high = analysis.shelves()
     gain = p.target_lufs - source.integrated_lufs
     result, tried = None, None
-    for renders in range(1, MAX_RENDERS + 1):
+    for renders in range(1, MAX_RENDERS + 1):  # noqa: B007 - the count the report gives
         write, close = open_sink()
         used = gain
         try:

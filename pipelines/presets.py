@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -35,7 +36,7 @@ class Ensemble(BaseModel):
     method: Literal["mean_wave", "mean_magnitude"] = "mean_wave"
 
     @model_validator(mode="after")
-    def _all_produce(self) -> "Ensemble":
+    def _all_produce(self) -> Ensemble:
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"ensemble {self.models} names a model twice")
         for model in self.models:
@@ -54,7 +55,7 @@ class Step(BaseModel):
     input: str = MIX
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "Step":
+    def _one_kind(self) -> Step:
         if (self.model is None) == (self.ensemble is None):
             raise ValueError("a step names either a model or an ensemble")
         if self.model is not None:
@@ -92,7 +93,7 @@ class Chain(BaseModel):
     outputs: dict[str, str | tuple[str, ...]] | Literal["*"]
 
     @model_validator(mode="after")
-    def _connects(self) -> "Chain":
+    def _connects(self) -> Chain:
         produced: dict[str, Step] = {}
         for step in self.steps:
             if step.input != MIX and step.input not in produced:
@@ -152,7 +153,7 @@ class Preset(BaseModel):
     prompt_guided: bool = False
 
     @model_validator(mode="after")
-    def _stems_declared(self) -> "Preset":
+    def _stems_declared(self) -> Preset:
         if not self.chains:
             raise ValueError(f"preset {self.name!r} has no chain")
         for chain in self.chains:
@@ -203,7 +204,7 @@ class Catalogue(BaseModel):
     prompt_routes: tuple[PromptRoute, ...]
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Catalogue":
+    def _consistent(self) -> Catalogue:
         names = [p.name for p in self.presets]
         if len(set(names)) != len(names):
             raise ValueError("duplicate preset names")

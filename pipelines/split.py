@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import audio as A
 from . import custom
@@ -27,7 +27,8 @@ from .cache import file_key
 from .engine import Engine, Progress
 from .errors import Cancelled
 from .jobspec import Output, SplitSpec
-from .peaks import FORM as PEAKS_FORM, PeakAccumulator
+from .peaks import FORM as PEAKS_FORM
+from .peaks import PeakAccumulator
 from .presets import load_catalogue
 
 STORE_BLOCK_S = 10  # seconds of a stem written per block

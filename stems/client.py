@@ -19,60 +19,52 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 
-from api.schemas import (AudioAccepted, AudioStatus, BatchItemError, BatchQueued, DownloadLinks, MasterQueued,
-                         MasterStatus, Peaks, PresetList, SplitList, SplitStatus, StemsEstimate, StemsQueued)
-from pipelines.errors import StemsError
+from api.schemas import (
+    AudioAccepted,
+    AudioStatus,
+    BatchItemError,
+    BatchQueued,
+    DownloadLinks,
+    MasterQueued,
+    MasterStatus,
+    Peaks,
+    PresetList,
+    SplitList,
+    SplitStatus,
+    StemsEstimate,
+    StemsQueued,
+)
+from pipelines.errors import ApiError, JobFailed
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 CHUNK = 1 << 20
 
 
-class ApiError(StemsError):
-    """The API refused a request: `status`, and the `code`, `message` and fields of its JSON error."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None, **fields: Any) -> None:
-        super().__init__(message, **fields)
-        self.status, self.code, self.retry_after = status, code, retry_after
-        self.retryable = status in (429, 503) or status >= 500
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.code}, HTTP {self.status})"
-
-    @classmethod
-    def of(cls, response: httpx.Response) -> "ApiError":
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            body = {"detail": response.text[:500] or response.reason_phrase}
-        fields = {k: v for k, v in body.items() if k not in ("detail", "code", "message", "retry_after")}
-        detail, code = body.get("detail"), body.get("code")
-        if isinstance(detail, list):  # FastAPI's request validation: one line per field
-            message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
-            code = code or "invalid_request"
-        else:
-            message = str(detail or response.reason_phrase)
-        retry_after = _retry_after(response)
-        if retry_after is None and isinstance(body.get("retry_after"), (int, float)):
-            retry_after = float(body["retry_after"])
-        return cls(response.status_code, code or f"http_{response.status_code}", message, retry_after, **fields)
-
-
-class JobFailed(StemsError):
-    """A split, an import or a mastering ended failed (or cancelled): the code and message of its `error`, and its last status."""
-
-    def __init__(self, status: SplitStatus | AudioStatus | MasterStatus) -> None:
-        error = status.error or {}
-        super().__init__(error.get("message") or f"ended {status.status}",
-                         **{k: v for k, v in error.items() if k not in ("code", "message")})
-        self.code = error.get("code") or status.status
-        self.status = status
+def api_error(response: httpx.Response) -> ApiError:
+    """The `ApiError` of a refused response: its JSON error's code, message and fields, and Retry-After."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {"detail": response.text[:500] or response.reason_phrase}
+    fields = {k: v for k, v in body.items() if k not in ("detail", "code", "message", "retry_after")}
+    detail, code = body.get("detail"), body.get("code")
+    if isinstance(detail, list):  # FastAPI's request validation: one line per field
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
+        code = code or "invalid_request"
+    else:
+        message = str(detail or response.reason_phrase)
+    retry_after = _retry_after(response)
+    if retry_after is None and isinstance(body.get("retry_after"), (int, float)):
+        retry_after = float(body["retry_after"])
+    return ApiError(response.status_code, code or f"http_{response.status_code}", message, retry_after, **fields)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -92,7 +84,7 @@ class Client:
         self.http = httpx.Client(base_url=self.base_url, headers={"x-api-key": api_key}, timeout=timeout,
                                  follow_redirects=False)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -108,7 +100,7 @@ class Client:
             response = self.http.request(method, path, **kw)
             if response.status_code < 400:
                 return response
-            error = ApiError.of(response)
+            error = api_error(response)
             if not (retry and error.status in (429, 503)) or attempt == self.retries:
                 raise error
             self.sleep(error.retry_after if error.retry_after is not None else min(30.0, 2.0 ** attempt))
@@ -306,7 +298,7 @@ class Client:
             raise httpx.ReadError("the partial download did not match the object; starting again")
         if r.status_code >= 400:
             r.read()
-            raise ApiError.of(r)
+            raise api_error(r)
         resumed = r.status_code == 206
         total = int(r.headers.get("content-length", 0)) + (have if resumed else 0)
         done = have if resumed else 0
@@ -328,7 +320,7 @@ class Client:
         with self.http.stream("POST", "/download-archive", json=body) as r:
             if r.status_code >= 400:
                 r.read()
-                raise ApiError.of(r)
+                raise api_error(r)
             with open(dest, "wb") as f:
                 for block in r.iter_bytes(CHUNK):
                     f.write(block)

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.errors import StemsError
+from pipelines.errors import OriginalChanged
 
 from .purpose_keys import INGEST_GRANT, derive
 
@@ -78,12 +78,6 @@ def may_register(key: str, user_id: str, ingest_prefix: str, secret: str, grant:
                  max_ttl_s: float) -> bool:
     return key.startswith(user_prefix(ingest_prefix, user_id)) or (
         grant is not None and grant_allows(secret, grant, user_id, key, max_ttl_s))
-
-
-class OriginalChanged(StemsError):
-    """The stored original is not what its import probed (rewritten since): the job would split something else."""
-
-    code = "original_changed"
 
 
 def check_original(path: Path, size: int | None, sha256: str | None) -> None:

@@ -18,12 +18,13 @@ import hashlib
 import json
 import secrets
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
+from pydantic import BaseModel
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
-from pydantic import BaseModel
 
 from .models import USER_ID, AudioAsset, Job, Stem, StemStatus
 from .runstore import RunStore
@@ -156,7 +157,7 @@ class JobStore(RunStore):
         self.p = prefix
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "stems", retries: int = WORKER_RETRIES) -> "JobStore":
+    def from_url(cls, url: str, prefix: str = "stems", retries: int = WORKER_RETRIES) -> JobStore:
         # a Redis restart (a few seconds) is ridden out inside the client: reconnect with
         # jittered exponential backoff instead of failing the job that happened to write
         retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=retries)

@@ -27,6 +27,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from pipelines.errors import Expired
+
 from .jobstore import JobStore
 from .masterings import Masterings
 from .models import AssetStatus, AudioAsset, Job
@@ -207,7 +209,7 @@ def _expire_original(store: JobStore, storage: Storage, audio_id: str, report: S
             # `expired` and withdraws the job, or its job is seen here and the original stays for now
             before = asset.model_copy()
             asset.status = AssetStatus.expired
-            asset.error = {"code": "expired", "message": "the original was deleted by the retention policy"}
+            asset.error = Expired("the original was deleted by the retention policy").to_dict()
             store.update_asset(asset)
             if _has_active_job(store, audio_id):
                 store.update_asset(before)

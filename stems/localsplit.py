@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines.engine import Engine
-from pipelines.errors import PresetError, StemsError
+from pipelines.errors import PresetError, StemsError, UsageError
 from pipelines.install_hint import install_hint, preset_hint
 from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.licences import Use, install_gaps, refused_models, unservable
@@ -21,10 +21,6 @@ from pipelines.modelstore import ModelStore
 from pipelines.presets import Preset, load_catalogue
 from pipelines.registry import get_spec
 from pipelines.stemfile import NI_ORDER, write_stem_mp4
-
-
-class UsageError(StemsError):
-    code = "invalid_request"
 
 
 def time_range(text: str, what: str, model: type = TimeRange):

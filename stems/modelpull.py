@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pipelines.errors import ChecksumMismatch, StemsError
+from pipelines.errors import ChecksumMismatch, DownloadFailed, StemsError
 from pipelines.install_hint import pullable
 from pipelines.modelstore import ModelStore, sha256_file
 from pipelines.registry import Download, ModelSpec, Wheel
@@ -50,13 +50,6 @@ CONNECT_TIMEOUT_S = 5.0  # without a network, pull fails in seconds rather than 
 READ_TIMEOUT_S = 60.0
 ATTEMPTS = 3  # transfers of one file in one run; only a transfer that made progress is tried again
 BLOCK = 1 << 20
-
-
-class DownloadFailed(StemsError):
-    """A file could not be fetched: no connection, an HTTP error, or a transfer that kept breaking."""
-
-    code = "download_failed"
-    retryable = True
 
 
 @dataclass

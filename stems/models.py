@@ -10,7 +10,6 @@ from pydantic import BaseModel, Field
 
 from pipelines.jobspec import SplitSpec
 
-
 USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # a path segment: ingest prefixes and keys are per user
 
 

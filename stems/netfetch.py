@@ -18,20 +18,9 @@ from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from pipelines.errors import StemsError
+from pipelines.errors import LinkError, TooLarge
 
 from .settings import Settings
-
-
-class LinkError(StemsError):
-    """The link cannot be fetched: refused address, bad scheme, too large, HTTP error."""
-
-    code = "invalid_link"
-
-
-class TooLarge(StemsError):
-    code = "too_large"
-
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are an IPv4 address
 MAX_URL = 4096

@@ -16,19 +16,19 @@ import sys
 import threading
 import time
 
-from pipelines.errors import StemsError
+from pipelines.errors import (
+    DependencyUnavailable,
+    StorageUnavailable,
+    UnsafeProduction,
+)
 
 from .jobstore import JobStore
 from .settings import Settings
-from .storage import CHECKS as STORAGE_CHECKS, Storage, StorageUnavailable, make_storage
-from .unavailable import DependencyUnavailable
+from .storage import CHECKS as STORAGE_CHECKS
+from .storage import Storage, make_storage
 
 DEPENDENCIES = ("redis", "storage", "broker")
 RECHECK_S = 5.0
-
-
-class UnsafeProduction(StemsError):
-    code = "unsafe_production"
 
 
 def redis_problems(store: JobStore, settings: Settings) -> list[str]:

@@ -198,7 +198,7 @@ class Settings(BaseSettings):
         return v or None
 
     @model_validator(mode="after")
-    def _visibility_outlasts_jobs(self) -> "Settings":
+    def _visibility_outlasts_jobs(self) -> Settings:
         longest = self.hard_time_limit(self.max_duration_s)
         if self.visibility_timeout_s <= longest:
             raise ValueError(f"STEMS_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed the longest allowed "
@@ -206,19 +206,19 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _broker_defaults_to_redis(self) -> "Settings":
+    def _broker_defaults_to_redis(self) -> Settings:
         self.broker_url = self.broker_url or self.redis_url
         return self
 
     @model_validator(mode="after")
-    def _lease_renewed_in_time(self) -> "Settings":
+    def _lease_renewed_in_time(self) -> Settings:
         if self.lease_renew_s * 2 > self.lease_s:
             raise ValueError(f"STEMS_LEASE_RENEW_S ({self.lease_renew_s}) must be at most half of STEMS_LEASE_S "
                              f"({self.lease_s}), or one slow renewal would let a running job be taken over")
         return self
 
     @model_validator(mode="after")
-    def _safe_in_production(self) -> "Settings":
+    def _safe_in_production(self) -> Settings:
         if self.env == "production":
             problems = []
             if self.storage == "local":

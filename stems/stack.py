@@ -30,7 +30,7 @@ class Proc:
     log: Path
     popen: subprocess.Popen | None = field(default=None, repr=False)
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,

@@ -11,19 +11,16 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Protocol
 
-from pipelines.errors import StemsError
+from pipelines.errors import ObjectMissing, StemsError, StorageUnavailable
 
 from .settings import Settings
-from .unavailable import StorageUnavailable, scrub
+from .unavailable import scrub
 
 StorageError = StorageUnavailable  # its old name: storage failed in a way retrying (later) may fix
-
-
-class ObjectMissing(StemsError):
-    code = "object_missing"
 
 
 # what the operator should check, by reason (the message an API client reads: no bucket, endpoint or key in it)
@@ -238,8 +235,13 @@ def _client_error(exc: BaseException):
 def classify(exc: BaseException) -> tuple[str | None, bool]:
     """(reason, whether another try may help) of an exception an S3 call raised. Reason None: an object that is
     not there ("missing": a key), or not a storage failure at all ("" : a bug of ours, raised as it is)."""
-    from botocore.exceptions import (BotoCoreError, ConnectTimeoutError, NoCredentialsError, PartialCredentialsError,
-                                     ReadTimeoutError)
+    from botocore.exceptions import (
+        BotoCoreError,
+        ConnectTimeoutError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
 
     client_error = _client_error(exc)
     if client_error is not None:

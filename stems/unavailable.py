@@ -17,40 +17,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from pipelines.errors import StemsError
+from pipelines.errors import DependencyUnavailable
 
 RETRY_AFTER_S = 5  # a restart, a failover: soon
 RETRY_AFTER_CONFIG_S = 30  # a missing bucket, refused credentials: someone has to act
-
-
-class DependencyUnavailable(StemsError):
-    """A service the work needs is down or refuses us; nothing of the request was kept. Retry later."""
-
-    code = "unavailable"
-    dependency = "a dependency"
-    retryable = True  # a worker's try comes back later; an API client gets Retry-After
-    config_reasons: frozenset[str] = frozenset()
-
-    def __init__(self, reason: str, check: str, detail: str = "", retry_after: int | None = None) -> None:
-        self.reason = reason
-        self.check = check
-        self.detail = detail
-        self.retry_after = retry_after or (RETRY_AFTER_CONFIG_S if reason in self.config_reasons else RETRY_AFTER_S)
-        super().__init__(f"{self.dependency} is unavailable ({reason.replace('_', ' ')}): {check}",
-                         dependency=self.dependency, reason=reason, retry_after=self.retry_after)
-
-    def __reduce__(self):  # picklable (a pool process hands its exception to the worker's main process)
-        return self.__class__, (self.reason, self.check, self.detail, self.retry_after)
-
-    def line(self) -> str:
-        """One line for a start-up check or a log: the message, and the details only the operator sees."""
-        return f"{self.message}{f' [{self.detail}]' if self.detail else ''}"
-
-
-class StorageUnavailable(DependencyUnavailable):
-    code = "storage_unavailable"
-    dependency = "storage"
-    config_reasons = frozenset({"bucket_missing", "access_denied", "misconfigured", "not_writable"})
 
 
 class RedisUnavailable(DependencyUnavailable, redis.ConnectionError):
@@ -59,12 +29,6 @@ class RedisUnavailable(DependencyUnavailable, redis.ConnectionError):
     code = "redis_unavailable"
     dependency = "Redis"
     config_reasons = frozenset({"access_denied", "read_only"})
-
-
-class BrokerUnavailable(DependencyUnavailable):
-    code = "broker_unavailable"
-    dependency = "the job queue (broker)"
-    config_reasons = frozenset({"access_denied"})
 
 
 def redact_url(url: str | None) -> str:

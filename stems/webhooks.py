@@ -15,7 +15,9 @@ import time
 
 import httpx
 
-from .netfetch import LinkError, check_url, pinned
+from pipelines.errors import LinkError
+
+from .netfetch import check_url, pinned
 from .settings import Settings
 
 TOLERANCE_S = 300

@@ -47,7 +47,7 @@ def silent(conn: socket.socket, closed: threading.Event) -> None:
         try:
             if not conn.recv(1 << 16):
                 return
-        except socket.timeout:
+        except TimeoutError:
             continue
 
 

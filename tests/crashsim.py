@@ -22,8 +22,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import redis
 
@@ -55,7 +55,7 @@ class Plan:
     fired: str | None = None
     duplicate_webhooks: int = 0
 
-    def point(self, proc: "Proc", label: str) -> None:
+    def point(self, proc: Proc, label: str) -> None:
         self.labels.append(label)
         for entry in list(self.actions):
             if entry[0](label):
@@ -140,7 +140,7 @@ class Broker:
         self.queue: deque[tuple[str, str]] = deque()
         self.sent = 0
 
-    def app(self, proc: Proc | None = None) -> "BrokerApp":
+    def app(self, proc: Proc | None = None) -> BrokerApp:
         return BrokerApp(self, proc)
 
 

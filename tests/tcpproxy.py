@@ -54,7 +54,7 @@ class TcpProxy:
         while not stopped.is_set():
             try:
                 client, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -145,7 +145,7 @@ def _share_derived(store: ModelStore, model_id: str) -> None:
         sep = spec.separator_class()(spec, store.resolve(spec), {**store.params_for(spec), "backend": "onnxruntime"})
         try:
             sep.setup("cpu")
-        except Exception:  # noqa: BLE001  (no onnxruntime, or a model without an exported form: nothing to share)
+        except Exception:
             return
         if getattr(sep, "backend", None) == "onnxruntime":
             _copy([p for sha in shas for p in target.glob(f"{sha[:32]}-*") if p.suffix in (".onnx", ".json")],

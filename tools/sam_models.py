@@ -34,9 +34,22 @@ def write_random_sam(out: Path, model_id: str = "sam-audio-small", seed: int = 0
     """Write a random tiny SAM Audio model's five store files into `out`; returns them by name."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_audio.sts.models.sam_audio import DACVAEConfig, SAMAudio, SAMAudioConfig, T5EncoderConfig, TransformerConfig
+    from mlx_audio.sts.models.sam_audio import (
+        DACVAEConfig,
+        SAMAudio,
+        SAMAudioConfig,
+        T5EncoderConfig,
+        TransformerConfig,
+    )
     from mlx_audio.sts.models.sam_audio.text_encoder import T5Config, T5Encoder
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import T5Config as HfT5Config
 
     out = Path(out)

@@ -24,7 +24,7 @@ from pipelines.presets import load_catalogue
 from stems.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from stems.unavailable import BrokerUnavailable
+    from pipelines.errors import BrokerUnavailable
 
 
 def broker_queue(name: str, s: Settings) -> str:
@@ -137,8 +137,9 @@ def broker_failure(exc: BaseException) -> str:
     return "refused"
 
 
-def broker_unavailable(exc: BaseException, s: Settings, what: str) -> "BrokerUnavailable":
-    from stems.unavailable import BrokerUnavailable, redact_url, scrub
+def broker_unavailable(exc: BaseException, s: Settings, what: str) -> BrokerUnavailable:
+    from pipelines.errors import BrokerUnavailable
+    from stems.unavailable import redact_url, scrub
 
     reason = broker_failure(exc)
     return BrokerUnavailable(reason, BROKER_CHECKS[reason],

@@ -39,7 +39,7 @@ class StoreContext:
     storage: Storage
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "StoreContext":
+    def from_settings(cls, s: Settings) -> StoreContext:
         return cls(settings=s, store=JobStore.from_url(s.redis_url, s.key_prefix), storage=make_storage(s))
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from pipelines import audio as A
 from pipelines import split
+from pipelines.errors import ObjectMissing
 from pipelines.jobspec import Output
 from stems.models import Job, JobStatus
-from stems.storage import ObjectMissing
 
 from .context import WorkerContext
 from .jobstate import clean_now, complete, run_attempt, separate_again, start_delivery

@@ -20,7 +20,7 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pipelines import audio as A
-from pipelines.errors import AudioError, StemsError
+from pipelines.errors import AudioError, GaveUp, InternalError, StemsError, TimeLimit
 from pipelines.peaks import PeakAccumulator
 from stems.models import AssetStatus, AudioAsset
 from stems.netfetch import fetch_url
@@ -107,20 +107,19 @@ def run_import(audio_id: str, ctx: StoreContext) -> None:
     tries = store.count_try("import", audio_id)
     if tries > s.task_max_attempts:
         message = f"the import was tried {tries - 1} times and never finished (its worker died each time)"
-        refuse(asset, ctx, {"code": "too_many_attempts", "attempts": tries - 1, "message": message})
+        refuse(asset, ctx, GaveUp(message, attempts=tries - 1).to_dict())
         store.settle("import", audio_id)
         return
     store.owe("import", audio_id, time.time() + s.import_time_limit_s + s.time_limit_grace_s + s.enqueue_grace_s)
     try:
         import_audio(audio_id, ctx)
     except SoftTimeLimitExceeded:
-        refuse(asset, ctx, {"code": "time_limit", "message": f"the import took longer than {s.import_time_limit_s:.0f} s"})
+        refuse(asset, ctx, TimeLimit(f"the import took longer than {s.import_time_limit_s:.0f} s").to_dict())
     except Exception as exc:
         if retryable(exc) and tries < s.task_max_attempts:
             log.warning("import %s: retryable error %s, trying again", audio_id, exc)
             store.owe("import", audio_id, time.time() + backoff(tries - 1))
             return
         log.warning("import %s failed: %s", audio_id, exc)
-        refuse(asset, ctx, exc.to_dict() if isinstance(exc, StemsError)
-               else {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
+        refuse(asset, ctx, InternalError.of(exc).to_dict())
     store.settle("import", audio_id)

@@ -36,11 +36,11 @@ import os
 import secrets
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from pipelines.errors import Cancelled, StemsError
+from pipelines.errors import Cancelled, GaveUp, InternalError, StemsError, Superseded, TimeLimit
 from pipelines.presets import load_catalogue
 from pipelines.split import SEPARATED
 from stems.models import DELIVERY_QUEUE, Job, JobStatus, Separated, Stem, StemStatus
@@ -53,16 +53,6 @@ from .retry import backoff, retryable
 log = logging.getLogger(__name__)
 
 HOSTNAME = socket.gethostname()
-
-
-class Superseded(StemsError):
-    """This attempt no longer owns its job: another attempt does, or the job was handed back."""
-
-    code = "superseded"
-
-
-class GaveUp(StemsError):
-    code = "too_many_attempts"
 
 
 def alive(pid: int | None) -> bool:
@@ -382,7 +372,7 @@ def run_attempt(job: Job, ctx: WorkerContext, tries: int, body: Body) -> None:
                 _end_without_stems(job, ctx, JobStatus.cancelled)
         except SoftTimeLimitExceeded:
             _end_without_stems(job, ctx, JobStatus.failed,
-                               {"code": "time_limit", "message": "the split ran past its time limit"})
+                               TimeLimit("the split ran past its time limit").to_dict())
         except Exception as exc:
             if retryable(exc) and tries < s.task_max_attempts:
                 _retry(job, ctx, exc)
@@ -391,8 +381,7 @@ def run_attempt(job: Job, ctx: WorkerContext, tries: int, body: Body) -> None:
                 _end_without_stems(job, ctx, JobStatus.failed, exc.to_dict())
             else:
                 log.exception("job %s failed", job.id)
-                _end_without_stems(job, ctx, JobStatus.failed,
-                                   {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
+                _end_without_stems(job, ctx, JobStatus.failed, InternalError.of(exc).to_dict())
 
 
 def complete(job: Job, ctx: WorkerContext, made_by: dict[str, str], seconds: float,

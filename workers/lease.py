@@ -31,7 +31,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"lease-{job_id[:8]}")
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         self._thread.start()
         return self
 

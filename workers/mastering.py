@@ -17,7 +17,7 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pipelines import mastering as M
-from pipelines.errors import StemsError
+from pipelines.errors import GaveUp, InternalError, StemsError, TimeLimit
 from stems.masterings import TASK_KIND, Mastering, Masterings, output_stem, wav_key
 from stems.models import JobStatus, StemStatus
 from stems.storage import keys
@@ -50,8 +50,8 @@ def run_master(mastering_id: str, ctx: StoreContext, hostname: str | None = None
         return
     tries = ctx.store.count_try(TASK_KIND, mastering_id)
     if tries > s.task_max_attempts:
-        _fail(masters, m, {"code": "too_many_attempts", "attempts": tries - 1,
-                           "message": f"the mastering was tried {tries - 1} times and never finished"})
+        _fail(masters, m, GaveUp(f"the mastering was tried {tries - 1} times and never finished",
+                                 attempts=tries - 1).to_dict())
         ctx.store.settle(TASK_KIND, mastering_id)
         return
     ctx.store.owe(TASK_KIND, mastering_id, time.time() + s.hard_time_limit(m.audio_seconds) + s.enqueue_grace_s)
@@ -63,7 +63,7 @@ def run_master(mastering_id: str, ctx: StoreContext, hostname: str | None = None
         _master(m, ctx, masters)
     except SoftTimeLimitExceeded:
         ctx.storage.delete_prefix(keys.job_prefix(m.user_id, m.id))
-        _fail(masters, m, {"code": "time_limit", "message": "the mastering took longer than its time limit"})
+        _fail(masters, m, TimeLimit("the mastering took longer than its time limit").to_dict())
     except Exception as exc:
         if retryable(exc) and tries < s.task_max_attempts:
             log.warning("mastering %s: retryable error %s, trying again", mastering_id, exc)
@@ -71,8 +71,7 @@ def run_master(mastering_id: str, ctx: StoreContext, hostname: str | None = None
             return
         log.warning("mastering %s failed: %s", mastering_id, exc)
         ctx.storage.delete_prefix(keys.job_prefix(m.user_id, m.id))
-        _fail(masters, m, exc.to_dict() if isinstance(exc, StemsError)
-              else {"code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"})
+        _fail(masters, m, InternalError.of(exc).to_dict())
     ctx.store.settle(TASK_KIND, mastering_id)
 
 

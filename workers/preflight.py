@@ -8,7 +8,8 @@ import sys
 
 from celery.signals import celeryd_init
 
-from stems.production import UnsafeProduction, check
+from pipelines.errors import UnsafeProduction
+from stems.production import check
 from stems.settings import get_settings
 
 

@@ -38,15 +38,21 @@ import socket
 import threading
 import time
 
-from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    task_received,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
+from pipelines.errors import TimeLimit
 from stems.jobstore import JobStore
 from stems.models import JobStatus
 from stems.settings import Settings, get_settings
 
-from .jobstate import clean_now, finish, owed_kind, requeue, settle_clean
 from .celery_app import dead_letter_queue, make_celery
 from .context import StoreContext
+from .jobstate import clean_now, finish, owed_kind, requeue, settle_clean
 from .messages import KINDS, flush, send_owed
 
 log = logging.getLogger(__name__)
@@ -144,8 +150,8 @@ class Reaper:
             self.store.forget_run(job_id)
             return 0
         limit = s.hard_time_limit(job.audio_seconds or 0.0)
-        err = {"code": "time_limit", "limit_s": round(limit),
-               "message": f"the split ran past its hard time limit of {limit:.0f} s and its worker was stopped"}
+        err = TimeLimit(f"the split ran past its hard time limit of {limit:.0f} s and its worker was stopped",
+                        limit_s=round(limit)).to_dict()
         ended = finish(job_id, self.ctx, JobStatus.failed, err, attempt_id=job.attempt_id)
         if ended is None:
             return 0

@@ -23,19 +23,27 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipelines import audio as A
 from pipelines import split
-from pipelines.errors import Cancelled
+from pipelines.errors import Cancelled, Superseded
 from pipelines.split import Product
 from stems.ingest import check_original
-from stems.models import DELIVERY_QUEUE, Job, JobStatus, Separated, SeparatedStem, Stem, StemStatus
+from stems.models import (
+    DELIVERY_QUEUE,
+    Job,
+    JobStatus,
+    Separated,
+    SeparatedStem,
+    Stem,
+    StemStatus,
+)
 from stems.storage import keys
 
 from .context import WorkerContext
-from .jobstate import Superseded, alive, complete, hand_to_delivery, run_attempt, start
+from .jobstate import alive, complete, hand_to_delivery, run_attempt, start
 from .lease import Lease
 
 log = logging.getLogger(__name__)

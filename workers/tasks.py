@@ -13,8 +13,8 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from pipelines.errors import LinkError
 from stems.models import JobStatus
-from stems.netfetch import LinkError
 from stems.purpose_keys import legacy_webhook_secret
 from stems.settings import get_settings
 from stems.webhooks import deliver
@@ -23,11 +23,11 @@ from stems.webhooks import deliver
 from . import heartbeat, preflight, reaper, retention  # noqa: F401
 from .celery_app import app
 from .context import context, store_context
+from .delivery import run_delivery
 from .importer import run_import
 from .mastering import run_master
 from .messages import run_then_flush
 from .retry import backoff
-from .delivery import run_delivery
 from .splitter import run_split
 
 log = logging.getLogger(__name__)

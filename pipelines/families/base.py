@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Separator(ABC):
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         """Split `audio` (channels, samples) into `spec.sources`."""
 
-    def separate_stream(self, audio: "Signal", sample_rate: int, block: int,
+    def separate_stream(self, audio: Signal, sample_rate: int, block: int,
                         cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
         """Optional: separate a long signal incrementally, equal to `separate` on the whole of it.
 

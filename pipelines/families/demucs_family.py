@@ -43,8 +43,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -229,7 +230,7 @@ class DemucsSeparator(TorchSeparator):
                         reason, runners = record.summary(), {}  # the sessions go: torch's memory only
             # whatever stops the optional path (a read-only store, an export that does not match torch, an
             # operator the runtime lacks) leaves the exact torch path, and is said (backend_reason, the log)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 failed = True
         self.backend_record = record
@@ -468,7 +469,7 @@ class _SegmentStream:
 class _Pending:
     """A segment apply_model submitted; its forward runs when apply_model first asks for it."""
 
-    def __init__(self, pool: "_BatchingPool", model, chunk: TensorChunk, valid_length: int) -> None:
+    def __init__(self, pool: _BatchingPool, model, chunk: TensorChunk, valid_length: int) -> None:
         self.pool, self.model, self.chunk, self.valid_length = pool, model, chunk, valid_length
         self.value: torch.Tensor | None = None
 

@@ -24,16 +24,22 @@ rounding, and memory follows the block and the method's reach, not the track.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy.interpolate import CubicSpline
 from scipy.linalg import solve_toeplitz
-from scipy.ndimage import binary_dilation, median_filter, minimum_filter1d, uniform_filter1d
+from scipy.ndimage import (
+    binary_dilation,
+    median_filter,
+    minimum_filter1d,
+    uniform_filter1d,
+)
 
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec

@@ -22,8 +22,9 @@ touches, so memory follows the batch and not the track, and the output is a whol
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -51,7 +52,7 @@ class MdxParams(BaseModel):
     zero_low_bins: int = Field(3, ge=0, description="lowest input bins zeroed before the network, as UVR does")
 
     @model_validator(mode="after")
-    def _check(self) -> "MdxParams":
+    def _check(self) -> MdxParams:
         if self.dim_f > self.n_fft // 2 + 1:
             raise ValueError(f"dim_f {self.dim_f} exceeds the {self.n_fft // 2 + 1} bins of an n_fft {self.n_fft} STFT")
         if self.hop > self.n_fft:

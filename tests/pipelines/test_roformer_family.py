@@ -13,12 +13,21 @@ from pipelines import audio as A  # noqa: E402
 from pipelines.engine import Engine  # noqa: E402
 from pipelines.errors import Cancelled, ChainError  # noqa: E402
 from pipelines.families.roformer import (  # noqa: E402
-    Grid, RoformerParams, RoformerSeparator, build_model, split_model_config, to_package_layout,
+    Grid,
+    RoformerParams,
+    RoformerSeparator,
+    build_model,
+    split_model_config,
+    to_package_layout,
 )
 from pipelines.modelstore import ModelStore  # noqa: E402
 from pipelines.registry import get_spec, load_registry  # noqa: E402
 from tools.reference import roformer_reference  # noqa: E402
-from tools.roformer_models import install_random_roformer, make_random_roformer, roformer_config  # noqa: E402
+from tools.roformer_models import (  # noqa: E402
+    install_random_roformer,
+    make_random_roformer,
+    roformer_config,
+)
 
 SR = 44100
 TOL = 1e-4

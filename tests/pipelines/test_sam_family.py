@@ -15,14 +15,14 @@ import pytest
 
 pytest.importorskip("mlx_audio", reason="the `sam` extra (mlx-audio) is not installed")
 
-from pipelines import audio as A  # noqa: E402
-from pipelines import custom  # noqa: E402
-from pipelines.engine import Engine  # noqa: E402
-from pipelines.errors import ModelNotInstalled, PresetError  # noqa: E402
-from pipelines.jobspec import CustomSpec, TimeRange  # noqa: E402
-from pipelines.families.sam import chunk_bounds, crossfade, shift_anchors  # noqa: E402
-from pipelines.modelstore import ModelStore  # noqa: E402
-from tools.sam_models import run_reference, write_random_sam  # noqa: E402
+from pipelines import audio as A
+from pipelines import custom
+from pipelines.engine import Engine
+from pipelines.errors import ModelNotInstalled, PresetError
+from pipelines.families.sam import chunk_bounds, crossfade, shift_anchors
+from pipelines.jobspec import CustomSpec, TimeRange
+from pipelines.modelstore import ModelStore
+from tools.sam_models import run_reference, write_random_sam
 
 MODEL = "sam-audio-small"
 SR = 48000

@@ -13,8 +13,18 @@ import signal
 import time
 
 from tests.faulty_s3 import FaultyS3
-from tests.support import (TERMINAL, ServiceStack, expected_objects, job_objects, start_job, tone_mix, upload,
-                           wait_for, wait_stage, write_audio)
+from tests.support import (
+    TERMINAL,
+    ServiceStack,
+    expected_objects,
+    job_objects,
+    start_job,
+    tone_mix,
+    upload,
+    wait_for,
+    wait_stage,
+    write_audio,
+)
 
 SR = 44100
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from pipelines.jobspec import SplitSpec
-
 from stems.jobstore import JobStore
 from stems.lifecycle import delete_job, run_locked, sweep
 from stems.models import AssetStatus, AudioAsset, Job, JobStatus, Stem, StemStatus

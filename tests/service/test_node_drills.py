@@ -20,9 +20,26 @@ from stems.storage import keys
 from tests.faulty_s3 import FaultyS3
 from tests.partition import make_link
 from tests.rabbitmq_node import RabbitNode
-from tests.service.test_two_stage import (REQUEST, SLOW, _files, _imported, _settled, _stack, _wait_job,
-                                          _waiting_for_delivery)
-from tests.support import TERMINAL, ServiceStack, expected_objects, start_job, tone_mix, upload, wait_for, write_audio
+from tests.service.test_two_stage import (
+    REQUEST,
+    SLOW,
+    _files,
+    _imported,
+    _settled,
+    _stack,
+    _wait_job,
+    _waiting_for_delivery,
+)
+from tests.support import (
+    TERMINAL,
+    ServiceStack,
+    expected_objects,
+    start_job,
+    tone_mix,
+    upload,
+    wait_for,
+    write_audio,
+)
 from workers.celery_app import make_celery
 
 

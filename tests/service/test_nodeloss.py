@@ -21,8 +21,21 @@ import pytest
 from pipelines.presets import load_catalogue
 from stems.redisboot import free_port, start_redis
 from tests.blackhole import Server, endless_body, silent, trickle_headers
-from tests.support import (LONG_S, SONG_S, TERMINAL, ServiceStack, child_pids, expected_objects, job_objects, start_job,
-                           tone_mix, upload, wait_for, wait_stage, write_audio)
+from tests.support import (
+    LONG_S,
+    SONG_S,
+    TERMINAL,
+    ServiceStack,
+    child_pids,
+    expected_objects,
+    job_objects,
+    start_job,
+    tone_mix,
+    upload,
+    wait_for,
+    wait_stage,
+    write_audio,
+)
 from tests.webserver import WebServer
 
 SR = 44100

@@ -14,7 +14,16 @@ import time
 import pytest
 
 from stems.redisboot import free_port, start_redis
-from tests.support import TERMINAL, ServiceStack, expected_objects, job_objects, start_job, upload, wait_for, wait_stage
+from tests.support import (
+    TERMINAL,
+    ServiceStack,
+    expected_objects,
+    job_objects,
+    start_job,
+    upload,
+    wait_for,
+    wait_stage,
+)
 
 FAST = {"STEMS_LEASE_S": "4", "STEMS_LEASE_RENEW_S": "1", "STEMS_REAPER_INTERVAL_S": "0.5",
         "STEMS_ENQUEUE_GRACE_S": "2", "STEMS_CACHE_MAX_BYTES": "0", "STEMS_CHUNK_SECONDS": "5"}

@@ -12,13 +12,13 @@ import soundfile as sf
 
 pytest.importorskip("mlx_audio", reason="the `sam` extra (mlx-audio) is not installed")
 
-from pipelines import audio as A  # noqa: E402
-from pipelines import custom  # noqa: E402
-from pipelines.engine import Engine  # noqa: E402
-from pipelines.jobspec import CustomSpec, TimeRange  # noqa: E402
-from pipelines.modelstore import ModelStore  # noqa: E402
-from tests.support import ROOT, ServiceStack, tone_mix, upload, wait_for, write_audio  # noqa: E402
-from tools.sam_models import write_random_sam  # noqa: E402
+from pipelines import audio as A
+from pipelines import custom
+from pipelines.engine import Engine
+from pipelines.jobspec import CustomSpec, TimeRange
+from pipelines.modelstore import ModelStore
+from tests.support import ROOT, ServiceStack, tone_mix, upload, wait_for, write_audio
+from tools.sam_models import write_random_sam
 
 SR = 44100
 MODEL = "sam-audio-small"

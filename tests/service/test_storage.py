@@ -9,9 +9,9 @@ import boto3
 import httpx
 import pytest
 
-from pipelines.errors import StemsError
+from pipelines.errors import ObjectMissing, StemsError
 from stems.settings import Settings
-from stems.storage import LocalStorage, ObjectMissing, S3Storage, StorageError
+from stems.storage import LocalStorage, S3Storage, StorageError
 
 
 def s3_settings(url: str, **kw) -> Settings:

@@ -22,7 +22,7 @@ from pipelines.cache import StepCache
 from pipelines.engine import Engine
 from pipelines.modelstore import ModelStore
 from stems.jobstore import JobStore
-from stems.models import AudioAsset, AssetStatus, Job, JobStatus, Stem
+from stems.models import AssetStatus, AudioAsset, Job, JobStatus, Stem
 from stems.settings import Settings
 from stems.storage import LocalStorage
 from tests.support import write_audio

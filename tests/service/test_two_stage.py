@@ -11,7 +11,15 @@ import os
 import signal
 import time
 
-from tests.support import TERMINAL, ServiceStack, expected_objects, job_objects, start_job, upload, wait_for
+from tests.support import (
+    TERMINAL,
+    ServiceStack,
+    expected_objects,
+    job_objects,
+    start_job,
+    upload,
+    wait_for,
+)
 
 FAST = {"STEMS_LEASE_S": "4", "STEMS_LEASE_RENEW_S": "1", "STEMS_REAPER_INTERVAL_S": "0.5",
         "STEMS_ENQUEUE_GRACE_S": "2", "STEMS_CACHE_MAX_BYTES": "0"}

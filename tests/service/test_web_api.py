@@ -149,7 +149,7 @@ def test_download_links_work_without_the_key_for_that_stem_only(stack, split):
             assert r.status_code == 401 and "download link" in r.json()["detail"], url
         assert anonymous.get(f"/download/stem/{centre['stem_id']}").status_code == 401  # neither key nor token
     hq = c.post("/download-links", json={"stem_ids": [centre["stem_id"], sides["stem_id"]], "format": "hq"})
-    assert hq.status_code == 200 and [l["stem_id"] for l in hq.json()["links"]] == [centre["stem_id"], sides["stem_id"]]
+    assert hq.status_code == 200 and [link["stem_id"] for link in hq.json()["links"]] == [centre["stem_id"], sides["stem_id"]]
     with stack.client("mallory") as other:
         r = other.post("/download-links", json={"stem_ids": [centre["stem_id"]]})
         assert r.status_code == 404
