@@ -1,4 +1,5 @@
 """The FastAPI application factory; `uvicorn api.app:app` serves it with settings from the environment."""
+
 from __future__ import annotations
 
 import sys
@@ -50,8 +51,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     (settings.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
     # a request rides out a Redis blip of a second or two, then answers 503 redis_unavailable with Retry-After
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, retries=API_RETRIES)
-    svc = Services(settings=settings, store=store,
-                   storage=make_storage(settings), models=ModelStore(settings.model_dir), celery=make_celery(settings))
+    svc = Services(
+        settings=settings,
+        store=store,
+        storage=make_storage(settings),
+        models=ModelStore(settings.model_dir),
+        celery=make_celery(settings),
+    )
     svc.availability = Availability(svc)
     app = FastAPI(title="stems", version="0.1.0", description=DESCRIPTION)
     app.state.services = svc

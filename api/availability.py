@@ -7,6 +7,7 @@ its presets, so their jobs are accepted and queued, and the queue's load list (w
 autoscaler reads) brings a worker up. Before any worker has reported (a fresh deployment),
 the API's own view of the model store stands in, so the listing is still truthful about weights.
 """
+
 from __future__ import annotations
 
 import time
@@ -80,10 +81,18 @@ class Availability:
         missing = sorted({m for gap in gaps for m in gap})
         hint = preset_hint(gaps)
         refused = self.licence_refused(preset)
-        why = (f"; chains of {refused} are skipped: their licence does not allow "
-               f"{self.svc.settings.declared_use} use (STEMS_DECLARED_USE)" if refused else "")
+        why = (
+            f"; chains of {refused} are skipped: their licence does not allow "
+            f"{self.svc.settings.declared_use} use (STEMS_DECLARED_USE)"
+            if refused
+            else ""
+        )
         raise PresetError(
             f"preset {preset.name!r} is not available on this deployment: no worker holds models {missing}"
-            + (f"; on a worker serving the preset's queue run: {hint}" if hint else "") + why,
-            preset=preset.name, missing_models=missing, install_hint=hint, licence_refused=refused,
+            + (f"; on a worker serving the preset's queue run: {hint}" if hint else "")
+            + why,
+            preset=preset.name,
+            missing_models=missing,
+            install_hint=hint,
+            licence_refused=refused,
         )

@@ -1,4 +1,5 @@
 """Shared resources of the API process and the request dependencies (auth, rate limit)."""
+
 from __future__ import annotations
 
 import time
@@ -37,8 +38,10 @@ def current_user(request: Request, x_api_key: str | None = Header(None, descript
         raise Unauthorized("unknown API key")
     request.state.key_id = key.key_id
     if svc.store.count_request(key.user_id, int(time.time() // 60)) > svc.settings.rate_limit_per_minute:
-        raise RateLimited(f"more than {svc.settings.rate_limit_per_minute} requests a minute",
-                          retry_after=60 - int(time.time()) % 60 + 1)
+        raise RateLimited(
+            f"more than {svc.settings.rate_limit_per_minute} requests a minute",
+            retry_after=60 - int(time.time()) % 60 + 1,
+        )
     return key.user_id
 
 

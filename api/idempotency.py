@@ -8,6 +8,7 @@ never got as far as writing anything is taken over by a replay after `STALE_S`. 
 audio or job has since been deleted (or expired) answers 410 Gone: it neither re-creates it
 silently nor points at an id that answers 404.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,8 +63,11 @@ def _still_there(store: JobStore, response: dict) -> None:
         return
     if exists is None:
         why = "deleted" if store.deleted(id_) else "deleted (or expired by the retention policy)"
-        raise Gone(f"the {kind} this Idempotency-Key created was {why}; send the request with a new "
-                   f"Idempotency-Key to create another", **{"creation_id" if kind == "split" else "audio_id": id_})
+        raise Gone(
+            f"the {kind} this Idempotency-Key created was {why}; send the request with a new "
+            f"Idempotency-Key to create another",
+            **{"creation_id" if kind == "split" else "audio_id": id_},
+        )
 
 
 def run_once(claim: Claim, run: Callable[[], dict]) -> dict:
@@ -74,8 +78,9 @@ def run_once(claim: Claim, run: Callable[[], dict]) -> dict:
         if seen["hash"] != claim.digest:
             raise Conflict("this Idempotency-Key was used with a different request body", field="Idempotency-Key")
         if seen["response"] is None:
-            raise Conflict("a request with this Idempotency-Key is still being processed; retry shortly",
-                           field="Idempotency-Key")
+            raise Conflict(
+                "a request with this Idempotency-Key is still being processed; retry shortly", field="Idempotency-Key"
+            )
         _still_there(claim.store, seen["response"])
         return seen["response"]
     try:

@@ -1,6 +1,7 @@
 """A cap on the bodies of every request but uploads: FastAPI reads a JSON body whole into memory before
 validating it, so without a cap one request could hold the API's memory hostage. `/from-file` streams
 its multipart body under its own caps (api/upload.py)."""
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,11 @@ class BodyLimit:
     async def _refuse(self, send) -> None:
         error = TooLarge(f"request body over {self.max_bytes} bytes", max_bytes=self.max_bytes)
         body = json.dumps({"detail": error.message, **error.to_dict()}).encode()
-        await send({"type": "http.response.start", "status": error.http_status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.http_status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -5,6 +5,7 @@ Retry-After: nothing is left half-made (no record, no quota slot, no object of o
 Idempotency-Key free for the retry). If the API dies between the write and the send, the outbox
 entry falls due after STEMS_ENQUEUE_GRACE_S and a worker's reaper sends the message.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Bringing audio in: upload, link, or an object an ingestion service already stored."""
+
 from __future__ import annotations
 
 from uuid import UUID
@@ -21,22 +22,47 @@ from .upload import receive_file
 
 router = APIRouter(tags=["audio"])
 
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary", "description": "the audio file (anything ffmpeg decodes)"}},
-}}}}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the audio file (anything ffmpeg decodes)",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
 
 
-@router.post("/from-file", response_model=AudioAccepted, openapi_extra=UPLOAD_BODY,
-             summary="Upload an audio file (multipart, streamed to storage)")
-async def from_file(request: Request, svc=Svc, user: str = User,
-                    idempotency_key: str | None = Header(None)) -> dict:
+@router.post(
+    "/from-file",
+    response_model=AudioAccepted,
+    openapi_extra=UPLOAD_BODY,
+    summary="Upload an audio file (multipart, streamed to storage)",
+)
+async def from_file(request: Request, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
     received = await receive_file(request, "file", svc.settings.max_upload_bytes, svc.settings.data_dir / "tmp")
 
     def run() -> dict:
         audio_id = new_id()
-        asset = AudioAsset(id=audio_id, user_id=user, origin="upload", filename=received.filename,
-                           object_key=keys.original(user, audio_id), size=received.size)
+        asset = AudioAsset(
+            id=audio_id,
+            user_id=user,
+            origin="upload",
+            filename=received.filename,
+            object_key=keys.original(user, audio_id),
+            size=received.size,
+        )
         svc.storage.put_file(asset.object_key, received.path)
         queue_import(svc, asset)
         return {"audio_id": audio_id, "status": "processing"}
@@ -55,30 +81,40 @@ def from_link(body: FromLink, svc=Svc, user: str = User, idempotency_key: str | 
 
     def run() -> dict:
         audio_id = new_id()
-        asset = AudioAsset(id=audio_id, user_id=user, origin="link", url=body.url,
-                           object_key=keys.original(user, audio_id))
+        asset = AudioAsset(
+            id=audio_id, user_id=user, origin="link", url=body.url, object_key=keys.original(user, audio_id)
+        )
         queue_import(svc, asset)
         return {"audio_id": audio_id, "status": "processing"}
 
     return once(svc, user, "from-link", idempotency_key, body_hash(body.model_dump_json()), run)
 
 
-@router.post("/from-storage", response_model=AudioAccepted,
-             summary="Register an object an ingestion service stored under your ingest prefix (or a granted key)",
-             responses={404: {"description": "no such object, or one outside your ingest prefix without a grant "
-                                             "(the two answer alike)"}})
+@router.post(
+    "/from-storage",
+    response_model=AudioAccepted,
+    summary="Register an object an ingestion service stored under your ingest prefix (or a granted key)",
+    responses={
+        404: {"description": "no such object, or one outside your ingest prefix without a grant (the two answer alike)"}
+    },
+)
 def from_storage(body: FromStorage, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
     key = clean_key(body.key)
     # one answer for "not yours" and "not there": a tenant cannot probe which objects exist
-    if key is None or not may_register(key, user, svc.settings.ingest_prefix, svc.settings.secret_key, body.grant,
-                                        svc.settings.grant_max_ttl_s) \
-            or svc.storage.size(key) is None:
+    if (
+        key is None
+        or not may_register(
+            key, user, svc.settings.ingest_prefix, svc.settings.secret_key, body.grant, svc.settings.grant_max_ttl_s
+        )
+        or svc.storage.size(key) is None
+    ):
         raise NotFound("no such object under your ingest prefix", field="key")
 
     def run() -> dict:
         audio_id = new_id()
-        asset = AudioAsset(id=audio_id, user_id=user, origin="ingest", object_key=key,
-                           filename=body.filename or key.rsplit("/", 1)[-1])
+        asset = AudioAsset(
+            id=audio_id, user_id=user, origin="ingest", object_key=key, filename=body.filename or key.rsplit("/", 1)[-1]
+        )
         queue_import(svc, asset)
         return {"audio_id": audio_id, "status": "processing"}
 
@@ -96,15 +132,30 @@ def owned_asset(svc, user: str, audio_id: str) -> AudioAsset:
 def audio_status(audio_id: UUID, svc=Svc, user: str = User) -> dict:
     a = owned_asset(svc, user, str(audio_id))
     info = a.info or {}
-    return {"audio_id": a.id, "status": a.status.value, "filename": a.filename, "size": a.size, "error": a.error,
-            "created_at": a.created_at, "expires_at": expiry(a.created_at, svc.settings.retain_originals_s),
-            **{k: info.get(k) for k in ("duration", "sample_rate", "channels", "codec", "container")}}
+    return {
+        "audio_id": a.id,
+        "status": a.status.value,
+        "filename": a.filename,
+        "size": a.size,
+        "error": a.error,
+        "created_at": a.created_at,
+        "expires_at": expiry(a.created_at, svc.settings.retain_originals_s),
+        **{k: info.get(k) for k in ("duration", "sample_rate", "channels", "codec", "container")},
+    }
 
 
-@router.delete("/audio/{audio_id}", status_code=204, response_class=Response,
-               summary="Delete an audio, its original and every split, stem and upscaled copy made from it",
-               responses={204: {"description": "deleted: running splits of it are cancelled, records and stored "
-                                               "objects removed; every id of it answers 404 from now on"}})
+@router.delete(
+    "/audio/{audio_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete an audio, its original and every split, stem and upscaled copy made from it",
+    responses={
+        204: {
+            "description": "deleted: running splits of it are cancelled, records and stored "
+            "objects removed; every id of it answers 404 from now on"
+        }
+    },
+)
 def delete_audio(audio_id: UUID, svc=Svc, user: str = User) -> Response:
     delete_asset(svc.store, svc.storage, owned_asset(svc, user, str(audio_id)))
     return Response(status_code=204)

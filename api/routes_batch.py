@@ -6,6 +6,7 @@ would). One Idempotency-Key covers the batch: a replay answers the recorded batc
 also carries a key derived from it, so a batch whose process died half-way queues, when sent
 again (once its claim is stale, `api/idempotency.py`), only the items it had not queued yet.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,12 +29,23 @@ def _error(status: int, code: str, detail, **fields) -> dict:
     return {"status": "error", "http_status": status, "code": code, "detail": detail, **fields}
 
 
-@router.post("/create-stems/batch", response_model=BatchQueued, response_model_exclude_unset=False,
-             summary="Queue up to 100 stem splits in one call",
-             responses={409: {"description": "the Idempotency-Key was used with another batch, or is in use"},
-                        422: {"description": "not a list of 1 to 100 items (each item's own errors are in `items`)"}})
-def create_stems_batch(body: CreateStemsBatch, svc=Svc, user: str = User, key_id: str = CallerKey,
-                       idempotency_key: str | None = Header(None)) -> dict:
+@router.post(
+    "/create-stems/batch",
+    response_model=BatchQueued,
+    response_model_exclude_unset=False,
+    summary="Queue up to 100 stem splits in one call",
+    responses={
+        409: {"description": "the Idempotency-Key was used with another batch, or is in use"},
+        422: {"description": "not a list of 1 to 100 items (each item's own errors are in `items`)"},
+    },
+)
+def create_stems_batch(
+    body: CreateStemsBatch,
+    svc=Svc,
+    user: str = User,
+    key_id: str = CallerKey,
+    idempotency_key: str | None = Header(None),
+) -> dict:
     def item_key(i: int) -> str | None:
         if not idempotency_key:
             return None

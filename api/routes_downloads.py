@@ -5,6 +5,7 @@ appear in a URL (logs, history, Referer). So POST /download-links hands out shor
 each good for one stem in one format while the key that asked for it lives, that GET
 /download/stem accepts as `?token=`.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,8 +44,9 @@ def _object(svc: Services, stem: Stem, fmt: str) -> tuple[str, str, int]:
     The job's status is checked, not only the stem's: a job that failed or was cancelled after its
     stems were stored keeps them only until its owed cleanup runs, and they are never its result."""
     if stem.status == StemStatus.expired:
-        raise Gone("the stem was deleted by the retention policy (STEMS_RETAIN_STEMS_S after its split ended)",
-                   stem_id=stem.id)
+        raise Gone(
+            "the stem was deleted by the retention policy (STEMS_RETAIN_STEMS_S after its split ended)", stem_id=stem.id
+        )
     if stem.status != StemStatus.complete:
         raise Conflict(f"the stem is not ready (status {stem.status.value})", stem_id=stem.id)
     if stem.kind != "mastered":  # a mastering's WAV has no job: its stem's status is its result
@@ -81,22 +83,34 @@ class _Unsatisfiable(Exception):
         self.size = size
 
 
-def link_or_key_user(request: Request, stem_id: UUID, format: str = Query("wav", pattern="^(wav|hq)$"),
-                      token: str | None = Query(None, max_length=200, description=
-                          "a download link's token (POST /download-links) instead of the x-api-key header"),
-                      x_api_key: str | None = Header(None, description="your API key")) -> str:
+def link_or_key_user(
+    request: Request,
+    stem_id: UUID,
+    format: str = Query("wav", pattern="^(wav|hq)$"),
+    token: str | None = Query(
+        None,
+        max_length=200,
+        description="a download link's token (POST /download-links) instead of the x-api-key header",
+    ),
+    x_api_key: str | None = Header(None, description="your API key"),
+) -> str:
     """The user of the API key, or of a download link's token, which names exactly one stem and format."""
     if token is None:
         return current_user(request, x_api_key)
     grant = request.app.state.services.store.download_grant(token)
     if grant is None or grant["stem_id"] != str(stem_id) or grant["format"] != format:
-        raise Unauthorized("this download link has expired, its API key was revoked, or it is for another stem; ask "
-                           "POST /download-links for a new one")
+        raise Unauthorized(
+            "this download link has expired, its API key was revoked, or it is for another stem; ask "
+            "POST /download-links for a new one"
+        )
     return grant["user_id"]
 
 
-@router.post("/download-links", response_model=DownloadLinks,
-             summary="Short-lived links to stems, for players and links that cannot send the key")
+@router.post(
+    "/download-links",
+    response_model=DownloadLinks,
+    summary="Short-lived links to stems, for players and links that cannot send the key",
+)
 def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = User, key_id: str = CallerKey) -> dict:
     ttl = svc.settings.download_link_ttl_s
     links = []
@@ -104,16 +118,33 @@ def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = 
         stem = owned_stem(svc, user, stem_id)
         _object(svc, stem, body.format)  # 409 if not complete, 404 for hq without an HQ encode
         token = svc.store.create_download_token(user, key_id, stem.id, body.format, ttl)
-        links.append({"stem_id": stem.id, "format": body.format, "expires_at": time.time() + ttl,
-                      "url": f"/download/stem/{stem.id}?format={body.format}&token={token}"})
+        links.append(
+            {
+                "stem_id": stem.id,
+                "format": body.format,
+                "expires_at": time.time() + ttl,
+                "url": f"/download/stem/{stem.id}?format={body.format}&token={token}",
+            }
+        )
     return {"links": links}
 
 
-@router.get("/download/stem/{stem_id}", summary="Download a stem (WAV, or the HQ encode with ?format=hq)",
-            responses={200: {"content": {"audio/wav": {}}}, 206: {"description": "partial content (Range)"},
-                       307: {"description": "redirect to a presigned URL (S3 with presigning on)"}})
-def download_stem(stem_id: UUID, request: Request, format: str = Query("wav", pattern="^(wav|hq)$"),
-                  svc: Services = Svc, user: str = Depends(link_or_key_user)) -> Response:
+@router.get(
+    "/download/stem/{stem_id}",
+    summary="Download a stem (WAV, or the HQ encode with ?format=hq)",
+    responses={
+        200: {"content": {"audio/wav": {}}},
+        206: {"description": "partial content (Range)"},
+        307: {"description": "redirect to a presigned URL (S3 with presigning on)"},
+    },
+)
+def download_stem(
+    stem_id: UUID,
+    request: Request,
+    format: str = Query("wav", pattern="^(wav|hq)$"),
+    svc: Services = Svc,
+    user: str = Depends(link_or_key_user),
+) -> Response:
     stem = owned_stem(svc, user, str(stem_id))
     key, filename, _ = _object(svc, stem, format)
     # look before answering: a 200 whose body then fails mid-way is a broken download, not an error
@@ -130,17 +161,28 @@ def download_stem(stem_id: UUID, request: Request, format: str = Query("wav", pa
     except _Unsatisfiable:
         return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
     if rng is None:
-        return StreamingResponse(svc.storage.iter_range(key), media_type=media,
-                                 headers={**headers, "Content-Length": str(size)})
+        return StreamingResponse(
+            svc.storage.iter_range(key), media_type=media, headers={**headers, "Content-Length": str(size)}
+        )
     start, end = rng
-    return StreamingResponse(svc.storage.iter_range(key, start, end), status_code=206, media_type=media,
-                             headers={**headers, "Content-Range": f"bytes {start}-{end}/{size}",
-                                      "Content-Length": str(end - start + 1)})
+    return StreamingResponse(
+        svc.storage.iter_range(key, start, end),
+        status_code=206,
+        media_type=media,
+        headers={**headers, "Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(end - start + 1)},
+    )
 
 
-@router.post("/download-archive", summary="One zip of a job's stems, or of chosen stems; or a DJ stem file",
-             responses={200: {"content": {"application/zip": {}, "audio/mp4": {}},
-                              "description": "a zip, or with `format: stem.mp4` a .stem.mp4 (NI's Stem format)"}})
+@router.post(
+    "/download-archive",
+    summary="One zip of a job's stems, or of chosen stems; or a DJ stem file",
+    responses={
+        200: {
+            "content": {"application/zip": {}, "audio/mp4": {}},
+            "description": "a zip, or with `format: stem.mp4` a .stem.mp4 (NI's Stem format)",
+        }
+    },
+)
 def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User) -> Response:
     if body.format == "stem.mp4":  # not a zip: NI's Stem format for DJ software (api/stemfile.py)
         return stem_file(svc, user, body.creation_id)
@@ -148,8 +190,11 @@ def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User
         job = owned_job(svc, user, str(body.creation_id))
         if job.status != JobStatus.complete:
             raise Conflict(f"the split is not complete (status {job.status.value})", creation_id=job.id)
-        stems = [s for s in svc.store.get_stems(job.stem_ids + job.upscaled_ids)
-                 if s.status in (StemStatus.complete, StemStatus.expired)]  # expired: 410 below
+        stems = [
+            s
+            for s in svc.store.get_stems(job.stem_ids + job.upscaled_ids)
+            if s.status in (StemStatus.complete, StemStatus.expired)
+        ]  # expired: 410 below
         name = f"{job.preset}-{job.id[:8]}.zip"
     else:
         stems = [owned_stem(svc, user, str(i)) for i in dict.fromkeys(body.stem_ids)]
@@ -171,5 +216,6 @@ def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User
     except BaseException:  # an object missing, storage away mid-zip (503): an error answers, and no zip stays
         path.unlink(missing_ok=True)
         raise
-    return FileResponse(path, media_type="application/zip", filename=name,
-                        background=BackgroundTask(path.unlink, missing_ok=True))
+    return FileResponse(
+        path, media_type="application/zip", filename=name, background=BackgroundTask(path.unlink, missing_ok=True)
+    )

@@ -1,4 +1,5 @@
 """The catalogue, usage, health and readiness."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter
@@ -23,14 +24,33 @@ def presets(svc: Services = Svc, user: str = User) -> dict:
     for p in catalogue.presets:
         try:
             _, chain = svc.availability.pick(p)
-            info = {"available": True, "queue": chain.queue, "chain": list(chain.model_ids), "missing_models": [],
-                    "dsp_fallback": all(get_spec(m).family == "dsp" for m in chain.model_ids)}
+            info = {
+                "available": True,
+                "queue": chain.queue,
+                "chain": list(chain.model_ids),
+                "missing_models": [],
+                "dsp_fallback": all(get_spec(m).family == "dsp" for m in chain.model_ids),
+            }
         except PresetError as exc:
-            info = {"available": False, "queue": None, "chain": None, "missing_models": exc.fields["missing_models"],
-                    "install_hint": (hint := svc.availability.install_hint(p)), "install_command": hint_command(hint)}
+            info = {
+                "available": False,
+                "queue": None,
+                "chain": None,
+                "missing_models": exc.fields["missing_models"],
+                "install_hint": (hint := svc.availability.install_hint(p)),
+                "install_command": hint_command(hint),
+            }
         info["licence_refused"] = svc.availability.licence_refused(p)
-        out.append({"name": p.name, "description": p.description, "group": p.group, "stems": list(p.output_stems()),
-                    "usage_multiplier": p.usage_multiplier, **info})
+        out.append(
+            {
+                "name": p.name,
+                "description": p.description,
+                "group": p.group,
+                "stems": list(p.output_stems()),
+                "usage_multiplier": p.usage_multiplier,
+                **info,
+            }
+        )
     restoration = [{"name": r.name, "description": r.description} for r in catalogue.restoration_presets]
     return {"presets": out, "restoration_presets": restoration, "declared_use": svc.settings.declared_use}
 
@@ -50,9 +70,14 @@ def readyz(svc: Services = Svc) -> JSONResponse:
     """200 when Redis, storage (the bucket) and the broker answer; else 503 with each failing check's reason and
     what to check (no host, bucket or password: this answer needs no key)."""
     problems = dependency_problems(svc.settings, svc.store, svc.storage)
-    checks = {name: "ok" if name not in problems else f"unavailable: {problems[name].reason}: {problems[name].check}"
-              for name in DEPENDENCIES}
+    checks = {
+        name: "ok" if name not in problems else f"unavailable: {problems[name].reason}: {problems[name].check}"
+        for name in DEPENDENCIES
+    }
     if not problems:
         return JSONResponse({"status": "ok", "checks": checks})
-    return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503,
-                        headers={"Retry-After": str(min(e.retry_after for e in problems.values()))})
+    return JSONResponse(
+        {"status": "unavailable", "checks": checks},
+        status_code=503,
+        headers={"Retry-After": str(min(e.retry_after for e in problems.values()))},
+    )

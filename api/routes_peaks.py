@@ -1,4 +1,5 @@
 """Waveform peaks of a stem or an imported audio, so a page draws waveforms without the audio."""
+
 from __future__ import annotations
 
 from uuid import UUID
@@ -24,12 +25,17 @@ def _peaks(svc: Services, key: str | None, what: str, **ids: str) -> Response:
         raise NotFound(f"this {what} has no waveform peaks (it was made before peaks were computed)", **ids)
     body = b"".join(svc.storage.iter_range(key))
     # a record's peaks never change (its id is new for new audio); the answer depends on the key
-    return Response(body, media_type="application/json",
-                    headers={"Cache-Control": "private, max-age=86400", "Vary": "x-api-key"})
+    return Response(
+        body, media_type="application/json", headers={"Cache-Control": "private, max-age=86400", "Vary": "x-api-key"}
+    )
 
 
-@router.get("/stem/{stem_id}/peaks", response_model=Peaks, responses={200: PEAKS_DOC},
-            summary="Waveform peaks of a finished stem (audiowaveform JSON)")
+@router.get(
+    "/stem/{stem_id}/peaks",
+    response_model=Peaks,
+    responses={200: PEAKS_DOC},
+    summary="Waveform peaks of a finished stem (audiowaveform JSON)",
+)
 def stem_peaks(stem_id: UUID, svc: Services = Svc, user: str = User) -> Response:
     stem = owned_stem(svc, user, str(stem_id))
     if stem.status != StemStatus.complete:
@@ -37,8 +43,12 @@ def stem_peaks(stem_id: UUID, svc: Services = Svc, user: str = User) -> Response
     return _peaks(svc, stem.peaks_key, "stem", stem_id=stem.id)
 
 
-@router.get("/audio/{audio_id}/peaks", response_model=Peaks, responses={200: PEAKS_DOC},
-            summary="Waveform peaks of an imported audio (audiowaveform JSON)")
+@router.get(
+    "/audio/{audio_id}/peaks",
+    response_model=Peaks,
+    responses={200: PEAKS_DOC},
+    summary="Waveform peaks of an imported audio (audiowaveform JSON)",
+)
 def audio_peaks(audio_id: UUID, svc: Services = Svc, user: str = User) -> Response:
     asset = owned_asset(svc, user, str(audio_id))
     if asset.status != AssetStatus.complete:

@@ -1,4 +1,5 @@
 """Splitting: create a job, follow it, list the caller's jobs, cancel one."""
+
 from __future__ import annotations
 
 import base64
@@ -67,12 +68,16 @@ def resolve_source(svc: Services, user: str, body: CreateStems) -> tuple[str, st
         raise Invalid("give the source as one of audio_id, stem_id, upscaled_id or mastered_id", field="audio_id")
     asset = owned_asset(svc, user, str(body.audio_id))
     if asset.status == AssetStatus.expired:
-        raise Gone("the audio's original was deleted by the retention policy; upload it again to split it",
-                   audio_id=asset.id)
+        raise Gone(
+            "the audio's original was deleted by the retention policy; upload it again to split it", audio_id=asset.id
+        )
     if asset.status != AssetStatus.complete:
         detail = f": {asset.error.get('message')}" if asset.error else ""
-        raise Conflict(f"the audio has not finished importing (status {asset.status.value}){detail}",
-                       audio_id=asset.id, audio_status=asset.status.value)
+        raise Conflict(
+            f"the audio has not finished importing (status {asset.status.value}){detail}",
+            audio_id=asset.id,
+            audio_status=asset.status.value,
+        )
     return "audio", asset.id, asset.id, float(asset.info["duration"])
 
 
@@ -110,14 +115,22 @@ def _source_exists(svc: Services, kind: str, source_id: str) -> bool:
     return stem is not None and stem.status == StemStatus.complete
 
 
-@router.post("/create-stems", response_model=StemsQueued | StemsEstimate,
-             summary="Queue a stem split (or, with dry_run, estimate one)",
-             responses={410: {"description": "the source expired, or an Idempotency-Key replay whose job was deleted"},
-                        422: {"description": "invalid field, preset not available here, or over the per-job output "
-                                             "budget (code `over_budget`, with the estimate's numbers)"},
-                        429: {"description": "rate limit, active-job quota or per-key output budget"}})
-def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = CallerKey,
-                 idempotency_key: str | None = Header(None)) -> dict:
+@router.post(
+    "/create-stems",
+    response_model=StemsQueued | StemsEstimate,
+    summary="Queue a stem split (or, with dry_run, estimate one)",
+    responses={
+        410: {"description": "the source expired, or an Idempotency-Key replay whose job was deleted"},
+        422: {
+            "description": "invalid field, preset not available here, or over the per-job output "
+            "budget (code `over_budget`, with the estimate's numbers)"
+        },
+        429: {"description": "rate limit, active-job quota or per-key output budget"},
+    },
+)
+def create_stems(
+    body: CreateStems, svc=Svc, user: str = User, key_id: str = CallerKey, idempotency_key: str | None = Header(None)
+) -> dict:
     catalogue = load_catalogue()
     try:
         preset = catalogue.preset(body.preset)
@@ -128,13 +141,19 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
     selection = None
     if body.selection:
         if body.selection.end > duration + 1e-3:
-            raise Invalid(f"selection ends at {body.selection.end} s, after the end of the audio ({duration:.3f} s)",
-                          field="selection.end")
+            raise Invalid(
+                f"selection ends at {body.selection.end} s, after the end of the audio ({duration:.3f} s)",
+                field="selection.end",
+            )
         start, end = body.selection.start, min(body.selection.end, duration)
         selection = Selection(start=start, end=end)
     if end - start < svc.settings.min_duration_s:
-        raise Invalid(f"the selection is {end - start:.3f} s long; the shortest the models take is "
-                      f"{svc.settings.min_duration_s} s", field="selection", min_duration=svc.settings.min_duration_s)
+        raise Invalid(
+            f"the selection is {end - start:.3f} s long; the shortest the models take is "
+            f"{svc.settings.min_duration_s} s",
+            field="selection",
+            min_duration=svc.settings.min_duration_s,
+        )
     restoration = None
     if body.restoration_params:
         try:
@@ -152,9 +171,14 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
         for span in fields.spans or []:
             if span.start < start or span.end > end:
                 raise Invalid(f"span {span.start}-{span.end} s is outside the selection {start}-{end} s", field="spans")
-        custom = plan_custom(fields.prompt, fields.sam_model, fields.stereo_mode,
-                             [TimeRange(start=s.start, end=s.end) for s in fields.spans or []], avail.pick,
-                             avail.model_served(fields.sam_model))
+        custom = plan_custom(
+            fields.prompt,
+            fields.sam_model,
+            fields.stereo_mode,
+            [TimeRange(start=s.start, end=s.end) for s in fields.spans or []],
+            avail.pick,
+            avail.model_served(fields.sam_model),
+        )
         chain_index = None
         route = custom.route
         routed = None if route is None else catalogue.preset(route.preset).chains[route.chain_index]
@@ -165,36 +189,71 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
         queue, models = chain.queue, list(chain.model_ids)
     hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
     sample_rate, channels = source_format(svc, kind, source_id)
-    numbers = budget.estimate(len(stems), channels, sample_rate, end - start, body.bit_depth, hq,
-                              bool(body.restoration_params))
+    numbers = budget.estimate(
+        len(stems), channels, sample_rate, end - start, body.bit_depth, hq, bool(body.restoration_params)
+    )
     budget.check_job(numbers, svc.settings.max_job_output_bytes)
-    spec = SplitSpec(preset=preset.name, chain_index=chain_index, selection=selection, bit_depth=body.bit_depth,
-                     hq_format=hq, custom=custom, restoration=restoration)
+    spec = SplitSpec(
+        preset=preset.name,
+        chain_index=chain_index,
+        selection=selection,
+        bit_depth=body.bit_depth,
+        hq_format=hq,
+        custom=custom,
+        restoration=restoration,
+    )
     if body.dry_run:  # nothing is created: see api/estimate.py
-        return estimate.answer(svc, user, preset, kind, source_id, audio_id, end - start, queue, models, chain_index,
-                               numbers)
+        return estimate.answer(
+            svc, user, preset, kind, source_id, audio_id, end - start, queue, models, chain_index, numbers
+        )
 
     def run() -> dict:
         # inside `run`: a replay of an accepted Idempotency-Key answers its job even when the quota is full now
         if svc.store.active_jobs(user) >= svc.settings.max_active_jobs:
-            raise RateLimited(f"{svc.settings.max_active_jobs} splits are already queued or running for this key",
-                              retry_after=30)
+            raise RateLimited(
+                f"{svc.settings.max_active_jobs} splits are already queued or running for this key", retry_after=30
+            )
         budget.check_key(svc.store.pending_output_bytes(user), numbers, svc.settings.max_key_output_bytes)
-        job = Job(user_id=user, preset=preset.name, audio_id=audio_id, source_kind=kind, source_id=source_id,
-                  spec=spec, queue=queue, audio_seconds=end - start, callback_url=body.callback_url, key_id=key_id,
-                  output_bytes=numbers["estimated_bytes"])
+        job = Job(
+            user_id=user,
+            preset=preset.name,
+            audio_id=audio_id,
+            source_kind=kind,
+            source_id=source_id,
+            spec=spec,
+            queue=queue,
+            audio_seconds=end - start,
+            callback_url=body.callback_url,
+            key_id=key_id,
+            output_bytes=numbers["estimated_bytes"],
+        )
         records = [Stem(user_id=user, job_id=job.id, name=n, bit_depth=body.bit_depth, hq_format=hq) for n in stems]
         upscaled = []
         if body.restoration_params:
-            upscaled = [Stem(user_id=user, job_id=job.id, name=f"{s.name}_restored", kind="upscaled", of_stem_id=s.id,
-                             bit_depth=body.bit_depth, hq_format=hq) for s in records]
+            upscaled = [
+                Stem(
+                    user_id=user,
+                    job_id=job.id,
+                    name=f"{s.name}_restored",
+                    kind="upscaled",
+                    of_stem_id=s.id,
+                    bit_depth=body.bit_depth,
+                    hq_format=hq,
+                )
+                for s in records
+            ]
         job.stem_ids, job.upscaled_ids = [s.id for s in records], [s.id for s in upscaled]
         response = {
-            "status": "processing", "message": "Stem separation queued", "audio_id": audio_id, "user_id": user,
+            "status": "processing",
+            "message": "Stem separation queued",
+            "audio_id": audio_id,
+            "user_id": user,
             "creation_id": job.id,
             "audio_stems": [{"stem_id": s.id, "name": s.name, "status": s.status.value} for s in records],
-            "upscaled_audios": [{"upscaled_id": u.id, "stem_id": u.of_stem_id, "name": u.name, "status": u.status.value}
-                                for u in upscaled],
+            "upscaled_audios": [
+                {"upscaled_id": u.id, "stem_id": u.of_stem_id, "name": u.name, "status": u.status.value}
+                for u in upscaled
+            ],
         }
         queue_job(svc, job, records + upscaled, claim, response)  # 503 if the broker refuses, nothing kept
         if not _source_exists(svc, kind, source_id):  # deleted or expired meanwhile: see stems/lifecycle.py
@@ -207,50 +266,88 @@ def create_stems(body: CreateStems, svc=Svc, user: str = User, key_id: str = Cal
 
 
 def stem_info(s: Stem, job: Job) -> dict:
-    done = s.status == StemStatus.complete and job.status == JobStatus.complete  # a stem downloads once its job is complete
+    done = (
+        s.status == StemStatus.complete and job.status == JobStatus.complete
+    )  # a stem downloads once its job is complete
     download = None
     if done:
         download = {"wav": f"/download/stem/{s.id}"}
         if s.hq_key:
             download["hq"] = f"/download/stem/{s.id}?format=hq"
-    return {"stem_id": s.id, "name": s.name, "status": s.status.value, "made_by": s.made_by,
-            "licence": licence_of(s.made_by), "duration": s.duration,
-            "sample_rate": s.sample_rate, "channels": s.channels, "bit_depth": s.bit_depth, "size": s.wav_size,
-            "hq_format": s.hq_format if s.hq_key else None, "hq_size": s.hq_size, "download": download}
+    return {
+        "stem_id": s.id,
+        "name": s.name,
+        "status": s.status.value,
+        "made_by": s.made_by,
+        "licence": licence_of(s.made_by),
+        "duration": s.duration,
+        "sample_rate": s.sample_rate,
+        "channels": s.channels,
+        "bit_depth": s.bit_depth,
+        "size": s.wav_size,
+        "hq_format": s.hq_format if s.hq_key else None,
+        "hq_size": s.hq_size,
+        "download": download,
+    }
 
 
 @router.get("/status/stem_split/{creation_id}", response_model=SplitStatus, summary="Status of a split")
 def split_status(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     job = owned_job(svc, user, str(creation_id))
-    return {**status_of(job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids),
-                        svc.settings.retain_stems_s), "eta_s": estimate.of_job(svc, job)}
+    return {
+        **status_of(
+            job, svc.store.get_stems(job.stem_ids), svc.store.get_stems(job.upscaled_ids), svc.settings.retain_stems_s
+        ),
+        "eta_s": estimate.of_job(svc, job),
+    }
 
 
 def status_of(job: Job, stems: list[Stem], ups: list[Stem], retain_stems_s: float) -> dict:
     return {
-        "creation_id": job.id, "audio_id": job.audio_id, "preset": job.preset, "status": job.status.value,
-        "progress": job.progress, "stage": job.stage, "error": job.error, "attempts": job.attempts,
+        "creation_id": job.id,
+        "audio_id": job.audio_id,
+        "preset": job.preset,
+        "status": job.status.value,
+        "progress": job.progress,
+        "stage": job.stage,
+        "error": job.error,
+        "attempts": job.attempts,
         "worker": job.separated.worker if job.separated else job.worker,
         "delivered_by": job.worker if job.separated and job.deliveries else None,
         "models": {s.name: s.made_by for s in stems + ups if s.made_by},
         "stems": [stem_info(s, job) for s in stems if s.status != StemStatus.dropped],
         "upscaled_audios": [stem_info(s, job) for s in ups if s.status != StemStatus.dropped],
-        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
         "expires_at": expiry(job.finished_at, retain_stems_s) if job.status.terminal else None,
     }
 
 
 @router.get("/stem_split", response_model=SplitList, summary="Your splits, newest first (paginated by cursor)")
-def list_splits(limit: int = Query(20, ge=1, le=100, description="splits per page"),
-                cursor: str | None = Query(None, max_length=200, description="`next_cursor` of the previous page"),
-                svc=Svc, user: str = User) -> dict:
+def list_splits(
+    limit: int = Query(20, ge=1, le=100, description="splits per page"),
+    cursor: str | None = Query(None, max_length=200, description="`next_cursor` of the previous page"),
+    svc=Svc,
+    user: str = User,
+) -> dict:
     rows = svc.store.list_jobs(user, limit + 1, _cursor(cursor) if cursor else None)
     page = rows[:limit]
     jobs = svc.store.get_jobs([job_id for job_id, _ in page])  # an id whose job was deleted is skipped
     stems = {s.id: s for s in svc.store.get_stems([i for j in jobs for i in j.stem_ids + j.upscaled_ids])}
     names = {a.id: a.filename for a in svc.store.get_assets(list({j.audio_id for j in jobs}))}
-    items = [{**status_of(j, [stems[i] for i in j.stem_ids if i in stems], [stems[i] for i in j.upscaled_ids if i in stems],
-                          svc.settings.retain_stems_s), "filename": names.get(j.audio_id)} for j in jobs]
+    items = [
+        {
+            **status_of(
+                j,
+                [stems[i] for i in j.stem_ids if i in stems],
+                [stems[i] for i in j.upscaled_ids if i in stems],
+                svc.settings.retain_stems_s,
+            ),
+            "filename": names.get(j.audio_id),
+        }
+        for j in jobs
+    ]
     last_id, last_score = page[-1] if page else (None, None)
     next_cursor = None
     if len(rows) > limit:
@@ -285,10 +382,17 @@ def cancel(creation_id: UUID, svc=Svc, user: str = User) -> dict:
     return split_status(creation_id, svc, user)
 
 
-@router.delete("/stem_split/{creation_id}", response_model=SplitStatus,
-               summary="Delete an ended split and its stems (204), or cancel a queued or running one (200)",
-               responses={204: {"description": "the split, its stems and upscaled copies are deleted: records and "
-                                               "stored objects; every id of it answers 404 from now on"}})
+@router.delete(
+    "/stem_split/{creation_id}",
+    response_model=SplitStatus,
+    summary="Delete an ended split and its stems (204), or cancel a queued or running one (200)",
+    responses={
+        204: {
+            "description": "the split, its stems and upscaled copies are deleted: records and "
+            "stored objects; every id of it answers 404 from now on"
+        }
+    },
+)
 def delete_split(creation_id: UUID, svc=Svc, user: str = User):
     job = owned_job(svc, user, str(creation_id))
     if job.status.terminal:

@@ -1,4 +1,5 @@
 """Request and response bodies of the public API (they are also its OpenAPI schema)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -45,18 +46,26 @@ class FromLink(Strict):
 class FromStorage(Strict):
     """Register an object an ingestion service already wrote to the bucket (no re-upload)."""
 
-    key: str = Field(..., min_length=1, max_length=1024, examples=["ingest/alice/2026/11/track-0001.flac"],
-                     description="object key, relative to the deployment's S3 prefix; must be under the caller's own "
-                                 "ingest prefix `{STEMS_INGEST_PREFIX}{user_id}/`, or be named by `grant`")
-    grant: str | None = Field(None, max_length=2048,
-                              description="a signed grant for a key outside the caller's prefix (`stems keys grant`)")
+    key: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        examples=["ingest/alice/2026/11/track-0001.flac"],
+        description="object key, relative to the deployment's S3 prefix; must be under the caller's own "
+        "ingest prefix `{STEMS_INGEST_PREFIX}{user_id}/`, or be named by `grant`",
+    )
+    grant: str | None = Field(
+        None, max_length=2048, description="a signed grant for a key outside the caller's prefix (`stems keys grant`)"
+    )
     filename: str | None = Field(None, max_length=255)
 
 
 class AudioAccepted(BaseModel):
     audio_id: str
     status: str = "processing"
-    model_config = ConfigDict(json_schema_extra={"examples": [{"audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "status": "processing"}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "status": "processing"}]}
+    )
 
 
 class AudioStatus(BaseModel):
@@ -97,15 +106,33 @@ class CreateStems(Strict):
     sam_model: Any = Field(None, description=f"custom only: one of {', '.join(SAM_MODELS)} (default sam-audio-base)")
     stereo_mode: Any = Field(None, description=f"custom only: one of {', '.join(STEREO_MODES)} (default mono)")
     spans: Any = Field(None, description="custom only: list of {start, end} to extract within")
-    dry_run: bool = Field(False, description="answer what the split would do (chain, queue, usage, output bytes, "
-                                             "eta_s) without creating anything")
+    dry_run: bool = Field(
+        False,
+        description="answer what the split would do (chain, queue, usage, output bytes, "
+        "eta_s) without creating anything",
+    )
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"preset": "4_tracks", "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "bit_depth": 24,
-         "hq_streaming_format": "aac", "selection": {"start": 30.0, "end": 60.0}},
-        {"preset": "custom", "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "prompt": "lead vocal",
-         "stereo_mode": "mono", "spans": [{"start": 10, "end": 20}]},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "preset": "4_tracks",
+                    "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11",
+                    "bit_depth": 24,
+                    "hq_streaming_format": "aac",
+                    "selection": {"start": 30.0, "end": 60.0},
+                },
+                {
+                    "preset": "custom",
+                    "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11",
+                    "prompt": "lead vocal",
+                    "stereo_mode": "mono",
+                    "spans": [{"start": 10, "end": 20}],
+                },
+            ]
+        },
+    )
 
 
 class CustomFields(Strict):
@@ -172,20 +199,32 @@ class SplitStatus(BaseModel):
     stage: str
     error: dict | None
     attempts: int
-    worker: str | None = Field(None, description="the worker that ran the job's model (its latest attempt); for a job "
-                                                 "in two stages, the separating worker on the model's queue")
-    delivered_by: str | None = Field(None, description="for a job in two stages, the cpu-queue worker that encoded and "
-                                                       "stored its stems (its latest delivery run)")
+    worker: str | None = Field(
+        None,
+        description="the worker that ran the job's model (its latest attempt); for a job "
+        "in two stages, the separating worker on the model's queue",
+    )
+    delivered_by: str | None = Field(
+        None,
+        description="for a job in two stages, the cpu-queue worker that encoded and "
+        "stored its stems (its latest delivery run)",
+    )
     models: dict[str, str] = Field(description="stem name -> model or method that made it")
     stems: list[StemInfo]
     upscaled_audios: list[StemInfo]
     created_at: float
     started_at: float | None
     finished_at: float | None
-    expires_at: float | None = Field(None, description="when the retention policy deletes the stored stems "
-                                                       "(STEMS_RETAIN_STEMS_S after the end; null: kept or not ended)")
-    eta_s: float | None = Field(None, description="queued or running: estimated seconds until complete (the queue "
-                                                  "ahead and the chain's measured speed, less its progress)")
+    expires_at: float | None = Field(
+        None,
+        description="when the retention policy deletes the stored stems "
+        "(STEMS_RETAIN_STEMS_S after the end; null: kept or not ended)",
+    )
+    eta_s: float | None = Field(
+        None,
+        description="queued or running: estimated seconds until complete (the queue "
+        "ahead and the chain's measured speed, less its progress)",
+    )
 
 
 class SplitListItem(SplitStatus):
@@ -215,9 +254,21 @@ class Peaks(BaseModel):
     bits: Literal[8, 16]
     length: int
     data: list[int]
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "version": 2, "channels": 2, "sample_rate": 44100, "samples_per_pixel": 256, "bits": 16, "length": 2,
-        "data": [-3200, 3187, -2950, 3011, -120, 133, -98, 101]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "version": 2,
+                    "channels": 2,
+                    "sample_rate": 44100,
+                    "samples_per_pixel": 256,
+                    "bits": 16,
+                    "length": 2,
+                    "data": [-3200, 3187, -2950, 3011, -120, 133, -98, 101],
+                }
+            ]
+        }
+    )
 
 
 class DownloadLinksRequest(Strict):
@@ -242,9 +293,11 @@ class ArchiveRequest(Strict):
     creation_id: UUID | None = None
     stem_ids: list[UUID] | None = Field(None, min_length=1, max_length=200)
     format: Literal["wav", "hq", "stem.mp4"] = Field(
-        "wav", description="wav or hq: a zip of those files; stem.mp4: a DJ stem file (Native Instruments' Stem "
-                           "format: the mix and drums, bass, other, vocals as AAC tracks) of a 4-stem split's "
-                           "creation_id, for Traktor, Mixxx and Serato")
+        "wav",
+        description="wav or hq: a zip of those files; stem.mp4: a DJ stem file (Native Instruments' Stem "
+        "format: the mix and drums, bass, other, vocals as AAC tracks) of a 4-stem split's "
+        "creation_id, for Traktor, Mixxx and Serato",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ArchiveRequest:
@@ -263,16 +316,21 @@ class PresetInfo(BaseModel):
     chain: list[str] | None = Field(None, description="model ids of the chain that would serve it now")
     missing_models: list[str] = Field(default_factory=list)
     install_hint: str | None = Field(
-        None, description="for a preset that is not available: the command that makes it available, run where the "
-                          "workers of its queue keep their model store (e.g. `stems models pull htdemucs_ft`), and for "
-                          "weights that cannot be pulled (gated, no public release) how to get them",
-        examples=["stems models pull htdemucs_ft"])
-    install_command: str | None = Field(None, description="the command of install_hint alone (shown first)",
-                                        examples=["stems models pull htdemucs_ft"])
+        None,
+        description="for a preset that is not available: the command that makes it available, run where the "
+        "workers of its queue keep their model store (e.g. `stems models pull htdemucs_ft`), and for "
+        "weights that cannot be pulled (gated, no public release) how to get them",
+        examples=["stems models pull htdemucs_ft"],
+    )
+    install_command: str | None = Field(
+        None, description="the command of install_hint alone (shown first)", examples=["stems models pull htdemucs_ft"]
+    )
     dsp_fallback: bool = Field(False, description="the chain serving it now is signal processing, not a trained model")
     licence_refused: list[str] = Field(
-        default_factory=list, description="models whose chains are skipped here: their licence does not allow the "
-                                          "use the operator declares (STEMS_DECLARED_USE)")
+        default_factory=list,
+        description="models whose chains are skipped here: their licence does not allow the "
+        "use the operator declares (STEMS_DECLARED_USE)",
+    )
     usage_multiplier: float
 
 
@@ -284,6 +342,7 @@ class PresetList(BaseModel):
 
 # -- mastering (api/routes_master.py) --------------------------------------------------------------------------
 
+
 class MasterAudio(Strict):
     """Master an audio, a stem, an upscaled copy (or a mastered version again). Give one source id."""
 
@@ -292,10 +351,15 @@ class MasterAudio(Strict):
     upscaled_id: UUID | None = Field(None, description="master a restored (upscaled) stem")
     mastered_id: UUID | None = Field(None, description="master a mastered version again")
     preset: Literal["streaming", "loud", "podcast"] = Field(
-        "streaming", description="streaming: -14 LUFS, -1 dBTP; loud: -9 LUFS, -1 dBTP; podcast: -16 LUFS, -1.5 dBTP")
+        "streaming", description="streaming: -14 LUFS, -1 dBTP; loud: -9 LUFS, -1 dBTP; podcast: -16 LUFS, -1.5 dBTP"
+    )
     bit_depth: Literal[16, 24, 32] = Field(24, description="WAV bit depth of the result; 32 is float")
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "preset": "streaming", "bit_depth": 24}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11", "preset": "streaming", "bit_depth": 24}]
+        },
+    )
 
 
 class MasterQueued(BaseModel):
@@ -330,8 +394,11 @@ class MasterStatus(BaseModel):
     target: MasterTarget
     measured: Loudness | None = Field(None, description="what the result measures (once complete)")
     source_measured: Loudness | None = Field(None, description="what the source measured")
-    processing: dict | None = Field(None, description="gain_db, low_shelf_db, high_shelf_db (the tonal balance) and "
-                                                      "renders (a render is made again when the limiter cost loudness)")
+    processing: dict | None = Field(
+        None,
+        description="gain_db, low_shelf_db, high_shelf_db (the tonal balance) and "
+        "renders (a render is made again when the limiter cost loudness)",
+    )
     bit_depth: int
     sample_rate: int | None = None
     channels: int | None = None
@@ -344,6 +411,7 @@ class MasterStatus(BaseModel):
 
 # -- estimates (POST /create-stems with dry_run) and batches (api/routes_batch.py) ------------------------------
 
+
 class EtaBasis(BaseModel):
     queue: str
     jobs_ahead: int = Field(description="unfinished jobs of the queue before this one")
@@ -351,7 +419,8 @@ class EtaBasis(BaseModel):
     seconds_per_audio_second: float = Field(description="the median measured speed used")
     speed_source: Literal["chain", "queue", "default"] = Field(
         description="chain: measured on completed jobs of this preset's chain here; queue: of any chain on the "
-                    "queue; default: nothing measured yet (1 s per audio second assumed)")
+        "queue; default: nothing measured yet (1 s per audio second assumed)"
+    )
     speed_samples: int
 
 
@@ -371,22 +440,41 @@ class StemsEstimate(BaseModel):
     usage_minutes: float = Field(description="what /usage would be charged: minutes x the preset's multiplier")
     estimated_output_bytes: int = Field(description="upper bound of what it writes (see the output budgets)")
     output: dict = Field(description="the numbers the byte estimate comes from")
-    eta_s: float = Field(description="estimated seconds until complete: the queue ahead at the measured speed of the "
-                                     "chain on this deployment's workers, then the split itself")
+    eta_s: float = Field(
+        description="estimated seconds until complete: the queue ahead at the measured speed of the "
+        "chain on this deployment's workers, then the split itself"
+    )
     eta_basis: EtaBasis
     would_be_refused: dict | None = Field(
-        None, description="the error (code, message) the real request would get now from the active-job quota or "
-                          "the per-key output budget; null when it would be queued")
+        None,
+        description="the error (code, message) the real request would get now from the active-job quota or "
+        "the per-key output budget; null when it would be queued",
+    )
 
 
 class CreateStemsBatch(Strict):
     """Several create-stems requests in one call, queued in order, each as if it were sent alone."""
 
-    items: list[dict[str, Any]] = Field(..., min_length=1, max_length=100,
-                                        description="up to 100 create-stems bodies (each may be a dry run)")
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"items": [
-        {"preset": "4_tracks", "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11"},
-        {"preset": "phantom_center", "audio_id": "9d3f1c2a-7b6e-4c1d-8e2f-3a4b5c6d7e8f", "bit_depth": 16}]}]})
+    items: list[dict[str, Any]] = Field(
+        ..., min_length=1, max_length=100, description="up to 100 create-stems bodies (each may be a dry run)"
+    )
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"preset": "4_tracks", "audio_id": "5b0c9c0e-3f7e-4a43-9a43-0a6c1f2e7d11"},
+                        {
+                            "preset": "phantom_center",
+                            "audio_id": "9d3f1c2a-7b6e-4c1d-8e2f-3a4b5c6d7e8f",
+                            "bit_depth": 16,
+                        },
+                    ]
+                }
+            ]
+        },
+    )
 
 
 class BatchItemError(BaseModel):
@@ -401,4 +489,5 @@ class BatchItemError(BaseModel):
 
 class BatchQueued(BaseModel):
     items: list[StemsQueued | StemsEstimate | BatchItemError] = Field(
-        description="one per item, in order: its create-stems answer, or its error")
+        description="one per item, in order: its create-stems answer, or its error"
+    )

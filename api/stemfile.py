@@ -1,4 +1,5 @@
 """A split's DJ stem file (`POST /download-archive` with `format: "stem.mp4"`): NI's Stem format, made on request."""
+
 from __future__ import annotations
 
 import shutil
@@ -26,8 +27,12 @@ def stem_file(svc: Services, user: str, creation_id: str | None) -> FileResponse
         raise Conflict(f"the split is not complete (status {job.status.value})", creation_id=job.id)
     stems = {s.name: s for s in svc.store.get_stems(job.stem_ids)}
     if not set(NI_ORDER) <= set(stems):
-        raise Invalid(f"a stem file holds drums, bass, other and vocals (a 4-stem split such as 4_tracks); this split "
-                      f"made {', '.join(sorted(stems))}", field="format", creation_id=job.id)
+        raise Invalid(
+            f"a stem file holds drums, bass, other and vocals (a 4-stem split such as 4_tracks); this split "
+            f"made {', '.join(sorted(stems))}",
+            field="format",
+            creation_id=job.id,
+        )
     keys = {name: _object(svc, stems[name], "wav")[0] for name in NI_ORDER}  # 409 / 410 unless each is stored
     tmp = Path(tempfile.mkdtemp(dir=svc.settings.data_dir / "tmp", prefix="stemfile-"))
     try:
@@ -39,5 +44,9 @@ def stem_file(svc: Services, user: str, creation_id: str | None) -> FileResponse
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return FileResponse(path, media_type="audio/mp4", filename=f"{job.preset}-{job.id[:8]}.stem.mp4",
-                        background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
+    return FileResponse(
+        path,
+        media_type="audio/mp4",
+        filename=f"{job.preset}-{job.id[:8]}.stem.mp4",
+        background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True),
+    )

@@ -9,6 +9,7 @@ limit, a hostile body is capped in every other dimension a parser would otherwis
 loop over: the boundary's length, the number of parts, the headers of each part, the bytes of
 the non-file parts, and the body as a whole.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,19 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
         raise TooLarge(f"upload is {declared} bytes; the maximum is {max_bytes}", max_bytes=max_bytes)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     out = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="upload-", delete=False)
-    state = {"name": None, "filename": None, "in_file": False, "size": 0, "found": False, "header": b"", "value": b"",
-             "parts": 0, "header_bytes": 0, "field_bytes": 0, "ended": False}
+    state = {
+        "name": None,
+        "filename": None,
+        "in_file": False,
+        "size": 0,
+        "found": False,
+        "header": b"",
+        "value": b"",
+        "parts": 0,
+        "header_bytes": 0,
+        "field_bytes": 0,
+        "ended": False,
+    }
     headers: dict[bytes, bytes] = {}
     digest = hashlib.sha256()
 
@@ -74,8 +86,12 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
     def _header_bytes(n: int) -> None:
         state["header_bytes"] += n
         if state["header_bytes"] > MAX_PART_HEADER_BYTES:
-            raise Refused(TooLarge(f"a part's headers are over {MAX_PART_HEADER_BYTES} bytes",
-                                          max_part_header_bytes=MAX_PART_HEADER_BYTES))
+            raise Refused(
+                TooLarge(
+                    f"a part's headers are over {MAX_PART_HEADER_BYTES} bytes",
+                    max_part_header_bytes=MAX_PART_HEADER_BYTES,
+                )
+            )
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         _header_bytes(end - start)
@@ -89,7 +105,9 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
         headers[state["header"].lower()] = state["value"]
         state["header"], state["value"] = b"", b""
         if len(headers) > MAX_PART_HEADERS:
-            raise Refused(Invalid(f"a part has more than {MAX_PART_HEADERS} headers", max_part_headers=MAX_PART_HEADERS))
+            raise Refused(
+                Invalid(f"a part has more than {MAX_PART_HEADERS} headers", max_part_headers=MAX_PART_HEADERS)
+            )
 
     def on_headers_finished() -> None:
         _, disp = parse_options_header(headers.get(b"content-disposition", b""))
@@ -109,8 +127,11 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
         else:
             state["field_bytes"] += end - start
             if state["field_bytes"] > MAX_FIELD_BYTES:
-                raise Refused(TooLarge(f"the non-file parts hold more than {MAX_FIELD_BYTES} bytes",
-                                              max_field_bytes=MAX_FIELD_BYTES))
+                raise Refused(
+                    TooLarge(
+                        f"the non-file parts hold more than {MAX_FIELD_BYTES} bytes", max_field_bytes=MAX_FIELD_BYTES
+                    )
+                )
 
     def on_part_end() -> None:
         state["in_file"] = False
@@ -118,11 +139,19 @@ async def receive_file(request: Request, field: str, max_bytes: int, tmp_dir: Pa
     def on_end() -> None:
         state["ended"] = True
 
-    parser = MultipartParser(opts[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end,
-    })
+    parser = MultipartParser(
+        opts[b"boundary"],
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_end": on_end,
+        },
+    )
     received, batch = 0, bytearray()
     try:
         async for chunk in request.stream():

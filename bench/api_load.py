@@ -4,6 +4,7 @@ Starts a private Redis and the API (no worker: jobs just queue), imports one sho
 through the real import task run in-process, then has C concurrent clients send
 create-stems requests for a bounded number of requests. Prints median and p99 latency.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,14 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stems-bench-api-"))
     redis, url = start_redis(tmp / "redis")
     port = free_port()
-    env = {**os.environ, "REDIS_URL": url, "STEMS_DATA_DIR": str(tmp / "data"), "STEMS_MODEL_DIR": str(tmp / "models"),
-           "STEMS_MAX_ACTIVE_JOBS": "100000000", "STEMS_RATE_LIMIT_PER_MINUTE": "100000000"}
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "STEMS_DATA_DIR": str(tmp / "data"),
+        "STEMS_MODEL_DIR": str(tmp / "models"),
+        "STEMS_MAX_ACTIVE_JOBS": "100000000",
+        "STEMS_RATE_LIMIT_PER_MINUTE": "100000000",
+    }
     api = api_proc(env, port, tmp / "api.log")
     api.argv += ["--workers", str(args.api_workers)]
     api.start()
@@ -73,21 +80,32 @@ def main() -> int:
             t0 = time.perf_counter()
 
             async def load(per: int = per, lat: list[float] = lat, clients: int = clients) -> None:
-                await asyncio.wait_for(asyncio.gather(*(_client(base, key, body, per, lat, err) for _ in range(clients))), 600)
+                await asyncio.wait_for(
+                    asyncio.gather(*(_client(base, key, body, per, lat, err) for _ in range(clients))), 600
+                )
 
             asyncio.run(load())
             wall = time.perf_counter() - t0
             lat.sort()
-            results.append({"clients": clients, "requests": len(lat), "errors": len(err),
-                            "p50_ms": round(statistics.median(lat) * 1000, 2),
-                            "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2),
-                            "throughput_rps": round(len(lat) / wall, 1)})
+            results.append(
+                {
+                    "clients": clients,
+                    "requests": len(lat),
+                    "errors": len(err),
+                    "p50_ms": round(statistics.median(lat) * 1000, 2),
+                    "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2),
+                    "throughput_rps": round(len(lat) / wall, 1),
+                }
+            )
         print("| concurrent clients | requests | p50 ms | p99 ms | requests/s | errors |\n|---|---|---|---|---|---|")
         for r in results:
-            print(f"| {r['clients']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | {r['throughput_rps']} | {r['errors']} |")
+            print(
+                f"| {r['clients']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | {r['throughput_rps']} | {r['errors']} |"
+            )
         Path("bench").mkdir(exist_ok=True)
-        Path("bench/api_load.json").write_text(json.dumps({"api_workers": args.api_workers, "cpus": os.cpu_count(),
-                                                           "runs": results}, indent=1) + "\n")
+        Path("bench/api_load.json").write_text(
+            json.dumps({"api_workers": args.api_workers, "cpus": os.cpu_count(), "runs": results}, indent=1) + "\n"
+        )
         return 0 if not err else 1
     finally:
         api.stop()

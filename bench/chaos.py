@@ -18,6 +18,7 @@ given. Then it waits for every accepted job to end and audits the job store and 
 Prints a table per broker and writes bench/chaos_results.json; exits 1 if a job was lost or
 duplicated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,9 +68,18 @@ def run(broker: str, args, tmp: Path) -> dict:
     prefix = f"chaos{random.randrange(1 << 30):x}"
     models = ModelStore(tmp / "models")
     install_random_demucs(models, "htdemucs", size="small", params={"backend": "torch"}, share_derived=False)
-    env = {**os.environ, "REDIS_URL": url, "STEMS_KEY_PREFIX": prefix, "STEMS_STORAGE": "local",
-           "STEMS_DATA_DIR": str(tmp / "data"), "STEMS_MODEL_DIR": str(models.root), "STEMS_CHUNK_SECONDS": "5",
-           "STEMS_CACHE_MAX_BYTES": "0", "STEMS_MAX_ACTIVE_JOBS": "1000", "STEMS_RATE_LIMIT_PER_MINUTE": "100000"}
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "STEMS_KEY_PREFIX": prefix,
+        "STEMS_STORAGE": "local",
+        "STEMS_DATA_DIR": str(tmp / "data"),
+        "STEMS_MODEL_DIR": str(models.root),
+        "STEMS_CHUNK_SECONDS": "5",
+        "STEMS_CACHE_MAX_BYTES": "0",
+        "STEMS_MAX_ACTIVE_JOBS": "1000",
+        "STEMS_RATE_LIMIT_PER_MINUTE": "100000",
+    }
     if broker == "rabbitmq":
         env["STEMS_BROKER_URL"] = RABBITMQ_URL
     for name, value in (("STEMS_LEASE_S", args.lease), ("STEMS_LEASE_RENEW_S", args.lease and args.lease / 4)):
@@ -121,8 +131,14 @@ def run(broker: str, args, tmp: Path) -> dict:
                     next_kill = now + random.uniform(10, 25)
                     victim = random.choice(sorted(workers))
                     proc = workers.pop(victim)
-                    hit = [j for j in map(store.get_job, accepted) if j and j.status.value == "processing"
-                           and j.attempt_id and (j.worker or "").startswith(victim + "@")]  # a run it holds
+                    hit = [
+                        j
+                        for j in map(store.get_job, accepted)
+                        if j
+                        and j.status.value == "processing"
+                        and j.attempt_id
+                        and (j.worker or "").startswith(victim + "@")
+                    ]  # a run it holds
                     try:
                         os.killpg(proc.pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -161,8 +177,11 @@ def audit(store, storage, accepted, kills, errors, broker, args) -> dict:
             reasons[job.error.get("code", "?")] = reasons.get(job.error.get("code", "?"), 0) + 1
         stems = store.get_stems(job.stem_ids)
         objects = sorted(storage.list(f"users/{job.user_id}/jobs/{job.id}/"))
-        expected = (sorted(k for s in stems for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
-                    if job.status.value == "complete" else [])
+        expected = (
+            sorted(k for s in stems for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
+            if job.status.value == "complete"
+            else []
+        )
         whole = sum(1 for s in stems if s.wav_key) == len(job.stem_ids)  # every stem stored, once
         if objects != expected or (job.status.value == "complete" and not whole):
             duplicated.append(job_id)
@@ -180,12 +199,25 @@ def audit(store, storage, accepted, kills, errors, broker, args) -> dict:
             if job is not None and job.status.value == "complete":
                 delays.append(job.finished_at - kill["at"] - run_s)
     return {
-        "broker": broker, "minutes": args.minutes, "workers": args.workers, "jobs_per_minute": args.jobs_per_minute,
-        "lease_s": args.lease or "default", "kills": len(kills), "jobs_hit_by_kills": sum(len(k["jobs"]) for k in kills),
-        "accepted": len(accepted), "completed": completed, "failed": statuses.get("failed", 0), "failure_reasons": reasons,
-        "lost": len(lost), "duplicated": len(duplicated), "http_errors": errors,
-        "median_run_s": round(run_s, 1), "kill_delay_p50_s": pct(delays, 0.5), "kill_delay_p99_s": pct(delays, 0.99),
-        "kill_delays_s": [round(d, 1) for d in sorted(delays)], "problems": (lost + duplicated)[:20],
+        "broker": broker,
+        "minutes": args.minutes,
+        "workers": args.workers,
+        "jobs_per_minute": args.jobs_per_minute,
+        "lease_s": args.lease or "default",
+        "kills": len(kills),
+        "jobs_hit_by_kills": sum(len(k["jobs"]) for k in kills),
+        "accepted": len(accepted),
+        "completed": completed,
+        "failed": statuses.get("failed", 0),
+        "failure_reasons": reasons,
+        "lost": len(lost),
+        "duplicated": len(duplicated),
+        "http_errors": errors,
+        "median_run_s": round(run_s, 1),
+        "kill_delay_p50_s": pct(delays, 0.5),
+        "kill_delay_p99_s": pct(delays, 0.99),
+        "kill_delays_s": [round(d, 1) for d in sorted(delays)],
+        "problems": (lost + duplicated)[:20],
     }
 
 
@@ -212,11 +244,24 @@ def main(argv: list[str] | None = None) -> int:
             if broker == "rabbitmq" and (reason := rabbitmq_unreachable(RABBITMQ_URL)):
                 print(f"rabbitmq: skipped, {reason}")
                 continue
-            print(f"{broker}: {args.minutes:g} min, {args.workers} nodes, {args.jobs_per_minute:g} jobs/min, "
-                  f"a node killed every 10-25 s ...", flush=True)
+            print(
+                f"{broker}: {args.minutes:g} min, {args.workers} nodes, {args.jobs_per_minute:g} jobs/min, "
+                f"a node killed every 10-25 s ...",
+                flush=True,
+            )
             r = results[broker] = run(broker, args, root / broker)
-            for key in ("kills", "jobs_hit_by_kills", "accepted", "completed", "failed", "lost", "duplicated",
-                        "median_run_s", "kill_delay_p50_s", "kill_delay_p99_s"):
+            for key in (
+                "kills",
+                "jobs_hit_by_kills",
+                "accepted",
+                "completed",
+                "failed",
+                "lost",
+                "duplicated",
+                "median_run_s",
+                "kill_delay_p50_s",
+                "kill_delay_p99_s",
+            ):
                 print(f"  {key:20} {r[key]}")
             for p in r["problems"]:
                 print(f"  PROBLEM {p}")

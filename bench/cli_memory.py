@@ -5,6 +5,7 @@ of each length is split by the CLI in a fresh process, and that process's peak R
 from the kernel (wait4). The ratio long / short is what streaming keeps near 1. Writes
 bench/cli_memory.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,21 @@ def make_track(path: Path, seconds: float) -> None:
 
 
 def measure(track: Path, preset: str, chain: str | None, out: Path) -> dict:
-    argv = [sys.executable, "-m", "stems.cli", "split", str(track), "--preset", preset, "--out", str(out),
-            "--model-dir", str(out / "no-models"), "--device", "cpu"]
+    argv = [
+        sys.executable,
+        "-m",
+        "stems.cli",
+        "split",
+        str(track),
+        "--preset",
+        preset,
+        "--out",
+        str(out),
+        "--model-dir",
+        str(out / "no-models"),
+        "--device",
+        "cpu",
+    ]
     if chain:
         argv += ["--chain", chain]
     t0 = time.perf_counter()
@@ -68,20 +82,25 @@ def main() -> int:
             make_track(tracks[seconds], seconds)
         for item in args.presets.split(","):
             preset, _, chain = item.partition("@")
-            runs = {f"{s:g}s": measure(tracks[s], preset, chain or None, Path(d) / f"out-{preset}-{s:g}")
-                    for s in (args.short, args.long)}
+            runs = {
+                f"{s:g}s": measure(tracks[s], preset, chain or None, Path(d) / f"out-{preset}-{s:g}")
+                for s in (args.short, args.long)
+            }
             short, long_ = runs[f"{args.short:g}s"], runs[f"{args.long:g}s"]
             ratio = round(long_["maxrss_mib"] / short["maxrss_mib"], 3)
             results[item] = {**runs, "ratio": ratio}
-            print(f"{item:<26} peak RSS {short['maxrss_mib']:7.0f} MiB at {args.short:g} s ({short['seconds']} s), "
-                  f"{long_['maxrss_mib']:7.0f} MiB at {args.long:g} s ({long_['seconds']} s): ratio {ratio:.2f}",
-                  flush=True)
+            print(
+                f"{item:<26} peak RSS {short['maxrss_mib']:7.0f} MiB at {args.short:g} s ({short['seconds']} s), "
+                f"{long_['maxrss_mib']:7.0f} MiB at {args.long:g} s ({long_['seconds']} s): ratio {ratio:.2f}",
+                flush=True,
+            )
     from pipelines.machine import (
         bench_description,  # the figures hold for this machine, at this load
     )
 
-    Path(args.json).write_text(json.dumps({"cpus": os.cpu_count(), "machine": bench_description(),
-                                           "results": results}, indent=1) + "\n")
+    Path(args.json).write_text(
+        json.dumps({"cpus": os.cpu_count(), "machine": bench_description(), "results": results}, indent=1) + "\n"
+    )
     return 0
 
 

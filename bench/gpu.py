@@ -23,6 +23,7 @@ scoring S dB by about 10*log10(1 + 10**((S - A) / 10)) dB (0.04 dB for S = 10, A
 noise is independent of the model's own error. Random weights are not trained ones: the
 figure shows the numerics of the architecture, not of the released checkpoints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,22 +86,35 @@ def main() -> int:
 
     device = resolve_device("auto")
     if not device.startswith("cuda") and not args.quick:
-        print("bench.gpu needs a CUDA device (torch.cuda.is_available() is False): GPU figures not measured; "
-              "--quick runs on a CPU")
+        print(
+            "bench.gpu needs a CUDA device (torch.cuda.is_available() is False): GPU figures not measured; "
+            "--quick runs on a CPU"
+        )
         return 0 if args.if_available else 2
     started = time.perf_counter()
     log = progress_log(started)
     q = args.quick
     tmp = Path(tempfile.mkdtemp(prefix="stems-bench-gpu-"))
     redis, url = start_redis(tmp / "redis")
-    machine = {"device": device, "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-               "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
-               "python": platform.python_version(), "platform": platform.platform()}
+    machine = {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     figures: list[dict] = []
 
     def save() -> None:
-        doc = {"machine": machine, "quick": q, "total_seconds": round(time.perf_counter() - started, 1),
-               "command": "python -m bench.gpu" + (" --quick" if q else ""), "figures": figures}
+        doc = {
+            "machine": machine,
+            "quick": q,
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "command": "python -m bench.gpu" + (" --quick" if q else ""),
+            "figures": figures,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -123,8 +137,9 @@ def main() -> int:
         if device.startswith("cuda"):
             configs.append(("float16", GPU_BATCH))
         configs.append(("auto", "auto"))
-        engines = {c: Engine(store(f"{c[0]}-{c[1]}", {"precision": c[0], "batch": c[1]}), device=device)
-                   for c in configs}
+        engines = {
+            c: Engine(store(f"{c[0]}-{c[1]}", {"precision": c[0], "batch": c[1]}), device=device) for c in configs
+        }
         model = engines[("float32", 1)].separator("htdemucs").model
         wav = torch.from_numpy(track)
         ref = wav.mean(0)
@@ -132,8 +147,16 @@ def main() -> int:
 
         def demucs_apply(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                out = apply_model(model, ((x - mean) / std)[None], shifts=0, split=True, overlap=0.25,
-                                  device=device, num_workers=0, progress=False)
+                out = apply_model(
+                    model,
+                    ((x - mean) / std)[None],
+                    shifts=0,
+                    split=True,
+                    overlap=0.25,
+                    device=device,
+                    num_workers=0,
+                    progress=False,
+                )
                 return out[0].mul_(std).add_(mean)
 
         demucs_apply(torch.from_numpy(np.ascontiguousarray(warm_clip)))  # cuDNN / cuFFT plans
@@ -155,21 +178,41 @@ def main() -> int:
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
             base = outs[("float32", 1)]
             agreement = min(sdr(base[s], outs[c][s]) for s in base)
-            label = f"model[{c[0]}, batch {c[1]}]" + (f" = [{sep.precision}, batch {sep.batch}]" if c[0] == "auto" else "")
-            figures.append(_figure(
-                label, seconds / t, "faster than apply_model; agreement >= "
-                f"{AGREEMENT_GOAL_DB:g} dB", f"real-time factor of Engine.run_model('htdemucs') on a {seconds:g} s "
-                f"track on {device}, best of 2 after a warm-up; agreement = worst stem's SDR against float32 batch 1",
-                seconds=round(t, 3), speed_vs_apply_model=round(ref_s / t, 3), agreement_db=round(agreement, 2),
-                agreement_ok=bool(agreement >= AGREEMENT_GOAL_DB), cuda_peak_mib=None if peak is None else round(peak),
-                fallbacks_to_float32=sep.fallbacks, resolved=[sep.precision, sep.batch]))
+            label = f"model[{c[0]}, batch {c[1]}]" + (
+                f" = [{sep.precision}, batch {sep.batch}]" if c[0] == "auto" else ""
+            )
+            figures.append(
+                _figure(
+                    label,
+                    seconds / t,
+                    f"faster than apply_model; agreement >= {AGREEMENT_GOAL_DB:g} dB",
+                    f"real-time factor of Engine.run_model('htdemucs') on a {seconds:g} s "
+                    f"track on {device}, best of 2 after a warm-up; agreement = worst stem's SDR against float32 batch 1",
+                    seconds=round(t, 3),
+                    speed_vs_apply_model=round(ref_s / t, 3),
+                    agreement_db=round(agreement, 2),
+                    agreement_ok=bool(agreement >= AGREEMENT_GOAL_DB),
+                    cuda_peak_mib=None if peak is None else round(peak),
+                    fallbacks_to_float32=sep.fallbacks,
+                    resolved=[sep.precision, sep.batch],
+                )
+            )
             log(f"{label}: {t:.2f} s, agreement {agreement:.1f} dB")
             save()
         diff = max(float(np.max(np.abs(outs[("float32", 1)][s] - ref_arrays[s]))) for s in ref_arrays)
-        figures.insert(0, _figure("cuda_path", diff, "<= 1e-4", "max abs difference, Engine.run_model float32 batch 1 "
-                                  f"on {device} vs demucs apply_model (CLI normalisation) on {device}, {seconds:g} s "
-                                  "track", apply_model_seconds=round(ref_s, 3),
-                                  apply_model_realtime=round(seconds / ref_s, 2)))
+        figures.insert(
+            0,
+            _figure(
+                "cuda_path",
+                diff,
+                "<= 1e-4",
+                "max abs difference, Engine.run_model float32 batch 1 "
+                f"on {device} vs demucs apply_model (CLI normalisation) on {device}, {seconds:g} s "
+                "track",
+                apply_model_seconds=round(ref_s, 3),
+                apply_model_realtime=round(seconds / ref_s, 2),
+            ),
+        )
         save()
         del outs, engines
 
@@ -181,21 +224,41 @@ def main() -> int:
         jobs = [worker.split(worker.submit(clip, "4_tracks")) for _ in range(2)]
         no_hq = worker.split(worker.submit(clip, "4_tracks", hq="none"))
         best = min(j["seconds"] for j in jobs)
-        figures.append(_figure("worker_job", seconds / best, "-", f"real-time factor of run_split, 4_tracks on a "
-                               f"{seconds:g} s FLAC (storage, decode, separate in {GPU_PRECISION} batch {GPU_BATCH}, "
-                               "4 x 24-bit WAV + AAC, upload), warm worker, no cache; best of 2",
-                               seconds=[round(j["seconds"], 2) for j in jobs], vs_apply_model=round(best / ref_s, 3),
-                               without_hq_seconds=round(no_hq["seconds"], 2),
-                               without_hq_vs_apply_model=round(no_hq["seconds"] / ref_s, 3)))
+        figures.append(
+            _figure(
+                "worker_job",
+                seconds / best,
+                "-",
+                f"real-time factor of run_split, 4_tracks on a "
+                f"{seconds:g} s FLAC (storage, decode, separate in {GPU_PRECISION} batch {GPU_BATCH}, "
+                "4 x 24-bit WAV + AAC, upload), warm worker, no cache; best of 2",
+                seconds=[round(j["seconds"], 2) for j in jobs],
+                vs_apply_model=round(best / ref_s, 3),
+                without_hq_seconds=round(no_hq["seconds"], 2),
+                without_hq_vs_apply_model=round(no_hq["seconds"] / ref_s, 3),
+            )
+        )
         log(f"worker job: {best:.2f} s; without HQ {no_hq['seconds']:.2f} s; apply_model {ref_s:.2f} s")
         save()
 
         # 4. memory of a fresh worker process: an hour vs a minute
         if not args.skip_memory:
             # HQ as FLAC: four hour-long AAC encodes outran the 10-minute call on the H200 machine's CPUs
-            figures.append(memory_ratio(tmp, url, auto.root, "4_tracks", 10.0 if q else 60.0, 30.0 if q else 3600.0,
-                                        "a 60-minute vs a 1-minute stereo track" if not q else "30 s vs 10 s",
-                                        "flac", log, device=device, source="wav"))
+            figures.append(
+                memory_ratio(
+                    tmp,
+                    url,
+                    auto.root,
+                    "4_tracks",
+                    10.0 if q else 60.0,
+                    30.0 if q else 3600.0,
+                    "a 60-minute vs a 1-minute stereo track" if not q else "30 s vs 10 s",
+                    "flac",
+                    log,
+                    device=device,
+                    source="wav",
+                )
+            )
             save()
     finally:
         redis.terminate()

@@ -16,6 +16,7 @@ every `--sample` seconds) should then stay flat however many jobs pass, and once
 has expired no job record or stem object is left. A job gone from the store counts as expired,
 not lost, when its client saw it end. Run it with `--retain 0` too to see the growth without.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,9 @@ async def client_loop(c: httpx.AsyncClient, body: dict, until: float, poll_s: fl
         tally.create_latency.append(time.perf_counter() - t0)
         if r.status_code == 429:
             tally.rate_limited += 1
-            await asyncio.sleep(min(float(r.headers.get("retry-after", "1")), max(0.0, until - time.monotonic())) + 0.05)
+            await asyncio.sleep(
+                min(float(r.headers.get("retry-after", "1")), max(0.0, until - time.monotonic())) + 0.05
+            )
             continue
         if r.status_code != 200:
             tally.error(f"create HTTP {r.status_code}")
@@ -158,8 +161,13 @@ def audit(store, storage, accepted: list[str], prefix: str, seen_terminal: dict[
                 problems.append(f"{job_id}: stored {objects}, expected exactly {expected}")
         elif objects:
             problems.append(f"{job_id}: {job.status.value} but left {len(objects)} objects")
-    return {"statuses": statuses, "problems": problems, "finished_at": finished_at, "reasons": reasons,
-            "expired": expired}
+    return {
+        "statuses": statuses,
+        "problems": problems,
+        "finished_at": finished_at,
+        "reasons": reasons,
+        "expired": expired,
+    }
 
 
 class MemorySampler:
@@ -201,7 +209,8 @@ class MemorySampler:
         q = during[len(during) // 4]
         growth = (during[-1][1] - q[1]) / max(1, during[-1][2] - q[2]) * 1000
         return {
-            "start_mib": round(during[0][1] / mib, 2), "end_of_load_mib": round(during[-1][1] / mib, 2),
+            "start_mib": round(during[0][1] / mib, 2),
+            "end_of_load_mib": round(during[-1][1] / mib, 2),
             "first_half_mean_mib": round(sum(x[1] for x in first) / len(first) / mib, 2),
             "second_half_mean_mib": round(sum(x[1] for x in second) / len(second) / mib, 2),
             "max_mib": round(max(x[1] for x in self.samples) / mib, 2),
@@ -228,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-limit", type=int, default=1_000_000, help="STEMS_RATE_LIMIT_PER_MINUTE of the API")
     ap.add_argument("--max-active", type=int, default=None, help="STEMS_MAX_ACTIVE_JOBS (default: the client count)")
     ap.add_argument("--drain-timeout", type=float, default=900.0, help="longest wait for accepted jobs to end")
-    ap.add_argument("--retain", type=float, default=0.0,
-                    help="STEMS_RETAIN_STEMS_S and STEMS_RETAIN_RECORDS_S: seconds jobs live after they end (0 keeps them)")
+    ap.add_argument(
+        "--retain",
+        type=float,
+        default=0.0,
+        help="STEMS_RETAIN_STEMS_S and STEMS_RETAIN_RECORDS_S: seconds jobs live after they end (0 keeps them)",
+    )
     ap.add_argument("--sweep", type=float, default=1.0, help="STEMS_RETENTION_SWEEP_S of the workers")
     ap.add_argument("--sample", type=float, default=1.0, help="seconds between Redis memory samples")
     ap.add_argument("--out", type=Path, default=Path("bench/load_jobs.json"))
@@ -247,12 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     redis, url = start_redis(tmp / "redis")
     port = free_port()
     prefix = "benchjobs"
-    env = {**os.environ, "REDIS_URL": url, "STEMS_KEY_PREFIX": prefix, "STEMS_STORAGE": "local",
-           "STEMS_DATA_DIR": str(tmp / "data"), "STEMS_MODEL_DIR": str(tmp / "models"), "STEMS_ENV": "development",
-           "STEMS_RATE_LIMIT_PER_MINUTE": str(args.rate_limit),
-           "STEMS_MAX_ACTIVE_JOBS": str(args.max_active or args.clients),
-           "STEMS_RETAIN_STEMS_S": str(args.retain), "STEMS_RETAIN_RECORDS_S": str(args.retain),
-           "STEMS_RETAIN_ORIGINALS_S": "0", "STEMS_RETENTION_SWEEP_S": str(args.sweep)}
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "STEMS_KEY_PREFIX": prefix,
+        "STEMS_STORAGE": "local",
+        "STEMS_DATA_DIR": str(tmp / "data"),
+        "STEMS_MODEL_DIR": str(tmp / "models"),
+        "STEMS_ENV": "development",
+        "STEMS_RATE_LIMIT_PER_MINUTE": str(args.rate_limit),
+        "STEMS_MAX_ACTIVE_JOBS": str(args.max_active or args.clients),
+        "STEMS_RETAIN_STEMS_S": str(args.retain),
+        "STEMS_RETAIN_RECORDS_S": str(args.retain),
+        "STEMS_RETAIN_ORIGINALS_S": "0",
+        "STEMS_RETENTION_SWEEP_S": str(args.sweep),
+    }
     procs = [api_proc(env, port, tmp / "api.log")]
     procs += [worker_proc(env, "cpu", f"bench{i}", tmp / f"worker-{i}.log") for i in range(args.workers)]
     for p in procs:
@@ -276,16 +298,26 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.2)
             if st["status"] != "complete":
                 raise RuntimeError(f"the sample was refused: {st['error']}")
-        body = {"preset": "phantom_center", "audio_id": audio_id, "hq_streaming_format": "none",
-                "selection": {"start": 0.5, "end": 0.5 + args.selection}}
+        body = {
+            "preset": "phantom_center",
+            "audio_id": audio_id,
+            "hq_streaming_format": "none",
+            "selection": {"start": 0.5, "end": 0.5 + args.selection},
+        }
 
         tally = Tally()
-        print(f"{args.clients} clients for {args.seconds:.0f} s, {args.workers} worker(s), "
-              f"{args.selection:.1f} s selections, on {os.cpu_count()} CPUs ...", flush=True)
+        print(
+            f"{args.clients} clients for {args.seconds:.0f} s, {args.workers} worker(s), "
+            f"{args.selection:.1f} s selections, on {os.cpu_count()} CPUs ...",
+            flush=True,
+        )
         t0 = time.time()
         with MemorySampler(store, tally, args.sample) as memory:
-            asyncio.run(asyncio.wait_for(load(base, key, body, args.clients, args.seconds, args.poll, tally),
-                                         args.seconds + 300))
+            asyncio.run(
+                asyncio.wait_for(
+                    load(base, key, body, args.clients, args.seconds, args.poll, tally), args.seconds + 300
+                )
+            )
             load_end = time.time()
             waited = drain(store, tally.accepted, args.drain_timeout, tally.seen_terminal)
             if args.retain > 0:  # until the last job has expired and been swept
@@ -299,42 +331,65 @@ def main(argv: list[str] | None = None) -> int:
             leftovers["job records"] = sum(1 for _ in store.r.scan_iter(match=f"{prefix}:job:*", count=1000))
             leftovers["stem objects"] = len(storage.list("users/bench/jobs/"))
             if store.usage("bench")["jobs"] != report["statuses"].get("complete", 0):
-                report["problems"].append(f"usage counts {store.usage('bench')['jobs']} jobs, "
-                                          f"{report['statuses'].get('complete', 0)} completed")
+                report["problems"].append(
+                    f"usage counts {store.usage('bench')['jobs']} jobs, "
+                    f"{report['statuses'].get('complete', 0)} completed"
+                )
         if any(leftovers.values()):
             report["problems"].append(f"left over after the drain: {leftovers}")
         result = {
-            "clients": args.clients, "seconds": args.seconds, "workers": args.workers, "cpus": os.cpu_count(),
-            "selection_s": args.selection, "poll_s": args.poll,
-            "accepted": len(tally.accepted), "completed": complete, "failed": report["statuses"].get("failed", 0),
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "workers": args.workers,
+            "cpus": os.cpu_count(),
+            "selection_s": args.selection,
+            "poll_s": args.poll,
+            "accepted": len(tally.accepted),
+            "completed": complete,
+            "failed": report["statuses"].get("failed", 0),
             "cancelled": report["statuses"].get("cancelled", 0),
             "unfinished": len(tally.accepted) - sum(v for k, v in report["statuses"].items() if k in TERMINAL),
-            "failure_reasons": report["reasons"], "http_429": tally.rate_limited, "http_errors": tally.errors,
+            "failure_reasons": report["reasons"],
+            "http_429": tally.rate_limited,
+            "http_errors": tally.errors,
             "create_p50_ms": round(pct(tally.create_latency, 0.50) * 1000, 1),
             "create_p99_ms": round(pct(tally.create_latency, 0.99) * 1000, 1),
             # with retention the records of finished jobs are gone: time to the end of the drain instead
             "jobs_per_s": round(complete / max(1e-9, (end - t0) if not args.retain else load_end + waited - t0), 2),
             "jobs_per_s_during_load": None if args.retain else round(done_in_window / max(1e-9, load_end - t0), 2),
             "drain_s": round(waited, 1),
-            "retain_s": args.retain, "expired": report["expired"],
+            "retain_s": args.retain,
+            "expired": report["expired"],
             "redis_memory": memory.summary(load_end - t0),
-            "problems": report["problems"][:50], "problem_count": len(report["problems"]),
+            "problems": report["problems"][:50],
+            "problem_count": len(report["problems"]),
         }
-        rows = [("accepted", result["accepted"]), ("completed", result["completed"]), ("failed", result["failed"]),
-                ("cancelled", result["cancelled"]), ("unfinished", result["unfinished"]), ("429s", result["http_429"]),
-                ("other HTTP errors", sum(tally.errors.values())),
-                ("create p50 (ms)", result["create_p50_ms"]), ("create p99 (ms)", result["create_p99_ms"]),
-                ("jobs/s (start to last finish)", result["jobs_per_s"]),
-                ("jobs/s (during load)", result["jobs_per_s_during_load"]),
-                ("drain after load (s)", result["drain_s"]),
-                ("expired (retention)", result["expired"]),
-                ("Redis MiB start / end of load", f"{result['redis_memory']['start_mib']} / "
-                                                  f"{result['redis_memory']['end_of_load_mib']}"),
-                ("Redis MiB 1st / 2nd half mean", f"{result['redis_memory']['first_half_mean_mib']} / "
-                                                  f"{result['redis_memory']['second_half_mean_mib']}"),
-                ("Redis MiB max / final", f"{result['redis_memory']['max_mib']} / {result['redis_memory']['final_mib']}"),
-                ("Redis KiB per 1000 jobs", result["redis_memory"]["growth_kib_per_1000_jobs"]),
-                ("lost / duplicated / repeated", result["problem_count"])]
+        rows = [
+            ("accepted", result["accepted"]),
+            ("completed", result["completed"]),
+            ("failed", result["failed"]),
+            ("cancelled", result["cancelled"]),
+            ("unfinished", result["unfinished"]),
+            ("429s", result["http_429"]),
+            ("other HTTP errors", sum(tally.errors.values())),
+            ("create p50 (ms)", result["create_p50_ms"]),
+            ("create p99 (ms)", result["create_p99_ms"]),
+            ("jobs/s (start to last finish)", result["jobs_per_s"]),
+            ("jobs/s (during load)", result["jobs_per_s_during_load"]),
+            ("drain after load (s)", result["drain_s"]),
+            ("expired (retention)", result["expired"]),
+            (
+                "Redis MiB start / end of load",
+                f"{result['redis_memory']['start_mib']} / {result['redis_memory']['end_of_load_mib']}",
+            ),
+            (
+                "Redis MiB 1st / 2nd half mean",
+                f"{result['redis_memory']['first_half_mean_mib']} / {result['redis_memory']['second_half_mean_mib']}",
+            ),
+            ("Redis MiB max / final", f"{result['redis_memory']['max_mib']} / {result['redis_memory']['final_mib']}"),
+            ("Redis KiB per 1000 jobs", result["redis_memory"]["growth_kib_per_1000_jobs"]),
+            ("lost / duplicated / repeated", result["problem_count"]),
+        ]
         for name, value in rows:
             print(f"  {name:30} {value}")
         if report["reasons"]:

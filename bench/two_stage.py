@@ -17,6 +17,7 @@ machine the "GPU" and the CPU workers share the same cores, so the throughput fi
 CPU-only host gains, not a GPU node's. Merges its figures into bench/results.json (kept
 figures of other runs stay).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +46,24 @@ def run_mode(mode: str, args, tmp: Path, models: Path, sample: Path) -> dict:
     work.mkdir(parents=True)
     redis, url = start_redis(work / "redis")
     prefix = f"bench{mode.replace('-', '')}"
-    env = {**os.environ, "REDIS_URL": url, "STEMS_KEY_PREFIX": prefix, "STEMS_STORAGE": "local",
-           "STEMS_DATA_DIR": str(work / "data"), "STEMS_MODEL_DIR": str(models), "STEMS_CACHE_MAX_BYTES": "0",
-           "STEMS_MAX_ACTIVE_JOBS": "1000", "STEMS_RATE_LIMIT_PER_MINUTE": "100000", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "STEMS_KEY_PREFIX": prefix,
+        "STEMS_STORAGE": "local",
+        "STEMS_DATA_DIR": str(work / "data"),
+        "STEMS_MODEL_DIR": str(models),
+        "STEMS_CACHE_MAX_BYTES": "0",
+        "STEMS_MAX_ACTIVE_JOBS": "1000",
+        "STEMS_RATE_LIMIT_PER_MINUTE": "100000",
+        "PYTHONPATH": str(ROOT),
+    }
     port = free_port()
     procs = [api_proc(env, port, work / "api.log").start()]
     if mode == "one-stage":
-        procs.append(worker_proc({**env, "STEMS_TWO_STAGE": "never"}, "cpu,gpu-demucs", "model", work / "w.log").start())
+        procs.append(
+            worker_proc({**env, "STEMS_TWO_STAGE": "never"}, "cpu,gpu-demucs", "model", work / "w.log").start()
+        )
     else:
         procs.append(worker_proc(env, "gpu-demucs", "model", work / "model.log").start())
         procs += [worker_proc(env, "cpu", f"cpu{i}", work / f"cpu{i}.log").start() for i in range(2)]
@@ -67,15 +79,22 @@ def run_mode(mode: str, args, tmp: Path, models: Path, sample: Path) -> dict:
             warm = c.post("/create-stems", json=body).raise_for_status().json()["creation_id"]
             _wait(c, [warm], args.timeout)
             t0 = time.perf_counter()
-            ids = [c.post("/create-stems", json=body).raise_for_status().json()["creation_id"] for _ in range(args.jobs)]
+            ids = [
+                c.post("/create-stems", json=body).raise_for_status().json()["creation_id"] for _ in range(args.jobs)
+            ]
             _wait(c, ids, args.timeout)
             wall = time.perf_counter() - t0
         jobs = [store.get_job(i) for i in ids]
         bad = [j.id for j in jobs if j.status.value != "complete"]
         if bad:
             raise SystemExit(f"{mode}: {len(bad)} job(s) did not complete: {bad}")
-        return {"mode": mode, "jobs": args.jobs, "wall_s": round(wall, 2),
-                "jobs_per_hour": round(args.jobs / wall * 3600, 1), "timings": [j.timings for j in jobs]}
+        return {
+            "mode": mode,
+            "jobs": args.jobs,
+            "wall_s": round(wall, 2),
+            "jobs_per_hour": round(args.jobs / wall * 3600, 1),
+            "timings": [j.timings for j in jobs],
+        }
     finally:
         for p in reversed(procs):
             p.stop()
@@ -128,20 +147,34 @@ def main() -> int:
     command = f"python -m bench.two_stage --jobs {args.jobs} --seconds {args.seconds:g} --size {args.size}"
     clip = f"{args.jobs} jobs of a {args.seconds:g} s clip, 4_tracks + AAC, random htdemucs ({args.size} size)"
     figures = [
-        {"figure": "two_stage_model_busy_over_forward", "value": round(statistics.median(busy), 4), "goal": "<= 1.05",
-         "how": f"model-queue task time per job / time in the model, median of {clip}; worst "
-                f"{max(busy):.3f}; one stage: {statistics.median(before):.3f}",
-         "detail": {"per_job": [round(b, 4) for b in busy], "one_stage_per_job": [round(b, 4) for b in before],
-                    "timings": two["timings"]},
-         "machine": machine, "command": command},
-        {"figure": "two_stage_throughput_over_one_stage", "value": round(two["jobs_per_hour"] / one["jobs_per_hour"], 3),
-         "goal": "> 1 (report)",
-         "how": f"jobs per hour, 1 model-queue worker + 2 CPU workers over 1 worker doing both, {clip}; the model "
-                "worker and the CPU workers share this machine's cores",
-         "detail": {"one_stage": {k: v for k, v in one.items() if k != "timings"},
-                    "two_stage": {k: v for k, v in two.items() if k != "timings"},
-                    "one_stage_timings": one["timings"]},
-         "machine": machine, "command": command},
+        {
+            "figure": "two_stage_model_busy_over_forward",
+            "value": round(statistics.median(busy), 4),
+            "goal": "<= 1.05",
+            "how": f"model-queue task time per job / time in the model, median of {clip}; worst "
+            f"{max(busy):.3f}; one stage: {statistics.median(before):.3f}",
+            "detail": {
+                "per_job": [round(b, 4) for b in busy],
+                "one_stage_per_job": [round(b, 4) for b in before],
+                "timings": two["timings"],
+            },
+            "machine": machine,
+            "command": command,
+        },
+        {
+            "figure": "two_stage_throughput_over_one_stage",
+            "value": round(two["jobs_per_hour"] / one["jobs_per_hour"], 3),
+            "goal": "> 1 (report)",
+            "how": f"jobs per hour, 1 model-queue worker + 2 CPU workers over 1 worker doing both, {clip}; the model "
+            "worker and the CPU workers share this machine's cores",
+            "detail": {
+                "one_stage": {k: v for k, v in one.items() if k != "timings"},
+                "two_stage": {k: v for k, v in two.items() if k != "timings"},
+                "one_stage_timings": one["timings"],
+            },
+            "machine": machine,
+            "command": command,
+        },
     ]
     doc = json.loads(args.out.read_text()) if args.out.exists() else {"figures": []}
     names = {f["figure"] for f in figures}

@@ -8,6 +8,7 @@ polled path sends a request after another, and returns each path's latencies dur
 S3 endpoint with --s3-url) and prints the figures. tests/service/test_upload_nonblocking.py runs
 `measure` on the test stack.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,13 @@ BOUNDARY = "stemsbenchboundary7d1f"
 
 def multipart(size: int):
     """A multipart/form-data body holding one `file` part of `size` bytes, as an iterator of blocks."""
-    yield (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
-           f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    yield (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     left = size
     while left > 0:
-        yield BLOCK[:min(left, len(BLOCK))]
+        yield BLOCK[: min(left, len(BLOCK))]
         left -= len(BLOCK)
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
@@ -47,8 +50,12 @@ def percentile(values: list[float], q: float) -> float:
 def summary(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
-    return {"n": len(values), "p50_ms": round(statistics.median(values) * 1000, 1),
-            "p99_ms": round(percentile(values, 0.99) * 1000, 1), "max_ms": round(max(values) * 1000, 1)}
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values) * 1000, 1),
+        "p99_ms": round(percentile(values, 0.99) * 1000, 1),
+        "max_ms": round(max(values) * 1000, 1),
+    }
 
 
 def measure(base: str, key: str, size: int, paths: list[str], pause_s: float = 0.02) -> dict:
@@ -74,16 +81,26 @@ def measure(base: str, key: str, size: int, paths: list[str], pause_s: float = 0
     t0 = time.perf_counter()
     try:
         with httpx.Client(base_url=base, headers={"x-api-key": key}, timeout=600) as c:
-            r = c.post("/from-file", content=multipart(size),
-                       headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
+            r = c.post(
+                "/from-file",
+                content=multipart(size),
+                headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+            )
     finally:
         uploading.clear()
         for t in pollers:
             t.join(130)
     upload_s = time.perf_counter() - t0
-    return {"size": size, "upload_status": r.status_code, "upload": r.json() if r.status_code < 500 else r.text,
-            "upload_s": round(upload_s, 1), "mb_per_s": round(size / 1e6 / upload_s, 1), "errors": errors,
-            "polls": {p: summary(v) for p, v in latencies.items()}, "latencies": latencies}
+    return {
+        "size": size,
+        "upload_status": r.status_code,
+        "upload": r.json() if r.status_code < 500 else r.text,
+        "upload_s": round(upload_s, 1),
+        "mb_per_s": round(size / 1e6 / upload_s, 1),
+        "errors": errors,
+        "polls": {p: summary(v) for p, v in latencies.items()},
+        "latencies": latencies,
+    }
 
 
 def main() -> int:
@@ -99,8 +116,14 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stems-bench-upload-"))
     redis, url = start_redis(tmp / "redis")
     port = free_port()
-    env = {**os.environ, "REDIS_URL": url, "STEMS_DATA_DIR": str(tmp / "data"), "STEMS_MODEL_DIR": str(tmp / "models"),
-           "STEMS_MAX_UPLOAD_BYTES": str((args.mb + 1) << 20), "STEMS_RATE_LIMIT_PER_MINUTE": "100000000"}
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "STEMS_DATA_DIR": str(tmp / "data"),
+        "STEMS_MODEL_DIR": str(tmp / "models"),
+        "STEMS_MAX_UPLOAD_BYTES": str((args.mb + 1) << 20),
+        "STEMS_RATE_LIMIT_PER_MINUTE": "100000000",
+    }
     if args.s3_url:
         import boto3
 

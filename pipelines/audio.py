@@ -8,6 +8,7 @@ once per channel. Sources with more than two channels are folded to stereo on de
 (front-left-ish channels to L, the others to R, centre to both), since every separation
 model we serve is trained on stereo music.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,13 @@ from .errors import AudioError
 WAV_SUBTYPES = {16: "PCM_16", 24: "PCM_24", 32: "FLOAT"}
 HQ_FORMATS = {
     # format: (container, codec, extension, bitrate, sample rates the codec takes or None = any)
-    "aac": ("mp4", "aac", "m4a", 256_000, (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)),
+    "aac": (
+        "mp4",
+        "aac",
+        "m4a",
+        256_000,
+        (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000),
+    ),
     "mp3": ("mp3", "libmp3lame", "mp3", 320_000, (32000, 44100, 48000)),
     "opus": ("ogg", "libopus", "ogg", 192_000, (48000,)),
     "flac": ("flac", "flac", "flac", None, None),
@@ -83,13 +90,22 @@ def probe(path: Path, max_seconds: float | None = None) -> AudioInfo:
         if not sample_rate or not channels:
             raise AudioError("the audio stream has no sample rate or channel layout")
         if declared is not None and samples < declared - max(2, sample_rate // 1000):
-            raise AudioError(f"truncated audio: the header promises {declared / sample_rate:.3f} s "
-                             f"({declared} frames), the file holds {samples / sample_rate:.4f} s ({samples} frames)",
-                             declared_frames=declared, frames=samples)
+            raise AudioError(
+                f"truncated audio: the header promises {declared / sample_rate:.3f} s "
+                f"({declared} frames), the file holds {samples / sample_rate:.4f} s ({samples} frames)",
+                declared_frames=declared,
+                frames=samples,
+            )
         if samples == 0:
             raise AudioError("the audio has no samples (zero length)")
-        return AudioInfo(samples / sample_rate, sample_rate, channels, stream.codec_context.name,
-                         container.format.name.split(",")[0], container.bit_rate or None)
+        return AudioInfo(
+            samples / sample_rate,
+            sample_rate,
+            channels,
+            stream.codec_context.name,
+            container.format.name.split(",")[0],
+            container.bit_rate or None,
+        )
 
 
 def _too_long(seconds: float | None, max_seconds: float) -> AudioError:
@@ -154,7 +170,9 @@ def _fold(block: np.ndarray, max_channels: int = 2) -> np.ndarray:
     return (np.stack([left, right]) / math.ceil(ch / 2)).astype(np.float32)
 
 
-def iter_decode(path: Path, start: float = 0.0, end: float | None = None, block_seconds: float = 10.0) -> Iterator[np.ndarray]:
+def iter_decode(
+    path: Path, start: float = 0.0, end: float | None = None, block_seconds: float = 10.0
+) -> Iterator[np.ndarray]:
     """Decoded float32 (channels, n) blocks of `[start, end)` seconds, exact to the sample.
 
     Memory holds one block at a time, so decoding an hour-long file costs the same as a minute.
@@ -187,13 +205,13 @@ def iter_decode(path: Path, start: float = 0.0, end: float | None = None, block_
                     continue
                 if last is not None and lo >= last:
                     break
-                data = data[:, max(0, first - lo): data.shape[1] - max(0, hi - last) if last is not None else None]
+                data = data[:, max(0, first - lo) : data.shape[1] - max(0, hi - last) if last is not None else None]
                 pending.append(_fold(data))
                 pending_n += data.shape[1]
                 if pending_n >= block:
                     out = np.concatenate(pending, axis=1)
-                    yield from (out[:, i:i + block] for i in range(0, out.shape[1] - out.shape[1] % block, block))
-                    rest = out[:, out.shape[1] - out.shape[1] % block:]
+                    yield from (out[:, i : i + block] for i in range(0, out.shape[1] - out.shape[1] % block, block))
+                    rest = out[:, out.shape[1] - out.shape[1] % block :]
                     pending, pending_n = [rest], rest.shape[1]
         except av.error.FFmpegError as exc:
             raise AudioError(f"corrupt or truncated audio: {exc}") from exc
@@ -302,7 +320,9 @@ class HqEncoder:
 
     def __init__(self, path: Path, sample_rate: int, channels: int, fmt: str) -> None:
         container_fmt, codec, _, bit_rate, rates = HQ_FORMATS[fmt]
-        self.rate = sample_rate if rates is None or sample_rate in rates else min(rates, key=lambda r: abs(r - sample_rate))
+        self.rate = (
+            sample_rate if rates is None or sample_rate in rates else min(rates, key=lambda r: abs(r - sample_rate))
+        )
         self.layout = "mono" if channels == 1 else "stereo"
         self.channels = channels
         self._resampler = StreamResampler(sample_rate, self.rate, channels) if self.rate != sample_rate else None
@@ -311,8 +331,9 @@ class HqEncoder:
             self._stream = self._out.add_stream(codec, rate=self.rate, layout=self.layout)
             if bit_rate:
                 self._stream.bit_rate = bit_rate
-            self._av_resampler = av.AudioResampler(format=self._stream.codec_context.format, layout=self.layout,
-                                                   rate=self.rate)
+            self._av_resampler = av.AudioResampler(
+                format=self._stream.codec_context.format, layout=self.layout, rate=self.rate
+            )
             self._frame = self._stream.codec_context.frame_size or 4096
         except BaseException:
             self._out.close()
@@ -332,7 +353,7 @@ class HqEncoder:
             data = np.concatenate([self._pending, data], axis=1)
         whole = data.shape[1] if last else data.shape[1] - data.shape[1] % self._frame
         for i in range(0, whole, self._frame):
-            chunk = np.ascontiguousarray(data[:, i:min(i + self._frame, whole)])
+            chunk = np.ascontiguousarray(data[:, i : min(i + self._frame, whole)])
             frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.layout)
             frame.sample_rate = self.rate
             frame.pts = self._pts
@@ -387,8 +408,12 @@ def encoder_identity() -> dict:
     """What besides the samples decides an encoded file's bytes: the encoder libraries' versions."""
     import soundfile as sf
 
-    return {"av": av.__version__, "libavcodec": av.library_versions.get("libavcodec"),
-            "libsndfile": sf.__libsndfile_version__, "formats": HQ_FORMATS}
+    return {
+        "av": av.__version__,
+        "libavcodec": av.library_versions.get("libavcodec"),
+        "libsndfile": sf.__libsndfile_version__,
+        "formats": HQ_FORMATS,
+    }
 
 
 def hq_extension(fmt: str) -> str:
@@ -474,7 +499,9 @@ class FrameFile(Signal):
         try:
             with os.fdopen(os.dup(self._fd), "rb") as f:
                 version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read_header(f)
                 self._offset = f.tell()
         except BaseException:
@@ -535,7 +562,7 @@ class PickChannel(Signal):
         self.signal, self.channel, self.channels, self.frames = signal, channel, 1, signal.frames
 
     def read(self, lo: int, hi: int) -> np.ndarray:
-        return self.signal.read(lo, hi)[self.channel:self.channel + 1]
+        return self.signal.read(lo, hi)[self.channel : self.channel + 1]
 
 
 class StackSignal(Signal):
@@ -574,7 +601,7 @@ class Gated(Signal):
         block = self.signal.read(lo, hi)
         gate = np.zeros(block.shape[1], np.float32)
         for a, b in self.ranges:
-            gate[max(a - lo, 0):max(b - lo, 0)] = 1.0
+            gate[max(a - lo, 0) : max(b - lo, 0)] = 1.0
         return block * gate
 
 
@@ -586,8 +613,9 @@ class FrameWriter:
     the shape), so the length need not be known in advance.
     """
 
-    def __init__(self, path: Path, channels: int | None = None, frames: int | None = None,
-                 digest: bool = False) -> None:
+    def __init__(
+        self, path: Path, channels: int | None = None, frames: int | None = None, digest: bool = False
+    ) -> None:
         self.path = Path(path)
         self.channels, self.frames = channels, frames
         self.written = 0
@@ -602,7 +630,7 @@ class FrameWriter:
         if block.shape[0] != self.channels:
             raise ValueError(f"block has {block.shape[0]} channels, the signal {self.channels}")
         if self.frames is not None:
-            block = block[:, :max(0, self.frames - self.written)]
+            block = block[:, : max(0, self.frames - self.written)]
         if not block.shape[1]:
             return
         data = np.ascontiguousarray(block.T, dtype="<f4")
@@ -642,7 +670,7 @@ class ArrayWriter:
         k = min(block.shape[1], self.frames - self.written)
         if k <= 0:
             return
-        self.audio[:, self.written:self.written + k] = block[:, :k]
+        self.audio[:, self.written : self.written + k] = block[:, :k]
         self.peak = max(self.peak, float(np.max(np.abs(block[:, :k]))))
         self.written += k
 
@@ -687,8 +715,9 @@ def signal_is_silent(signal: Signal, threshold: float = 1e-6) -> bool:
     return signal.frames == 0 or peak(signal) <= threshold
 
 
-def decode_to_file(path: Path, dest: Path, start: float = 0.0, end: float | None = None,
-                   digest: bool = False) -> tuple[FrameFile, int]:
+def decode_to_file(
+    path: Path, dest: Path, start: float = 0.0, end: float | None = None, digest: bool = False
+) -> tuple[FrameFile, int]:
     """Decode `[start, end)` into a FrameFile block by block (memory holds one block); and the sample rate."""
     with _open(path) as container:
         if not container.streams.audio:

@@ -14,6 +14,7 @@ share one directory. The total size is kept under `max_bytes` by evicting the le
 recently used entries; a reader that opened an entry's files keeps them readable if it is
 evicted meanwhile (POSIX unlink semantics).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,15 @@ _STALE_TMP_S = 3600.0  # a temporary entry this old belongs to a writer that die
 
 def step_key(model_id: str, input_digest: str, sample_rate: int, channels: int, frames: int, identity: dict) -> str:
     """The cache key of running `model_id` (weights and params in `identity`) on an input."""
-    return file_key("step", model=model_id, input=input_digest, sample_rate=sample_rate, channels=channels,
-                    frames=frames, identity=identity)
+    return file_key(
+        "step",
+        model=model_id,
+        input=input_digest,
+        sample_rate=sample_rate,
+        channels=channels,
+        frames=frames,
+        identity=identity,
+    )
 
 
 def file_key(kind: str, **doc) -> str:
@@ -89,8 +97,9 @@ class StepCache:
     def put_files(self, key: str, files: dict[str, Path]) -> bool:
         """Store finished files (hard links where possible) under `key`; False when not stored."""
         size = sum(p.stat().st_size for p in files.values())
-        return self._commit(key, size, lambda tmp: {"files": {name: _put_file(p, tmp, i) for i, (name, p)
-                                                              in enumerate(files.items())}})
+        return self._commit(
+            key, size, lambda tmp: {"files": {name: _put_file(p, tmp, i) for i, (name, p) in enumerate(files.items())}}
+        )
 
     def put(self, key: str, outputs: dict[str, Signal]) -> bool:
         """Store a step's outputs (hard links to FrameFiles where possible); False when not stored."""

@@ -12,6 +12,7 @@ The stereo mode decides what the extractor hears, one channel-signal at a time:
 - `mid_sides`: mid (L+R)/2 and side (L-R)/2 on their own, recombined as L = m + s, R = m - s.
 Everything is a Signal computed per read, so memory follows the chunk, as for every preset.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,16 +27,24 @@ from .presets import Chain, Preset, load_catalogue
 if TYPE_CHECKING:
     from .engine import Engine, Progress
 
-NO_ROUTE = ("this deployment has no prompt-guided model installed ({sam_model} is on no worker; "
-            "{hint}) and the prompt names no stem an installed chain produces; try e.g. 'lead vocal', 'drums', "
-            "'bass', 'speech' or 'snare and kick'")
+NO_ROUTE = (
+    "this deployment has no prompt-guided model installed ({sam_model} is on no worker; "
+    "{hint}) and the prompt names no stem an installed chain produces; try e.g. 'lead vocal', 'drums', "
+    "'bass', 'speech' or 'snare and kick'"
+)
 
 # (target, the model's own residual or None, made_by) of one channel-signal
 Extractor = Callable[[A.Signal, "Progress | None"], tuple[A.Signal, "A.Signal | None", str]]
 
 
-def plan(prompt: str, sam_model: str, stereo_mode: str, spans: list[TimeRange],
-         pick: Callable[[Preset], tuple[int, Chain]], sam_available: bool) -> CustomSpec:
+def plan(
+    prompt: str,
+    sam_model: str,
+    stereo_mode: str,
+    spans: list[TimeRange],
+    pick: Callable[[Preset], tuple[int, Chain]],
+    sam_available: bool,
+) -> CustomSpec:
     """Who serves a prompt: the chain of the stem it names, when that chain runs here (or no SAM model
     does), else the SAM model. `pick` chooses a preset's chain where the job will run.
 
@@ -55,8 +64,9 @@ def plan(prompt: str, sam_model: str, stereo_mode: str, spans: list[TimeRange],
                 raise
     if sam_available:
         return CustomSpec(**fields)
-    raise PresetError(NO_ROUTE.format(sam_model=sam_model, hint=install_hint([sam_model])), field="prompt",
-                      sam_model=sam_model)
+    raise PresetError(
+        NO_ROUTE.format(sam_model=sam_model, hint=install_hint([sam_model])), field="prompt", sam_model=sam_model
+    )
 
 
 def span_anchors(spans, offset: float = 0.0) -> list[tuple[str, float, float]]:
@@ -64,8 +74,16 @@ def span_anchors(spans, offset: float = 0.0) -> list[tuple[str, float, float]]:
     return [("+", s.start - offset, s.end - offset) for s in spans]
 
 
-def extract(engine: Engine, custom: CustomSpec, mix: A.Signal, sr: int, workdir: Path | None, offset: float,
-            progress: Progress | None, cancelled: Callable[[], bool]) -> dict[str, Output]:
+def extract(
+    engine: Engine,
+    custom: CustomSpec,
+    mix: A.Signal,
+    sr: int,
+    workdir: Path | None,
+    offset: float,
+    progress: Progress | None,
+    cancelled: Callable[[], bool],
+) -> dict[str, Output]:
     """`target` and `residual` of `mix` (the selection; it starts `offset` s into the source) for the prompt."""
     route = custom.route
     if route is None:
@@ -75,6 +93,7 @@ def extract(engine: Engine, custom: CustomSpec, mix: A.Signal, sr: int, workdir:
             out = engine.stream_prompted(custom.sam_model, x, sr, workdir, custom.prompt, anchors, sub, cancelled)
             return out["target"], out["residual"], custom.sam_model
     else:
+
         def part(x: A.Signal, sub) -> tuple[A.Signal, A.Signal | None, str]:
             result = engine.run_stream(route.preset, x, sr, workdir, route.chain_index, sub, cancelled)
             stems = [result.stems[s] for s in route.stems]
@@ -83,7 +102,9 @@ def extract(engine: Engine, custom: CustomSpec, mix: A.Signal, sr: int, workdir:
     target, residual, made_by = by_stereo_mode(mix, custom.stereo_mode, part, progress)
     if residual is None:  # a routed chain: spans gate the target, the residual is what is left of the source
         if custom.spans:
-            target = A.Gated(target, [(round((s.start - offset) * sr), round((s.end - offset) * sr)) for s in custom.spans])
+            target = A.Gated(
+                target, [(round((s.start - offset) * sr), round((s.end - offset) * sr)) for s in custom.spans]
+            )
         residual = A.Mixed([(mix, 1.0), (target, -1.0)])
     return {"target": Output(target, made_by), "residual": Output(residual, made_by)}
 
@@ -93,10 +114,16 @@ def by_stereo_mode(mix: A.Signal, mode: str, part: Extractor, progress: Progress
     if mix.channels != 2:
         mode = "mono"
     channels = [A.PickChannel(mix, c) for c in range(mix.channels)]
-    inputs = {"mono": [mix if mix.channels == 1 else A.Mixed([(c, 1 / mix.channels) for c in channels])],
-              "left_right": channels,
-              "mid_sides": [A.Mixed([(channels[0], 0.5), (channels[1], 0.5)]),
-                            A.Mixed([(channels[0], 0.5), (channels[1], -0.5)])] if mix.channels == 2 else []}[mode]
+    inputs = {
+        "mono": [mix if mix.channels == 1 else A.Mixed([(c, 1 / mix.channels) for c in channels])],
+        "left_right": channels,
+        "mid_sides": [
+            A.Mixed([(channels[0], 0.5), (channels[1], 0.5)]),
+            A.Mixed([(channels[0], 0.5), (channels[1], -0.5)]),
+        ]
+        if mix.channels == 2
+        else [],
+    }[mode]
     outs = [part(x, progress and (lambda f, m, i=i: progress((i + f) / len(inputs), m))) for i, x in enumerate(inputs)]
 
     def layout(signals: list[A.Signal]) -> A.Signal:

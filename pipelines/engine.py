@@ -23,6 +23,7 @@ samples as a one-shot resample).
 With a `StepCache`, a step whose input samples, model, weights and parameters were seen
 before is read back instead of run (see `pipelines/cache.py`).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -96,8 +97,9 @@ def resolve_device(setting: str) -> str:
 class Engine:
     """Holds warm separators for one process. Create one per worker process and reuse it."""
 
-    def __init__(self, store: ModelStore, device: str = "cpu", chunk_seconds: float = 30.0,
-                 cache: StepCache | None = None) -> None:
+    def __init__(
+        self, store: ModelStore, device: str = "cpu", chunk_seconds: float = 30.0, cache: StepCache | None = None
+    ) -> None:
         self.store = store
         self.device = resolve_device(device)
         self.chunk_seconds = chunk_seconds
@@ -134,27 +136,51 @@ class Engine:
             except importlib.metadata.PackageNotFoundError:
                 package = "?"
         # the device type too: params such as precision "auto" resolve per device, and GPU kernels round differently
-        return {"params": self.store.params_for(spec), "weights": entry.get("files", {}), "package": package,
-                "device": self.device.split(":")[0]}
+        return {
+            "params": self.store.params_for(spec),
+            "weights": entry.get("files", {}),
+            "package": package,
+            "device": self.device.split(":")[0],
+        }
 
     # -- arrays in, arrays out ---------------------------------------------------
-    def run_model(self, model_id: str, audio: np.ndarray, sr: int,
-                  progress: Progress | None = None, cancelled: Callable[[], bool] = _never) -> dict[str, np.ndarray]:
+    def run_model(
+        self,
+        model_id: str,
+        audio: np.ndarray,
+        sr: int,
+        progress: Progress | None = None,
+        cancelled: Callable[[], bool] = _never,
+    ) -> dict[str, np.ndarray]:
         """One model on (channels, n) audio at `sr`; sources come back at `sr` with audio's channels."""
         out = self.stream_model(model_id, ArraySignal(audio), sr, None, progress, cancelled)
         return {s: np.ascontiguousarray(sig.to_array(), dtype=np.float32) for s, sig in out.items()}
 
-    def run(self, preset_name: str, audio: np.ndarray, sr: int, chain_index: int | None = None,
-            progress: Progress | None = None, cancelled: Callable[[], bool] = _never) -> Result:
+    def run(
+        self,
+        preset_name: str,
+        audio: np.ndarray,
+        sr: int,
+        chain_index: int | None = None,
+        progress: Progress | None = None,
+        cancelled: Callable[[], bool] = _never,
+    ) -> Result:
         """Run a preset (its first usable chain, or `chain_index`) and return its stems as arrays."""
         result = self.run_stream(preset_name, ArraySignal(audio), sr, None, chain_index, progress, cancelled)
         result.stems = {k: np.ascontiguousarray(v.to_array(), dtype=np.float32) for k, v in result.stems.items()}
         return result
 
     # -- signals in, signals out -------------------------------------------------
-    def run_stream(self, preset_name: str, audio: Signal, sr: int, workdir: Path | None,
-                   chain_index: int | None = None, progress: Progress | None = None,
-                   cancelled: Callable[[], bool] = _never) -> Result:
+    def run_stream(
+        self,
+        preset_name: str,
+        audio: Signal,
+        sr: int,
+        workdir: Path | None,
+        chain_index: int | None = None,
+        progress: Progress | None = None,
+        cancelled: Callable[[], bool] = _never,
+    ) -> Result:
         """Run a preset on a Signal; stems come back as Signals (FrameFiles in `workdir`, or arrays if None)."""
         preset = load_catalogue().preset(preset_name)
         if chain_index is None:
@@ -169,7 +195,9 @@ class Engine:
             outs, k = [], len(step.models)
             for j, model_id in enumerate(step.models):  # an ensemble's models one after the other
                 t0 = time.perf_counter()
-                step_progress = progress and (lambda f, m, p=(i + j / k) / n_steps, k=k: progress(p + f / n_steps / k, m))
+                step_progress = progress and (
+                    lambda f, m, p=(i + j / k) / n_steps, k=k: progress(p + f / n_steps / k, m)
+                )
                 outs.append(self.stream_model(model_id, produced[step.input], sr, workdir, step_progress, cancelled))
                 timings[model_id] = timings.get(model_id, 0.0) + time.perf_counter() - t0
             if step.ensemble is None:
@@ -183,8 +211,15 @@ class Engine:
             stems = {k: v for k, v in stems.items() if not A.signal_is_silent(v, 1e-4)}
         return Result(stems, made_by, chain_index, timings)
 
-    def stream_model(self, model_id: str, audio: Signal, sr: int, workdir: Path | None,
-                     progress: Progress | None = None, cancelled: Callable[[], bool] = _never) -> dict[str, Signal]:
+    def stream_model(
+        self,
+        model_id: str,
+        audio: Signal,
+        sr: int,
+        workdir: Path | None,
+        progress: Progress | None = None,
+        cancelled: Callable[[], bool] = _never,
+    ) -> dict[str, Signal]:
         """One model on a Signal at `sr`; its sources as Signals at `sr` with the input's channels."""
         spec = get_spec(model_id)
         if A.signal_is_silent(audio):  # nothing to separate: do not spend a model on silence
@@ -213,9 +248,17 @@ class Engine:
             self.cache.put(key, out)
         return out
 
-    def stream_prompted(self, model_id: str, audio: Signal, sr: int, workdir: Path | None, prompt: str,
-                        anchors: list[tuple[str, float, float]], progress: Progress | None = None,
-                        cancelled: Callable[[], bool] = _never) -> dict[str, Signal]:
+    def stream_prompted(
+        self,
+        model_id: str,
+        audio: Signal,
+        sr: int,
+        workdir: Path | None,
+        prompt: str,
+        anchors: list[tuple[str, float, float]],
+        progress: Progress | None = None,
+        cancelled: Callable[[], bool] = _never,
+    ) -> dict[str, Signal]:
         """A prompt-guided model (SAM Audio) on a Signal at `sr`: what `prompt` describes, and the rest.
 
         The input is folded to the model's mono and resampled to its rate, and the sources come
@@ -243,21 +286,34 @@ class Engine:
         def blocks(x: Signal, rate: int) -> Iterator[dict[str, np.ndarray]]:
             return sep.extract_stream(x, rate, prompt, anchors, max(1, int(self.chunk_seconds * rate)), cancelled)
 
-        out = self._run_adapted(sep, spec, mono, sr, _Sinks(workdir, digest=self.cache is not None), progress,
-                                cancelled, blocks)
+        out = self._run_adapted(
+            sep, spec, mono, sr, _Sinks(workdir, digest=self.cache is not None), progress, cancelled, blocks
+        )
         if key is not None:
             self.cache.put(key, out)
         return _layout(out, audio.channels)
 
-    def _run_adapted(self, sep: Separator, spec: ModelSpec, audio: Signal, sr: int, sinks: _Sinks,
-                     progress: Progress | None, cancelled: Callable[[], bool],
-                     blocks: Callable[[Signal, int], Iterator[dict[str, np.ndarray]]] | None = None) -> dict[str, Signal]:
+    def _run_adapted(
+        self,
+        sep: Separator,
+        spec: ModelSpec,
+        audio: Signal,
+        sr: int,
+        sinks: _Sinks,
+        progress: Progress | None,
+        cancelled: Callable[[], bool],
+        blocks: Callable[[Signal, int], Iterator[dict[str, np.ndarray]]] | None = None,
+    ) -> dict[str, Signal]:
         channels, n = audio.channels, audio.frames
         rate = spec.sample_rate or sr
         x, resampled = audio, None
         if rate != sr:  # one streaming pass to a copy at the model's rate (read again by the separator)
-            x = resampled = A.resample_signal(audio, sr, rate, sinks.writer(f"{spec.id}-input", channels, None)
-                                              if sinks.workdir is not None else _GrowingWriter())
+            x = resampled = A.resample_signal(
+                audio,
+                sr,
+                rate,
+                sinks.writer(f"{spec.id}-input", channels, None) if sinks.workdir is not None else _GrowingWriter(),
+            )
         if spec.channels is not None and x.channels != spec.channels:
             x = A.ChannelsSignal(x, spec.channels)
         writers = {s: sinks.writer(f"{spec.id}-{s}", channels, n) for s in spec.sources}
@@ -290,8 +346,9 @@ class Engine:
                 if path is not None:
                     path.unlink(missing_ok=True)
 
-    def _separate_blocks(self, sep: Separator, spec: ModelSpec, x: Signal, rate: int,
-                         cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def _separate_blocks(
+        self, sep: Separator, spec: ModelSpec, x: Signal, rate: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]]:
         """The separator's sources for consecutive blocks covering `x`, at the model's rate and channels."""
         n = x.frames
         chunk = max(1, int(self.chunk_seconds * rate))
@@ -313,7 +370,7 @@ class Engine:
                         yield {s: np.zeros((x.channels, stop - start), np.float32) for s in spec.sources}
                         continue
                     out = sep.separate(piece, rate)
-                    yield {s: _fit(out[s], hi - lo)[:, start - lo:stop - lo] for s in spec.sources}
+                    yield {s: _fit(out[s], hi - lo)[:, start - lo : stop - lo] for s in spec.sources}
                 return
         # whole signal at once: the separator cannot be cut (memory grows with the track)
         if cancelled():

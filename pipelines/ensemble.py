@@ -11,6 +11,7 @@ k * hop, zeros beyond the ends), so a range read alone gives the same samples as
 signal read at once, and memory follows the read, not the track. Identical estimates give
 themselves back (the window's overlap-add is normalised by the summed squared window).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,16 +55,16 @@ class MagnitudeMeanSignal(MeanSignal):
         out = np.zeros((self.channels, stop - start), np.float32)
         norm = np.zeros(stop - start, np.float32)
         for i in range(frames.shape[1]):  # overlap-add in frame order
-            out[:, i * hop:i * hop + n_fft] += frames[:, i]
-            norm[i * hop:i * hop + n_fft] += self.window ** 2
-        return out[:, lo - start:hi - start] / norm[lo - start:hi - start]
+            out[:, i * hop : i * hop + n_fft] += frames[:, i]
+            norm[i * hop : i * hop + n_fft] += self.window**2
+        return out[:, lo - start : hi - start] / norm[lo - start : hi - start]
 
     def _frames(self, part: Signal, start: int, stop: int) -> np.ndarray:
         """(channels, frames, n_fft) windowed frames of `part` over [start, stop), zeros outside the signal."""
         x = np.zeros((self.channels, stop - start), np.float32)
         a, b = max(0, start), min(self.frames, stop)
         if a < b:
-            x[:, a - start:b - start] = part.read(a, b)
+            x[:, a - start : b - start] = part.read(a, b)
         count = (stop - start - self.n_fft) // self.hop + 1
         index = np.arange(count)[:, None] * self.hop + np.arange(self.n_fft)
         return x[:, index] * self.window

@@ -7,6 +7,7 @@ The module imports nothing of ours, so the pure pipelines, the workers, the API,
 all raise from the same hierarchy. One class lives elsewhere on purpose: `stems.unavailable.RedisUnavailable`
 is also a `redis.ConnectionError`, and `pipelines/` does not import Redis.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,6 +34,7 @@ class StemsError(Exception):
 
 
 # --- the request: what a client sent -----------------------------------------------------------------------
+
 
 class Invalid(StemsError):
     """A request no handler can serve as sent (the API's 422, the CLI's usage error)."""
@@ -118,6 +120,7 @@ class KeyBudgetExceeded(RateLimited):
 
 # --- models and chains -------------------------------------------------------------------------------------
 
+
 class ModelNotInstalled(StemsError):
     """A model a chain needs has no weights in the model store."""
 
@@ -146,6 +149,7 @@ class DownloadFailed(StemsError):
 
 
 # --- a job's end: what its `error` says ------------------------------------------------------------------
+
 
 class Cancelled(StemsError):
     """The job was cancelled while it ran; raised between chunks."""
@@ -204,6 +208,7 @@ class ObjectMissing(StemsError):
 
 # --- the deployment ----------------------------------------------------------------------------------------
 
+
 class UnsafeProduction(StemsError):
     """Production mode refuses to start on a setting that is only safe for development."""
 
@@ -227,8 +232,12 @@ class DependencyUnavailable(StemsError):
         self.check = check
         self.detail = detail
         self.retry_after = retry_after or (RETRY_AFTER_CONFIG_S if reason in self.config_reasons else RETRY_AFTER_S)
-        super().__init__(f"{self.dependency} is unavailable ({reason.replace('_', ' ')}): {check}",
-                         dependency=self.dependency, reason=reason, retry_after=self.retry_after)
+        super().__init__(
+            f"{self.dependency} is unavailable ({reason.replace('_', ' ')}): {check}",
+            dependency=self.dependency,
+            reason=reason,
+            retry_after=self.retry_after,
+        )
 
     def __reduce__(self):  # picklable (a pool process hands its exception to the worker's main process)
         return self.__class__, (self.reason, self.check, self.detail, self.retry_after)
@@ -252,6 +261,7 @@ class BrokerUnavailable(DependencyUnavailable):
 
 # --- the Python client: what the API answered ------------------------------------------------------------
 
+
 class ApiError(StemsError):
     """The API refused a request: `status`, and the `code`, `message` and fields of its JSON error."""
 
@@ -271,7 +281,9 @@ class JobFailed(StemsError):
 
     def __init__(self, status: Any) -> None:
         error = status.error or {}
-        super().__init__(error.get("message") or f"ended {status.status}",
-                         **{k: v for k, v in error.items() if k not in ("code", "message")})
+        super().__init__(
+            error.get("message") or f"ended {status.status}",
+            **{k: v for k, v in error.items() if k not in ("code", "message")},
+        )
         self.code = error.get("code") or status.status
         self.status = status

@@ -3,6 +3,7 @@
 Pure registry data: the hint names the command, and where the weights cannot be pulled
 (gated, or no public release) the registry's own explanation of how to get them.
 """
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@ The API validates a request and stores a `SplitSpec` on the job; the worker and 
 both hand a `SplitSpec` to `pipelines.split.run`, so the same request gives the same samples
 whichever way it is run.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ use is allowed (`yes`, `no`, or `unclear` where the publisher says nothing). An 
 declares `commercial` use (STEMS_DECLARED_USE) is served only the models whose record says
 `yes`; chains using any other model are skipped, as if the model were not installed, and said so.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -48,5 +49,7 @@ def licence_of(made_by: str | None) -> list[dict] | None:
         return None
     registry = load_registry()
     specs = [registry[m] for m in made_by.split("+") if m in registry]
-    return [{"model": s.id, "licence": s.licence, "commercial_use": s.commercial_use, "source": s.licence_source}
-            for s in specs] or None
+    return [
+        {"model": s.id, "licence": s.licence, "commercial_use": s.commercial_use, "source": s.licence_source}
+        for s in specs
+    ] or None

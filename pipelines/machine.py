@@ -5,6 +5,7 @@ for "the project": the same network ran ONNX Runtime ahead of torch on an AMD EP
 with it on an Intel Xeon (issue 21). So a measured backend choice is keyed by this record,
 and every benchmark figure is written next to it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,24 @@ from pydantic import BaseModel, ConfigDict
 
 # CPU features that change which kernels the libraries pick (vector width, bfloat16 and int8 dot
 # products, AMX tiles); the rest of /proc/cpuinfo's flags do not move a forward's speed.
-FLAGS_THAT_MATTER = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                     "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni", "asimd", "sve")
+FLAGS_THAT_MATTER = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "avx_vnni",
+    "asimd",
+    "sve",
+)
 
 
 class Machine(BaseModel):
@@ -36,8 +53,10 @@ class Machine(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
     def describe(self) -> str:
-        return (f"{self.cpu} [{' '.join(self.flags) or 'no listed flags'}], torch {self.torch}, "
-                f"onnxruntime {self.onnxruntime}, {self.threads} threads")
+        return (
+            f"{self.cpu} [{' '.join(self.flags) or 'no listed flags'}], torch {self.torch}, "
+            f"onnxruntime {self.onnxruntime}, {self.threads} threads"
+        )
 
 
 def cpu_info(path: Path = Path("/proc/cpuinfo")) -> tuple[str, tuple[str, ...]]:
@@ -70,12 +89,16 @@ def this_machine(threads: int | None = None) -> Machine:
 
         threads = torch.get_num_threads()
     cpu, flags = cpu_info()
-    return Machine(cpu=cpu, flags=flags, torch=_version("torch"), onnxruntime=_version("onnxruntime"),
-                   threads=threads)
+    return Machine(cpu=cpu, flags=flags, torch=_version("torch"), onnxruntime=_version("onnxruntime"), threads=threads)
 
 
 def bench_description() -> dict:
     """What a benchmark writes next to its figures: the machine, the cores and the load at the time."""
     m = this_machine()
-    return {**m.model_dump(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        **m.model_dump(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }

@@ -11,6 +11,7 @@ with the gain corrected by the miss (at most `MAX_RENDERS` renders).
 
 Blocks are float32 (channels, frames) arrays, as `pipelines.audio.iter_decode` yields them.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,11 +42,14 @@ class MasterPreset:
     description: str
 
 
-PRESETS: dict[str, MasterPreset] = {p.name: p for p in (
-    MasterPreset("streaming", -14.0, -1.0, "streaming services' normalisation level (Spotify, YouTube, Tidal)"),
-    MasterPreset("loud", -9.0, -1.0, "a loud club / CD master"),
-    MasterPreset("podcast", -16.0, -1.5, "spoken word (Apple Podcasts' recommendation)"),
-)}
+PRESETS: dict[str, MasterPreset] = {
+    p.name: p
+    for p in (
+        MasterPreset("streaming", -14.0, -1.0, "streaming services' normalisation level (Spotify, YouTube, Tidal)"),
+        MasterPreset("loud", -9.0, -1.0, "a loud club / CD master"),
+        MasterPreset("podcast", -16.0, -1.5, "spoken word (Apple Podcasts' recommendation)"),
+    )
+}
 
 
 def preset(name: str) -> MasterPreset:
@@ -80,6 +84,7 @@ class MasterReport:
 
 
 # -- measuring -----------------------------------------------------------------------------------------------
+
 
 class LoudnessMeter:
     """BS.1770-4 integrated loudness and EBU Tech 3342 loudness range, fed block by block.
@@ -129,7 +134,7 @@ class LoudnessMeter:
     def integrated(self) -> float:
         blocks = self._blocks(4)
         n = int(round((self.pos / self.rate - 0.4) / 0.1)) + 1  # pyloudnorm's block count
-        blocks = blocks[:max(n, 0)]
+        blocks = blocks[: max(n, 0)]
         gated = blocks[blocks >= -70.0]
         if not gated.size:
             return -math.inf
@@ -162,7 +167,7 @@ TP_CONTEXT = len(_FIR) // OVERSAMPLE + 4  # input samples of context either side
 
 def oversampled_envelope(x: np.ndarray) -> np.ndarray:
     """Per input sample, the largest |value| of the 4x oversampled signal within half a sample of it (any channel)."""
-    up = sps.upfirdn(_FIR, x, up=OVERSAMPLE, axis=1)[:, _FIR_DELAY:_FIR_DELAY + OVERSAMPLE * x.shape[1]]
+    up = sps.upfirdn(_FIR, x, up=OVERSAMPLE, axis=1)[:, _FIR_DELAY : _FIR_DELAY + OVERSAMPLE * x.shape[1]]
     env = np.abs(up).max(axis=0)
     env = maximum_filter1d(env, size=OVERSAMPLE + 1, mode="nearest")  # +-half a sample around each input sample
     return np.maximum(env[::OVERSAMPLE], np.abs(x).max(axis=0))
@@ -178,8 +183,8 @@ class TruePeakMeter:
     def push(self, block: np.ndarray) -> None:
         x = np.concatenate([self.tail, block], axis=1)
         if x.shape[1] > TP_CONTEXT:
-            self.peak = max(self.peak, float(oversampled_envelope(x)[self.tail.shape[1] // 2:].max()))
-        self.tail = x[:, -2 * TP_CONTEXT:]
+            self.peak = max(self.peak, float(oversampled_envelope(x)[self.tail.shape[1] // 2 :].max()))
+        self.tail = x[:, -2 * TP_CONTEXT :]
 
     def result(self) -> float:
         if self.tail.shape[1]:
@@ -213,8 +218,12 @@ class Analysis:
             self.energy[name] += float((y * y).sum())
 
     def measurement(self) -> Measurement:
-        return Measurement(self.loudness.integrated(), to_db(self.peak.result()), self.loudness.loudness_range(),
-                           self.loudness.pos / self.loudness.rate)
+        return Measurement(
+            self.loudness.integrated(),
+            to_db(self.peak.result()),
+            self.loudness.loudness_range(),
+            self.loudness.pos / self.loudness.rate,
+        )
 
     def shelves(self) -> tuple[float, float]:
         """(low, high) shelf gains in dB: half of the way to the reference balance, at most 2 dB either way."""
@@ -231,6 +240,7 @@ REFERENCE_BALANCE_DB = {"low": -4.0, "high": -17.0}
 
 
 # -- processing ----------------------------------------------------------------------------------------------
+
 
 def _shelf(kind: str, f0: float, gain_db: float, sr: int) -> np.ndarray:
     """An RBJ cookbook shelf (slope 1) as one second-order section."""
@@ -274,8 +284,9 @@ class Limiter:
     FRAME = 16
     BLOCK = 1 << 16  # samples per processed block (a multiple of FRAME)
 
-    def __init__(self, sr: int, channels: int, ceiling_dbtp: float, lookahead_s: float = 0.005,
-                 release_s: float = 0.15) -> None:
+    def __init__(
+        self, sr: int, channels: int, ceiling_dbtp: float, lookahead_s: float = 0.005, release_s: float = 0.15
+    ) -> None:
         self.ceiling = 10 ** ((ceiling_dbtp - TP_MARGIN_DB) / 20)
         self.L = max(1, round(lookahead_s * sr / self.FRAME))
         self.release = math.exp(-1.0 / (release_s * sr / self.FRAME))
@@ -292,7 +303,7 @@ class Limiter:
     def push(self, block: np.ndarray) -> Iterator[np.ndarray]:
         self.pending = np.concatenate([self.pending, block], axis=1)
         while self.pending.shape[1] >= self.BLOCK:
-            nxt, self.pending = self.pending[:, :self.BLOCK], self.pending[:, self.BLOCK:]
+            nxt, self.pending = self.pending[:, : self.BLOCK], self.pending[:, self.BLOCK :]
             yield from self._advance(nxt)
 
     def flush(self) -> Iterator[np.ndarray]:
@@ -310,7 +321,7 @@ class Limiter:
 
     def _emit(self, nxt: np.ndarray) -> Iterator[np.ndarray]:
         cur, n = self.cur, self.cur.shape[1]
-        ahead = nxt[:, :self.context]
+        ahead = nxt[:, : self.context]
         pad = (-(n + ahead.shape[1])) % self.FRAME + self.context - ahead.shape[1]
         window = np.concatenate([self.prev, cur, ahead, np.zeros((self.channels, pad))], axis=1)
         need = np.minimum(1.0, self.ceiling / np.maximum(oversampled_envelope(window), 1e-12))
@@ -319,7 +330,7 @@ class Limiter:
         held = minimum_filter1d(frames, size=self.L, origin=(self.L - 1) // 2, mode="nearest")
         first = self.context // self.FRAME
         count = -(-n // self.FRAME)
-        released = held[first:first + count + self.L].copy()
+        released = held[first : first + count + self.L].copy()
         state = self.held
         for i in range(released.size):  # falls at once, rises with the release's time constant
             state = min(released[i], self.release * state + (1 - self.release) * released[i])
@@ -331,7 +342,7 @@ class Limiter:
         ramp = np.arange(self.FRAME) / self.FRAME
         per_sample = (edges[:-1, None] * (1 - ramp) + edges[1:, None] * ramp).reshape(-1)[:n]
         self.min_gain = min(self.min_gain, float(gains.min()))
-        self.prev = np.concatenate([self.prev, cur], axis=1)[:, -self.context:]
+        self.prev = np.concatenate([self.prev, cur], axis=1)[:, -self.context :]
         yield cur * per_sample
 
 
@@ -349,8 +360,16 @@ def analyse(blocks: Blocks, sample_rate: int, channels: int) -> Analysis:
     return analysis
 
 
-def render(blocks: Blocks, sample_rate: int, channels: int, ceiling_dbtp: float, low_db: float, high_db: float,
-           gain_db: float, sink: Callable[[np.ndarray], None]) -> Measurement:
+def render(
+    blocks: Blocks,
+    sample_rate: int,
+    channels: int,
+    ceiling_dbtp: float,
+    low_db: float,
+    high_db: float,
+    gain_db: float,
+    sink: Callable[[np.ndarray], None],
+) -> Measurement:
     """One render of the chain into `sink`, measured as it is written."""
     balance = Balance(sample_rate, channels, low_db, high_db, gain_db)
     limiter = Limiter(sample_rate, channels, ceiling_dbtp)
@@ -370,8 +389,13 @@ def render(blocks: Blocks, sample_rate: int, channels: int, ceiling_dbtp: float,
     return Measurement(loud.integrated(), to_db(peak.result()), loud.loudness_range(), loud.pos / sample_rate)
 
 
-def master(blocks: Blocks, sample_rate: int, channels: int, preset_name: str,
-           open_sink: Callable[[], tuple[Callable[[np.ndarray], None], Callable[[], None]]]) -> MasterReport:
+def master(
+    blocks: Blocks,
+    sample_rate: int,
+    channels: int,
+    preset_name: str,
+    open_sink: Callable[[], tuple[Callable[[np.ndarray], None], Callable[[], None]]],
+) -> MasterReport:
     """Master the source: analyse it, then render until the result is within RENDER_TOLERANCE_LU of the target.
 
     `open_sink()` returns (write, close) for a fresh output each render: the last render's is the result.
@@ -380,8 +404,9 @@ def master(blocks: Blocks, sample_rate: int, channels: int, preset_name: str,
     analysis = analyse(blocks, sample_rate, channels)
     source = analysis.measurement()
     if not math.isfinite(source.integrated_lufs):
-        raise AudioError("the audio is silent (under the -70 LUFS gate): there is nothing to master",
-                         integrated_lufs=None)
+        raise AudioError(
+            "the audio is silent (under the -70 LUFS gate): there is nothing to master", integrated_lufs=None
+        )
     low, high = analysis.shelves()
     gain = p.target_lufs - source.integrated_lufs
     result, tried = None, None

@@ -9,6 +9,7 @@ An S3 prefix is synced into a local directory first (see `stems.modelsync`), so 
 module only ever reads local files. Every error names the file, where it was looked for
 and the command that installs it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,9 @@ class ModelStore:
 
     def _install_hint(self, spec: ModelSpec) -> str:
         if pullable(spec):
-            return f"stems models pull {spec.id} --model-dir {self.root} (without internet: {self.install_command(spec)})"
+            return (
+                f"stems models pull {spec.id} --model-dir {self.root} (without internet: {self.install_command(spec)})"
+            )
         return self.install_command(spec)
 
     def missing(self, spec: ModelSpec) -> str | None:
@@ -87,7 +90,9 @@ class ModelStore:
             raise ModelNotInstalled(
                 f"model {spec.id!r} is not installed in the model store {self.root}; "
                 f"install it with: {self._install_hint(spec)}",
-                model_id=spec.id, looked_in=str(self.root), files=list(spec.files),
+                model_id=spec.id,
+                looked_in=str(self.root),
+                files=list(spec.files),
             )
         out: dict[str, Path] = {}
         for name in spec.files:
@@ -97,13 +102,17 @@ class ModelStore:
                 raise ModelNotInstalled(
                     f"weight file {name!r} of model {spec.id!r} not found at {path}; "
                     f"install it with: {self._install_hint(spec)}",
-                    model_id=spec.id, file=str(path),
+                    model_id=spec.id,
+                    file=str(path),
                 )
             actual = sha256_file(path)
             if actual != pinned:
                 raise ChecksumMismatch(
                     f"{path} has sha256 {actual}, the manifest pins {pinned}; reinstall it with: {self._install_hint(spec)}",
-                    model_id=spec.id, file=str(path), expected=pinned, actual=actual,
+                    model_id=spec.id,
+                    file=str(path),
+                    expected=pinned,
+                    actual=actual,
                 )
             out[name] = path
         return out
@@ -138,7 +147,9 @@ class ModelStore:
             by_name = {spec.files[0]: next(iter(by_name.values()))}
         absent = [f for f in spec.files if f not in by_name]
         if absent:
-            raise ModelNotInstalled(f"model {model_id!r} needs files {list(spec.files)}; missing {absent}", model_id=model_id)
+            raise ModelNotInstalled(
+                f"model {model_id!r} needs files {list(spec.files)}; missing {absent}", model_id=model_id
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         files = {}
         for name in spec.files:
@@ -149,8 +160,13 @@ class ModelStore:
                 os.replace(tmp, dst)
             files[name] = sha256_file(dst)
         entry = {
-            "family": spec.family, "files": files, "sample_rate": spec.sample_rate, "channels": spec.channels,
-            "sources": list(spec.sources), "licence": spec.licence, "params": params or {},
+            "family": spec.family,
+            "files": files,
+            "sample_rate": spec.sample_rate,
+            "channels": spec.channels,
+            "sources": list(spec.sources),
+            "licence": spec.licence,
+            "params": params or {},
         }
         manifest = self.manifest()
         manifest["models"][model_id] = entry

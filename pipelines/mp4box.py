@@ -6,6 +6,7 @@ can install writes. The edit streams the file: the boxes before `moov` and after
 `mdat` ("fast start") every chunk offset (`stco`, `co64`) that points past it is moved by the
 bytes added, so the samples are still found.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,7 +61,7 @@ def children(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[Box
     end = len(buf) if end is None else end
     pos = start
     while pos < end:
-        box = _header(buf[pos:pos + 16], pos, end)
+        box = _header(buf[pos : pos + 16], pos, end)
         yield box
         pos = box.end
 
@@ -130,12 +131,12 @@ def add_user_box(path: Path, kind: bytes, payload: bytes) -> None:
     local = Box(old.type, 0, old.header, old.size)
     udta = [b for b in children(bytes(moov), local.body, local.end) if b.type == b"udta"]
     if udta:  # append to the existing user data
-        moov[udta[0].end:udta[0].end] = new_box
+        moov[udta[0].end : udta[0].end] = new_box
         _resize(moov, udta[0], len(new_box))
         added = len(new_box)
     else:
         added_box = make_box(b"udta", new_box)
-        moov[local.end:local.end] = added_box
+        moov[local.end : local.end] = added_box
         added = len(added_box)
     _resize(moov, local, added)
     if any(b.type == b"mdat" and b.start > old.start for b in boxes):  # samples after moov move by `added`
@@ -171,5 +172,5 @@ def user_box(path: Path, kind: bytes) -> bytes | None:
         f.seek(moov[0].start)
         buf = f.read(moov[0].size)
     for box in find(buf, [b"moov", b"udta", kind]):
-        return buf[box.body:box.end]
+        return buf[box.body : box.end]
     return None

@@ -6,6 +6,7 @@ each of the `length` points and then each channel, the min and the max sample of
 `samples_per_pixel` frames as integers of `bits` bits. Pages draw a waveform from it without
 downloading or decoding the audio; peaks.js and wavesurfer.js read it directly.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ class PeakAccumulator:
     `channels=None` takes the channel count of the first block (a decoder may fold channels).
     """
 
-    def __init__(self, sample_rate: int, channels: int | None, frames: int | None = None, bits: int = BITS,
-                 samples_per_pixel: int | None = None) -> None:
+    def __init__(
+        self,
+        sample_rate: int,
+        channels: int | None,
+        frames: int | None = None,
+        bits: int = BITS,
+        samples_per_pixel: int | None = None,
+    ) -> None:
         if bits not in (8, 16):
             raise ValueError("bits must be 8 or 16")
         self.sample_rate, self.channels, self.bits = int(sample_rate), channels, bits
@@ -69,9 +76,15 @@ class PeakAccumulator:
         # floor the minimum and ceil the maximum so a quiet stem never draws flatter than it is
         q = np.stack([np.floor(mm[..., 0] * scale), np.ceil(mm[..., 1] * scale)], axis=2)
         data = np.clip(np.nan_to_num(q), lo, hi).astype(np.int32)
-        return {"version": 2, "channels": channels, "sample_rate": self.sample_rate,
-                "samples_per_pixel": self.spp, "bits": self.bits, "length": int(mm.shape[0]),
-                "data": data.reshape(-1).tolist()}
+        return {
+            "version": 2,
+            "channels": channels,
+            "sample_rate": self.sample_rate,
+            "samples_per_pixel": self.spp,
+            "bits": self.bits,
+            "length": int(mm.shape[0]),
+            "data": data.reshape(-1).tolist(),
+        }
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(self.result(), separators=(",", ":")))

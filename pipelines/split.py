@@ -12,6 +12,7 @@ chunk and the model, not the track. Each finished file set is handed to `deliver
 uploads it and records it; the CLI moves it into the output directory). Nothing here knows
 where the source came from or where the stems go.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,15 @@ def decode_selection(source: Path, workdir: Path, spec: SplitSpec, digest: bool 
     return A.decode_to_file(source, workdir / "mix.npy", spec.start, spec.end, digest=digest)
 
 
-def separate(engine: Engine, spec: SplitSpec, mix: A.Signal, sr: int, workdir: Path | None,
-             progress: Progress | None = None, cancelled: Callable[[], bool] = _never) -> dict[str, Output]:
+def separate(
+    engine: Engine,
+    spec: SplitSpec,
+    mix: A.Signal,
+    sr: int,
+    workdir: Path | None,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] = _never,
+) -> dict[str, Output]:
     """The stems of `spec` as {name: Output}; `custom` runs its stereo mode and spans around the extractor."""
     if spec.custom is not None:
         return custom.extract(engine, spec.custom, mix, sr, workdir, spec.start, progress, cancelled)
@@ -88,8 +96,9 @@ def separate(engine: Engine, spec: SplitSpec, mix: A.Signal, sr: int, workdir: P
     return {name: Output(signal, result.made_by[name]) for name, signal in result.stems.items()}
 
 
-def restore(engine: Engine, spec: SplitSpec, stem: Output, sr: int, workdir: Path | None,
-            cancelled: Callable[[], bool] = _never) -> Output:
+def restore(
+    engine: Engine, spec: SplitSpec, stem: Output, sr: int, workdir: Path | None, cancelled: Callable[[], bool] = _never
+) -> Output:
     """The restored copy of a stem: `strength` x restored + (1 - strength) x the stem."""
     preset = load_catalogue().restoration(spec.restoration.preset)
     wet = engine.stream_model(preset.model, stem.signal, sr, workdir, cancelled=cancelled)[preset.source]
@@ -97,8 +106,9 @@ def restore(engine: Engine, spec: SplitSpec, stem: Output, sr: int, workdir: Pat
     return Output(A.Mixed([(wet, s), (stem.signal, 1.0 - s)]), preset.model)
 
 
-def encode(engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int,
-           hq_format: str | None) -> tuple[Path, Path | None, Path]:
+def encode(
+    engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int, hq_format: str | None
+) -> tuple[Path, Path | None, Path]:
     """`dest`.wav, its HQ copy and its waveform peaks, written block by block in one pass over the signal.
 
     With a step cache, encoded files are cached too, keyed by the samples and the encoding
@@ -107,17 +117,27 @@ def encode(engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int
     """
     cache, key = engine.cache, None
     if cache is not None:
-        key = file_key("stem-files", samples=A.content_digest(signal), sample_rate=sr, channels=signal.channels,
-                       frames=signal.frames, bit_depth=bit_depth, hq_format=hq_format, encoder=A.encoder_identity(),
-                       peaks=PEAKS_FORM)
+        key = file_key(
+            "stem-files",
+            samples=A.content_digest(signal),
+            sample_rate=sr,
+            channels=signal.channels,
+            frames=signal.frames,
+            bit_depth=bit_depth,
+            hq_format=hq_format,
+            encoder=A.encoder_identity(),
+            peaks=PEAKS_FORM,
+        )
         hit = cache.get_files(key, dest.parent / f"{dest.name}-cached")
         if hit is not None:
             return hit["wav"], hit.get("hq"), hit["peaks"]
     wav = dest.with_name(dest.name + ".wav")
     hq = dest.with_name(f"{dest.name}.{A.hq_extension(hq_format)}") if hq_format else None
     peaks = PeakAccumulator(sr, signal.channels, signal.frames)
-    with A.WavWriter(wav, sr, signal.channels, bit_depth) as w, \
-            (A.HqEncoder(hq, sr, signal.channels, hq_format) if hq else contextlib.nullcontext()) as encoder:
+    with (
+        A.WavWriter(wav, sr, signal.channels, bit_depth) as w,
+        A.HqEncoder(hq, sr, signal.channels, hq_format) if hq else contextlib.nullcontext() as encoder,
+    ):
         for _, block in signal.blocks(STORE_BLOCK_S * sr):
             w.write(block)
             peaks.feed(block)
@@ -129,9 +149,18 @@ def encode(engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int
     return wav, hq, peaks_path
 
 
-def encode_all(engine: Engine, spec: SplitSpec, items: list[tuple[str, str | None, Output]], sr: int, workdir: Path,
-               deliver: Callable[[Product], None], progress: Progress | None, cancelled: Callable[[], bool],
-               at: float, span: float) -> None:
+def encode_all(
+    engine: Engine,
+    spec: SplitSpec,
+    items: list[tuple[str, str | None, Output]],
+    sr: int,
+    workdir: Path,
+    deliver: Callable[[Product], None],
+    progress: Progress | None,
+    cancelled: Callable[[], bool],
+    at: float,
+    span: float,
+) -> None:
     """Encode and deliver several stems at once, on up to ENCODE_THREADS threads.
 
     A failure (or a cancellation, checked before each stem starts) stops stems not yet
@@ -178,8 +207,15 @@ class Separated:
             self.mix.close()
 
 
-def separate_all(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, progress: Progress | None = None,
-                 cancelled: Callable[[], bool] = _never, wanted: set[str] | None = None) -> Separated:
+def separate_all(
+    engine: Engine,
+    spec: SplitSpec,
+    source: Path,
+    workdir: Path,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] = _never,
+    wanted: set[str] | None = None,
+) -> Separated:
     """Decode the selection, separate it and restore each kept stem when asked: everything but the encodes.
 
     `wanted` limits the items to those stem names (the worker's records). A preset that drops
@@ -195,9 +231,15 @@ def separate_all(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, p
         until = RESTORING if restoring else SEPARATED
         if progress:
             progress(DECODED, "separating")
-        stems = separate(engine, spec, mix, sr, workdir,
-                         progress and (lambda f, m: progress(DECODED + (until - DECODED) * f, f"separating ({m})")),
-                         cancelled)
+        stems = separate(
+            engine,
+            spec,
+            mix,
+            sr,
+            workdir,
+            progress and (lambda f, m: progress(DECODED + (until - DECODED) * f, f"separating ({m})")),
+            cancelled,
+        )
         _check(cancelled)
         items = [(name, None, out) for name, out in stems.items() if wanted is None or name in wanted]
         if restoring:
@@ -215,20 +257,43 @@ def separate_all(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, p
         raise
 
 
-def deliver_all(engine: Engine, spec: SplitSpec, separated: Separated, workdir: Path,
-                deliver: Callable[[Product], None], progress: Progress | None = None,
-                cancelled: Callable[[], bool] = _never) -> Done:
+def deliver_all(
+    engine: Engine,
+    spec: SplitSpec,
+    separated: Separated,
+    workdir: Path,
+    deliver: Callable[[Product], None],
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] = _never,
+) -> Done:
     """Encode every item of a separation (WAV at its bit depth, HQ copy, peaks) and deliver each."""
     if progress:
         progress(SEPARATED, "encoding")
-    encode_all(engine, spec, separated.items, separated.done.sample_rate, workdir, deliver, progress, cancelled,
-               SEPARATED, ENCODED - SEPARATED)
+    encode_all(
+        engine,
+        spec,
+        separated.items,
+        separated.done.sample_rate,
+        workdir,
+        deliver,
+        progress,
+        cancelled,
+        SEPARATED,
+        ENCODED - SEPARATED,
+    )
     return separated.done
 
 
-def run(engine: Engine, spec: SplitSpec, source: Path, workdir: Path, deliver: Callable[[Product], None],
-        progress: Progress | None = None, cancelled: Callable[[], bool] = _never,
-        wanted: set[str] | None = None) -> Done:
+def run(
+    engine: Engine,
+    spec: SplitSpec,
+    source: Path,
+    workdir: Path,
+    deliver: Callable[[Product], None],
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] = _never,
+    wanted: set[str] | None = None,
+) -> Done:
     """Split `source` as `spec` asks in one process, delivering each stem and restored copy as it is encoded."""
     separated = separate_all(engine, spec, source, workdir, progress, cancelled, wanted)
     try:

@@ -8,6 +8,7 @@ no muxer we can install writes it; stempeg's writer calls gpac's MP4Box for it).
 The mixture is the sum of the four stems, so the DJ's faders at unity give back the master
 track. Encoding streams: a block of each stem at a time is read, summed and encoded.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,17 @@ NI_ORDER = ("drums", "bass", "other", "vocals")
 # stempeg's default metadata (the colours Traktor shows for a stem file made by its tools)
 COLOURS = {"drums": "#009E73", "bass": "#D55E00", "other": "#CC79A7", "vocals": "#56B4E9"}
 MASTERING_DSP = {  # NI's stem-creator defaults, both off: the tracks play as they are
-    "compressor": {"enabled": False, "ratio": 3, "output_gain": 0.5, "release": 0.3, "attack": 0.003,
-                   "input_gain": 0.5, "threshold": 0, "hp_cutoff": 300, "dry_wet": 50},
+    "compressor": {
+        "enabled": False,
+        "ratio": 3,
+        "output_gain": 0.5,
+        "release": 0.3,
+        "attack": 0.003,
+        "input_gain": 0.5,
+        "threshold": 0,
+        "hp_cutoff": 300,
+        "dry_wet": 50,
+    },
     "limiter": {"enabled": False, "release": 0.05, "threshold": 0, "ceiling": -0.35},
 }
 AAC_BIT_RATE = 256_000
@@ -32,8 +42,11 @@ BLOCK = 1 << 16
 
 
 def metadata(names: tuple[str, ...] = NI_ORDER) -> dict:
-    return {"version": 1, "mastering_dsp": MASTERING_DSP,
-            "stems": [{"name": n.capitalize(), "color": COLOURS[n]} for n in names]}
+    return {
+        "version": 1,
+        "mastering_dsp": MASTERING_DSP,
+        "stems": [{"name": n.capitalize(), "color": COLOURS[n]} for n in names],
+    }
 
 
 def write_stem_mp4(dest: Path, stems: dict[str, Path], bit_rate: int = AAC_BIT_RATE) -> Path:
@@ -63,8 +76,9 @@ def write_stem_mp4(dest: Path, stems: dict[str, Path], bit_rate: int = AAC_BIT_R
                     break
                 blocks = [np.pad(b, ((0, 0), (0, n - b.shape[1]))) for b in blocks]
                 for stream, data in zip(tracks, [sum(blocks)] + blocks):
-                    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(np.clip(data, -1, 1)), format="fltp",
-                                                       layout="stereo")
+                    frame = av.AudioFrame.from_ndarray(
+                        np.ascontiguousarray(np.clip(data, -1, 1)), format="fltp", layout="stereo"
+                    )
                     frame.sample_rate, frame.pts = rate, pts
                     out.mux(stream.encode(frame))
                 pts += n

@@ -1,4 +1,5 @@
 """`stems`: the command line: keys, models, presets, local and remote splits, workers, and the dev stack."""
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,20 @@ def cmd_keys_create(args) -> int:
 def cmd_keys_list(args) -> int:
     import datetime
 
-    rows = [k.model_dump(exclude={"webhook_secret"}) | {"own_webhook_secret": k.webhook_secret is not None}
-            for k in _store().list_keys()]
+    rows = [
+        k.model_dump(exclude={"webhook_secret"}) | {"own_webhook_secret": k.webhook_secret is not None}
+        for k in _store().list_keys()
+    ]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     for r in rows:
-        made = datetime.datetime.fromtimestamp(r["created_at"]).isoformat(timespec="seconds") if r["created_at"] else "-"
-        print(f"{r['key_id']:22} {r['user_id']:24} {made:20} {'' if r['own_webhook_secret'] else 'no secret of its own: stems keys rotate'}")
+        made = (
+            datetime.datetime.fromtimestamp(r["created_at"]).isoformat(timespec="seconds") if r["created_at"] else "-"
+        )
+        print(
+            f"{r['key_id']:22} {r['user_id']:24} {made:20} {'' if r['own_webhook_secret'] else 'no secret of its own: stems keys rotate'}"
+        )
     return 0
 
 
@@ -108,10 +115,21 @@ def cmd_models_list(args) -> int:
         record = record if record is not None and (record.machine, record.files) == (machine, files) else None
         rows.append((model_id, spec.family, spec.queue, "yes" if reason is None else "no", reason or "", record))
     if args.json:
-        print(json.dumps([dict(zip(("id", "family", "queue", "installed", "reason"), r[:5]))
-                          | {"backend": r[5] and r[5].model_dump(mode="json", include={"choice", "seconds", "rounds",
-                                                                                       "loadavg", "measured_at"})}
-                          for r in rows], indent=1))
+        print(
+            json.dumps(
+                [
+                    dict(zip(("id", "family", "queue", "installed", "reason"), r[:5]))
+                    | {
+                        "backend": r[5]
+                        and r[5].model_dump(
+                            mode="json", include={"choice", "seconds", "rounds", "loadavg", "measured_at"}
+                        )
+                    }
+                    for r in rows
+                ],
+                indent=1,
+            )
+        )
     else:
         for r in rows:
             print(f"{r[0]:22} {r[1]:10} {r[2]:11} {r[3]:4} {r[4]}" + (f"  [{r[5].summary()}]" if r[5] else ""))
@@ -130,8 +148,9 @@ def cmd_models_bench(args) -> int:
     try:
         spec = get_spec(args.model_id)
         if not getattr(spec.separator_class(), "derives_files", False):
-            print(f"error: {args.model_id} has one backend (torch or its own library): nothing to choose",
-                  file=sys.stderr)
+            print(
+                f"error: {args.model_id} has one backend (torch or its own library): nothing to choose", file=sys.stderr
+            )
             return 2
         machine = this_machine()
         backend_choice.forget(store.root, args.model_id, machine)
@@ -159,8 +178,9 @@ def cmd_models_install(args) -> int:
 
     store = _model_store(args)
     try:
-        entry = store.install(args.model_id, [Path(p) for p in args.files],
-                              json.loads(args.params) if args.params else None)
+        entry = store.install(
+            args.model_id, [Path(p) for p in args.files], json.loads(args.params) if args.params else None
+        )
         print(json.dumps({args.model_id: entry}, indent=1))
         if not args.no_prepare:
             _prepare(store, args.model_id)
@@ -184,8 +204,11 @@ def cmd_models_pull(args) -> int:
         return 2
     try:
         settings = Settings(model_mirror=args.mirror) if args.mirror else _settings()
-        specs = ([s for s in load_registry().values() if s.weights == "store"] if args.all
-                 else [get_spec(m) for m in dict.fromkeys(args.model_ids)])
+        specs = (
+            [s for s in load_registry().values() if s.weights == "store"]
+            if args.all
+            else [get_spec(m) for m in dict.fromkeys(args.model_ids)]
+        )
     except (StemsError, ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -194,6 +217,8 @@ def cmd_models_pull(args) -> int:
         print(f"{o.model_id}: {o.status.replace('_', ' ')}: {o.message}", file=sys.stdout if o.ok else sys.stderr)
     # --all reports the gated models and goes on; naming one that cannot be pulled is a failure
     return 1 if any(o.status == "failed" or (o.status == "gated" and not args.all) for o in outcomes) else 0
+
+
 def _prepare(store, model_id: str) -> None:
     """Load a model whose family derives files from its weights (demucs's ONNX Runtime graphs) once, as a
     worker will: they are built into the store now rather than on the first job."""
@@ -232,8 +257,9 @@ def cmd_presets(args) -> int:
             status = "served by  " + "+".join(chain.model_ids) + ("  (DSP fallback: no trained model)" if dsp else "")
         except PresetError as exc:
             missing = [m for m in exc.fields["missing_models"] if m not in skipped]
-            status = ("missing    " + ", ".join(missing) if missing
-                      else f"refused    no chain's licence allows {use} use")
+            status = (
+                "missing    " + ", ".join(missing) if missing else f"refused    no chain's licence allows {use} use"
+            )
             hint = preset_hint(install_gaps(p.chains, store.missing, use))
         print(f"{p.name:24} {status}\n{'':24} -> {', '.join(p.output_stems())}")
         if hint:
@@ -275,18 +301,33 @@ def cmd_remote_split(args) -> int:
             known = {p.name: p for p in client.presets().presets}
             preset = known.get(args.preset)
             if preset is not None and not preset.available:
-                print(f"error: preset {args.preset!r} is not available on {args.server}: no worker holds "
-                      f"{', '.join(preset.missing_models)} (stems models install on a worker)", file=sys.stderr)
+                print(
+                    f"error: preset {args.preset!r} is not available on {args.server}: no worker holds "
+                    f"{', '.join(preset.missing_models)} (stems models install on a worker)",
+                    file=sys.stderr,
+                )
                 return 2
             bodies = []
             for file in args.files:
-                with tqdm(total=Path(file).stat().st_size, unit="B", unit_scale=True, desc=f"upload {Path(file).name}",
-                          file=sys.stderr) as bar:
+                with tqdm(
+                    total=Path(file).stat().st_size,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"upload {Path(file).name}",
+                    file=sys.stderr,
+                ) as bar:
                     audio = client.upload(file, progress=lambda sent, _: bar.update(sent - bar.n))
                 duration = client.wait_audio(audio.audio_id).duration
                 selection = {"start": chosen.start, "end": chosen.end or duration} if chosen else None
-                bodies.append({"preset": args.preset, "audio_id": audio.audio_id, "bit_depth": args.bit_depth,
-                               "hq_streaming_format": args.hq, "selection": selection})
+                bodies.append(
+                    {
+                        "preset": args.preset,
+                        "audio_id": audio.audio_id,
+                        "bit_depth": args.bit_depth,
+                        "hq_streaming_format": args.hq,
+                        "selection": selection,
+                    }
+                )
             if len(bodies) == 1:
                 jobs = [client.create_stems(**bodies[0])]
             else:  # one call queues them all, each checked as if sent alone
@@ -302,6 +343,7 @@ def cmd_remote_split(args) -> int:
             for file, job in zip(args.files, jobs):
                 dest = out if len(jobs) == 1 else out / Path(file).stem
                 with tqdm(total=100, unit="%", desc=f"{args.preset} {Path(file).name}", file=sys.stderr) as bar:
+
                     def progress(status) -> None:
                         bar.set_postfix_str(status.stage)
                         bar.update(int(status.progress * 100) - bar.n)
@@ -335,8 +377,11 @@ def cmd_master(args) -> int:
         return 2
     src, res = report.source, report.result
     print(f"{out}\t{res.integrated_lufs:.2f} LUFS\t{res.true_peak_dbtp:.2f} dBTP\tLRA {res.loudness_range_lu:.2f} LU")
-    print(f"source {src.integrated_lufs:.2f} LUFS {src.true_peak_dbtp:.2f} dBTP; gain {report.gain_db} dB, "
-          f"shelves {report.low_shelf_db}/{report.high_shelf_db} dB, {report.renders} render(s)", file=sys.stderr)
+    print(
+        f"source {src.integrated_lufs:.2f} LUFS {src.true_peak_dbtp:.2f} dBTP; gain {report.gain_db} dB, "
+        f"shelves {report.low_shelf_db}/{report.high_shelf_db} dB, {report.renders} render(s)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -358,22 +403,30 @@ def cmd_remote_master(args) -> int:
         except (ApiError, JobFailed, OSError) as exc:
             return _remote_failed(exc)
     m = done.measured
-    print(f"{out}\t{m.integrated_lufs:.2f} LUFS\t{m.true_peak_dbtp:.2f} dBTP\tLRA {m.loudness_range_lu:.2f} LU\t"
-          f"{done.mastered_id}")
+    print(
+        f"{out}\t{m.integrated_lufs:.2f} LUFS\t{m.true_peak_dbtp:.2f} dBTP\tLRA {m.loudness_range_lu:.2f} LU\t"
+        f"{done.mastered_id}"
+    )
     return 0
 
 
 def _remote_failed(exc: Exception) -> int:
     """Say why a remote command stopped (the API's message and code, or the file system's); exit status 2."""
-    print(f"error: {exc.message} ({exc.code})" if hasattr(exc, "code") and hasattr(exc, "message") else f"error: {exc}",
-          file=sys.stderr)
+    print(
+        f"error: {exc.message} ({exc.code})" if hasattr(exc, "code") and hasattr(exc, "message") else f"error: {exc}",
+        file=sys.stderr,
+    )
     return 2
 
 
 def _master_args(p) -> None:
     p.add_argument("file")
-    p.add_argument("--preset", choices=("streaming", "loud", "podcast"), default="streaming",
-                   help="streaming: -14 LUFS / -1 dBTP; loud: -9 / -1; podcast: -16 / -1.5")
+    p.add_argument(
+        "--preset",
+        choices=("streaming", "loud", "podcast"),
+        default="streaming",
+        help="streaming: -14 LUFS / -1 dBTP; loud: -9 / -1; podcast: -16 / -1.5",
+    )
     p.add_argument("--out", help="the WAV to write (default: FILE's name + .PRESET.wav, here)")
     p.add_argument("--bit-depth", type=int, choices=(16, 24, 32), default=24)
 
@@ -438,22 +491,29 @@ def main(argv: list[str] | None = None) -> int:
     ko.add_argument("key_id")
     ko.add_argument("--json", action="store_true")
     ko.set_defaults(fn=cmd_keys_rotate)
-    kg = keys.add_parser("grant", help="a signed grant letting a user register one stored object (or a prefix "
-                                      "ending in /) with POST /from-storage")
+    kg = keys.add_parser(
+        "grant",
+        help="a signed grant letting a user register one stored object (or a prefix "
+        "ending in /) with POST /from-storage",
+    )
     kg.add_argument("--user", required=True)
     kg.add_argument("--key", required=True, help="object key (relative to S3_PREFIX), or a prefix ending in /")
     kg.add_argument("--ttl", type=int, default=3600, help="seconds the grant is valid (default 3600)")
     kg.set_defaults(fn=cmd_keys_grant)
 
     models = sub.add_parser("models", help="the model store").add_subparsers(dest="action", required=True)
-    for name, fn, help_ in (("list", cmd_models_list, "every model id and whether it is installed"),
-                            ("verify", cmd_models_verify, "check the sha256 of every installed file")):
+    for name, fn, help_ in (
+        ("list", cmd_models_list, "every model id and whether it is installed"),
+        ("verify", cmd_models_verify, "check the sha256 of every installed file"),
+    ):
         p = models.add_parser(name, help=help_)
         p.add_argument("--model-dir")
         p.add_argument("--json", action="store_true")
         p.set_defaults(fn=fn)
-    mb = models.add_parser("bench", help="time the backends that can run a model on this CPU again and keep "
-                                         "the faster for params.backend auto")
+    mb = models.add_parser(
+        "bench",
+        help="time the backends that can run a model on this CPU again and keep the faster for params.backend auto",
+    )
     mb.add_argument("model_id")
     mb.add_argument("--model-dir")
     mb.set_defaults(fn=cmd_models_bench)
@@ -462,13 +522,18 @@ def main(argv: list[str] | None = None) -> int:
     mi.add_argument("files", nargs="+")
     mi.add_argument("--params", help="JSON object of family parameters overriding the registry's")
     mi.add_argument("--model-dir")
-    mi.add_argument("--no-prepare", action="store_true",
-                    help="do not load the model now (its derived files are then built on first use)")
+    mi.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="do not load the model now (its derived files are then built on first use)",
+    )
     mi.set_defaults(fn=cmd_models_install)
     mp = models.add_parser("pull", help="download models from their publishers (or STEMS_MODEL_MIRROR), check, install")
     mp.add_argument("model_ids", nargs="*", metavar="ID")
     mp.add_argument("--all", action="store_true", help="every model whose weights can be pulled; report the gated ones")
-    mp.add_argument("--mirror", help="fetch from this https base URL or s3://bucket/prefix (default: STEMS_MODEL_MIRROR)")
+    mp.add_argument(
+        "--mirror", help="fetch from this https base URL or s3://bucket/prefix (default: STEMS_MODEL_MIRROR)"
+    )
     mp.add_argument("--model-dir")
     mp.set_defaults(fn=cmd_models_pull)
 
@@ -483,20 +548,33 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True, help="directory for the stems")
     sp.add_argument("--selection", help="START:END in seconds: split only this part")
     sp.add_argument("--bit-depth", type=int, choices=(16, 24, 32), default=24, help="WAV bit depth (32 = float)")
-    sp.add_argument("--hq", choices=("aac", "mp3", "opus", "flac", "none"), default="none",
-                    help="also write each stem in this format")
-    sp.add_argument("--chain", help="run this chain of the preset (its index, or its models joined by '+', as "
-                                    "`stems presets` lists them), e.g. a fallback; default: the best one installed")
-    sp.add_argument("--restore", metavar="PRESET[:STRENGTH]",
-                    help="also write a restored copy of each stem (e.g. universal_enhancer:0.7)")
+    sp.add_argument(
+        "--hq",
+        choices=("aac", "mp3", "opus", "flac", "none"),
+        default="none",
+        help="also write each stem in this format",
+    )
+    sp.add_argument(
+        "--chain",
+        help="run this chain of the preset (its index, or its models joined by '+', as "
+        "`stems presets` lists them), e.g. a fallback; default: the best one installed",
+    )
+    sp.add_argument(
+        "--restore",
+        metavar="PRESET[:STRENGTH]",
+        help="also write a restored copy of each stem (e.g. universal_enhancer:0.7)",
+    )
     custom = sp.add_argument_group("custom preset")
     custom.add_argument("--prompt", help="what to extract, e.g. 'lead vocal'")
     custom.add_argument("--sam-model", choices=SAM_MODELS, default="sam-audio-base")
     custom.add_argument("--stereo-mode", choices=STEREO_MODES, default="mono")
     custom.add_argument("--spans", help="START:END[,START:END...] in seconds of the source: extract only there")
-    sp.add_argument("--stem-mp4", action="store_true",
-                    help="also write SOURCE.stem.mp4 (Native Instruments' Stem format for Traktor, Mixxx, Serato); "
-                         "needs a 4-stem preset such as 4_tracks")
+    sp.add_argument(
+        "--stem-mp4",
+        action="store_true",
+        help="also write SOURCE.stem.mp4 (Native Instruments' Stem format for Traktor, Mixxx, Serato); "
+        "needs a 4-stem preset such as 4_tracks",
+    )
     sp.add_argument("--model-dir")
     sp.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: STEMS_DEVICE)")
     sp.set_defaults(fn=cmd_split)
@@ -506,14 +584,21 @@ def main(argv: list[str] | None = None) -> int:
     ms.set_defaults(fn=cmd_master)
 
     remote = sub.add_parser("remote", help="use a stems server through its HTTP API").add_subparsers(
-        dest="action", required=True)
-    rs = remote.add_parser("split", help="upload files to a server, split them there (several: in one batch), "
-                                         "download the stems (several files: into OUT/<file name>/)")
+        dest="action", required=True
+    )
+    rs = remote.add_parser(
+        "split",
+        help="upload files to a server, split them there (several: in one batch), "
+        "download the stems (several files: into OUT/<file name>/)",
+    )
     rs.add_argument("files", nargs="+", metavar="FILE")
     rs.add_argument("--preset", required=True)
     rs.add_argument("--out", required=True)
-    rs.add_argument("--server", default=os.environ.get("STEMS_SERVER", "http://127.0.0.1:8000"),
-                    help="the API's base URL (default: $STEMS_SERVER, else http://127.0.0.1:8000)")
+    rs.add_argument(
+        "--server",
+        default=os.environ.get("STEMS_SERVER", "http://127.0.0.1:8000"),
+        help="the API's base URL (default: $STEMS_SERVER, else http://127.0.0.1:8000)",
+    )
     rs.add_argument("--key", default=os.environ.get("STEMS_API_KEY"), help="API key (default: $STEMS_API_KEY)")
     rs.add_argument("--selection", help="START:END in seconds")
     rs.add_argument("--bit-depth", type=int, choices=(16, 24, 32))

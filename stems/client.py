@@ -14,6 +14,7 @@ the error's other fields; a split or import that ends badly raises `JobFailed` w
 message of its `error`. Polls back off and honour `Retry-After`; downloads resume where they
 stopped (HTTP Range) and never forward the key to a presigned storage URL.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,14 +76,22 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 class Client:
-    def __init__(self, base_url: str, api_key: str, timeout: float = 60.0, *, retries: int = 5,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        timeout: float = 60.0,
+        *,
+        retries: int = 5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.sleep = sleep
         # redirects are followed by hand: the key must not travel to a presigned storage URL
-        self.http = httpx.Client(base_url=self.base_url, headers={"x-api-key": api_key}, timeout=timeout,
-                                 follow_redirects=False)
+        self.http = httpx.Client(
+            base_url=self.base_url, headers={"x-api-key": api_key}, timeout=timeout, follow_redirects=False
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -103,22 +112,32 @@ class Client:
             error = api_error(response)
             if not (retry and error.status in (429, 503)) or attempt == self.retries:
                 raise error
-            self.sleep(error.retry_after if error.retry_after is not None else min(30.0, 2.0 ** attempt))
+            self.sleep(error.retry_after if error.retry_after is not None else min(30.0, 2.0**attempt))
         raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         return self._request(method, path, **kw).json()
 
     # -- bringing audio in --------------------------------------------------------------
-    def upload(self, path: str | os.PathLike, *, progress: Progress | None = None,
-               idempotency_key: str | None = None, filename: str | None = None) -> AudioAccepted:
+    def upload(
+        self,
+        path: str | os.PathLike,
+        *,
+        progress: Progress | None = None,
+        idempotency_key: str | None = None,
+        filename: str | None = None,
+    ) -> AudioAccepted:
         """POST /from-file, streaming the file; `progress(sent, total)` after each chunk."""
         path = Path(path)
         size = path.stat().st_size
         boundary = uuid.uuid4().hex
-        name = (filename or path.name).replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-                f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        name = (
+            (filename or path.name).replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+        )
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
 
         def body() -> Iterator[bytes]:
@@ -132,8 +151,10 @@ class Client:
                         progress(sent, size)
             yield tail
 
-        headers = {"content-type": f"multipart/form-data; boundary={boundary}",
-                   "content-length": str(len(head) + size + len(tail))}
+        headers = {
+            "content-type": f"multipart/form-data; boundary={boundary}",
+            "content-length": str(len(head) + size + len(tail)),
+        }
         if idempotency_key:
             headers["idempotency-key"] = idempotency_key
         return AudioAccepted.model_validate(self._json("POST", "/from-file", content=body(), headers=headers))
@@ -156,24 +177,49 @@ class Client:
     def presets(self) -> PresetList:
         return PresetList.model_validate(self._json("GET", "/presets", retry=True))
 
-    def create_stems(self, *, preset: str, audio_id: str | None = None, stem_id: str | None = None,
-                     upscaled_id: str | None = None, mastered_id: str | None = None, selection: dict | None = None, bit_depth: int | None = None,
-                     hq_streaming_format: str | None = None, restoration_params: dict | None = None,
-                     callback_url: str | None = None, prompt: str | None = None, sam_model: str | None = None,
-                     stereo_mode: str | None = None, spans: list[dict] | None = None,
-                     idempotency_key: str | None = None) -> StemsQueued:
+    def create_stems(
+        self,
+        *,
+        preset: str,
+        audio_id: str | None = None,
+        stem_id: str | None = None,
+        upscaled_id: str | None = None,
+        mastered_id: str | None = None,
+        selection: dict | None = None,
+        bit_depth: int | None = None,
+        hq_streaming_format: str | None = None,
+        restoration_params: dict | None = None,
+        callback_url: str | None = None,
+        prompt: str | None = None,
+        sam_model: str | None = None,
+        stereo_mode: str | None = None,
+        spans: list[dict] | None = None,
+        idempotency_key: str | None = None,
+    ) -> StemsQueued:
         """POST /create-stems with the fields given (None: the API's default)."""
-        fields = dict(preset=preset, audio_id=audio_id, stem_id=stem_id, upscaled_id=upscaled_id,
-                      mastered_id=mastered_id, selection=selection,
-                      bit_depth=bit_depth, hq_streaming_format=hq_streaming_format,
-                      restoration_params=restoration_params, callback_url=callback_url, prompt=prompt,
-                      sam_model=sam_model, stereo_mode=stereo_mode, spans=spans)
+        fields = dict(
+            preset=preset,
+            audio_id=audio_id,
+            stem_id=stem_id,
+            upscaled_id=upscaled_id,
+            mastered_id=mastered_id,
+            selection=selection,
+            bit_depth=bit_depth,
+            hq_streaming_format=hq_streaming_format,
+            restoration_params=restoration_params,
+            callback_url=callback_url,
+            prompt=prompt,
+            sam_model=sam_model,
+            stereo_mode=stereo_mode,
+            spans=spans,
+        )
         headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
         body = {k: v for k, v in fields.items() if v is not None}
         return StemsQueued.model_validate(self._json("POST", "/create-stems", json=body, headers=headers))
 
-    def create_stems_batch(self, items: list[dict], *, idempotency_key: str | None = None
-                           ) -> list[StemsQueued | StemsEstimate | BatchItemError]:
+    def create_stems_batch(
+        self, items: list[dict], *, idempotency_key: str | None = None
+    ) -> list[StemsQueued | StemsEstimate | BatchItemError]:
         """POST /create-stems/batch: up to 100 create-stems bodies; each answer (or error) in order, never raised."""
         headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
         body = {"items": [{k: v for k, v in item.items() if v is not None} for item in items]}
@@ -182,8 +228,9 @@ class Client:
     def status(self, creation_id: str) -> SplitStatus:
         return SplitStatus.model_validate(self._json("GET", f"/status/stem_split/{creation_id}", retry=True))
 
-    def wait(self, creation_id: str, *, timeout: float | None = None,
-             progress: Callable[[SplitStatus], None] | None = None) -> SplitStatus:
+    def wait(
+        self, creation_id: str, *, timeout: float | None = None, progress: Callable[[SplitStatus], None] | None = None
+    ) -> SplitStatus:
         """Poll the split until it ends (backing off from 0.25 s to 5 s); JobFailed unless it completed."""
         status = self._poll(lambda: self.status(creation_id), timeout, progress)
         if status.status != "complete":
@@ -222,12 +269,26 @@ class Client:
             cursor = page.next_cursor
 
     # -- mastering ----------------------------------------------------------------------
-    def master_audio(self, *, audio_id: str | None = None, stem_id: str | None = None,
-                     upscaled_id: str | None = None, mastered_id: str | None = None, preset: str = "streaming",
-                     bit_depth: int | None = None, idempotency_key: str | None = None) -> MasterQueued:
+    def master_audio(
+        self,
+        *,
+        audio_id: str | None = None,
+        stem_id: str | None = None,
+        upscaled_id: str | None = None,
+        mastered_id: str | None = None,
+        preset: str = "streaming",
+        bit_depth: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> MasterQueued:
         """POST /master-audio: a mastered version of an audio, a stem or an upscaled copy."""
-        fields = dict(audio_id=audio_id, stem_id=stem_id, upscaled_id=upscaled_id, mastered_id=mastered_id,
-                      preset=preset, bit_depth=bit_depth)
+        fields = dict(
+            audio_id=audio_id,
+            stem_id=stem_id,
+            upscaled_id=upscaled_id,
+            mastered_id=mastered_id,
+            preset=preset,
+            bit_depth=bit_depth,
+        )
         headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
         body = {k: v for k, v in fields.items() if v is not None}
         return MasterQueued.model_validate(self._json("POST", "/master-audio", json=body, headers=headers))
@@ -242,8 +303,7 @@ class Client:
             raise JobFailed(status)
         return status
 
-    def download_mastered(self, mastered_id: str, dest: str | os.PathLike, *,
-                          progress: Progress | None = None) -> Path:
+    def download_mastered(self, mastered_id: str, dest: str | os.PathLike, *, progress: Progress | None = None) -> Path:
         return self._download(f"/download/mastered/{mastered_id}", {}, dest, progress)
 
     def delete_mastered(self, mastered_id: str) -> None:
@@ -257,11 +317,13 @@ class Client:
         return Peaks.model_validate(self._json("GET", f"/audio/{audio_id}/peaks", retry=True))
 
     def download_links(self, stem_ids: list[str], *, format: str = "wav") -> DownloadLinks:
-        return DownloadLinks.model_validate(self._json("POST", "/download-links",
-                                                       json={"stem_ids": list(stem_ids), "format": format}))
+        return DownloadLinks.model_validate(
+            self._json("POST", "/download-links", json={"stem_ids": list(stem_ids), "format": format})
+        )
 
-    def download_stem(self, stem_id: str, dest: str | os.PathLike, *, format: str = "wav",
-                      progress: Progress | None = None) -> Path:
+    def download_stem(
+        self, stem_id: str, dest: str | os.PathLike, *, format: str = "wav", progress: Progress | None = None
+    ) -> Path:
         """Download a stem to `dest`, resuming a `dest.part` left by an interrupted try (HTTP Range)."""
         return self._download(f"/download/stem/{stem_id}", {"format": format}, dest, progress)
 
@@ -277,7 +339,7 @@ class Client:
             except (httpx.TransportError, ApiError) as exc:
                 if isinstance(exc, ApiError) and not exc.retryable or attempt == self.retries:
                     raise
-                self.sleep(getattr(exc, "retry_after", None) or min(30.0, 0.5 * 2 ** attempt))
+                self.sleep(getattr(exc, "retry_after", None) or min(30.0, 0.5 * 2**attempt))
         raise AssertionError("unreachable")
 
     def _fetch(self, path: str, params: dict, part: Path, progress: Progress | None) -> None:
@@ -311,8 +373,14 @@ class Client:
         if total and done != total:
             raise httpx.ReadError(f"the download stopped at {done} of {total} bytes")
 
-    def download_archive(self, dest: str | os.PathLike, *, creation_id: str | None = None,
-                         stem_ids: list[str] | None = None, format: str = "wav") -> Path:
+    def download_archive(
+        self,
+        dest: str | os.PathLike,
+        *,
+        creation_id: str | None = None,
+        stem_ids: list[str] | None = None,
+        format: str = "wav",
+    ) -> Path:
         """One zip of a job's stems (or of chosen stems)."""
         body = {"format": format, **({"creation_id": creation_id} if creation_id else {"stem_ids": stem_ids})}
         dest = Path(dest)

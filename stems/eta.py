@@ -7,6 +7,7 @@ samples (else the queue's, else `DEFAULT_SPEED`, and says which), and adds up th
 jobs of the queue ahead of the job, each at its own chain's speed and minus its progress,
 divided among the live workers of the queue, plus the job's own remaining work.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,12 +72,13 @@ def workers_of(store, queue: str) -> int:
     return max(1, sum(queue in w.get("queues", []) for w in store.live_workers()))
 
 
-def estimate(store, queue: str, preset: str, chain_index: int | None, audio_seconds: float,
-             job: Job | None = None) -> dict:
+def estimate(
+    store, queue: str, preset: str, chain_index: int | None, audio_seconds: float, job: Job | None = None
+) -> dict:
     """`eta_s` of a job (an existing queued or running one, or one about to be queued) and what it rests on."""
     ids = [i.decode() for i in store.r.lrange(store.k("load", queue), 0, MAX_AHEAD - 1)]
     if job is not None:
-        ids = ids[:ids.index(job.id)] if job.id in ids else []  # only the jobs queued before it
+        ids = ids[: ids.index(job.id)] if job.id in ids else []  # only the jobs queued before it
     cache: dict = {}
     ahead = [j for j in store.get_jobs(ids) if not j.status.terminal]
     # a running job ahead only delays this one by its remaining work; its own running is not ahead of it
@@ -86,7 +88,14 @@ def estimate(store, queue: str, preset: str, chain_index: int | None, audio_seco
     mine = own.s_per_audio_s * audio_seconds * (1.0 - progress)
     workers = workers_of(store, queue)
     waiting = 0.0 if job is not None and job.status == JobStatus.processing else queued_work / workers
-    return {"eta_s": round(waiting + mine, 1),
-            "basis": {"queue": queue, "jobs_ahead": len(ahead), "workers": workers,
-                      "seconds_per_audio_second": own.s_per_audio_s, "speed_source": own.source,
-                      "speed_samples": own.samples}}
+    return {
+        "eta_s": round(waiting + mine, 1),
+        "basis": {
+            "queue": queue,
+            "jobs_ahead": len(ahead),
+            "workers": workers,
+            "seconds_per_audio_second": own.s_per_audio_s,
+            "speed_source": own.source,
+            "speed_samples": own.samples,
+        },
+    }

@@ -11,6 +11,7 @@ tenant cannot learn which objects exist outside what it was given.
 A registered object stays where the ingestion service wrote it, so it can be rewritten after its
 import probed it; `check_original` lets a worker refuse an original that is no longer what was imported.
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,8 +56,7 @@ def mint_grant(secret: str, user_id: str, key: str, ttl_s: float, now: float | N
     return f"g2.{payload.decode()}.{_mac(secret, payload)}"
 
 
-def grant_allows(secret: str, grant: str, user_id: str, key: str, max_ttl_s: float,
-                 now: float | None = None) -> bool:
+def grant_allows(secret: str, grant: str, user_id: str, key: str, max_ttl_s: float, now: float | None = None) -> bool:
     """Whether `grant` lets `user_id` register `key` now: signed by our grant key, for this user and key, minted
     no later than now and valid for at most `max_ttl_s` (STEMS_GRANT_MAX_TTL_S) from then, not yet expired."""
     now = time.time() if now is None else now
@@ -74,10 +74,10 @@ def grant_allows(secret: str, grant: str, user_id: str, key: str, max_ttl_s: flo
     return key == granted or (granted.endswith("/") and key.startswith(granted))
 
 
-def may_register(key: str, user_id: str, ingest_prefix: str, secret: str, grant: str | None,
-                 max_ttl_s: float) -> bool:
+def may_register(key: str, user_id: str, ingest_prefix: str, secret: str, grant: str | None, max_ttl_s: float) -> bool:
     return key.startswith(user_prefix(ingest_prefix, user_id)) or (
-        grant is not None and grant_allows(secret, grant, user_id, key, max_ttl_s))
+        grant is not None and grant_allows(secret, grant, user_id, key, max_ttl_s)
+    )
 
 
 def check_original(path: Path, size: int | None, sha256: str | None) -> None:
@@ -88,13 +88,20 @@ def check_original(path: Path, size: int | None, sha256: str | None) -> None:
         return  # imported before sizes and hashes were recorded
     found = path.stat().st_size
     if found != size:
-        raise OriginalChanged(f"the stored original is {found} bytes; it was {size} bytes when imported (it was "
-                              f"rewritten since): register the new object to split it", size=found, imported_size=size)
+        raise OriginalChanged(
+            f"the stored original is {found} bytes; it was {size} bytes when imported (it was "
+            f"rewritten since): register the new object to split it",
+            size=found,
+            imported_size=size,
+        )
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     if digest.hexdigest() != sha256:
-        raise OriginalChanged("the stored original's sha256 differs from the one recorded at its import (it was "
-                              "rewritten since): register the new object to split it",
-                              sha256=digest.hexdigest(), imported_sha256=sha256)
+        raise OriginalChanged(
+            "the stored original's sha256 differs from the one recorded at its import (it was "
+            "rewritten since): register the new object to split it",
+            sha256=digest.hexdigest(),
+            imported_sha256=sha256,
+        )

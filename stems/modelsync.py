@@ -3,6 +3,7 @@
 Only files the remote manifest names are fetched, and only when missing or of a different
 size; the model store then checks every sha256 on load, as for a local directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,13 @@ def sync_models(settings: Settings) -> list[str]:
     parts = urlsplit(settings.model_s3_uri)
     bucket, prefix = parts.netloc, parts.path.strip("/")
     prefix = prefix + "/" if prefix else ""
-    client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-                          aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key)
+    client = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id,
+        aws_secret_access_key=settings.s3_secret_access_key,
+    )
     root = Path(settings.model_dir)
     root.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(client.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())

@@ -8,6 +8,7 @@ redirect; plain-http requests go to the checked address itself, so a DNS answer 
 changes between check and connect cannot redirect them. Size and time are limited.
 Hosts in `STEMS_LINK_ALLOW_HOSTS` skip the address check (tests, internal mirrors).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -40,8 +41,14 @@ def _public(ip: str) -> bool:
         if addr.is_site_local:  # fec0::/10: deprecated, yet routed inside some networks, and is_global says True
             return False
     # is_global alone misses some ranges on some Python versions: the explicit checks hold on every one
-    return addr.is_global and not (addr.is_private or addr.is_loopback or addr.is_unspecified or addr.is_multicast
-                                   or addr.is_reserved or addr.is_link_local)
+    return addr.is_global and not (
+        addr.is_private
+        or addr.is_loopback
+        or addr.is_unspecified
+        or addr.is_multicast
+        or addr.is_reserved
+        or addr.is_link_local
+    )
 
 
 def parse_link(url: str) -> SplitResult:
@@ -112,8 +119,13 @@ def fetch_url(url: str, dest: Path, settings: Settings, max_redirects: int = 5) 
         target, pin = pinned(url, address)  # connect to the address we checked
         headers = {"user-agent": "stems-import/1", **pin}
         try:
-            with httpx.stream("GET", target, headers=headers, follow_redirects=False,
-                              timeout=httpx.Timeout(min(30.0, settings.link_timeout_s))) as resp:
+            with httpx.stream(
+                "GET",
+                target,
+                headers=headers,
+                follow_redirects=False,
+                timeout=httpx.Timeout(min(30.0, settings.link_timeout_s)),
+            ) as resp:
                 if resp.is_redirect:
                     url = urljoin(url, resp.headers.get("location", ""))
                     continue

@@ -10,6 +10,7 @@ not keep its data (AOF or RDB snapshots), and API keys that sign their webhooks 
 The static checks (storage backend, placeholder secrets, a password for a Redis beyond this
 machine) live in `Settings`, so a bad environment fails when the settings load.
 """
+
 from __future__ import annotations
 
 import sys
@@ -37,11 +38,16 @@ def redis_problems(store: JobStore, settings: Settings) -> list[str]:
         return []
     if found["save"] is None and settings.redis_assume_persistent:
         return []  # a managed Redis that hides CONFIG, and the operator vouches for its persistence
-    how = ("appendonly=no and no save points (CONFIG GET)" if found["source"] == "CONFIG"
-           else "aof_enabled:0 in INFO persistence, and CONFIG is not available to check save points")
-    return [f"Redis has no persistence ({how}): a restart would lose every job, key and queued message. Run it "
-            f"with `--appendonly yes` (or save points); for a managed Redis whose persistence you know is on but "
-            f"which hides CONFIG, set STEMS_REDIS_ASSUME_PERSISTENT=true"]
+    how = (
+        "appendonly=no and no save points (CONFIG GET)"
+        if found["source"] == "CONFIG"
+        else "aof_enabled:0 in INFO persistence, and CONFIG is not available to check save points"
+    )
+    return [
+        f"Redis has no persistence ({how}): a restart would lose every job, key and queued message. Run it "
+        f"with `--appendonly yes` (or save points); for a managed Redis whose persistence you know is on but "
+        f"which hides CONFIG, set STEMS_REDIS_ASSUME_PERSISTENT=true"
+    ]
 
 
 def key_problems(store: JobStore) -> list[str]:
@@ -50,13 +56,20 @@ def key_problems(store: JobStore) -> list[str]:
     legacy = [k.key_id for k in store.list_keys() if not k.webhook_secret]
     if not legacy:
         return []
-    return [f"API key(s) {', '.join(legacy)} have no webhook secret of their own (made before keys had one; their "
-            f"webhooks are signed with a value derived from STEMS_SECRET_KEY): run `stems keys rotate KEY_ID` for "
-            f"each and give its tenant the new webhook_secret it prints"]
+    return [
+        f"API key(s) {', '.join(legacy)} have no webhook secret of their own (made before keys had one; their "
+        f"webhooks are signed with a value derived from STEMS_SECRET_KEY): run `stems keys rotate KEY_ID` for "
+        f"each and give its tenant the new webhook_secret it prints"
+    ]
 
 
-def dependency_problems(settings: Settings, store: JobStore | None = None, storage: Storage | None = None,
-                        write: bool = False, only: tuple[str, ...] = DEPENDENCIES) -> dict[str, DependencyUnavailable]:
+def dependency_problems(
+    settings: Settings,
+    store: JobStore | None = None,
+    storage: Storage | None = None,
+    write: bool = False,
+    only: tuple[str, ...] = DEPENDENCIES,
+) -> dict[str, DependencyUnavailable]:
     """The dependencies that fail a quick check now, each with its reason: Redis (one PING), storage (the bucket
     answers; with `write`, it also takes a small object) and the broker (a connection). None are retried."""
     from workers.celery_app import broker_check
@@ -98,11 +111,18 @@ def check(settings: Settings, who: str = "stems", wait_s: float | None = None) -
     if settings.env != "production":
         problems = dependency_problems(settings, store, storage, write=True)
         for name, exc in problems.items():
-            say(who, f"warning: {exc.line()}; starting anyway: requests that need {name} answer 503 until it is "
-                     f"back (checked again every {RECHECK_S:.0f} s)")
+            say(
+                who,
+                f"warning: {exc.line()}; starting anyway: requests that need {name} answer 503 until it is "
+                f"back (checked again every {RECHECK_S:.0f} s)",
+            )
         if problems:
-            threading.Thread(target=_watch, args=(settings, who, store, storage, tuple(problems)), daemon=True,
-                             name="stems-dependency-watch").start()
+            threading.Thread(
+                target=_watch,
+                args=(settings, who, store, storage, tuple(problems)),
+                daemon=True,
+                name="stems-dependency-watch",
+            ).start()
         return problems
     deadline = time.monotonic() + wait_s
     while True:
@@ -114,8 +134,11 @@ def check(settings: Settings, who: str = "stems", wait_s: float | None = None) -
         if not problems:
             return {}
         if time.monotonic() > deadline:
-            raise UnsafeProduction(f"refusing to start in production: {summary(problems)} (still so after "
-                                   f"{wait_s:.0f} s, STEMS_STARTUP_WAIT_S)", problems=list(problems))
+            raise UnsafeProduction(
+                f"refusing to start in production: {summary(problems)} (still so after "
+                f"{wait_s:.0f} s, STEMS_STARTUP_WAIT_S)",
+                problems=list(problems),
+            )
         time.sleep(1.0)
 
 

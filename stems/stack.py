@@ -4,6 +4,7 @@
 in their own sessions with pid files under `.run/`, so `down` stops exactly those. The
 test suite starts the same processes through `Proc` with its own environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ class Proc:
     def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return self
 
     @property
@@ -56,18 +63,64 @@ class Proc:
 
 
 def api_proc(env: dict, port: int, log: Path) -> Proc:
-    return Proc("api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port),
-                        "--log-level", "warning", "--no-access-log"], env, log)
+    return Proc(
+        "api",
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env,
+        log,
+    )
 
 
 def worker_proc(env: dict, queues: str, name: str, log: Path, concurrency: int = 1) -> Proc:
-    return Proc(f"worker-{name}", [sys.executable, "-m", "stems.cli", "worker", "-Q", queues, "-n", f"{name}@%h",
-                                   "-c", str(concurrency), "--loglevel", "WARNING"], env, log)
+    return Proc(
+        f"worker-{name}",
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "worker",
+            "-Q",
+            queues,
+            "-n",
+            f"{name}@%h",
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            "WARNING",
+        ],
+        env,
+        log,
+    )
 
 
 def flower_proc(env: dict, port: int, log: Path) -> Proc:
-    return Proc("flower", [sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "flower",
-                           f"--port={port}", "--address=127.0.0.1"], env, log)
+    return Proc(
+        "flower",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app:app",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        env,
+        log,
+    )
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: Proc | None = None) -> None:
@@ -122,7 +175,10 @@ def up() -> int:
     for exc in dependency_problems(checked, write=True).values():  # one line each; the stack starts anyway
         print(f"warning: {exc.line()}")
     procs = [api_proc(env, s.api_port, RUN / "api.log")]
-    procs += [worker_proc(env, queues, name, RUN / f"worker-{name}.log") for name, queues in worker_groups(s.model_dir).items()]
+    procs += [
+        worker_proc(env, queues, name, RUN / f"worker-{name}.log")
+        for name, queues in worker_groups(s.model_dir).items()
+    ]
     procs.append(flower_proc(env, s.flower_port, RUN / "flower.log"))
     for p in procs:
         p.start()
@@ -137,12 +193,16 @@ def up() -> int:
     wait_workers(store, len(procs) - 2)
     problems = wait_ready(f"http://127.0.0.1:{s.api_port}/readyz", s.startup_wait_s)
     if problems:  # not "up" while /readyz says otherwise
-        print(f"not ready: {problems}\nthe services are running and keep trying; fix the above and watch "
-              f"http://127.0.0.1:{s.api_port}/readyz, or stop them with `make down` (logs: {RUN}/*.log)")
+        print(
+            f"not ready: {problems}\nthe services are running and keep trying; fix the above and watch "
+            f"http://127.0.0.1:{s.api_port}/readyz, or stop them with `make down` (logs: {RUN}/*.log)"
+        )
         return 1
-    print(f"page     {page_link(s.api_port, key_file.read_text().strip())}  (signed in with the development key)\n"
-          f"API      http://127.0.0.1:{s.api_port}  (docs at /docs)\nFlower   http://127.0.0.1:{s.flower_port}\n"
-          f"API key  {key_file} (its webhook secret: {RUN}/dev-webhook-secret)\nlogs     {RUN}/*.log\nstop     make down")
+    print(
+        f"page     {page_link(s.api_port, key_file.read_text().strip())}  (signed in with the development key)\n"
+        f"API      http://127.0.0.1:{s.api_port}  (docs at /docs)\nFlower   http://127.0.0.1:{s.flower_port}\n"
+        f"API key  {key_file} (its webhook secret: {RUN}/dev-webhook-secret)\nlogs     {RUN}/*.log\nstop     make down"
+    )
     return 0
 
 
@@ -266,8 +326,12 @@ def demo(file: str | None = None, preset: str | None = None, selection: str | No
             return 1
         job = r.json()
         print(f"splitting with {preset} as job {job['creation_id']} ...")
-        status = _poll(client, f"/status/stem_split/{job['creation_id']}", {"complete", "failed", "cancelled"},
-                       timeout=max(300.0, 10 * status["duration"]))
+        status = _poll(
+            client,
+            f"/status/stem_split/{job['creation_id']}",
+            {"complete", "failed", "cancelled"},
+            timeout=max(300.0, 10 * status["duration"]),
+        )
         if status["status"] != "complete":
             print(f"split {status['status']}: {status['error']}")
             return 1
@@ -278,19 +342,25 @@ def demo(file: str | None = None, preset: str | None = None, selection: str | No
             path.write_bytes(_ok(client.get(stem["download"]["wav"]), json=False))
             print(f"  {stem['name']:12} {stem['duration']:.2f} s  by {stem['made_by']:14} -> {path}")
         zip_path = target / "stems.zip"
-        zip_path.write_bytes(_ok(client.post("/download-archive", json={"creation_id": job["creation_id"]}), json=False))
+        zip_path.write_bytes(
+            _ok(client.post("/download-archive", json={"creation_id": job["creation_id"]}), json=False)
+        )
         print(f"  all stems as one zip -> {zip_path}")
-    print(f"\nstems written to {target.resolve()}\n"
-          f"listen to them and split more in the page: {page_link(s.api_port, headers['x-api-key'])}\n"
-          f"open the API at {base}/docs (key in {RUN / 'dev-api-key'}); the job: GET {base}/status/stem_split/{job['creation_id']}\n"
-          "the stack is still up (make down stops it)")
+    print(
+        f"\nstems written to {target.resolve()}\n"
+        f"listen to them and split more in the page: {page_link(s.api_port, headers['x-api-key'])}\n"
+        f"open the API at {base}/docs (key in {RUN / 'dev-api-key'}); the job: GET {base}/status/stem_split/{job['creation_id']}\n"
+        "the stack is still up (make down stops it)"
+    )
     return 0
 
 
 def upload_file(client: httpx.Client, path: Path, timeout: float = 300.0) -> dict:
     """POST /from-file, then the import's status once it ended (complete or failed)."""
     with open(path, "rb") as f:
-        audio_id = _ok(client.post("/from-file", files={"file": (path.name, f, "application/octet-stream")}))["audio_id"]
+        audio_id = _ok(client.post("/from-file", files={"file": (path.name, f, "application/octet-stream")}))[
+            "audio_id"
+        ]
     return _poll(client, f"/status/audio/{audio_id}", {"complete", "failed"}, timeout)
 
 

@@ -4,6 +4,7 @@ Keys are laid out per user, asset and job (see `keys`). Writes are crash-safe on
 backends: an object is visible only once it is complete (S3 PUTs are atomic; the local
 backend writes a temporary file and renames it).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,13 +28,13 @@ StorageError = StorageUnavailable  # its old name: storage failed in a way retry
 CHECKS = {
     "bucket_missing": "the bucket does not exist; the operator should create it or correct S3_BUCKET",
     "access_denied": "storage refused our credentials; the operator should check S3_ACCESS_KEY_ID, "
-                     "S3_SECRET_ACCESS_KEY and the bucket's policy",
+    "S3_SECRET_ACCESS_KEY and the bucket's policy",
     "misconfigured": "storage refused the bucket name or region; the operator should check S3_BUCKET, S3_REGION "
-                     "and S3_ENDPOINT_URL",
+    "and S3_ENDPOINT_URL",
     "unreachable": "the S3 endpoint cannot be reached; the operator should check that it is up and that "
-                   "S3_ENDPOINT_URL points at it",
+    "S3_ENDPOINT_URL points at it",
     "timeout": "the S3 endpoint did not answer within S3_TIMEOUT_S; the operator should check its health and the "
-               "network to it",
+    "network to it",
     "server_error": "the S3 endpoint answers with server errors; the operator should check its health",
     "refused": "storage refused the request; the operator should check the storage settings and the API's log",
     "not_writable": "the storage directory is missing or not writable; the operator should check STEMS_DATA_DIR",
@@ -189,7 +190,9 @@ class LocalStorage:
             return [prefix]
         if not base.exists():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".part"))
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".part")
+        )
 
     def presigned_url(self, key: str, filename: str) -> str | None:
         return None
@@ -212,12 +215,36 @@ class LocalStorage:
 
 
 NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-          "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity", "403", "Forbidden"}
-MISCONFIGURED = {"InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException",
-                 "InvalidRegion", "301"}
-TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError",
-             "RequestTimeTooSkewed"}
+DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "InvalidSecurity",
+    "403",
+    "Forbidden",
+}
+MISCONFIGURED = {
+    "InvalidBucketName",
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "IllegalLocationConstraintException",
+    "InvalidRegion",
+    "301",
+}
+TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeTooSkewed",
+}
 
 
 def _client_error(exc: BaseException):
@@ -307,10 +334,17 @@ def s3_client(settings: Settings, connect_timeout_s: float | None = None):
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key,
-        config=Config(connect_timeout=connect_timeout_s or settings.s3_timeout_s, read_timeout=settings.s3_timeout_s,
-                      retries={"max_attempts": 1, "mode": "standard"}, s3={"addressing_style": "path"}),
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id,
+        aws_secret_access_key=settings.s3_secret_access_key,
+        config=Config(
+            connect_timeout=connect_timeout_s or settings.s3_timeout_s,
+            read_timeout=settings.s3_timeout_s,
+            retries={"max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        ),
     )
 
 
@@ -400,32 +434,42 @@ class S3Storage:
     def delete_prefix(self, prefix: str) -> int:
         found = self.list(prefix)
         for i in range(0, len(found), 1000):
-            self._delete_many(found[i:i + 1000])
+            self._delete_many(found[i : i + 1000])
         return len(found)
 
     @_retrying
     def _delete_many(self, batch: list[str]) -> None:
-        answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": self._k(k)} for k in batch]})
+        answer = self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": [{"Key": self._k(k)} for k in batch]}
+        )
         # a 200 may still refuse some keys (a policy, an object lock, a 5xx of one key): those are not deleted
         refused = answer.get("Errors") or []
         if refused:
             codes = sorted({e.get("Code", "?") for e in refused})
-            raise StorageUnavailable("refused", CHECKS["refused"],
-                                     f"refused to delete {len(refused)} of {len(batch)} objects ({', '.join(codes)})")
+            raise StorageUnavailable(
+                "refused",
+                CHECKS["refused"],
+                f"refused to delete {len(refused)} of {len(batch)} objects ({', '.join(codes)})",
+            )
 
     @_retrying
     def list(self, prefix: str) -> list[str]:
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
-            out += [o["Key"][len(self.prefix):] for o in page.get("Contents", [])]
+            out += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
         return sorted(out)
 
     def presigned_url(self, key: str, filename: str) -> str | None:
         if not self.presign:
             return None
         return self.client.generate_presigned_url(
-            "get_object", ExpiresIn=3600,
-            Params={"Bucket": self.bucket, "Key": self._k(key), "ResponseContentDisposition": f'attachment; filename="{filename}"'},
+            "get_object",
+            ExpiresIn=3600,
+            Params={
+                "Bucket": self.bucket,
+                "Key": self._k(key),
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+            },
         )
 
     def ping(self) -> None:

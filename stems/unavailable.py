@@ -10,6 +10,7 @@ never carries a password, a secret, an endpoint URL or an object key, because an
 What the server's own log gets (`detail`) is more: the host, the bucket, the underlying error, with any
 password in a URL blanked.
 """
+
 from __future__ import annotations
 
 import re

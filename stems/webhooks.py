@@ -6,6 +6,7 @@ and HMAC-SHA256 of `"<t>.<body>"` under the webhook secret of the API key that c
 receiver checks the HMAC and that `t` is within 5 minutes of its clock (`verify` does both), so
 a captured delivery cannot be replayed later. The URL passes the same SSRF checks as `/from-link`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,8 +62,14 @@ def deliver(url: str, payload: dict, secret: str, settings: Settings) -> int:
     body = json.dumps(payload, sort_keys=True).encode()
     headers = {"content-type": "application/json", HEADER: sign(secret, body), "user-agent": "stems-webhook/1", **pin}
     try:
-        with httpx.stream("POST", target, content=body, headers=headers, follow_redirects=False,
-                          timeout=httpx.Timeout(min(10.0, settings.webhook_timeout_s))) as r:
+        with httpx.stream(
+            "POST",
+            target,
+            content=body,
+            headers=headers,
+            follow_redirects=False,
+            timeout=httpx.Timeout(min(10.0, settings.webhook_timeout_s)),
+        ) as r:
             return r.status_code
     except httpx.HTTPError as exc:
         raise ConnectionError(f"webhook delivery failed: {exc.__class__.__name__}") from exc

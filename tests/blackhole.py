@@ -1,5 +1,6 @@
 """Loopback TCP servers that misbehave on purpose: one accepts connections and never answers (a hung
 broker), one answers HTTP as slowly or as endlessly as asked (a hostile webhook receiver)."""
+
 from __future__ import annotations
 
 import socket

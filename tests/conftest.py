@@ -1,4 +1,5 @@
 """Shared fixtures: one private Redis and one S3-protocol server (moto) for the whole run; the brokers."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,15 @@ RABBITMQ_URL = os.environ.get("STEMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127
 # The tiers (pyproject's markers). A test's tier follows from where it lives, so a new test file is in a tier
 # without anyone marking it: pure code under tests/pipelines, the real stack under tests/service, except the
 # modules that kill processes or cut services (drills) and those that install the project (install).
-DRILLS = {"test_nodeloss.py", "test_faults.py", "test_durability.py", "test_two_stage.py", "test_outage.py", "test_outbox.py",
-          "test_node_drills.py"}
+DRILLS = {
+    "test_nodeloss.py",
+    "test_faults.py",
+    "test_durability.py",
+    "test_two_stage.py",
+    "test_outage.py",
+    "test_outbox.py",
+    "test_node_drills.py",
+}
 INSTALLS = {"test_make_run.py", "test_modelpull.py"}
 
 
@@ -78,12 +86,15 @@ def stack(tmp_path_factory, redis_url, s3_url):
 @pytest.fixture(scope="session", params=["local", "s3"])
 def backend_stack(request, tmp_path_factory, redis_url, s3_url):
     """API + CPU worker on each storage backend in turn: a local directory, and S3 over HTTP."""
-    s = ServiceStack(tmp_path_factory.mktemp(f"stack-{request.param}"), redis_url,
-                     s3_url if request.param == "s3" else None)
+    s = ServiceStack(
+        tmp_path_factory.mktemp(f"stack-{request.param}"), redis_url, s3_url if request.param == "s3" else None
+    )
     s.start_api()
     s.start_worker("cpu", f"cpu{request.param}")
     yield s
     s.stop()
+
+
 @pytest.fixture(scope="session")
 def rabbitmq_url():
     """The RabbitMQ the tests use as a broker (STEMS_TEST_RABBITMQ_URL); its tests are skipped, saying why, without one."""

@@ -17,6 +17,7 @@ point `i`:
 After the run, recovery (the reaper, a fresh worker, the retention sweep) runs to quiescence and
 `check` says which of the invariants of `workers/jobstate.py` do not hold.
 """
+
 from __future__ import annotations
 
 import threading
@@ -33,9 +34,32 @@ from stems.storage import keys
 FAULTS = ("crash", "error", "pause")
 # Redis commands that only read: a fault there is a fault at the next write (or an error of a read, which
 # the error of the next write covers)
-READS = {"GET", "MGET", "EXISTS", "ZSCORE", "ZRANGEBYSCORE", "ZRANGE", "ZREVRANGE", "ZREVRANGEBYSCORE", "LRANGE",
-         "LLEN", "HGET", "HGETALL", "HVALS", "SMEMBERS", "SCARD", "ZCARD", "INFO", "PING", "SCAN", "TTL", "TYPE",
-         "CONFIG GET", "WATCH", "UNWATCH"}
+READS = {
+    "GET",
+    "MGET",
+    "EXISTS",
+    "ZSCORE",
+    "ZRANGEBYSCORE",
+    "ZRANGE",
+    "ZREVRANGE",
+    "ZREVRANGEBYSCORE",
+    "LRANGE",
+    "LLEN",
+    "HGET",
+    "HGETALL",
+    "HVALS",
+    "SMEMBERS",
+    "SCARD",
+    "ZCARD",
+    "INFO",
+    "PING",
+    "SCAN",
+    "TTL",
+    "TYPE",
+    "CONFIG GET",
+    "WATCH",
+    "UNWATCH",
+}
 STORAGE_POINTS = ("put_file", "put_stream", "delete", "delete_prefix", "list")
 
 
@@ -162,8 +186,9 @@ def process_ctx(ctx, proc: Proc):
     """`ctx` as seen by simulated process `proc`: its own wrapped Redis client and storage."""
     from stems.jobstore import JobStore
 
-    return replace(ctx, store=JobStore(FaultyRedis(ctx.store.r, proc), ctx.store.p),
-                   storage=FaultyStorage(ctx.storage, proc))
+    return replace(
+        ctx, store=JobStore(FaultyRedis(ctx.store.r, proc), ctx.store.p), storage=FaultyStorage(ctx.storage, proc)
+    )
 
 
 class World:
@@ -239,7 +264,9 @@ def check(world: World, job_id: str, user: str, queues: tuple[str, ...], deleted
             bad.append(f"the job did not end: {job.status.value} ({job.stage})")
         stems = store.get_stems(job.stem_ids + job.upscaled_ids)
         if job.status == JobStatus.complete:
-            final = sorted(k for s in stems if s.status == StemStatus.complete for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
+            final = sorted(
+                k for s in stems if s.status == StemStatus.complete for k in (s.wav_key, s.hq_key, s.peaks_key) if k
+            )
             if on_storage != final:
                 extra, missing = sorted(set(on_storage) - set(final)), sorted(set(final) - set(on_storage))
                 bad.append(f"complete job's storage is not its final products: extra {extra[:3]} missing {missing[:3]}")

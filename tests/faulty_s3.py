@@ -9,6 +9,7 @@ request waiting, unanswered, until `release()` drops it (a node killed with that
 it never reached storage). It stands between the service and moto's server, so
 the service talks real S3 over HTTP and meets real failures.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -67,28 +68,43 @@ class FaultyS3:
                     time.sleep(proxy.slow_s)
                 if fault == "deny-delete":
                     keys = [k.decode() for k in re.findall(rb"<Key>(.*?)</Key>", body)]
-                    refused = "".join(f"<Error><Key>{k}</Key><Code>AccessDenied</Code><Message>Access Denied</Message>"
-                                      f"</Error>" for k in keys)
-                    return self._reply(200, f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult>{refused}'
-                                            f'</DeleteResult>'.encode(), {"content-type": "application/xml"})
+                    refused = "".join(
+                        f"<Error><Key>{k}</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                        for k in keys
+                    )
+                    return self._reply(
+                        200,
+                        f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult>{refused}</DeleteResult>'.encode(),
+                        {"content-type": "application/xml"},
+                    )
                 if fault == "stall":
                     time.sleep(3)
                     self.close_connection = True
                     return
                 if fault == "500":
-                    return self._reply(500, b"<Error><Code>InternalError</Code><Message>injected</Message></Error>",
-                                       {"content-type": "application/xml"})
+                    return self._reply(
+                        500,
+                        b"<Error><Code>InternalError</Code><Message>injected</Message></Error>",
+                        {"content-type": "application/xml"},
+                    )
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
-                out = {k: v for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                out = {
+                    k: v
+                    for k, v in resp.getheaders()
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length")
+                }
                 conn.close()
-                self._reply(resp.status, data, out, head=self.command == "HEAD",
-                            length=resp.getheader("content-length"))
+                self._reply(
+                    resp.status, data, out, head=self.command == "HEAD", length=resp.getheader("content-length")
+                )
 
-            def _reply(self, status: int, data: bytes, headers: dict, head: bool = False, length: str | None = None) -> None:
+            def _reply(
+                self, status: int, data: bytes, headers: dict, head: bool = False, length: str | None = None
+            ) -> None:
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)

@@ -1,5 +1,6 @@
 """In-process pieces of the service for tests that drive a job to an exact point: a worker's context on the
 test Redis and moto's S3 server, a queued job as the API leaves it, and the API app on the same store."""
+
 from __future__ import annotations
 
 import uuid
@@ -25,21 +26,47 @@ def worker_ctx(tmp: Path, redis_url: str, s3_url: str, **settings):
     s = Settings(data_dir=tmp / "data", redis_url=redis_url, key_prefix=prefix, storage="local", **settings)
     storage = S3Storage(s3_settings(s3_url))
     models = ModelStore(tmp / "models")
-    return WorkerContext(settings=s, store=JobStore.from_url(redis_url, prefix), storage=storage, models=models,
-                         engine=Engine(models, cache=None), scratch_dir=tmp / "data" / "work")
+    return WorkerContext(
+        settings=s,
+        store=JobStore.from_url(redis_url, prefix),
+        storage=storage,
+        models=models,
+        engine=Engine(models, cache=None),
+        scratch_dir=tmp / "data" / "work",
+    )
 
 
-def queued_job(ctx, song: Path, user: str = "u", queue: str = "cpu", seconds: float = 2.0,
-               callback_url: str | None = None, hq_format: str | None = "aac") -> Job:
+def queued_job(
+    ctx,
+    song: Path,
+    user: str = "u",
+    queue: str = "cpu",
+    seconds: float = 2.0,
+    callback_url: str | None = None,
+    hq_format: str | None = "aac",
+) -> Job:
     """An imported asset and a queued phantom_center split of it (two stems), as the API writes them."""
-    asset = AudioAsset(user_id=user, origin="upload", status=AssetStatus.complete, object_key="",
-                       info={"duration": seconds, "sample_rate": SR, "channels": 2})
+    asset = AudioAsset(
+        user_id=user,
+        origin="upload",
+        status=AssetStatus.complete,
+        object_key="",
+        info={"duration": seconds, "sample_rate": SR, "channels": 2},
+    )
     asset.object_key = keys.original(user, asset.id)
     ctx.storage.put_file(asset.object_key, song)
     ctx.store.put_asset(asset)
-    job = Job(user_id=user, preset="phantom_center", audio_id=asset.id, source_kind="audio", source_id=asset.id,
-              spec=SplitSpec(preset="phantom_center", chain_index=0, hq_format=hq_format), queue=queue,
-              audio_seconds=seconds, callback_url=callback_url)
+    job = Job(
+        user_id=user,
+        preset="phantom_center",
+        audio_id=asset.id,
+        source_kind="audio",
+        source_id=asset.id,
+        spec=SplitSpec(preset="phantom_center", chain_index=0, hq_format=hq_format),
+        queue=queue,
+        audio_seconds=seconds,
+        callback_url=callback_url,
+    )
     stems = [Stem(user_id=user, job_id=job.id, name=n, hq_format=hq_format) for n in ("centre", "sides")]
     job.stem_ids = [s.id for s in stems]
     ctx.store.create_job(job, stems)

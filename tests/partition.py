@@ -7,6 +7,7 @@ are dropped, so the worker's open connections hang and new ones time out, as in 
 `heal()` brings it up again. Where namespaces cannot be made (no root, no `ip`), `ProxyLink` stands
 in: the same forwarders on loopback, stopped and started (connections refused and reset instead).
 """
+
 from __future__ import annotations
 
 import os
@@ -86,7 +87,11 @@ class NetnsLink(_Link):
         _ip("link", "set", peer, "netns", self.ns)
         _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
         _ip("link", "set", self.host_if, "up")
-        for args in (("addr", "add", f"{ns_ip}/30", "dev", peer), ("link", "set", peer, "up"), ("link", "set", "lo", "up")):
+        for args in (
+            ("addr", "add", f"{ns_ip}/30", "dev", peer),
+            ("link", "set", peer, "up"),
+            ("link", "set", "lo", "up"),
+        ):
             _ip("netns", "exec", self.ns, "ip", *args)
         super().__init__(self.host_ip, urls)
 

@@ -5,6 +5,7 @@ of its own under the system's temporary directory (pytest's are private to root)
 the node's own pid (the Erlang VM) is read from its pid file, since the process started here is
 only the wrapper that switched user.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,12 +27,18 @@ class RabbitNode:
         self.port, dist = free_port(), free_port()
         (self.dir / "plugins").write_text("[].\n")
         (self.dir / "rabbitmq.conf").write_text("")
-        self.env = {**os.environ, "RABBITMQ_NODENAME": f"stems{self.port}@localhost",
-                    "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(dist),
-                    "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"), "RABBITMQ_LOG_BASE": str(self.dir / "log"),
-                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "plugins"),
-                    "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"), "RABBITMQ_PID_FILE": str(self.dir / "pid"),
-                    "RABBITMQ_FEATURE_FLAGS_FILE": str(self.dir / "feature_flags")}
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": f"stems{self.port}@localhost",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(dist),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+            "RABBITMQ_PID_FILE": str(self.dir / "pid"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(self.dir / "feature_flags"),
+        }
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
         self.proc: subprocess.Popen | None = None
 
@@ -43,8 +50,14 @@ class RabbitNode:
         for f in self.dir.iterdir():
             if f.is_file():
                 os.chmod(f, 0o666)
-        self.proc = subprocess.Popen(["rabbitmq-server"], env=self.env, cwd=self.dir, start_new_session=True,
-                                     stdout=open(self.dir / "out.log", "ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            ["rabbitmq-server"],
+            env=self.env,
+            cwd=self.dir,
+            start_new_session=True,
+            stdout=open(self.dir / "out.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,4 +1,5 @@
 """Test support: real service processes (Redis, moto's S3 server, API, Celery workers) and helpers."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def shared_models() -> Path | None:
     """The real pretrained weights of ../shared/models (see its README), or None where there are none."""
-    for candidate in (os.environ.get("STEMS_SHARED_MODELS"), ROOT / "shared" / "models", ROOT.parent / "shared" / "models"):
+    for candidate in (
+        os.environ.get("STEMS_SHARED_MODELS"),
+        ROOT / "shared" / "models",
+        ROOT.parent / "shared" / "models",
+    ):
         if candidate and (Path(candidate) / "gtcrn" / "gtcrn.onnx").exists():
             return Path(candidate)
     return None
@@ -29,8 +34,9 @@ def shared_models() -> Path | None:
 
 def start_moto(log: Path) -> tuple[Proc, str]:
     port = free_port()
-    proc = Proc("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                {**os.environ}, log).start()
+    proc = Proc(
+        "moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], {**os.environ}, log
+    ).start()
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/moto-api/", proc=proc)
     return proc, url
@@ -42,24 +48,48 @@ class ServiceStack:
     `broker`: a RabbitMQ URL for the Celery broker (the job store stays in Redis); None uses the Redis.
     """
 
-    def __init__(self, tmp: Path, redis_url: str, s3_url: str | None, model_dir: Path | None = None,
-                 broker: str | None = None, **extra: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        redis_url: str,
+        s3_url: str | None,
+        model_dir: Path | None = None,
+        broker: str | None = None,
+        **extra: str,
+    ) -> None:
         self.tmp = tmp
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.broker = broker
         self.env = {
-            **os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "STEMS_KEY_PREFIX": self.prefix,
-            "STEMS_DATA_DIR": str(tmp / "data"), "STEMS_MODEL_DIR": str(model_dir or tmp / "models"),
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "REDIS_URL": redis_url,
+            "STEMS_KEY_PREFIX": self.prefix,
+            "STEMS_DATA_DIR": str(tmp / "data"),
+            "STEMS_MODEL_DIR": str(model_dir or tmp / "models"),
             "STEMS_LINK_ALLOW_HOSTS": '["127.0.0.1", "localhost"]',
         }
         if s3_url:
             bucket = f"b{uuid.uuid4().hex[:10]}"
-            self.env.update({"STEMS_STORAGE": "s3", "S3_ENDPOINT_URL": s3_url, "S3_BUCKET": bucket,
-                             "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "S3_PREFIX": "svc"})
+            self.env.update(
+                {
+                    "STEMS_STORAGE": "s3",
+                    "S3_ENDPOINT_URL": s3_url,
+                    "S3_BUCKET": bucket,
+                    "AWS_ACCESS_KEY_ID": "test",
+                    "AWS_SECRET_ACCESS_KEY": "test",
+                    "S3_PREFIX": "svc",
+                }
+            )
             import boto3
 
-            boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test",
-                         aws_secret_access_key="test").create_bucket(Bucket=bucket)
+            boto3.client(
+                "s3",
+                endpoint_url=s3_url,
+                region_name="us-east-1",
+                aws_access_key_id="test",
+                aws_secret_access_key="test",
+            ).create_bucket(Bucket=bucket)
         if broker:
             self.env["STEMS_BROKER_URL"] = broker
         self.env.update(extra)
@@ -190,7 +220,12 @@ def start_job(c: httpx.Client, song: Path, preset: str = "4_tracks", audio_id: s
 def expected_objects(stack: ServiceStack, job_id: str) -> list[str]:
     """The object keys a job's stem records point at (exactly what storage should hold for it)."""
     job = stack.store.get_job(job_id)
-    return sorted(k for s in stack.store.get_stems(job.stem_ids + job.upscaled_ids) for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
+    return sorted(
+        k
+        for s in stack.store.get_stems(job.stem_ids + job.upscaled_ids)
+        for k in (s.wav_key, s.hq_key, s.peaks_key)
+        if k
+    )
 
 
 def job_objects(stack: ServiceStack, job_id: str) -> list[str]:
@@ -202,8 +237,13 @@ def asset_record(stack: ServiceStack, user: str, seconds: float, sr: int = 44100
     never run (the estimate and batch tests queue them on a stack without workers)."""
     from stems.models import AssetStatus, AudioAsset
 
-    a = AudioAsset(user_id=user, origin="upload", status=AssetStatus.complete, object_key=f"users/{user}/x",
-                   info={"duration": seconds, "sample_rate": sr, "channels": 2})
+    a = AudioAsset(
+        user_id=user,
+        origin="upload",
+        status=AssetStatus.complete,
+        object_key=f"users/{user}/x",
+        info={"duration": seconds, "sample_rate": sr, "channels": 2},
+    )
     stack.store.put_asset(a)
     return a.id
 

@@ -5,6 +5,7 @@ when a server process is gone (connection refused, and its pooled connections re
 listens on the same port again and forwards to the same upstream. It stands in front of a server
 whose state must outlive the outage (moto's S3 server keeps its buckets in memory only).
 """
+
 from __future__ import annotations
 
 import socket
@@ -33,8 +34,9 @@ class TcpProxy:
         self._stopped = threading.Event()
         self._listener = socket.create_server((self.host, self.port))  # SO_REUSEADDR: the same port again
         self._listener.settimeout(0.2)
-        threading.Thread(target=self._accept, args=(self._listener, self._stopped), daemon=True,
-                         name=f"tcpproxy-{self.port}").start()
+        threading.Thread(
+            target=self._accept, args=(self._listener, self._stopped), daemon=True, name=f"tcpproxy-{self.port}"
+        ).start()
 
     def stop(self) -> None:
         self._stopped.set()

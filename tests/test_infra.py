@@ -4,6 +4,7 @@ them) and the Compose Specification's (check-jsonschema vendors it); both pinned
 KEDA's ScaledObject is a custom resource whose schema no registry package ships: its fields that the
 scale-to-zero design depends on are checked here instead (README of infra/, "Scaling to zero").
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,9 @@ def k8s_errors(doc: dict) -> list[str]:
 
 
 def compose_errors(doc: dict) -> list[str]:
-    schema = json.loads(resources.files("check_jsonschema.builtin_schemas.vendor")
-                        .joinpath("compose-spec.json").read_text())
+    schema = json.loads(
+        resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
     validator = jsonschema.Draft202012Validator(schema)
     return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
 
@@ -44,8 +46,11 @@ def compose() -> dict:
     return yaml.safe_load((INFRA / "compose.yaml").read_text())
 
 
-@pytest.mark.parametrize("name,doc", [d for d in k8s_docs() if d[1]["apiVersion"] != "keda.sh/v1alpha1"],
-                         ids=lambda v: v if isinstance(v, str) else f"{v['kind']}/{v['metadata']['name']}")
+@pytest.mark.parametrize(
+    "name,doc",
+    [d for d in k8s_docs() if d[1]["apiVersion"] != "keda.sh/v1alpha1"],
+    ids=lambda v: v if isinstance(v, str) else f"{v['kind']}/{v['metadata']['name']}",
+)
 def test_kubernetes_objects_match_the_published_schema(name, doc):
     assert k8s_errors(doc) == []
 
@@ -58,7 +63,9 @@ def test_an_invalid_manifest_is_caught():
     """The validators can fail: a misspelt field, a wrong type, an unknown service key are all found."""
     deployment = next(d for _, d in k8s_docs() if d["kind"] == "Deployment")
     misspelt = copy.deepcopy(deployment)
-    misspelt["spec"]["template"]["spec"]["containers"][0]["envfrom"] = misspelt["spec"]["template"]["spec"]["containers"][0].pop("envFrom")
+    misspelt["spec"]["template"]["spec"]["containers"][0]["envfrom"] = misspelt["spec"]["template"]["spec"][
+        "containers"
+    ][0].pop("envFrom")
     wrong_type = copy.deepcopy(deployment)
     wrong_type["spec"]["replicas"] = "one"
     assert k8s_errors(misspelt) and k8s_errors(wrong_type)
@@ -77,8 +84,15 @@ def test_each_scaled_pool_is_scaled_on_its_load_list():
     assert scaled
     for so in scaled:
         spec = so["spec"]
-        assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "advanced", "triggers",
-                             "pollingInterval", "cooldownPeriod"}, spec
+        assert set(spec) <= {
+            "scaleTargetRef",
+            "minReplicaCount",
+            "maxReplicaCount",
+            "advanced",
+            "triggers",
+            "pollingInterval",
+            "cooldownPeriod",
+        }, spec
         target = deployments[spec["scaleTargetRef"]["name"]]
         command = target["spec"]["template"]["spec"]["containers"][0]["command"]
         queues = command[command.index("-Q") + 1].split(",")

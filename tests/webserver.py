@@ -6,6 +6,7 @@ can make a webhook receiver fail twice and then accept. GETs honour `Range: byte
 (206, or 416 past the end) unless the path is in `ignore_range`, and `cuts` can make a
 response stop after some bytes and drop the connection (an interrupted download).
 """
+
 from __future__ import annotations
 
 import re
@@ -45,7 +46,9 @@ class WebServer:
                 pass
 
             def _record(self, body: bytes = b"") -> Hit:
-                hit = Hit(self.command, self.path.split("?", 1)[0], {k.lower(): v for k, v in self.headers.items()}, body)
+                hit = Hit(
+                    self.command, self.path.split("?", 1)[0], {k.lower(): v for k, v in self.headers.items()}, body
+                )
                 with web.lock:
                     web.hits.append(hit)
                 return hit
@@ -77,7 +80,7 @@ class WebServer:
                     self.end_headers()
                     for i in range(0, min(cut, len(body)), 1 << 16):
                         time.sleep(web.slow.get(path, 0.0))
-                        chunk = body[i:min(i + (1 << 16), cut)]
+                        chunk = body[i : min(i + (1 << 16), cut)]
                         self.wfile.write(chunk)
                         hit.sent += len(chunk)
                 except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (too large)

@@ -15,6 +15,7 @@ absolute difference of each output from the reference in tools/ and from our fam
 package's), so this also checks that the package's classes plus our handling of MSST's keys
 (zero_dc, mlp_expansion_factor) compute MSST's model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def msst_inference(mod, arch: str, config: Path, checkpoint: Path, mix: np.ndarr
     get_model_from_config, load_start_checkpoint, demix, normalize_audio, denormalize_audio = mod
     model, cfg = get_model_from_config(arch, str(config))
     args = types.SimpleNamespace(start_check_point=str(checkpoint), model_type=arch, lora_checkpoint_loralib=None)
-    load_start_checkpoint(args, model, torch.load(checkpoint, weights_only=False, map_location="cpu"), type_="inference")
+    load_start_checkpoint(
+        args, model, torch.load(checkpoint, weights_only=False, map_location="cpu"), type_="inference"
+    )
     model.eval()
     normalize = "normalize" in cfg.inference and cfg.inference["normalize"] is True
     x, params = normalize_audio(mix) if normalize else (mix, None)
@@ -62,8 +65,12 @@ def main() -> int:
     ap.add_argument("--msst", required=True, type=Path, help="a Music-Source-Separation-Training checkout")
     ap.add_argument("--extra", action="append", default=[], help="a directory with ml_collections and omegaconf")
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--size", choices=("small", "bench"), default="small",
-                    help="stand-in size (tools/roformer_models.py); bench: the released 8 s chunk grid")
+    ap.add_argument(
+        "--size",
+        choices=("small", "bench"),
+        default="small",
+        help="stand-in size (tools/roformer_models.py); bench: the released 8 s chunk grid",
+    )
     args = ap.parse_args()
 
     import torch
@@ -86,8 +93,16 @@ def main() -> int:
         ("bs_roformer_4stem", {"model": {"mlp_expansion_factor": 2}}, args.seconds),
         ("mel_band_roformer_kj", {}, args.seconds),
         ("mel_band_roformer_karaoke", {"inference": {"batch_size": 1, "num_overlap": 4}}, args.seconds),
-        ("mel_band_roformer_dereverb", {"inference": {"batch_size": 3, "num_overlap": 2, "normalize": True}}, args.seconds),
-        ("bs_roformer_viperx_1297", {"inference": {"batch_size": 4, "num_overlap": 2}}, args.seconds / 10),  # < 2 borders
+        (
+            "mel_band_roformer_dereverb",
+            {"inference": {"batch_size": 3, "num_overlap": 2, "normalize": True}},
+            args.seconds,
+        ),
+        (
+            "bs_roformer_viperx_1297",
+            {"inference": {"batch_size": 4, "num_overlap": 2}},
+            args.seconds / 10,
+        ),  # < 2 borders
         ("mel_band_roformer_kj", {"model": {"zero_dc": False}}, args.seconds),
     ]
     worst = 0.0
@@ -109,7 +124,9 @@ def main() -> int:
             d_ours = max(float(np.abs(theirs[t] - ours[names.get(t, t)]).max()) for t in targets)
             peak = max(float(np.abs(theirs[t]).max()) for t in targets)
             worst = max(worst, d_ref, d_ours)
-            print(f"{model_id:28} {str(changes):70} |MSST| {peak:.3f}  MSST-reference {d_ref:.2e}  MSST-ours {d_ours:.2e}")
+            print(
+                f"{model_id:28} {str(changes):70} |MSST| {peak:.3f}  MSST-reference {d_ref:.2e}  MSST-ours {d_ours:.2e}"
+            )
     print(f"largest difference: {worst:.2e}")
     return 0
 

@@ -7,6 +7,7 @@ Two 3x3 convolutions, the second dilated in time, give each output frame a recep
 field of 11 frames, so segment boundaries matter as they do for the real networks.
 Their weights are random: the outputs are noise-like.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -24,9 +25,18 @@ OPSET = 17
 IR_VERSION = 8  # readable by every onnxruntime we support
 
 
-def make_random_mdx_onnx(path: Path | str, n_fft: int, dim_f: int, dim_t: int,
-                         output: Literal["spectrogram", "mask", "multi"] = "spectrogram", n_sources: int = 1,
-                         seed: int = 0, channels: int = 2, hidden: int = 8, fixed_frames: bool = False) -> Path:
+def make_random_mdx_onnx(
+    path: Path | str,
+    n_fft: int,
+    dim_f: int,
+    dim_t: int,
+    output: Literal["spectrogram", "mask", "multi"] = "spectrogram",
+    n_sources: int = 1,
+    seed: int = 0,
+    channels: int = 2,
+    hidden: int = 8,
+    fixed_frames: bool = False,
+) -> Path:
     """Write a random MDX-style network to `path` and return the path.
 
     Batch and time axes are dynamic unless `fixed_frames`, which pins time to `dim_t` as
@@ -63,13 +73,15 @@ def make_random_mdx_onnx(path: Path | str, n_fft: int, dim_f: int, dim_t: int,
     initializers.append(numpy_helper.from_array(np.array([1, n_sources, 1, 1], np.int64), "repeats"))
     initializers.append(numpy_helper.from_array(np.array(0.5, np.float32), "scale"))
     graph = helper.make_graph(
-        nodes, "random_mdx",
+        nodes,
+        "random_mdx",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c_in, dim_f, frames])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", c_out, dim_f, frames])],
         initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="stems.tools.onnx_models")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="stems.tools.onnx_models"
+    )
     model.ir_version = IR_VERSION
     helper.set_model_props(model, {"random_stand_in": "1", "n_fft": str(n_fft), "dim_t": str(dim_t), "seed": str(seed)})
     onnx.checker.check_model(model)
@@ -79,8 +91,9 @@ def make_random_mdx_onnx(path: Path | str, n_fft: int, dim_f: int, dim_t: int,
     return path
 
 
-def install_random_onnx(store: ModelStore, model_id: str, seed: int = 0, params: dict | None = None,
-                        fixed_frames: bool = False) -> dict:
+def install_random_onnx(
+    store: ModelStore, model_id: str, seed: int = 0, params: dict | None = None, fixed_frames: bool = False
+) -> dict:
     """Make a random stand-in for registry model `model_id` and install it in `store`.
 
     `params` override the registry's (e.g. a small n_fft for fast tests) and are recorded
@@ -93,7 +106,15 @@ def install_random_onnx(store: ModelStore, model_id: str, seed: int = 0, params:
     p = {**spec.params, **(params or {})}
     n_sources = len(spec.sources) if p.get("output", "spectrogram") == "multi" else 1
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_random_mdx_onnx(Path(tmp) / spec.files[0], p["n_fft"], p["dim_f"], p.get("segment_frames") or p["dim_t"],
-                                    output=p.get("output", "spectrogram"), n_sources=n_sources, seed=seed,
-                                    channels=spec.channels or 2, fixed_frames=fixed_frames)
+        path = make_random_mdx_onnx(
+            Path(tmp) / spec.files[0],
+            p["n_fft"],
+            p["dim_f"],
+            p.get("segment_frames") or p["dim_t"],
+            output=p.get("output", "spectrogram"),
+            n_sources=n_sources,
+            seed=seed,
+            channels=spec.channels or 2,
+            fixed_frames=fixed_frames,
+        )
         return store.install(model_id, [path], params=params)

@@ -8,6 +8,7 @@ for fast tests through the same code paths). Files get the names the registry ex
 builds (klass, args, kwargs, half-precision state, training_args), so `demucs.states.load_model`
 reads them. Their weights are random: the outputs are noise-like and do not sum to the mix.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,10 @@ Size = Literal["small", "narrow", "full"]
 
 # Released architectures (see shared/models/README.md); everything else is the class default.
 _FULL: dict[str, tuple[type, dict]] = {
-    "htdemucs": (HTDemucs, dict(depth=4, dconv_mode=3, dconv_comp=8, bottom_channels=512, t_layers=5,
-                                segment=Fraction(39, 5))),
+    "htdemucs": (
+        HTDemucs,
+        dict(depth=4, dconv_mode=3, dconv_comp=8, bottom_channels=512, t_layers=5, segment=Fraction(39, 5)),
+    ),
     "htdemucs_6s": (HTDemucs, dict(depth=4, dconv_mode=3, dconv_comp=8, t_layers=5, segment=Fraction(39, 5))),
     "hdemucs_mmi": (HDemucs, dict(depth=6, channels=48, dconv_mode=1, dconv_attn=4, dconv_lstm=4, segment=44)),
 }
@@ -66,8 +69,12 @@ def demucs_architecture(model_id: str, size: Size = "small") -> tuple[type, dict
         raise ValueError(f"no narrow stand-in for {model_id!r}; known: {sorted(_NARROW)}")
     klass, kwargs = _FULL[model_id]
     kwargs = {**kwargs, **{"small": _SMALL, "narrow": _NARROW, "full": {}}[size].get(model_id, {})}
-    return klass, {**kwargs, "sources": list(spec.sources), "audio_channels": spec.channels,
-                   "samplerate": spec.sample_rate}
+    return klass, {
+        **kwargs,
+        "sources": list(spec.sources),
+        "audio_channels": spec.channels,
+        "samplerate": spec.sample_rate,
+    }
 
 
 def _package(model_id: str, size: Size, seed: int) -> dict:
@@ -78,7 +85,9 @@ def _package(model_id: str, size: Size, seed: int) -> dict:
         model = klass(**kwargs)
     args, kw = model._init_args_kwargs  # set by demucs's @capture_init, as serialize_model reads it
     return {
-        "klass": klass, "args": args, "kwargs": kw,
+        "klass": klass,
+        "args": args,
+        "kwargs": kw,
         "state": get_state(model, None, half=True),  # released checkpoints are stored in half precision
         "training_args": {"random_stand_in": {"model_id": model_id, "size": size, "seed": seed}},
     }
@@ -109,8 +118,14 @@ def make_random_demucs(model_id: str, out_dir: Path, size: Size = "small", seed:
     return sorted(written, key=lambda p: spec.files.index(p.name))
 
 
-def install_random_demucs(store: ModelStore, model_id: str, size: Size = "small", seed: int = 0,
-                          params: dict | None = None, share_derived: bool = True) -> list[Path]:
+def install_random_demucs(
+    store: ModelStore,
+    model_id: str,
+    size: Size = "small",
+    seed: int = 0,
+    params: dict | None = None,
+    share_derived: bool = True,
+) -> list[Path]:
     """Make a random stand-in for `model_id` and install it into `store`; returns the installed files.
 
     With `share_derived`, the store also gets the files the demucs family derives from these
@@ -148,8 +163,10 @@ def _share_derived(store: ModelStore, model_id: str) -> None:
         except Exception:
             return
         if getattr(sep, "backend", None) == "onnxruntime":
-            _copy([p for sha in shas for p in target.glob(f"{sha[:32]}-*") if p.suffix in (".onnx", ".json")],
-                  DERIVED_CACHE)
+            _copy(
+                [p for sha in shas for p in target.glob(f"{sha[:32]}-*") if p.suffix in (".onnx", ".json")],
+                DERIVED_CACHE,
+            )
         return
     _copy([f for files in cached.values() for p in files for f in (p, p.with_suffix(".json")) if f.exists()], target)
 

@@ -5,6 +5,7 @@ normalisation, apply_model); `mdx_reference` is a plain STFT -> ONNX -> inverse-
 `roformer_reference` is Music-Source-Separation-Training's inference written out from its
 description (see there).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,14 @@ from pipelines.modelstore import ModelStore
 from pipelines.registry import get_spec
 
 
-def demucs_reference(store: ModelStore, model_id: str, mix: np.ndarray, tmp: Path,
-                     segment: float | None = None, overlap: float | None = None) -> dict[str, np.ndarray]:
+def demucs_reference(
+    store: ModelStore,
+    model_id: str,
+    mix: np.ndarray,
+    tmp: Path,
+    segment: float | None = None,
+    overlap: float | None = None,
+) -> dict[str, np.ndarray]:
     """What demucs does with the stored files, without our code: get_model + the CLI's normalisation + apply_model.
 
     get_model(repo=) re-checks the checksum in names like `955717e8-8726e21a.th`, which random
@@ -43,8 +50,17 @@ def demucs_reference(store: ModelStore, model_id: str, mix: np.ndarray, tmp: Pat
     ref = wav.mean(0)  # as demucs.api.Separator.separate_tensor (demucs 4.1), which the CLI calls
     mean, std = ref.mean(), ref.std() + 1e-8
     with torch.inference_mode():
-        out = apply_model(model, ((wav - mean) / std)[None], segment=segment, overlap=overlap, shifts=0,
-                          split=True, device="cpu", num_workers=0, progress=False)
+        out = apply_model(
+            model,
+            ((wav - mean) / std)[None],
+            segment=segment,
+            overlap=overlap,
+            shifts=0,
+            split=True,
+            device="cpu",
+            num_workers=0,
+            progress=False,
+        )
     out = (out * std + mean)[0]
     return {name: out[k].numpy() for k, name in enumerate(model.sources)}
 
@@ -60,7 +76,7 @@ def mdx_reference(path, audio: np.ndarray, p: dict, n_out: int) -> np.ndarray:
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
     x = np.pad(audio.astype(np.float64), ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
     n_frames = 1 + n // hop
-    spec = np.stack([np.fft.rfft(x[:, f * hop:f * hop + n_fft] * window, axis=-1) for f in range(n_frames)], axis=-1)
+    spec = np.stack([np.fft.rfft(x[:, f * hop : f * hop + n_fft] * window, axis=-1) for f in range(n_frames)], axis=-1)
     spec = spec[:, :dim_f]  # (channels, dim_f, frames)
 
     weights = np.hanning(length + 2)[1:-1]
@@ -70,7 +86,7 @@ def mdx_reference(path, audio: np.ndarray, p: dict, n_out: int) -> np.ndarray:
     while True:
         seg = np.zeros((channels, dim_f, length), complex)
         k = min(length, n_frames - start)
-        seg[..., :k] = spec[..., start:start + k]
+        seg[..., :k] = spec[..., start : start + k]
         net_in = np.stack([seg.real, seg.imag], axis=1).reshape(1, 2 * channels, dim_f, length)
         net_in[:, :, :3] = 0.0  # UVR zeroes the three lowest bins
         out = session.run(None, {session.get_inputs()[0].name: net_in.astype(np.float32)})[0]
@@ -78,8 +94,8 @@ def mdx_reference(path, audio: np.ndarray, p: dict, n_out: int) -> np.ndarray:
         y = out[:, :, 0] + 1j * out[:, :, 1]
         if p.get("output") == "mask":
             y = y * seg
-        est[..., start:start + k] += y[..., :k] * weights[:k]
-        norm[start:start + k] += weights[:k]
+        est[..., start : start + k] += y[..., :k] * weights[:k]
+        norm[start : start + k] += weights[:k]
         if start + length >= n_frames:
             break
         start += step
@@ -90,8 +106,8 @@ def mdx_reference(path, audio: np.ndarray, p: dict, n_out: int) -> np.ndarray:
     for f in range(n_frames):
         full = np.zeros((n_out, channels, n_fft // 2 + 1), complex)
         full[..., :dim_f] = est[..., f]
-        y[..., f * hop:f * hop + n_fft] += np.fft.irfft(full, n=n_fft, axis=-1) * window
-        env[f * hop:f * hop + n_fft] += window ** 2
+        y[..., f * hop : f * hop + n_fft] += np.fft.irfft(full, n=n_fft, axis=-1) * window
+        env[f * hop : f * hop + n_fft] += window**2
     inside = slice(n_fft // 2, n_fft // 2 + n)
     return y[..., inside] / env[inside]
 
@@ -132,15 +148,21 @@ def _msst_model(arch: str, model_cfg: dict, checkpoint: Path):
         model = cls(**cfg)
     if factor != 4:
         model.mask_estimators = torch.nn.ModuleList(
-            estimator(dim=cfg["dim"], dim_inputs=model.band_split.dim_inputs,
-                      depth=cfg.get("mask_estimator_depth", 2 if arch == "bs_roformer" else 1),
-                      mlp_expansion_factor=factor) for _ in range(cfg.get("num_stems", 1)))
+            estimator(
+                dim=cfg["dim"],
+                dim_inputs=model.band_split.dim_inputs,
+                depth=cfg.get("mask_estimator_depth", 2 if arch == "bs_roformer" else 1),
+                mlp_expansion_factor=factor,
+            )
+            for _ in range(cfg.get("num_stems", 1))
+        )
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     return model.eval()
 
 
-def roformer_reference(store: ModelStore, model_id: str, mix: np.ndarray,
-                       overrides: dict | None = None) -> dict[str, np.ndarray]:
+def roformer_reference(
+    store: ModelStore, model_id: str, mix: np.ndarray, overrides: dict | None = None
+) -> dict[str, np.ndarray]:
     """MSST's inference (utils/model_utils.py `demix`, generic mode, plus inference.py's normalisation and
     --extract_instrumental) on the stored config and checkpoint, written out from its description.
 
@@ -192,7 +214,7 @@ def roformer_reference(store: ModelStore, model_id: str, mix: np.ndarray,
     i, batch, where = 0, [], []
     with torch.inference_mode(), _dc_zeroed_istft() if cfg["model"].get("zero_dc", True) else contextlib.nullcontext():
         while i < x.shape[1]:
-            part = x[:, i:i + chunk]
+            part = x[:, i : i + chunk]
             length = part.shape[-1]
             mode = "reflect" if length > chunk // 2 else "constant"
             batch.append(F.pad(part[None], (0, chunk - length), mode=mode)[0] if length < chunk else part)
@@ -208,8 +230,8 @@ def roformer_reference(store: ModelStore, model_id: str, mix: np.ndarray,
                 elif i >= x.shape[1]:
                     window[-fade:] = 1
                 for j, (start, length) in enumerate(where):
-                    result[..., start:start + length] += out[j, ..., :length] * window[:length]
-                    counter[..., start:start + length] += window[:length]
+                    result[..., start : start + length] += out[j, ..., :length] * window[:length]
+                    counter[..., start : start + length] += window[:length]
                 batch, where = [], []
     estimated = np.nan_to_num((result / counter).numpy(), nan=0.0)
     if padded:

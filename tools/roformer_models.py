@@ -12,6 +12,7 @@ the first config name `params.sources` maps to each. Sizes:
   so memory follows the real chunk grid (`bench/stream_memory.py`).
 Their weights are random: the outputs are noise-like.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -27,11 +28,15 @@ from pipelines.registry import get_spec
 
 Size = Literal["small", "bench"]
 
-_STFT = {"small": dict(stft_n_fft=512, stft_hop_length=128, stft_win_length=512, dim_freqs_in=257),
-         "bench": dict(stft_n_fft=2048, stft_hop_length=441, stft_win_length=2048, dim_freqs_in=1025)}
+_STFT = {
+    "small": dict(stft_n_fft=512, stft_hop_length=128, stft_win_length=512, dim_freqs_in=257),
+    "bench": dict(stft_n_fft=2048, stft_hop_length=441, stft_win_length=2048, dim_freqs_in=1025),
+}
 _CHUNK = {"small": 128 * 256, "bench": 352800}  # hop multiples; 352800 is the released models' 8 s
-_BANDS = {"small": (2,) * 8 + (4,) * 8 + (8,) * 4 + (257 - 80,),
-          "bench": (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129)}  # the released split
+_BANDS = {
+    "small": (2,) * 8 + (4,) * 8 + (8,) * 4 + (257 - 80,),
+    "bench": (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129),
+}  # the released split
 
 
 def msst_outputs(model_id: str) -> tuple[tuple[str, ...], str | None]:
@@ -55,9 +60,22 @@ def roformer_config(model_id: str, size: Size = "small", **model_overrides) -> d
     if size not in _STFT:
         raise ValueError(f"size must be one of {sorted(_STFT)}, not {size!r}")
     targets, residual = msst_outputs(model_id)
-    model = dict(dim=16, depth=1, stereo=spec.channels == 2, num_stems=len(targets), time_transformer_depth=1,
-                 freq_transformer_depth=1, linear_transformer_depth=0, dim_head=8, heads=2, attn_dropout=0.1,
-                 ff_dropout=0.1, flash_attn=True, mask_estimator_depth=2, **_STFT[size])
+    model = dict(
+        dim=16,
+        depth=1,
+        stereo=spec.channels == 2,
+        num_stems=len(targets),
+        time_transformer_depth=1,
+        freq_transformer_depth=1,
+        linear_transformer_depth=0,
+        dim_head=8,
+        heads=2,
+        attn_dropout=0.1,
+        ff_dropout=0.1,
+        flash_attn=True,
+        mask_estimator_depth=2,
+        **_STFT[size],
+    )
     if spec.params["arch"] == "bs_roformer":
         model["freqs_per_bands"] = _BANDS[size]
     else:
@@ -66,9 +84,17 @@ def roformer_config(model_id: str, size: Size = "small", **model_overrides) -> d
     training = {"instruments": list(targets) + (["other"] if residual else []), "use_amp": True}
     if residual:
         training["target_instrument"] = targets[0]
-    return {"audio": {"chunk_size": _CHUNK[size], "num_channels": spec.channels, "sample_rate": spec.sample_rate,
-                      "min_mean_abs": 0.0},
-            "model": model, "training": training, "inference": {"batch_size": 2, "num_overlap": 2}}
+    return {
+        "audio": {
+            "chunk_size": _CHUNK[size],
+            "num_channels": spec.channels,
+            "sample_rate": spec.sample_rate,
+            "min_mean_abs": 0.0,
+        },
+        "model": model,
+        "training": training,
+        "inference": {"batch_size": 2, "num_overlap": 2},
+    }
 
 
 class _TupleDumper(yaml.SafeDumper):
@@ -78,17 +104,28 @@ class _TupleDumper(yaml.SafeDumper):
 _TupleDumper.add_representer(tuple, lambda d, t: d.represent_sequence("tag:yaml.org,2002:python/tuple", list(t)))
 
 
-def make_random_roformer(model_id: str, out_dir: Path, size: Size = "small", seed: int = 0,
-                         config: dict | None = None) -> list[Path]:
+def make_random_roformer(
+    model_id: str, out_dir: Path, size: Size = "small", seed: int = 0, config: dict | None = None
+) -> list[Path]:
     """Write a random stand-in (YAML config + state dict) for `model_id` into `out_dir`; returns [config, checkpoint]."""
     from bs_roformer import BSRoformer, MelBandRoformer
 
     spec = get_spec(model_id)
     config = config or roformer_config(model_id, size)
     cls = BSRoformer if spec.params["arch"] == "bs_roformer" else MelBandRoformer
-    kwargs = {k: v for k, v in config["model"].items()
-              if k not in ("linear_transformer_depth", "mlp_expansion_factor", "zero_dc", "sage_attention",
-                           "use_torch_checkpoint", "skip_connection")}
+    kwargs = {
+        k: v
+        for k, v in config["model"].items()
+        if k
+        not in (
+            "linear_transformer_depth",
+            "mlp_expansion_factor",
+            "zero_dc",
+            "sage_attention",
+            "use_torch_checkpoint",
+            "skip_connection",
+        )
+    }
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # leave the caller's random stream alone
         warnings.simplefilter("ignore", UserWarning)
         torch.manual_seed(seed)
@@ -99,9 +136,14 @@ def make_random_roformer(model_id: str, out_dir: Path, size: Size = "small", see
 
             estimator = import_module(cls.__module__).MaskEstimator
             model.mask_estimators = torch.nn.ModuleList(
-                estimator(dim=kwargs["dim"], dim_inputs=model.band_split.dim_inputs,
-                          depth=kwargs["mask_estimator_depth"], mlp_expansion_factor=factor)
-                for _ in range(kwargs.get("num_stems", 1)))
+                estimator(
+                    dim=kwargs["dim"],
+                    dim_inputs=model.band_split.dim_inputs,
+                    depth=kwargs["mask_estimator_depth"],
+                    mlp_expansion_factor=factor,
+                )
+                for _ in range(kwargs.get("num_stems", 1))
+            )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path, ckpt_path = out_dir / spec.params["config"], out_dir / spec.params["checkpoint"]
@@ -110,8 +152,14 @@ def make_random_roformer(model_id: str, out_dir: Path, size: Size = "small", see
     return [config_path, ckpt_path]
 
 
-def install_random_roformer(store: ModelStore, model_id: str, size: Size = "small", seed: int = 0,
-                            config: dict | None = None, params: dict | None = None) -> list[Path]:
+def install_random_roformer(
+    store: ModelStore,
+    model_id: str,
+    size: Size = "small",
+    seed: int = 0,
+    config: dict | None = None,
+    params: dict | None = None,
+) -> list[Path]:
     """Make a random stand-in for `model_id` and install it into `store`; returns the installed files."""
     with tempfile.TemporaryDirectory(prefix="random_roformer_") as tmp:
         store.install(model_id, make_random_roformer(model_id, Path(tmp), size, seed, config), params=params)

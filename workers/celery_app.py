@@ -12,6 +12,7 @@ consumer timeout is the visibility timeout. Queue and exchange names carry
 Redis. No task uses countdowns or ETAs (retries are scheduled by the reaper from our job
 store), so Celery's native delayed delivery for quorum queues is left out.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -38,8 +39,11 @@ def our_queue(broker_name: str, s: Settings) -> str:
 
 
 def dead_letter_queue(s: Settings) -> Queue:
-    return Queue(f"{s.key_prefix}.dead", Exchange(f"{s.key_prefix}.dead", type="fanout"),
-                 queue_arguments={"x-queue-type": "quorum"})
+    return Queue(
+        f"{s.key_prefix}.dead",
+        Exchange(f"{s.key_prefix}.dead", type="fanout"),
+        queue_arguments={"x-queue-type": "quorum"},
+    )
 
 
 def _rabbitmq_queues(s: Settings, names: list[str]) -> list[Queue]:
@@ -66,7 +70,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("stems", broker=s.broker_url, include=["workers.tasks"])
     names = load_catalogue().queues()
     app.conf.update(
-        task_serializer="json", accept_content=["json"],
+        task_serializer="json",
+        accept_content=["json"],
         task_ignore_result=True,  # state lives in our job store, not in a result backend
         task_acks_late=True,  # a split killed mid-way is delivered again ...
         task_reject_on_worker_lost=True,  # ... also when its process dies (SIGKILL, OOM)
@@ -85,8 +90,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
     if s.rabbitmq:
         app.conf.update(
             task_queues=_rabbitmq_queues(s, names),
-            task_default_exchange=s.key_prefix, task_default_exchange_type="direct", task_default_routing_key="cpu",
-            control_exchange=f"{s.key_prefix}.control", event_exchange=f"{s.key_prefix}.events",
+            task_default_exchange=s.key_prefix,
+            task_default_exchange_type="direct",
+            task_default_routing_key="cpu",
+            control_exchange=f"{s.key_prefix}.control",
+            event_exchange=f"{s.key_prefix}.events",
             # publisher confirms: send_task returns once the broker has the message (and raises if it refused
             # it), so an outbox entry is settled only for a message the broker holds
             broker_transport_options={"confirm_publish": True},
@@ -106,10 +114,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 BROKER_CHECKS = {
     "unreachable": "the broker cannot be reached; the operator should check that it (RabbitMQ, or the Redis of "
-                   "REDIS_URL) is running and that STEMS_BROKER_URL points at it",
+    "REDIS_URL) is running and that STEMS_BROKER_URL points at it",
     "timeout": "the broker did not answer in time; the operator should check its load and the network to it",
     "access_denied": "the broker refused our credentials; the operator should check the user and password in "
-                     "STEMS_BROKER_URL (or REDIS_URL)",
+    "STEMS_BROKER_URL (or REDIS_URL)",
     "refused": "the broker refused the message; the operator should check the broker's log and the API's",
 }
 
@@ -126,13 +134,18 @@ def broker_failure(exc: BaseException) -> str:
     while seen is not None and len(names) < 8:
         names.append(seen)
         seen = seen.__cause__ or seen.__context__
-    if any(e.__class__.__name__ in ("AccessRefused", "AuthenticationError") or isinstance(e, redis.AuthenticationError)
-           for e in names):
+    if any(
+        e.__class__.__name__ in ("AccessRefused", "AuthenticationError") or isinstance(e, redis.AuthenticationError)
+        for e in names
+    ):
         return "access_denied"
     if any(isinstance(e, (socket.timeout, TimeoutError, redis.TimeoutError)) for e in names):
         return "timeout"
-    if any(isinstance(e, (OSError, OperationalError, redis.ConnectionError)) or
-           e.__class__.__name__ in ("ConnectionError", "RecoverableConnectionError", "ConnectionForced") for e in names):
+    if any(
+        isinstance(e, (OSError, OperationalError, redis.ConnectionError))
+        or e.__class__.__name__ in ("ConnectionError", "RecoverableConnectionError", "ConnectionForced")
+        for e in names
+    ):
         return "unreachable"
     return "refused"
 
@@ -142,8 +155,11 @@ def broker_unavailable(exc: BaseException, s: Settings, what: str) -> BrokerUnav
     from stems.unavailable import redact_url, scrub
 
     reason = broker_failure(exc)
-    return BrokerUnavailable(reason, BROKER_CHECKS[reason],
-                             scrub(f"broker at {redact_url(s.broker_url)}, {what}: {exc.__class__.__name__}: {exc}"))
+    return BrokerUnavailable(
+        reason,
+        BROKER_CHECKS[reason],
+        scrub(f"broker at {redact_url(s.broker_url)}, {what}: {exc.__class__.__name__}: {exc}"),
+    )
 
 
 def broker_check(s: Settings, timeout_s: float = 3.0) -> None:
@@ -158,8 +174,9 @@ def broker_check(s: Settings, timeout_s: float = 3.0) -> None:
 
     def connect() -> None:
         try:
-            with Connection(s.broker_url, connect_timeout=timeout_s,
-                            transport_options={"socket_timeout": timeout_s}) as conn:
+            with Connection(
+                s.broker_url, connect_timeout=timeout_s, transport_options={"socket_timeout": timeout_s}
+            ) as conn:
                 conn.connect()
             outcome.append(None)
         except Exception as exc:
@@ -193,8 +210,13 @@ def purge_rabbitmq(url: str, prefix: str) -> None:
     from pipelines.presets import load_catalogue
 
     queues = [f"{prefix}.{q}" for q in load_catalogue().queues()] + [f"{prefix}.dead"]
-    exchanges = [prefix, f"{prefix}.dead", f"{prefix}.events", f"{prefix}.control.pidbox",
-                 f"reply.{prefix}.control.pidbox"]
+    exchanges = [
+        prefix,
+        f"{prefix}.dead",
+        f"{prefix}.events",
+        f"{prefix}.control.pidbox",
+        f"reply.{prefix}.control.pidbox",
+    ]
     with Connection(url, connect_timeout=5) as conn:
         for name in queues + exchanges:
             channel = conn.channel()

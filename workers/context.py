@@ -10,6 +10,7 @@ processes of a host, bounded by STEMS_CACHE_MAX_BYTES (default 20 GiB; 0 turns i
 Job scratch directories go to `data_dir/work`, on the same filesystem, so finished steps
 enter the cache as hard links rather than copies.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

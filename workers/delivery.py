@@ -12,6 +12,7 @@ A delivery run that dies, freezes or is handed back at shutdown leaves the float
 they are: the reaper (or the hand-back) owes the job another delivery, not another separation.
 If the float stems are gone (storage lost them), the job goes back to separation.
 """
+
 from __future__ import annotations
 
 import logging

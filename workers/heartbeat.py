@@ -3,6 +3,7 @@
 The API reads these reports to route a preset only to a queue whose live workers hold
 its chain, and to show which presets are available.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,4 +64,3 @@ def _start(sender=None, **_):
 @worker_shutdown.connect
 def _stop_beat(**_):
     _stop.set()
-

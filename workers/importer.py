@@ -9,6 +9,7 @@ worker is refused after STEMS_TASK_MAX_ATTEMPTS tries), owes the import a new me
 hard time limit has passed (so a worker dying mid-import does not strand the asset), and sends
 errors a retry can fix back after a backoff.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,14 +36,22 @@ log = logging.getLogger(__name__)
 def validate(info: A.AudioInfo, ctx: StoreContext) -> None:
     s = ctx.settings
     if info.duration < s.min_duration_s:
-        raise AudioError(f"audio is {info.duration:.3f} s long; the shortest the models take is {s.min_duration_s} s",
-                         duration=info.duration, min_duration=s.min_duration_s)
+        raise AudioError(
+            f"audio is {info.duration:.3f} s long; the shortest the models take is {s.min_duration_s} s",
+            duration=info.duration,
+            min_duration=s.min_duration_s,
+        )
     if info.duration > s.max_duration_s:
-        raise AudioError(f"audio is {info.duration:.0f} s long; the maximum is {s.max_duration_s:.0f} s",
-                         duration=info.duration, max_duration=s.max_duration_s)
+        raise AudioError(
+            f"audio is {info.duration:.0f} s long; the maximum is {s.max_duration_s:.0f} s",
+            duration=info.duration,
+            max_duration=s.max_duration_s,
+        )
     if not s.min_sample_rate <= info.sample_rate <= s.max_sample_rate:
-        raise AudioError(f"sample rate {info.sample_rate} Hz is outside {s.min_sample_rate}..{s.max_sample_rate} Hz",
-                         sample_rate=info.sample_rate)
+        raise AudioError(
+            f"sample rate {info.sample_rate} Hz is outside {s.min_sample_rate}..{s.max_sample_rate} Hz",
+            sample_rate=info.sample_rate,
+        )
     if info.channels > s.max_channels:
         raise AudioError(f"{info.channels} channels; at most {s.max_channels} are accepted", channels=info.channels)
 

@@ -29,6 +29,7 @@ simulator, tests/service/test_crashpoints.py, check them):
    transition that changes that, and goes when the job ends.
 7. Stems of a job that is not `complete` never download (the API checks the job, not only the stem).
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,6 +77,7 @@ def holder_gone(job: Job, now: float) -> bool:
 
 # -- transitions ------------------------------------------------------------------------------------------
 
+
 def start(job_id: str, ctx: StoreContext, worker: str | None = None) -> Job | None:
     """queued -> processing: take the job for a new attempt; None if this delivery has nothing to do.
 
@@ -118,6 +120,7 @@ def _claim(job_id: str, ctx: StoreContext, worker: str | None, delivery: bool) -
 def hand_to_delivery(job: Job, ctx: StoreContext, separated: Separated, timings: dict[str, float]) -> bool:
     """processing -> separated: the job waits for delivery with its float stems (only while this attempt owns it);
     its load entry moves to the delivery queue and its delivery message is owed, in the same transaction."""
+
     def apply(current: Job) -> Job | None:
         if current.status != JobStatus.processing or current.attempt_id != job.attempt_id:
             return None
@@ -133,8 +136,14 @@ def hand_to_delivery(job: Job, ctx: StoreContext, separated: Separated, timings:
     return ctx.store.transition(job.id, apply, also) is not None
 
 
-def finish(job_id: str, ctx: StoreContext, status: JobStatus, error: dict | None = None,
-           usage_minutes: float = 0.0, attempt_id: str | None = None) -> Job | None:
+def finish(
+    job_id: str,
+    ctx: StoreContext,
+    status: JobStatus,
+    error: dict | None = None,
+    usage_minutes: float = 0.0,
+    attempt_id: str | None = None,
+) -> Job | None:
     """-> complete | failed: end the job (only by `attempt_id`, if given); the ended job, or None if it was not
     ours to end.
 
@@ -142,6 +151,7 @@ def finish(job_id: str, ctx: StoreContext, status: JobStatus, error: dict | None
     callback URL owes its webhook there too, and ending owes the cleanup of its objects, so none
     of them can be lost or done twice.
     """
+
     def apply(job: Job) -> Job | None:
         if job.status.terminal or (attempt_id is not None and job.attempt_id != attempt_id):
             return None
@@ -167,8 +177,13 @@ def _owe_last_sweep(pipe, job: Job, ctx: StoreContext) -> None:
     # every attempt of the job started before now, so each is dead (its pool process killed at its hard time
     # limit) by now + the longest limit: an attempt frozen past its lease that wakes and uploads before it
     # checks its fence leaves objects after the first cleanup, and this sweep removes them
-    ctx.store.owe_cleanup(pipe, job.id, job.user_id, time.time() + ctx.settings.hard_time_limit(
-        job.audio_seconds or 0.0) + ctx.settings.lease_s, last=True)
+    ctx.store.owe_cleanup(
+        pipe,
+        job.id,
+        job.user_id,
+        time.time() + ctx.settings.hard_time_limit(job.audio_seconds or 0.0) + ctx.settings.lease_s,
+        last=True,
+    )
 
 
 def cancel(job_id: str, ctx: StoreContext) -> Job | None:
@@ -176,6 +191,7 @@ def cancel(job_id: str, ctx: StoreContext) -> Job | None:
 
     The cleanup of its objects is owed in the same transaction; a running attempt learns of the
     cancel between chunks (the cancel flag, then its fenced writes) and stops."""
+
     def apply(job: Job) -> Job | None:
         if job.status.terminal:
             return None
@@ -191,9 +207,17 @@ def cancel(job_id: str, ctx: StoreContext) -> Job | None:
     return ctx.store.transition(job_id, apply, also)
 
 
-def requeue(job_id: str, ctx: StoreContext, stage: str, due: float, attempt_id: str | None = None,
-            lease_lapsed: bool = False, worker: str | None = None, counts: bool = True,
-            now: float | None = None) -> Job | None:
+def requeue(
+    job_id: str,
+    ctx: StoreContext,
+    stage: str,
+    due: float,
+    attempt_id: str | None = None,
+    lease_lapsed: bool = False,
+    worker: str | None = None,
+    counts: bool = True,
+    now: float | None = None,
+) -> Job | None:
     """processing -> queued (or separated -> waiting for another delivery): hand a running job back, owing its
     message at `due`; None if it was not ours to hand back.
 
@@ -225,10 +249,15 @@ def requeue(job_id: str, ctx: StoreContext, stage: str, due: float, attempt_id: 
 def separate_again(job: Job, ctx: StoreContext) -> Job | None:
     """separated -> queued: the float stems are gone, so the job goes back to its model queue to be separated
     again; its load entry moves back with it, and the old float stems' removal is owed (one transaction)."""
+
     def apply(current: Job) -> Job | None:
         if current.attempt_id != job.attempt_id or current.status != JobStatus.processing:
             return None
-        current.separated, current.status, current.stage = None, JobStatus.queued, "requeued: its separated stems were lost"
+        current.separated, current.status, current.stage = (
+            None,
+            JobStatus.queued,
+            "requeued: its separated stems were lost",
+        )
         current.attempt_id = current.lease_until = current.deadline_at = None
         return current
 
@@ -238,19 +267,28 @@ def separate_again(job: Job, ctx: StoreContext) -> Job | None:
 
     again = ctx.store.transition(job.id, apply, also)
     if again is not None:  # what is left of the old float stems: nobody else removes them (the job is not ended)
-        _best_effort(job, "remove the old float stems",
-                     lambda: ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.separated.attempt_id)))
+        _best_effort(
+            job,
+            "remove the old float stems",
+            lambda: ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.separated.attempt_id)),
+        )
     return again
 
 
 def give_up(job: Job, ctx: StoreContext) -> None:
     """-> failed: the job was tried too often (its worker died each time)."""
     if job.separated is not None:
-        err = GaveUp(f"the job's stems were separated, and their delivery was tried {job.deliveries - 1} times and "
-                     "never finished (its worker died each time)", attempts=job.attempts, deliveries=job.deliveries - 1)
+        err = GaveUp(
+            f"the job's stems were separated, and their delivery was tried {job.deliveries - 1} times and "
+            "never finished (its worker died each time)",
+            attempts=job.attempts,
+            deliveries=job.deliveries - 1,
+        )
     else:
-        err = GaveUp(f"the job was tried {job.attempts - 1} times and never finished (its worker died each time)",
-                     attempts=job.attempts - 1)
+        err = GaveUp(
+            f"the job was tried {job.attempts - 1} times and never finished (its worker died each time)",
+            attempts=job.attempts - 1,
+        )
     ended = finish(job.id, ctx, JobStatus.failed, err.to_dict(), attempt_id=job.attempt_id)
     if ended is not None:
         clean_now(ended, ctx)
@@ -270,20 +308,31 @@ def waiting(job: Job) -> bool:
 
 # -- stem records of an attempt ------------------------------------------------------------------------------
 
+
 def _pending(stem: Stem) -> Stem:
     stem.status, stem.wav_key, stem.hq_key, stem.peaks_key, stem.wav_size, stem.hq_size, stem.made_by = (
-        StemStatus.pending, None, None, None, None, None, None)
+        StemStatus.pending,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
     return stem
 
 
 def reset_stems(job: Job, ctx: StoreContext) -> None:
     """Stem records back to pending for a new attempt (they may point at an earlier attempt's objects)."""
-    stale = [_pending(s) for s in ctx.store.get_stems(job.stem_ids + job.upscaled_ids) if s.status != StemStatus.pending]
+    stale = [
+        _pending(s) for s in ctx.store.get_stems(job.stem_ids + job.upscaled_ids) if s.status != StemStatus.pending
+    ]
     if not ctx.store.put_stems_fenced(stale, job.id, job.attempt_id):
         raise Superseded("another attempt took the job over")
 
 
 # -- cleanup owed -----------------------------------------------------------------------------------------------
+
 
 def clean(ctx: StoreContext, job_id: str, user_id: str, now: float | None = None) -> bool:
     """Bring the job's objects to what its state allows; True once storage confirms there is nothing more to do.
@@ -314,8 +363,9 @@ def clean(ctx: StoreContext, job_id: str, user_id: str, now: float | None = None
     return True
 
 
-def settle_clean(ctx: StoreContext, job_id: str, user_id: str, score: int, now: float | None = None,
-                 last: bool = False) -> bool:
+def settle_clean(
+    ctx: StoreContext, job_id: str, user_id: str, score: int, now: float | None = None, last: bool = False
+) -> bool:
     """Run an owed cleanup (the entry read with `score`; `last`: a last sweep); settle it once done, else owe it
     again later."""
     if clean(ctx, job_id, user_id, now):
@@ -371,8 +421,7 @@ def run_attempt(job: Job, ctx: WorkerContext, tries: int, body: Body) -> None:
             else:
                 _end_without_stems(job, ctx, JobStatus.cancelled)
         except SoftTimeLimitExceeded:
-            _end_without_stems(job, ctx, JobStatus.failed,
-                               TimeLimit("the split ran past its time limit").to_dict())
+            _end_without_stems(job, ctx, JobStatus.failed, TimeLimit("the split ran past its time limit").to_dict())
         except Exception as exc:
             if retryable(exc) and tries < s.task_max_attempts:
                 _retry(job, ctx, exc)
@@ -384,15 +433,20 @@ def run_attempt(job: Job, ctx: WorkerContext, tries: int, body: Body) -> None:
                 _end_without_stems(job, ctx, JobStatus.failed, InternalError.of(exc).to_dict())
 
 
-def complete(job: Job, ctx: WorkerContext, made_by: dict[str, str], seconds: float,
-             cancelled: Callable[[], bool]) -> None:
+def complete(
+    job: Job, ctx: WorkerContext, made_by: dict[str, str], seconds: float, cancelled: Callable[[], bool]
+) -> None:
     """-> complete: mark the stems the chain did not make as dropped, then complete the job (only while this
     attempt owns it). Once that took effect nothing here raises: the cleanup it owes is done now or by the
     reaper."""
     records = {s.name: s for s in ctx.store.get_stems(job.stem_ids)}
     restored = {u.of_stem_id: u for u in ctx.store.get_stems(job.upscaled_ids)}
-    dropped = [record for name, stem in records.items() if name not in made_by
-               for record in filter(None, (stem, restored.get(stem.id)))]
+    dropped = [
+        record
+        for name, stem in records.items()
+        if name not in made_by
+        for record in filter(None, (stem, restored.get(stem.id)))
+    ]
     for record in dropped:
         record.status = StemStatus.dropped
     if not ctx.store.put_stems_fenced(dropped, job.id, job.attempt_id):

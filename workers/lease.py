@@ -9,6 +9,7 @@ and the run stops at its next check without writing anything of the job's.
 While Redis is unreachable the thread keeps trying: nobody can take the job over without
 Redis either, and every write of the run is checked against the token when it lands.
 """
+
 from __future__ import annotations
 
 import logging

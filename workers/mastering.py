@@ -7,6 +7,7 @@ has passed, so a worker that dies mid-way does not strand it; errors a retry can
 sent back after a backoff. Records are only updated, never created: a mastering deleted while
 it ran finds no record, and the WAV it stored is removed again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,11 @@ def run_master(mastering_id: str, ctx: StoreContext, hostname: str | None = None
         return
     tries = ctx.store.count_try(TASK_KIND, mastering_id)
     if tries > s.task_max_attempts:
-        _fail(masters, m, GaveUp(f"the mastering was tried {tries - 1} times and never finished",
-                                 attempts=tries - 1).to_dict())
+        _fail(
+            masters,
+            m,
+            GaveUp(f"the mastering was tried {tries - 1} times and never finished", attempts=tries - 1).to_dict(),
+        )
         ctx.store.settle(TASK_KIND, mastering_id)
         return
     ctx.store.owe(TASK_KIND, mastering_id, time.time() + s.hard_time_limit(m.audio_seconds) + s.enqueue_grace_s)
@@ -88,11 +92,23 @@ def _master(m: Mastering, ctx: StoreContext, masters: Masterings) -> None:
         size = dest.stat().st_size
     m.status, m.finished_at = JobStatus.complete, time.time()
     m.source_measured, m.measured = report.source.to_dict(), report.result.to_dict()
-    m.processing = {"gain_db": report.gain_db, "low_shelf_db": report.low_shelf_db,
-                    "high_shelf_db": report.high_shelf_db, "renders": report.renders}
+    m.processing = {
+        "gain_db": report.gain_db,
+        "low_shelf_db": report.low_shelf_db,
+        "high_shelf_db": report.high_shelf_db,
+        "renders": report.renders,
+    }
     m.usage_minutes = round(report.result.duration_s / 60, 4)
-    stem = output_stem(m).model_copy(update={
-        "status": StemStatus.complete, "made_by": f"mastering:{m.preset}", "duration": report.result.duration_s,
-        "sample_rate": info.sample_rate, "channels": min(info.channels, 2), "wav_key": out_key, "wav_size": size})
+    stem = output_stem(m).model_copy(
+        update={
+            "status": StemStatus.complete,
+            "made_by": f"mastering:{m.preset}",
+            "duration": report.result.duration_s,
+            "sample_rate": info.sample_rate,
+            "channels": min(info.channels, 2),
+            "wav_key": out_key,
+            "wav_size": size,
+        }
+    )
     if not masters.update(m, stem):  # deleted while it ran: leave nothing behind
         ctx.storage.delete_prefix(keys.job_prefix(m.user_id, m.id))

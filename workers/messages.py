@@ -8,6 +8,7 @@ whoever sends the message then settles the entry. Five kinds: `split` (a queued 
 settled without a message: sending twice is harmless (a delivery of work already started is
 dropped), and the checks keep it rare.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,13 @@ from .retry import RETRYABLE
 
 log = logging.getLogger(__name__)
 
-TASKS = {"split": "stems.split", "deliver": "stems.deliver", "import": "stems.import_audio",
-         "webhook": "stems.webhook", "master": "stems.master_audio"}
+TASKS = {
+    "split": "stems.split",
+    "deliver": "stems.deliver",
+    "import": "stems.import_audio",
+    "webhook": "stems.webhook",
+    "master": "stems.master_audio",
+}
 KINDS = {task: kind for kind, task in TASKS.items()}
 
 
@@ -43,14 +49,22 @@ def send_split(app: Celery, s: Settings, job: Job, kind: str = "split") -> None:
     """A split's message (to its model queue) or a separated job's delivery (to the CPU queue); limits follow the audio."""
     seconds = job.audio_seconds or 0.0
     queue = job.queue if kind == "split" else DELIVERY_QUEUE
-    publish(app, s, kind, job.id, queue, soft_time_limit=s.soft_time_limit(seconds),
-            time_limit=s.hard_time_limit(seconds))
+    publish(
+        app, s, kind, job.id, queue, soft_time_limit=s.soft_time_limit(seconds), time_limit=s.hard_time_limit(seconds)
+    )
 
 
 def send_master(app: Celery, s: Settings, m: Mastering) -> None:
     """A mastering's message, to the CPU queue, with limits that follow the audio as a split's do."""
-    publish(app, s, "master", m.id, "cpu", soft_time_limit=s.soft_time_limit(m.audio_seconds),
-            time_limit=s.hard_time_limit(m.audio_seconds))
+    publish(
+        app,
+        s,
+        "master",
+        m.id,
+        "cpu",
+        soft_time_limit=s.soft_time_limit(m.audio_seconds),
+        time_limit=s.hard_time_limit(m.audio_seconds),
+    )
 
 
 def needs_message(store: JobStore, kind: str, id_: str) -> bool:

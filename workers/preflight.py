@@ -2,6 +2,7 @@
 does not. In development it warns and starts (Celery keeps reconnecting to the broker, the job store to Redis,
 and work that met storage down is retried with backoff); with STEMS_ENV=production it refuses to start, also
 when its Redis does not persist."""
+
 from __future__ import annotations
 
 import sys

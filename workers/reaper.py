@@ -30,6 +30,7 @@ STEMS_SHUTDOWN_GRACE_S; then it hands back those still running (not counted as a
 they go back to `queued` with a message at once, and the runs, no longer owners, stop at
 their next check. SIGQUIT (Celery's cold shutdown) waits the same grace first.
 """
+
 from __future__ import annotations
 
 import logging
@@ -107,8 +108,9 @@ class Reaper:
                 store.forget_run(job_id)  # an index entry whose record went away
             elif job.deadline_at and now >= job.deadline_at:
                 counts["timed_out"] += self.time_out(job_id)
-            elif requeue(job_id, self.ctx, "requeued: its worker stopped renewing the lease", now, lease_lapsed=True,
-                         now=now):
+            elif requeue(
+                job_id, self.ctx, "requeued: its worker stopped renewing the lease", now, lease_lapsed=True, now=now
+            ):
                 log.warning("job %s: the lease of attempt %s lapsed; running it again", job_id, job.attempt_id)
                 counts["requeued"] += 1
         for kind, id_, score in store.owed(now):
@@ -150,8 +152,9 @@ class Reaper:
             self.store.forget_run(job_id)
             return 0
         limit = s.hard_time_limit(job.audio_seconds or 0.0)
-        err = TimeLimit(f"the split ran past its hard time limit of {limit:.0f} s and its worker was stopped",
-                        limit_s=round(limit)).to_dict()
+        err = TimeLimit(
+            f"the split ran past its hard time limit of {limit:.0f} s and its worker was stopped", limit_s=round(limit)
+        ).to_dict()
         ended = finish(job_id, self.ctx, JobStatus.failed, err, attempt_id=job.attempt_id)
         if ended is None:
             return 0
@@ -204,9 +207,13 @@ def _check_rabbitmq(app, s: Settings) -> None:
         version = version.decode() if isinstance(version, bytes) else str(version)
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if parts < (3, 12):
-        log.warning("RabbitMQ %s ignores the per-queue consumer timeout: set consumer_timeout = %d (ms) or more in "
-                    "rabbitmq.conf (see infra/rabbitmq.conf), or a split longer than its default 30 minutes is "
-                    "delivered twice (our lease drops the second)", version, s.visibility_timeout_s * 1000)
+        log.warning(
+            "RabbitMQ %s ignores the per-queue consumer timeout: set consumer_timeout = %d (ms) or more in "
+            "rabbitmq.conf (see infra/rabbitmq.conf), or a split longer than its default 30 minutes is "
+            "delivered twice (our lease drops the second)",
+            version,
+            s.visibility_timeout_s * 1000,
+        )
 
 
 @worker_ready.connect
@@ -227,8 +234,11 @@ def _running_splits() -> list[str]:
 
     for _ in range(5):  # the consumer thread may change the set while we copy it
         try:
-            return [str(r.args[0]) for r in list(state.active_requests)
-                    if r.name in ("stems.split", "stems.deliver") and r.args]
+            return [
+                str(r.args[0])
+                for r in list(state.active_requests)
+                if r.name in ("stems.split", "stems.deliver") and r.args
+            ]
         except RuntimeError:
             time.sleep(0.01)
     return []

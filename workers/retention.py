@@ -4,6 +4,7 @@ Each such worker's main process starts a thread that, every STEMS_RETENTION_SWEE
 takes a Redis lock and runs one `stems.lifecycle.sweep`; whoever misses the lock waits for the
 next turn, so one sweep runs at a time across the deployment however many workers there are.
 """
+
 from __future__ import annotations
 
 import logging

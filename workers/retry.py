@@ -5,6 +5,7 @@ the reaper sends it then, so a retry survives the worker that scheduled it (Redi
 countdown message of a dead worker for a visibility timeout, and RabbitMQ quorum queues need
 no delayed-delivery exchanges). The try count lives in our job store.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,7 +19,7 @@ RETRYABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, Timeout
 
 def backoff(tries: int, base: float = 1.0) -> float:
     """Seconds before try `tries + 1`: base * 2**tries, capped at 60 s, jittered +-50%."""
-    return min(60.0, base * 2.0 ** tries) * (0.5 + random.random())
+    return min(60.0, base * 2.0**tries) * (0.5 + random.random())
 
 
 def retryable(exc: BaseException) -> bool:

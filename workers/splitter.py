@@ -15,6 +15,7 @@ bounds how often a job that kills its worker is tried; errors a retry can fix se
 back to the queue after a backoff (`workers/retry.py`). Scratch directories are named by host
 and pid, so one left behind by a killed worker is removed by the next job on that host.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,7 +55,14 @@ class Progress:
     stage at most once per `every` seconds."""
 
     def __init__(self, ctx: WorkerContext, job_id: str, attempt_id: str, every: float = 0.5) -> None:
-        self.ctx, self.job_id, self.attempt_id, self.every, self.last, self.stage = ctx, job_id, attempt_id, every, 0.0, None
+        self.ctx, self.job_id, self.attempt_id, self.every, self.last, self.stage = (
+            ctx,
+            job_id,
+            attempt_id,
+            every,
+            0.0,
+            None,
+        )
 
     def __call__(self, fraction: float, stage: str) -> None:
         t = time.monotonic()
@@ -74,6 +82,7 @@ class Progress:
 def store_product(product: Product, stem: Stem, job: Job, ctx: WorkerContext) -> None:
     """Upload one stem's encoded files under the attempt's prefix, then mark its record complete (only while
     the attempt owns the job)."""
+
     def put(path: Path, ext: str) -> str:
         key = keys.stem(job.user_id, job.id, job.attempt_id, stem.id, ext)
         ctx.storage.put_file(key, path)
@@ -86,7 +95,11 @@ def store_product(product: Product, stem: Stem, job: Job, ctx: WorkerContext) ->
     for path in filter(None, (product.wav, product.hq, product.peaks)):
         path.unlink()
     stem.status, stem.made_by = StemStatus.complete, product.made_by
-    stem.duration, stem.sample_rate, stem.channels = product.frames / product.sample_rate, product.sample_rate, product.channels
+    stem.duration, stem.sample_rate, stem.channels = (
+        product.frames / product.sample_rate,
+        product.sample_rate,
+        product.channels,
+    )
     if not ctx.store.put_stems_fenced([stem], job.id, job.attempt_id):
         raise Superseded("another attempt owns the job now")
 
@@ -170,8 +183,12 @@ def _run(job: Job, ctx: WorkerContext, lease: Lease) -> None:
         done = split.run(ctx.engine, job.spec, src, tmp, deliver, progress, cancelled, wanted=set(records))
     record_timings(job, ctx, run_s=time.perf_counter() - t0, model_s=ctx.engine.model_seconds - model0)
     complete(job, ctx, done.made_by, done.seconds, cancelled)
-    log.info("job %s: %.2f s, of which %.2f s loading models", job.id, time.perf_counter() - t0,
-             ctx.engine.load_seconds - loaded)
+    log.info(
+        "job %s: %.2f s, of which %.2f s loading models",
+        job.id,
+        time.perf_counter() - t0,
+        ctx.engine.load_seconds - loaded,
+    )
 
 
 def _separate_stage(job: Job, ctx: WorkerContext, lease: Lease) -> None:
@@ -197,8 +214,14 @@ def _separate_stage(job: Job, ctx: WorkerContext, lease: Lease) -> None:
             stored.append(SeparatedStem(name=name, of=of, made_by=made_by, key=key))
     _check(cancelled)
     done = separated.done
-    handed = Separated(attempt_id=job.attempt_id, worker=job.worker, frames=done.frames, sample_rate=done.sample_rate,
-                       made_by=done.made_by, stems=stored)
+    handed = Separated(
+        attempt_id=job.attempt_id,
+        worker=job.worker,
+        frames=done.frames,
+        sample_rate=done.sample_rate,
+        made_by=done.made_by,
+        stems=stored,
+    )
     timings = {"separate_s": round(time.perf_counter() - t0, 4), "model_s": round(model_s, 4)}
     if not hand_to_delivery(job, ctx, handed, timings):
         raise Cancelled("the job was cancelled or taken over while its stems were stored")
@@ -207,6 +230,7 @@ def _separate_stage(job: Job, ctx: WorkerContext, lease: Lease) -> None:
 
 def record_timings(job: Job, ctx: WorkerContext, **seconds: float) -> None:
     """Add stage timings to the job record (only while this attempt owns it): what a node spent on the job."""
+
     def apply(current: Job) -> Job | None:
         if current.attempt_id != job.attempt_id or current.status != JobStatus.processing:
             return None

@@ -6,6 +6,7 @@ our job store, so a task that kills its worker is not delivered forever. Errors 
 can fix (storage 5xx or timeouts, Redis connection loss) are tried again after a jittered
 exponential backoff (`workers/retry.py`); everything else fails at once with its reason.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,11 @@ _s = get_settings()
 WEBHOOK_HARD_S = _s.webhook_timeout_s + 10.0
 
 
-@app.task(name="stems.import_audio", soft_time_limit=_s.import_time_limit_s,
-          time_limit=_s.import_time_limit_s + _s.time_limit_grace_s)
+@app.task(
+    name="stems.import_audio",
+    soft_time_limit=_s.import_time_limit_s,
+    time_limit=_s.import_time_limit_s + _s.time_limit_grace_s,
+)
 def import_audio_task(audio_id: str) -> None:
     run_import(audio_id, store_context())
 
@@ -81,8 +85,15 @@ def webhook_task(job_id: str) -> None:
         log.warning("webhook for job %s not sent: its API key %s was revoked", job_id, job.key_id)
         store.settle("webhook", job_id)
         return
-    payload = {"creation_id": job.id, "status": job.status.value, "preset": job.preset, "audio_id": job.audio_id,
-               "error": job.error, "stem_ids": job.stem_ids, "upscaled_ids": job.upscaled_ids}
+    payload = {
+        "creation_id": job.id,
+        "status": job.status.value,
+        "preset": job.preset,
+        "audio_id": job.audio_id,
+        "error": job.error,
+        "stem_ids": job.stem_ids,
+        "upscaled_ids": job.upscaled_ids,
+    }
     try:
         status = deliver(job.callback_url, payload, secret, s)
     except LinkError:  # the URL became unsafe (or never was): never tried again

@@ -15,6 +15,7 @@ whole record and the last one stays; a reader never sees half of one. A record t
 other weights, another segment length or batch, or (by its content) another machine is not
 used: the model is measured again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,10 @@ class BackendRecord(BaseModel):
 
     def summary(self) -> str:
         figures = ", ".join(f"{b} {s * 1000:.0f} ms" for b, s in sorted(self.seconds.items()))
-        return (f"measured on this CPU: {figures} per segment (median of {self.rounds}, "
-                f"load {self.loadavg[0]:.1f}); {self.choice} chosen")
+        return (
+            f"measured on this CPU: {figures} per segment (median of {self.rounds}, "
+            f"load {self.loadavg[0]:.1f}); {self.choice} chosen"
+        )
 
 
 def path_for(root: Path, model_id: str, machine: Machine) -> Path:
@@ -76,8 +79,9 @@ def load(path: Path) -> BackendRecord | None:
         return None  # absent, or written by another version of this code: measure again
 
 
-def recorded(root: Path, model_id: str, files: dict[str, str], segment_samples: int, batch: int,
-             machine: Machine) -> BackendRecord | None:
+def recorded(
+    root: Path, model_id: str, files: dict[str, str], segment_samples: int, batch: int, machine: Machine
+) -> BackendRecord | None:
     """The kept record for exactly these weights, segment, batch and machine, or None."""
     record = load(path_for(root, model_id, machine))
     return record if record is not None and record.matches(files, segment_samples, batch, machine) else None
@@ -104,8 +108,12 @@ def save(root: Path, record: BackendRecord) -> Path | None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except OSError as exc:
-        log.warning("cannot keep the backend figures of %s in %s (%s); measured again by the next process",
-                    record.model_id, path, exc)
+        log.warning(
+            "cannot keep the backend figures of %s in %s (%s); measured again by the next process",
+            record.model_id,
+            path,
+            exc,
+        )
         return None
     return path
 
@@ -119,8 +127,9 @@ def forget(root: Path, model_id: str, machine: Machine) -> bool:
         return False
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], runs: int = RUNS,
-                     budget_s: float = BUDGET_S) -> tuple[dict[str, float], int]:
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], runs: int = RUNS, budget_s: float = BUDGET_S
+) -> tuple[dict[str, float], int]:
     """Median seconds of each callable and the rounds timed: a warm-up each, then rounds in alternating order.
 
     At least one timed round; more while under `budget_s`, so a slow CPU pays a few seconds, not minutes.

@@ -1,4 +1,5 @@
 """The step contract every model family implements: load once, then separate arrays."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -51,8 +52,9 @@ class Separator(ABC):
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         """Split `audio` (channels, samples) into `spec.sources`."""
 
-    def separate_stream(self, audio: Signal, sample_rate: int, block: int,
-                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
+    def separate_stream(
+        self, audio: Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]] | None:
         """Optional: separate a long signal incrementally, equal to `separate` on the whole of it.
 
         `audio` is read a range at a time (`audio.read(lo, hi)`, already at the model's rate

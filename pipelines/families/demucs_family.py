@@ -37,6 +37,7 @@ When that cannot be had (no onnxruntime, a model without an exported form, a sto
 cannot be written), "auto" runs torch and says why in `backend_reason`; an explicit
 "onnxruntime" fails at load instead. The whole-signal path (shifts > 0) always runs torch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,20 +86,28 @@ class DemucsParams(BaseModel):
     name: str = Field(description="demucs model name: a checkpoint signature or a bag yaml's stem")
     segment: float | None = Field(None, gt=0, description="seconds per forward; None = the model's own")
     overlap: float = Field(0.25, ge=0, lt=1)
-    shifts: int = Field(0, ge=0, description="random time shifts averaged (the CLI's --shifts); >0 is not deterministic")
+    shifts: int = Field(
+        0, ge=0, description="random time shifts averaged (the CLI's --shifts); >0 is not deterministic"
+    )
     batch: Batch = Field(
-        "auto", description="segments per forward; 1 runs apply_model exactly as the CLI does; "
-                            f"auto: 1 on a CPU, {GPU_BATCH} on a GPU")
+        "auto",
+        description="segments per forward; 1 runs apply_model exactly as the CLI does; "
+        f"auto: 1 on a CPU, {GPU_BATCH} on a GPU",
+    )
     precision: Precision = Field(
-        "auto", description="autocast dtype of the forward; float16 needs CUDA; auto: float32 on a CPU, "
-                            f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32); "
-                            "bfloat16 on a CPU runs torch's CPU autocast, worth it only with AVX512-BF16 or AMX "
-                            "(within 30 dB of float32, worst stem, on the random htdemucs: tests/pipelines/"
-                            "test_streaming.py)")
+        "auto",
+        description="autocast dtype of the forward; float16 needs CUDA; auto: float32 on a CPU, "
+        f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32); "
+        "bfloat16 on a CPU runs torch's CPU autocast, worth it only with AVX512-BF16 or AMX "
+        "(within 30 dB of float32, worst stem, on the random htdemucs: tests/pipelines/"
+        "test_streaming.py)",
+    )
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
-        "auto", description="what runs the network: torch, or ONNX Runtime from a file derived from the weights "
-                            "(CPU, float32; same stems within 1e-3); auto: the one measured faster on this CPU "
-                            "(timed once per CPU and library versions, kept in the store; `stems models bench`)")
+        "auto",
+        description="what runs the network: torch, or ONNX Runtime from a file derived from the weights "
+        "(CPU, float32; same stems within 1e-3); auto: the one measured faster on this CPU "
+        "(timed once per CPU and library versions, kept in the store; `stems models bench`)",
+    )
 
     def resolved(self, device: str) -> tuple[int, str]:
         """(batch, precision) on `device`: `auto` is the exact CLI path on a CPU, batched mixed precision on a GPU."""
@@ -153,14 +162,18 @@ def load_demucs(name: str, files: dict[str, Path]):
             raise ChainError(
                 f"demucs model {name!r} is neither a checkpoint signature {sorted(checkpoints)} "
                 f"nor a bag yaml {sorted(bags)} among the model's files; fix params.name or the registry's files",
-                name=name, files=sorted(files),
+                name=name,
+                files=sorted(files),
             )
         bag_repo = BagOnlyRepo(bags[name].parent, repo)  # demucs's own reading of models/weights/segment
         try:
             model = bag_repo.get_model(name)
         except ModelLoadingError as exc:  # the yaml names a checkpoint the registry does not list
-            raise ChainError(f"bag {name!r} ({bags[name]}): {exc}; fix the yaml or the registry's files",
-                             name=name, file=str(bags[name])) from exc
+            raise ChainError(
+                f"bag {name!r} ({bags[name]}): {exc}; fix the yaml or the registry's files",
+                name=name,
+                file=str(bags[name]),
+            ) from exc
     return model.eval()
 
 
@@ -209,8 +222,12 @@ class DemucsSeparator(TorchSeparator):
         runners: dict[int, demucs_onnx.CoreRunner] = {}
         failed = reason is not None and reason == demucs_onnx.runtime_missing()
         paths = member_files(self.settings.name, self.files)
-        lengths = [demucs_onnx.network_length(m, _valid_length(m, _segment_samples(m, self.settings.segment),
-                                                                  self.settings.segment)) for m in members]
+        lengths = [
+            demucs_onnx.network_length(
+                m, _valid_length(m, _segment_samples(m, self.settings.segment), self.settings.segment)
+            )
+            for m in members
+        ]
         machine = this_machine()
         files = {name: sha256_file(path) for name, path in sorted(self.files.items())}
         record = None
@@ -222,7 +239,8 @@ class DemucsSeparator(TorchSeparator):
             try:
                 for member, path, length in zip(members, paths, lengths):
                     runners[id(member)] = demucs_onnx.prepared_runner(
-                        member, path.parent, sha256_file(path), length, torch.get_num_threads())
+                        member, path.parent, sha256_file(path), length, torch.get_num_threads()
+                    )
                 if record is None and not explicit:
                     record = self._measure(members[0], runners[id(members[0])], files, machine)
                     backend_choice.save(paths[0].parent, record)
@@ -236,26 +254,39 @@ class DemucsSeparator(TorchSeparator):
         self.backend_record = record
         if reason is not None:
             if explicit:
-                raise ChainError(f"params.backend 'onnxruntime' for {self.spec.id!r} cannot run: {reason}",
-                                 model_id=self.spec.id, reason=reason)
+                raise ChainError(
+                    f"params.backend 'onnxruntime' for {self.spec.id!r} cannot run: {reason}",
+                    model_id=self.spec.id,
+                    reason=reason,
+                )
             # a GPU, mixed precision or a measurement choosing torch is the plan; a failed build is news
             log.log(logging.WARNING if failed else logging.INFO, "%s runs in torch: %s", self.spec.id, reason)
             self.backend_reason = reason
             return
         self._runners, self.backend = runners, "onnxruntime"
 
-    def _measure(self, member, runner: demucs_onnx.CoreRunner, files: dict[str, str],
-                 machine) -> backend_choice.BackendRecord:
+    def _measure(
+        self, member, runner: demucs_onnx.CoreRunner, files: dict[str, str], machine
+    ) -> backend_choice.BackendRecord:
         """Time one full segment (a batch of them) of `member` in torch and in ONNX Runtime, interleaved."""
         g = torch.Generator().manual_seed(0)
         mix = torch.randn(self.batch, member.audio_channels, runner.length, generator=g)
         with torch.inference_mode():
             seconds, rounds = backend_choice.time_interleaved(
-                {"torch": lambda: TorchSeparator._forward(self, member, mix), "onnxruntime": lambda: runner(mix)})
+                {"torch": lambda: TorchSeparator._forward(self, member, mix), "onnxruntime": lambda: runner(mix)}
+            )
         record = backend_choice.BackendRecord(
-            model_id=self.spec.id, files=files, segment_samples=runner.length, batch=self.batch, machine=machine,
-            seconds={k: round(v, 5) for k, v in seconds.items()}, rounds=rounds, choice=backend_choice.choose(seconds),
-            loadavg=[round(x, 2) for x in os.getloadavg()], measured_at=time.time())
+            model_id=self.spec.id,
+            files=files,
+            segment_samples=runner.length,
+            batch=self.batch,
+            machine=machine,
+            seconds={k: round(v, 5) for k, v in seconds.items()},
+            rounds=rounds,
+            choice=backend_choice.choose(seconds),
+            loadavg=[round(x, 2) for x in os.getloadavg()],
+            measured_at=time.time(),
+        )
         log.info("%s on %s: %s", self.spec.id, machine.describe(), record.summary())
         return record
 
@@ -266,7 +297,6 @@ class DemucsSeparator(TorchSeparator):
             return runner(mix)
         return super()._forward(model, mix)
 
-
     def _check(self, model) -> None:
         """Fail at load time, naming the fix, on what would otherwise fail or mislabel mid-job."""
         spec, s = self.spec, self.settings
@@ -274,7 +304,9 @@ class DemucsSeparator(TorchSeparator):
             raise ChainError(
                 f"checkpoint of {spec.id!r} has sources {list(model.sources)} but the registry declares "
                 f"{list(spec.sources)}; install the right weights or fix catalogue/models/demucs.json",
-                model_id=spec.id, checkpoint_sources=list(model.sources), registry_sources=list(spec.sources),
+                model_id=spec.id,
+                checkpoint_sources=list(model.sources),
+                registry_sources=list(spec.sources),
             )
         if model.samplerate != spec.sample_rate or model.audio_channels != spec.channels:
             raise ChainError(
@@ -291,7 +323,9 @@ class DemucsSeparator(TorchSeparator):
         if s.segment is not None and s.segment > longest:  # a transformer cannot run past its training length
             raise ChainError(
                 f"segment {s.segment} s is longer than {spec.id!r} was trained for ({longest:.2f} s); lower params.segment",
-                model_id=spec.id, segment=s.segment, max_segment=longest,
+                model_id=spec.id,
+                segment=s.segment,
+                max_segment=longest,
             )
 
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
@@ -306,9 +340,18 @@ class DemucsSeparator(TorchSeparator):
             for mixed in (True, False):  # float32 again if mixed precision overflowed anywhere
                 pool = _BatchingPool(self.batch, self.device) if self.batch > 1 else None
                 with self._autocast(mixed):
-                    out = apply_model(self.model, ((wav - mean) / std)[None], segment=s.segment, overlap=s.overlap,
-                                      shifts=s.shifts, split=True, device=self.device, num_workers=0, pool=pool,
-                                      progress=False)
+                    out = apply_model(
+                        self.model,
+                        ((wav - mean) / std)[None],
+                        segment=s.segment,
+                        overlap=s.overlap,
+                        shifts=s.shifts,
+                        split=True,
+                        device=self.device,
+                        num_workers=0,
+                        pool=pool,
+                        progress=False,
+                    )
                 if self.precision == "float32" or bool(torch.isfinite(out).all()):
                     break
                 self.fallbacks += 1
@@ -316,8 +359,9 @@ class DemucsSeparator(TorchSeparator):
         index = {name: k for k, name in enumerate(self.model.sources)}
         return {name: out[index[name]].float().numpy() for name in self.spec.sources}
 
-    def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
-                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
+    def separate_stream(
+        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]] | None:
         self._ready(sample_rate)
         if self.settings.shifts:
             return None
@@ -330,8 +374,10 @@ class DemucsSeparator(TorchSeparator):
             members, weights = list(model.models), model.weights
         else:
             members, weights = [model], None
-        streams = [_SegmentStream(m, audio, mean, std, s.segment, s.overlap, self.batch, self.device, self._forward,
-                                  cancelled) for m in members]
+        streams = [
+            _SegmentStream(m, audio, mean, std, s.segment, s.overlap, self.batch, self.device, self._forward, cancelled)
+            for m in members
+        ]
         index = {name: k for k, name in enumerate(model.sources)}
         for lo in range(0, audio.frames, block):
             out = self._combine(streams, weights, mean, std, lo, min(audio.frames, lo + block))
@@ -397,8 +443,19 @@ def _valid_length(model, length: int, segment: float | None) -> int:
 class _SegmentStream:
     """One model's apply_model(split=True) output, produced a range at a time (see the module docstring)."""
 
-    def __init__(self, model, audio: A.Signal, mean: torch.Tensor, std: torch.Tensor, segment: float | None,
-                 overlap: float, batch: int, device: str, forward, cancelled: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        model,
+        audio: A.Signal,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        segment: float | None,
+        overlap: float,
+        batch: int,
+        device: str,
+        forward,
+        cancelled: Callable[[], bool],
+    ) -> None:
         self.model, self.audio, self.mean, self.std = model, audio, mean, std
         self.segment = segment  # what apply_model passes down (None: the model's own)
         self.batch, self.device, self.forward, self.cancelled = batch, torch.device(device), forward, cancelled
@@ -407,8 +464,12 @@ class _SegmentStream:
         stride = int((1 - overlap) * self.seg_len)
         self.offsets = range(0, self.n, stride)
         # apply_model's transition weight (transition_power 1)
-        weight = torch.cat([torch.arange(1, self.seg_len // 2 + 1, device=self.device),
-                            torch.arange(self.seg_len - self.seg_len // 2, 0, -1, device=self.device)])
+        weight = torch.cat(
+            [
+                torch.arange(1, self.seg_len // 2 + 1, device=self.device),
+                torch.arange(self.seg_len - self.seg_len // 2, 0, -1, device=self.device),
+            ]
+        )
         self.weight = (weight / weight.max()) ** 1.0
         self.next = 0  # index of the next segment to run
         self.pending: dict[int, torch.Tensor] = {}  # offset -> (sources, channels, length) output, still needed
@@ -426,9 +487,9 @@ class _SegmentStream:
             a, b = max(lo, offset), min(hi, offset + chunk_out.shape[-1])
             if a >= b:
                 continue
-            w = self.weight[a - offset:b - offset]
-            out[..., a - lo:b - lo] += (w * chunk_out[..., a - offset:b - offset]).to("cpu")
-            sum_weight[a - lo:b - lo] += w.to("cpu")
+            w = self.weight[a - offset : b - offset]
+            out[..., a - lo : b - lo] += (w * chunk_out[..., a - offset : b - offset]).to("cpu")
+            sum_weight[a - lo : b - lo] += w.to("cpu")
         for offset in [o for o, y in self.pending.items() if o + y.shape[-1] <= hi]:
             del self.pending[offset]
         out /= sum_weight
@@ -462,7 +523,7 @@ class _SegmentStream:
             group = ready[i:j]
             out = self.forward(self.model, torch.cat([p for _, _, p in group]).to(self.device))
             for k, (offset, length, _) in enumerate(group):
-                self.pending[offset] = center_trim(out[k:k + 1], length)[0]
+                self.pending[offset] = center_trim(out[k : k + 1], length)[0]
             i = j
 
 
@@ -511,14 +572,14 @@ class _BatchingPool:
     def run_from(self, first: _Pending) -> None:
         start = self._pending.index(first)
         part = [first]
-        for other in self._pending[start + 1:start + self.batch]:
+        for other in self._pending[start + 1 : start + self.batch]:
             if other.model is not first.model or other.valid_length != first.valid_length:
                 break
             part.append(other)
         mix = torch.cat([f.chunk.padded(f.valid_length) for f in part]).to(self.device)
         out = first.model(mix)
         for k, future in enumerate(part):
-            future.value = center_trim(out[k:k + 1], future.chunk.length)
+            future.value = center_trim(out[k : k + 1], future.chunk.length)
             self._pending.remove(future)
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:

@@ -25,6 +25,7 @@ load as weights are, and records the largest difference from torch that a check 
 noise found when it was built; a build that differs by more than `CHECK_TOLERANCE` is
 refused, so the fast path can never change a stem beyond that bound unnoticed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -131,9 +132,16 @@ def export(model, length: int, path: Path) -> None:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about shapes taken as constants: that is the intent
-            torch.onnx.export(_Core(model.eval()), (mix, mag), str(path), dynamo=False, opset_version=OPSET,
-                              input_names=["mix", "mag"], output_names=["spec", "wave"],
-                              dynamic_axes={n: {0: "batch"} for n in ("mix", "mag", "spec", "wave")})
+            torch.onnx.export(
+                _Core(model.eval()),
+                (mix, mag),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["mix", "mag"],
+                output_names=["spec", "wave"],
+                dynamic_axes={n: {0: "batch"} for n in ("mix", "mag", "spec", "wave")},
+            )
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     _bool_eye_as_float(path)
@@ -154,8 +162,12 @@ def _bool_eye_as_float(path: Path) -> None:
             return dtype == TensorProto.BOOL
         source = producers.get(node.input[0])  # without dtype the output has the input's type
         value = next((a.t for a in source.attribute if a.name == "value"), None) if source is not None else None
-        return source is not None and source.op_type == "ConstantOfShape" and value is not None \
+        return (
+            source is not None
+            and source.op_type == "ConstantOfShape"
+            and value is not None
             and value.data_type == TensorProto.BOOL
+        )
 
     nodes, changed = [], False
     for node in model.graph.node:
@@ -165,11 +177,13 @@ def _bool_eye_as_float(path: Path) -> None:
             node.attribute.append(helper.make_attribute("dtype", TensorProto.FLOAT))
             source, out = node.input[0], node.output[0]
             node.input[0], node.output[0] = source + "_float", out + "_float"
-            nodes += [helper.make_node("Cast", [source], [source + "_float"], to=TensorProto.FLOAT,
-                                       name=node.name + "_from_bool"),
-                      node,
-                      helper.make_node("Cast", [out + "_float"], [out], to=TensorProto.BOOL,
-                                       name=node.name + "_to_bool")]
+            nodes += [
+                helper.make_node(
+                    "Cast", [source], [source + "_float"], to=TensorProto.FLOAT, name=node.name + "_from_bool"
+                ),
+                node,
+                helper.make_node("Cast", [out + "_float"], [out], to=TensorProto.BOOL, name=node.name + "_to_bool"),
+            ]
             changed = True
         else:
             nodes.append(node)
@@ -225,8 +239,11 @@ class CoreRunner:
 
 
 def _versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "demucs": importlib.metadata.version("demucs"),
-            "onnxruntime": importlib.metadata.version("onnxruntime")}  # the kept graph holds its fused operators
+    return {
+        "torch": torch.__version__,
+        "demucs": importlib.metadata.version("demucs"),
+        "onnxruntime": importlib.metadata.version("onnxruntime"),
+    }  # the kept graph holds its fused operators
 
 
 def artefact_paths(root: Path, weights_sha256: str, length: int) -> tuple[Path, Path]:
@@ -250,8 +267,11 @@ def _valid(onnx_path: Path, sidecar: Path, weights_sha256: str) -> bool:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return False
-    return (meta.get("weights_sha256") == weights_sha256 and onnx_path.exists()
-            and meta.get("onnx_sha256") == sha256_file(onnx_path))
+    return (
+        meta.get("weights_sha256") == weights_sha256
+        and onnx_path.exists()
+        and meta.get("onnx_sha256") == sha256_file(onnx_path)
+    )
 
 
 @contextlib.contextmanager
@@ -266,8 +286,9 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepared_runner(model, root: Path, weights_sha256: str, length: int, threads: int,
-                    build: bool = True) -> CoreRunner:
+def prepared_runner(
+    model, root: Path, weights_sha256: str, length: int, threads: int, build: bool = True
+) -> CoreRunner:
     """A runner for `model` at `length` from the store's derived file, built first when missing or stale.
 
     Raises ChainError (naming why) when the file is missing and `build` is False, or when the
@@ -276,8 +297,9 @@ def prepared_runner(model, root: Path, weights_sha256: str, length: int, threads
     onnx_path, sidecar = artefact_paths(root, weights_sha256, length)
     if not _valid(onnx_path, sidecar, weights_sha256):
         if not build:
-            raise ChainError(f"no ONNX Runtime file at {onnx_path}; `stems models install` builds it",
-                             file=str(onnx_path))
+            raise ChainError(
+                f"no ONNX Runtime file at {onnx_path}; `stems models install` builds it", file=str(onnx_path)
+            )
         with _locked(onnx_path.with_suffix(".lock")):
             if not _valid(onnx_path, sidecar, weights_sha256):  # another process may have built it meanwhile
                 _build(model, onnx_path, sidecar, weights_sha256, length, threads)
@@ -299,10 +321,19 @@ def _build(model, onnx_path: Path, sidecar: Path, weights_sha256: str, length: i
             raise ChainError(
                 f"the ONNX export of {type(model).__name__} differs from torch by {difference:.3g} "
                 f"(> {CHECK_TOLERANCE:g}); use params.backend 'torch'",
-                difference=difference, tolerance=CHECK_TOLERANCE)
-        meta = {"format": FORMAT, "weights_sha256": weights_sha256, "length": length, "opset": OPSET,
-                "onnx_sha256": sha256_file(tmp), "check_max_abs_difference": difference, **_versions(),
-                "build_seconds": round(time.perf_counter() - t0, 2)}
+                difference=difference,
+                tolerance=CHECK_TOLERANCE,
+            )
+        meta = {
+            "format": FORMAT,
+            "weights_sha256": weights_sha256,
+            "length": length,
+            "opset": OPSET,
+            "onnx_sha256": sha256_file(tmp),
+            "check_max_abs_difference": difference,
+            **_versions(),
+            "build_seconds": round(time.perf_counter() - t0, 2),
+        }
         tmp.chmod(0o644)  # mkstemp's 0600 would hide it from workers running as another user
         os.replace(tmp, onnx_path)
         side_tmp = sidecar.with_suffix(".json.part")
@@ -311,5 +342,4 @@ def _build(model, onnx_path: Path, sidecar: Path, weights_sha256: str, length: i
     finally:
         tmp.unlink(missing_ok=True)
         exported.unlink(missing_ok=True)
-    log.info("built %s in %.1f s (max abs difference from torch %.2g)", onnx_path, time.perf_counter() - t0,
-             difference)
+    log.info("built %s in %.1f s (max abs difference from torch %.2g)", onnx_path, time.perf_counter() - t0, difference)

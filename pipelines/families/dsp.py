@@ -21,6 +21,7 @@ of frames with the context it needs (`around`) and a streaming overlap-add
 whole-signal functions' (`dry`, `foreground`, kept as the reference) within float
 rounding, and memory follows the block and the method's reach, not the track.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,7 +102,7 @@ class Stft:
         pad = self.win - self.hop
         frames = self.count(n)
         padded = np.zeros(x.shape[:-1] + ((frames - 1) * self.hop + self.win,), dtype=np.float32)
-        padded[..., pad:pad + n] = x
+        padded[..., pad : pad + n] = x
         return self._analyse(padded, frames)
 
     def frames_of(self, audio: Signal, a: int, b: int) -> np.ndarray:
@@ -110,22 +111,22 @@ class Stft:
         seg = np.zeros((audio.channels, hi - lo), dtype=np.float32)
         r_lo, r_hi = max(0, lo), min(audio.frames, hi)
         if r_hi > r_lo:
-            seg[:, r_lo - lo:r_hi - lo] = audio.read(r_lo, r_hi)
+            seg[:, r_lo - lo : r_hi - lo] = audio.read(r_lo, r_hi)
         return self._analyse(seg, b - a)
 
     def _analyse(self, padded: np.ndarray, frames: int) -> np.ndarray:
         view = sliding_window_view(padded, self.win, axis=-1)[..., :: self.hop, :][..., :frames, :]
         out = np.empty(padded.shape[:-1] + (frames, self.bins), dtype=np.complex64)
         for s in range(0, frames, 512):  # in blocks: the windowed frames of a long track would not fit in memory
-            out[..., s:s + 512, :] = np.fft.rfft(view[..., s:s + 512, :] * self.window, axis=-1)
+            out[..., s : s + 512, :] = np.fft.rfft(view[..., s : s + 512, :] * self.window, axis=-1)
         return out
 
     def _synthesise(self, spec: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """(j, windowed frames j, j+4, ... of `spec`) for 512-frame blocks; frames 4 apart tile time without overlap."""
         for s in range(0, spec.shape[-2], 512):
-            block = np.fft.irfft(spec[..., s:s + 512, :], n=self.win, axis=-1) * self.window
+            block = np.fft.irfft(spec[..., s : s + 512, :], n=self.win, axis=-1) * self.window
             for j in range(self.OVERLAP):
-                part = block[..., j::self.OVERLAP, :]
+                part = block[..., j :: self.OVERLAP, :]
                 yield s + j, part.reshape(part.shape[:-2] + (part.shape[-2] * self.win,))
 
     def inverse(self, spec: np.ndarray, n: int) -> np.ndarray:
@@ -135,13 +136,13 @@ class Stft:
         total = (frames - 1) * self.hop + self.win
         y = np.zeros(spec.shape[:-2] + (total,), dtype=np.float64)
         for k, tiled in self._synthesise(spec):
-            y[..., k * self.hop:k * self.hop + tiled.shape[-1]] += tiled
+            y[..., k * self.hop : k * self.hop + tiled.shape[-1]] += tiled
         norm = np.zeros(total)
         w2 = self.window.astype(np.float64) ** 2
         for j in range(self.OVERLAP):
             m = len(range(j, frames, self.OVERLAP))
-            norm[j * self.hop:j * self.hop + m * self.win] += np.tile(w2, m)
-        return (y / np.maximum(norm, 1e-12))[..., pad:pad + n]
+            norm[j * self.hop : j * self.hop + m * self.win] += np.tile(w2, m)
+        return (y / np.maximum(norm, 1e-12))[..., pad : pad + n]
 
 
 class Synthesis:
@@ -157,7 +158,7 @@ class Synthesis:
         self.lo = stft.hop - stft.win  # signal index of acc[:, 0]: frame 0 starts win - hop samples early
         self.acc = np.zeros((channels, 0))
         w2 = stft.window.astype(np.float64) ** 2
-        self.norm = np.maximum(sum(w2[j * stft.hop:(j + 1) * stft.hop] for j in range(Stft.OVERLAP)), 1e-12)
+        self.norm = np.maximum(sum(w2[j * stft.hop : (j + 1) * stft.hop] for j in range(Stft.OVERLAP)), 1e-12)
 
     def push(self, spec: np.ndarray) -> np.ndarray:
         """Frames (channels, m, bins) following those pushed before -> the samples now final (channels, k) float64."""
@@ -165,24 +166,25 @@ class Synthesis:
         end = (self.pushed + spec.shape[-2]) * hop  # the last of these frames ends here (signal index)
         if end - self.lo > self.acc.shape[1]:
             grown = np.zeros((self.acc.shape[0], end - self.lo))
-            grown[:, :self.acc.shape[1]] = self.acc
+            grown[:, : self.acc.shape[1]] = self.acc
             self.acc = grown
         start = self.pushed * hop + self.stft.hop - self.stft.win - self.lo
         for k, tiled in self.stft._synthesise(spec):
-            self.acc[:, start + k * hop:start + k * hop + tiled.shape[-1]] += tiled
+            self.acc[:, start + k * hop : start + k * hop + tiled.shape[-1]] += tiled
         self.pushed += spec.shape[-2]
         final = min(self.n, self.pushed * hop + self.stft.hop - self.stft.win)
         first = max(0, self.lo)
-        out = self.acc[:, first - self.lo:max(first, final) - self.lo]
+        out = self.acc[:, first - self.lo : max(first, final) - self.lo]
         out = out / self.norm[np.arange(first, first + out.shape[1]) % hop]
         if final > self.lo:
-            self.acc = self.acc[:, final - self.lo:].copy()
+            self.acc = self.acc[:, final - self.lo :].copy()
             self.lo = final
         return out
 
 
-def around(blocks: Iterator[tuple[np.ndarray, ...]], total: int, step: int, context: int,
-           cancelled: Callable[[], bool]) -> Iterator[tuple[int, int, int, tuple[np.ndarray, ...]]]:
+def around(
+    blocks: Iterator[tuple[np.ndarray, ...]], total: int, step: int, context: int, cancelled: Callable[[], bool]
+) -> Iterator[tuple[int, int, int, tuple[np.ndarray, ...]]]:
     """Consecutive blocks [a, b) of `step` frames out of `total`, each with the frames around it.
 
     `blocks` gives arrays of consecutive frames from frame 0 (frames on axis -2), in blocks
@@ -208,18 +210,18 @@ def around(blocks: Iterator[tuple[np.ndarray, ...]], total: int, step: int, cont
                 size = max(keep + m, min(total, hi - lo + m))
                 grown = [np.empty(x.shape[:-2] + (size, x.shape[-1]), x.dtype) for x in new]
                 for g, h in zip(grown, held):
-                    g[..., :keep, :] = h[..., cut:cut + keep, :]
+                    g[..., :keep, :] = h[..., cut : cut + keep, :]
                 held = grown
             elif cut:
                 for h in held:  # pieces no longer than the cut never overlap their source
                     for s in range(0, keep, cut):
                         n = min(cut, keep - s)
-                        h[..., s:s + n, :] = h[..., cut + s:cut + s + n, :]
+                        h[..., s : s + n, :] = h[..., cut + s : cut + s + n, :]
             held_lo += cut
             for h, x in zip(held, new):
-                h[..., keep:keep + m, :] = x
+                h[..., keep : keep + m, :] = x
             have += m
-        yield a, b, lo, tuple(h[..., lo - held_lo:hi - held_lo, :] for h in held)
+        yield a, b, lo, tuple(h[..., lo - held_lo : hi - held_lo, :] for h in held)
 
 
 def support(hop_s: float, frames: int, seconds: float = 0.0) -> float:
@@ -242,7 +244,7 @@ def box(a: np.ndarray, frames: int = 0, bins: int = 0) -> np.ndarray:
 
 
 def power(z: np.ndarray) -> np.ndarray:
-    return z.real ** 2 + z.imag ** 2
+    return z.real**2 + z.imag**2
 
 
 def noise_floor(p: np.ndarray, stft: Stft, seconds: float) -> np.ndarray:
@@ -267,7 +269,9 @@ def floor_bias(sr: int, hop_seconds: float, seconds: float) -> float:
     return float(np.mean(p[edge:-edge]) / np.mean(noise_floor(p, stft, seconds)[edge:-edge]))
 
 
-def steering(left: np.ndarray, right: np.ndarray, stft: Stft, seconds: float, bins: int = 12) -> tuple[np.ndarray, np.ndarray]:
+def steering(
+    left: np.ndarray, right: np.ndarray, stft: Stft, seconds: float, bins: int = 12
+) -> tuple[np.ndarray, np.ndarray]:
     """Unit principal direction (d_left, d_right) of the stereo covariance per bin, over +-seconds/2 and +-bins.
 
     Each bin's covariance is normalised by its power before averaging, so the direction of
@@ -363,7 +367,8 @@ class RepetSimParams(_Params):
     # loops and phrases repeat well within a minute; a chorus two minutes later adds little.
     window_s: float = Field(60.0, gt=0, description="similar frames are looked for this far either side")
     centre_threshold_db: float | None = Field(
-        -15.0, description="stereo: keep foreground where side/mid is below this; None = off")
+        -15.0, description="stereo: keep foreground where side/mid is below this; None = off"
+    )
     harmonic: bool = Field(False, description="keep only harmonic (not percussive) foreground")
     # a voice's energy sits mostly above 300 Hz, while below it bass, kick and the low end of the band dominate
     lowcut_hz: float = Field(300.0, ge=0, description="no foreground below this frequency")
@@ -381,7 +386,9 @@ class WpeParams(_Params):
     delay: int = Field(3, ge=1, description="prediction delay in frames (keeps the direct sound and early echoes)")
     iterations: int = Field(1, ge=1, description="WPE iterations (power re-estimation)")
     post_filter: bool = Field(True, description="stereo: also remove the diffuse (incoherent) remainder")
-    coherence_exponent: float = Field(4.0, gt=0, description="how strictly the side channel must be coherent to be kept")
+    coherence_exponent: float = Field(
+        4.0, gt=0, description="how strictly the side channel must be coherent to be kept"
+    )
 
     def context_seconds(self) -> None:
         return None  # the filters are estimated from the whole track (`dry_stream` makes a pass per iteration)
@@ -399,7 +406,9 @@ class GateParams(_Params):
     smooth_frames: int = Field(2, ge=0)
     smooth_bins: int = Field(2, ge=0)
     min_gain: float = Field(0.0, ge=0, le=1, description="largest attenuation, as a gain")
-    highpass_hz: float = Field(20.0, ge=0, description="content below this (infrasound, DC, rumble) counts as noise; 0 = off")
+    highpass_hz: float = Field(
+        20.0, ge=0, description="content below this (infrasound, DC, rumble) counts as noise; 0 = off"
+    )
 
     def context_seconds(self) -> float:
         # noise power at a frame: a floor_s minimum, averaged over floor_s, of a channel steered over steer_s
@@ -436,7 +445,8 @@ def centre(x: np.ndarray, sr: int, p: CentreParams) -> np.ndarray:
     # side-looking part of the mid on the side locally and cancel it before masking.
     off = (1 - gain) * mid
     kappa = box((off * np.conj(side)).real, p.predict_frames, p.predict_bins) / (
-        box(power(side), p.predict_frames, p.predict_bins) + TINY)
+        box(power(side), p.predict_frames, p.predict_bins) + TINY
+    )
     est = stft.inverse(gain * (mid - kappa * side), x.shape[1])
     return np.stack([est, est])
 
@@ -471,8 +481,9 @@ def repet_reach(frames: int, neighbours: int, min_sep_frames: int, window_frames
     return k, sep, max(window_frames, sep + k)  # enough candidates for k neighbours
 
 
-def similar_median(mag: np.ndarray, feat: np.ndarray, start: int, stop: int, offset: int,
-                   reach: tuple[int, int, int]) -> np.ndarray:
+def similar_median(
+    mag: np.ndarray, feat: np.ndarray, start: int, stop: int, offset: int, reach: tuple[int, int, int]
+) -> np.ndarray:
     """The median magnitude of the most similar frames of each frame in [start, stop), frames counted on the
     track; `mag` and `feat` hold frames from `offset` on, at least the window either side (or to the end)."""
     k, sep, window = reach
@@ -481,22 +492,23 @@ def similar_median(mag: np.ndarray, feat: np.ndarray, start: int, stop: int, off
     for s in range(start, stop, 256):  # in row blocks, against the columns their window reaches
         rows = np.arange(s, min(stop, s + 256), dtype=np.int32)
         lo, hi = max(offset, s - window), min(end, int(rows[-1]) + window + 1)
-        sim = feat[rows - offset] @ feat[lo - offset:hi - offset].T
+        sim = feat[rows - offset] @ feat[lo - offset : hi - offset].T
         dist = np.abs(np.arange(lo, hi, dtype=np.int32)[None, :] - rows[:, None])
         sim[(dist <= sep) | (dist > window)] = -np.inf
         del dist
         nearest = lo - offset + np.argpartition(-sim, k - 1, axis=1)[:, :k].copy()
         del sim
         for f in range(0, mag.shape[1], 256):  # the neighbours' magnitudes a few bins at a time
-            near = mag[nearest, f:f + 256]
+            near = mag[nearest, f : f + 256]
             # np.median's values, 4x as fast here: sorting 30 values beats partitioning them one row at a time
             near.sort(axis=1)
-            out[rows - start, f:f + 256] = (near[:, (k - 1) // 2] + near[:, k // 2]) / 2
+            out[rows - start, f : f + 256] = (near[:, (k - 1) // 2] + near[:, k // 2]) / 2
     return out
 
 
-def repeating_model(mag: np.ndarray, stft: Stft, neighbours: int, min_sep_frames: int,
-                    window_frames: int) -> np.ndarray:
+def repeating_model(
+    mag: np.ndarray, stft: Stft, neighbours: int, min_sep_frames: int, window_frames: int
+) -> np.ndarray:
     """REPET-SIM: each frame's background is the median of its most similar frames (cosine, log-band features)
     among those at most `window_frames` away."""
     frames = mag.shape[0]
@@ -529,8 +541,14 @@ def harmonic_weight(mag: np.ndarray, stft: Stft, p: RepetSimParams) -> np.ndarra
     return hp_masks(mag, harmonic_frames(stft), max(3, int(round(300 * stft.win / stft.sr))), 2.0)[0]
 
 
-def foreground_mask(mag: np.ndarray, model: np.ndarray, centre: np.ndarray | None, harm: np.ndarray | None,
-                    stft: Stft, p: RepetSimParams) -> np.ndarray:
+def foreground_mask(
+    mag: np.ndarray,
+    model: np.ndarray,
+    centre: np.ndarray | None,
+    harm: np.ndarray | None,
+    stft: Stft,
+    p: RepetSimParams,
+) -> np.ndarray:
     fg = np.maximum(mag - model, 0)
     if centre is not None:
         fg *= centre
@@ -538,7 +556,7 @@ def foreground_mask(mag: np.ndarray, model: np.ndarray, centre: np.ndarray | Non
         fg *= harm
     fg[:, stft.freqs() < p.lowcut_hz] = 0
     bg = np.maximum(mag - fg, 0)
-    fg, bg = fg ** p.mask_power, bg ** p.mask_power
+    fg, bg = fg**p.mask_power, bg**p.mask_power
     return fg / (fg + bg + TINY)
 
 
@@ -551,8 +569,9 @@ def foreground(x: np.ndarray, sr: int, p: RepetSimParams) -> np.ndarray:
     return stft.inverse(mask * spec, x.shape[1])
 
 
-def foreground_stream(audio: Signal, sr: int, p: RepetSimParams, block: int,
-                      cancelled: Callable[[], bool]) -> Iterator[np.ndarray]:
+def foreground_stream(
+    audio: Signal, sr: int, p: RepetSimParams, block: int, cancelled: Callable[[], bool]
+) -> Iterator[np.ndarray]:
     """`foreground` in consecutive blocks of whole 256-frame row blocks (the similarity search's own blocks).
 
     Magnitudes and features are kept for the window either side of the block, each frame's
@@ -572,16 +591,22 @@ def foreground_stream(audio: Signal, sr: int, p: RepetSimParams, block: int,
 
     synth = Synthesis(stft, audio.channels, audio.frames)
     for a, b, lo, (mag, feat) in around(analysed(), total, step, max(reach[2], half, 1), cancelled):
-        here = mag[a - lo:b - lo]
+        here = mag[a - lo : b - lo]
         model = np.minimum(here, similar_median(mag, feat, a, b, lo, reach))
         s0, s1 = max(0, a - 1), min(total, b + 1)  # the centre weight looks one frame away
         spec = stft.frames_of(audio, s0, s1)
         centre = centre_weight(spec, p)
         h0, h1 = max(lo, a - half), min(lo + mag.shape[0], b + half)
-        harm = harmonic_weight(mag[h0 - lo:h1 - lo], stft, p)
-        mask = foreground_mask(here, model, None if centre is None else centre[a - s0:b - s0],
-                               None if harm is None else harm[a - h0:b - h0], stft, p)
-        yield synth.push(mask * spec[:, a - s0:b - s0])
+        harm = harmonic_weight(mag[h0 - lo : h1 - lo], stft, p)
+        mask = foreground_mask(
+            here,
+            model,
+            None if centre is None else centre[a - s0 : b - s0],
+            None if harm is None else harm[a - h0 : b - h0],
+            stft,
+            p,
+        )
+        yield synth.push(mask * spec[:, a - s0 : b - s0])
 
 
 def wpe_past(obs: np.ndarray, taps: int, delay: int) -> np.ndarray:
@@ -592,7 +617,7 @@ def wpe_past(obs: np.ndarray, taps: int, delay: int) -> np.ndarray:
     past = np.empty((b, ch * taps, m), dtype=np.complex128)
     for k in range(taps):
         start = taps - 1 - k
-        past[:, k * ch:(k + 1) * ch] = obs[:, :, start:start + m]
+        past[:, k * ch : (k + 1) * ch] = obs[:, :, start : start + m]
     return past
 
 
@@ -629,17 +654,20 @@ def wpe_filter(spec: np.ndarray, taps: int, delay: int, iterations: int) -> np.n
     # keep the stacked delayed frames of one block (complex128) under ~256 MB
     block = max(1, min(bins, int(256e6 // (16 * ch * taps * max(frames, 1)))))
     for f0 in range(0, bins, block):
-        obs = np.ascontiguousarray(spec[:, :, f0:f0 + block].transpose(2, 0, 1), dtype=np.complex128)  # (b, ch, frames)
+        obs = np.ascontiguousarray(
+            spec[:, :, f0 : f0 + block].transpose(2, 0, 1), dtype=np.complex128
+        )  # (b, ch, frames)
         past = wpe_past(np.concatenate([np.zeros(obs.shape[:2] + (delay + taps - 1,)), obs], axis=2), taps, delay)
         filt = None
         for _ in range(iterations):
             filt = wpe_solve(*wpe_statistics(obs, past, filt))
-        out[:, :, f0:f0 + block] = wpe_apply(obs, past, filt).transpose(1, 2, 0)
+        out[:, :, f0 : f0 + block] = wpe_apply(obs, past, filt).transpose(1, 2, 0)
     return out
 
 
-def wpe_blocks(audio: Signal, stft: Stft, taps: int, delay: int, step: int,
-               cancelled: Callable[[], bool]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def wpe_blocks(
+    audio: Signal, stft: Stft, taps: int, delay: int, step: int, cancelled: Callable[[], bool]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(obs, past) of consecutive blocks of `step` frames, (bins, ch, m) and (bins, ch * taps, m) complex128;
     each frame is analysed once, the last delay + taps - 1 kept for the next block's past."""
     history = delay + taps - 1
@@ -652,7 +680,7 @@ def wpe_blocks(audio: Signal, stft: Stft, taps: int, delay: int, step: int,
         obs = np.ascontiguousarray(spec.transpose(2, 0, 1), dtype=np.complex128)
         held = np.concatenate([held, obs], axis=2)
         yield obs, wpe_past(held, taps, delay)
-        held = held[:, :, held.shape[2] - history:]
+        held = held[:, :, held.shape[2] - history :]
 
 
 def diffuse_postfilter(spec: np.ndarray, stft: Stft, coherence_exponent: float) -> np.ndarray:
@@ -700,13 +728,17 @@ def dry_stream(audio: Signal, sr: int, p: WpeParams, block: int, cancelled: Call
             c, x = wpe_statistics(obs, past, filt)
             cov, cross = cov + c, cross + x
         filt = wpe_solve(cov, cross)
-    est = ((wpe_apply(obs, past, filt).transpose(1, 2, 0).astype(np.complex64),)
-           for obs, past in wpe_blocks(audio, stft, p.taps, p.delay, step, cancelled))
+    est = (
+        (wpe_apply(obs, past, filt).transpose(1, 2, 0).astype(np.complex64),)
+        for obs, past in wpe_blocks(audio, stft, p.taps, p.delay, step, cancelled)
+    )
     if p.post_filter and ch == 2:
         # the post-filter looks half its 3 s steering window, one frame and two frames away
         context = stft.frames_for(3.0) // 2 + 3
-        est = ((diffuse_postfilter(slab, stft, p.coherence_exponent)[:, a - lo:b - lo],)
-               for a, b, lo, (slab,) in around(est, total, max(1, min(block // stft.hop, 512)), context, cancelled))
+        est = (
+            (diffuse_postfilter(slab, stft, p.coherence_exponent)[:, a - lo : b - lo],)
+            for a, b, lo, (slab,) in around(est, total, max(1, min(block // stft.hop, 512)), context, cancelled)
+        )
     synth = Synthesis(stft, ch, audio.frames)
     for (spec,) in est:
         yield synth.push(spec)
@@ -788,7 +820,7 @@ def declip(x: np.ndarray, min_run: int) -> np.ndarray:
 def ar_fit(seg: np.ndarray, order: int) -> np.ndarray:
     """Prediction-error filter [1, -a1, ..., -ap] of `seg` (autocorrelation method, Hann-windowed)."""
     w = seg * np.hanning(seg.size)
-    r = np.correlate(w, w, "full")[w.size - 1:w.size + order]
+    r = np.correlate(w, w, "full")[w.size - 1 : w.size + order]
     if r[0] <= 1e-12:
         return np.r_[1.0, np.zeros(order)]
     r[0] *= 1 + 1e-6  # a little white-noise loading keeps the system well conditioned
@@ -813,9 +845,9 @@ def declick(x: np.ndarray, sr: int, threshold: float, max_ms: float, order: int 
         filters = []
         for start in range(0, n, block):
             stop = min(n, start + block)
-            a = ar_fit(s[max(0, start - block):min(n, stop + block)], order)
+            a = ar_fit(s[max(0, start - block) : min(n, stop + block)], order)
             lo = max(0, start - order)
-            e = np.convolve(s[lo:stop], a, "full")[start - lo:stop - lo]
+            e = np.convolve(s[lo:stop], a, "full")[start - lo : stop - lo]
             # clicks are too sparse to move a median; the floor (-40 dB re the block) stops an almost perfectly
             # predictable passage (a pure tone) from turning its tiny, uneven errors into "clicks"
             scale = max(np.median(np.abs(e)) / 0.6745, 0.01 * np.sqrt(np.mean(s[start:stop] ** 2)), 1e-9)
@@ -834,7 +866,7 @@ def declick(x: np.ndarray, sr: int, threshold: float, max_ms: float, order: int 
             for k, coef in enumerate(a[::-1]):
                 band[np.arange(rows), np.arange(rows) + k] = coef
             unknown = np.zeros(hi - lo, dtype=bool)
-            unknown[start - lo:stop - lo] = True
+            unknown[start - lo : stop - lo] = True
             seg = s[lo:hi]
             fill, *_ = np.linalg.lstsq(band[:, unknown], -band[:, ~unknown] @ seg[~unknown], rcond=None)
             y[c, start:stop] = fill
@@ -877,12 +909,15 @@ class DspSeparator(Separator):
         super().__init__(spec, files, params)
         name = params.get("method")
         if name not in METHODS:
-            raise ChainError(f"dsp model {spec.id!r} names method {name!r}; known: {sorted(METHODS)}",
-                             model_id=spec.id, method=name)
+            raise ChainError(
+                f"dsp model {spec.id!r} names method {name!r}; known: {sorted(METHODS)}", model_id=spec.id, method=name
+            )
         model, self.sources, self._fn, self._stream = METHODS[name]
         if set(self.sources) != set(spec.sources):
-            raise ChainError(f"dsp method {name!r} makes {list(self.sources)}, but {spec.id!r} declares {list(spec.sources)}",
-                             model_id=spec.id)
+            raise ChainError(
+                f"dsp method {name!r} makes {list(self.sources)}, but {spec.id!r} declares {list(spec.sources)}",
+                model_id=spec.id,
+            )
         try:
             self.config = model.model_validate(params)
         except ValidationError as exc:
@@ -896,14 +931,16 @@ class DspSeparator(Separator):
         x = np.asarray(audio, dtype=np.float64)
         return self._sources(x, self._fn(x, sample_rate, self.config))
 
-    def separate_stream(self, audio: Signal, sample_rate: int, block: int,
-                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
+    def separate_stream(
+        self, audio: Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]] | None:
         if self._stream is None:
             return None
         return self._stream_sources(audio, sample_rate, block, cancelled)
 
-    def _stream_sources(self, audio: Signal, sample_rate: int, block: int,
-                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def _stream_sources(
+        self, audio: Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]]:
         done = 0
         for first in self._stream(audio, sample_rate, self.config, block, cancelled):
             if first.shape[1]:

@@ -20,6 +20,7 @@ instead `separate_stream` walks the whole signal's own grid, reading the frames 
 of segments, overlap-adding their inverse and giving out the samples no later segment
 touches, so memory follows the batch and not the track, and the output is a whole run's.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -77,21 +78,21 @@ def _overlap_add(acc: np.ndarray, frames: np.ndarray, first: int, hop: int) -> N
     blocks = frames.reshape(*frames.shape[:-1], r, hop)
     acc_blocks = acc.reshape(*acc.shape[:-1], -1, hop)
     for j in range(r):
-        acc_blocks[..., first + j:first + j + k, :] += blocks[..., j, :]
+        acc_blocks[..., first + j : first + j + k, :] += blocks[..., j, :]
 
 
 def _window_envelope_range(window: np.ndarray, hop: int, n_frames: int, lo: int, hi: int) -> np.ndarray:
     """Samples [lo, hi) of the sum of the squared synthesis windows of frames 0 .. n_frames - 1
     (the iSTFT's normaliser), frame t starting at sample t * hop, computed for that range alone."""
     r = -(-window.size // hop)
-    blocks = np.pad(window ** 2, (0, r * hop - window.size)).reshape(r, hop)
+    blocks = np.pad(window**2, (0, r * hop - window.size)).reshape(r, hop)
     first, last = lo // hop, -(-hi // hop)
     env = np.zeros((last - first, hop))
     for j in range(r):  # hop block q holds block j of frame q - j, for frames 0 .. n_frames - 1
         a, b = max(first, j), min(last, j + n_frames)
         if a < b:
-            env[a - first:b - first] += blocks[j]
-    return env.reshape(-1)[lo - first * hop:hi - first * hop]
+            env[a - first : b - first] += blocks[j]
+    return env.reshape(-1)[lo - first * hop : hi - first * hop]
 
 
 class OverlapAdder:
@@ -122,11 +123,14 @@ class OverlapAdder:
         hi, out = min(final, self.pad + self.n), None
         if hi > self.emitted:
             env = _window_envelope_range(self.window, self.hop, self.n_frames, self.emitted, hi)
-            out = (self.emitted - self.pad, hi - self.pad,
-                   self.acc[..., self.emitted - self.lo:hi - self.lo] / np.maximum(env, 1e-10).astype(np.float32))
+            out = (
+                self.emitted - self.pad,
+                hi - self.pad,
+                self.acc[..., self.emitted - self.lo : hi - self.lo] / np.maximum(env, 1e-10).astype(np.float32),
+            )
             self.emitted = hi
         keep = self.emitted // self.hop * self.hop  # hop-aligned, as _overlap_add's blocks
-        self.acc, self.lo = self.acc[..., keep - self.lo:], keep
+        self.acc, self.lo = self.acc[..., keep - self.lo :], keep
         return out
 
 
@@ -166,11 +170,16 @@ class OnnxSpecSeparator(Separator):
             self.outputs = tuple(spec.sources)
         else:
             if len(spec.sources) != 2:
-                raise ChainError(f"model {spec.id!r} with output {self.p.output!r} must declare two sources",
-                                 model_id=spec.id, sources=list(spec.sources))
+                raise ChainError(
+                    f"model {spec.id!r} with output {self.p.output!r} must declare two sources",
+                    model_id=spec.id,
+                    sources=list(spec.sources),
+                )
             if self.p.primary not in spec.sources:
-                raise ChainError(f"model {spec.id!r}: params.primary {self.p.primary!r} is not one of {list(spec.sources)}",
-                                 model_id=spec.id)
+                raise ChainError(
+                    f"model {spec.id!r}: params.primary {self.p.primary!r} is not one of {list(spec.sources)}",
+                    model_id=spec.id,
+                )
             self.outputs = (self.p.primary,)
         if len(files) != 1:
             raise ChainError(f"model {spec.id!r} needs exactly one .onnx file, got {sorted(files)}", model_id=spec.id)
@@ -202,18 +211,22 @@ class OnnxSpecSeparator(Separator):
             raise ChainError(
                 f"model {self.spec.id!r}: the network's {what} shape {shape} does not match the params "
                 f"(expected {['batch', *expected[1:]]}); fix params n_fft/dim_f/dim_t/segment_frames/output",
-                model_id=self.spec.id, file=str(self.path),
+                model_id=self.spec.id,
+                file=str(self.path),
             )
         return fixed[0] or self.p.batch_size
 
     # -- running -------------------------------------------------------------------
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         blocks = list(self._blocks(A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), lambda: False))
-        return {k: np.concatenate([b[k] for b in blocks], axis=1) if blocks else np.zeros(audio.shape, np.float32)
-                for k in self.spec.sources}
+        return {
+            k: np.concatenate([b[k] for b in blocks], axis=1) if blocks else np.zeros(audio.shape, np.float32)
+            for k in self.spec.sources
+        }
 
-    def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
-                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def separate_stream(
+        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]]:
         return self._blocks(audio, cancelled)
 
     def _blocks(self, audio: A.Signal, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
@@ -236,29 +249,31 @@ class OnnxSpecSeparator(Separator):
         weights = segment_weights(length)
         norm = np.zeros(n_frames)
         for s in starts:
-            norm[s:s + length] += weights[:min(length, n_frames - s)]
+            norm[s : s + length] += weights[: min(length, n_frames - s)]
         adder = OverlapAdder(len(self.outputs), channels, window, hop, n_frames, pad, n)
         for b in range(0, len(starts), self.batch):
             if cancelled():
                 raise Cancelled("job cancelled")
-            batch = starts[b:b + self.batch]
+            batch = starts[b : b + self.batch]
             rows = self.batch if self.fixed_batch else len(batch)
             spec = np.zeros((rows, channels, p.dim_f, length), np.complex64)
             for i, s in enumerate(batch):
                 stop = min(s + length, n_frames)
                 x = _reflect_read(audio, pad, s * hop, (stop - 1) * hop + n_fft)
                 framed = np.lib.stride_tricks.sliding_window_view(x, n_fft, axis=-1)[:, ::hop]
-                spec[i, ..., :stop - s] = np.fft.rfft(framed * window, axis=-1)[..., :p.dim_f].transpose(0, 2, 1)
+                spec[i, ..., : stop - s] = np.fft.rfft(framed * window, axis=-1)[..., : p.dim_f].transpose(0, 2, 1)
             raw = self._forward(spec)
             for i, s in enumerate(batch):
                 stop = min(s + length, n_frames)
-                w = (weights[:stop - s] / norm[s:stop]).astype(np.float32)
+                w = (weights[: stop - s] / norm[s:stop]).astype(np.float32)
                 for o in range(len(self.outputs)):
-                    y = raw[i, o, :, 0, :, :stop - s] + 1j * raw[i, o, :, 1, :, :stop - s]  # (channels, dim_f, frames)
+                    y = (
+                        raw[i, o, :, 0, :, : stop - s] + 1j * raw[i, o, :, 1, :, : stop - s]
+                    )  # (channels, dim_f, frames)
                     if p.output == "mask":
-                        y = y * spec[i, ..., :stop - s]
+                        y = y * spec[i, ..., : stop - s]
                     full = np.zeros((channels, n_bins, stop - s), np.complex64)
-                    full[:, :p.dim_f] = y * (w * p.compensate)
+                    full[:, : p.dim_f] = y * (w * p.compensate)
                     frames = np.fft.irfft(full, n=n_fft, axis=1).transpose(0, 2, 1) * window
                     adder.add(o, frames, s)
             done = adder.take(starts[b + self.batch] * hop if b + self.batch < len(starts) else adder.end)
@@ -280,6 +295,6 @@ class OnnxSpecSeparator(Separator):
         """
         batch, channels = spec.shape[:2]
         net_in = np.stack([spec.real, spec.imag], axis=2).reshape(batch, 2 * channels, *spec.shape[2:])
-        net_in[:, :, :self.p.zero_low_bins] = 0.0
+        net_in[:, :, : self.p.zero_low_bins] = 0.0
         raw = self.session.run(None, {self.input_name: np.ascontiguousarray(net_in, dtype=np.float32)})[0]
         return raw.reshape(batch, len(self.outputs), channels, 2, *spec.shape[2:])

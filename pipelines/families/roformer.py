@@ -43,6 +43,7 @@ On a GPU the forward runs under autocast: float16, as MSST's demix does when
 `training.use_amp` (its default); a forward whose output is not finite runs again in
 float32, so an overflow costs time, never a corrupt stem.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -86,19 +87,26 @@ class RoformerParams(BaseModel):
     arch: Literal["bs_roformer", "mel_band_roformer"] = Field(description="MSST's --model_type")
     config: str = Field(description="the YAML config among the model's files")
     checkpoint: str = Field(description="the state dict among the model's files")
-    sources: dict[str, str] = Field(default_factory=dict, description=(
-        "the config's instrument names -> registry source names (a name not listed keeps its own); "
-        "several config names may map to one source, for the copies of a config that name it differently"))
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "the config's instrument names -> registry source names (a name not listed keeps its own); "
+            "several config names may map to one source, for the copies of a config that name it differently"
+        ),
+    )
     residual: str | None = Field(None, description="a source that is the mix minus the model's one target")
     chunk_size: int | None = Field(None, ge=10, description="samples per forward; None: the config's")
     num_overlap: int | None = Field(None, ge=1, description="chunks covering each sample; None: the config's")
     batch_size: int | None = Field(None, ge=1, description="MSST's inference.batch_size: chunks sharing a window")
     normalize: bool | None = Field(None, description="normalise the mix by its mono mean and std; None: the config's")
-    batch: Batch = Field("auto", description="chunks per forward (does not change the output); "
-                                                             "auto: the config's inference.batch_size")
+    batch: Batch = Field(
+        "auto", description="chunks per forward (does not change the output); auto: the config's inference.batch_size"
+    )
     precision: Precision = Field(
-        "auto", description="autocast dtype of the forward; auto: float32 on a CPU, float16 on a CUDA device "
-                            "when the config's training.use_amp (MSST's default), else float32")
+        "auto",
+        description="autocast dtype of the forward; auto: float32 on a CPU, float16 on a CUDA device "
+        "when the config's training.use_amp (MSST's default), else float32",
+    )
 
 
 class _Section(BaseModel):
@@ -144,7 +152,9 @@ class _TupleLoader(yaml.SafeLoader):
     """YAML's safe loader plus the `!!python/tuple` tag MSST configs use (its FullLoader reads them as tuples)."""
 
 
-_TupleLoader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: tuple(loader.construct_sequence(node)))
+_TupleLoader.add_constructor(
+    "tag:yaml.org,2002:python/tuple", lambda loader, node: tuple(loader.construct_sequence(node))
+)
 
 
 def load_config(path: Path) -> MsstConfig:
@@ -183,13 +193,19 @@ def split_model_config(arch: str, model: dict[str, Any]) -> tuple[dict[str, Any]
         elif key == "linear_transformer_depth" and not value:
             continue  # MSST then builds no linear-attention layers, as the package
         elif key in ("linear_transformer_depth", "skip_connection", "use_pope") and value:
-            raise ChainError(f"config model.{key}: {value!r} needs layers that bs-roformer 0.3.10's {cls.__name__} "
-                             "does not have; this checkpoint cannot be served by the roformer family", key=key)
+            raise ChainError(
+                f"config model.{key}: {value!r} needs layers that bs-roformer 0.3.10's {cls.__name__} "
+                "does not have; this checkpoint cannot be served by the roformer family",
+                key=key,
+            )
         elif key in ("skip_connection", "use_pope"):
             continue  # off: the package's model
         else:
-            raise ChainError(f"config model.{key} is not an argument of {cls.__name__} nor a key MSST adds; "
-                             "remove it from the config if it does not change the model", key=key)
+            raise ChainError(
+                f"config model.{key} is not an argument of {cls.__name__} nor a key MSST adds; "
+                "remove it from the config if it does not change the model",
+                key=key,
+            )
     return kwargs, zero_dc, mlp_expansion_factor
 
 
@@ -205,11 +221,18 @@ def build_model(arch: str, model: dict[str, Any]) -> torch.nn.Module:
             raise ChainError(f"config model section does not build a {cls.__name__}: {exc}") from exc
     if mlp_expansion_factor != 4:  # the class's MaskEstimator takes it; rebuild the estimators with it
         estimator = sys.modules[cls.__module__].MaskEstimator
-        depth = kwargs.get("mask_estimator_depth", inspect.signature(cls.__init__).parameters["mask_estimator_depth"].default)
+        depth = kwargs.get(
+            "mask_estimator_depth", inspect.signature(cls.__init__).parameters["mask_estimator_depth"].default
+        )
         net.mask_estimators = torch.nn.ModuleList(
-            estimator(dim=kwargs["dim"], dim_inputs=net.band_split.dim_inputs, depth=depth,
-                      mlp_expansion_factor=mlp_expansion_factor)
-            for _ in range(len(net.mask_estimators)))
+            estimator(
+                dim=kwargs["dim"],
+                dim_inputs=net.band_split.dim_inputs,
+                depth=depth,
+                mlp_expansion_factor=mlp_expansion_factor,
+            )
+            for _ in range(len(net.mask_estimators))
+        )
     if zero_dc:
         _zero_dc(net)
     return net.eval()
@@ -259,8 +282,9 @@ def to_package_layout(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     slots = {int(m.group(2)) for k in state if (m := _LEGACY_SLOT.match(k))}
     if 2 not in slots:
         return dict(state), "msst"
-    return {_LEGACY_SLOT.sub(lambda m: f"layers.{m.group(1)}.{int(m.group(2)) - 1}.", k): v
-            for k, v in state.items()}, "lucidrains-0.4"
+    return {
+        _LEGACY_SLOT.sub(lambda m: f"layers.{m.group(1)}.{int(m.group(2)) - 1}.", k): v for k, v in state.items()
+    }, "lucidrains-0.4"
 
 
 def load_roformer(arch: str, config: MsstConfig, checkpoint: Path) -> tuple[torch.nn.Module, str]:
@@ -273,10 +297,14 @@ def load_roformer(arch: str, config: MsstConfig, checkpoint: Path) -> tuple[torc
     state, layout = to_package_layout(raw)
     missing, unexpected = (sorted(s) for s in (set(net.state_dict()) - set(state), set(state) - set(net.state_dict())))
     if missing or unexpected:
-        raise ChainError(f"{checkpoint} ({layout} layout) does not fit its config's {type(net).__name__}: "
-                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                         f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}",
-                         file=str(checkpoint), missing=len(missing), unexpected=len(unexpected))
+        raise ChainError(
+            f"{checkpoint} ({layout} layout) does not fit its config's {type(net).__name__}: "
+            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}",
+            file=str(checkpoint),
+            missing=len(missing),
+            unexpected=len(unexpected),
+        )
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shapes that differ from the config's
@@ -299,8 +327,8 @@ class Grid:
         self.fade = chunk // 10
         fadein, fadeout = torch.linspace(0, 1, self.fade), torch.linspace(1, 0, self.fade)  # demix's own values
         window = torch.ones(chunk)
-        window[chunk - self.fade:] = fadeout
-        window[:self.fade] = fadein
+        window[chunk - self.fade :] = fadeout
+        window[: self.fade] = fadein
         self.base = window
 
     def offset(self, k: int) -> int:
@@ -315,11 +343,11 @@ class Grid:
         window = self.base
         if last == 0:
             window = window.clone()
-            window[:self.fade] = 1
+            window[: self.fade] = 1
         elif last == self.count - 1:
             window = window.clone()
-            window[self.chunk - self.fade:] = 1
-        return window[:self.length(k)]
+            window[self.chunk - self.fade :] = 1
+        return window[: self.length(k)]
 
     def source_index(self, lo: int, hi: int) -> np.ndarray:
         """Mix sample of each padded position in [lo, hi) (torch's reflect padding: the edge sample once)."""
@@ -337,8 +365,10 @@ class RoformerSeparator(TorchSeparator):
         super().__init__(spec, files, params)
         for name in (self.settings.config, self.settings.checkpoint):
             if name not in spec.files:
-                raise ChainError(f"params of {spec.id!r} name {name!r}, which is not among its files {list(spec.files)}",
-                                 model_id=spec.id)
+                raise ChainError(
+                    f"params of {spec.id!r} name {name!r}, which is not among its files {list(spec.files)}",
+                    model_id=spec.id,
+                )
         self.layout: str | None = None  # the checkpoint's layer layout (see to_package_layout)
 
     # -- loading -----------------------------------------------------------------------------
@@ -353,13 +383,20 @@ class RoformerSeparator(TorchSeparator):
         self.group = s.batch_size or config.inference.batch_size
         self.normalize = config.inference.normalize if s.normalize is None else s.normalize
         self.batch = self.group if s.batch == "auto" else s.batch
-        self._use_precision(s.precision if s.precision != "auto" else (
-            GPU_PRECISION if device.startswith("cuda") and config.training.use_amp else "float32"), device)
+        self._use_precision(
+            s.precision
+            if s.precision != "auto"
+            else (GPU_PRECISION if device.startswith("cuda") and config.training.use_amp else "float32"),
+            device,
+        )
         hop = config.model.get("stft_hop_length", 512)
         if self.chunk % hop and not config.model.get("match_input_audio_length"):
             # the package's inverse STFT then returns fewer samples than MSST's, which asks for the chunk's length
-            raise ChainError(f"chunk_size {self.chunk} of {self.spec.id!r} is not a multiple of stft_hop_length {hop}",
-                             model_id=self.spec.id, chunk_size=self.chunk)
+            raise ChainError(
+                f"chunk_size {self.chunk} of {self.spec.id!r} is not a multiple of stft_hop_length {hop}",
+                model_id=self.spec.id,
+                chunk_size=self.chunk,
+            )
         model, self.layout = load_roformer(s.arch, config, self.files[s.checkpoint])
         self.model = model.to(device)
 
@@ -368,43 +405,56 @@ class RoformerSeparator(TorchSeparator):
         spec, s = self.spec, self.settings
         stems = config.model.get("num_stems", 1)
         if stems != len(config.targets):
-            raise ChainError(f"config of {spec.id!r} has num_stems {stems} but outputs {list(config.targets)}",
-                             model_id=spec.id)
+            raise ChainError(
+                f"config of {spec.id!r} has num_stems {stems} but outputs {list(config.targets)}", model_id=spec.id
+            )
         names = [s.sources.get(t, t) for t in config.targets]
         if s.residual is not None and len(names) != 1:
-            raise ChainError(f"{spec.id!r}: a residual source needs one target, the config has {list(config.targets)}",
-                             model_id=spec.id)
+            raise ChainError(
+                f"{spec.id!r}: a residual source needs one target, the config has {list(config.targets)}",
+                model_id=spec.id,
+            )
         declared = names + ([s.residual] if s.residual else [])
         if sorted(declared) != sorted(spec.sources):
             raise ChainError(
                 f"config of {spec.id!r} outputs {list(config.targets)} (as sources {declared}) but the registry "
                 f"declares {list(spec.sources)}; fix params.sources / params.residual or the registry",
-                model_id=spec.id, config_outputs=list(config.targets), registry_sources=list(spec.sources))
+                model_id=spec.id,
+                config_outputs=list(config.targets),
+                registry_sources=list(spec.sources),
+            )
         stereo = bool(config.model.get("stereo", False))
         if config.audio.sample_rate != spec.sample_rate or (2 if stereo else 1) != spec.channels:
             raise ChainError(
                 f"config of {spec.id!r} runs at {config.audio.sample_rate} Hz, {'stereo' if stereo else 'mono'}; "
-                f"the registry says {spec.sample_rate} Hz with {spec.channels} channels", model_id=spec.id)
+                f"the registry says {spec.sample_rate} Hz with {spec.channels} channels",
+                model_id=spec.id,
+            )
         self.targets = names
 
     # -- running -----------------------------------------------------------------------------
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         self._ready(sample_rate)
-        blocks = list(self._stream(A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)),
-                                   max(1, audio.shape[1]), lambda: False))
+        blocks = list(
+            self._stream(
+                A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), max(1, audio.shape[1]), lambda: False
+            )
+        )
         if not blocks:
             return {s: np.zeros_like(audio, dtype=np.float32) for s in self.spec.sources}
         return blocks[0]
 
-    def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
-                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def separate_stream(
+        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]]:
         self._ready(sample_rate)
         return self._stream(audio, max(1, block), cancelled)
 
     def _stream(self, audio: A.Signal, block: int, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
         mean, std = _mono_stats(audio) if self.normalize else (np.float32(0), np.float32(1))
-        chunks = _ChunkStream(self, audio, Grid(audio.frames, self.chunk, self.num_overlap, self.group), mean, std,
-                              cancelled)
+        chunks = _ChunkStream(
+            self, audio, Grid(audio.frames, self.chunk, self.num_overlap, self.group), mean, std, cancelled
+        )
         for lo in range(0, audio.frames, block):
             hi = min(audio.frames, lo + block)
             out = chunks.take(lo, hi)
@@ -425,8 +475,15 @@ class RoformerSeparator(TorchSeparator):
 class _ChunkStream:
     """The demix output of a signal, produced a range at a time on the whole signal's grid (see the module docstring)."""
 
-    def __init__(self, sep: RoformerSeparator, audio: A.Signal, grid: Grid, mean: np.float32, std: np.float32,
-                 cancelled: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        sep: RoformerSeparator,
+        audio: A.Signal,
+        grid: Grid,
+        mean: np.float32,
+        std: np.float32,
+        cancelled: Callable[[], bool],
+    ) -> None:
         self.sep, self.audio, self.grid, self.mean, self.std, self.cancelled = sep, audio, grid, mean, std, cancelled
         self.stems = len(sep.targets)
         self.next = 0  # the next chunk to run
@@ -445,8 +502,8 @@ class _ChunkStream:
             o = g.offset(k)
             s, e = max(a, o), min(b, o + weights.shape[0])
             if s < e:
-                result[..., s - a:e - a] += weighted[..., s - o:e - o]
-                counter[s - a:e - a] += weights[s - o:e - o]
+                result[..., s - a : e - a] += weighted[..., s - o : e - o]
+                counter[s - a : e - a] += weights[s - o : e - o]
         for k in [k for k, (_, w) in self.pending.items() if g.offset(k) + w.shape[0] <= b]:
             del self.pending[k]
         out = (result / counter).numpy()

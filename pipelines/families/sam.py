@@ -20,6 +20,7 @@ chunks of `chunk_seconds` overlapping by `overlap_seconds`, joined with the pack
 cosine cross-fade, so memory follows the chunk; each chunk's diffusion noise comes from
 `seed` and the chunk's index, so a run is reproducible.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,8 @@ class SamAudioSeparator(Separator):
         except ImportError as exc:
             raise ModelNotInstalled(
                 f"model {self.spec.id!r} needs mlx-audio (SAM Audio's port): pip install 'stems[sam]' ({exc})",
-                model_id=self.spec.id) from None
+                model_id=self.spec.id,
+            ) from None
         self._mx = mx
         self.device = device
         if device != "cpu":
@@ -87,16 +89,20 @@ class SamAudioSeparator(Separator):
         self.chunk = int(float(self.params.get("chunk_seconds", 10.0)) * self.rate)
         self.overlap = int(float(self.params.get("overlap_seconds", 3.0)) * self.rate)
         if not 0 <= self.overlap < self.chunk:
-            raise PresetError(f"model {self.spec.id!r}: overlap_seconds must be under chunk_seconds",
-                              model_id=self.spec.id, params=self.params)
+            raise PresetError(
+                f"model {self.spec.id!r}: overlap_seconds must be under chunk_seconds",
+                model_id=self.spec.id,
+                params=self.params,
+            )
         steps = int(self.params.get("steps", 16))
         self.ode_opt = {"method": str(self.params.get("method", "midpoint")), "step_size": 1.0 / steps}
         self.seed = int(self.params.get("seed", 0))
 
     def _file(self, name: str) -> Path:
         if name not in self.files:
-            raise ModelNotInstalled(f"model {self.spec.id!r} has no file {name!r} in the model store",
-                                    model_id=self.spec.id, file=name)
+            raise ModelNotInstalled(
+                f"model {self.spec.id!r} has no file {name!r} in the model store", model_id=self.spec.id, file=name
+            )
         return self.files[name]
 
     def _text_encoder(self, dim: int):
@@ -110,15 +116,27 @@ class SamAudioSeparator(Separator):
         if hf.get("d_model") != dim:
             raise ModelNotInstalled(
                 f"model {self.spec.id!r} conditions on {dim}-wide text features; {cfg_file} describes a "
-                f"{hf.get('d_model')}-wide T5", model_id=self.spec.id, file=str(cfg_file))
+                f"{hf.get('d_model')}-wide T5",
+                model_id=self.spec.id,
+                file=str(cfg_file),
+            )
         # the same fields, defaults included, as the package's T5Encoder.from_pretrained reads
-        encoder = T5Encoder(T5Config(
-            vocab_size=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 768), d_kv=hf.get("d_kv", 64),
-            d_ff=hf.get("d_ff", 3072), num_layers=hf.get("num_layers", 12), num_heads=hf.get("num_heads", 12),
-            relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-            relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-            dropout_rate=hf.get("dropout_rate", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-            is_gated_act=hf.get("is_gated_act", False), dense_act_fn=hf.get("dense_act_fn", "relu")))
+        encoder = T5Encoder(
+            T5Config(
+                vocab_size=hf.get("vocab_size", 32128),
+                d_model=hf.get("d_model", 768),
+                d_kv=hf.get("d_kv", 64),
+                d_ff=hf.get("d_ff", 3072),
+                num_layers=hf.get("num_layers", 12),
+                num_heads=hf.get("num_heads", 12),
+                relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+                relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+                dropout_rate=hf.get("dropout_rate", 0.1),
+                layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+                is_gated_act=hf.get("is_gated_act", False),
+                dense_act_fn=hf.get("dense_act_fn", "relu"),
+            )
+        )
         weights_file = self._file(f"{TEXT_ENCODER}.safetensors")
         weights = T5Encoder.sanitize(mx.load(str(weights_file)))
         _check_covers(encoder, weights, weights_file, self.spec.id)
@@ -144,8 +162,11 @@ class SamAudioSeparator(Separator):
 
     # -- the step contract ---------------------------------------------------------
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
-        raise PresetError(f"model {self.spec.id!r} extracts what a prompt describes: run it with a prompt "
-                          "(the `custom` preset, Engine.stream_prompted)", model_id=self.spec.id)
+        raise PresetError(
+            f"model {self.spec.id!r} extracts what a prompt describes: run it with a prompt "
+            "(the `custom` preset, Engine.stream_prompted)",
+            model_id=self.spec.id,
+        )
 
     def encode_prompt(self, prompt: str):
         """Preprocess: the text features of a prompt (used as given, after trimming), once per run."""
@@ -163,16 +184,34 @@ class SamAudioSeparator(Separator):
         batch = self.model.processor(descriptions=[prompt], audios=[wav], anchors=[anchors] if anchors else None)
         frames = int(batch.sizes[0].item())
         noise = chunk_noise(mx, self.seed, index, frames, self.model.config.audio_codec.codebook_dim, self.model.dtype)
-        result = self.model.separate(batch.audios, batch.descriptions, sizes=batch.sizes, anchor_ids=batch.anchor_ids,
-                                     anchor_alignment=batch.anchor_alignment, audio_pad_mask=batch.audio_pad_mask,
-                                     noise=noise, ode_opt=self.ode_opt, _text_features=features, _text_mask=mask)
+        result = self.model.separate(
+            batch.audios,
+            batch.descriptions,
+            sizes=batch.sizes,
+            anchor_ids=batch.anchor_ids,
+            anchor_alignment=batch.anchor_alignment,
+            audio_pad_mask=batch.audio_pad_mask,
+            noise=noise,
+            ode_opt=self.ode_opt,
+            _text_features=features,
+            _text_mask=mask,
+        )
         n = wav.shape[0]
         # postprocess: (samples, 1) arrays padded to whole codec frames, cut back to the chunk
-        return (np.asarray(result.target[0], dtype=np.float32)[:n, 0],
-                np.asarray(result.residual[0], dtype=np.float32)[:n, 0])
+        return (
+            np.asarray(result.target[0], dtype=np.float32)[:n, 0],
+            np.asarray(result.residual[0], dtype=np.float32)[:n, 0],
+        )
 
-    def extract_stream(self, audio: Signal, sample_rate: int, prompt: str, anchors: list[Anchor], block: int,
-                       cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def extract_stream(
+        self,
+        audio: Signal,
+        sample_rate: int,
+        prompt: str,
+        anchors: list[Anchor],
+        block: int,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Target and residual of a mono 48 kHz signal, as consecutive (1, k) blocks covering it.
 
         Chunks are this model's own (`chunk_seconds`, `overlap_seconds`: the output depends on
@@ -208,8 +247,12 @@ def zero_video_offset(raw: dict) -> np.ndarray | None:
     not depend on the input, so it folds into `proj.bias`. A checkpoint without the weights
     (mlx-community's conversions) gives None: nothing can be restored.
     """
-    keys = ("align_masked_video.conv.bias", "align_masked_video.gate", "align_masked_video.layer_norm.weight",
-            "align_masked_video.layer_norm.bias")
+    keys = (
+        "align_masked_video.conv.bias",
+        "align_masked_video.gate",
+        "align_masked_video.layer_norm.weight",
+        "align_masked_video.layer_norm.bias",
+    )
     if not all(k in raw for k in keys):
         return None
     bias, gate, weight, shift = (np.asarray(raw[k], dtype=np.float64) for k in keys)
@@ -259,7 +302,11 @@ def _check_covers(module, weights: dict, path: Path, model_id: str, skip: str | 
     if bad:
         raise ModelNotInstalled(
             f"{path} does not fit model {model_id!r}'s configuration: {len(bad)} parameters missing or misshapen, "
-            f"e.g. {'; '.join(bad[:3])}", model_id=model_id, file=str(path), mismatched=len(bad))
+            f"e.g. {'; '.join(bad[:3])}",
+            model_id=model_id,
+            file=str(path),
+            mismatched=len(bad),
+        )
 
 
 def _fits(have: tuple, want: tuple) -> bool:
@@ -270,12 +317,14 @@ def _fits(have: tuple, want: tuple) -> bool:
         return have == want[::-1]
     if len(have) == 3 and len(want) == 3:
         return have in ((want[0], want[2], want[1]), (want[2], want[0], want[1])) or (
-            have[1:] == (1, 1) and have[0] == want[2])
+            have[1:] == (1, 1) and have[0] == want[2]
+        )
     return False
 
 
 def _processor(config):
     from mlx_audio.sts.models.sam_audio import SAMAudioProcessor
 
-    return SAMAudioProcessor(audio_hop_length=config.audio_codec.hop_length,
-                             audio_sampling_rate=config.audio_codec.sample_rate)
+    return SAMAudioProcessor(
+        audio_hop_length=config.audio_codec.hop_length, audio_sampling_rate=config.audio_codec.sample_rate
+    )

@@ -12,6 +12,7 @@ them through a `_FrameStream`: frames in order through one recurrent state, the 
 streaming path feeds the same stream a block at a time, so an hour-long recording is
 enhanced in constant memory with exactly the samples of a whole-signal run.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -79,7 +80,7 @@ class _FrameStream:
             total = -(-(self._fed + self.delay) // self.size) * self.size
             tail = np.concatenate([self._pending, np.zeros(total - self._fed, np.float32)])  # to `total` processed
             out = self._emit(self._process(tail) if tail.size else np.zeros(0, np.float32))
-            return out[:self._fed - (self._emitted - out.size)]
+            return out[: self._fed - (self._emitted - out.size)]
         finally:
             self.close()
 
@@ -134,7 +135,11 @@ class _DeepFilterNet(_Backend):
         lib.df_get_frame_length.restype = ctypes.c_size_t
         lib.df_get_frame_length.argtypes = [ctypes.c_void_p]
         lib.df_process_frame.restype = ctypes.c_float
-        lib.df_process_frame.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float)]
+        lib.df_process_frame.argtypes = [
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_float),
+            ctypes.POINTER(ctypes.c_float),
+        ]
         lib.df_set_post_filter_beta.restype = None
         lib.df_set_post_filter_beta.argtypes = [ctypes.c_void_p, ctypes.c_float]
         lib.df_free.restype = None
@@ -143,7 +148,9 @@ class _DeepFilterNet(_Backend):
         self._model = str(assets.model_path).encode()
         self._state = self._create()  # built here so a broken install fails at setup, not mid-job
         if lib.df_get_frame_length(self._state) != self.FRAME:  # the delay below assumes DeepFilterNet3's hop
-            raise RuntimeError(f"libDF reports frames of {lib.df_get_frame_length(self._state)} samples, expected {self.FRAME}")
+            raise RuntimeError(
+                f"libDF reports frames of {lib.df_get_frame_length(self._state)} samples, expected {self.FRAME}"
+            )
 
     def _create(self) -> int:
         state = self._lib.df_create(self._model, self.params.atten_lim_db, None)
@@ -161,7 +168,7 @@ class _DeepFilterNet(_Backend):
         def process(x: np.ndarray) -> np.ndarray:
             out = np.empty_like(x)
             for i in range(0, x.size, self.FRAME):
-                frame_in, frame_out = x[i:i + self.FRAME], out[i:i + self.FRAME]
+                frame_in, frame_out = x[i : i + self.FRAME], out[i : i + self.FRAME]
                 self._lib.df_process_frame(state, frame_in.ctypes.data_as(f32), frame_out.ctypes.data_as(f32))
             return out
 
@@ -198,7 +205,7 @@ class _RNNoise(_Backend):
             x = x * self.SCALE
             out = np.empty_like(x)
             for i in range(0, x.size, size):
-                frame_in, frame_out = x[i:i + size], out[i:i + size]
+                frame_in, frame_out = x[i : i + size], out[i : i + size]
                 # rnnoise_process_frame(state, out, in)
                 rn.lib.rnnoise_process_frame(state, frame_out.ctypes.data_as(f32), frame_in.ctypes.data_as(f32))
             return out / self.SCALE
@@ -247,7 +254,7 @@ class _Gtcrn(_Backend):
         env = np.zeros((n_frames + 1, hop))
         env[:-1] += win[:hop] ** 2
         env[1:] += win[hop:] ** 2
-        y, env = y.reshape(-1)[pad:pad + x.size], env.reshape(-1)[pad:pad + x.size]
+        y, env = y.reshape(-1)[pad : pad + x.size], env.reshape(-1)[pad : pad + x.size]
         return (y / np.maximum(env, 1e-8)).astype(np.float32)
 
 
@@ -278,7 +285,7 @@ class _GtcrnStream:
                 return np.zeros(0, np.float32)
             x, self.started = self.head, True
             self.head = np.zeros(0, np.float32)
-            self.buf = np.concatenate([x[1:self.pad + 1][::-1], x])  # the start's reflection, as np.pad
+            self.buf = np.concatenate([x[1 : self.pad + 1][::-1], x])  # the start's reflection, as np.pad
         else:
             self.buf = np.concatenate([self.buf, x.astype(np.float32)])
         n_fft, end = self.m.N_FFT, self.buf_lo + self.buf.size
@@ -298,12 +305,12 @@ class _GtcrnStream:
             self.emitted += out.size
             return out
         n, hop = self.fed, self.hop
-        tail = self.buf[self.buf.size - (self.pad + hop + 1):]
+        tail = self.buf[self.buf.size - (self.pad + hop + 1) :]
         self.buf = np.concatenate([self.buf, tail[::-1][1:]])  # the end's reflection (pad + hop samples)
         n_frames = 1 + n // hop
         out = [self._frame() for _ in range(self.t, n_frames)]
         out.append(self._block(None, n_frames))  # the last block: frame n_frames - 1's second half
-        out = np.concatenate(out)[:n - self.emitted]
+        out = np.concatenate(out)[: n - self.emitted]
         self.emitted += out.size
         return out
 
@@ -313,7 +320,7 @@ class _GtcrnStream:
     def _frame(self) -> np.ndarray:
         """Run frame t; return hop block t of the output (nothing for block 0, which is before the signal)."""
         m, hop, n_fft, t = self.m, self.hop, self.m.N_FFT, self.t
-        frame = self.buf[t * hop - self.buf_lo:t * hop - self.buf_lo + n_fft]
+        frame = self.buf[t * hop - self.buf_lo : t * hop - self.buf_lo + n_fft]
         spec = np.fft.rfft((frame * m._window)[None], axis=1)
         mix = np.stack([spec.real, spec.imag], axis=-1).astype(np.float32)
         enh, *new = m._session.run(self.out_names, {"mix": mix[0][None, :, None, :], **self.caches})
@@ -355,21 +362,24 @@ class _Dtln(_Backend):
         block, hop = self.BLOCK, self.HOP
         s1_in, s1_state = (i.name for i in self._s1.get_inputs())
         s2_in, s2_state = (i.name for i in self._s2.get_inputs())
-        st = {"state1": np.zeros(self._s1.get_inputs()[1].shape, np.float32),
-              "state2": np.zeros(self._s2.get_inputs()[1].shape, np.float32),
-              "in_buf": np.zeros(block, np.float32), "out_buf": np.zeros(block, np.float32)}
+        st = {
+            "state1": np.zeros(self._s1.get_inputs()[1].shape, np.float32),
+            "state2": np.zeros(self._s2.get_inputs()[1].shape, np.float32),
+            "in_buf": np.zeros(block, np.float32),
+            "out_buf": np.zeros(block, np.float32),
+        }
 
         def process(x: np.ndarray) -> np.ndarray:
             out = np.empty_like(x)
             for i in range(0, x.size, hop):
-                st["in_buf"] = np.concatenate([st["in_buf"][hop:], x[i:i + hop]])
+                st["in_buf"] = np.concatenate([st["in_buf"][hop:], x[i : i + hop]])
                 spec = np.fft.rfft(st["in_buf"])
                 mag = np.abs(spec).astype(np.float32)
                 mask, st["state1"] = self._s1.run(None, {s1_in: mag[None, None, :], s1_state: st["state1"]})
                 masked = np.fft.irfft(spec * mask[0, 0], n=block).astype(np.float32)
                 y, st["state2"] = self._s2.run(None, {s2_in: masked[None, None, :], s2_state: st["state2"]})
                 st["out_buf"] = np.concatenate([st["out_buf"][hop:], np.zeros(hop, np.float32)]) + y[0, 0]
-                out[i:i + hop] = st["out_buf"][:hop]
+                out[i : i + hop] = st["out_buf"][:hop]
             return out
 
         return _FrameStream(hop, block - hop, process)
@@ -459,7 +469,7 @@ class _EnsembleStream:
             dtln = self.dtln_out[:k]
         if k > 0:
             start = self.diffed - self.emitted
-            diff = dtln.astype(np.float64) - self.dfn_out[start:start + k]
+            diff = dtln.astype(np.float64) - self.dfn_out[start : start + k]
             self.dtln_out, self.diffed = self.dtln_out[k:], self.diffed + k
             self.filtered = np.concatenate([self.filtered, self._fir(diff)])
         if last:
@@ -472,7 +482,7 @@ class _EnsembleStream:
     def _fir(self, x: np.ndarray) -> np.ndarray:
         ext = np.concatenate([self.history, x])
         y = np.convolve(ext, self.h, mode="valid")  # one output per new input sample
-        self.history = ext[ext.size - self.history.size:]
+        self.history = ext[ext.size - self.history.size :]
         cut = min(self.skip, y.size)
         self.skip -= cut
         return y[cut:]
@@ -511,12 +521,14 @@ class SpeechEnhancer(Separator):
         super().setup(device)
         self.backend.load(device)
 
-    def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
-                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]] | None:
+    def separate_stream(
+        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]] | None:
         return self._stream(audio, [self.backend.stream() for _ in range(audio.channels)], max(1, block), cancelled)
 
-    def _stream(self, audio: A.Signal, streams: list, block: int,
-                cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def _stream(
+        self, audio: A.Signal, streams: list, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]]:
         primary, rest = self.spec.sources
         done = 0
         starts = list(range(0, audio.frames, block))

@@ -27,6 +27,7 @@ bins below a voice's range to the instrumental.
 The checkpoints are torch zip files whose pickle holds a dict of numpy float32 arrays: they
 are read with an unpickler that admits numpy's array reconstruction and nothing else.
 """
+
 from __future__ import annotations
 
 import io
@@ -144,14 +145,18 @@ class SpleeterUNet(nn.Module):
         names.update({f"up7.0.{p}": f"head.{p}" for p in ("weight", "bias")})
         own = self.state_dict()
         if set(names) != set(state):
-            raise ChainError("a Spleeter checkpoint's arrays do not match the 2-stem U-Net",
-                             missing=sorted(set(names) - set(state)), unexpected=sorted(set(state) - set(names)))
+            raise ChainError(
+                "a Spleeter checkpoint's arrays do not match the 2-stem U-Net",
+                missing=sorted(set(names) - set(state)),
+                unexpected=sorted(set(state) - set(names)),
+            )
         loaded = {}
         for src, dst in names.items():
             t = torch.from_numpy(np.asarray(state[src], dtype=np.float32))
             if t.shape != own[dst].shape:
-                raise ChainError(f"checkpoint array {src} has shape {tuple(t.shape)}, the U-Net's {dst} "
-                                 f"{tuple(own[dst].shape)}")
+                raise ChainError(
+                    f"checkpoint array {src} has shape {tuple(t.shape)}, the U-Net's {dst} {tuple(own[dst].shape)}"
+                )
             loaded[dst] = t
         loaded.update({k: v for k, v in own.items() if k not in loaded})  # batch norms' step counters
         self.load_state_dict(loaded)
@@ -167,13 +172,21 @@ class SpleeterParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     mask_exponent: float = Field(2.0, gt=0.0, description="Spleeter's separation exponent of the ratio masks")
     mask_extension: Literal["zeros", "average"] = Field(
-        "zeros", description="masks above the lowest 1024 bins: Spleeter's zeros, or each frame's mean mask")
+        "zeros", description="masks above the lowest 1024 bins: Spleeter's zeros, or each frame's mean mask"
+    )
     wiener_iterations: int = Field(0, ge=0, description="EM iterations of the multichannel Wiener filter; 0 = masks")
-    swap_channels: bool = Field(False, description="average with a run on the channel-swapped mix (test-time augmentation)")
+    swap_channels: bool = Field(
+        False, description="average with a run on the channel-swapped mix (test-time augmentation)"
+    )
     instrumental: Literal["mask", "residual"] = Field(
-        "mask", description="the second source from its own mask, or as the mix less the first")
-    vocals_highpass_hz: float = Field(0.0, ge=0.0, description="bins below this give the first source nothing "
-                                      "(voices have no energy there; what the network leaves is bass and kick)")
+        "mask", description="the second source from its own mask, or as the mix less the first"
+    )
+    vocals_highpass_hz: float = Field(
+        0.0,
+        ge=0.0,
+        description="bins below this give the first source nothing "
+        "(voices have no energy there; what the network leaves is bass and kick)",
+    )
     batch: int = Field(1, ge=1, description="512-frame segments per network call")
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -187,29 +200,34 @@ class SpleeterSeparator(TorchSeparator):
     def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
         super().__init__(spec, files, params)
         if len(spec.sources) != 2 or len(spec.files) != 2:
-            raise ChainError(f"model {spec.id!r}: the spleeter family serves two sources from two files",
-                             model_id=spec.id)
+            raise ChainError(
+                f"model {spec.id!r}: the spleeter family serves two sources from two files", model_id=spec.id
+            )
         self.nets: list[SpleeterUNet] = []
 
     def setup(self, device: str = "cpu") -> None:
         super().setup(device)
         self._use_precision(self.settings.precision, device)
-        self.nets = [SpleeterUNet(2).load_arrays(load_checkpoint(self.files[name])).to(device)
-                     for name in self.spec.files]
+        self.nets = [
+            SpleeterUNet(2).load_arrays(load_checkpoint(self.files[name])).to(device) for name in self.spec.files
+        ]
         self.model = self.nets  # TorchSeparator's "ready" check
 
     # -- running -------------------------------------------------------------------
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
-        blocks = list(self._blocks(A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), sample_rate,
-                                   lambda: False))
+        blocks = list(
+            self._blocks(A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), sample_rate, lambda: False)
+        )
         return {k: np.concatenate([b[k] for b in blocks], axis=1) for k in self.spec.sources}
 
-    def separate_stream(self, audio: A.Signal, sample_rate: int, block: int,
-                        cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def separate_stream(
+        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]]:
         return self._blocks(audio, sample_rate, cancelled)
 
-    def _blocks(self, audio: A.Signal, sample_rate: int,
-                cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def _blocks(
+        self, audio: A.Signal, sample_rate: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]]:
         """The sources `batch` segments at a time, in order; memory follows the segments, not the track.
 
         Frames are those of the zero-padded signal (N_FFT // 2 zeros before the first sample).
@@ -227,7 +245,7 @@ class SpleeterSeparator(TorchSeparator):
         for b in range(0, len(starts), self.settings.batch):
             if cancelled():
                 raise Cancelled("job cancelled")
-            group = starts[b:b + self.settings.batch]
+            group = starts[b : b + self.settings.batch]
             stop = min(group[-1] + FRAMES, n_frames)
             x = _zero_read(audio, group[0] * HOP - pad, (stop - 1) * HOP + N_FFT - pad)
             framed = np.lib.stride_tricks.sliding_window_view(x, N_FFT, axis=-1)[:, ::HOP]
@@ -290,5 +308,5 @@ def _zero_read(audio: A.Signal, lo: int, hi: int) -> np.ndarray:
     out = np.zeros((audio.channels, hi - lo), np.float32)
     a, b = max(lo, 0), min(hi, audio.frames)
     if a < b:
-        out[:, a - lo:b - lo] = audio.read(a, b)
+        out[:, a - lo : b - lo] = audio.read(a, b)
     return out

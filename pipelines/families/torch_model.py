@@ -1,4 +1,5 @@
 """What the PyTorch model families share: typed params, a rate check, and a mixed-precision forward with a float32 safety net."""
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,10 @@ class TorchSeparator(Separator):
 
     def _use_precision(self, precision: str, device: str) -> None:
         if precision == "float16" and not device.startswith("cuda"):
-            raise ChainError(f"precision float16 for {self.spec.id!r} needs a CUDA device, not {device!r}; "
-                             "use bfloat16 or float32", model_id=self.spec.id)
+            raise ChainError(
+                f"precision float16 for {self.spec.id!r} needs a CUDA device, not {device!r}; use bfloat16 or float32",
+                model_id=self.spec.id,
+            )
         self.precision = precision
 
     def _autocast(self, enabled: bool = True):
@@ -69,5 +72,6 @@ class TorchSeparator(Separator):
         if self.model is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before separate()")
         if sample_rate != self.spec.sample_rate:  # the engine resamples; a wrong rate would pass silently
-            raise ChainError(f"{self.spec.id!r} runs at {self.spec.sample_rate} Hz, got {sample_rate} Hz",
-                             model_id=self.spec.id)
+            raise ChainError(
+                f"{self.spec.id!r} runs at {self.spec.sample_rate} Hz, got {sample_rate} Hz", model_id=self.spec.id
+            )

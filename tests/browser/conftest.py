@@ -1,4 +1,5 @@
 """Browser fixtures: Debian's chromium (installed with apt when missing), driven by Playwright."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,15 @@ import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 # the flags the project's machines need: no sandbox as root, no GPU, nothing phoning home
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
 
 
 def _install_chromium() -> str | None:

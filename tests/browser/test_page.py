@@ -5,6 +5,7 @@ set: `STEMS_SCREENSHOTS=docs/screenshots pytest tests/browser` refreshes the REA
 The page runs under its own Content-Security-Policy, so the checks read the page with
 `page.evaluate` from Python rather than string predicates evaluated in the page.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,9 @@ def page(browser):
     page.add_init_script(RECORD_LABELS)
     page.problems = []  # uncaught errors and CSP refusals: none may happen
     page.on("pageerror", lambda e: page.problems.append(f"pageerror: {e}"))
-    page.on("console", lambda m: m.type == "error" and "Content Security Policy" in m.text
-            and page.problems.append(m.text))
+    page.on(
+        "console", lambda m: m.type == "error" and "Content Security Policy" in m.text and page.problems.append(m.text)
+    )
     page.requests = []
     page.on("request", lambda r: page.requests.append((r.url, r.resource_type)))
     yield page
@@ -67,31 +69,40 @@ def until(page, script: str, arg=None, timeout: float = 60.0):
 
 def drop(page, selector: str, path) -> None:
     """Drag and drop a file onto `selector`, as a file dragged from the desktop arrives."""
-    data = page.evaluate_handle("""([name, b64]) => {
+    data = page.evaluate_handle(
+        """([name, b64]) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const dt = new DataTransfer();
         dt.items.add(new File([bytes], name, { type: "audio/wav" }));
         return dt;
-    }""", [path.name, base64.b64encode(path.read_bytes()).decode()])
+    }""",
+        [path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
     page.dispatch_event(selector, "dragover", {"dataTransfer": data})
     page.dispatch_event(selector, "drop", {"dataTransfer": data})
 
 
 def drawn_pixels(page, stem: str) -> int:
     """Non-transparent pixels on the canvases of a stem's waveform (inside wavesurfer's shadow DOM)."""
-    return sum(c.evaluate("""(c) => {
+    return sum(
+        c.evaluate("""(c) => {
         const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
         let n = 0;
         for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
         return n;
-    }""") for c in page.locator(f".stem[data-stem={stem}] canvas").all())
+    }""")
+        for c in page.locator(f".stem[data-stem={stem}] canvas").all()
+    )
 
 
 def audio_state(page) -> dict:
-    return {s["stem"]: s for s in page.evaluate("""() => [...document.querySelectorAll(".stem")].map((row) => {
+    return {
+        s["stem"]: s
+        for s in page.evaluate("""() => [...document.querySelectorAll(".stem")].map((row) => {
         const a = row.querySelector("audio");
         return { stem: row.dataset.stem, t: a.currentTime, paused: a.paused, muted: a.muted, volume: a.volume };
-    })""")}
+    })""")
+    }
 
 
 def test_upload_select_split_mix_and_download(stack, song, page, shots):
@@ -221,8 +232,9 @@ def test_a_bad_key_and_an_unavailable_preset_show_the_api_message(stack, song, p
     assert page.locator("#custom-fields").is_hidden()
     page.click("#split-button")
     until(page, "() => document.querySelector('#split-message').textContent.includes('not available on this')")
-    refusal = httpx.post(stack.base + "/create-stems", headers={"x-api-key": key},
-                         json={"preset": "4_tracks", "audio_id": audio_id}).json()
+    refusal = httpx.post(
+        stack.base + "/create-stems", headers={"x-api-key": key}, json={"preset": "4_tracks", "audio_id": audio_id}
+    ).json()
     assert f"{refusal['detail']} ({refusal['code']})" in page.text_content("#split-message")
     shots(page, "08-unavailable-preset")
     assert page.problems == []

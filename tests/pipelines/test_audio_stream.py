@@ -1,4 +1,5 @@
 """Block-wise audio I/O equals whole-array I/O: decode to file, WAV, HQ encodes, signal files."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,11 +39,16 @@ def test_frame_file_stays_readable_after_unlink(tmp_path):
 @pytest.mark.parametrize("bit_depth", [16, 24, 32])
 def test_block_wav_is_the_whole_array_wav(tmp_path, bit_depth):
     audio = (0.6 * np.random.default_rng(0).standard_normal((2, 3 * SR + 17))).astype(np.float32)
-    sf.write(str(tmp_path / "whole.wav"), np.clip(audio.T, -1, 1) if bit_depth != 32 else audio.T, SR,
-             subtype=A.WAV_SUBTYPES[bit_depth], format="WAV")
+    sf.write(
+        str(tmp_path / "whole.wav"),
+        np.clip(audio.T, -1, 1) if bit_depth != 32 else audio.T,
+        SR,
+        subtype=A.WAV_SUBTYPES[bit_depth],
+        format="WAV",
+    )
     with A.WavWriter(tmp_path / "blocks.wav", SR, 2, bit_depth) as w:
         for lo in range(0, audio.shape[1], 10007):
-            w.write(audio[:, lo:lo + 10007])
+            w.write(audio[:, lo : lo + 10007])
     assert (tmp_path / "blocks.wav").read_bytes() == (tmp_path / "whole.wav").read_bytes()
 
 
@@ -53,7 +59,7 @@ def test_block_hq_encode_decodes_like_the_whole_array_encode(tmp_path, fmt, sr):
     A.encode_hq(tmp_path / f"whole.{ext}", audio, sr, fmt)
     with A.HqEncoder(tmp_path / f"blocks.{ext}", sr, 2, fmt) as enc:
         for lo in range(0, audio.shape[1], 9999):
-            enc.write(audio[:, lo:lo + 9999])
+            enc.write(audio[:, lo : lo + 9999])
     a, ra = A.decode(tmp_path / f"whole.{ext}")
     b, rb = A.decode(tmp_path / f"blocks.{ext}")
     assert ra == rb and a.shape == b.shape

@@ -1,4 +1,5 @@
 """`params.backend: auto` follows the figures measured on this CPU and kept in the store, and measures when they are not this CPU's."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,17 @@ def write_record(store: ModelStore, choice: str, machine: Machine | None = None,
     machine = machine or this_machine()
     seconds = {"torch": 0.01, "onnxruntime": 1.0} if choice == "torch" else {"torch": 1.0, "onnxruntime": 0.01}
     record = backend_choice.BackendRecord(
-        model_id="htdemucs", files=files_of(store), segment_samples=SEGMENT, batch=1, machine=machine,
-        seconds=seconds, rounds=3, choice=choice, loadavg=[0.0, 0.0, 0.0], measured_at=1.0)
+        model_id="htdemucs",
+        files=files_of(store),
+        segment_samples=SEGMENT,
+        batch=1,
+        machine=machine,
+        seconds=seconds,
+        rounds=3,
+        choice=choice,
+        loadavg=[0.0, 0.0, 0.0],
+        measured_at=1.0,
+    )
     record = record.model_copy(update=changes)
     path = backend_choice.path_for(store.root, "htdemucs", this_machine())  # this machine's file, whatever it holds
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,13 +95,16 @@ def test_an_explicit_backend_overrides_the_record(tmp_path):
         assert sep.backend == wanted and sep.backend_record is None
 
 
-@pytest.mark.parametrize("other", [
-    {"cpu": "Another CPU"},
-    {"flags": ("avx2",)},
-    {"torch": "0.0.1"},
-    {"onnxruntime": "0.0.1"},
-    {"threads": 64},
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"cpu": "Another CPU"},
+        {"flags": ("avx2",)},
+        {"torch": "0.0.1"},
+        {"onnxruntime": "0.0.1"},
+        {"threads": 64},
+    ],
+)
 def test_a_record_of_another_machine_is_ignored_and_measured_again(store, other):
     """A record (in this machine's file, so only its content can tell) of another CPU or other libraries: measured anew."""
     stale = this_machine().model_copy(update=other)
@@ -121,7 +134,10 @@ def test_each_machine_keeps_its_own_record(store):
     backend_choice.save(store.root, rec)
     assert backend_choice.path_for(store.root, "htdemucs", other).exists()
     assert Engine(store).separator("htdemucs").backend == "torch"
-    assert {r.machine.cpu for r in backend_choice.records(store.root, "htdemucs")} == {this_machine().cpu, "Another CPU"}
+    assert {r.machine.cpu for r in backend_choice.records(store.root, "htdemucs")} == {
+        this_machine().cpu,
+        "Another CPU",
+    }
 
 
 def _load_in_child(root: str, out: str) -> None:
@@ -147,17 +163,20 @@ def test_two_processes_meeting_a_new_cpu_leave_one_whole_record(store, tmp_path)
     assert kept is not None and kept.machine == this_machine()
     assert kept.measured_at in [r[1] for r in results]
     assert [p.name for p in (store.root / backend_choice.DIRECTORY).iterdir()] == [
-        backend_choice.path_for(store.root, "htdemucs", this_machine()).name]  # no temp file left behind
+        backend_choice.path_for(store.root, "htdemucs", this_machine()).name
+    ]  # no temp file left behind
 
 
 def test_time_interleaved_alternates_and_stops_at_the_budget():
     order: list[str] = []
     seconds, rounds = backend_choice.time_interleaved(
-        {"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.01))}, runs=4, budget_s=60)
+        {"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.01))}, runs=4, budget_s=60
+    )
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"] and rounds == 4
     assert seconds["b"] > seconds["a"]
-    _, rounds = backend_choice.time_interleaved({"a": lambda: time.sleep(0.05), "b": lambda: None},
-                                                runs=10, budget_s=0.01)
+    _, rounds = backend_choice.time_interleaved(
+        {"a": lambda: time.sleep(0.05), "b": lambda: None}, runs=10, budget_s=0.01
+    )
     assert rounds == 1
 
 
@@ -169,8 +188,10 @@ def test_choice_needs_a_clear_onnxruntime_win():
 
 def test_cpu_info_reads_model_and_the_flags_that_matter(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Test\nflags\t\t: fpu sse avx2 avx512f "
-                       "avx512_bf16 amx_tile amx_bf16 pni\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Test\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Test\nflags\t\t: fpu sse avx2 avx512f "
+        "avx512_bf16 amx_tile amx_bf16 pni\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Test\n"
+    )
     cpu, flags = cpu_info(cpuinfo)
     assert cpu == "Intel(R) Xeon(R) Test" and flags == ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -180,23 +201,35 @@ def test_models_bench_and_list_show_the_figures(store):
     cli = [sys.executable, "-m", "stems.cli", "models"]
     kept = []
     for _ in range(2):
-        r = subprocess.run(cli + ["bench", "htdemucs", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=240)
+        r = subprocess.run(
+            cli + ["bench", "htdemucs", "--model-dir", str(store.root)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert r.returncode == 0, r.stderr
         # the CLI runs at torch's default thread count, not this test's one thread: its own record
         (record,) = [r for r in backend_choice.records(store.root, "htdemucs") if r.machine.threads != 1]
         assert "torch" in r.stdout and "onnxruntime" in r.stdout and f"{record.choice} chosen" in r.stdout
         kept.append(record)
     assert kept[1].measured_at > kept[0].measured_at
-    r = subprocess.run(cli + ["list", "--json", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=240)
+    r = subprocess.run(
+        cli + ["list", "--json", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
     assert r.returncode == 0, r.stderr
     (row,) = [row for row in json.loads(r.stdout) if row["id"] == "htdemucs"]
     assert row["backend"]["choice"] == kept[1].choice and row["backend"]["seconds"] == kept[1].seconds
-    r = subprocess.run(cli + ["list", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=240)
+    r = subprocess.run(
+        cli + ["list", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("htdemucs ")]
     assert f"{kept[1].choice} chosen" in line
-    r = subprocess.run(cli + ["bench", "dsp.centre", "--model-dir", str(store.root)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        cli + ["bench", "dsp.centre", "--model-dir", str(store.root)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 2 and "one backend" in r.stderr

@@ -1,4 +1,5 @@
 """The step cache: keyed by what decides a step's output, atomic, bounded, and used by the engine."""
+
 from __future__ import annotations
 
 import os
@@ -83,13 +84,24 @@ def test_entry_larger_than_the_bound_is_not_stored(tmp_path):
 
 
 def test_key_covers_input_model_params_weights_and_engine():
-    base = dict(model_id="m", input_digest="d", sample_rate=SR, channels=2, frames=10,
-                identity={"params": {"overlap": 0.25}, "weights": {"f.th": "aa"}})
+    base = dict(
+        model_id="m",
+        input_digest="d",
+        sample_rate=SR,
+        channels=2,
+        frames=10,
+        identity={"params": {"overlap": 0.25}, "weights": {"f.th": "aa"}},
+    )
     key = step_key(**base)
     assert key == step_key(**base)
-    for change in ({"model_id": "n"}, {"input_digest": "e"}, {"sample_rate": 48000}, {"frames": 11},
-                   {"identity": {"params": {"overlap": 0.5}, "weights": {"f.th": "aa"}}},
-                   {"identity": {"params": {"overlap": 0.25}, "weights": {"f.th": "bb"}}}):
+    for change in (
+        {"model_id": "n"},
+        {"input_digest": "e"},
+        {"sample_rate": 48000},
+        {"frames": 11},
+        {"identity": {"params": {"overlap": 0.5}, "weights": {"f.th": "aa"}}},
+        {"identity": {"params": {"overlap": 0.25}, "weights": {"f.th": "bb"}}},
+    ):
         assert step_key(**{**base, **change}) != key, change
     assert ENGINE_VERSION
 

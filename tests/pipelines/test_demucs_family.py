@@ -1,4 +1,5 @@
 """The demucs family against demucs itself, on small random models saved in Demucs's checkpoint format."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,8 +62,17 @@ def test_engine_matches_demucs(model_id, store, engine, mix, tmp_path):
 
 def test_reference_is_what_the_demucs_cli_computes(store, mix, tmp_path):
     ours = demucs_reference(store, "htdemucs", mix, tmp_path / "a")
-    cli = DemucsCli(model="955717e8", repo=tmp_path / "a" / "reference_repo", device="cpu", shifts=0,
-                    overlap=0.25, split=True, segment=None, jobs=0, progress=False)
+    cli = DemucsCli(
+        model="955717e8",
+        repo=tmp_path / "a" / "reference_repo",
+        device="cpu",
+        shifts=0,
+        overlap=0.25,
+        split=True,
+        segment=None,
+        jobs=0,
+        progress=False,
+    )
     with torch.inference_mode():
         _, theirs = cli.separate_tensor(torch.from_numpy(mix))
     assert max_difference(ours, {k: v.numpy() for k, v in theirs.items()}) <= TOLERANCE

@@ -1,4 +1,5 @@
 """Demucs on ONNX Runtime against demucs itself, and the fallbacks to torch, on small random models."""
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,21 @@ def test_stems_split_runs_onnxruntime_and_matches_demucs(store, mix, tmp_path):
     src = tmp_path / "mix.wav"
     sf.write(src, mix.T, SR, subtype="FLOAT")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stems.cli", "split", str(src), "--preset", "4_tracks", "--out", str(out),
-           "--model-dir", str(store.root), "--bit-depth", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stems.cli",
+        "split",
+        str(src),
+        "--preset",
+        "4_tracks",
+        "--out",
+        str(out),
+        "--model-dir",
+        str(store.root),
+        "--bit-depth",
+        "32",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     (onnx_file,) = derived(store)
@@ -99,7 +113,8 @@ def test_without_onnxruntime_auto_runs_torch_and_says_why(store, mix, tmp_path):
         f"e = Engine(ModelStore({str(store.root)!r})); mix = np.load({str(tmp_path / 'mix.npy')!r})\n"
         "out = e.run_model('htdemucs', mix, 44100); s = e.separator('htdemucs')\n"
         f"np.savez({str(tmp_path / 'out.npz')!r}, **out)\n"
-        "print(json.dumps([s.backend, s.backend_reason]))\n")
+        "print(json.dumps([s.backend, s.backend_reason]))\n"
+    )
     np.save(tmp_path / "mix.npy", mix)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
@@ -170,8 +185,13 @@ def test_models_install_builds_the_derived_file(tmp_path):
 
     (weights,) = make_random_demucs("htdemucs", tmp_path / "made", seed=7)
     store = tmp_path / "store"
-    r = subprocess.run([sys.executable, "-m", "stems.cli", "models", "install", "htdemucs", str(weights),
-                        "--model-dir", str(store)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "stems.cli", "models", "install", "htdemucs", str(weights), "--model-dir", str(store)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr
     # both backends were timed on this CPU (the graph is built to be timed) and the faster one is kept
     assert "htdemucs loads and runs on " in r.stderr and "measured on this CPU" in r.stderr

@@ -1,6 +1,7 @@
 """The dsp family on signals made here: each method separates what it claims to, its sources sum to
 its input, a chunked engine run equals the whole-signal run, and WPE and REPET-SIM, which stream, give
 the whole-signal samples through the engine on scratch files, as a worker runs them."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -23,7 +24,7 @@ STREAMABLE = ["dsp.centre", "dsp.hpss", "dsp.spectral_gate", "dsp.universal_enha
 
 def sdr(ref: np.ndarray, est: np.ndarray) -> float:
     ref, est = np.asarray(ref, np.float64), np.asarray(est, np.float64)
-    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - est) ** 2)))
+    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - est) ** 2)))
 
 
 def separator(model_id: str, **params) -> DspSeparator:
@@ -54,15 +55,19 @@ def clicks(seconds: float, every: float = 0.25) -> np.ndarray:
     """Decaying broadband bursts (5 ms), a drum-machine tick."""
     n = int(seconds * SR)
     out = np.zeros(n)
-    burst = np.random.default_rng(7).standard_normal(int(0.005 * SR)) * np.exp(-np.arange(int(0.005 * SR)) / (0.001 * SR))
+    burst = np.random.default_rng(7).standard_normal(int(0.005 * SR)) * np.exp(
+        -np.arange(int(0.005 * SR)) / (0.001 * SR)
+    )
     for start in range(int(0.1 * SR), n - burst.size, int(every * SR)):
-        out[start:start + burst.size] += burst
+        out[start : start + burst.size] += burst
     return out / np.max(np.abs(out))
 
 
 def stereo_mix(seconds: float = 4.0) -> np.ndarray:
     rng = np.random.default_rng(3)
-    x = np.stack([melody(seconds, 1) + 0.3 * clicks(seconds), melody(seconds, 1) + 0.03 * rng.standard_normal(int(seconds * SR))])
+    x = np.stack(
+        [melody(seconds, 1) + 0.3 * clicks(seconds), melody(seconds, 1) + 0.03 * rng.standard_normal(int(seconds * SR))]
+    )
     return (0.3 * x).astype(np.float32)
 
 
@@ -234,12 +239,15 @@ def assert_stream_equals_whole(tmp_path, model_id: str, x: np.ndarray, atol: flo
         assert set(out) == set(whole)
         for source in whole:
             assert out[source].shape == whole[source].shape
-            np.testing.assert_allclose(out[source], whole[source], rtol=0, atol=atol,
-                                       err_msg=f"{source} {chunk_seconds}")
+            np.testing.assert_allclose(
+                out[source], whole[source], rtol=0, atol=atol, err_msg=f"{source} {chunk_seconds}"
+            )
 
 
-@pytest.mark.parametrize(("channels", "iterations", "post_filter"),
-                         [(2, 1, True), (2, 1, False), (2, 2, True), (2, 2, False), (1, 1, True), (1, 2, True)])
+@pytest.mark.parametrize(
+    ("channels", "iterations", "post_filter"),
+    [(2, 1, True), (2, 1, False), (2, 2, True), (2, 2, False), (1, 1, True), (1, 2, True)],
+)
 def test_wpe_stream_equals_whole(tmp_path, channels, iterations, post_filter):
     _, x = reverberant(6.0)
     x = x[:channels, :-123]  # not a whole number of hops
@@ -252,8 +260,9 @@ def test_repet_sim_stream_equals_whole(tmp_path, channels, harmonic):
     """A 1 s window (60 s by default) so that a short track holds several windows and blocks."""
     x = loop_and_lead(20.0)[:channels, :-1234]
     # measured 0: each row block of the similarity search sees the same frames as on the whole track
-    assert_stream_equals_whole(tmp_path, "dsp.repet_sim", x, 1e-6, window_s=1.0, min_separation_s=0.25,
-                               harmonic=harmonic)
+    assert_stream_equals_whole(
+        tmp_path, "dsp.repet_sim", x, 1e-6, window_s=1.0, min_separation_s=0.25, harmonic=harmonic
+    )
 
 
 def peak_while_streaming(sep, x: np.ndarray) -> int:
@@ -270,10 +279,13 @@ def peak_while_streaming(sep, x: np.ndarray) -> int:
     return peak
 
 
-@pytest.mark.parametrize(("model_id", "params", "make", "short_s"), [
-    ("dsp.wpe", {}, lambda s: reverberant(s)[1], 8.0),  # the post-filter's slabs: 3.7 s
-    ("dsp.repet_sim", {"window_s": 1.0}, loop_and_lead, 12.0),  # 256-frame blocks and the window: 8.4 s
-])
+@pytest.mark.parametrize(
+    ("model_id", "params", "make", "short_s"),
+    [
+        ("dsp.wpe", {}, lambda s: reverberant(s)[1], 8.0),  # the post-filter's slabs: 3.7 s
+        ("dsp.repet_sim", {"window_s": 1.0}, loop_and_lead, 12.0),  # 256-frame blocks and the window: 8.4 s
+    ],
+)
 def test_stream_memory_follows_the_block_not_the_track_and_stops_when_cancelled(model_id, params, make, short_s):
     sep = separator(model_id, **params)
     short, long = peak_while_streaming(sep, make(short_s)), peak_while_streaming(sep, make(3 * short_s))
@@ -288,5 +300,7 @@ def test_stream_memory_follows_the_block_not_the_track_and_stops_when_cancelled(
 def test_the_other_dsp_methods_are_chunked_by_the_engine():
     for model_id in ("dsp.centre", "dsp.hpss", "dsp.spectral_gate", "dsp.universal_enhancer"):
         sep = separator(model_id)
-        assert sep.streamable and sep.separate_stream(A.ArraySignal(np.zeros((2, 10), np.float32)), SR, 10,
-                                                      lambda: False) is None
+        assert (
+            sep.streamable
+            and sep.separate_stream(A.ArraySignal(np.zeros((2, 10), np.float32)), SR, 10, lambda: False) is None
+        )

@@ -1,4 +1,5 @@
 """Ensembles declared in preset data: two installed models' estimates of a stem combined (pipelines/ensemble.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,18 +28,21 @@ def _magnitude_mean_reference(a: np.ndarray, b: np.ndarray, n_fft: int = 2048, h
     first = -((n_fft // 2 - 1) // hop) * hop  # the first frame centre k * hop whose frame reaches sample 0
     for centre in range(first, n + n_fft // 2, hop):  # every frame that touches the signal
         lo = centre - n_fft // 2 + pad
-        spectra = [np.fft.rfft(s[:, lo:lo + n_fft] * window) for s in x]
+        spectra = [np.fft.rfft(s[:, lo : lo + n_fft] * window) for s in x]
         mean = (spectra[0] + spectra[1]) / 2
         frame = np.fft.irfft((np.abs(spectra[0]) + np.abs(spectra[1])) / 2 * np.exp(1j * np.angle(mean)), n=n_fft)
-        out[:, lo:lo + n_fft] += frame * window
-        norm[lo:lo + n_fft] += window ** 2
-    return (out / np.where(norm > 0, norm, 1))[:, pad:pad + n]
+        out[:, lo : lo + n_fft] += frame * window
+        norm[lo : lo + n_fft] += window**2
+    return (out / np.where(norm > 0, norm, 1))[:, pad : pad + n]
 
 
 def test_mean_wave_is_the_mean(estimates):
     a, b = estimates
-    np.testing.assert_allclose(combine("mean_wave", [ArraySignal(a), ArraySignal(b)]).read(100, 20_000),
-                               ((a + b) / 2)[:, 100:20_000], atol=1e-7)
+    np.testing.assert_allclose(
+        combine("mean_wave", [ArraySignal(a), ArraySignal(b)]).read(100, 20_000),
+        ((a + b) / 2)[:, 100:20_000],
+        atol=1e-7,
+    )
 
 
 def test_mean_magnitude_matches_a_frame_by_frame_reference(estimates):
@@ -84,8 +88,10 @@ def test_preset_ensemble_of_two_random_roformers_is_their_mean(tmp_path):
     install_random_roformer(store, "mel_band_roformer_kj", seed=2)
     result = engine.run("2_tracks", mix, SR)
     assert result.chain_index == 0
-    assert result.made_by == {"vocals": "bs_roformer_viperx_1297+mel_band_roformer_kj",
-                              "instrumental": "bs_roformer_viperx_1297+mel_band_roformer_kj"}
+    assert result.made_by == {
+        "vocals": "bs_roformer_viperx_1297+mel_band_roformer_kj",
+        "instrumental": "bs_roformer_viperx_1297+mel_band_roformer_kj",
+    }
     first = engine.run_model("bs_roformer_viperx_1297", mix, SR)
     second = engine.run_model("mel_band_roformer_kj", mix, SR)
     for stem in ("vocals", "instrumental"):

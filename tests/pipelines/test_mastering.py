@@ -1,5 +1,6 @@
 """Mastering (pipelines/mastering.py): the streaming meter agrees with pyloudnorm, the limiter holds its
 ceiling, and every preset lands on its target on real and synthetic music, measured independently."""
+
 from __future__ import annotations
 
 import math
@@ -26,13 +27,14 @@ def true_peak_db(y: np.ndarray) -> float:
 
 
 def blocks_of(audio: np.ndarray, size: int):
-    return lambda: (audio[:, i:i + size] for i in range(0, audio.shape[1], size))
+    return lambda: (audio[:, i : i + size] for i in range(0, audio.shape[1], size))
 
 
 def run(audio: np.ndarray, sr: int, preset: str, block: int = 44100) -> tuple[M.MasterReport, np.ndarray]:
     out: list[np.ndarray] = []
-    report = M.master(blocks_of(audio, block), sr, audio.shape[0], preset,
-                      lambda: (out.clear() or out.append, lambda: None))
+    report = M.master(
+        blocks_of(audio, block), sr, audio.shape[0], preset, lambda: (out.clear() or out.append, lambda: None)
+    )
     return report, np.concatenate(out, axis=1)
 
 
@@ -42,7 +44,7 @@ def test_streaming_meter_equals_pyloudnorm(seconds, block):
     audio = tone_mix(seconds, 44100, seed=3)
     meter = M.LoudnessMeter(44100, 2)
     for i in range(0, audio.shape[1], block):
-        meter.push(audio[:, i:i + block])
+        meter.push(audio[:, i : i + block])
     assert meter.integrated() == pytest.approx(pyloudnorm.Meter(44100).integrated_loudness(audio.T), abs=0.01)
 
 
@@ -55,7 +57,7 @@ def test_limiter_holds_the_ceiling_on_intersample_peaks():
     out = []
     lim = M.Limiter(sr, 2, -1.0)
     for i in range(0, audio.shape[1], 7000):
-        out.extend(lim.push(audio[:, i:i + 7000]))
+        out.extend(lim.push(audio[:, i : i + 7000]))
     out.extend(lim.flush())
     y = np.concatenate(out, axis=1)
     assert y.shape == audio.shape  # nothing lost, nothing added: the lag is taken back at the end
@@ -68,7 +70,7 @@ def test_limiter_leaves_quiet_audio_alone():
     out = []
     lim = M.Limiter(44100, 2, -1.0)
     for i in range(0, audio.shape[1], 5000):
-        out.extend(lim.push(audio[:, i:i + 5000]))
+        out.extend(lim.push(audio[:, i : i + 5000]))
     out.extend(lim.flush())
     np.testing.assert_allclose(np.concatenate(out, axis=1), audio, atol=1e-7)
 
@@ -79,8 +81,10 @@ def _music() -> list[tuple[str, Path]]:
 
 
 @pytest.mark.parametrize("preset", sorted(M.PRESETS))
-@pytest.mark.parametrize("name,path", _music() or [pytest.param("none", None, marks=pytest.mark.skip(
-    reason="no corpus at /work/shared/corpus"))])
+@pytest.mark.parametrize(
+    "name,path",
+    _music() or [pytest.param("none", None, marks=pytest.mark.skip(reason="no corpus at /work/shared/corpus"))],
+)
 def test_presets_reach_their_targets_on_music(name, path, preset):
     """Integrated loudness within 0.5 LU of the target, true peak at or under the ceiling (pyloudnorm and
     scipy's 4x resampler, not our meters); the tonal balance moves at most 2 dB."""
@@ -93,10 +97,12 @@ def test_presets_reach_their_targets_on_music(name, path, preset):
     assert report.result.integrated_lufs == pytest.approx(lufs, abs=0.01)
     assert abs(report.low_shelf_db) <= 2 and abs(report.high_shelf_db) <= 2
     assert y.shape == data.T.shape
-    print(f"{name} {preset}: source {report.source.integrated_lufs:.2f} LUFS {report.source.true_peak_dbtp:.2f} dBTP "
-          f"-> {lufs:.2f} LUFS {true_peak_db(y.T):.2f} dBTP LRA {report.result.loudness_range_lu:.2f} "
-          f"(gain {report.gain_db} dB, shelves {report.low_shelf_db}/{report.high_shelf_db} dB, "
-          f"{report.renders} renders)")
+    print(
+        f"{name} {preset}: source {report.source.integrated_lufs:.2f} LUFS {report.source.true_peak_dbtp:.2f} dBTP "
+        f"-> {lufs:.2f} LUFS {true_peak_db(y.T):.2f} dBTP LRA {report.result.loudness_range_lu:.2f} "
+        f"(gain {report.gain_db} dB, shelves {report.low_shelf_db}/{report.high_shelf_db} dB, "
+        f"{report.renders} renders)"
+    )
 
 
 def test_block_size_does_not_change_the_result():

@@ -1,4 +1,5 @@
 """The model store and its CLI: install pins sha256, list/verify report, loading names what is wrong."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stems.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stems.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_install_list_verify_through_the_cli(tmp_path):
@@ -77,8 +80,10 @@ def test_presets_cli_lists_availability(tmp_path):
     assert r.returncode == 0
     lines = r.stdout.splitlines()
     # what serves a preset here, and plainly when it is signal processing rather than a trained model
-    assert any(line.startswith("phantom_center") and "served by  dsp.centre" in line and "DSP fallback" in line
-               for line in lines)
+    assert any(
+        line.startswith("phantom_center") and "served by  dsp.centre" in line and "DSP fallback" in line
+        for line in lines
+    )
     assert any(line.startswith("6_tracks") and "missing" in line and "htdemucs_6s" in line for line in lines)
     hint = lines[[i for i, line in enumerate(lines) if line.startswith("6_tracks")][0] + 2]
     assert hint.split() == ["to", "install:", "stems", "models", "pull", "htdemucs_6s"]

@@ -1,4 +1,5 @@
 """The MDX-style ONNX family against a plain reference loop, on small random networks in a real model store."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,11 +27,14 @@ def _mix(seconds: float, seed: int = 0) -> np.ndarray:
     return (tone + 0.05 * rng.standard_normal((2, n))).astype(np.float32)
 
 
-@pytest.mark.parametrize("model_id, output, params, seconds", [
-    ("mdx_karaoke", "spectrogram", SMALL, 2.0),
-    ("mdx_dereverb", "mask", {**SMALL, "output": "mask"}, 2.0),
-    ("mvsep_mega_53", "multi", TINY, 0.5),
-])
+@pytest.mark.parametrize(
+    "model_id, output, params, seconds",
+    [
+        ("mdx_karaoke", "spectrogram", SMALL, 2.0),
+        ("mdx_dereverb", "mask", {**SMALL, "output": "mask"}, 2.0),
+        ("mvsep_mega_53", "multi", TINY, 0.5),
+    ],
+)
 def test_engine_matches_reference_loop(tmp_path, model_id, output, params, seconds):
     store = ModelStore(tmp_path)
     install_random_onnx(store, model_id, seed=3, params=params)
@@ -78,7 +82,8 @@ def test_identity_network_reconstructs_the_mix(tmp_path):
     """All bins through an identity network: STFT, cross-fade and inverse STFT must give the input back."""
     p = dict(n_fft=512, hop=128, dim_f=257, dim_t=32, segment_frames=32, zero_low_bins=0)
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["input"], ["output"])], "identity",
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "identity",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4, 257, "frames"])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4, 257, "frames"])],
     )

@@ -1,4 +1,5 @@
 """Waveform peaks: audiowaveform's JSON form, the same however the audio is cut into blocks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,7 @@ def reference(audio: np.ndarray, spp: int, bits: int) -> list[int]:
     scale = 2 ** (bits - 1) - 1
     out = []
     for lo in range(0, audio.shape[1], spp):
-        for ch in audio[:, lo:lo + spp]:
+        for ch in audio[:, lo : lo + spp]:
             out += [max(-scale - 1, int(np.floor(ch.min() * scale))), min(scale, int(np.ceil(ch.max() * scale)))]
     return out
 

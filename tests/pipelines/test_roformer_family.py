@@ -1,4 +1,5 @@
 """The roformer family against MSST's inference as tools/reference.py writes it, on small random models saved as MSST saves them."""
+
 from __future__ import annotations
 
 import re
@@ -75,12 +76,18 @@ def test_engine_matches_the_reference(model_id, mix, tmp_path):
     assert max_difference(ours, roformer_reference(store, model_id, mix)) <= TOL
 
 
-@pytest.mark.parametrize("model_id, sections", [
-    ("bs_roformer_4stem", {"model": {"mlp_expansion_factor": 2, "sage_attention": True}}),  # as its released config
-    ("mel_band_roformer_kj", {"inference": {"batch_size": 1, "num_overlap": 4}}),  # the first chunk keeps no fade-in
-    ("mel_band_roformer_kj", {"inference": {"batch_size": 3, "num_overlap": 3, "normalize": True}}),
-    ("bs_roformer_viperx_1297", {"model": {"zero_dc": False}, "inference": {"batch_size": 4, "num_overlap": 2}}),
-])
+@pytest.mark.parametrize(
+    "model_id, sections",
+    [
+        ("bs_roformer_4stem", {"model": {"mlp_expansion_factor": 2, "sage_attention": True}}),  # as its released config
+        (
+            "mel_band_roformer_kj",
+            {"inference": {"batch_size": 1, "num_overlap": 4}},
+        ),  # the first chunk keeps no fade-in
+        ("mel_band_roformer_kj", {"inference": {"batch_size": 3, "num_overlap": 3, "normalize": True}}),
+        ("bs_roformer_viperx_1297", {"model": {"zero_dc": False}, "inference": {"batch_size": 4, "num_overlap": 2}}),
+    ],
+)
 def test_config_variants_match_the_reference(model_id, sections, mix, tmp_path):
     store = _store(tmp_path, model_id, **sections)
     ours = Engine(store).run_model(model_id, mix, SR)
@@ -102,8 +109,12 @@ def test_params_override_the_config(mix, tmp_path):
     assert (sep.chunk, sep.num_overlap, sep.group, sep.batch) == (4096, 4, 3, 3)
     ours = Engine(store).run_model("mel_band_roformer_kj", mix, SR)
     assert max_difference(ours, roformer_reference(store, "mel_band_roformer_kj", mix)) <= TOL
-    plain = roformer_reference(store, "mel_band_roformer_kj", mix,  # the config's own grid
-                               overrides={"chunk_size": None, "num_overlap": None, "batch_size": None})
+    plain = roformer_reference(
+        store,
+        "mel_band_roformer_kj",
+        mix,  # the config's own grid
+        overrides={"chunk_size": None, "num_overlap": None, "batch_size": None},
+    )
     assert max_difference(ours, plain) > 10 * TOL  # the override changed the grid
 
 
@@ -112,7 +123,9 @@ def test_streaming_equals_the_whole_signal_for_any_block_and_batch(batch, mix, t
     """Blocks of 0.3 s (not a multiple of the 16384-sample step), written to scratch files as a worker does."""
     store = _store(tmp_path, "bs_roformer_4stem", params={"batch": batch})
     whole = Engine(store).separator("bs_roformer_4stem").separate(mix, SR)
-    streamed = Engine(store, chunk_seconds=0.3).stream_model("bs_roformer_4stem", A.ArraySignal(mix), SR, tmp_path / "w")
+    streamed = Engine(store, chunk_seconds=0.3).stream_model(
+        "bs_roformer_4stem", A.ArraySignal(mix), SR, tmp_path / "w"
+    )
     for name, signal in streamed.items():
         assert isinstance(signal, A.FrameFile)
         assert np.abs(signal.to_array() - whole[name]).max() <= 1e-5  # batching reorders float sums, nothing else
@@ -155,7 +168,9 @@ def test_published_layout_variants_map_to_the_package(mix, tmp_path):
     """A checkpoint in bs-roformer 0.4's layout (an empty linear slot first), wrapped as some are, gives the same output."""
     made = make_random_roformer("bs_roformer_viperx_1297", tmp_path / "made", seed=3)
     state = torch.load(made[1], weights_only=True)
-    legacy = {re.sub(r"^layers\.(\d+)\.(\d)\.", lambda m: f"layers.{m[1]}.{int(m[2]) + 1}.", k): v for k, v in state.items()}
+    legacy = {
+        re.sub(r"^layers\.(\d+)\.(\d)\.", lambda m: f"layers.{m[1]}.{int(m[2]) + 1}.", k): v for k, v in state.items()
+    }
     assert any(k.startswith("layers.0.2.") for k in legacy)
     mapped, layout = to_package_layout({"state_dict": legacy})
     assert layout == "lucidrains-0.4" and set(mapped) == set(state)
@@ -169,16 +184,29 @@ def test_published_layout_variants_map_to_the_package(mix, tmp_path):
     store.install("bs_roformer_viperx_1297", made)
     sep = Engine(store).separator("bs_roformer_viperx_1297")
     assert sep.layout == "lucidrains-0.4"
-    assert max_difference(Engine(store).run_model("bs_roformer_viperx_1297", mix, SR),
-                          roformer_reference(reference_store, "bs_roformer_viperx_1297", mix)) <= TOL
+    assert (
+        max_difference(
+            Engine(store).run_model("bs_roformer_viperx_1297", mix, SR),
+            roformer_reference(reference_store, "bs_roformer_viperx_1297", mix),
+        )
+        <= TOL
+    )
 
 
-@pytest.mark.parametrize("key, value, accepted", [
-    ("sage_attention", True, True), ("use_torch_checkpoint", True, True), ("linear_transformer_depth", 0, True),
-    ("skip_connection", False, True), ("use_pope", False, True),
-    ("linear_transformer_depth", 1, False), ("skip_connection", True, False), ("use_pope", True, False),
-    ("hyper_connections", 4, False),
-])
+@pytest.mark.parametrize(
+    "key, value, accepted",
+    [
+        ("sage_attention", True, True),
+        ("use_torch_checkpoint", True, True),
+        ("linear_transformer_depth", 0, True),
+        ("skip_connection", False, True),
+        ("use_pope", False, True),
+        ("linear_transformer_depth", 1, False),
+        ("skip_connection", True, False),
+        ("use_pope", True, False),
+        ("hyper_connections", 4, False),
+    ],
+)
 def test_config_keys_the_package_lacks_are_handled_by_name(key, value, accepted):
     model = {**roformer_config("bs_roformer_viperx_1297")["model"], key: value}
     if accepted:
@@ -198,14 +226,17 @@ def test_mlp_expansion_factor_and_zero_dc_reach_the_model():
     assert build_model("bs_roformer", {**model, "zero_dc": True}).mask_estimators[0]._forward_hooks
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"params": {"sources": {"vocals": "singing"}}}, "registry declares"),
-    ({"model": {"num_stems": 2}}, "num_stems"),
-    ({"audio": {"sample_rate": 48000}}, "48000 Hz"),
-    ({"audio": {"chunk_size": 8000}}, "multiple of stft_hop_length"),
-    ({"params": {"chunk": 3}}, "chunk"),
-    ({"params": {"precision": "float16"}}, "CUDA"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"params": {"sources": {"vocals": "singing"}}}, "registry declares"),
+        ({"model": {"num_stems": 2}}, "num_stems"),
+        ({"audio": {"sample_rate": 48000}}, "48000 Hz"),
+        ({"audio": {"chunk_size": 8000}}, "multiple of stft_hop_length"),
+        ({"params": {"chunk": 3}}, "chunk"),
+        ({"params": {"precision": "float16"}}, "CUDA"),
+    ],
+)
 def test_wrong_configs_are_refused_at_load(change, message, tmp_path):
     sections = {k: v for k, v in change.items() if k != "params"}
     store = _store(tmp_path, "bs_roformer_viperx_1297", params=change.get("params"), **sections)

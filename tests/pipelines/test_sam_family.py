@@ -4,6 +4,7 @@ The reference is mlx-audio alone, in another process: `SAMAudio.from_pretrained`
 checkpoint, its text encoder fetched by name from an offline Hugging Face cache, its processor
 for the span anchors and `SAMAudio.separate` per chunk (see `tools/sam_models.py`).
 """
+
 from __future__ import annotations
 
 import json
@@ -70,16 +71,47 @@ def sam(tmp_path_factory):
     root = tmp_path_factory.mktemp("sam")
     files = write_random_sam(root / "files", MODEL, seed=1)
     store_dir = root / "store"
-    done = subprocess.run([sys.executable, "-m", "stems.cli", "models", "install", MODEL, *map(str, files.values()),
-                           "--params", json.dumps(PARAMS), "--model-dir", str(store_dir)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "models",
+            "install",
+            MODEL,
+            *map(str, files.values()),
+            "--params",
+            json.dumps(PARAMS),
+            "--model-dir",
+            str(store_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     mono_44k = A.resample(MIX_44K.mean(axis=0, keepdims=True), 44100, SR)[0]
-    signals = {"mix": MIX.mean(axis=0), "left": MIX[0], "right": MIX[1],
-               "mid": (MIX[0] + MIX[1]) / 2, "side": (MIX[0] - MIX[1]) / 2, "mix_44k": mono_44k}
-    jobs = [{"wav": w.astype(np.float32), "prompt": PROMPT.strip(), "anchors": ANCHORS, "chunk": CHUNK,
-             "overlap": OVERLAP, "seed": PARAMS["seed"], "steps": PARAMS["steps"], "method": PARAMS["method"]}
-            for w in signals.values()]
+    signals = {
+        "mix": MIX.mean(axis=0),
+        "left": MIX[0],
+        "right": MIX[1],
+        "mid": (MIX[0] + MIX[1]) / 2,
+        "side": (MIX[0] - MIX[1]) / 2,
+        "mix_44k": mono_44k,
+    }
+    jobs = [
+        {
+            "wav": w.astype(np.float32),
+            "prompt": PROMPT.strip(),
+            "anchors": ANCHORS,
+            "chunk": CHUNK,
+            "overlap": OVERLAP,
+            "seed": PARAMS["seed"],
+            "steps": PARAMS["steps"],
+            "method": PARAMS["method"],
+        }
+        for w in signals.values()
+    ]
     ref = dict(zip(signals, run_reference(files, MODEL, root / "reference", jobs)))
     return ModelStore(store_dir), ref, files
 
@@ -95,9 +127,11 @@ def test_stereo_modes_with_spans_across_a_chunk_boundary_equal_the_package(sam, 
     out = extract(engine, MIX, SR, mode, spans=SPANS, offset=1.0)
     for stem in ("target", "residual"):
         r = {k: v[stem] for k, v in ref.items()}
-        want = {"mono": np.stack([r["mix"], r["mix"]]),
-                "left_right": np.stack([r["left"], r["right"]]),
-                "mid_sides": np.stack([r["mid"] + r["side"], r["mid"] - r["side"]])}[mode]
+        want = {
+            "mono": np.stack([r["mix"], r["mix"]]),
+            "left_right": np.stack([r["left"], r["right"]]),
+            "mid_sides": np.stack([r["mid"] + r["side"], r["mid"] - r["side"]]),
+        }[mode]
         got = out[stem]
         assert got.shape == MIX.shape and got.dtype == np.float32
         assert np.max(np.abs(got - want)) < 1e-4, (mode, stem, np.max(np.abs(got - want)))
@@ -107,8 +141,9 @@ def test_stereo_modes_with_spans_across_a_chunk_boundary_equal_the_package(sam, 
 def test_the_family_reads_and_yields_a_chunk_at_a_time(sam, engine):
     _, ref, _ = sam
     source = Recording(MIX.mean(axis=0, keepdims=True))
-    blocks = list(engine.separator(MODEL).extract_stream(source, SR, PROMPT, [tuple(a) for a in ANCHORS], 0,
-                                                         lambda: False))
+    blocks = list(
+        engine.separator(MODEL).extract_stream(source, SR, PROMPT, [tuple(a) for a in ANCHORS], 0, lambda: False)
+    )
     assert source.longest <= CHUNK and max(b["target"].shape[1] for b in blocks) <= CHUNK
     for stem in ("target", "residual"):
         got = np.concatenate([b[stem] for b in blocks], axis=1)[0]
@@ -151,8 +186,14 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, sam):
     _, _, files = sam
     narrow = write_random_sam(tmp_path / "narrow", MODEL, seed=2, width=16)
     store = ModelStore(tmp_path / "store")
-    store.install(MODEL, [files[f"{MODEL}.config.json"], narrow[f"{MODEL}.safetensors"],
-                          *(files[f] for f in files if f.startswith("t5-base"))])
+    store.install(
+        MODEL,
+        [
+            files[f"{MODEL}.config.json"],
+            narrow[f"{MODEL}.safetensors"],
+            *(files[f] for f in files if f.startswith("t5-base")),
+        ],
+    )
     with pytest.raises(ModelNotInstalled, match="does not fit"):
         Engine(store).separator(MODEL)
 
@@ -166,10 +207,13 @@ def test_metas_zero_video_term_is_restored_from_its_weights(tmp_path, sam):
     raw = dict(mx.load(str(files[f"{MODEL}.safetensors"])))
     width, vision = raw["proj.bias"].shape[0], 12
     rng = np.random.default_rng(4)
-    meta = {"align_masked_video.conv.weight": rng.standard_normal((width, vision, 1)),
-            "align_masked_video.conv.bias": rng.standard_normal(width), "align_masked_video.gate": np.array([0.6]),
-            "align_masked_video.layer_norm.weight": rng.standard_normal(width),
-            "align_masked_video.layer_norm.bias": rng.standard_normal(width)}
+    meta = {
+        "align_masked_video.conv.weight": rng.standard_normal((width, vision, 1)),
+        "align_masked_video.conv.bias": rng.standard_normal(width),
+        "align_masked_video.gate": np.array([0.6]),
+        "align_masked_video.layer_norm.weight": rng.standard_normal(width),
+        "align_masked_video.layer_norm.bias": rng.standard_normal(width),
+    }
     with_video = tmp_path / f"{MODEL}.safetensors"
     mx.save_safetensors(str(with_video), {**raw, **{k: mx.array(v.astype(np.float32)) for k, v in meta.items()}})
     store = ModelStore(tmp_path / "store")
@@ -177,29 +221,42 @@ def test_metas_zero_video_term_is_restored_from_its_weights(tmp_path, sam):
     got = np.asarray(Engine(store).separator(MODEL).model.proj.bias) - np.asarray(raw["proj.bias"])
     conv, norm = torch.nn.Conv1d(vision, width, 1), torch.nn.LayerNorm(width)  # Meta's AlignModalities
     with torch.no_grad():
-        conv.weight[:], conv.bias[:] = (torch.tensor(meta[k], dtype=torch.float32) for k in
-                                        ("align_masked_video.conv.weight", "align_masked_video.conv.bias"))
-        norm.weight[:], norm.bias[:] = (torch.tensor(meta[k], dtype=torch.float32) for k in
-                                        ("align_masked_video.layer_norm.weight", "align_masked_video.layer_norm.bias"))
+        conv.weight[:], conv.bias[:] = (
+            torch.tensor(meta[k], dtype=torch.float32)
+            for k in ("align_masked_video.conv.weight", "align_masked_video.conv.bias")
+        )
+        norm.weight[:], norm.bias[:] = (
+            torch.tensor(meta[k], dtype=torch.float32)
+            for k in ("align_masked_video.layer_norm.weight", "align_masked_video.layer_norm.bias")
+        )
         frames = norm(conv(torch.zeros(1, vision, 7)).permute(0, 2, 1)) * np.tanh(0.6)
     assert np.max(np.abs(got - frames[0].numpy())) < 1e-5  # the same term on every frame
 
 
 def test_models_list_reports_the_installed_model(sam):
     store, _, _ = sam
-    done = subprocess.run([sys.executable, "-m", "stems.cli", "models", "list", "--json", "--model-dir", str(store.root)],
-                          capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "stems.cli", "models", "list", "--json", "--model-dir", str(store.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     rows = {r["id"]: r for r in json.loads(done.stdout)}
     assert rows[MODEL]["installed"] == "yes" and rows[MODEL]["queue"] == "gpu-sam"
     assert rows["sam-audio-large"]["installed"] == "no" and "not installed" in rows["sam-audio-large"]["reason"]
 
 
-@pytest.mark.parametrize("n, want", [
-    (100, [(0, 100)]), (CHUNK, [(0, CHUNK)]),
-    (CHUNK + 1, [(0, CHUNK), (CHUNK - OVERLAP, CHUNK + 1)]),
-    (19200, [(0, CHUNK), (7680, 19200)]),
-    (30000, [(0, CHUNK), (7680, 19200), (15360, 26880), (23040, 30000)]),
-])
+@pytest.mark.parametrize(
+    "n, want",
+    [
+        (100, [(0, 100)]),
+        (CHUNK, [(0, CHUNK)]),
+        (CHUNK + 1, [(0, CHUNK), (CHUNK - OVERLAP, CHUNK + 1)]),
+        (19200, [(0, CHUNK), (7680, 19200)]),
+        (30000, [(0, CHUNK), (7680, 19200), (15360, 26880), (23040, 30000)]),
+    ],
+)
 def test_chunk_bounds_cover_the_signal_with_overlaps(n, want):
     assert chunk_bounds(n, CHUNK, OVERLAP) == want
 
@@ -207,8 +264,10 @@ def test_chunk_bounds_cover_the_signal_with_overlaps(n, want):
 def test_anchors_are_clipped_and_moved_into_each_chunk():
     anchors = [("+", 0.1, 0.3), ("-", 0.5, 0.6)]
     assert shift_anchors(anchors, 0.0, 0.24) == [("+", 0.1, 0.24)]
-    assert shift_anchors(anchors, 0.16, 0.56) == [("+", 0.0, pytest.approx(0.14)),
-                                                   ("-", pytest.approx(0.34), pytest.approx(0.40))]
+    assert shift_anchors(anchors, 0.16, 0.56) == [
+        ("+", 0.0, pytest.approx(0.14)),
+        ("-", pytest.approx(0.34), pytest.approx(0.40)),
+    ]
     assert shift_anchors(anchors, 0.7, 0.9) == []
     fade = crossfade(5)
     assert fade[0] == 0.0 and fade[-1] == 1.0 and np.all(np.diff(fade) > 0)

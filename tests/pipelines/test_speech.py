@@ -1,4 +1,5 @@
 """The speech family with its real weights: each model must raise the SNR of a noisy voiced signal and stay aligned."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,11 @@ SHARED_FILES = {
     "dtln_model_1.onnx": ("dtln/model_1.onnx", "22b91cae3855e5a0620e66a917ca6c82c58db0e842c770f58d86751c5e8d4ae3"),
     "dtln_model_2.onnx": ("dtln/model_2.onnx", "e20c92f9233fccf29cddf86970d0d0161a03aebccc26d6f4d5639c4d5ec2e639"),
 }
-STORE_MODELS = {"gtcrn": ["gtcrn.onnx"], "dtln": ["dtln_model_1.onnx", "dtln_model_2.onnx"],
-                "deepfilternet3_dtln": ["dtln_model_1.onnx", "dtln_model_2.onnx"]}
+STORE_MODELS = {
+    "gtcrn": ["gtcrn.onnx"],
+    "dtln": ["dtln_model_1.onnx", "dtln_model_2.onnx"],
+    "deepfilternet3_dtln": ["dtln_model_1.onnx", "dtln_model_2.onnx"],
+}
 
 
 def voiced(sr: int, seconds: float = 3.0, seed: int = 0) -> np.ndarray:
@@ -46,7 +50,7 @@ def noise(n: int, kind: str, sr: int, seed: int = 1) -> np.ndarray:
 
 
 def snr(ref: np.ndarray, est: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - est) ** 2)))
+    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - est) ** 2)))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,9 @@ def engine(tmp_path_factory) -> Engine:
         for model_id, names in STORE_MODELS.items():
             entry = store.install(model_id, [_copy(shared, name, tmp_path_factory) for name in names])
             for name in names:
-                assert entry["files"][name] == SHARED_FILES[name][1], f"{name} differs from the copy pinned in the README"
+                assert entry["files"][name] == SHARED_FILES[name][1], (
+                    f"{name} differs from the copy pinned in the README"
+                )
     return Engine(store)
 
 
@@ -89,7 +95,7 @@ def test_model_improves_snr_and_stays_aligned(engine, model_id, sr, kind, gain):
         pytest.skip("the pretrained GTCRN/DTLN files (shared/models) are not on this machine; set STEMS_SHARED_MODELS")
     speech = voiced(sr)
     n = noise(speech.size, kind, sr)
-    n *= np.sqrt(np.sum(speech ** 2) / np.sum(n ** 2))
+    n *= np.sqrt(np.sum(speech**2) / np.sum(n**2))
     mix = (speech + n).astype(np.float32)[None]
     out = engine.run_model(model_id, mix, sr)
 
@@ -99,14 +105,16 @@ def test_model_improves_snr_and_stays_aligned(engine, model_id, sr, kind, gain):
     assert snr(speech, est) > snr(speech, mix[0]) + gain
     # aligned: shifting the output by any lag within 20 ms does not beat lag 0 by more than a rounding's worth
     lags = range(-int(0.02 * sr), int(0.02 * sr) + 1)
-    corr = {lag: float(np.dot(np.roll(est, -lag)[sr // 10:-sr // 10], speech[sr // 10:-sr // 10])) for lag in lags}
+    corr = {lag: float(np.dot(np.roll(est, -lag)[sr // 10 : -sr // 10], speech[sr // 10 : -sr // 10])) for lag in lags}
     assert abs(max(corr, key=corr.get)) <= 1
 
 
 def test_calls_are_independent_and_stereo_runs_per_channel(engine):
     sr = 48000
     speech = voiced(sr, 1.5, seed=2)
-    mix = np.stack([speech + 0.05 * noise(speech.size, "white", sr, 3), speech + 0.05 * noise(speech.size, "white", sr, 4)])
+    mix = np.stack(
+        [speech + 0.05 * noise(speech.size, "white", sr, 3), speech + 0.05 * noise(speech.size, "white", sr, 4)]
+    )
     mix = mix.astype(np.float32)
     first = engine.run_model("deepfilternet3", mix[:1], sr)["speech"]
     stereo = engine.run_model("deepfilternet3", mix, sr)["speech"]
@@ -120,7 +128,9 @@ def test_resampled_input_comes_back_at_its_rate(engine):
     """A 44.1 kHz stereo source through a 48 kHz mono model: same shape, still enhanced."""
     sr = 44100
     speech = voiced(sr, 2.0, seed=5)
-    mix = np.stack([speech, speech]) + 0.05 * np.stack([noise(speech.size, "white", sr, 6), noise(speech.size, "white", sr, 7)])
+    mix = np.stack([speech, speech]) + 0.05 * np.stack(
+        [noise(speech.size, "white", sr, 6), noise(speech.size, "white", sr, 7)]
+    )
     out = engine.run_model("deepfilternet3", mix.astype(np.float32), sr)["speech"]
     assert out.shape == mix.shape
     assert snr(np.stack([speech, speech]), out) > snr(np.stack([speech, speech]), mix) + 3.0
@@ -140,7 +150,9 @@ def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
 
     sr, tolerance = (16000 if model_id in ("dtln", "gtcrn") else 48000), STREAMED[model_id]
     speech = voiced(sr, 2.5, seed=8)
-    mix = np.stack([speech + 0.1 * noise(speech.size, "pink", sr, 9), speech + 0.1 * noise(speech.size, "white", sr, 10)])
+    mix = np.stack(
+        [speech + 0.1 * noise(speech.size, "pink", sr, 9), speech + 0.1 * noise(speech.size, "white", sr, 10)]
+    )
     mix = mix.astype(np.float32)
     sep = engine.separator(model_id)
     whole = sep.separate(mix, sr)

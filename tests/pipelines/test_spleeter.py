@@ -1,4 +1,5 @@
 """The Spleeter family's pieces: its checkpoint reader admits arrays only, and its streaming is exact."""
+
 from __future__ import annotations
 
 import io

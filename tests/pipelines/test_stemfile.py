@@ -3,6 +3,7 @@
 The second reader is PyAV (FFmpeg's mov demuxer and AAC decoder: what ffprobe and Mixxx use), independent of
 our box writer; ffprobe itself is asked too where it is installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ def decode_all(path: Path) -> list[np.ndarray]:
 
 def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
     n = ref.shape[1]
-    return 10 * np.log10((ref ** 2).sum() / ((got[:, :n] - ref) ** 2).sum())
+    return 10 * np.log10((ref**2).sum() / ((got[:, :n] - ref) ** 2).sum())
 
 
 def _stems(tmp: Path) -> dict[str, Path]:
@@ -74,8 +75,12 @@ def test_a_stem_file_has_nis_tracks_metadata_and_the_stems(tmp_path):
 @pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed (apt-get install ffmpeg)")
 def test_ffprobe_reads_the_stem_file(tmp_path):
     path = write_stem_mp4(tmp_path / "song.stem.mp4", _stems(tmp_path))
-    out = subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(path)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     streams = json.loads(out.stdout)["streams"]
     assert [(s["codec_name"], s["codec_type"]) for s in streams] == [("aac", "audio")] * 5
 

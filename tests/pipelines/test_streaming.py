@@ -1,4 +1,5 @@
 """Chunked (streaming) separation equals whole-signal separation; silence and cancellation are honoured."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,10 +65,11 @@ def test_streamed_resampling_equals_whole_signal_resampling(tmp_path):
     source = (0.1 * np.random.default_rng(2).standard_normal((1, int(7.1 * 48000)))).astype(np.float32)
     model_in = A.to_channels(A.resample(source, 48000, SR), 2)
     ref = demucs_reference(store, "htdemucs", model_in, tmp_path / "ref")
-    expected = {s: A.to_channels(A.resample(y, SR, 48000), 1)[:, :source.shape[1]] for s, y in ref.items()}
+    expected = {s: A.to_channels(A.resample(y, SR, 48000), 1)[:, : source.shape[1]] for s, y in ref.items()}
     for chunk_seconds in (100.0, 1.1):
-        out = Engine(store, chunk_seconds=chunk_seconds).stream_model("htdemucs", A.ArraySignal(source), 48000,
-                                                                      tmp_path / "work" if chunk_seconds < 10 else None)
+        out = Engine(store, chunk_seconds=chunk_seconds).stream_model(
+            "htdemucs", A.ArraySignal(source), 48000, tmp_path / "work" if chunk_seconds < 10 else None
+        )
         got = {s: v.to_array() for s, v in out.items()}
         assert all(y.shape == source.shape for y in got.values())
         assert _diff(got, expected) <= TOL
@@ -78,7 +80,7 @@ def test_silent_segments_are_not_run_and_come_out_silent(tmp_path):
     # torch: the hook below counts torch forwards (the segment walk that skips silence is the same on ONNX Runtime)
     install_random_demucs(store, "htdemucs", params={"backend": "torch"})
     audio = (0.1 * np.random.default_rng(3).standard_normal((2, 12 * SR))).astype(np.float32)
-    audio[:, 3 * SR:9 * SR] = 0.0  # digital silence longer than two 2 s segments
+    audio[:, 3 * SR : 9 * SR] = 0.0  # digital silence longer than two 2 s segments
     engine = Engine(store, chunk_seconds=1.0)
     sep = engine.separator("htdemucs")
     forwards = []
@@ -88,7 +90,7 @@ def test_silent_segments_are_not_run_and_come_out_silent(tmp_path):
     # the small model's segments: 2 s at a 1.5 s stride, 8 of them over 12 s; those wholly in silence are skipped
     assert 0 < len(forwards) < 8
     for y in out.values():
-        assert np.max(np.abs(y[:, int(4.6 * SR):int(7.4 * SR)])) < 1e-6
+        assert np.max(np.abs(y[:, int(4.6 * SR) : int(7.4 * SR)])) < 1e-6
     assert model is sep.model
 
 

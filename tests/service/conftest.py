@@ -1,5 +1,6 @@
 """Fixtures of the fault tests: a small randomly initialised htdemucs and an 8-second song, a split that
 takes a few seconds on a CPU (long enough to be interrupted mid-way, short enough for CI)."""
+
 from __future__ import annotations
 
 import pytest

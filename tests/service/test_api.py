@@ -1,4 +1,5 @@
 """API contract: auth, ownership, validation, the catalogue and the OpenAPI document."""
+
 from __future__ import annotations
 
 import uuid
@@ -43,15 +44,18 @@ def test_other_users_ids_are_404(stack, imported):
         assert m.get(f"/download/stem/{uuid.uuid4()}").status_code == 404
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"preset": "phantom_center", "audio_id": "X", "colour": "red"}, "colour"),
-    ({"preset": "phantom_center", "audio_id": "not-a-uuid"}, "audio_id"),
-    ({"preset": "phantom_center", "audio_id": "X", "bit_depth": 20}, "bit_depth"),
-    ({"preset": "phantom_center", "audio_id": "X", "hq_streaming_format": "wma"}, "hq_streaming_format"),
-    ({"preset": "phantom_center", "audio_id": "X", "selection": {"start": 2, "end": 1}}, "selection"),
-    ({"preset": "phantom_center", "audio_id": "X", "selection": {"start": -1, "end": 1}}, "start"),
-    ({"audio_id": "X"}, "preset"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"preset": "phantom_center", "audio_id": "X", "colour": "red"}, "colour"),
+        ({"preset": "phantom_center", "audio_id": "not-a-uuid"}, "audio_id"),
+        ({"preset": "phantom_center", "audio_id": "X", "bit_depth": 20}, "bit_depth"),
+        ({"preset": "phantom_center", "audio_id": "X", "hq_streaming_format": "wma"}, "hq_streaming_format"),
+        ({"preset": "phantom_center", "audio_id": "X", "selection": {"start": 2, "end": 1}}, "selection"),
+        ({"preset": "phantom_center", "audio_id": "X", "selection": {"start": -1, "end": 1}}, "start"),
+        ({"audio_id": "X"}, "preset"),
+    ],
+)
 def test_bad_bodies_are_422_naming_the_field(stack, imported, body, field):
     c, asset = imported
     body = {k: (asset["audio_id"] if v == "X" else v) for k, v in body.items()}
@@ -83,8 +87,16 @@ def test_semantic_refusals(stack, imported):
 
 def test_custom_fields_are_ignored_for_other_presets(stack, imported):
     c, asset = imported
-    r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"],
-                                      "stereo_mode": "quad", "spans": "whatever", "prompt": 42})
+    r = c.post(
+        "/create-stems",
+        json={
+            "preset": "phantom_center",
+            "audio_id": asset["audio_id"],
+            "stereo_mode": "quad",
+            "spans": "whatever",
+            "prompt": 42,
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -93,8 +105,10 @@ def test_source_must_finish_importing(stack, tmp_path):
         path = write_audio(tmp_path / "x.wav", tone_mix(1.0, SR), SR)
         with open(path, "rb") as f:
             audio_id = c.post("/from-file", files={"file": ("x.wav", f)}).json()["audio_id"]
-        stack.store.r.set(stack.store.k("audio", audio_id),
-                          stack.store.get_asset(audio_id).model_copy(update={"status": "processing"}).model_dump_json())
+        stack.store.r.set(
+            stack.store.k("audio", audio_id),
+            stack.store.get_asset(audio_id).model_copy(update={"status": "processing"}).model_dump_json(),
+        )
         r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio_id})
         assert r.status_code == 409 and "finished importing" in r.text
 
@@ -108,7 +122,9 @@ def test_presets_listing(stack):
     # what makes a preset available: the best chain's pull, or how to get weights that cannot be pulled
     assert presets["6_tracks"]["install_hint"] == "stems models pull htdemucs_6s"
     assert presets["4_tracks"]["install_hint"] == "stems models pull bs_roformer_4stem"
-    assert presets["duet"]["install_hint"].startswith("stems models pull bs_roformer_viperx_1297; mdx_duet: No public release")
+    assert presets["duet"]["install_hint"].startswith(
+        "stems models pull bs_roformer_viperx_1297; mdx_duet: No public release"
+    )
     assert presets["phantom_center"]["install_hint"] is None
     assert presets["mvsep_mega_53"]["usage_multiplier"] == 3
     assert len(presets) == 25
@@ -116,23 +132,45 @@ def test_presets_listing(stack):
 
 def test_openapi_describes_the_api(stack):
     doc = httpx.get(stack.base + "/openapi.json").json()
-    for path in ("/from-file", "/from-link", "/from-storage", "/create-stems", "/status/audio/{audio_id}",
-                 "/status/stem_split/{creation_id}", "/download/stem/{stem_id}", "/download-archive", "/presets",
-                 "/healthz", "/readyz", "/cancel/{creation_id}", "/usage", "/master-audio",
-                 "/status/mastered/{mastered_id}", "/download/mastered/{mastered_id}", "/mastered/{mastered_id}",
-                 "/create-stems/batch"):
+    for path in (
+        "/from-file",
+        "/from-link",
+        "/from-storage",
+        "/create-stems",
+        "/status/audio/{audio_id}",
+        "/status/stem_split/{creation_id}",
+        "/download/stem/{stem_id}",
+        "/download-archive",
+        "/presets",
+        "/healthz",
+        "/readyz",
+        "/cancel/{creation_id}",
+        "/usage",
+        "/master-audio",
+        "/status/mastered/{mastered_id}",
+        "/download/mastered/{mastered_id}",
+        "/mastered/{mastered_id}",
+        "/create-stems/batch",
+    ):
         assert path in doc["paths"], path
     schemas = doc["components"]["schemas"]
     # the new fields and answers (#22): mastering, dry runs and eta_s, batches
-    assert set(schemas["MasterAudio"]["properties"]) == {"audio_id", "stem_id", "upscaled_id", "mastered_id", "preset",
-                                                        "bit_depth"}
+    assert set(schemas["MasterAudio"]["properties"]) == {
+        "audio_id",
+        "stem_id",
+        "upscaled_id",
+        "mastered_id",
+        "preset",
+        "bit_depth",
+    }
     assert schemas["MasterAudio"]["properties"]["preset"]["enum"] == ["streaming", "loud", "podcast"]
     assert {"integrated_lufs", "true_peak_dbtp", "loudness_range_lu"} <= set(schemas["Loudness"]["properties"])
     assert {"measured", "target", "download"} <= set(schemas["MasterStatus"]["properties"])
     assert {"dry_run", "mastered_id"} <= set(schemas["CreateStems"]["properties"])
     assert "eta_s" in schemas["SplitStatus"]["properties"]
-    assert {"chain", "queue", "usage_minutes", "estimated_output_bytes", "eta_s", "eta_basis"} <= \
-        set(schemas["StemsEstimate"]["properties"])
+    assert {"chain", "queue", "usage_minutes", "estimated_output_bytes", "eta_s", "eta_basis"} <= set(
+        schemas["StemsEstimate"]["properties"]
+    )
     created = doc["paths"]["/create-stems"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert {r["$ref"].rsplit("/", 1)[1] for r in created["anyOf"]} == {"StemsQueued", "StemsEstimate"}
     assert schemas["CreateStemsBatch"]["properties"]["items"]["maxItems"] == 100
@@ -141,4 +179,6 @@ def test_openapi_describes_the_api(stack):
     assert doc["paths"]["/download/mastered/{mastered_id}"]["get"]["responses"]["200"]["content"]["audio/wav"] == {}
     assert "multipart/form-data" in doc["paths"]["/from-file"]["post"]["requestBody"]["content"]
     assert doc["components"]["schemas"]["CreateStems"]["examples"]
-    assert "stems models pull" in doc["components"]["schemas"]["PresetInfo"]["properties"]["install_hint"]["description"]
+    assert (
+        "stems models pull" in doc["components"]["schemas"]["PresetInfo"]["properties"]["install_hint"]["description"]
+    )

@@ -1,4 +1,5 @@
 """Bad input: a clear refusal with a reason, nothing kept in storage, and the stack keeps serving."""
+
 from __future__ import annotations
 
 import io
@@ -58,11 +59,13 @@ def test_oversized_upload_is_413_while_streaming(tmp_path_factory, redis_url, s3
     s.start_api()
     try:
         with s.client() as c:
+
             def body():  # a chunked body without Content-Length: the limit must be found while streaming
-                yield b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n\r\n"
+                yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n\r\n'
                 for _ in range(50):
                     yield b"\0" * 10000
                 yield b"\r\n--B--\r\n"
+
             r = c.post("/from-file", content=body(), headers={"content-type": "multipart/form-data; boundary=B"})
             assert r.status_code == 413, r.text
             r = _post(c, b"\0" * 200000)  # with Content-Length: refused before reading
@@ -73,23 +76,26 @@ def test_oversized_upload_is_413_while_streaming(tmp_path_factory, redis_url, s3
         s.stop()
 
 
-@pytest.mark.parametrize("name,data,reason", [
-    ("notes.txt", b"these are not the droids you are looking for" * 100, "not a decodable audio file"),
-    ("truncated.flac", None, "corrupt"),
-    ("cut.wav", None, "truncated audio: the header promises 3.000 s"),
-    ("cut.flac", None, "truncated audio: the header promises 3.000 s"),
-    ("cut.aiff", None, "truncated audio: the header promises 3.000 s"),
-    ("short.wav", None, "shortest"),
-    ("zero.wav", None, "zero length"),
-    ("nan.wav", None, "NaN"),
-    ("long.wav", None, "maximum"),
-    ("long.mp3", None, "maximum"),
-])
+@pytest.mark.parametrize(
+    "name,data,reason",
+    [
+        ("notes.txt", b"these are not the droids you are looking for" * 100, "not a decodable audio file"),
+        ("truncated.flac", None, "corrupt"),
+        ("cut.wav", None, "truncated audio: the header promises 3.000 s"),
+        ("cut.flac", None, "truncated audio: the header promises 3.000 s"),
+        ("cut.aiff", None, "truncated audio: the header promises 3.000 s"),
+        ("short.wav", None, "shortest"),
+        ("zero.wav", None, "zero length"),
+        ("nan.wav", None, "NaN"),
+        ("long.wav", None, "maximum"),
+        ("long.mp3", None, "maximum"),
+    ],
+)
 def test_refused_audio_fails_import_with_reason_and_is_not_kept(stack, name, data, reason):
     sr = 8000
     if name == "truncated.flac":
         full = _bytes(tone_mix(3.0, 44100), 44100, "PCM_16", "FLAC")
-        data = full[: len(full) // 3] + b"\xff" * 500 + full[len(full) // 2: len(full) // 2 + 300]
+        data = full[: len(full) // 3] + b"\xff" * 500 + full[len(full) // 2 : len(full) // 2 + 300]
     elif name == "cut.wav":  # a 200-byte WAV whose header promises 3 s (0.9 ms of audio is all it holds)
         data = _bytes(tone_mix(3.0, 44100), 44100, "PCM_16")[:200]
     elif name == "cut.flac":  # cut at a frame's sync code: every frame left decodes, STREAMINFO promises more
@@ -147,13 +153,26 @@ def test_selection_and_spans_refused(stack, tmp_path):
     path = write_audio(tmp_path / "s.wav", tone_mix(2.0, 44100), 44100)
     with stack.client() as c:
         aid = upload(c, path)["audio_id"]
-        for sel in ({"start": 1.5, "end": 1.0}, {"start": -0.5, "end": 1.0}, {"start": 0, "end": 2.5}, {"start": 1, "end": 1},
-                    {"start": 0.5, "end": 0.6}):  # the last: shorter than STEMS_MIN_DURATION_S
+        for sel in (
+            {"start": 1.5, "end": 1.0},
+            {"start": -0.5, "end": 1.0},
+            {"start": 0, "end": 2.5},
+            {"start": 1, "end": 1},
+            {"start": 0.5, "end": 0.6},
+        ):  # the last: shorter than STEMS_MIN_DURATION_S
             r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": aid, "selection": sel})
             assert r.status_code == 422, (sel, r.text)
         assert "shortest" in r.text
-        r = c.post("/create-stems", json={"preset": "custom", "audio_id": aid, "prompt": "drums",
-                                          "selection": {"start": 0.5, "end": 1.5}, "spans": [{"start": 0.1, "end": 1.0}]})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "custom",
+                "audio_id": aid,
+                "prompt": "drums",
+                "selection": {"start": 0.5, "end": 1.5},
+                "spans": [{"start": 0.1, "end": 1.0}],
+            },
+        )
         assert r.status_code == 422 and "outside the selection" in r.text
         r = c.post("/create-stems", json={"preset": "phantom_center", "stem_id": "123"})
         assert r.status_code == 422
@@ -188,13 +207,26 @@ def _multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"B") -> byte
 FILE = b'Content-Disposition: form-data; name="file"; filename="a.wav"'
 
 
-@pytest.mark.parametrize("case", ["many parts", "huge part header", "many part headers", "huge field",
-                                  "long boundary", "no boundary", "garbage framing", "unterminated"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "many parts",
+        "huge part header",
+        "many part headers",
+        "huge field",
+        "long boundary",
+        "no boundary",
+        "garbage framing",
+        "unterminated",
+    ],
+)
 def test_hostile_multipart_is_4xx_and_keeps_nothing(stack, case):
     wav = _bytes(tone_mix(1.0, 8000), 8000)
     boundary = b"B"
     if case == "many parts":
-        body = _multipart([(b'Content-Disposition: form-data; name="f%d"' % i, b"x") for i in range(5000)] + [(FILE, wav)])
+        body = _multipart(
+            [(b'Content-Disposition: form-data; name="f%d"' % i, b"x") for i in range(5000)] + [(FILE, wav)]
+        )
     elif case == "huge part header":
         body = _multipart([(FILE + b"; junk=" + b"j" * 200_000, wav)])
     elif case == "many part headers":
@@ -232,7 +264,10 @@ def test_oversized_json_bodies_are_413(stack):
 
         def chunks():  # no Content-Length: found while reading
             for i in range(0, len(huge), 65536):
-                yield huge[i:i + 65536]
+                yield huge[i : i + 65536]
+
         r = c.post("/create-stems", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413, r.text[:200]
-        assert c.post("/create-stems", json={"preset": "phantom_center", "audio_id": str(uuid.uuid4())}).status_code == 404
+        assert (
+            c.post("/create-stems", json={"preset": "phantom_center", "audio_id": str(uuid.uuid4())}).status_code == 404
+        )

@@ -3,6 +3,7 @@
 The first stack has no worker, so what it queues stays queued and the quota is exact; each
 item must answer what a single call would (its job, or its error's status and code).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,13 @@ SR = 44100
 
 @pytest.fixture(scope="module")
 def idle(tmp_path_factory, redis_url, s3_url):
-    s = ServiceStack(tmp_path_factory.mktemp("batch"), redis_url, s3_url, STEMS_MAX_ACTIVE_JOBS="4",
-                     STEMS_MAX_JOB_OUTPUT_BYTES=str(20 << 20))
+    s = ServiceStack(
+        tmp_path_factory.mktemp("batch"),
+        redis_url,
+        s3_url,
+        STEMS_MAX_ACTIVE_JOBS="4",
+        STEMS_MAX_JOB_OUTPUT_BYTES=str(20 << 20),
+    )
     s.start_api()
     yield s
     s.stop()
@@ -32,18 +38,23 @@ def test_each_item_answers_what_a_single_call_would(idle):
     with idle.client("b1") as c, idle.client("b1-other") as other:
         audio = asset_record(idle, "b1", 20.0)
         theirs = asset_record(idle, "b1-other", 20.0)
-        items = [{"preset": "phantom_center", "audio_id": audio},
-                 {"preset": "nope", "audio_id": audio},
-                 {"preset": "phantom_center", "audio_id": theirs},  # another tenant's: 404 as alone
-                 {"preset": "phantom_center", "audio_id": audio, "bit_depth": 12},
-                 {"preset": "phantom_center", "audio_id": audio, "dry_run": True},
-                 {"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": 10}}]
+        items = [
+            {"preset": "phantom_center", "audio_id": audio},
+            {"preset": "nope", "audio_id": audio},
+            {"preset": "phantom_center", "audio_id": theirs},  # another tenant's: 404 as alone
+            {"preset": "phantom_center", "audio_id": audio, "bit_depth": 12},
+            {"preset": "phantom_center", "audio_id": audio, "dry_run": True},
+            {"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": 10}},
+        ]
         r = c.post("/create-stems/batch", json={"items": items})
         assert r.status_code == 200, r.text
         got = r.json()["items"]
         assert len(got) == len(items)
-        singles = [other.post("/create-stems", json=items[1]), c.post("/create-stems", json=items[2]),
-                   c.post("/create-stems", json=items[3])]
+        singles = [
+            other.post("/create-stems", json=items[1]),
+            c.post("/create-stems", json=items[2]),
+            c.post("/create-stems", json=items[3]),
+        ]
         for item, single in zip(got[1:4], singles):
             assert item["status"] == "error" and item["http_status"] == single.status_code, (item, single.text)
             assert item["code"] == single.json().get("code", "invalid_request")
@@ -74,13 +85,18 @@ def test_the_output_budget_counts_every_item(idle):
     """STEMS_MAX_JOB_OUTPUT_BYTES=20 MiB: each item is checked against it as a single call is."""
     with idle.client("b3") as c:
         audio = asset_record(idle, "b3", 200.0)
-        items = [{"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": 10}},
-                 {"preset": "phantom_center", "audio_id": audio}]  # 200 s x 2 stems x 24-bit: ~100 MiB
+        items = [
+            {"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": 10}},
+            {"preset": "phantom_center", "audio_id": audio},
+        ]  # 200 s x 2 stems x 24-bit: ~100 MiB
         got = c.post("/create-stems/batch", json={"items": items}).json()["items"]
         single = c.post("/create-stems", json=items[1])
         assert "creation_id" in got[0]
-        assert (got[1]["http_status"], got[1]["code"]) == (single.status_code, single.json()["code"]) == \
-            (422, "over_budget")
+        assert (
+            (got[1]["http_status"], got[1]["code"])
+            == (single.status_code, single.json()["code"])
+            == (422, "over_budget")
+        )
         assert got[1]["estimated_bytes"] == single.json()["estimated_bytes"]
 
 
@@ -100,15 +116,33 @@ def test_client_and_remote_split_of_several_files_use_the_batch(stack, tmp_path)
         ids = [client.upload(s).audio_id for s in songs]
         for i in ids:
             client.wait_audio(i)
-        answers = client.create_stems_batch([{"preset": "phantom_center", "audio_id": i} for i in ids] +
-                                            [{"preset": "phantom_center", "audio_id": str(uuid.uuid4())}])
+        answers = client.create_stems_batch(
+            [{"preset": "phantom_center", "audio_id": i} for i in ids]
+            + [{"preset": "phantom_center", "audio_id": str(uuid.uuid4())}]
+        )
         assert [a.status for a in answers] == ["processing", "processing", "error"]
         assert answers[2].http_status == 404
         assert [client.wait(a.creation_id, timeout=120).status for a in answers[:2]] == ["complete"] * 2
     env = {**os.environ, "STEMS_SERVER": stack.base, "STEMS_API_KEY": key, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "stems.cli", "remote", "split", *map(str, songs), "--preset",
-                           "phantom_center", "--out", str(out)], env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "remote",
+            "split",
+            *map(str, songs),
+            "--preset",
+            "phantom_center",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     paths = sorted(line.split("\t")[0] for line in done.stdout.splitlines())
     assert paths == sorted(str(out / s.stem / f"{n}.wav") for s in songs for n in ("centre", "sides"))

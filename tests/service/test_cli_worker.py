@@ -1,4 +1,5 @@
 """`stems split` runs the worker's own path: the same request gives the same samples locally and through the service."""
+
 from __future__ import annotations
 
 import io
@@ -15,16 +16,34 @@ SR = 44100
 
 CASES = {
     "custom, mid_sides, selection and spans": (
-        {"preset": "custom", "prompt": " Drums ", "stereo_mode": "mid_sides", "selection": {"start": 0.5, "end": 3.5},
-         "spans": [{"start": 1.0, "end": 2.5}]},
-        ["--preset", "custom", "--prompt", " Drums ", "--stereo-mode", "mid_sides", "--selection", "0.5:3.5",
-         "--spans", "1.0:2.5"]),
+        {
+            "preset": "custom",
+            "prompt": " Drums ",
+            "stereo_mode": "mid_sides",
+            "selection": {"start": 0.5, "end": 3.5},
+            "spans": [{"start": 1.0, "end": 2.5}],
+        },
+        [
+            "--preset",
+            "custom",
+            "--prompt",
+            " Drums ",
+            "--stereo-mode",
+            "mid_sides",
+            "--selection",
+            "0.5:3.5",
+            "--spans",
+            "1.0:2.5",
+        ],
+    ),
     "custom, mono": (
         {"preset": "custom", "prompt": "drums", "stereo_mode": "mono"},
-        ["--preset", "custom", "--prompt", "drums", "--stereo-mode", "mono"]),
+        ["--preset", "custom", "--prompt", "drums", "--stereo-mode", "mono"],
+    ),
     "restoration at 0.6": (
         {"preset": "phantom_center", "restoration_params": {"preset": "universal_enhancer", "strength": 0.6}},
-        ["--preset", "phantom_center", "--restore", "universal_enhancer:0.6"]),
+        ["--preset", "phantom_center", "--restore", "universal_enhancer:0.6"],
+    ),
 }
 
 
@@ -46,14 +65,33 @@ def test_cli_gives_the_workers_samples(stack, song, tmp_path, case):
         assert r.status_code == 200, r.text
         status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", {"complete", "failed"})
         assert status["status"] == "complete", status
-        worker = {s["name"]: _read(io.BytesIO(c.get(s["download"]["wav"]).content))
-                  for s in status["stems"] + status["upscaled_audios"]}
+        worker = {
+            s["name"]: _read(io.BytesIO(c.get(s["download"]["wav"]).content))
+            for s in status["stems"] + status["upscaled_audios"]
+        }
         made_by = status["models"]
 
     out = tmp_path / "out"
-    cli = subprocess.run([sys.executable, "-m", "stems.cli", "split", str(song), "--out", str(out), "--bit-depth", "32",
-                          "--model-dir", str(tmp_path / "models"), *argv], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "split",
+            str(song),
+            "--out",
+            str(out),
+            "--bit-depth",
+            "32",
+            "--model-dir",
+            str(tmp_path / "models"),
+            *argv,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr
     local = {p.stem: _read(p) for p in out.glob("*.wav")}
     assert set(local) == set(worker) and len(worker) >= 2

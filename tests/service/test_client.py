@@ -1,4 +1,5 @@
 """The Python client and `stems remote split` against the live stack (API, Redis, S3, worker)."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,13 @@ def test_upload_split_wait_and_download(stack, song, tmp_path):
         audio = client.wait_audio(accepted.audio_id)
         assert isinstance(audio, AudioStatus) and audio.filename == "song.flac" and audio.duration == pytest.approx(4.0)
 
-        queued = client.create_stems(preset="phantom_center", audio_id=audio.audio_id,
-                                     selection={"start": 1.0, "end": 3.0}, bit_depth=16, hq_streaming_format="flac")
+        queued = client.create_stems(
+            preset="phantom_center",
+            audio_id=audio.audio_id,
+            selection={"start": 1.0, "end": 3.0},
+            bit_depth=16,
+            hq_streaming_format="flac",
+        )
         assert isinstance(queued, StemsQueued) and [s.name for s in queued.audio_stems] == ["centre", "sides"]
         seen = []
         done = client.wait(queued.creation_id, progress=lambda s: seen.append(s.status))
@@ -80,7 +86,11 @@ def test_errors_carry_the_api_code_and_message(stack, song, tmp_path):
         audio = client.wait_audio(client.upload(song).audio_id)
         with pytest.raises(ApiError) as e:
             client.create_stems(preset="4_tracks", audio_id=audio.audio_id)
-        assert e.value.status == 422 and e.value.code == "invalid_preset" and "htdemucs" in e.value.fields["missing_models"]
+        assert (
+            e.value.status == 422
+            and e.value.code == "invalid_preset"
+            and "htdemucs" in e.value.fields["missing_models"]
+        )
         assert "not available on this deployment" in e.value.message
         with pytest.raises(ApiError) as e:
             client.create_stems(preset="phantom_center", audio_id="not-a-uuid")
@@ -107,13 +117,32 @@ class _Throttled(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.hits.append(time.monotonic())
         if len(self.hits) == 1:
-            body, status, headers = {"detail": "more than 600 requests a minute", "code": "rate_limited",
-                                     "retry_after": 1}, 429, {"Retry-After": "1"}
+            body, status, headers = (
+                {"detail": "more than 600 requests a minute", "code": "rate_limited", "retry_after": 1},
+                429,
+                {"Retry-After": "1"},
+            )
         else:
-            body, status, headers = {
-                "creation_id": "c", "audio_id": "a", "preset": "phantom_center", "status": "complete", "progress": 1.0,
-                "stage": "complete", "error": None, "attempts": 1, "models": {}, "stems": [], "upscaled_audios": [],
-                "created_at": 0.0, "started_at": 0.0, "finished_at": 1.0}, 200, {}
+            body, status, headers = (
+                {
+                    "creation_id": "c",
+                    "audio_id": "a",
+                    "preset": "phantom_center",
+                    "status": "complete",
+                    "progress": 1.0,
+                    "stage": "complete",
+                    "error": None,
+                    "attempts": 1,
+                    "models": {},
+                    "stems": [],
+                    "upscaled_audios": [],
+                    "created_at": 0.0,
+                    "started_at": 0.0,
+                    "finished_at": 1.0,
+                },
+                200,
+                {},
+            )
         data = json.dumps(body).encode()
         self.send_response(status)
         for k, v in {**headers, "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
@@ -140,21 +169,64 @@ def test_remote_split_cli(stack, song, tmp_path):
     key = stack.store.create_key("cli")
     env = {**os.environ, "STEMS_SERVER": stack.base, "STEMS_API_KEY": key, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "stems"
-    done = subprocess.run([sys.executable, "-m", "stems.cli", "remote", "split", str(song), "--preset", "phantom_center",
-                           "--out", str(out), "--selection", "0.5:2.5"], env=env, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "remote",
+            "split",
+            str(song),
+            "--preset",
+            "phantom_center",
+            "--out",
+            str(out),
+            "--selection",
+            "0.5:2.5",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr
     lines = [line.split("\t") for line in done.stdout.splitlines()]
-    assert [(p, m) for p, m in lines] == [(str(out / "centre.wav"), "dsp.centre"), (str(out / "sides.wav"), "dsp.centre")]
+    assert [(p, m) for p, m in lines] == [
+        (str(out / "centre.wav"), "dsp.centre"),
+        (str(out / "sides.wav"), "dsp.centre"),
+    ]
     for path, _ in lines:
         assert sf.info(path).frames == 2 * SR
     assert "upload" in done.stderr and "100%" in done.stderr  # the progress bars
 
-    bad = subprocess.run([sys.executable, "-m", "stems.cli", "remote", "split", str(song), "--preset", "phantom_center",
-                          "--out", str(out), "--key", "stk_wrong"], env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "remote",
+            "split",
+            str(song),
+            "--preset",
+            "phantom_center",
+            "--out",
+            str(out),
+            "--key",
+            "stk_wrong",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "unknown API key (unauthorized)" in bad.stderr
-    unavailable = subprocess.run([sys.executable, "-m", "stems.cli", "remote", "split", str(song), "--preset", "4_tracks",
-                                  "--out", str(out)], env=env, capture_output=True, text=True, timeout=60)
+    unavailable = subprocess.run(
+        [sys.executable, "-m", "stems.cli", "remote", "split", str(song), "--preset", "4_tracks", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unavailable.returncode == 2 and "htdemucs" in unavailable.stderr
 
 
@@ -172,8 +244,9 @@ def test_the_readme_examples_run_as_written(stack, song, tmp_path):
     (tmp_path / "song.flac").write_bytes(song.read_bytes())
     env = {**os.environ, "STEMS_SERVER": stack.base, "STEMS_API_KEY": key, "PYTHONPATH": str(ROOT)}
     for code in blocks:
-        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=180)
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+        )
         assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["centre.wav", "sides.wav"]
     assert json.loads(done.stdout.splitlines()[-1])["status"] == "processing"  # the requests example's answer

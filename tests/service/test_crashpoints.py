@@ -7,6 +7,7 @@ and fault (crash, error, pause longer than the lease), each followed by recovery
 invariants of `workers/jobstate.py` (see `crashsim.check`). It prints how many points and faults it
 covered. In-process, against the test Redis and moto's S3 server.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,7 +54,7 @@ def song(tmp_path_factory):
 def no_load_pruning(monkeypatch):
     import workers.reaper
 
-    monkeypatch.setattr(workers.reaper, "PRUNE_EVERY", 10 ** 9)  # the load lists must be right by themselves
+    monkeypatch.setattr(workers.reaper, "PRUNE_EVERY", 10**9)  # the load lists must be right by themselves
 
 
 def _api_services(ctx):
@@ -90,8 +91,15 @@ def run_scenario(ctx, song, name: str, target: int = 0, kind: str = "crash", cli
     plan = Plan(target=target, kind=kind, on_pause=world.recover)
     worker, api = Proc(plan, "worker"), Proc(plan, "api")
     sctx, actx = process_ctx(ctx, worker), process_ctx(ctx, api)
-    job = queued_job(ctx, song, user=user, queue=GPU if two_stage else DELIVERY_QUEUE, seconds=SECONDS,
-                     callback_url="http://hooks.invalid/done", hq_format=None)  # no encoder process: fast runs
+    job = queued_job(
+        ctx,
+        song,
+        user=user,
+        queue=GPU if two_stage else DELIVERY_QUEUE,
+        seconds=SECONDS,
+        callback_url="http://hooks.invalid/done",
+        hq_format=None,
+    )  # no encoder process: fast runs
     ctx.store.settle("split", job.id)  # the API sent its message
     world.broker.queue.append(("stems.split", job.id))
     run = _action(action, job, user, actx, sctx) if action else None
@@ -144,9 +152,17 @@ def check_downloads(ctx, client, job_id: str, user: str) -> list[str]:
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_every_crash_point(name, tmp_path, redis_url, s3_url, song, capsys):
-    ctx = worker_ctx(tmp_path, redis_url, s3_url, lease_s=LEASE_S, lease_renew_s=LEASE_S / 3,
-                     two_stage="always" if SCENARIOS[name][0] else "never", retain_stems_s=60.0,
-                     retain_records_s=120.0, retain_originals_s=60.0)
+    ctx = worker_ctx(
+        tmp_path,
+        redis_url,
+        s3_url,
+        lease_s=LEASE_S,
+        lease_renew_s=LEASE_S / 3,
+        two_stage="always" if SCENARIOS[name][0] else "never",
+        retain_stems_s=60.0,
+        retain_records_s=120.0,
+        retain_originals_s=60.0,
+    )
     t0 = time.monotonic()
     plan, bad = run_scenario(ctx, song, name)
     assert not bad, f"{name} without a fault: {bad}"
@@ -163,6 +179,8 @@ def test_every_crash_point(name, tmp_path, redis_url, s3_url, song, capsys):
                     failures.append(f"{plan.fired or f'{kind} at #{target} (not reached)'}: {bad}")
     took = time.monotonic() - t0
     with capsys.disabled():
-        print(f"\ncrash points [{name}]: {len(points)} points x {len(FAULTS)} faults = {runs} runs, "
-              f"{len(failures)} with a broken invariant, {duplicates} with a webhook sent twice, {took:.0f} s")
+        print(
+            f"\ncrash points [{name}]: {len(points)} points x {len(FAULTS)} faults = {runs} runs, "
+            f"{len(failures)} with a broken invariant, {duplicates} with a webhook sent twice, {took:.0f} s"
+        )
     assert not failures, "\n".join(failures[:20])

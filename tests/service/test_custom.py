@@ -1,4 +1,5 @@
 """The prompt-guided `custom` preset: prompts naming an installed chain's stem are routed to it."""
+
 from __future__ import annotations
 
 import io
@@ -19,16 +20,26 @@ def song(tmp_path_factory):
 
 
 def _stems(c, status) -> dict[str, np.ndarray]:
-    return {s["name"]: sf.read(io.BytesIO(c.get(s["download"]["wav"]).content), dtype="float32", always_2d=True)[0].T
-            for s in status["stems"]}
+    return {
+        s["name"]: sf.read(io.BytesIO(c.get(s["download"]["wav"]).content), dtype="float32", always_2d=True)[0].T
+        for s in status["stems"]
+    }
 
 
 @pytest.mark.parametrize("stereo_mode", ["mono", "left_right", "mid_sides"])
 def test_routed_prompt_gives_target_and_residual(stack, song, stereo_mode):
     with stack.client() as c:
         aid = upload(c, song)["audio_id"]
-        r = c.post("/create-stems", json={"preset": "custom", "audio_id": aid, "prompt": "  the DRUMS please ",
-                                          "stereo_mode": stereo_mode, "bit_depth": 32})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "custom",
+                "audio_id": aid,
+                "prompt": "  the DRUMS please ",
+                "stereo_mode": stereo_mode,
+                "bit_depth": 32,
+            },
+        )
         assert r.status_code == 200, r.text
         assert [s["name"] for s in r.json()["audio_stems"]] == ["target", "residual"]
         status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", {"complete", "failed"})
@@ -46,12 +57,21 @@ def test_routed_prompt_gives_target_and_residual(stack, song, stereo_mode):
 def test_spans_limit_the_extraction(stack, song):
     with stack.client() as c:
         aid = upload(c, song)["audio_id"]
-        r = c.post("/create-stems", json={"preset": "custom", "audio_id": aid, "prompt": "drums", "bit_depth": 32,
-                                          "selection": {"start": 0.5, "end": 3.5}, "spans": [{"start": 1.0, "end": 2.0}]})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "custom",
+                "audio_id": aid,
+                "prompt": "drums",
+                "bit_depth": 32,
+                "selection": {"start": 0.5, "end": 3.5},
+                "spans": [{"start": 1.0, "end": 2.0}],
+            },
+        )
         assert r.status_code == 200, r.text
         status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", {"complete", "failed"})
         assert status["status"] == "complete", status
         target = _stems(c, status)["target"]
         assert target.shape[1] == 3 * SR
-        inside, outside = target[:, int(0.5 * SR):int(1.5 * SR)], target[:, int(1.6 * SR):]
+        inside, outside = target[:, int(0.5 * SR) : int(1.5 * SR)], target[:, int(1.6 * SR) :]
         assert np.max(np.abs(outside)) == 0.0 and np.std(inside) > 1e-3

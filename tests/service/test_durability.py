@@ -1,4 +1,5 @@
 """Crash-safe writes and the settings that keep redelivery safe, on both storage backends."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """End to end over HTTP: upload, split with a selection, poll, download each stem and the zip."""
+
 from __future__ import annotations
 
 import io
@@ -29,9 +30,16 @@ def test_split_round_trip(stack, song, bit_depth, subtype, hq):
         assert asset["sample_rate"] == SR and asset["channels"] == 2 and asset["codec"] == "flac"
         assert asset["duration"] == pytest.approx(6.0, abs=1e-6)
 
-        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"],
-                                          "selection": {"start": 1.0, "end": 4.5}, "bit_depth": bit_depth,
-                                          "hq_streaming_format": hq})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "phantom_center",
+                "audio_id": asset["audio_id"],
+                "selection": {"start": 1.0, "end": 4.5},
+                "bit_depth": bit_depth,
+                "hq_streaming_format": hq,
+            },
+        )
         assert r.status_code == 200, r.text
         queued = r.json()
         assert set(queued) == CREATE_KEYS
@@ -81,20 +89,30 @@ def test_split_of_a_stem_and_restoration(stack, song):
     """A stem can be split again (stem_id), and restoration makes an upscaled copy of each stem."""
     with stack.client() as c:
         asset = upload(c, song)
-        first = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"],
-                                              "restoration_params": {"preset": "universal_enhancer", "strength": 0.5}}).json()
+        first = c.post(
+            "/create-stems",
+            json={
+                "preset": "phantom_center",
+                "audio_id": asset["audio_id"],
+                "restoration_params": {"preset": "universal_enhancer", "strength": 0.5},
+            },
+        ).json()
         assert len(first["upscaled_audios"]) == 2
         status = wait_for(c, f"/status/stem_split/{first['creation_id']}", {"complete", "failed"})
         assert status["status"] == "complete", status
         assert {u["name"] for u in status["upscaled_audios"]} == {"centre_restored", "sides_restored"}
         assert all(u["made_by"] == "dsp.universal_enhancer" for u in status["upscaled_audios"])
         sides = status["stems"][1]["stem_id"]
-        again = c.post("/create-stems", json={"preset": "phantom_center", "stem_id": sides,
-                                              "audio_id": asset["audio_id"]}).json()
+        again = c.post(
+            "/create-stems", json={"preset": "phantom_center", "stem_id": sides, "audio_id": asset["audio_id"]}
+        ).json()
         assert again["audio_id"] == asset["audio_id"]
         done = wait_for(c, f"/status/stem_split/{again['creation_id']}", {"complete", "failed"})
         assert done["status"] == "complete", done
         up = status["upscaled_audios"][0]["stem_id"]
         third = c.post("/create-stems", json={"preset": "phantom_center", "upscaled_id": up})
         assert third.status_code == 200, third.text
-        assert wait_for(c, f"/status/stem_split/{third.json()['creation_id']}", {"complete", "failed"})["status"] == "complete"
+        assert (
+            wait_for(c, f"/status/stem_split/{third.json()['creation_id']}", {"complete", "failed"})["status"]
+            == "complete"
+        )

@@ -4,6 +4,7 @@ The stack starts with no worker, so the jobs it accepts stay queued and the queu
 exact; then a cpu worker runs them, and the speed their timings measured is what the next
 estimate uses.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,26 @@ def idle(tmp_path_factory, redis_url, s3_url):
 
 
 def _everything(stack) -> list[str]:
-    return sorted(k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000)
-                  if b":rate:" not in k and b":workers" not in k)
+    return sorted(
+        k.decode()
+        for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000)
+        if b":rate:" not in k and b":workers" not in k
+    )
 
 
 def test_dry_run_answers_the_estimate_and_creates_nothing(idle):
     with idle.client("dry") as c:
         audio = asset_record(idle, "dry", 30.0)
         before = _everything(idle)
-        body = {"preset": "phantom_center", "audio_id": audio, "selection": {"start": 5, "end": 25}, "bit_depth": 16,
-                "hq_streaming_format": "mp3", "restoration_params": {"preset": "universal_enhancer"}, "dry_run": True}
+        body = {
+            "preset": "phantom_center",
+            "audio_id": audio,
+            "selection": {"start": 5, "end": 25},
+            "bit_depth": 16,
+            "hq_streaming_format": "mp3",
+            "restoration_params": {"preset": "universal_enhancer"},
+            "dry_run": True,
+        }
         r = c.post("/create-stems", json=body, headers={"Idempotency-Key": "dry-1"})
         assert r.status_code == 200, r.text
         est = r.json()
@@ -60,10 +71,12 @@ def test_dry_run_answers_the_estimate_and_creates_nothing(idle):
 def test_dry_run_refuses_what_a_real_call_refuses(idle):
     with idle.client("dry-bad") as c:
         audio = asset_record(idle, "dry-bad", 30.0)
-        for body, code in (({"preset": "nope", "audio_id": audio}, 422),
-                           ({"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": 99}}, 422),
-                           ({"preset": "phantom_center", "mastered_id": audio}, 404),
-                           ({"preset": "phantom_center", "audio_id": audio, "dry_run": "maybe"}, 422)):
+        for body, code in (
+            ({"preset": "nope", "audio_id": audio}, 422),
+            ({"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": 99}}, 422),
+            ({"preset": "phantom_center", "mastered_id": audio}, 404),
+            ({"preset": "phantom_center", "audio_id": audio, "dry_run": "maybe"}, 422),
+        ):
             assert c.post("/create-stems", json={**body, "dry_run": body.get("dry_run", True)}).status_code == code
 
 
@@ -73,13 +86,18 @@ def test_queued_jobs_carry_eta_from_the_queue_ahead_then_the_measured_speed(idle
         audio = asset_record(idle, "eta", 60.0)
         jobs = []
         for seconds in (10.0, 20.0, 30.0):
-            r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio,
-                                              "selection": {"start": 0, "end": seconds}})
+            r = c.post(
+                "/create-stems",
+                json={"preset": "phantom_center", "audio_id": audio, "selection": {"start": 0, "end": seconds}},
+            )
             assert r.status_code == 200, r.text
             jobs.append(r.json()["creation_id"])
         ahead = [j for j in store.r.lrange(store.k("load", "cpu"), 0, -1)]
-        earlier = sum(store.get_job(j.decode()).audio_seconds for j in ahead
-                      if j.decode() not in jobs and store.get_job(j.decode()) is not None)
+        earlier = sum(
+            store.get_job(j.decode()).audio_seconds
+            for j in ahead
+            if j.decode() not in jobs and store.get_job(j.decode()) is not None
+        )
         etas = [c.get(f"/status/stem_split/{j}").json()["eta_s"] for j in jobs]
         # nothing measured on this deployment's queue yet: 1 s of work per audio second, one worker assumed
         assert etas == pytest.approx([earlier + 10, earlier + 30, earlier + 60], abs=0.2)
@@ -88,6 +106,7 @@ def test_queued_jobs_carry_eta_from_the_queue_ahead_then_the_measured_speed(idle
         def half(job):
             job.status, job.progress = JobStatus.processing, 0.5
             return job
+
         store.update_job(jobs[0], half)
         etas = [c.get(f"/status/stem_split/{j}").json()["eta_s"] for j in jobs]
         assert etas == pytest.approx([5, earlier + 5 + 20, earlier + 5 + 50], abs=0.2)
@@ -95,6 +114,7 @@ def test_queued_jobs_carry_eta_from_the_queue_ahead_then_the_measured_speed(idle
         def done(job):
             job.status, job.finished_at = JobStatus.cancelled, time.time()
             return job
+
         for j in jobs:
             store.update_job(j, done)
         assert c.get(f"/status/stem_split/{jobs[2]}").json()["eta_s"] is None  # ended: no estimate
@@ -114,8 +134,10 @@ def test_completed_jobs_measure_the_speed_the_next_estimate_uses(idle, tmp_path)
             assert status["status"] == "complete" and status["eta_s"] is None
             job = idle.store.get_job(status["creation_id"])
             ratios.append(job.timings["run_s"] / job.audio_seconds)
-        kept = [json.loads(v)["s_per_audio_s"] for v in
-                idle.store.r.lrange(idle.store.k("speed", "cpu:phantom_center:0"), 0, -1)]
+        kept = [
+            json.loads(v)["s_per_audio_s"]
+            for v in idle.store.r.lrange(idle.store.k("speed", "cpu:phantom_center:0"), 0, -1)
+        ]
         assert kept[:3] == pytest.approx(ratios[::-1], rel=1e-3)
         est = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio, "dry_run": True}).json()
         assert est["eta_basis"]["speed_source"] == "chain" and est["eta_basis"]["workers"] == 1

@@ -6,6 +6,7 @@ Celery broker and once with RabbitMQ (skipped, saying why, where none answers). 
 full-size (randomly initialised) htdemucs on a CPU takes long enough to be interrupted
 mid-way. Losses of whole nodes, of Redis and of the API are in test_nodeloss.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def _stack(tmp_path, redis_url, s3_url, models, broker, **env) -> ServiceStack:
     return s
 
 
-def test_sigkill_mid_split_redelivers_and_completes_once(tmp_path, redis_url, s3_url, demucs_models, fault_song,
-                                                         broker):
+def test_sigkill_mid_split_redelivers_and_completes_once(
+    tmp_path, redis_url, s3_url, demucs_models, fault_song, broker
+):
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker)
     try:
         with s.client() as c:
@@ -55,8 +57,9 @@ def test_sigkill_mid_split_redelivers_and_completes_once(tmp_path, redis_url, s3
         s.stop()
 
 
-def test_job_that_keeps_killing_its_worker_fails_after_bounded_attempts(tmp_path, redis_url, s3_url, demucs_models,
-                                                                        fault_song, broker):
+def test_job_that_keeps_killing_its_worker_fails_after_bounded_attempts(
+    tmp_path, redis_url, s3_url, demucs_models, fault_song, broker
+):
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker, STEMS_TASK_MAX_ATTEMPTS="2")
     try:
         with s.client() as c:
@@ -117,8 +120,15 @@ def test_unfixable_errors_fail_at_once_with_the_reason(tmp_path, redis_url, s3_u
 
 def test_time_limit_fails_the_job(tmp_path, redis_url, s3_url, demucs_models, long_song, broker):
     # each stage of a job has the limit; the long song's separation outlasts 2 s on any CPU
-    s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker, STEMS_TIME_LIMIT_BASE_S="2",
-               STEMS_TIME_LIMIT_PER_AUDIO_S="0")
+    s = _stack(
+        tmp_path,
+        redis_url,
+        s3_url,
+        demucs_models,
+        broker,
+        STEMS_TIME_LIMIT_BASE_S="2",
+        STEMS_TIME_LIMIT_PER_AUDIO_S="0",
+    )
     try:
         with s.client() as c:
             job_id = start_job(c, long_song)

@@ -7,6 +7,7 @@ Mel-Band RoFormer saved as Music-Source-Separation-Training saves them (state di
 installed with `stems models install` give the same as MSST's inference (tools/reference.py).
 Output is 32-bit float WAV, so the comparison sees the model's numbers, not a quantiser's.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,9 +35,14 @@ SMALL_MDX = dict(n_fft=512, hop=128, dim_f=192, dim_t=32, segment_frames=32, ove
 
 # preset -> (models in the store, how to compute the reference stems)
 CASES = {
-    "htdemucs": "4_tracks", "htdemucs_ft": "4_tracks", "hdemucs_mmi": "4_tracks",
-    "htdemucs_6s": "6_tracks", "drumsep_5": "5_drums_tracks", "mdx_strings": "modern_bowed_strings",
-    "bs_roformer_viperx_1297": "2_tracks", "mel_band_roformer_karaoke": "lead_back",
+    "htdemucs": "4_tracks",
+    "htdemucs_ft": "4_tracks",
+    "hdemucs_mmi": "4_tracks",
+    "htdemucs_6s": "6_tracks",
+    "drumsep_5": "5_drums_tracks",
+    "mdx_strings": "modern_bowed_strings",
+    "bs_roformer_viperx_1297": "2_tracks",
+    "mel_band_roformer_karaoke": "lead_back",
 }
 
 
@@ -70,9 +76,24 @@ def _cli_install_roformer(store: ModelStore, model_id: str, tmp, seed: int) -> N
     from tools.roformer_models import make_random_roformer
 
     files = make_random_roformer(model_id, tmp / f"made-{model_id}", seed=seed)
-    r = subprocess.run([sys.executable, "-m", "stems.cli", "models", "install", model_id, *map(str, files),
-                        "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, **ONE_THREAD})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "models",
+            "install",
+            model_id,
+            *map(str, files),
+            "--model-dir",
+            str(store.root),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **ONE_THREAD},
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -101,9 +122,28 @@ def test_cli_and_worker_match_the_reference(model_id, mix, tmp_path, redis_url, 
     preset = CASES[model_id]
 
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "stems.cli", "split", str(path), "--preset", preset, "--out", str(out),
-                        "--bit-depth", "32", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, **ONE_THREAD})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "split",
+            str(path),
+            "--preset",
+            preset,
+            "--out",
+            str(out),
+            "--bit-depth",
+            "32",
+            "--model-dir",
+            str(store.root),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **ONE_THREAD},
+    )
     assert r.returncode == 0, r.stderr
     cli = {p.stem: sf.read(p, dtype="float32", always_2d=True)[0].T for p in out.glob("*.wav")}
     assert set(cli) == set(expected)
@@ -117,8 +157,10 @@ def test_cli_and_worker_match_the_reference(model_id, mix, tmp_path, redis_url, 
     try:
         with stack.client() as c:
             aid = upload(c, path)["audio_id"]
-            job = c.post("/create-stems", json={"preset": preset, "audio_id": aid, "bit_depth": 32,
-                                                "hq_streaming_format": "none"}).json()
+            job = c.post(
+                "/create-stems",
+                json={"preset": preset, "audio_id": aid, "bit_depth": 32, "hq_streaming_format": "none"},
+            ).json()
             status = wait_for(c, f"/status/stem_split/{job['creation_id']}", {"complete", "failed"}, 300)
             assert status["status"] == "complete", status
             for stem in status["stems"]:

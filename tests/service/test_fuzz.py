@@ -9,6 +9,7 @@ Generated ids are random UUIDs and preset names random strings, which only ever 
 its stems, owned by the fuzzing key) and most presets for real ones, and the handlers behind
 the lookups are fuzzed as well.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ FUZZ = settings(max_examples=30, deadline=None, database=None, suppress_health_c
 
 @pytest.fixture(scope="module")
 def fuzz_stack(tmp_path_factory, redis_url, s3_url):
-    s = ServiceStack(tmp_path_factory.mktemp("fuzz"), redis_url, s3_url, STEMS_RATE_LIMIT_PER_MINUTE="1000000",
-                     STEMS_MAX_ACTIVE_JOBS="1000")
+    s = ServiceStack(
+        tmp_path_factory.mktemp("fuzz"),
+        redis_url,
+        s3_url,
+        STEMS_RATE_LIMIT_PER_MINUTE="1000000",
+        STEMS_MAX_ACTIVE_JOBS="1000",
+    )
     s.start_api()
     s.start_worker("cpu", "fuzz")
     yield s
@@ -61,8 +67,14 @@ def _owned_split(fuzz_stack, tmp_path_factory) -> dict:
         mastered = c.post("/master-audio", json={"audio_id": asset["audio_id"]}).json()["mastered_id"]
         wait_for(c, f"/status/mastered/{mastered}", {"complete", "failed"}, 120)
     stem = status["stems"][0]["stem_id"] if status["stems"] else job["audio_stems"][0]["stem_id"]
-    return {"key": key, "audio_id": asset["audio_id"], "creation_id": job["creation_id"], "stem_id": stem,
-            "mastered_id": mastered, "status": status}
+    return {
+        "key": key,
+        "audio_id": asset["audio_id"],
+        "creation_id": job["creation_id"],
+        "stem_id": stem,
+        "mastered_id": mastered,
+        "status": status,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -128,19 +140,25 @@ def test_no_server_errors(api_schema, request, method, path):
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         assert response.status_code < 500, (
             f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:500]}\n"
-            f"{case.as_curl_command()}")
+            f"{case.as_curl_command()}"
+        )
 
     run()
     assert seen  # at least one call went out (operations without inputs have one case)
 
 
 @FUZZ
-@given(st.one_of(
-    st.builds(lambda a, b: f"bytes={a}-{b}", st.one_of(st.just(""), st.integers(0, 2 ** 70).map(str)),
-              st.one_of(st.just(""), st.integers(0, 2 ** 70).map(str))),
-    # any printable header value an HTTP client can send (no leading/trailing blanks: h11 refuses them)
-    st.from_regex(r"\A[ -~]{0,40}\Z").map(str.strip),
-))
+@given(
+    st.one_of(
+        st.builds(
+            lambda a, b: f"bytes={a}-{b}",
+            st.one_of(st.just(""), st.integers(0, 2**70).map(str)),
+            st.one_of(st.just(""), st.integers(0, 2**70).map(str)),
+        ),
+        # any printable header value an HTTP client can send (no leading/trailing blanks: h11 refuses them)
+        st.from_regex(r"\A[ -~]{0,40}\Z").map(str.strip),
+    )
+)
 def test_download_range_header(fuzz_stack, known, header):
     if known["status"]["status"] != "complete":
         pytest.skip(f"the split did not complete: {known['status']['error']}")
@@ -153,7 +171,7 @@ def test_download_range_header(fuzz_stack, known, header):
             assert r.content == full
         elif r.status_code == 206:
             first, last = map(int, r.headers["content-range"].split(" ")[1].split("/")[0].split("-"))
-            assert r.content == full[first:last + 1] and int(r.headers["content-length"]) == last - first + 1
+            assert r.content == full[first : last + 1] and int(r.headers["content-length"]) == last - first + 1
         else:
             assert r.headers["content-range"] == f"bytes */{len(full)}"
 
@@ -173,19 +191,53 @@ def _full(c: httpx.Client, path: str) -> bytes:
 
 SCHEMES = st.sampled_from(["http", "https", "HTTP", "hTTpS", "ftp", "file", "javascript", "gopher", "", "http:"])
 HOSTS = st.one_of(
-    st.sampled_from([
-        "localhost", "127.0.0.1", "example.com", "[::1]", "[fec0::1]", "[::ffff:10.0.0.1]", "[64:ff9b::7f00:1]",
-        "2130706433", "0x7f000001", "[", "]", "[::1", "::1]", "[abc]", "[v1.x]", "[fe80::1%25eth0]", "[::1]]",
-        "xn--", "xn--bcher-kva.example", "b\u00fccher.example", "\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",
-        "a..b", ".", "", "@", "user:pw@localhost", ":@localhost", "%00", "a" * 64 + ".example", "\u200b.example",
-        "\u2135.example", "xn--a-ecp.ru", "\ufb01.example", "local\x00host", "local\thost", "local host",
-    ]),
+    st.sampled_from(
+        [
+            "localhost",
+            "127.0.0.1",
+            "example.com",
+            "[::1]",
+            "[fec0::1]",
+            "[::ffff:10.0.0.1]",
+            "[64:ff9b::7f00:1]",
+            "2130706433",
+            "0x7f000001",
+            "[",
+            "]",
+            "[::1",
+            "::1]",
+            "[abc]",
+            "[v1.x]",
+            "[fe80::1%25eth0]",
+            "[::1]]",
+            "xn--",
+            "xn--bcher-kva.example",
+            "b\u00fccher.example",
+            "\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",
+            "a..b",
+            ".",
+            "",
+            "@",
+            "user:pw@localhost",
+            ":@localhost",
+            "%00",
+            "a" * 64 + ".example",
+            "\u200b.example",
+            "\u2135.example",
+            "xn--a-ecp.ru",
+            "\ufb01.example",
+            "local\x00host",
+            "local\thost",
+            "local host",
+        ]
+    ),
     st.from_regex(r"\A[a-z0-9-]{1,20}(\.[a-z0-9-]{1,10}){0,3}\Z"),
     st.ip_addresses().map(lambda a: f"[{a}]" if a.version == 6 else str(a)),
     st.text(min_size=1, max_size=20),  # any characters, controls included
 )
 PORTS = st.one_of(
-    st.just(""), st.integers(-5, 70000).map(lambda p: f":{p}"),
+    st.just(""),
+    st.integers(-5, 70000).map(lambda p: f":{p}"),
     st.sampled_from([":", ":0", ":65535", ":65536", ":" + "9" * 30, ":x", ": 80", ":80a", ":+80", ":\u0668\u0660"]),
 )
 PATHS = st.one_of(
@@ -197,9 +249,14 @@ URLS = st.one_of(
     st.text(max_size=60),
 )
 # a body that passes everything but the URL field, per route; a route not named here gets only the field
-URL_BODIES = {"/create-stems": lambda known: {"preset": "phantom_center", "audio_id": known["audio_id"],
-                                              "hq_streaming_format": "none"},
-              "/from-link": lambda known: {"url": "http://localhost:9/a.wav"}}
+URL_BODIES = {
+    "/create-stems": lambda known: {
+        "preset": "phantom_center",
+        "audio_id": known["audio_id"],
+        "hq_streaming_format": "none",
+    },
+    "/from-link": lambda known: {"url": "http://localhost:9/a.wav"},
+}
 
 
 def _resolve(schema: dict, doc: dict) -> dict:
@@ -222,16 +279,20 @@ def _url_fields() -> list[tuple[str, str, str]]:
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             for name, prop in _json_body(op, doc).get("properties", {}).items():
-                if name.endswith(("url", "uri")) or any(_resolve(s, doc).get("format") == "uri"
-                                                        for s in [prop, *prop.get("anyOf", [])]):
+                if name.endswith(("url", "uri")) or any(
+                    _resolve(s, doc).get("format") == "uri" for s in [prop, *prop.get("anyOf", [])]
+                ):
                     found.append((method.upper(), path, name))
     return sorted(found)
 
 
 def test_every_url_field_is_fuzzed():
     """The URL fields the fuzzing below finds: all of them, so a new one is fuzzed without asking."""
-    assert set(_url_fields()) >= {("POST", "/from-link", "url"), ("POST", "/from-link", "callback_url"),
-                                  ("POST", "/create-stems", "callback_url")}
+    assert set(_url_fields()) >= {
+        ("POST", "/from-link", "url"),
+        ("POST", "/from-link", "callback_url"),
+        ("POST", "/create-stems", "callback_url"),
+    }
 
 
 @pytest.mark.parametrize("method,path,field", _url_fields(), ids=lambda v: v)
@@ -257,18 +318,55 @@ def test_url_fields_answer_4xx_never_5xx(fuzz_stack, known, method, path, field)
 
 _ID = str(uuid.uuid4())
 HOSTILE = {
-    "string": ["", " ", "\x00", "\x00" * 50, "a" * 5000, "../../etc/passwd", "%00", "%", "' OR '1'='1", "\u202e\ufeff",
-               "\U0001f600" * 200, "{}", "null", "\r\n", "\ud7ff\ue000"],
-    "integer": [-1, 0, 2 ** 63, 2 ** 70, -(2 ** 70), "1e400", "NaN", "", "0x10", 1.5, True, None, [], {}],
-    "number": ["NaN", "Infinity", "-Infinity", 1e308, -1e308, 2 ** 70, "", None, [], {}, True],
+    "string": [
+        "",
+        " ",
+        "\x00",
+        "\x00" * 50,
+        "a" * 5000,
+        "../../etc/passwd",
+        "%00",
+        "%",
+        "' OR '1'='1",
+        "\u202e\ufeff",
+        "\U0001f600" * 200,
+        "{}",
+        "null",
+        "\r\n",
+        "\ud7ff\ue000",
+    ],
+    "integer": [-1, 0, 2**63, 2**70, -(2**70), "1e400", "NaN", "", "0x10", 1.5, True, None, [], {}],
+    "number": ["NaN", "Infinity", "-Infinity", 1e308, -1e308, 2**70, "", None, [], {}, True],
     "boolean": ["yes", 2, "", None, []],
-    "uuid": ["not-a-uuid", "00000000-0000-0000-0000-000000000000", "{" + _ID + "}", _ID.upper(), _ID + "/..",
-             _ID.replace("-", ""), "ffffffff-ffff-ffff-ffff-ffffffffffff", "", 7, None, [], {}],
+    "uuid": [
+        "not-a-uuid",
+        "00000000-0000-0000-0000-000000000000",
+        "{" + _ID + "}",
+        _ID.upper(),
+        _ID + "/..",
+        _ID.replace("-", ""),
+        "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        "",
+        7,
+        None,
+        [],
+        {},
+    ],
     "array": [[], [None] * 300, "x", [[[]]], {}, None, list(range(1000))],
     "object": [{}, [], "x", None, 5, {"start": "NaN", "end": 1e308}],
 }
-HOSTILE_BODIES = ["", "not json", "[]", "null", "1e400", "[" * 5000 + "]" * 5000, '{"a":' * 5000 + "1" + "}" * 5000,
-                  '{"preset": "\ud800"}', "\xff\xfe", '{"x": 1, "x": 2}']
+HOSTILE_BODIES = [
+    "",
+    "not json",
+    "[]",
+    "null",
+    "1e400",
+    "[" * 5000 + "]" * 5000,
+    '{"a":' * 5000 + "1" + "}" * 5000,
+    '{"preset": "\ud800"}',
+    "\xff\xfe",
+    '{"x": 1, "x": 2}',
+]
 
 
 def _kind(schema: dict, doc: dict) -> str:
@@ -304,8 +402,12 @@ def _call(c: httpx.Client, known: dict, method: str, path: str, where: str, name
     params = {k: known.get(k, _ID) for k in ("audio_id", "creation_id", "stem_id")}
     url, query, headers, body, raw = path, {}, {}, None, None
     for k in ("audio_id", "creation_id", "stem_id"):
-        url = url.replace("{" + k + "}", params[k] if not (where == "path" and name == k) else
-                          quote(value if isinstance(value, str) else json.dumps(value), safe=""))
+        url = url.replace(
+            "{" + k + "}",
+            params[k]
+            if not (where == "path" and name == k)
+            else quote(value if isinstance(value, str) else json.dumps(value), safe=""),
+        )
     if where == "query":
         query[name] = value if isinstance(value, str) else json.dumps(value)
     elif where == "header":
@@ -317,7 +419,9 @@ def _call(c: httpx.Client, known: dict, method: str, path: str, where: str, name
     if method in ("POST", "PUT", "PATCH") and body is None and raw is None:
         body = URL_BODIES.get(path, lambda k: {})(known)
     if raw is not None:
-        return c.request(method, url, params=query, headers={**headers, "content-type": "application/json"}, content=raw)
+        return c.request(
+            method, url, params=query, headers={**headers, "content-type": "application/json"}, content=raw
+        )
     return c.request(method, url, params=query, headers=headers, json=body)
 
 

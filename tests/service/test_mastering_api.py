@@ -4,6 +4,7 @@ Master real music to each target and measure the downloaded WAV independently; s
 mastered version; delete it and its audio; keep tenants apart; refuse bad requests without a
 trace; expire it with the stems' retention.
 """
+
 from __future__ import annotations
 
 import io
@@ -64,9 +65,14 @@ def _keys_of(stack, id_: str) -> list[str]:
     return [k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000) if id_ in k.decode()]
 
 
-@pytest.mark.parametrize("preset,target,ceiling,bits,subtype",
-                         [("streaming", -14.0, -1.0, 24, "PCM_24"), ("loud", -9.0, -1.0, 16, "PCM_16"),
-                          ("podcast", -16.0, -1.5, 32, "FLOAT")])
+@pytest.mark.parametrize(
+    "preset,target,ceiling,bits,subtype",
+    [
+        ("streaming", -14.0, -1.0, 24, "PCM_24"),
+        ("loud", -9.0, -1.0, 16, "PCM_16"),
+        ("podcast", -16.0, -1.5, 32, "FLOAT"),
+    ],
+)
 def test_master_reaches_the_target_measured_independently(stack, music, preset, target, ceiling, bits, subtype):
     with stack.client() as c:
         asset = upload(c, music)
@@ -133,8 +139,10 @@ def test_delete_a_mastered_version(stack, music):
         assert stack.objects(f"users/alice/jobs/{m['mastered_id']}/") != []
         assert c.delete(f"/mastered/{m['mastered_id']}").status_code == 204
         assert c.get(f"/status/mastered/{m['mastered_id']}").status_code == 404
-        assert c.post("/create-stems", json={"preset": "phantom_center",
-                                             "mastered_id": m["mastered_id"]}).status_code == 404
+        assert (
+            c.post("/create-stems", json={"preset": "phantom_center", "mastered_id": m["mastered_id"]}).status_code
+            == 404
+        )
         assert stack.objects(f"users/alice/jobs/{m['mastered_id']}/") == []
         assert _keys_of(stack, m["mastered_id"]) == []
         assert c.get(f"/status/audio/{asset['audio_id']}").json()["status"] == "complete"  # the audio stays
@@ -143,16 +151,19 @@ def test_delete_a_mastered_version(stack, music):
 def test_bad_mastering_requests_are_4xx_and_change_nothing(stack, music):
     with stack.client("bad-master") as c:
         asset = upload(c, music)
-        before = sorted(k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000)
-                        if b"rate" not in k)
-        cases = [({"audio_id": asset["audio_id"], "preset": "radio"}, 422),
-                 ({"audio_id": asset["audio_id"], "bit_depth": 8}, 422),
-                 ({"audio_id": asset["audio_id"], "extra": 1}, 422),
-                 ({}, 422),
-                 ({"audio_id": "not-a-uuid"}, 422),
-                 ({"audio_id": str(uuid.uuid4())}, 404),
-                 ({"stem_id": str(uuid.uuid4())}, 404),
-                 ({"upscaled_id": asset["audio_id"]}, 404)]
+        before = sorted(
+            k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000) if b"rate" not in k
+        )
+        cases = [
+            ({"audio_id": asset["audio_id"], "preset": "radio"}, 422),
+            ({"audio_id": asset["audio_id"], "bit_depth": 8}, 422),
+            ({"audio_id": asset["audio_id"], "extra": 1}, 422),
+            ({}, 422),
+            ({"audio_id": "not-a-uuid"}, 422),
+            ({"audio_id": str(uuid.uuid4())}, 404),
+            ({"stem_id": str(uuid.uuid4())}, 404),
+            ({"upscaled_id": asset["audio_id"]}, 404),
+        ]
         for body, code in cases:
             r = c.post("/master-audio", json=body)
             assert r.status_code == code, (body, r.text)
@@ -160,10 +171,13 @@ def test_bad_mastering_requests_are_4xx_and_change_nothing(stack, music):
             assert c.get(path).status_code == 404
         assert c.get("/status/mastered/nope").status_code == 422
         assert c.delete(f"/mastered/{uuid.uuid4()}").status_code == 404
-        assert c.post("/create-stems", json={"preset": "phantom_center",
-                                             "mastered_id": str(uuid.uuid4())}).status_code == 404
-        after = sorted(k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000)
-                       if b"rate" not in k)
+        assert (
+            c.post("/create-stems", json={"preset": "phantom_center", "mastered_id": str(uuid.uuid4())}).status_code
+            == 404
+        )
+        after = sorted(
+            k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000) if b"rate" not in k
+        )
         new = [k for k in after if k not in before]
         assert [k for k in new if "bad-master" in k or ":mastering:" in k or "masters" in k] == []
 
@@ -171,8 +185,13 @@ def test_bad_mastering_requests_are_4xx_and_change_nothing(stack, music):
 def test_a_mastering_not_finished_cannot_be_split_or_downloaded(stack, tmp_path):
     """Queued (its message not due yet, so no worker has it): 409 for the split and the download."""
     masters = Masterings(stack.store)
-    m = Mastering(user_id="alice", audio_id=str(uuid.uuid4()), source_kind="audio", source_id=str(uuid.uuid4()),
-                  preset="streaming")
+    m = Mastering(
+        user_id="alice",
+        audio_id=str(uuid.uuid4()),
+        source_kind="audio",
+        source_id=str(uuid.uuid4()),
+        preset="streaming",
+    )
     masters.create(m, time.time() + 3600)
     try:
         with stack.client() as c:
@@ -207,8 +226,9 @@ def test_retention_expires_a_mastered_version_then_its_records(redis_url, tmp_pa
 
 
 def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stems.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "stems.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=240
+    )
 
 
 def test_client_and_cli_master_remotely_and_locally(stack, music, tmp_path):
@@ -245,8 +265,14 @@ def test_retention_keeps_an_original_a_queued_mastering_needs(redis_url, tmp_pat
     store = JobStore.from_url(redis_url, f"t{uuid.uuid4().hex[:8]}")
     storage = LocalStorage(tmp_path / "objects")
     t0 = time.time()
-    asset = AudioAsset(user_id="u", origin="upload", status=AssetStatus.complete, object_key="users/u/audio/a/original",
-                       created_at=t0, info={"duration": 2.0, "sample_rate": SR, "channels": 2})
+    asset = AudioAsset(
+        user_id="u",
+        origin="upload",
+        status=AssetStatus.complete,
+        object_key="users/u/audio/a/original",
+        created_at=t0,
+        info={"duration": 2.0, "sample_rate": SR, "channels": 2},
+    )
     src = tmp_path / "o.bin"
     src.write_bytes(b"audio")
     storage.put_file(asset.object_key, src)
@@ -265,8 +291,16 @@ def test_retention_keeps_an_original_a_queued_mastering_needs(redis_url, tmp_pat
 def test_a_worker_killed_mid_mastering_loses_nothing(tmp_path, redis_url, s3_url):
     """SIGKILL the pool process mid-way: the mastering runs again (its outbox entry, or the broker's redelivery),
     completes once, metered once, with exactly one WAV stored."""
-    s = ServiceStack(tmp_path, redis_url, s3_url, STEMS_REAPER_INTERVAL_S="0.5", STEMS_ENQUEUE_GRACE_S="2",
-                     STEMS_TIME_LIMIT_BASE_S="3", STEMS_TIME_LIMIT_PER_AUDIO_S="2", STEMS_TIME_LIMIT_GRACE_S="1")
+    s = ServiceStack(
+        tmp_path,
+        redis_url,
+        s3_url,
+        STEMS_REAPER_INTERVAL_S="0.5",
+        STEMS_ENQUEUE_GRACE_S="2",
+        STEMS_TIME_LIMIT_BASE_S="3",
+        STEMS_TIME_LIMIT_PER_AUDIO_S="2",
+        STEMS_TIME_LIMIT_GRACE_S="1",
+    )
     try:
         s.start_api()
         worker = s.start_worker("cpu", "mw")

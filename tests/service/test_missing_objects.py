@@ -1,6 +1,7 @@
 """A stem whose stored object is gone (deleted behind the service's back, lost by storage): every
 answer is a clear 410 `object_missing` that names no storage key, never a 200 that breaks off, and
 a zip that cannot be built leaves nothing behind."""
+
 from __future__ import annotations
 
 import pytest

@@ -8,6 +8,7 @@ their name and the SAM/gtcrn entries pin a sha256, so stand-ins under those name
 refused. The one registry entry a test adds (a demucs checkpoint whose name carries the
 stand-in's own sha256 prefix) is there because no random file can match a released name.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,14 @@ def web():
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "STEMS_MODEL_MIRROR"}
-    return subprocess.run([sys.executable, "-m", "stems.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "stems.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environ, **env},
+    )
 
 
 def path_of(model_id: str, index: int = 0) -> str:
@@ -55,8 +62,9 @@ def path_of(model_id: str, index: int = 0) -> str:
 def onnx_standin(tmp_path: Path, model_id: str, seed: int = 0) -> bytes:
     spec = get_spec(model_id)
     p = spec.params
-    path = make_random_mdx_onnx(tmp_path / f"standin-{model_id}-{seed}.onnx", p["n_fft"], p["dim_f"],
-                                p["segment_frames"], seed=seed)
+    path = make_random_mdx_onnx(
+        tmp_path / f"standin-{model_id}-{seed}.onnx", p["n_fft"], p["dim_f"], p["segment_frames"], seed=seed
+    )
     return path.read_bytes()
 
 
@@ -73,15 +81,17 @@ def test_pull_downloads_checks_installs_and_the_engine_loads_it(tmp_path, web):
     assert "mdx_karaoke: installed" in r.stdout
     assert manifest(store)["mdx_karaoke"]["files"] == {"UVR_MDXNET_KARA_2.onnx": hashlib.sha256(body).hexdigest()}
     assert sorted(p.name for p in store.iterdir()) == ["UVR_MDXNET_KARA_2.onnx", "manifest.json"]  # no .part left
-    assert [h.path for h in web.hits] == ["/mirror/TRvlvr/model_repo/releases/download/all_public_uvr_models/"
-                                          "UVR_MDXNET_KARA_2.onnx"]
+    assert [h.path for h in web.hits] == [
+        "/mirror/TRvlvr/model_repo/releases/download/all_public_uvr_models/UVR_MDXNET_KARA_2.onnx"
+    ]
     v = cli("models", "verify", "--model-dir", str(store))
     assert v.returncode == 0 and "mdx_karaoke" in v.stdout and "ok" in v.stdout
 
     audio = np.random.default_rng(0).standard_normal((2, 44100)).astype(np.float32) * 0.1
     out = Engine(ModelStore(store)).run_model("mdx_karaoke", audio, 44100)
-    assert set(out) == {"lead_vocals", "backing_vocals"} and all(np.isfinite(y).all() and y.shape == audio.shape
-                                                                 for y in out.values())
+    assert set(out) == {"lead_vocals", "backing_vocals"} and all(
+        np.isfinite(y).all() and y.shape == audio.shape for y in out.values()
+    )
 
     again = cli("models", "pull", "mdx_karaoke", "--model-dir", str(store), STEMS_MODEL_MIRROR=web.url("/mirror"))
     assert again.returncode == 0 and "already installed and verified" in again.stdout
@@ -173,7 +183,9 @@ def manifest_or_empty(store: Path) -> dict:
 
 def test_an_s3_mirror_serves_the_publishers_paths(tmp_path, s3_url):
     bucket = f"m{uuid.uuid4().hex[:10]}"
-    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t")
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t"
+    )
     s3.create_bucket(Bucket=bucket)
     body = onnx_standin(tmp_path, "mdx_dereverb", seed=2)
     s3.put_object(Bucket=bucket, Key="weights" + path_of("mdx_dereverb"), Body=body)
@@ -182,13 +194,18 @@ def test_an_s3_mirror_serves_the_publishers_paths(tmp_path, s3_url):
     # An earlier run broke after 1200 bytes. They are zeros here, so the result shows that only the rest was
     # fetched (a ranged GET): UVR publishes no checksum that would catch a .part spoilt like this.
     (store / "Reverb_HQ_By_FoxJoy.onnx.part").write_bytes(bytes(1200))
-    env = {"STEMS_MODEL_MIRROR": f"s3://{bucket}/weights", "S3_ENDPOINT_URL": s3_url,
-           "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t"}
+    env = {
+        "STEMS_MODEL_MIRROR": f"s3://{bucket}/weights",
+        "S3_ENDPOINT_URL": s3_url,
+        "AWS_ACCESS_KEY_ID": "t",
+        "AWS_SECRET_ACCESS_KEY": "t",
+    }
     r = cli("models", "pull", "mdx_dereverb", "--model-dir", str(store), **env)
     assert r.returncode == 0, r.stderr
     assert (store / "Reverb_HQ_By_FoxJoy.onnx").read_bytes() == bytes(1200) + body[1200:]
     assert manifest(store)["mdx_dereverb"]["files"]["Reverb_HQ_By_FoxJoy.onnx"] == sha256_file(
-        store / "Reverb_HQ_By_FoxJoy.onnx")
+        store / "Reverb_HQ_By_FoxJoy.onnx"
+    )
     assert cli("models", "verify", "--model-dir", str(store)).returncode == 0
 
     r = cli("models", "pull", "mdx_karaoke", "--model-dir", str(store), **env)  # not on the mirror
@@ -209,7 +226,10 @@ def test_offline_it_fails_in_seconds_naming_the_url_and_the_install_command(tmp_
     r = cli("models", "pull", "--all", "--model-dir", str(store), STEMS_MODEL_MIRROR=closed)
     assert r.returncode == 1
     lines = {line.split(":", 1)[0]: line for line in r.stderr.splitlines() if line}
-    assert "failed" in lines["htdemucs"] and f"{closed}/demucs/hybrid_transformer/955717e8-8726e21a.th" in lines["htdemucs"]
+    assert (
+        "failed" in lines["htdemucs"]
+        and f"{closed}/demucs/hybrid_transformer/955717e8-8726e21a.th" in lines["htdemucs"]
+    )
     assert "gated" in lines["sam-audio-large"] and "gated" in lines["mdx_duet"]
 
 
@@ -237,11 +257,17 @@ def test_published_sha256_and_md5_are_checked(tmp_path):
     f = tmp_path / "w.onnx"
     f.write_bytes(b"weights")
     spec = get_spec("mdx_karaoke")
-    good = Download(file=spec.files[0], url="https://x/w.onnx", sha256=hashlib.sha256(b"weights").hexdigest(),
-                    md5=hashlib.md5(b"weights").hexdigest())
+    good = Download(
+        file=spec.files[0],
+        url="https://x/w.onnx",
+        sha256=hashlib.sha256(b"weights").hexdigest(),
+        md5=hashlib.md5(b"weights").hexdigest(),
+    )
     verify(spec, good, f, good.url)
-    for bad in (good.model_copy(update={"md5": hashlib.md5(b"other").hexdigest()}),
-                good.model_copy(update={"sha256": hashlib.sha256(b"other").hexdigest()})):
+    for bad in (
+        good.model_copy(update={"md5": hashlib.md5(b"other").hexdigest()}),
+        good.model_copy(update={"sha256": hashlib.sha256(b"other").hexdigest()}),
+    ):
         with pytest.raises(ChecksumMismatch):
             verify(spec, bad, f, bad.url)
 
@@ -259,8 +285,13 @@ def demucs_standin(tmp_path):
     raw = make_random_demucs("htdemucs", tmp_path / "standin")[0].read_bytes()
     name = f"955717e8-{hashlib.sha256(raw).hexdigest()[:8]}.th"
     base = get_spec("htdemucs")
-    spec = base.model_copy(update={"id": "htdemucs_standin", "files": (name,), "downloads": (
-        Download(file=name, url=base.downloads[0].url.rsplit("/", 1)[0] + "/" + name),)})
+    spec = base.model_copy(
+        update={
+            "id": "htdemucs_standin",
+            "files": (name,),
+            "downloads": (Download(file=name, url=base.downloads[0].url.rsplit("/", 1)[0] + "/" + name),),
+        }
+    )
     registry = load_registry()
     registry[spec.id] = spec
     yield spec, raw

@@ -8,6 +8,7 @@ in its own network namespace cut off from Redis, storage and the broker for long
 which comes back while another runs its job; and RabbitMQ itself SIGKILLed with jobs queued in it, then started again. Each checks what the user and the bucket end with: one complete job, every stem
 downloadable, exactly its final objects, usage counted once, nothing owed or leased.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,9 +52,12 @@ def _nothing_owed(s, job_id: str, user_id: str, timeout: float = 60) -> None:
     """No lease, no owed cleanup or message, no load entry: nothing about the job is left to do."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = {"running": s.store.running(), "cleanup": s.store.cleanup_owed(job_id, user_id),
-                "owed": len(s.store.owed(time.time() + 3600)),
-                "load": s.store.load("cpu") + s.store.load("gpu-demucs")}
+        left = {
+            "running": s.store.running(),
+            "cleanup": s.store.cleanup_owed(job_id, user_id),
+            "owed": len(s.store.owed(time.time() + 3600)),
+            "load": s.store.load("cpu") + s.store.load("gpu-demucs"),
+        }
         if not any(left.values()):
             return
         time.sleep(0.2)
@@ -75,8 +79,9 @@ def _one_complete_job(s, c, job_id: str, status: dict) -> None:
     assert c.get("/usage").json()["jobs"] == 1
 
 
-def test_killed_while_uploading_stems_then_the_winner_killed_while_it_cleans_up(tmp_path, redis_url, s3_url,
-                                                                                demucs_models, long_song, broker):
+def test_killed_while_uploading_stems_then_the_winner_killed_while_it_cleans_up(
+    tmp_path, redis_url, s3_url, demucs_models, long_song, broker
+):
     proxy = FaultyS3(s3_url)
     s = _stack(tmp_path, redis_url, proxy.url, demucs_models, broker)
     try:
@@ -121,21 +126,28 @@ def test_killed_while_uploading_stems_then_the_winner_killed_while_it_cleans_up(
         proxy.close()
 
 
-def test_a_worker_cut_off_past_its_lease_comes_back_and_leaves_nothing(tmp_path, redis_url, s3_url, demucs_models,
-                                                                       long_song, broker):
+def test_a_worker_cut_off_past_its_lease_comes_back_and_leaves_nothing(
+    tmp_path, redis_url, s3_url, demucs_models, long_song, broker
+):
     """The worker runs in its own network namespace (where the machine allows one), reaching Redis, storage and
     the broker over a veth link the test takes down: its packets are dropped, not refused. The API and the other
     node keep their paths."""
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker)
-    link = make_link({"REDIS_URL": redis_url, "S3_ENDPOINT_URL": s3_url, **({"STEMS_BROKER_URL": broker} if broker else {})})
+    link = make_link(
+        {"REDIS_URL": redis_url, "S3_ENDPOINT_URL": s3_url, **({"STEMS_BROKER_URL": broker} if broker else {})}
+    )
     queues = "cpu,gpu-demucs"
     try:
         with s.client() as c:
             audio_id = _imported(s, c, long_song)
             cut = s.start_worker(queues, "cut", wrap=link.argv, **link.env)
             job_id = start_job(c, long_song, audio_id=audio_id, **REQUEST)
-            lost = _wait_job(s, job_id, lambda j: j.stage.startswith("separating") and j.worker_pid
-                             and j.worker.startswith("cut@"), "its separation on the node to cut off")
+            lost = _wait_job(
+                s,
+                job_id,
+                lambda j: j.stage.startswith("separating") and j.worker_pid and j.worker.startswith("cut@"),
+                "its separation on the node to cut off",
+            )
             link.cut()  # the node is partitioned: it goes on separating, but reaches nothing
             s.start_worker(queues, "b")
             _wait_job(s, job_id, lambda j: j.attempt_id not in (None, lost.attempt_id), "the job's next attempt")
@@ -168,8 +180,15 @@ def test_rabbitmq_killed_with_jobs_queued_loses_none(tmp_path, redis_url, s3_url
     except RuntimeError as exc:  # this machine cannot run a second node (not the drill's failure)
         rabbit.stop()
         pytest.skip(f"a private RabbitMQ node could not start: {exc}")
-    s = ServiceStack(tmp_path, redis_url, s3_url, broker=rabbit.url, STEMS_RESEND_QUEUED_S="30",
-                     STEMS_REAPER_INTERVAL_S="0.5", STEMS_ENQUEUE_GRACE_S="2")
+    s = ServiceStack(
+        tmp_path,
+        redis_url,
+        s3_url,
+        broker=rabbit.url,
+        STEMS_RESEND_QUEUED_S="30",
+        STEMS_REAPER_INTERVAL_S="0.5",
+        STEMS_ENQUEUE_GRACE_S="2",
+    )
     try:
         s.start_api()
         importer = s.start_worker("cpu", "importer")

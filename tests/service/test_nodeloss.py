@@ -8,6 +8,7 @@ native call that never returns); the API SIGKILLed while it waits on a hung brok
 writing a job and queueing it; Redis SIGKILLed mid-job; SIGTERM to a worker's main process.
 Leases, renewals and the reaper run at test speed (STEMS_LEASE_S=4 and so on).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,14 +41,20 @@ from tests.webserver import WebServer
 
 SR = 44100
 # test-speed leases and reaper; no step cache, so every attempt really separates
-FAST = {"STEMS_LEASE_S": "4", "STEMS_LEASE_RENEW_S": "1", "STEMS_REAPER_INTERVAL_S": "0.5",
-        "STEMS_ENQUEUE_GRACE_S": "2", "STEMS_CACHE_MAX_BYTES": "0"}
+FAST = {
+    "STEMS_LEASE_S": "4",
+    "STEMS_LEASE_RENEW_S": "1",
+    "STEMS_REAPER_INTERVAL_S": "0.5",
+    "STEMS_ENQUEUE_GRACE_S": "2",
+    "STEMS_CACHE_MAX_BYTES": "0",
+}
 QUEUES = "cpu,gpu-demucs"
 
 
 def _stack(tmp_path, redis_url, s3_url, models, broker, api: bool = True, **env) -> ServiceStack:
-    s = ServiceStack(tmp_path, redis_url, s3_url, model_dir=models, broker=broker, STEMS_CHUNK_SECONDS="5",
-                     **{**FAST, **env})
+    s = ServiceStack(
+        tmp_path, redis_url, s3_url, model_dir=models, broker=broker, STEMS_CHUNK_SECONDS="5", **{**FAST, **env}
+    )
     if api:
         s.start_api()
     return s
@@ -57,8 +64,9 @@ def _minutes(seconds: float, preset: str = "4_tracks") -> float:
     return seconds / 60 * load_catalogue().preset(preset).usage_multiplier
 
 
-def _complete_once(s: ServiceStack, c: httpx.Client, job_id: str, status: dict, attempts: int,
-                   seconds: float = SONG_S) -> None:
+def _complete_once(
+    s: ServiceStack, c: httpx.Client, job_id: str, status: dict, attempts: int, seconds: float = SONG_S
+) -> None:
     """One set of stems, every object downloadable, nothing else stored, the usage counted once."""
     assert status["status"] == "complete", status
     assert status["attempts"] == attempts, status
@@ -73,13 +81,15 @@ def _complete_once(s: ServiceStack, c: httpx.Client, job_id: str, status: dict, 
     assert usage["jobs"] == 1 and usage["minutes"] == pytest.approx(_minutes(seconds), abs=1e-3), usage
 
 
-
 def _nothing_left(s: ServiceStack, queues=("cpu", "gpu-demucs"), timeout: float = 15) -> None:
     """No lease, no owed message, no unfinished job counted for the autoscaler: nothing is stuck."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = {"running": s.store.running(), "owed": len(s.store.owed(time.time() + 3600)),
-                **{f"load {q}": s.store.load(q) for q in queues}}
+        left = {
+            "running": s.store.running(),
+            "owed": len(s.store.owed(time.time() + 3600)),
+            **{f"load {q}": s.store.load(q) for q in queues},
+        }
         if not any(left.values()):
             return
         time.sleep(0.2)
@@ -106,12 +116,22 @@ def test_whole_worker_killed_mid_split_completes_once(tmp_path, redis_url, s3_ur
         s.stop()
 
 
-def test_hard_time_limit_fails_the_job_frees_the_slot_and_sends_the_webhook(tmp_path, redis_url, s3_url,
-                                                                          demucs_models, fault_song, broker):
+def test_hard_time_limit_fails_the_job_frees_the_slot_and_sends_the_webhook(
+    tmp_path, redis_url, s3_url, demucs_models, fault_song, broker
+):
     # soft limit 3 s, hard kill at 3 * 1.2 + 1 = 4.6 s; the lease outlasts the kill
-    s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker, STEMS_TIME_LIMIT_BASE_S="3",
-               STEMS_TIME_LIMIT_PER_AUDIO_S="0", STEMS_TIME_LIMIT_GRACE_S="1", STEMS_LEASE_S="8",
-               STEMS_LEASE_RENEW_S="2")
+    s = _stack(
+        tmp_path,
+        redis_url,
+        s3_url,
+        demucs_models,
+        broker,
+        STEMS_TIME_LIMIT_BASE_S="3",
+        STEMS_TIME_LIMIT_PER_AUDIO_S="0",
+        STEMS_TIME_LIMIT_GRACE_S="1",
+        STEMS_LEASE_S="8",
+        STEMS_LEASE_RENEW_S="2",
+    )
     web = WebServer()
     try:
         s.start_worker(QUEUES, "w")
@@ -138,8 +158,9 @@ def test_hard_time_limit_fails_the_job_frees_the_slot_and_sends_the_webhook(tmp_
         web.close()
 
 
-def test_two_deliveries_of_one_job_at_once_give_one_result(tmp_path, redis_url, s3_url, demucs_models, long_song,
-                                                            broker):
+def test_two_deliveries_of_one_job_at_once_give_one_result(
+    tmp_path, redis_url, s3_url, demucs_models, long_song, broker
+):
     from workers.celery_app import make_celery
     from workers.messages import send_split
 
@@ -173,8 +194,9 @@ def test_two_deliveries_of_one_job_at_once_give_one_result(tmp_path, redis_url, 
         s.stop()
 
 
-def test_api_killed_between_writing_a_job_and_queueing_it(tmp_path, redis_url, s3_url, demucs_models, fault_song,
-                                                           broker):
+def test_api_killed_between_writing_a_job_and_queueing_it(
+    tmp_path, redis_url, s3_url, demucs_models, fault_song, broker
+):
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker)
     hung = Server(silent)  # a broker that accepts and never answers: the API blocks in its send
 
@@ -208,8 +230,9 @@ def test_api_killed_between_writing_a_job_and_queueing_it(tmp_path, redis_url, s
             api, base = _api(s, broker_at(free_port()), "refused")
             try:
                 jobs_before = len(list(s.store.r.scan_iter(match=s.store.k("job", "*"))))
-                r = httpx.post(base + "/create-stems", json=body, headers={**c.headers, "Idempotency-Key": "gap-2"},
-                               timeout=60)
+                r = httpx.post(
+                    base + "/create-stems", json=body, headers={**c.headers, "Idempotency-Key": "gap-2"}, timeout=60
+                )
                 assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
                 assert r.json()["code"] == "broker_unavailable" and r.json()["reason"] == "unreachable", r.text
                 assert "STEMS_BROKER_URL" in r.json()["detail"]
@@ -219,7 +242,9 @@ def test_api_killed_between_writing_a_job_and_queueing_it(tmp_path, redis_url, s
                 api.stop()
             retry = c.post("/create-stems", json=body, headers={"Idempotency-Key": "gap-2"})
             assert retry.status_code == 200, retry.text
-            assert wait_for(c, f"/status/stem_split/{retry.json()['creation_id']}", TERMINAL, 60)["status"] == "complete"
+            assert (
+                wait_for(c, f"/status/stem_split/{retry.json()['creation_id']}", TERMINAL, 60)["status"] == "complete"
+            )
         _nothing_left(s)
     finally:
         s.stop()
@@ -274,8 +299,7 @@ def test_redis_sigkilled_mid_job(tmp_path, s3_url, demucs_models, fault_song, br
         proc.wait(10)
 
 
-def test_sigterm_lets_the_job_finish_or_hands_it_back(tmp_path, redis_url, s3_url, demucs_models, fault_song,
-                                                       broker):
+def test_sigterm_lets_the_job_finish_or_hands_it_back(tmp_path, redis_url, s3_url, demucs_models, fault_song, broker):
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker)
     try:
         patient = s.start_worker(QUEUES, "patient", STEMS_SHUTDOWN_GRACE_S="300")
@@ -310,8 +334,16 @@ def test_sigterm_lets_the_job_finish_or_hands_it_back(tmp_path, redis_url, s3_ur
 
 
 def test_webhook_receivers_cannot_hold_a_worker(tmp_path, redis_url, s3_url, broker):
-    s = ServiceStack(tmp_path, redis_url, s3_url, broker=broker, STEMS_WEBHOOK_TIMEOUT_S="3", STEMS_WEBHOOK_ATTEMPTS="2",
-                     STEMS_WEBHOOK_BACKOFF_S="0.2", **FAST)
+    s = ServiceStack(
+        tmp_path,
+        redis_url,
+        s3_url,
+        broker=broker,
+        STEMS_WEBHOOK_TIMEOUT_S="3",
+        STEMS_WEBHOOK_ATTEMPTS="2",
+        STEMS_WEBHOOK_BACKOFF_S="0.2",
+        **FAST,
+    )
     slow, endless = Server(trickle_headers), Server(endless_body)
     try:
         s.start_api()
@@ -322,7 +354,9 @@ def test_webhook_receivers_cannot_hold_a_worker(tmp_path, redis_url, s3_url, bro
             t0 = time.monotonic()
             for server in (slow, endless):
                 r = c.post("/create-stems", json={**body, "callback_url": f"http://127.0.0.1:{server.port}/hook"})
-                assert wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 60)["status"] == "complete"
+                assert (
+                    wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 60)["status"] == "complete"
+                )
             plain = c.post("/create-stems", json=body).json()["creation_id"]
             assert wait_for(c, f"/status/stem_split/{plain}", TERMINAL, 60)["status"] == "complete"
             # two tries of at most 3 s at the trickling receiver, one quick one at the endless body: the one worker
@@ -342,8 +376,17 @@ def test_webhook_receivers_cannot_hold_a_worker(tmp_path, redis_url, s3_url, bro
 
 def test_imports_are_bounded_in_time_and_tries(tmp_path, redis_url, s3_url, broker):
     web = WebServer()
-    s = ServiceStack(tmp_path, redis_url, s3_url, broker=broker, STEMS_IMPORT_TIME_LIMIT_S="3",
-                     STEMS_TIME_LIMIT_GRACE_S="2", STEMS_TASK_MAX_ATTEMPTS="2", STEMS_LINK_TIMEOUT_S="600", **FAST)
+    s = ServiceStack(
+        tmp_path,
+        redis_url,
+        s3_url,
+        broker=broker,
+        STEMS_IMPORT_TIME_LIMIT_S="3",
+        STEMS_TIME_LIMIT_GRACE_S="2",
+        STEMS_TASK_MAX_ATTEMPTS="2",
+        STEMS_LINK_TIMEOUT_S="600",
+        **FAST,
+    )
     try:
         data = write_audio(tmp_path / "a.wav", tone_mix(8.0, SR), SR).read_bytes()
         web.files["/slow.wav"] = web.files["/killer.wav"] = data
@@ -372,4 +415,3 @@ def test_imports_are_bounded_in_time_and_tries(tmp_path, redis_url, s3_url, brok
     finally:
         s.stop()
         web.close()
-

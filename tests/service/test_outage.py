@@ -5,6 +5,7 @@ gap in its contact with Redis longer than half a lease, the reaper requeues no l
 has again been in contact for a whole STEMS_LEASE_S: live workers renew within STEMS_LEASE_RENEW_S
 of Redis coming back, so what still lapses then belongs to a worker that is really gone.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,14 +26,21 @@ from tests.support import (
     wait_stage,
 )
 
-FAST = {"STEMS_LEASE_S": "4", "STEMS_LEASE_RENEW_S": "1", "STEMS_REAPER_INTERVAL_S": "0.5",
-        "STEMS_ENQUEUE_GRACE_S": "2", "STEMS_CACHE_MAX_BYTES": "0", "STEMS_CHUNK_SECONDS": "5"}
+FAST = {
+    "STEMS_LEASE_S": "4",
+    "STEMS_LEASE_RENEW_S": "1",
+    "STEMS_REAPER_INTERVAL_S": "0.5",
+    "STEMS_ENQUEUE_GRACE_S": "2",
+    "STEMS_CACHE_MAX_BYTES": "0",
+    "STEMS_CHUNK_SECONDS": "5",
+}
 LEASE_S = 4.0
 
 
 @pytest.mark.timeout(600)
-def test_redis_down_for_twice_the_lease_mid_job_completes_with_one_attempt(tmp_path, s3_url, demucs_models,
-                                                                          long_song, broker):
+def test_redis_down_for_twice_the_lease_mid_job_completes_with_one_attempt(
+    tmp_path, s3_url, demucs_models, long_song, broker
+):
     port = free_port()
     proc, url = start_redis(tmp_path / "redis", port=port, persist=True)
     s = ServiceStack(tmp_path, url, s3_url, model_dir=demucs_models, broker=broker, **FAST)

@@ -1,5 +1,6 @@
 """The outbox against the broker: an entry is settled only for a message the broker holds, only if it
 is still the entry that was sent, and a queued job whose message was lost is sent again."""
+
 from __future__ import annotations
 
 import shutil
@@ -24,8 +25,15 @@ SR = 44100
 def _queued_job(settings: Settings) -> tuple[JobStore, Job]:
     """A queued job on the cpu queue, owed its message now (as the API writes it)."""
     store = JobStore.from_url(settings.redis_url, settings.key_prefix)
-    job = Job(user_id="u", preset="phantom_center", audio_id="a", source_kind="audio", source_id="a",
-              spec=SplitSpec(preset="phantom_center"), queue="cpu")
+    job = Job(
+        user_id="u",
+        preset="phantom_center",
+        audio_id="a",
+        source_kind="audio",
+        source_id="a",
+        spec=SplitSpec(preset="phantom_center"),
+        queue="cpu",
+    )
     store.create_job(job, [])
     store.owe("split", job.id, time.time())
     return store, job
@@ -60,8 +68,20 @@ def refusing_cpu_queue(rabbitmq_url):
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not on this machine: cannot make the broker refuse a message")
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "set_policy", "--apply-to", "queues", prefix, f"^{prefix}\\.cpu$",
-                    '{"max-length": 0, "overflow": "reject-publish"}'], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "rabbitmqctl",
+            "set_policy",
+            "--apply-to",
+            "queues",
+            prefix,
+            f"^{prefix}\\.cpu$",
+            '{"max-length": 0, "overflow": "reject-publish"}',
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     app = make_celery(Settings(key_prefix=prefix, broker_url=rabbitmq_url))
     app.send_task("stems.webhook", args=["filler"], queue=f"{prefix}.cpu")  # fills the queue
     yield prefix

@@ -1,6 +1,7 @@
 """Production refusals: unsafe settings fail when they load, and a service started with STEMS_ENV=production
 refuses to start on a Redis that does not persist. Real redis-server processes, with and without persistence
 (and one that hides CONFIG, as managed services do), and the real API and worker processes."""
+
 from __future__ import annotations
 
 import secrets
@@ -19,8 +20,9 @@ def _prod(**kw) -> Settings:
     return Settings(**{"env": "production", "storage": "s3", "secret_key": STRONG, **kw})
 
 
-@pytest.mark.parametrize("secret", ["change-me", "dev-webhook-secret", "dev-secret-key", "CHANGEME", "secret",
-                                    "short-secret", ""])
+@pytest.mark.parametrize(
+    "secret", ["change-me", "dev-webhook-secret", "dev-secret-key", "CHANGEME", "secret", "short-secret", ""]
+)
 def test_placeholder_secrets_are_refused(secret):
     with pytest.raises(ValueError, match="STEMS_SECRET_KEY"):
         _prod(secret_key=secret)
@@ -32,13 +34,22 @@ def test_the_old_name_of_the_secret_is_still_read(monkeypatch):
     assert Settings().secret_key == STRONG
 
 
-@pytest.mark.parametrize("url,refused", [
-    ("redis://10.0.0.5:6379/0", True), ("redis://redis:6379/0", True), ("rediss://cache.example.com:6380/0", True),
-    ("redis://user@10.0.0.5:6379/0", True), ("redis://[fd00::5]:6379/0", True),
-    ("redis://:hunter2-long-password@10.0.0.5:6379/0", False), ("redis://app:pw@redis:6379/0", False),
-    ("redis://127.0.0.1:6379/0", False), ("redis://localhost:6379/0", False), ("redis://[::1]:6379/0", False),
-    ("unix:///run/redis.sock", False),
-])
+@pytest.mark.parametrize(
+    "url,refused",
+    [
+        ("redis://10.0.0.5:6379/0", True),
+        ("redis://redis:6379/0", True),
+        ("rediss://cache.example.com:6380/0", True),
+        ("redis://user@10.0.0.5:6379/0", True),
+        ("redis://[fd00::5]:6379/0", True),
+        ("redis://:hunter2-long-password@10.0.0.5:6379/0", False),
+        ("redis://app:pw@redis:6379/0", False),
+        ("redis://127.0.0.1:6379/0", False),
+        ("redis://localhost:6379/0", False),
+        ("redis://[::1]:6379/0", False),
+        ("unix:///run/redis.sock", False),
+    ],
+)
 def test_a_password_is_required_beyond_loopback(url, refused):
     if refused:
         with pytest.raises(ValueError, match="without a password"):
@@ -49,8 +60,9 @@ def test_a_password_is_required_beyond_loopback(url, refused):
 
 
 def _stack(tmp: Path, redis_url: str, s3_url: str, **env) -> ServiceStack:
-    return ServiceStack(tmp, redis_url, s3_url, STEMS_ENV="production", STEMS_SECRET_KEY=STRONG,
-                        STEMS_LINK_ALLOW_HOSTS="[]", **env)
+    return ServiceStack(
+        tmp, redis_url, s3_url, STEMS_ENV="production", STEMS_SECRET_KEY=STRONG, STEMS_LINK_ALLOW_HOSTS="[]", **env
+    )
 
 
 def _refuses(proc, *needles: str) -> str:
@@ -166,9 +178,9 @@ def test_api_refuses_a_placeholder_secret_at_start(tmp_path, s3_url, redis_serve
 def test_deployment_files_run_production_with_flower_behind_basic_auth():
     compose = (ROOT / "infra" / "compose.yaml").read_text()
     assert "STEMS_ENV: production" in compose and "change-me" not in compose
-    flower = compose[compose.index("  flower:"):]
+    flower = compose[compose.index("  flower:") :]
     assert "--basic-auth=${FLOWER_BASIC_AUTH:?" in flower and '"127.0.0.1:5555:5555"' in flower
-    redis = compose[compose.index("  redis:"):compose.index("  minio:")]
+    redis = compose[compose.index("  redis:") : compose.index("  minio:")]
     assert "--requirepass" in redis and '"--appendonly", "yes"' in redis
     assert "redis://:${REDIS_PASSWORD:?" in compose
     for manifest in ("api.yaml", "workers.yaml"):
@@ -182,16 +194,19 @@ def test_api_and_worker_refuse_to_start_without_their_bucket(tmp_path, s3_url, r
     import boto3
 
     s = _stack(tmp_path, redis_server(persist=True), s3_url, STEMS_STARTUP_WAIT_S="2")
-    boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").delete_bucket(Bucket=s.env["S3_BUCKET"])
+    boto3.client(
+        "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    ).delete_bucket(Bucket=s.env["S3_BUCKET"])
     try:
         from stems.stack import api_proc, worker_proc
 
         api = api_proc(s.env, s.port, tmp_path / "api.log").start()
         worker = worker_proc(s.env, "cpu", "prod", tmp_path / "worker.log").start()
         s.procs += [api, worker]
-        line = ("refusing to start in production: storage: storage is unavailable (bucket missing): the bucket does "
-                "not exist; the operator should create it or correct S3_BUCKET")
+        line = (
+            "refusing to start in production: storage: storage is unavailable (bucket missing): the bucket does "
+            "not exist; the operator should create it or correct S3_BUCKET"
+        )
         for proc, who in ((api, "stems api"), (worker, "stems worker")):
             _refuses(proc, f"{who}: {line}", "still so after 2 s")
     finally:

@@ -1,6 +1,7 @@
 """Routing: each job runs on a worker that serves its preset's queue and holds its chain; a pool scaled to
 zero (infra/k8s/workers.yaml: minReplicaCount 0) still takes its presets' jobs, counted on its load list
 (what KEDA reads), and its next worker runs them."""
+
 from __future__ import annotations
 
 import time
@@ -45,8 +46,10 @@ def test_each_job_runs_on_the_worker_of_its_queue(two_workers, tmp_path):
         assert presets["phantom_center"]["queue"] == "cpu"
         assert not presets["6_tracks"]["available"]
         aid = upload(c, path)["audio_id"]
-        jobs = {p: c.post("/create-stems", json={"preset": p, "audio_id": aid}).json()["creation_id"]
-                for p in ("phantom_center", "4_tracks", "2_tracks", "phantom_center")}
+        jobs = {
+            p: c.post("/create-stems", json={"preset": p, "audio_id": aid}).json()["creation_id"]
+            for p in ("phantom_center", "4_tracks", "2_tracks", "phantom_center")
+        }
         for preset, job_id in jobs.items():
             status = wait_for(c, f"/status/stem_split/{job_id}", {"complete", "failed"}, 180)
             assert status["status"] == "complete", status

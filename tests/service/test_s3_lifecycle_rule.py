@@ -7,6 +7,7 @@ object under any key the service writes or registers. What a rule may remove is 
 keeps: multipart uploads that were never completed, versions that a deletion made noncurrent, and the
 delete markers left once those are gone.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,18 +39,29 @@ def _matches(rule: dict, key: str, tags: dict[str, str]) -> bool:
 def _kept_keys(settings: Settings) -> list[str]:
     """A key of every kind the service stores or registers, under the deployment's S3 prefix."""
     u, a, j, t, s = "alice", str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex[:8], str(uuid.uuid4())
-    made = [keys.original(u, a), keys.audio_peaks(u, a), keys.stem(u, j, t, s, "wav"), keys.stem(u, j, t, s, "m4a"),
-            keys.stem(u, j, t, s, "peaks.json"), keys.separated(u, j, t, "vocals"),
-            f"{settings.ingest_prefix}{u}/2026/11/track.flac", "partner-drop/granted.flac"]
+    made = [
+        keys.original(u, a),
+        keys.audio_peaks(u, a),
+        keys.stem(u, j, t, s, "wav"),
+        keys.stem(u, j, t, s, "m4a"),
+        keys.stem(u, j, t, s, "peaks.json"),
+        keys.separated(u, j, t, "vocals"),
+        f"{settings.ingest_prefix}{u}/2026/11/track.flac",
+        "partner-drop/granted.flac",
+    ]
     return [settings.s3_prefix.rstrip("/") + "/" + k if settings.s3_prefix else k for k in made]
 
 
-@pytest.mark.parametrize("retention", [
-    {},  # the defaults: 7 days for originals and stems, 30 for records
-    {"retain_originals_s": 0, "retain_stems_s": 0, "retain_records_s": 0},  # keep everything
-    {"retain_originals_s": 90 * 86400, "retain_stems_s": 365 * 86400},  # longer than any fixed number of days
-    {"retain_originals_s": 60, "retain_stems_s": 60, "s3_prefix": "svc/", "ingest_prefix": "drop/"},
-], ids=["defaults", "keep-all", "long", "short-with-prefix"])
+@pytest.mark.parametrize(
+    "retention",
+    [
+        {},  # the defaults: 7 days for originals and stems, 30 for records
+        {"retain_originals_s": 0, "retain_stems_s": 0, "retain_records_s": 0},  # keep everything
+        {"retain_originals_s": 90 * 86400, "retain_stems_s": 365 * 86400},  # longer than any fixed number of days
+        {"retain_originals_s": 60, "retain_stems_s": 60, "s3_prefix": "svc/", "ingest_prefix": "drop/"},
+    ],
+    ids=["defaults", "keep-all", "long", "short-with-prefix"],
+)
 def test_the_rule_never_expires_what_retention_keeps(retention):
     settings = Settings(**retention)
     rules = json.loads(RULES.read_text())["Rules"]
@@ -59,8 +71,9 @@ def test_the_rule_never_expires_what_retention_keeps(retention):
 
 
 def test_s3_accepts_the_rule_and_it_cleans_what_retention_never_keeps(s3_url):
-    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test",
-                      aws_secret_access_key="test")
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    )
     bucket = f"lc{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration=json.loads(RULES.read_text()))

@@ -1,4 +1,5 @@
 """`custom` with SAM Audio installed on a gpu-sam worker: which prompts go to SAM, which to a chain, and the job itself."""
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,23 @@ def sam_stack(tmp_path_factory, redis_url, s3_url):
     tmp = tmp_path_factory.mktemp("sam-stack")
     files = write_random_sam(tmp / "files", MODEL, seed=3)
     sam_models = tmp / "sam-models"
-    subprocess.run([sys.executable, "-m", "stems.cli", "models", "install", MODEL, *map(str, files.values()),
-                    "--params", json.dumps(PARAMS), "--model-dir", str(sam_models)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "models",
+            "install",
+            MODEL,
+            *map(str, files.values()),
+            "--params",
+            json.dumps(PARAMS),
+            "--model-dir",
+            str(sam_models),
+        ],
+        check=True,
+        capture_output=True,
+    )
     s = ServiceStack(tmp, redis_url, s3_url, model_dir=tmp / "cpu-models")
     s.start_api()
     s.start_worker("cpu", "cpu")
@@ -71,24 +87,61 @@ def test_a_sam_job_runs_on_the_sam_worker_and_through_the_cli(sam_stack, song, t
     stack, store = sam_stack
     with stack.client() as c:
         aid = upload(c, song)["audio_id"]
-        r = _create(c, aid, prompt="a dog barking", sam_model=MODEL, stereo_mode="left_right",
-                    selection={"start": 0.1, "end": 0.65}, spans=[{"start": 0.2, "end": 0.3}])
+        r = _create(
+            c,
+            aid,
+            prompt="a dog barking",
+            sam_model=MODEL,
+            stereo_mode="left_right",
+            selection={"start": 0.1, "end": 0.65},
+            spans=[{"start": 0.2, "end": 0.3}],
+        )
         assert r.status_code == 200, r.text
         status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", {"complete", "failed"})
         assert status["status"] == "complete", status
         assert status["models"] == {"target": MODEL, "residual": MODEL}
         assert status["worker"].startswith("sam@")
-        got = {s["name"]: sf.read(io.BytesIO(c.get(s["download"]["wav"]).content), dtype="float32",
-                                  always_2d=True)[0].T for s in status["stems"]}
+        got = {
+            s["name"]: sf.read(io.BytesIO(c.get(s["download"]["wav"]).content), dtype="float32", always_2d=True)[0].T
+            for s in status["stems"]
+        }
     source, _ = A.decode(song, 0.1, 0.65)
-    spec = CustomSpec(prompt="a dog barking", sam_model=MODEL, stereo_mode="left_right",
-                      spans=[TimeRange(start=0.2, end=0.3)])
+    spec = CustomSpec(
+        prompt="a dog barking", sam_model=MODEL, stereo_mode="left_right", spans=[TimeRange(start=0.2, end=0.3)]
+    )
     want = custom.extract(Engine(store), spec, A.ArraySignal(source), SR, None, 0.1, None, lambda: False)
     out = tmp_path / "cli"
-    cli = subprocess.run([sys.executable, "-m", "stems.cli", "split", str(song), "--preset", "custom", "--out", str(out),
-                          "--prompt", "a dog barking", "--sam-model", MODEL, "--stereo-mode", "left_right",
-                          "--selection", "0.1:0.65", "--spans", "0.2:0.3", "--bit-depth", "32",
-                          "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "split",
+            str(song),
+            "--preset",
+            "custom",
+            "--out",
+            str(out),
+            "--prompt",
+            "a dog barking",
+            "--sam-model",
+            MODEL,
+            "--stereo-mode",
+            "left_right",
+            "--selection",
+            "0.1:0.65",
+            "--spans",
+            "0.2:0.3",
+            "--bit-depth",
+            "32",
+            "--model-dir",
+            str(store.root),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr
     assert sorted(cli.stdout.split()) == sorted([str(out / "residual.wav"), MODEL, str(out / "target.wav"), MODEL])
     for stem in ("target", "residual"):

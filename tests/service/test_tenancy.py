@@ -1,5 +1,6 @@
 """Tenancy on both storage backends: a tenant registers only objects under its own ingest prefix (or a
 signed grant), and learns nothing of anyone else's; keys are managed through the `stems keys` CLI."""
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,12 @@ def tenants(backend_stack, tmp_path):
     storage = make_storage(s.settings())
     src = tmp_path / "in.wav"
     src.write_bytes(_wav())
-    objects = {"a": f"ingest/{a}/2026/track.wav", "b": f"ingest/{b}/track.wav", "shared": f"ingest/shared-{a}.wav",
-               "partner": f"partner/{a}/x/track.wav"}
+    objects = {
+        "a": f"ingest/{a}/2026/track.wav",
+        "b": f"ingest/{b}/track.wav",
+        "shared": f"ingest/shared-{a}.wav",
+        "partner": f"partner/{a}/x/track.wav",
+    }
     for key in objects.values():
         storage.put_file(key, src)
     ca, cb = s.client(a), s.client(b)
@@ -57,14 +62,23 @@ def test_a_tenant_registers_only_its_own_prefix(tenants):
     assert asset["status"] == "complete", asset
     job = ca.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"]})
     assert job.status_code == 200
-    assert wait_for(ca, f"/status/stem_split/{job.json()['creation_id']}", {"complete", "failed"})["status"] == "complete"
+    assert (
+        wait_for(ca, f"/status/stem_split/{job.json()['creation_id']}", {"complete", "failed"})["status"] == "complete"
+    )
 
     # tenant B: A's object, A's asset and split, the shared prefix, traversal out of its own prefix: all 404
     missing = _register(cb, f"ingest/{b}/no-such-object.wav")
     assert missing.status_code == 404
-    for key in (objects["a"], objects["shared"], objects["partner"], f"ingest/{b}/../{a}/2026/track.wav",
-                f"/ingest/{a}/2026/track.wav", f"ingest/{b}//../../ingest/{a}/2026/track.wav",
-                f"users/{a}/audio/{asset['audio_id']}/original", f"ingest/{b}"):
+    for key in (
+        objects["a"],
+        objects["shared"],
+        objects["partner"],
+        f"ingest/{b}/../{a}/2026/track.wav",
+        f"/ingest/{a}/2026/track.wav",
+        f"ingest/{b}//../../ingest/{a}/2026/track.wav",
+        f"users/{a}/audio/{asset['audio_id']}/original",
+        f"ingest/{b}",
+    ):
         r = _register(cb, key)
         assert r.status_code == 404, (key, r.text)
         assert r.json() == missing.json(), key  # "not yours" reads exactly like "not there"
@@ -97,7 +111,11 @@ def test_a_signed_grant_opens_one_key_to_one_tenant(tenants):
         (cb, objects["shared"], _grant_under_the_raw_secret(secret, b, objects["shared"])),
         (cb, objects["shared"], _grant_under_the_raw_secret(secret, b, objects["a"])),
         # nor does any value a tenant holds now: a legacy key's webhook secret mints nothing
-        (cb, objects["shared"], mint_grant(legacy_webhook_secret(secret, "key_0123456789abcdef"), b, objects["shared"], 60)),
+        (
+            cb,
+            objects["shared"],
+            mint_grant(legacy_webhook_secret(secret, "key_0123456789abcdef"), b, objects["shared"], 60),
+        ),
         (cb, objects["shared"], mint_grant(legacy_webhook_secret(secret, None), b, objects["shared"], 60)),
         # longer than STEMS_GRANT_MAX_TTL_S: refused where it is used, not only by the CLI that mints
         (cb, objects["shared"], mint_grant(secret, b, objects["shared"], s.settings().grant_max_ttl_s + 3600)),
@@ -145,16 +163,18 @@ def _grant_under_the_raw_secret(secret: str, user: str, key: str) -> str:
     import hashlib
     import hmac
 
-    payload = base64.urlsafe_b64encode(json.dumps({"u": user, "k": key, "e": int(time.time() + 60)},
-                                                  sort_keys=True).encode()).rstrip(b"=")
+    payload = base64.urlsafe_b64encode(
+        json.dumps({"u": user, "k": key, "e": int(time.time() + 60)}, sort_keys=True).encode()
+    ).rstrip(b"=")
     mac = hmac.new(secret.encode(), b"stems-ingest-grant." + payload, hashlib.sha256).hexdigest()
     return f"g1.{payload.decode()}.{mac}"
 
 
 def _cli(s, *args: str) -> subprocess.CompletedProcess:
     env = {**s.env, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "stems.cli", "keys", *args], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "stems.cli", "keys", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_keys_cli_create_list_rotate_revoke_grant(backend_stack):
@@ -200,8 +220,14 @@ def test_keys_cli_create_list_rotate_revoke_grant(backend_stack):
 
 
 def test_settings_table_is_generated_from_the_code():
-    out = subprocess.run([sys.executable, "-m", "stems.cli", "settings"], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "stems.cli", "settings"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
     table = out.stdout.strip()
     doc = (ROOT / "docs" / "deployment.md").read_text()
     assert table and table in doc, "docs/deployment.md's settings table is stale: paste `stems settings` into it"

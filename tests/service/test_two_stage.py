@@ -5,6 +5,7 @@ workers on the CPU queue only, on S3 over HTTP, with Redis and (where one answer
 as the broker. Faults are done for real: whole worker process groups SIGKILLed between the
 stages and during delivery.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,15 +22,20 @@ from tests.support import (
     wait_for,
 )
 
-FAST = {"STEMS_LEASE_S": "4", "STEMS_LEASE_RENEW_S": "1", "STEMS_REAPER_INTERVAL_S": "0.5",
-        "STEMS_ENQUEUE_GRACE_S": "2", "STEMS_CACHE_MAX_BYTES": "0"}
+FAST = {
+    "STEMS_LEASE_S": "4",
+    "STEMS_LEASE_RENEW_S": "1",
+    "STEMS_REAPER_INTERVAL_S": "0.5",
+    "STEMS_ENQUEUE_GRACE_S": "2",
+    "STEMS_CACHE_MAX_BYTES": "0",
+}
 REQUEST = {"hq_streaming_format": "aac", "restoration_params": {"preset": "universal_enhancer", "strength": 0.6}}
 
 
-
 def _stack(tmp_path, redis_url, s3_url, models, broker=None, **env) -> ServiceStack:
-    s = ServiceStack(tmp_path, redis_url, s3_url, model_dir=models, broker=broker, STEMS_CHUNK_SECONDS="5",
-                     **{**FAST, **env})
+    s = ServiceStack(
+        tmp_path, redis_url, s3_url, model_dir=models, broker=broker, STEMS_CHUNK_SECONDS="5", **{**FAST, **env}
+    )
     s.start_api()
     return s
 
@@ -70,7 +76,9 @@ def _waiting_for_delivery(job) -> bool:
 
 
 def _delivering(n: int):
-    return lambda job: job.deliveries >= n and job.attempt_id is not None and job.worker_pid and job.stage != "delivering"
+    return lambda job: (
+        job.deliveries >= n and job.attempt_id is not None and job.worker_pid and job.stage != "delivering"
+    )
 
 
 def _imported(s: ServiceStack, c, song) -> str:
@@ -131,8 +139,9 @@ def test_two_stages_give_the_one_stage_files(tmp_path, redis_url, s3_url, demucs
         s.stop()
 
 
-def test_workers_killed_between_the_stages_and_during_delivery_lose_nothing(tmp_path, redis_url, s3_url,
-                                                                              demucs_models, long_song, broker):
+def test_workers_killed_between_the_stages_and_during_delivery_lose_nothing(
+    tmp_path, redis_url, s3_url, demucs_models, long_song, broker
+):
     s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker)
     try:
         gpu = s.start_worker("gpu-demucs", "gpu")
@@ -167,8 +176,9 @@ def test_workers_killed_between_the_stages_and_during_delivery_lose_nothing(tmp_
         s.stop()
 
 
-def test_cancelling_while_waiting_for_delivery_or_during_it_removes_every_output(tmp_path, redis_url, s3_url,
-                                                                                demucs_models, long_song):
+def test_cancelling_while_waiting_for_delivery_or_during_it_removes_every_output(
+    tmp_path, redis_url, s3_url, demucs_models, long_song
+):
     s = _stack(tmp_path, redis_url, s3_url, demucs_models)
     try:
         s.start_worker("gpu-demucs", "gpu")

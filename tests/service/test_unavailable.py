@@ -16,6 +16,7 @@ The matrix (routes x outages, status and code) is printed even when the test pas
 JSON to $STEMS_MATRIX_OUT when set. With STEMS_MATRIX_RECORD=1 the test records without asserting (how
 the matrix of an older tree is taken: copy this file and tests/tcpproxy.py into its checkout).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,14 +48,27 @@ RECORD_ONLY = os.environ.get("STEMS_MATRIX_RECORD") == "1"
 
 # what answers without any dependency: no key to look up, nothing stored
 NO_DEPENDENCY = {"GET /healthz", "GET /openapi.json", "GET /docs", "GET /"}
-STORAGE = {"POST /from-file", "POST /from-storage", "DELETE /audio/{audio_id}", "DELETE /stem_split/{creation_id}",
-           "GET /download/stem/{stem_id}", "POST /download-archive", "GET /stem/{stem_id}/peaks",
-           "GET /audio/{audio_id}/peaks", "GET /download/mastered/{mastered_id}", "DELETE /mastered/{mastered_id}"}
+STORAGE = {
+    "POST /from-file",
+    "POST /from-storage",
+    "DELETE /audio/{audio_id}",
+    "DELETE /stem_split/{creation_id}",
+    "GET /download/stem/{stem_id}",
+    "POST /download-archive",
+    "GET /stem/{stem_id}/peaks",
+    "GET /audio/{audio_id}/peaks",
+    "GET /download/mastered/{mastered_id}",
+    "DELETE /mastered/{mastered_id}",
+}
 # a batch answers 200 with each item's own answer: its one item says 503 broker_unavailable (see `call`)
 BROKER = {"POST /from-file", "POST /from-link", "POST /from-storage", "POST /create-stems", "POST /master-audio"}
 OUTAGES = ("bucket deleted", "S3 endpoint stopped", "Redis stopped", "broker stopped")
-NEEDS = {"bucket deleted": ("storage_unavailable", STORAGE), "S3 endpoint stopped": ("storage_unavailable", STORAGE),
-         "Redis stopped": ("redis_unavailable", None), "broker stopped": ("broker_unavailable", BROKER)}
+NEEDS = {
+    "bucket deleted": ("storage_unavailable", STORAGE),
+    "S3 endpoint stopped": ("storage_unavailable", STORAGE),
+    "Redis stopped": ("redis_unavailable", None),
+    "broker stopped": ("broker_unavailable", BROKER),
+}
 WALKS = 1 + 2 * len(OUTAGES)  # before, and during and after each outage: each takes its own things to delete
 
 
@@ -98,8 +112,11 @@ def operations(w: World, walk: int) -> dict[str, tuple[str, str, dict]]:
         "GET /status/audio/{audio_id}": ("GET", f"/status/audio/{w.audio_id}", {}),
         "DELETE /audio/{audio_id}": ("DELETE", f"/audio/{w.delete_audio[walk]}", {}),
         "GET /audio/{audio_id}/peaks": ("GET", f"/audio/{w.audio_id}/peaks", {}),
-        "POST /create-stems": ("POST", "/create-stems", {"json": {"preset": "phantom_center", "audio_id": w.audio_id,
-                                                                  "hq_streaming_format": "none"}}),
+        "POST /create-stems": (
+            "POST",
+            "/create-stems",
+            {"json": {"preset": "phantom_center", "audio_id": w.audio_id, "hq_streaming_format": "none"}},
+        ),
         "GET /status/stem_split/{creation_id}": ("GET", f"/status/stem_split/{w.job_id}", {}),
         "GET /stem_split": ("GET", "/stem_split", {"params": {"limit": 5}}),
         "POST /cancel/{creation_id}": ("POST", f"/cancel/{w.cancelled_id}", {}),
@@ -108,8 +125,11 @@ def operations(w: World, walk: int) -> dict[str, tuple[str, str, dict]]:
         "POST /download-archive": ("POST", "/download-archive", {"json": {"creation_id": w.job_id}}),
         "POST /download-links": ("POST", "/download-links", {"json": {"stem_ids": [w.stem_id]}}),
         "GET /stem/{stem_id}/peaks": ("GET", f"/stem/{w.stem_id}/peaks", {}),
-        "POST /create-stems/batch": ("POST", "/create-stems/batch", {"json": {"items": [
-            {"preset": "phantom_center", "audio_id": w.audio_id, "hq_streaming_format": "none"}]}}),
+        "POST /create-stems/batch": (
+            "POST",
+            "/create-stems/batch",
+            {"json": {"items": [{"preset": "phantom_center", "audio_id": w.audio_id, "hq_streaming_format": "none"}]}},
+        ),
         "POST /master-audio": ("POST", "/master-audio", {"json": {"audio_id": w.audio_id}}),
         "GET /status/mastered/{mastered_id}": ("GET", f"/status/mastered/{w.mastered_id}", {}),
         "GET /download/mastered/{mastered_id}": ("GET", f"/download/mastered/{w.mastered_id}", {}),
@@ -165,15 +185,23 @@ class Deps:
         self.broker, self.broker_url = start_redis(tmp / "broker", port=self.broker_port, persist=True)
         self.moto, self.moto_url = start_moto(tmp / "moto.log")
         self.proxy = TcpProxy(int(self.moto_url.rsplit(":", 1)[1]))
-        self.s3 = boto3.client("s3", endpoint_url=self.moto_url, region_name="us-east-1", aws_access_key_id="test",
-                               aws_secret_access_key="test")
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=self.moto_url,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
         self.bucket = ""
         self.kept: dict[str, bytes] = {}
 
     def down(self, outage: str) -> None:
         if outage == "bucket deleted":
-            keys = [o["Key"] for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
-                    for o in page.get("Contents", [])]
+            keys = [
+                o["Key"]
+                for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+                for o in page.get("Contents", [])
+            ]
             self.kept = {k: self.s3.get_object(Bucket=self.bucket, Key=k)["Body"].read() for k in keys}
             for k in keys:
                 self.s3.delete_object(Bucket=self.bucket, Key=k)
@@ -240,8 +268,10 @@ def _records(s: ServiceStack, kind: str, user: str) -> list:
 
 
 def _masterings(s: ServiceStack, user: str) -> list:
-    found = (Masterings(s.store).get(n.decode().rsplit(":", 1)[1])
-             for n in s.store.r.scan_iter(match=s.store.k("mastering", "*")))
+    found = (
+        Masterings(s.store).get(n.decode().rsplit(":", 1)[1])
+        for n in s.store.r.scan_iter(match=s.store.k("mastering", "*"))
+    )
     return [m for m in found if m is not None and m.user_id == user]
 
 
@@ -249,8 +279,9 @@ def idle(s: ServiceStack, user: str, timeout: float = 180) -> str:
     """Wait until every import and split of `user` ended, so nothing writes while a dependency goes down."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        busy = ([f"audio {a.id}" for a in _records(s, "audio", user) if a.status.value == "processing"] +
-                [f"job {j.id}" for j in _records(s, "job", user) if not j.status.terminal])
+        busy = [f"audio {a.id}" for a in _records(s, "audio", user) if a.status.value == "processing"] + [
+            f"job {j.id}" for j in _records(s, "job", user) if not j.status.terminal
+        ]
         busy += [f"mastering {m}" for m in _masterings(s, user) if m.status.value in ("queued", "processing")]
         if not busy:
             return "ok"
@@ -263,8 +294,10 @@ def works(w: World, song_path: Path) -> str:
     try:
         audio = upload(w.c, song_path, timeout=120)
         assert audio["status"] == "complete", audio
-        r = w.c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio["audio_id"],
-                                            "hq_streaming_format": "none"})
+        r = w.c.post(
+            "/create-stems",
+            json={"preset": "phantom_center", "audio_id": audio["audio_id"], "hq_streaming_format": "none"},
+        )
         assert r.status_code == 200, r.text
         done = wait_for(w.c, f"/status/stem_split/{r.json()['creation_id']}", {"complete", "failed"}, 180)
         assert done["status"] == "complete", done
@@ -292,8 +325,13 @@ def table(matrix: dict[str, dict[str, Cell]], columns: list[str]) -> str:
 def test_every_route_answers_503_naming_the_dependency_and_recovers(tmp_path, capsys):
     deps = Deps(tmp_path)
     web = WebServer()
-    s = ServiceStack(tmp_path / "stack", deps.redis_url, deps.proxy.url, STEMS_BROKER_URL=deps.broker_url,
-                     STEMS_RATE_LIMIT_PER_MINUTE="100000")
+    s = ServiceStack(
+        tmp_path / "stack",
+        deps.redis_url,
+        deps.proxy.url,
+        STEMS_BROKER_URL=deps.broker_url,
+        STEMS_RATE_LIMIT_PER_MINUTE="100000",
+    )
     deps.bucket = s.env["S3_BUCKET"]
     matrix: dict[str, dict[str, Cell]] = {}
     notes: dict[str, str] = {}
@@ -314,7 +352,10 @@ def test_every_route_answers_503_naming_the_dependency_and_recovers(tmp_path, ca
         assert all(r.status_code == 200 for r in masterings), [r.text for r in masterings]
         for r in masterings:
             wait_for(w.c, f"/status/mastered/{r.json()['mastered_id']}", {"complete"}, 180)
-        w.mastered_id, w.delete_mastered = masterings[0].json()["mastered_id"], [r.json()["mastered_id"] for r in masterings[1:]]
+        w.mastered_id, w.delete_mastered = (
+            masterings[0].json()["mastered_id"],
+            [r.json()["mastered_id"] for r in masterings[1:]],
+        )
         w.ingest_key = f"ingest/{user}/track.wav"
         deps.s3.put_object(Bucket=deps.bucket, Key=f"{s.env['S3_PREFIX']}/{w.ingest_key}", Body=w.song)
         # splits that end cancelled before the worker sees them (it is frozen meanwhile): what /cancel and
@@ -333,7 +374,9 @@ def test_every_route_answers_503_naming_the_dependency_and_recovers(tmp_path, ca
 
         doc = w.c.get("/openapi.json").json()
         documented = {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m in ops}
-        assert documented <= set(operations(w, 0)), f"operations the walk does not call: {documented - set(operations(w, 0))}"
+        assert documented <= set(operations(w, 0)), (
+            f"operations the walk does not call: {documented - set(operations(w, 0))}"
+        )
 
         matrix["all up"] = walk(w, 0)
         for i, outage in enumerate(OUTAGES):
@@ -358,9 +401,16 @@ def test_every_route_answers_503_naming_the_dependency_and_recovers(tmp_path, ca
         with capsys.disabled():
             print("\n" + report)
         if os.environ.get("STEMS_MATRIX_OUT"):
-            Path(os.environ["STEMS_MATRIX_OUT"]).write_text(json.dumps(
-                {"matrix": {c: {op: vars(cell) for op, cell in col.items()} for c, col in matrix.items()},
-                 "notes": notes, "table": report}, indent=1))
+            Path(os.environ["STEMS_MATRIX_OUT"]).write_text(
+                json.dumps(
+                    {
+                        "matrix": {c: {op: vars(cell) for op, cell in col.items()} for c, col in matrix.items()},
+                        "notes": notes,
+                        "table": report,
+                    },
+                    indent=1,
+                )
+            )
         s.stop()
         web.close()
         deps.close()
@@ -369,8 +419,12 @@ def test_every_route_answers_503_naming_the_dependency_and_recovers(tmp_path, ca
         return
     before = matrix["all up"]
     assert all(cell.status < 400 for cell in before.values()), before
-    ready_code = {"bucket deleted": "storage", "S3 endpoint stopped": "storage", "Redis stopped": "redis",
-                  "broker stopped": "broker"}
+    ready_code = {
+        "bucket deleted": "storage",
+        "S3 endpoint stopped": "storage",
+        "Redis stopped": "redis",
+        "broker stopped": "broker",
+    }
     batch = {o: matrix[o]["POST /create-stems/batch"].code for o in OUTAGES}
     assert batch["broker stopped"] == "broker_unavailable" and batch["bucket deleted"] is None, batch
     for outage in OUTAGES:
@@ -419,26 +473,54 @@ def test_refusals_name_their_reason_and_echo_no_secret(tmp_path, redis_url):
     from tests.blackhole import Server, silent
 
     song = write_audio(tmp_path / "song.wav", tone_mix(1.0, SR), SR).read_bytes()
-    s3_secret, broker_password, redis_password = "s3-secret-" + "x" * 20, "broker-pw-" + "y" * 20, "redis-pw-" + "z" * 20
+    s3_secret, broker_password, redis_password = (
+        "s3-secret-" + "x" * 20,
+        "broker-pw-" + "y" * 20,
+        "redis-pw-" + "z" * 20,
+    )
     moto, moto_url = _moto_enforcing_credentials(tmp_path)
     broker, broker_url = start_redis(tmp_path / "broker", password=broker_password)
     guarded, guarded_url = start_redis(tmp_path / "guarded", password=redis_password)
     hung = Server(silent)
     s = ServiceStack(tmp_path / "stack", redis_url, None)
     bucket = "bucket-" + s.prefix
-    base_env = {**s.env, "STEMS_STORAGE": "s3", "S3_BUCKET": bucket, "AWS_ACCESS_KEY_ID": "AKIANOTISSUED",
-                "AWS_SECRET_ACCESS_KEY": s3_secret, "S3_PREFIX": "svc", "S3_TIMEOUT_S": "1"}
-    secrets = (s3_secret, broker_password, redis_password, bucket, str(int(moto_url.rsplit(":", 1)[1])),
-               str(hung.port), "users/")
+    base_env = {
+        **s.env,
+        "STEMS_STORAGE": "s3",
+        "S3_BUCKET": bucket,
+        "AWS_ACCESS_KEY_ID": "AKIANOTISSUED",
+        "AWS_SECRET_ACCESS_KEY": s3_secret,
+        "S3_PREFIX": "svc",
+        "S3_TIMEOUT_S": "1",
+    }
+    secrets = (
+        s3_secret,
+        broker_password,
+        redis_password,
+        bucket,
+        str(int(moto_url.rsplit(":", 1)[1])),
+        str(hung.port),
+        "users/",
+    )
     procs = []
     try:
         # storage refuses our credentials; the broker refuses its password; Redis is fine
-        proc, base = _api(tmp_path, "denied", {**base_env, "S3_ENDPOINT_URL": moto_url,
-                                               "STEMS_BROKER_URL": broker_url.replace(broker_password, "wrong-password")})
+        proc, base = _api(
+            tmp_path,
+            "denied",
+            {
+                **base_env,
+                "S3_ENDPOINT_URL": moto_url,
+                "STEMS_BROKER_URL": broker_url.replace(broker_password, "wrong-password"),
+            },
+        )
         procs.append(proc)
         with httpx.Client(base_url=base, headers={"x-api-key": s.store.create_key("denied")}, timeout=60) as c:
-            answers = {"ready": c.get("/readyz"), "file": c.post("/from-file", files={"file": ("a.wav", song)}),
-                       "link": c.post("/from-link", json={"url": "http://127.0.0.1:9/a.wav"})}
+            answers = {
+                "ready": c.get("/readyz"),
+                "file": c.post("/from-file", files={"file": ("a.wav", song)}),
+                "link": c.post("/from-link", json={"url": "http://127.0.0.1:9/a.wav"}),
+            }
         ready = answers["ready"].json()["checks"]
         assert answers["ready"].status_code == 503 and ready["redis"] == "ok", ready
         assert ready["storage"].startswith("unavailable: access_denied") and "S3_SECRET_ACCESS_KEY" in ready["storage"]
@@ -453,9 +535,16 @@ def test_refusals_name_their_reason_and_echo_no_secret(tmp_path, redis_url):
         assert broker_password not in log and s3_secret not in log  # the operator's log names hosts, never secrets
 
         # Redis refuses its password; the S3 endpoint accepts connections and never answers
-        proc, base = _api(tmp_path, "hung", {**base_env, "REDIS_URL": guarded_url.replace(redis_password, "wrong-pw"),
-                                             "STEMS_BROKER_URL": redis_url,
-                                             "S3_ENDPOINT_URL": f"http://127.0.0.1:{hung.port}"})
+        proc, base = _api(
+            tmp_path,
+            "hung",
+            {
+                **base_env,
+                "REDIS_URL": guarded_url.replace(redis_password, "wrong-pw"),
+                "STEMS_BROKER_URL": redis_url,
+                "S3_ENDPOINT_URL": f"http://127.0.0.1:{hung.port}",
+            },
+        )
         procs.append(proc)
         with httpx.Client(base_url=base, headers={"x-api-key": "stk_whatever"}, timeout=60) as c:
             answers |= {"usage": c.get("/usage"), "ready2": c.get("/readyz")}
@@ -488,23 +577,43 @@ def test_make_up_says_what_is_not_ready_and_is_up_once_it_is(tmp_path, redis_url
 
     bucket = f"up-{os.urandom(4).hex()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEMS_", "S3_"))}
-    env.update(PYTHONPATH=str(ROOT), REDIS_URL=redis_url, STEMS_KEY_PREFIX=f"up{os.urandom(3).hex()}",
-               STEMS_STORAGE="s3", S3_ENDPOINT_URL=s3_url, S3_BUCKET=bucket, AWS_ACCESS_KEY_ID="test",
-               AWS_SECRET_ACCESS_KEY="test", STEMS_API_PORT=str(free_port()), STEMS_FLOWER_PORT=str(free_port()),
-               STEMS_MODEL_DIR=str(tmp_path / "models"), STEMS_DATA_DIR=str(tmp_path / "data"), STEMS_STARTUP_WAIT_S="3")
+    env.update(
+        PYTHONPATH=str(ROOT),
+        REDIS_URL=redis_url,
+        STEMS_KEY_PREFIX=f"up{os.urandom(3).hex()}",
+        STEMS_STORAGE="s3",
+        S3_ENDPOINT_URL=s3_url,
+        S3_BUCKET=bucket,
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        STEMS_API_PORT=str(free_port()),
+        STEMS_FLOWER_PORT=str(free_port()),
+        STEMS_MODEL_DIR=str(tmp_path / "models"),
+        STEMS_DATA_DIR=str(tmp_path / "data"),
+        STEMS_STARTUP_WAIT_S="3",
+    )
 
     def stack(action: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stems.cli", "stack", action], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=240)
+        return subprocess.run(
+            [sys.executable, "-m", "stems.cli", "stack", action],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
 
     try:
         first = stack("up")
         assert first.returncode == 1, first.stdout + first.stderr
-        assert "warning: storage is unavailable (bucket missing): the bucket does not exist" in first.stdout, first.stdout
+        assert "warning: storage is unavailable (bucket missing): the bucket does not exist" in first.stdout, (
+            first.stdout
+        )
         assert "not ready: storage: unavailable: bucket_missing" in first.stdout, first.stdout
         assert "page " not in first.stdout and "API key" not in first.stdout, first.stdout
-        boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket=bucket)
+        boto3.client(
+            "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+        ).create_bucket(Bucket=bucket)
         second = stack("up")
         assert second.returncode == 0, second.stdout + second.stderr
         assert "warning" not in second.stdout and "page     http://127.0.0.1:" in second.stdout, second.stdout

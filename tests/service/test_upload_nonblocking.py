@@ -5,6 +5,7 @@ The figures come from bench/upload_latency.py (which prints them on its own stac
 shared and loaded, so the bound is generous (p99 < 1 s, where an idle machine shows under 100 ms); an
 upload handled on the event loop stalls every poll for the seconds its hashing and S3 put take.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,9 @@ P99_BOUND_S = 1.0
 @pytest.fixture
 def big_stack(tmp_path, redis_url, s3_url):
     """API only (nothing imports: the upload stays queued), on S3, taking uploads a little over 500 MiB."""
-    s = ServiceStack(tmp_path, redis_url, s3_url, STEMS_MAX_UPLOAD_BYTES=str(SIZE + (1 << 20)),
-                     STEMS_RATE_LIMIT_PER_MINUTE="1000000")
+    s = ServiceStack(
+        tmp_path, redis_url, s3_url, STEMS_MAX_UPLOAD_BYTES=str(SIZE + (1 << 20)), STEMS_RATE_LIMIT_PER_MINUTE="1000000"
+    )
     s.start_api()
     yield s
     s.stop()

@@ -1,4 +1,5 @@
 """What the page needs from the API: peaks, the paginated split list, download links, the page itself."""
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,15 @@ def split(stack, song):
     """One finished phantom_center split: (client, audio status, split status)."""
     with stack.client("webapi") as c:
         asset = upload(c, song)
-        r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": asset["audio_id"],
-                                          "selection": {"start": 0.5, "end": 2.5}, "hq_streaming_format": "mp3"})
+        r = c.post(
+            "/create-stems",
+            json={
+                "preset": "phantom_center",
+                "audio_id": asset["audio_id"],
+                "selection": {"start": 0.5, "end": 2.5},
+                "hq_streaming_format": "mp3",
+            },
+        )
         assert r.status_code == 200, r.text
         status = wait_for(c, f"/status/stem_split/{r.json()['creation_id']}", {"complete", "failed", "cancelled"})
         assert status["status"] == "complete", status
@@ -40,8 +48,12 @@ def split(stack, song):
 def minmax(audio: np.ndarray, spp: int) -> np.ndarray:
     """(points, channels, 2) min and max of runs of `spp` frames, in -1..1."""
     points = -(-audio.shape[1] // spp)
-    return np.array([[[ch[i * spp:(i + 1) * spp].min(), ch[i * spp:(i + 1) * spp].max()] for ch in audio]
-                     for i in range(points)])
+    return np.array(
+        [
+            [[ch[i * spp : (i + 1) * spp].min(), ch[i * spp : (i + 1) * spp].max()] for ch in audio]
+            for i in range(points)
+        ]
+    )
 
 
 def check_peaks(body: dict, audio: np.ndarray) -> None:
@@ -110,9 +122,19 @@ def test_the_split_list_is_the_callers_newest_first_in_pages(stack, song):
 def test_the_cursor_is_exact_when_jobs_share_a_created_at(stack):
     """Jobs made in the same instant still page without a gap or a repeat (ids break the tie)."""
     at = time.time()
-    jobs = [Job(user_id="ties", preset="phantom_center", audio_id="a", source_kind="audio", source_id="a",
-                spec=SplitSpec(preset="phantom_center"), queue="cpu", created_at=at if i < 4 else at - 1)
-            for i in range(6)]
+    jobs = [
+        Job(
+            user_id="ties",
+            preset="phantom_center",
+            audio_id="a",
+            source_kind="audio",
+            source_id="a",
+            spec=SplitSpec(preset="phantom_center"),
+            queue="cpu",
+            created_at=at if i < 4 else at - 1,
+        )
+        for i in range(6)
+    ]
     for job in jobs:
         stack.store.create_job(job, [])
     seen, before = [], None
@@ -142,14 +164,19 @@ def test_download_links_work_without_the_key_for_that_stem_only(stack, split):
         part = anonymous.get(link["url"], headers={"Range": "bytes=0-99"})
         assert part.status_code == 206 and part.content == wav.content[:100]
         token = re.search(r"token=([^&]+)", link["url"]).group(1)
-        for url in (f"/download/stem/{sides['stem_id']}?token={token}",  # another stem
-                    f"/download/stem/{centre['stem_id']}?format=hq&token={token}",  # another format
-                    f"/download/stem/{centre['stem_id']}?token=dl_forged"):
+        for url in (
+            f"/download/stem/{sides['stem_id']}?token={token}",  # another stem
+            f"/download/stem/{centre['stem_id']}?format=hq&token={token}",  # another format
+            f"/download/stem/{centre['stem_id']}?token=dl_forged",
+        ):
             r = anonymous.get(url)
             assert r.status_code == 401 and "download link" in r.json()["detail"], url
         assert anonymous.get(f"/download/stem/{centre['stem_id']}").status_code == 401  # neither key nor token
     hq = c.post("/download-links", json={"stem_ids": [centre["stem_id"], sides["stem_id"]], "format": "hq"})
-    assert hq.status_code == 200 and [link["stem_id"] for link in hq.json()["links"]] == [centre["stem_id"], sides["stem_id"]]
+    assert hq.status_code == 200 and [link["stem_id"] for link in hq.json()["links"]] == [
+        centre["stem_id"],
+        sides["stem_id"],
+    ]
     with stack.client("mallory") as other:
         r = other.post("/download-links", json={"stem_ids": [centre["stem_id"]]})
         assert r.status_code == 404
@@ -163,8 +190,15 @@ def test_the_page_and_its_modules_are_served(stack):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert r.headers["referrer-policy"] == "no-referrer"
-    for module in ("app.js", "api.js", "mixer.js", "waveform.js", "style.css", "vendor/wavesurfer.esm.js",
-                   "vendor/regions.esm.js"):
+    for module in (
+        "app.js",
+        "api.js",
+        "mixer.js",
+        "waveform.js",
+        "style.css",
+        "vendor/wavesurfer.esm.js",
+        "vendor/regions.esm.js",
+    ):
         m = httpx.get(f"{stack.base}/static/{module}")
         assert m.status_code == 200 and len(m.content) > 500, module
     assert "/" not in httpx.get(stack.base + "/openapi.json").json()["paths"]
@@ -183,9 +217,13 @@ def test_openapi_documents_the_new_calls(stack):
 
     doc = httpx.get(stack.base + "/openapi.json").json()
     paths = doc["paths"]
-    assert "get" in paths["/stem_split"] and {p["name"] for p in paths["/stem_split"]["get"]["parameters"]} >= {"limit", "cursor"}
+    assert "get" in paths["/stem_split"] and {p["name"] for p in paths["/stem_split"]["get"]["parameters"]} >= {
+        "limit",
+        "cursor",
+    }
     assert paths["/stem/{stem_id}/peaks"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/Peaks"}
+        "$ref": "#/components/schemas/Peaks"
+    }
     assert "/audio/{audio_id}/peaks" in paths and "/download-links" in paths
     assert "token" in {p["name"] for p in paths["/download/stem/{stem_id}"]["get"]["parameters"]}
     assert "group" in doc["components"]["schemas"]["PresetInfo"]["properties"]
