@@ -33,6 +33,8 @@ from pathlib import Path
 
 import httpx
 
+from stems import rediskeys as K
+
 TERMINAL = {"complete", "failed", "cancelled"}
 
 
@@ -122,7 +124,7 @@ def audit(store, storage, accepted: list[str], prefix: str, seen_terminal: dict[
     reasons: dict[str, int] = {}  # error code -> failed jobs
     if len(set(accepted)) != len(accepted):
         problems.append(f"{len(accepted) - len(set(accepted))} creation_ids were handed out twice")
-    stored_jobs = {k.decode().rsplit(":", 1)[1] for k in store.r.scan_iter(match=f"{prefix}:job:*", count=1000)}
+    stored_jobs = {k.decode().rsplit(":", 1)[1] for k in store.r.scan_iter(match=store.k(K.JOB, "*"), count=1000)}
     extra = stored_jobs - set(accepted)
     if extra:
         problems.append(f"{len(extra)} jobs exist that no client was given: {sorted(extra)[:3]}")
@@ -326,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         end = max(report["finished_at"] or [time.time()])
         complete = report["statuses"].get("complete", 0)
         done_in_window = sum(1 for t in report["finished_at"] if t <= load_end)
-        leftovers = {"queued messages": store.r.llen(f"{prefix}:celery:cpu"), "active jobs": store.active_jobs("bench")}
+        leftovers = {
+            "queued messages": store.r.llen(store.k(K.CELERY, "cpu")),
+            "active jobs": store.active_jobs("bench"),
+        }
         if args.retain > 0:
-            leftovers["job records"] = sum(1 for _ in store.r.scan_iter(match=f"{prefix}:job:*", count=1000))
+            leftovers["job records"] = sum(1 for _ in store.r.scan_iter(match=store.k(K.JOB, "*"), count=1000))
             leftovers["stem objects"] = len(storage.list("users/bench/jobs/"))
             if store.usage("bench")["jobs"] != report["statuses"].get("complete", 0):
                 report["problems"].append(

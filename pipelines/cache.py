@@ -61,12 +61,12 @@ class StepCache:
     def _dir(self, key: str) -> Path:
         return self.root / key[:2] / key
 
-    def get(self, key: str) -> dict[str, FrameFile] | None:
+    def get(self, key: str) -> dict[str, Signal] | None:
         """The entry's sources as open FrameFiles, or None (a miss, or an entry evicted while opening)."""
         entry = self._dir(key)
         try:
             meta = json.loads((entry / "meta.json").read_text())
-            out = {}
+            out: dict[str, Signal] = {}
             for source, info in meta["sources"].items():
                 out[source] = FrameFile(entry / info["file"], peak=info["peak"], digest=info["digest"])
             os.utime(entry / "meta.json")  # least recently *used* goes first

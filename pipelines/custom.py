@@ -23,6 +23,7 @@ from . import audio as A
 from .errors import PresetError
 from .jobspec import CustomSpec, Output, Route, TimeRange
 from .presets import Chain, Preset, load_catalogue
+from .progress import part_of
 
 if TYPE_CHECKING:
     from .engine import Engine, Progress
@@ -42,7 +43,7 @@ def plan(
     sam_model: str,
     stereo_mode: str,
     spans: list[TimeRange],
-    pick: Callable[[Preset], tuple[int, Chain]],
+    pick: Callable[[Preset], tuple[int, Chain | None]],
     sam_available: bool,
 ) -> CustomSpec:
     """Who serves a prompt: the chain of the stem it names, when that chain runs here (or no SAM model
@@ -113,8 +114,8 @@ def by_stereo_mode(mix: A.Signal, mode: str, part: Extractor, progress: Progress
     """Run `part` on what the stereo mode has it hear, and put its outputs back in `mix`'s channel layout."""
     if mix.channels != 2:
         mode = "mono"
-    channels = [A.PickChannel(mix, c) for c in range(mix.channels)]
-    inputs = {
+    channels: list[A.Signal] = [A.PickChannel(mix, c) for c in range(mix.channels)]
+    options: dict[str, list[A.Signal]] = {
         "mono": [mix if mix.channels == 1 else A.Mixed([(c, 1 / mix.channels) for c in channels])],
         "left_right": channels,
         "mid_sides": [
@@ -123,8 +124,9 @@ def by_stereo_mode(mix: A.Signal, mode: str, part: Extractor, progress: Progress
         ]
         if mix.channels == 2
         else [],
-    }[mode]
-    outs = [part(x, progress and (lambda f, m, i=i: progress((i + f) / len(inputs), m))) for i, x in enumerate(inputs)]
+    }
+    inputs = options[mode]
+    outs = [part(x, part_of(progress, i / len(inputs), 1 / len(inputs))) for i, x in enumerate(inputs)]
 
     def layout(signals: list[A.Signal]) -> A.Signal:
         if mode == "mono":
@@ -135,5 +137,5 @@ def by_stereo_mode(mix: A.Signal, mode: str, part: Extractor, progress: Progress
         return A.StackSignal([A.Mixed([(mid, 1.0), (side, 1.0)]), A.Mixed([(mid, 1.0), (side, -1.0)])])
 
     target = layout([t for t, _, _ in outs])
-    residual = None if outs[0][1] is None else layout([r for _, r, _ in outs])
+    residual = None if outs[0][1] is None else layout([r for _, r, _ in outs if r is not None])
     return target, residual, outs[0][2]

@@ -45,9 +45,8 @@ from .errors import Cancelled, PresetError
 from .families.base import Separator
 from .modelstore import ModelStore
 from .presets import MIX, Chain, Preset, load_catalogue
+from .progress import Progress, part_of
 from .registry import ModelSpec, get_spec
-
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -195,9 +194,7 @@ class Engine:
             outs, k = [], len(step.models)
             for j, model_id in enumerate(step.models):  # an ensemble's models one after the other
                 t0 = time.perf_counter()
-                step_progress = progress and (
-                    lambda f, m, p=(i + j / k) / n_steps, k=k: progress(p + f / n_steps / k, m)
-                )
+                step_progress = part_of(progress, (i + j / k) / n_steps, 1 / n_steps / k)
                 outs.append(self.stream_model(model_id, produced[step.input], sr, workdir, step_progress, cancelled))
                 timings[model_id] = timings.get(model_id, 0.0) + time.perf_counter() - t0
             if step.ensemble is None:
@@ -238,13 +235,13 @@ class Engine:
         if spec.channels == 1 and audio.channels > 1:  # mono model: one pass per channel
             per = []
             for c in range(audio.channels):
-                sub = progress and (lambda f, m, c=c: progress((c + f) / audio.channels, m))
+                sub = part_of(progress, c / audio.channels, 1 / audio.channels)
                 per.append(self._run_adapted(sep, spec, A.PickChannel(audio, c), sr, sinks, sub, cancelled))
             out: dict[str, Signal] = {s: A.StackSignal([p[s] for p in per]) for s in spec.sources}
         else:
             out = self._run_adapted(sep, spec, audio, sr, sinks, progress, cancelled)
         self.model_seconds += time.perf_counter() - t0
-        if key is not None:
+        if key is not None and self.cache is not None:
             self.cache.put(key, out)
         return out
 
@@ -289,7 +286,7 @@ class Engine:
         out = self._run_adapted(
             sep, spec, mono, sr, _Sinks(workdir, digest=self.cache is not None), progress, cancelled, blocks
         )
-        if key is not None:
+        if key is not None and self.cache is not None:
             self.cache.put(key, out)
         return _layout(out, audio.channels)
 

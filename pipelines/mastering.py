@@ -320,7 +320,9 @@ class Limiter:
         self.cur = nxt
 
     def _emit(self, nxt: np.ndarray) -> Iterator[np.ndarray]:
-        cur, n = self.cur, self.cur.shape[1]
+        cur = self.cur
+        assert cur is not None  # _emit follows a first block
+        n = cur.shape[1]
         ahead = nxt[:, : self.context]
         pad = (-(n + ahead.shape[1])) % self.FRAME + self.context - ahead.shape[1]
         window = np.concatenate([self.prev, cur, ahead, np.zeros((self.channels, pad))], axis=1)
@@ -426,6 +428,7 @@ def master(
             slope = float(np.clip((result.integrated_lufs - tried[1]) / (gain - tried[0]), 0.1, 1.0))
         tried = (gain, result.integrated_lufs)
         gain = min(gain + miss / slope, MAX_GAIN_DB)
+    assert result is not None  # MAX_RENDERS >= 1
     return MasterReport(p.name, source, result, round(used, 2), round(low, 2), round(high, 2), renders)
 
 

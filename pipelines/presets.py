@@ -65,7 +65,10 @@ class Step(BaseModel):
 
     @property
     def models(self) -> tuple[str, ...]:
-        return self.ensemble.models if self.ensemble is not None else (self.model,)
+        if self.ensemble is not None:
+            return self.ensemble.models
+        assert self.model is not None  # one of the two, by _one_kind
+        return (self.model,)
 
     @property
     def specs(self) -> tuple[ModelSpec, ...]:
@@ -73,7 +76,7 @@ class Step(BaseModel):
 
     @property
     def sources(self) -> tuple[str, ...]:
-        return self.ensemble.sources if self.ensemble is not None else get_spec(self.model).sources
+        return self.ensemble.sources if self.ensemble is not None else get_spec(self.models[0]).sources
 
     @property
     def name(self) -> str:

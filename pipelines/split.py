@@ -100,6 +100,7 @@ def restore(
     engine: Engine, spec: SplitSpec, stem: Output, sr: int, workdir: Path | None, cancelled: Callable[[], bool] = _never
 ) -> Output:
     """The restored copy of a stem: `strength` x restored + (1 - strength) x the stem."""
+    assert spec.restoration is not None  # called only for a spec that asks for restoration
     preset = load_catalogue().restoration(spec.restoration.preset)
     wet = engine.stream_model(preset.model, stem.signal, sr, workdir, cancelled=cancelled)[preset.source]
     s = spec.restoration.strength
@@ -136,7 +137,7 @@ def encode(
     peaks = PeakAccumulator(sr, signal.channels, signal.frames)
     with (
         A.WavWriter(wav, sr, signal.channels, bit_depth) as w,
-        A.HqEncoder(hq, sr, signal.channels, hq_format) if hq else contextlib.nullcontext() as encoder,
+        A.HqEncoder(hq, sr, signal.channels, hq_format) if hq and hq_format else contextlib.nullcontext() as encoder,
     ):
         for _, block in signal.blocks(STORE_BLOCK_S * sr):
             w.write(block)
@@ -144,7 +145,7 @@ def encode(
             if encoder is not None:
                 encoder.write(block)
     peaks_path = peaks.write(dest.with_name(dest.name + ".peaks.json"))
-    if key is not None:
+    if key is not None and cache is not None:
         cache.put_files(key, {"wav": wav, "peaks": peaks_path, **({"hq": hq} if hq is not None else {})})
     return wav, hq, peaks_path
 
@@ -241,7 +242,9 @@ def separate_all(
             cancelled,
         )
         _check(cancelled)
-        items = [(name, None, out) for name, out in stems.items() if wanted is None or name in wanted]
+        items: list[tuple[str, str | None, Output]] = [
+            (name, None, out) for name, out in stems.items() if wanted is None or name in wanted
+        ]
         if restoring:
             for i, (name, _, out) in enumerate(list(items)):
                 _check(cancelled)

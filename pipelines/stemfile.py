@@ -11,6 +11,7 @@ track. Encoding streams: a block of each stem at a time is read, summed and enco
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def write_stem_mp4(dest: Path, stems: dict[str, Path], bit_rate: int = AAC_BIT_R
                 if n == 0:
                     break
                 blocks = [np.pad(b, ((0, 0), (0, n - b.shape[1]))) for b in blocks]
-                for stream, data in zip(tracks, [sum(blocks)] + blocks):
+                for stream, data in zip(tracks, [functools.reduce(np.add, blocks), *blocks]):
                     frame = av.AudioFrame.from_ndarray(
                         np.ascontiguousarray(np.clip(data, -1, 1)), format="fltp", layout="stereo"
                     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from stems import rediskeys as K
+
 from .models import Job, JobStatus
 
 SAMPLES = 20  # kept per chain and per queue: recent enough to follow a change of hardware
@@ -40,7 +42,7 @@ def record(store, pipe, job: Job) -> None:
     if not seconds or not job.audio_seconds:
         return
     sample = json.dumps({"s_per_audio_s": round(seconds / job.audio_seconds, 5), "audio_s": job.audio_seconds})
-    for key in (store.k("speed", chain_key(job.queue, job.preset, job.spec.chain_index)), store.k("speed", job.queue)):
+    for key in (store.k(K.SPEED, chain_key(job.queue, job.preset, job.spec.chain_index)), store.k(K.SPEED, job.queue)):
         pipe.lpush(key, sample)
         pipe.ltrim(key, 0, SAMPLES - 1)
 
@@ -54,7 +56,7 @@ class Speed:
 
 def speed(store, queue: str, preset: str, chain_index: int | None) -> Speed:
     for source, key in (("chain", chain_key(queue, preset, chain_index)), ("queue", queue)):
-        raw = store.r.lrange(store.k("speed", key), 0, -1)
+        raw = store.r.lrange(store.k(K.SPEED, key), 0, -1)
         if raw:
             values = sorted(json.loads(v)["s_per_audio_s"] for v in raw)
             return Speed(values[len(values) // 2], source, len(values))
@@ -76,7 +78,7 @@ def estimate(
     store, queue: str, preset: str, chain_index: int | None, audio_seconds: float, job: Job | None = None
 ) -> dict:
     """`eta_s` of a job (an existing queued or running one, or one about to be queued) and what it rests on."""
-    ids = [i.decode() for i in store.r.lrange(store.k("load", queue), 0, MAX_AHEAD - 1)]
+    ids = [i.decode() for i in store.r.lrange(store.k(K.LOAD, queue), 0, MAX_AHEAD - 1)]
     if job is not None:
         ids = ids[: ids.index(job.id)] if job.id in ids else []  # only the jobs queued before it
     cache: dict = {}

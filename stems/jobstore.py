@@ -20,12 +20,14 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from pydantic import BaseModel
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
+
+from stems import rediskeys as K
 
 from .models import USER_ID, AudioAsset, Job, Stem, StemStatus
 from .runstore import RunStore
@@ -156,10 +158,12 @@ API_RETRIES = 5  # about 2 to 3 s: a request answers 503 with Retry-After rather
 
 class JobStore(RunStore):
     _url: str | None = None
-    _probe: redis.Redis | None = None
+    _probe: Any = None  # a StoreClient without retries, made on first use
 
     def __init__(self, client: redis.Redis, prefix: str = "stems") -> None:
-        self.r = client
+        # typed Any: redis-py declares every reply as a union of sync and async, bytes and str, while this
+        # client is synchronous and answers bytes
+        self.r: Any = client
         self.p = prefix
 
     @classmethod
@@ -175,12 +179,13 @@ class JobStore(RunStore):
             retry=retry,
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        client.where = f"Redis at {redact_url(url)}"
         store = cls(client, prefix)
+        store.r.where = f"Redis at {redact_url(url)}"
         store._url = url
         return store
 
     def k(self, *parts: str) -> str:
+        """The key `{prefix}:{name}:{parts...}`; the name is one of stems/rediskeys.py."""
         return ":".join((self.p, *parts))
 
     # -- API keys ----------------------------------------------------------------
@@ -193,17 +198,19 @@ class JobStore(RunStore):
         digest = hash_key(api_key)
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(
-            self.k("apikey", digest), mapping={"user_id": user_id, "webhook_secret": secret, "created_at": time.time()}
+            self.k(K.APIKEY, digest), mapping={"user_id": user_id, "webhook_secret": secret, "created_at": time.time()}
         )
-        pipe.hset(self.k("keyids"), key_id_of(api_key), digest)
+        pipe.hset(self.k(K.KEYIDS), key_id_of(api_key), digest)
         pipe.execute()
         return IssuedKey(key_id=key_id_of(api_key), user_id=user_id, api_key=api_key, webhook_secret=secret)
 
     def create_key(self, user_id: str) -> str:
-        return self.issue_key(user_id).api_key
+        api_key = self.issue_key(user_id).api_key
+        assert api_key is not None  # a new key comes with its secret once
+        return api_key
 
     def user_for_key(self, api_key: str) -> str | None:
-        user = self.r.hget(self.k("apikey", hash_key(api_key)), "user_id")
+        user = self.r.hget(self.k(K.APIKEY, hash_key(api_key)), "user_id")
         return user.decode() if user else None
 
     # -- download links ----------------------------------------------------------
@@ -212,13 +219,13 @@ class JobStore(RunStore):
         seconds, while the API key `key_id` that asked for it lives; only its sha256 is stored, as for API keys."""
         token = "dl_" + secrets.token_urlsafe(24)
         grant = json.dumps({"user_id": user_id, "key_id": key_id, "stem_id": stem_id, "format": fmt})
-        self.r.set(self.k("download_token", hash_key(token)), grant, ex=ttl_s)
+        self.r.set(self.k(K.DOWNLOAD_TOKEN, hash_key(token)), grant, ex=ttl_s)
         return token
 
     def download_grant(self, token: str) -> dict | None:
         """{user_id, key_id, stem_id, format} of a live download token; None for an unknown or expired one, or
         one whose API key was revoked since (a revoked key's links stop with it)."""
-        raw = self.r.get(self.k("download_token", hash_key(token)))
+        raw = self.r.get(self.k(K.DOWNLOAD_TOKEN, hash_key(token)))
         grant = json.loads(raw) if raw else None
         if grant is None or not grant.get("key_id") or self.key_by_id(grant["key_id"]) is None:
             return None
@@ -228,7 +235,7 @@ class JobStore(RunStore):
         return self._key_record(hash_key(api_key))
 
     def _key_record(self, digest: str) -> KeyRecord | None:
-        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k("apikey", digest)).items()}
+        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k(K.APIKEY, digest)).items()}
         if "user_id" not in raw:
             return None
         return KeyRecord(
@@ -239,23 +246,23 @@ class JobStore(RunStore):
         )
 
     def _digest(self, key_id: str) -> str | None:
-        found = self.r.hget(self.k("keyids"), key_id)
+        found = self.r.hget(self.k(K.KEYIDS), key_id)
         if found:
             return found.decode()
         if not (key_id.startswith("key_") and len(key_id) == 20):
             return None
         # a key made before the index existed: find it once, then index it
-        names = list(self.r.scan_iter(match=self.k("apikey", key_id[4:] + "*"), count=1000))
+        names = list(self.r.scan_iter(match=self.k(K.APIKEY, key_id[4:] + "*"), count=1000))
         if len(names) != 1:
             return None
         digest = names[0].decode().rsplit(":", 1)[1]
-        self.r.hset(self.k("keyids"), key_id, digest)
+        self.r.hset(self.k(K.KEYIDS), key_id, digest)
         return digest
 
     def list_keys(self) -> list[KeyRecord]:
         """Every API key (an operator's listing: SCAN is fine for the keys a deployment has)."""
         digests = sorted(
-            n.decode().rsplit(":", 1)[1] for n in self.r.scan_iter(match=self.k("apikey", "*"), count=1000)
+            n.decode().rsplit(":", 1)[1] for n in self.r.scan_iter(match=self.k(K.APIKEY, "*"), count=1000)
         )
         return [rec for d in digests if (rec := self._key_record(d))]
 
@@ -269,22 +276,22 @@ class JobStore(RunStore):
         if digest is None:
             return False
         pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.k("apikey", digest))
-        pipe.hdel(self.k("keyids"), key_id)
+        pipe.delete(self.k(K.APIKEY, digest))
+        pipe.hdel(self.k(K.KEYIDS), key_id)
         return bool(pipe.execute()[0])
 
     def rotate_webhook_secret(self, key_id: str) -> IssuedKey | None:
         """A new webhook secret for the key; the old one stops signing at once."""
-        rec = self.key_by_id(key_id)
-        if rec is None:
+        rec, digest = self.key_by_id(key_id), self._digest(key_id)
+        if rec is None or digest is None:  # unknown, or revoked in between
             return None
         secret = "whsec_" + secrets.token_urlsafe(32)
-        self.r.hset(self.k("apikey", self._digest(key_id)), "webhook_secret", secret)
+        self.r.hset(self.k(K.APIKEY, digest), "webhook_secret", secret)
         return IssuedKey(key_id=rec.key_id, user_id=rec.user_id, webhook_secret=secret)
 
     def count_request(self, user_id: str, window: int, ttl_s: int = 120) -> int:
         """Requests of `user_id` in the rate-limit window `window` so far, this one included."""
-        key = self.k("rate", user_id, str(window))
+        key = self.k(K.RATE, user_id, str(window))
         count = self.r.incr(key)
         if count == 1:
             self.r.expire(key, ttl_s)
@@ -295,36 +302,36 @@ class JobStore(RunStore):
         raw = self.r.get(self.k(kind, id_))
         return model.model_validate_json(raw) if raw else None
 
-    def _put(self, kind: str, rec: BaseModel, pipe=None) -> None:
+    def _put(self, kind: str, rec: AudioAsset | Job | Stem, pipe=None) -> None:
         (pipe or self.r).set(self.k(kind, rec.id), rec.model_dump_json())
 
     def get_asset(self, id_: str) -> AudioAsset | None:
-        return self._get("audio", AudioAsset, id_)
+        return self._get(K.AUDIO, AudioAsset, id_)
 
     def put_asset(self, asset: AudioAsset, also: Callable[[object], None] | None = None) -> None:
         """Create (or overwrite) an asset record; retention counts from its `created_at`; `also(pipe)` adds writes
         to the same transaction."""
         pipe = self.r.pipeline(transaction=True)
-        self._put("audio", asset, pipe)
+        self._put(K.AUDIO, asset, pipe)
         for phase in ("original", "asset"):
-            pipe.zadd(self.k("retain", phase), {asset.id: asset.created_at})
+            pipe.zadd(self.k(K.RETAIN, phase), {asset.id: asset.created_at})
         if also is not None:
             also(pipe)
         pipe.execute()
 
     def update_asset(self, asset: AudioAsset) -> bool:
         """Write an asset that exists; False (nothing written) if it was deleted meanwhile."""
-        return bool(self.r.set(self.k("audio", asset.id), asset.model_dump_json(), xx=True))
+        return bool(self.r.set(self.k(K.AUDIO, asset.id), asset.model_dump_json(), xx=True))
 
     def get_job(self, id_: str) -> Job | None:
-        return self._get("job", Job, id_)
+        return self._get(K.JOB, Job, id_)
 
     def get_stem(self, id_: str) -> Stem | None:
-        return self._get("stem", Stem, id_)
+        return self._get(K.STEM, Stem, id_)
 
     def put_stem(self, stem: Stem) -> bool:
         """Update a stem record of `create_job`; False (nothing written) if its job was deleted meanwhile."""
-        return bool(self.r.set(self.k("stem", stem.id), stem.model_dump_json(), xx=True))
+        return bool(self.r.set(self.k(K.STEM, stem.id), stem.model_dump_json(), xx=True))
 
     def _get_many(self, kind: str, model: type[T], ids: list[str]) -> list[T]:
         """The records of `ids` that exist, in order, in one round trip."""
@@ -333,25 +340,25 @@ class JobStore(RunStore):
         return [model.model_validate_json(r) for r in self.r.mget([self.k(kind, i) for i in ids]) if r]
 
     def get_stems(self, ids: list[str]) -> list[Stem]:
-        return self._get_many("stem", Stem, ids)
+        return self._get_many(K.STEM, Stem, ids)
 
     def get_assets(self, ids: list[str]) -> list[AudioAsset]:
-        return self._get_many("audio", AudioAsset, ids)
+        return self._get_many(K.AUDIO, AudioAsset, ids)
 
     def get_jobs(self, ids: list[str]) -> list[Job]:
-        return self._get_many("job", Job, ids)
+        return self._get_many(K.JOB, Job, ids)
 
     def create_job(self, job: Job, stems: list[Stem], also: Callable[[object], None] | None = None) -> None:
         """Job and its stem records in one transaction: all visible, or none; `also(pipe)` adds writes to it."""
         pipe = self.r.pipeline(transaction=True)
         for s in stems:
-            self._put("stem", s, pipe)
-        self._put("job", job, pipe)
-        pipe.sadd(self.k("active", job.user_id), job.id)
-        pipe.zadd(self.k("user_jobs", job.user_id), {job.id: job.created_at})
-        pipe.sadd(self.k("asset_jobs", job.audio_id), job.id)
+            self._put(K.STEM, s, pipe)
+        self._put(K.JOB, job, pipe)
+        pipe.sadd(self.k(K.ACTIVE, job.user_id), job.id)
+        pipe.zadd(self.k(K.USER_JOBS, job.user_id), {job.id: job.created_at})
+        pipe.sadd(self.k(K.ASSET_JOBS, job.audio_id), job.id)
         if job.output_bytes:
-            pipe.hset(self.k("pending_bytes", job.user_id), job.id, job.output_bytes)
+            pipe.hset(self.k(K.PENDING_BYTES, job.user_id), job.id, job.output_bytes)
         self.index_job(pipe, None, job)
         if also is not None:
             also(pipe)
@@ -363,7 +370,7 @@ class JobStore(RunStore):
         Members of one score come in descending id order, so a cursor is exact even when two jobs
         share a created_at.
         """
-        key = self.k("user_jobs", user_id)
+        key = self.k(K.USER_JOBS, user_id)
         if before is None:
             rows = self.r.zrevrange(key, 0, limit - 1, withscores=True)
         else:
@@ -399,7 +406,7 @@ class JobStore(RunStore):
         return job if changed else None
 
     def _transact(self, job_id: str, fn, also) -> tuple[Job | None, bool]:
-        key = self.k("job", job_id)
+        key = self.k(K.JOB, job_id)
         with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -415,12 +422,12 @@ class JobStore(RunStore):
                     pipe.multi()
                     pipe.set(key, new.model_dump_json())
                     if new.status.terminal:
-                        pipe.srem(self.k("active", new.user_id), new.id)
-                        pipe.hdel(self.k("pending_bytes", new.user_id), new.id)
+                        pipe.srem(self.k(K.ACTIVE, new.user_id), new.id)
+                        pipe.hdel(self.k(K.PENDING_BYTES, new.user_id), new.id)
                         if not job.status.terminal:  # retention of stems and records counts from here
                             ended = new.finished_at or time.time()
-                            pipe.zadd(self.k("retain", "stems"), {new.id: ended})
-                            pipe.zadd(self.k("retain", "job"), {new.id: ended})
+                            pipe.zadd(self.k(K.RETAIN, "stems"), {new.id: ended})
+                            pipe.zadd(self.k(K.RETAIN, "job"), {new.id: ended})
                     self.index_job(pipe, job, new)
                     if also is not None:
                         also(pipe, new)
@@ -430,17 +437,17 @@ class JobStore(RunStore):
                     continue
 
     def active_jobs(self, user_id: str) -> int:
-        return self.r.scard(self.k("active", user_id))
+        return self.r.scard(self.k(K.ACTIVE, user_id))
 
     def pending_output_bytes(self, user_id: str) -> int:
         """Estimated output of the user's queued and running jobs together."""
-        return sum(int(v) for v in self.r.hvals(self.k("pending_bytes", user_id)))
+        return sum(int(v) for v in self.r.hvals(self.k(K.PENDING_BYTES, user_id)))
 
     def asset_job_ids(self, audio_id: str) -> list[str]:
-        return sorted(i.decode() for i in self.r.smembers(self.k("asset_jobs", audio_id)))
+        return sorted(i.decode() for i in self.r.smembers(self.k(K.ASSET_JOBS, audio_id)))
 
     def forget_asset_job(self, audio_id: str, job_id: str) -> None:
-        self.r.srem(self.k("asset_jobs", audio_id), job_id)
+        self.r.srem(self.k(K.ASSET_JOBS, audio_id), job_id)
 
     # -- deletion ------------------------------------------------------------------
     def delete_job_records(self, job: Job, tombstone: bool = True) -> None:
@@ -451,19 +458,19 @@ class JobStore(RunStore):
         stay (billing). With `tombstone`, `gone:{id}` remembers the deletion for a while.
         """
         pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.k("job", job.id), *(self.k("stem", s) for s in job.stem_ids + job.upscaled_ids))
-        pipe.srem(self.k("active", job.user_id), job.id)
-        pipe.srem(self.k("asset_jobs", job.audio_id), job.id)
-        pipe.hdel(self.k("pending_bytes", job.user_id), job.id)
-        pipe.zrem(self.k("user_jobs", job.user_id), job.id)  # the per-user listing (web page)
-        pipe.lrem(self.k("load", job.queue), 0, job.id)  # the run indexes (stems.runstore)
-        pipe.zrem(self.k("outbox"), f"split:{job.id}")
-        pipe.zrem(self.k("leases"), job.id)
-        pipe.zrem(self.k("deadlines"), job.id)
-        pipe.delete(self.k("webhook", job.id), self.k("tries", "webhook", job.id))
+        pipe.delete(self.k(K.JOB, job.id), *(self.k(K.STEM, s) for s in job.stem_ids + job.upscaled_ids))
+        pipe.srem(self.k(K.ACTIVE, job.user_id), job.id)
+        pipe.srem(self.k(K.ASSET_JOBS, job.audio_id), job.id)
+        pipe.hdel(self.k(K.PENDING_BYTES, job.user_id), job.id)
+        pipe.zrem(self.k(K.USER_JOBS, job.user_id), job.id)  # the per-user listing (web page)
+        pipe.lrem(self.k(K.LOAD, job.queue), 0, job.id)  # the run indexes (stems.runstore)
+        pipe.zrem(self.k(K.OUTBOX), f"split:{job.id}")
+        pipe.zrem(self.k(K.LEASES), job.id)
+        pipe.zrem(self.k(K.DEADLINES), job.id)
+        pipe.delete(self.k(K.WEBHOOK, job.id), self.k(K.TRIES, "webhook", job.id))
         self.owe_cleanup(pipe, job.id, job.user_id, time.time())  # its objects: removed by the caller, else the reaper
         for phase in RETAIN_PHASES:
-            pipe.zrem(self.k("retain", phase), job.id)
+            pipe.zrem(self.k(K.RETAIN, phase), job.id)
         if tombstone:
             self._bury(pipe, "job", job.id, job.user_id)
         pipe.execute()
@@ -473,24 +480,24 @@ class JobStore(RunStore):
         removes them next, and settles; if it dies first, the reaper does, after OBJECTS_GRACE_S)."""
         pipe = self.r.pipeline(transaction=True)
         self.owe_objects(pipe, asset.stored_keys, time.time() + OBJECTS_GRACE_S)
-        pipe.delete(self.k("audio", asset.id), self.k("tries", "import", asset.id))
-        pipe.zrem(self.k("outbox"), f"import:{asset.id}")
+        pipe.delete(self.k(K.AUDIO, asset.id), self.k(K.TRIES, "import", asset.id))
+        pipe.zrem(self.k(K.OUTBOX), f"import:{asset.id}")
         for phase in RETAIN_PHASES:
-            pipe.zrem(self.k("retain", phase), asset.id)
+            pipe.zrem(self.k(K.RETAIN, phase), asset.id)
         if tombstone:
             self._bury(pipe, "audio", asset.id, asset.user_id)
         pipe.execute()
 
     def _bury(self, pipe, kind: str, id_: str, user_id: str) -> None:
         pipe.set(
-            self.k("gone", id_),
+            self.k(K.GONE, id_),
             json.dumps({"kind": kind, "user_id": user_id, "deleted_at": time.time()}),
             ex=TOMBSTONE_TTL_S,
         )
 
     def deleted(self, id_: str) -> dict | None:
         """The tombstone of a deleted audio or job (kept for a day past the Idempotency-Key window)."""
-        raw = self.r.get(self.k("gone", id_))
+        raw = self.r.get(self.k(K.GONE, id_))
         return json.loads(raw) if raw else None
 
     # A stem expires in three idempotent steps, each safe to repeat by the next sweep if the sweeper dies:
@@ -517,37 +524,37 @@ class JobStore(RunStore):
     # -- retention -------------------------------------------------------------------
     def due(self, phase: str, before: float, limit: int = 500) -> list[str]:
         """Ids whose retention clock in `phase` started before `before` (oldest first)."""
-        return [i.decode() for i in self.r.zrangebyscore(self.k("retain", phase), "-inf", before, start=0, num=limit)]
+        return [i.decode() for i in self.r.zrangebyscore(self.k(K.RETAIN, phase), "-inf", before, start=0, num=limit)]
 
     def done_with(self, phase: str, id_: str) -> None:
-        self.r.zrem(self.k("retain", phase), id_)
+        self.r.zrem(self.k(K.RETAIN, phase), id_)
 
     def try_lock(self, name: str, ttl_s: float) -> str | None:
         """A token if this caller now holds the lock `name` (for `ttl_s` at most), else None."""
         token = secrets.token_hex(8)
-        return token if self.r.set(self.k("lock", name), token, nx=True, px=int(ttl_s * 1000)) else None
+        return token if self.r.set(self.k(K.LOCK, name), token, nx=True, px=int(ttl_s * 1000)) else None
 
     def unlock(self, name: str, token: str) -> None:
-        self.r.eval(_RELEASE_LOCK, 1, self.k("lock", name), token)
+        self.r.eval(_RELEASE_LOCK, 1, self.k(K.LOCK, name), token)
 
     def memory_used(self) -> int:
         return int(self.r.info("memory")["used_memory"])
 
     # -- cancellation, usage, idempotency, webhooks ------------------------------
     def request_cancel(self, job_id: str) -> None:
-        self.r.set(self.k("cancel", job_id), "1", ex=7 * 86400)
+        self.r.set(self.k(K.CANCEL, job_id), "1", ex=7 * 86400)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.r.exists(self.k("cancel", job_id)))
+        return bool(self.r.exists(self.k(K.CANCEL, job_id)))
 
     def usage(self, user_id: str) -> dict:
-        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k("usage", user_id)).items()}
+        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k(K.USAGE, user_id)).items()}
         return {"minutes": round(float(raw.get("minutes", 0)), 4), "jobs": int(raw.get("jobs", 0))}
 
     def live_workers(self, ttl_s: float = 20.0) -> list[dict]:
         """Reports of workers that beat within the last `ttl_s` seconds (see workers.heartbeat)."""
         now = time.time()
-        reports = [json.loads(v) for v in self.r.hvals(self.k("workers"))]
+        reports = [json.loads(v) for v in self.r.hvals(self.k(K.WORKERS))]
         return [r for r in reports if now - r["ts"] < ttl_s]
 
     def ping(self) -> None:

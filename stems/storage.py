@@ -247,21 +247,21 @@ TRANSIENT = {
 }
 
 
-def _client_error(exc: BaseException):
+def _client_error(exc: BaseException | None):
     """The botocore ClientError behind `exc` (boto3's S3UploadFailedError wraps one), or None."""
     from botocore.exceptions import ClientError
 
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, ClientError):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    seen, cause = 0, exc  # a cause is an exception or None
+    while cause is not None and seen < 8:
+        if isinstance(cause, ClientError):
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return None
 
 
-def classify(exc: BaseException) -> tuple[str | None, bool]:
-    """(reason, whether another try may help) of an exception an S3 call raised. Reason None: an object that is
-    not there ("missing": a key), or not a storage failure at all ("" : a bug of ours, raised as it is)."""
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """(reason, whether another try may help) of an exception an S3 call raised. Besides the storage failures:
+    "missing", an object that is not there, and "", not a storage failure at all (a bug of ours, raised as is)."""
     from botocore.exceptions import (
         BotoCoreError,
         ConnectTimeoutError,

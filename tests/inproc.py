@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 from pipelines.jobspec import SplitSpec
+from stems import rediskeys as K
 from stems.jobstore import JobStore
 from stems.models import AssetStatus, AudioAsset, Job, Stem
 from stems.settings import Settings
@@ -85,4 +86,4 @@ def api_client(ctx):
 
 
 def load_list(store: JobStore, queue: str) -> list[str]:
-    return [i.decode() for i in store.r.lrange(store.k("load", queue), 0, -1)]
+    return [i.decode() for i in store.r.lrange(store.k(K.LOAD, queue), 0, -1)]

@@ -22,6 +22,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Exchange, Queue
 
 from pipelines.presets import load_catalogue
+from stems import rediskeys as K
 from stems.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 # Redis hands an unacknowledged message out again after this: the lease drops such a
                 # duplicate of a running split, but keep it above the longest job to spare the delivery
                 "visibility_timeout": s.visibility_timeout_s,
-                "global_keyprefix": f"{s.key_prefix}:celery:",
+                "global_keyprefix": f"{s.key_prefix}:{K.CELERY}:",
             },
         )
     return app
@@ -129,8 +130,8 @@ def broker_failure(exc: BaseException) -> str:
     import redis
     from kombu.exceptions import OperationalError
 
-    names = []
-    seen = exc
+    names: list[BaseException] = []
+    seen: BaseException | None = exc
     while seen is not None and len(names) < 8:
         names.append(seen)
         seen = seen.__cause__ or seen.__context__

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -184,7 +184,7 @@ class OnnxSpecSeparator(Separator):
         if len(files) != 1:
             raise ChainError(f"model {spec.id!r} needs exactly one .onnx file, got {sorted(files)}", model_id=spec.id)
         self.path = next(iter(files.values()))
-        self.session = None
+        self.session: Any = None  # an onnxruntime.InferenceSession once set up
 
     # -- loading -------------------------------------------------------------------
     def setup(self, device: str = "cpu") -> None:
@@ -284,9 +284,10 @@ class OnnxSpecSeparator(Separator):
     def _sources(self, est: np.ndarray, audio: A.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
         if self.p.output == "multi":
             return dict(zip(self.outputs, est))
-        primary = est[0]
-        other = next(s for s in self.spec.sources if s != self.p.primary)
-        return {self.p.primary: primary, other: (audio.read(lo, hi) - primary).astype(np.float32)}
+        primary, name = est[0], self.p.primary
+        assert name is not None  # a single-output model names its primary source (checked when loaded)
+        other = next(s for s in self.spec.sources if s != name)
+        return {name: primary, other: (audio.read(lo, hi) - primary).astype(np.float32)}
 
     def _forward(self, spec: np.ndarray) -> np.ndarray:
         """The network on (batch, channels, dim_f, frames) complex spectrograms.

@@ -74,6 +74,7 @@ class SamAudioSeparator(Separator):
         # (its sanitize and load_weights) but refuse a checkpoint that leaves a parameter unset.
         model.processor = _processor(config)
         raw = mx.load(str(weights_file))
+        assert isinstance(raw, dict)  # a safetensors file loads as a dict of arrays
         weights = model.sanitize(raw)
         _check_covers(model, weights, weights_file, self.spec.id, skip="wm_model")
         offset = zero_video_offset(raw)
@@ -287,7 +288,9 @@ def shift_anchors(anchors: list[Anchor], lo: float, hi: float) -> list[Anchor]:
 def _shapes(module) -> dict[str, tuple]:
     from mlx.utils import tree_flatten
 
-    return {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+    flat = tree_flatten(module.parameters())
+    assert isinstance(flat, list)  # of (dotted name, array): no destination given
+    return {k: tuple(v.shape) for k, v in flat}
 
 
 def _check_covers(module, weights: dict, path: Path, model_id: str, skip: str | None = None) -> None:

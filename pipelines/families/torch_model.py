@@ -15,7 +15,7 @@ from .base import Separator
 
 
 def _at_least_one(v: int | str) -> int | str:
-    if v != "auto" and v < 1:
+    if isinstance(v, int) and v < 1:
         raise ValueError("batch must be at least 1")
     return v
 

@@ -7,6 +7,7 @@ import uuid
 import httpx
 import pytest
 
+from stems import rediskeys as K
 from tests.support import tone_mix, upload, write_audio
 
 SR = 44100
@@ -106,7 +107,7 @@ def test_source_must_finish_importing(stack, tmp_path):
         with open(path, "rb") as f:
             audio_id = c.post("/from-file", files={"file": ("x.wav", f)}).json()["audio_id"]
         stack.store.r.set(
-            stack.store.k("audio", audio_id),
+            stack.store.k(K.AUDIO, audio_id),
             stack.store.get_asset(audio_id).model_copy(update={"status": "processing"}).model_dump_json(),
         )
         r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio_id})

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from api.budget import estimate
+from stems import rediskeys as K
 from stems.models import AssetStatus, AudioAsset
 from stems.storage import keys
 from tests.support import ServiceStack
@@ -44,7 +45,7 @@ def _asset(s: ServiceStack, user: str, seconds: float, sr: int = 44100, channels
 
 
 def _jobs(s: ServiceStack) -> int:
-    return sum(1 for _ in s.store.r.scan_iter(match=s.store.k("job", "*"), count=1000))
+    return sum(1 for _ in s.store.r.scan_iter(match=s.store.k(K.JOB, "*"), count=1000))
 
 
 def test_estimate_counts_every_file():

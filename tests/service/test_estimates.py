@@ -13,6 +13,7 @@ import time
 import pytest
 
 from api import budget
+from stems import rediskeys as K
 from stems.models import JobStatus
 from tests.support import ServiceStack, asset_record, wait_for
 
@@ -92,7 +93,7 @@ def test_queued_jobs_carry_eta_from_the_queue_ahead_then_the_measured_speed(idle
             )
             assert r.status_code == 200, r.text
             jobs.append(r.json()["creation_id"])
-        ahead = [j for j in store.r.lrange(store.k("load", "cpu"), 0, -1)]
+        ahead = [j for j in store.r.lrange(store.k(K.LOAD, "cpu"), 0, -1)]
         earlier = sum(
             store.get_job(j.decode()).audio_seconds
             for j in ahead
@@ -136,7 +137,7 @@ def test_completed_jobs_measure_the_speed_the_next_estimate_uses(idle, tmp_path)
             ratios.append(job.timings["run_s"] / job.audio_seconds)
         kept = [
             json.loads(v)["s_per_audio_s"]
-            for v in idle.store.r.lrange(idle.store.k("speed", "cpu:phantom_center:0"), 0, -1)
+            for v in idle.store.r.lrange(idle.store.k(K.SPEED, "cpu:phantom_center:0"), 0, -1)
         ]
         assert kept[:3] == pytest.approx(ratios[::-1], rel=1e-3)
         est = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio, "dry_run": True}).json()

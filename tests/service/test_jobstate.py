@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
+from stems import rediskeys as K
 from stems.jobstore import JobStore
 from stems.models import DELIVERY_QUEUE, JobStatus, StemStatus
 from stems.storage import keys
@@ -292,7 +293,7 @@ def test_cancel_racing_a_delivery_keeps_the_stems(two_stage_ctx, song):
     delivery_ctx = replace(ctx, store=other)
 
     def deliver_now():
-        other.r.delete(other.k("cancel", job.id))  # the delivery passed its last check before the flag was set
+        other.r.delete(other.k(K.CANCEL, job.id))  # the delivery passed its last check before the flag was set
         run_delivery(job.id, delivery_ctx, "cpu1")
         assert other.get_job(job.id).status == JobStatus.complete
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.jobspec import SplitSpec
+from stems import rediskeys as K
 from stems.jobstore import JobStore
 from stems.lifecycle import delete_job, run_locked, sweep
 from stems.models import AssetStatus, AudioAsset, Job, JobStatus, Stem, StemStatus
@@ -73,6 +74,12 @@ def test_delete_audio_after_split_removes_everything(lc, song):
         )
         usage = c.get("/usage").json()
         assert usage["jobs"] == 2
+        # with an audio, two jobs, their stems, a key, usage and leases written: each key's name is one of
+        # stems/rediskeys.py (the one place a name is spelled)
+        head = lc.store.k("")
+        named = {v for n, v in vars(K).items() if n.isupper()}
+        written = {k.decode()[len(head) :].split(":")[0] for k in lc.store.r.scan_iter(match=lc.store.k("*"))}
+        assert written and written <= named, written - named
 
         r = c.delete(f"/audio/{aid}")
         assert r.status_code == 204, r.text

@@ -23,6 +23,7 @@ import pytest
 import soundfile as sf
 from scipy import signal as sps
 
+from stems import rediskeys as K
 from stems.client import ApiError, Client
 from stems.jobstore import JobStore
 from stems.lifecycle import sweep
@@ -317,7 +318,7 @@ def test_a_worker_killed_mid_mastering_loses_nothing(tmp_path, redis_url, s3_url
                 os.kill(child, signal.SIGKILL)
             done = wait_for(c, f"/status/mastered/{mid}", TERMINAL, 240)
             assert done["status"] == "complete", done
-            assert int(s.store.r.get(s.store.k("tries", "master", mid))) == 2
+            assert int(s.store.r.get(s.store.k(K.TRIES, "master", mid))) == 2
             assert s.objects(f"users/killed/jobs/{mid}/") == [f"users/killed/jobs/{mid}/mastered.wav"]
             assert c.get("/usage").json()["minutes"] == pytest.approx(2.5, abs=1e-3)  # counted once
             assert not s.store.owes("master", mid)

@@ -20,6 +20,7 @@ import pytest
 import soundfile as sf
 
 from pipelines.presets import load_catalogue
+from stems import rediskeys as K
 from stems.models import AssetStatus, AudioAsset
 from stems.purpose_keys import legacy_webhook_secret
 from stems.storage import keys
@@ -44,7 +45,7 @@ def _count(s: ServiceStack, kind: str) -> int:
 
 def _queued(s: ServiceStack, queue: str = "cpu") -> int:
     """Messages waiting in a Celery queue of the stack (the broker keys share the stack's prefix)."""
-    return s.store.r.llen(f"{s.prefix}:celery:{queue}")
+    return s.store.r.llen(s.store.k(K.CELERY, queue))
 
 
 def _ready_audio(s: ServiceStack, user: str, seconds: float = 3.0) -> str:
@@ -126,11 +127,11 @@ MALFORMED_LINKS = [
 def test_link_scheme_and_form_refused(guarded, url):
     """Every malformed link is a 422 invalid_link naming the field, from /from-link and from a callback_url."""
     with guarded.client("ssrf") as c:
-        before = _count(guarded, "audio")
+        before = _count(guarded, K.AUDIO)
         r = c.post("/from-link", json={"url": url})
         assert r.status_code == 422, (url, r.text)
         assert r.json()["code"] == "invalid_link" and r.json()["field"] == "url", r.text
-        assert _count(guarded, "audio") == before
+        assert _count(guarded, K.AUDIO) == before
 
 
 @pytest.mark.parametrize(
@@ -167,12 +168,32 @@ def test_link_scheme_and_form_refused(guarded, url):
 )
 def test_link_to_non_public_address_refused(guarded, web, host):
     with guarded.client("ssrf") as c:
-        before = _count(guarded, "audio")
+        before = _count(guarded, K.AUDIO)
         r = c.post("/from-link", json={"url": f"http://{host}:{web.port}/a.wav"})
         assert r.status_code == 422, (host, r.text)
         assert r.json()["code"] == "invalid_link" and "non-public" in r.json()["detail"]
-        assert _count(guarded, "audio") == before
+        assert _count(guarded, K.AUDIO) == before
     assert not web.requests("GET", "/a.wav")  # never connected
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("::ffff:8.8.8.8", True),  # an IPv4-mapped address is judged as its IPv4 address: this was an AttributeError
+        ("::ffff:10.0.0.1", False),
+        ("::ffff:169.254.169.254", False),
+        ("fec0::1", False),
+        ("2001:4860:4860::8888", True),
+        ("8.8.8.8", True),
+        ("fe80::1%eth0", False),
+    ],
+)
+def test_an_address_is_judged_public_or_not_without_raising(address, public):
+    """A link whose host resolves to a public IPv4-mapped IPv6 address raised AttributeError in the check (an
+    IPv4 address has no `is_site_local`): /from-link and a callback_url answered 500 for it."""
+    from stems.netfetch import _public
+
+    assert _public(address) is public
 
 
 def test_host_name_resolving_to_private_address_refused(guarded, web):
@@ -294,7 +315,7 @@ def test_api_keys_are_stored_hashed(stack):
     assert seen > 10
     from stems.jobstore import hash_key
 
-    assert r.hget(stack.store.k("apikey", hash_key(key)), "user_id") == b"hashed-user"
+    assert r.hget(stack.store.k(K.APIKEY, hash_key(key)), "user_id") == b"hashed-user"
 
 
 # -- rate limit and quota -------------------------------------------------------------
@@ -323,13 +344,13 @@ def test_active_job_quota_is_429_and_queues_nothing(idle):
     with idle.client("quota") as c:
         audio_id = _ready_audio(idle, "quota")
         body = {"preset": "phantom_center", "audio_id": audio_id}
-        jobs, queued = _count(idle, "job"), _queued(idle)
+        jobs, queued = _count(idle, K.JOB), _queued(idle)
         accepted = [c.post("/create-stems", json=body) for _ in range(3)]
         assert [r.status_code for r in accepted] == [200] * 3
         r = c.post("/create-stems", json=body)
         assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
         assert 1 <= int(r.headers["retry-after"]) <= 60
-        assert _count(idle, "job") == jobs + 3 and _queued(idle) == queued + 3  # nothing for the refused one
+        assert _count(idle, K.JOB) == jobs + 3 and _queued(idle) == queued + 3  # nothing for the refused one
         assert idle.store.active_jobs("quota") == 3
         with idle.client("quota-other") as other:  # the quota is per user
             assert (
@@ -381,17 +402,17 @@ def test_usage_grows_by_processed_minutes(stack, tmp_path):
 def test_idempotent_upload(idle):
     data, other = _wav(1.0), _wav(1.5)
     with idle.client("idem") as c:
-        assets, queued = _count(idle, "audio"), _queued(idle)
+        assets, queued = _count(idle, K.AUDIO), _queued(idle)
         first = c.post("/from-file", files={"file": ("a.wav", data)}, headers={"Idempotency-Key": "up-1"})
         again = c.post("/from-file", files={"file": ("renamed.wav", data)}, headers={"Idempotency-Key": "up-1"})
         assert first.status_code == again.status_code == 200, (first.text, again.text)
         assert first.json()["audio_id"] == again.json()["audio_id"]
-        assert _count(idle, "audio") == assets + 1 and _queued(idle) == queued + 1
+        assert _count(idle, K.AUDIO) == assets + 1 and _queued(idle) == queued + 1
         r = c.post("/from-file", files={"file": ("a.wav", other)}, headers={"Idempotency-Key": "up-1"})
         assert r.status_code == 409 and "different request body" in r.text
         fresh = c.post("/from-file", files={"file": ("a.wav", data)}, headers={"Idempotency-Key": "up-2"})
         assert fresh.json()["audio_id"] != first.json()["audio_id"]
-        assert _count(idle, "audio") == assets + 2 and _queued(idle) == queued + 2
+        assert _count(idle, K.AUDIO) == assets + 2 and _queued(idle) == queued + 2
     with idle.client("idem-other") as c:  # keys are per user: the same key is a new request for another user
         r = c.post("/from-file", files={"file": ("a.wav", data)}, headers={"Idempotency-Key": "up-1"})
         assert r.status_code == 200 and r.json()["audio_id"] != first.json()["audio_id"]
@@ -401,12 +422,12 @@ def test_idempotent_create_stems(idle):
     with idle.client("idem-split") as c:
         audio_id = _ready_audio(idle, "idem-split")
         body = {"preset": "phantom_center", "audio_id": audio_id, "selection": {"start": 0.5, "end": 2.0}}
-        jobs, queued = _count(idle, "job"), _queued(idle)
+        jobs, queued = _count(idle, K.JOB), _queued(idle)
         first = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split-1"})
         again = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split-1"})
         assert first.status_code == again.status_code == 200
         assert first.json() == again.json()
-        assert _count(idle, "job") == jobs + 1 and _queued(idle) == queued + 1
+        assert _count(idle, K.JOB) == jobs + 1 and _queued(idle) == queued + 1
         r = c.post("/create-stems", json={**body, "bit_depth": 16}, headers={"Idempotency-Key": "split-1"})
         assert r.status_code == 409 and r.json()["code"] == "conflict"
         # a refused request does not burn its key: the same key with a valid body is accepted later
@@ -421,7 +442,7 @@ def test_idempotent_create_stems(idle):
         assert c.post("/create-stems", json=body).status_code == 429
         replay = c.post("/create-stems", json=body, headers={"Idempotency-Key": "split-1"})
         assert replay.status_code == 200 and replay.json() == first.json()
-        assert _count(idle, "job") == jobs + 3 and _queued(idle) == queued + 3
+        assert _count(idle, K.JOB) == jobs + 3 and _queued(idle) == queued + 3
         assert c.post("/create-stems", json=body, headers={"Idempotency-Key": "x" * 256}).status_code == 422
 
 
@@ -517,7 +538,7 @@ def test_a_key_without_its_own_secret_signs_with_a_value_for_it_alone(guarded, g
     """A key made before keys had their own secret: its webhooks are signed with a value derived for that key
     (never the server secret, which also signed grants: #19), until `stems keys rotate` gives it its own."""
     c, issued = guarded.keyed_client("hooked")
-    guarded.store.r.hdel(guarded.store.k("apikey", guarded.store._digest(issued.key_id)), "webhook_secret")
+    guarded.store.r.hdel(guarded.store.k(K.APIKEY, guarded.store._digest(issued.key_id)), "webhook_secret")
     assert guarded.store.key_by_id(issued.key_id).webhook_secret is None  # as such keys are stored
     server = guarded.settings().secret_key
     legacy = legacy_webhook_secret(server, issued.key_id)
@@ -576,7 +597,7 @@ def test_webhook_gives_up_after_the_configured_attempts(guarded, guarded_audio, 
     ],
 )
 def test_callback_to_private_address_refused_at_create(guarded, guarded_audio, web, callback):
-    jobs = _count(guarded, "job")
+    jobs = _count(guarded, K.JOB)
     with guarded.client("hooked") as c:
         r = c.post(
             "/create-stems",
@@ -587,12 +608,12 @@ def test_callback_to_private_address_refused_at_create(guarded, guarded_audio, w
             },
         )
     assert r.status_code == 422 and r.json()["code"] == "invalid_link", r.text
-    assert _count(guarded, "job") == jobs
+    assert _count(guarded, K.JOB) == jobs
 
 
 @pytest.mark.parametrize("callback", MALFORMED_LINKS + ["http://[fec0::1]/hook"])
 def test_malformed_callback_url_is_422_naming_the_field(guarded, guarded_audio, callback):
-    jobs = _count(guarded, "job")
+    jobs = _count(guarded, K.JOB)
     with guarded.client("hooked") as c:
         r = c.post(
             "/create-stems", json={"preset": "phantom_center", "audio_id": guarded_audio, "callback_url": callback}
@@ -603,7 +624,7 @@ def test_malformed_callback_url_is_422_naming_the_field(guarded, guarded_audio, 
         assert r.json()["field"] == "callback_url", r.text  # the malformed ones: by the schema, before any handler
         r = c.post("/from-link", json={"url": "https://example.com/a.wav", "callback_url": callback})
         assert r.status_code == 422 and r.json()["field"] == "callback_url", (callback, r.text)
-    assert _count(guarded, "job") == jobs
+    assert _count(guarded, K.JOB) == jobs
 
 
 # -- isolation --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import boto3
 import httpx
 import pytest
 
+from stems import rediskeys as K
 from stems.masterings import Masterings
 from stems.redisboot import free_port, start_redis
 from tests.support import (
@@ -242,7 +243,7 @@ def _stop(proc) -> None:
 def audit(s: ServiceStack, user: str) -> list[str]:
     """What storage and the records disagree on, for `user`: objects without records, records without objects."""
     objects = set(s.objects(f"users/{user}/"))
-    assets, jobs = _records(s, "audio", user), _records(s, "job", user)
+    assets, jobs = _records(s, K.AUDIO, user), _records(s, K.JOB, user)
     asset_ids, job_ids = {a.id for a in assets}, {j.id for j in jobs}
     masters = Masterings(s.store)
     problems = []
@@ -262,7 +263,7 @@ def audit(s: ServiceStack, user: str) -> list[str]:
 
 
 def _records(s: ServiceStack, kind: str, user: str) -> list:
-    get = s.store.get_asset if kind == "audio" else s.store.get_job
+    get = s.store.get_asset if kind == K.AUDIO else s.store.get_job
     found = (get(n.decode().rsplit(":", 1)[1]) for n in s.store.r.scan_iter(match=s.store.k(kind, "*")))
     return [r for r in found if r is not None and r.user_id == user]
 
@@ -270,7 +271,7 @@ def _records(s: ServiceStack, kind: str, user: str) -> list:
 def _masterings(s: ServiceStack, user: str) -> list:
     found = (
         Masterings(s.store).get(n.decode().rsplit(":", 1)[1])
-        for n in s.store.r.scan_iter(match=s.store.k("mastering", "*"))
+        for n in s.store.r.scan_iter(match=s.store.k(K.MASTERING, "*"))
     )
     return [m for m in found if m is not None and m.user_id == user]
 
@@ -279,8 +280,8 @@ def idle(s: ServiceStack, user: str, timeout: float = 180) -> str:
     """Wait until every import and split of `user` ended, so nothing writes while a dependency goes down."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        busy = [f"audio {a.id}" for a in _records(s, "audio", user) if a.status.value == "processing"] + [
-            f"job {j.id}" for j in _records(s, "job", user) if not j.status.terminal
+        busy = [f"audio {a.id}" for a in _records(s, K.AUDIO, user) if a.status.value == "processing"] + [
+            f"job {j.id}" for j in _records(s, K.JOB, user) if not j.status.terminal
         ]
         busy += [f"mastering {m}" for m in _masterings(s, user) if m.status.value in ("queued", "processing")]
         if not busy:
