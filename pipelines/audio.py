@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import av
 import numpy as np
@@ -83,7 +84,7 @@ def probe(path: Path, max_seconds: float | None = None) -> AudioInfo:
                 samples += frame.samples
                 sample_rate = frame.sample_rate
                 channels = len(frame.layout.channels)
-                if limit is not None and samples > limit:
+                if limit is not None and max_seconds is not None and samples > limit:
                     raise _too_long(None, max_seconds)
         except av.error.FFmpegError as exc:
             raise AudioError(f"corrupt or truncated audio: {exc}") from exc
@@ -328,7 +329,9 @@ class HqEncoder:
         self._resampler = StreamResampler(sample_rate, self.rate, channels) if self.rate != sample_rate else None
         self._out = av.open(str(path), "w", format=container_fmt)
         try:
-            self._stream = self._out.add_stream(codec, rate=self.rate, layout=self.layout)
+            self._stream = cast(
+                "av.audio.stream.AudioStream", self._out.add_stream(codec, rate=self.rate, layout=self.layout)
+            )
             if bit_rate:
                 self._stream.bit_rate = bit_rate
             self._av_resampler = av.AudioResampler(
@@ -636,8 +639,8 @@ class FrameWriter:
         data = np.ascontiguousarray(block.T, dtype="<f4")
         self.peak = max(self.peak, float(np.max(np.abs(data))))
         if self._hash is not None:
-            self._hash.update(data)
-        self._f.write(data)
+            self._hash.update(data.data)
+        self._f.write(data.data)
         self.written += data.shape[0]
 
     def close(self) -> FrameFile:
@@ -699,7 +702,7 @@ def content_digest(signal: Signal) -> str:
     if signal.digest is None:
         h = hashlib.sha256()
         for _, block in signal.blocks():
-            h.update(np.ascontiguousarray(block.T, dtype="<f4"))
+            h.update(np.ascontiguousarray(block.T, dtype="<f4").data)
         signal.digest = h.hexdigest()
     return signal.digest
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 
 def _settings():
@@ -160,7 +161,8 @@ def cmd_models_bench(args) -> int:
         return 2
     record = getattr(sep, "backend_record", None)
     if record is None:  # params.backend is explicit, or the model cannot run on ONNX Runtime here
-        print(f"{args.model_id} runs on {sep.backend}, not measured: {sep.backend_reason or 'params.backend'}")
+        backend, reason = getattr(sep, "backend", None), getattr(sep, "backend_reason", None)
+        print(f"{args.model_id} runs on {backend}, not measured: {reason or 'params.backend'}")
         return 0
     print(f"{args.model_id} on {machine.describe()}: {record.summary()}")
     return 0
@@ -256,7 +258,7 @@ def cmd_presets(args) -> int:
             dsp = all(get_spec(m).family == "dsp" for m in chain.model_ids)
             status = "served by  " + "+".join(chain.model_ids) + ("  (DSP fallback: no trained model)" if dsp else "")
         except PresetError as exc:
-            missing = [m for m in exc.fields["missing_models"] if m not in skipped]
+            missing = [m for m in cast(list, exc.fields["missing_models"]) if m not in skipped]
             status = (
                 "missing    " + ", ".join(missing) if missing else f"refused    no chain's licence allows {use} use"
             )
@@ -279,6 +281,7 @@ def cmd_remote_split(args) -> int:
     """Split files on a stems server through the Python client; prints `path<TAB>made_by` per stem."""
     from tqdm import tqdm
 
+    from api.schemas import BatchItemError, StemsEstimate, StemsQueued
     from pipelines.errors import StemsError
     from pipelines.jobspec import Selection
 
@@ -328,18 +331,20 @@ def cmd_remote_split(args) -> int:
                         "selection": selection,
                     }
                 )
+            answers: list[StemsQueued | StemsEstimate | BatchItemError]
             if len(bodies) == 1:
-                jobs = [client.create_stems(**bodies[0])]
+                answers = [client.create_stems(**bodies[0])]
             else:  # one call queues them all, each checked as if sent alone
-                jobs = client.create_stems_batch(bodies)
-                refused = [(f, j) for f, j in zip(args.files, jobs) if j.status == "error"]
+                answers = client.create_stems_batch(bodies)
+                refused = [(f, j) for f, j in zip(args.files, answers) if isinstance(j, BatchItemError)]
                 for file, j in refused:
                     print(f"error: {file}: {j.detail} ({j.code})", file=sys.stderr)
                 if refused:
-                    for j in jobs:
-                        if j.status != "error":
-                            client.cancel(j.creation_id)
+                    for answer in answers:
+                        if isinstance(answer, StemsQueued):
+                            client.cancel(answer.creation_id)
                     return 2
+            jobs = [j for j in answers if isinstance(j, StemsQueued)]  # no dry runs here
             for file, job in zip(args.files, jobs):
                 dest = out if len(jobs) == 1 else out / Path(file).stem
                 with tqdm(total=100, unit="%", desc=f"{args.preset} {Path(file).name}", file=sys.stderr) as bar:
@@ -403,6 +408,7 @@ def cmd_remote_master(args) -> int:
         except (ApiError, JobFailed, OSError) as exc:
             return _remote_failed(exc)
     m = done.measured
+    assert m is not None  # a complete mastering reports its measurement
     print(
         f"{out}\t{m.integrated_lufs:.2f} LUFS\t{m.true_peak_dbtp:.2f} dBTP\tLRA {m.loudness_range_lu:.2f} LU\t"
         f"{done.mastered_id}"
@@ -452,11 +458,14 @@ def cmd_worker(args) -> int:
 
 
 def cmd_settings(args) -> int:
+    from pydantic import AliasChoices
+
     from .settings import Settings
 
     print("| variable | default | meaning |\n|---|---|---|")
     for name, field in Settings.model_fields.items():
-        env = field.validation_alias.choices[0] if field.validation_alias else name.upper()
+        alias = field.validation_alias
+        env = alias.choices[0] if isinstance(alias, AliasChoices) else alias if isinstance(alias, str) else name.upper()
         default = field.get_default(call_default_factory=True)
         print(f"| `{env}` | `{default if default not in (None, '') else ''}` | {field.description or ''} |")
     return 0

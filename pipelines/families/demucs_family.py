@@ -46,7 +46,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -131,8 +131,9 @@ class _StoreRepo(ModelOnlyRepo):
             raise ModelLoadingError(f"checkpoint {sig!r} is not among the model's files {sorted(self._models)}")
         return load_model(self._models[sig])
 
-    def list_model(self) -> dict[str, Path]:
-        return dict(self._models)
+    def list_model(self) -> dict[str, str | Path]:
+        models: dict[str, str | Path] = dict(self._models)
+        return models
 
 
 def signature(file_name: str) -> str:
@@ -177,7 +178,7 @@ def load_demucs(name: str, files: dict[str, Path]):
     return model.eval()
 
 
-class DemucsSeparator(TorchSeparator):
+class DemucsSeparator(TorchSeparator[DemucsParams]):
     """One demucs model or bag, loaded once by `setup` and run on whole tracks by `apply_model`."""
 
     Params, family = DemucsParams, "demucs"
@@ -389,7 +390,7 @@ class DemucsSeparator(TorchSeparator):
         if weights is None:
             out = streams[0].take(lo, hi)
         else:  # as apply_model's BagOfModels branch, in the same order of operations
-            estimates: float | torch.Tensor = 0.0
+            estimates: Any = 0.0  # a tensor once the first member is added
             totals = [0.0] * len(self.model.sources)
             for stream, model_weights in zip(streams, weights):
                 member = stream.take(lo, hi)[None]

