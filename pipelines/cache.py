@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .audio import FrameFile, FrameWriter, Signal
+from .signals import FrameFile, FrameWriter, Signal
 
 ENGINE_VERSION = "2"
 _STALE_TMP_S = 3600.0  # a temporary entry this old belongs to a writer that died

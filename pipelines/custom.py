@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import audio as A
+from . import signals as S
 from .errors import PresetError
 from .jobspec import CustomSpec, Output, Route, TimeRange
 from .presets import Chain, Preset, load_catalogue
@@ -35,7 +35,7 @@ NO_ROUTE = (
 )
 
 # (target, the model's own residual or None, made_by) of one channel-signal
-Extractor = Callable[[A.Signal, "Progress | None"], tuple[A.Signal, "A.Signal | None", str]]
+Extractor = Callable[[S.Signal, "Progress | None"], tuple[S.Signal, "S.Signal | None", str]]
 
 
 def plan(
@@ -78,7 +78,7 @@ def span_anchors(spans, offset: float = 0.0) -> list[tuple[str, float, float]]:
 def extract(
     engine: Engine,
     custom: CustomSpec,
-    mix: A.Signal,
+    mix: S.Signal,
     sr: int,
     workdir: Path | None,
     offset: float,
@@ -90,37 +90,37 @@ def extract(
     if route is None:
         anchors = span_anchors(custom.spans, offset)
 
-        def part(x: A.Signal, sub) -> tuple[A.Signal, A.Signal | None, str]:
+        def part(x: S.Signal, sub) -> tuple[S.Signal, S.Signal | None, str]:
             out = engine.stream_prompted(custom.sam_model, x, sr, workdir, custom.prompt, anchors, sub, cancelled)
             return out["target"], out["residual"], custom.sam_model
     else:
 
-        def part(x: A.Signal, sub) -> tuple[A.Signal, A.Signal | None, str]:
+        def part(x: S.Signal, sub) -> tuple[S.Signal, S.Signal | None, str]:
             result = engine.run_stream(route.preset, x, sr, workdir, route.chain_index, sub, cancelled)
             stems = [result.stems[s] for s in route.stems]
-            return (stems[0] if len(stems) == 1 else A.SumSignal(stems)), None, result.made_by[route.stems[0]]
+            return (stems[0] if len(stems) == 1 else S.SumSignal(stems)), None, result.made_by[route.stems[0]]
 
     target, residual, made_by = by_stereo_mode(mix, custom.stereo_mode, part, progress)
     if residual is None:  # a routed chain: spans gate the target, the residual is what is left of the source
         if custom.spans:
-            target = A.Gated(
+            target = S.Gated(
                 target, [(round((s.start - offset) * sr), round((s.end - offset) * sr)) for s in custom.spans]
             )
-        residual = A.Mixed([(mix, 1.0), (target, -1.0)])
+        residual = S.Mixed([(mix, 1.0), (target, -1.0)])
     return {"target": Output(target, made_by), "residual": Output(residual, made_by)}
 
 
-def by_stereo_mode(mix: A.Signal, mode: str, part: Extractor, progress: Progress | None):
+def by_stereo_mode(mix: S.Signal, mode: str, part: Extractor, progress: Progress | None):
     """Run `part` on what the stereo mode has it hear, and put its outputs back in `mix`'s channel layout."""
     if mix.channels != 2:
         mode = "mono"
-    channels: list[A.Signal] = [A.PickChannel(mix, c) for c in range(mix.channels)]
-    options: dict[str, list[A.Signal]] = {
-        "mono": [mix if mix.channels == 1 else A.Mixed([(c, 1 / mix.channels) for c in channels])],
+    channels: list[S.Signal] = [S.PickChannel(mix, c) for c in range(mix.channels)]
+    options: dict[str, list[S.Signal]] = {
+        "mono": [mix if mix.channels == 1 else S.Mixed([(c, 1 / mix.channels) for c in channels])],
         "left_right": channels,
         "mid_sides": [
-            A.Mixed([(channels[0], 0.5), (channels[1], 0.5)]),
-            A.Mixed([(channels[0], 0.5), (channels[1], -0.5)]),
+            S.Mixed([(channels[0], 0.5), (channels[1], 0.5)]),
+            S.Mixed([(channels[0], 0.5), (channels[1], -0.5)]),
         ]
         if mix.channels == 2
         else [],
@@ -128,13 +128,13 @@ def by_stereo_mode(mix: A.Signal, mode: str, part: Extractor, progress: Progress
     inputs = options[mode]
     outs = [part(x, part_of(progress, i / len(inputs), 1 / len(inputs))) for i, x in enumerate(inputs)]
 
-    def layout(signals: list[A.Signal]) -> A.Signal:
+    def layout(signals: list[S.Signal]) -> S.Signal:
         if mode == "mono":
-            return A.ChannelsSignal(signals[0], mix.channels)
+            return S.ChannelsSignal(signals[0], mix.channels)
         if mode == "left_right":
-            return A.StackSignal(signals)
+            return S.StackSignal(signals)
         mid, side = signals
-        return A.StackSignal([A.Mixed([(mid, 1.0), (side, 1.0)]), A.Mixed([(mid, 1.0), (side, -1.0)])])
+        return S.StackSignal([S.Mixed([(mid, 1.0), (side, 1.0)]), S.Mixed([(mid, 1.0), (side, -1.0)])])
 
     target = layout([t for t, _, _ in outs])
     residual = None if outs[0][1] is None else layout([r for _, r, _ in outs if r is not None])

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import audio as A
-from .audio import ArraySignal, ArrayWriter, FrameWriter, Signal
+from . import signals as S
 from .cache import StepCache, step_key
 from .ensemble import combine
 from .errors import Cancelled, PresetError
@@ -47,6 +47,7 @@ from .modelstore import ModelStore
 from .presets import MIX, Chain, Preset, load_catalogue
 from .progress import Progress, part_of
 from .registry import ModelSpec, get_spec
+from .signals import ArraySignal, ArrayWriter, FrameWriter, Signal
 
 
 @dataclass
@@ -205,7 +206,7 @@ class Engine:
         stems = assemble_signals(chain, produced)
         made_by = {name: chain.made_by(name) for name in stems}
         if preset.drop_silent:
-            stems = {k: v for k, v in stems.items() if not A.signal_is_silent(v, 1e-4)}
+            stems = {k: v for k, v in stems.items() if not S.signal_is_silent(v, 1e-4)}
         return Result(stems, made_by, chain_index, timings)
 
     def stream_model(
@@ -219,11 +220,11 @@ class Engine:
     ) -> dict[str, Signal]:
         """One model on a Signal at `sr`; its sources as Signals at `sr` with the input's channels."""
         spec = get_spec(model_id)
-        if A.signal_is_silent(audio):  # nothing to separate: do not spend a model on silence
-            return {s: A.ZeroSignal(audio.channels, audio.frames) for s in spec.sources}
+        if S.signal_is_silent(audio):  # nothing to separate: do not spend a model on silence
+            return {s: S.ZeroSignal(audio.channels, audio.frames) for s in spec.sources}
         key = None
         if self.cache is not None:
-            key = step_key(model_id, A.content_digest(audio), sr, audio.channels, audio.frames, self.identity(model_id))
+            key = step_key(model_id, S.content_digest(audio), sr, audio.channels, audio.frames, self.identity(model_id))
             hit = self.cache.get(key)
             if hit is not None:
                 if progress:
@@ -236,8 +237,8 @@ class Engine:
             per = []
             for c in range(audio.channels):
                 sub = part_of(progress, c / audio.channels, 1 / audio.channels)
-                per.append(self._run_adapted(sep, spec, A.PickChannel(audio, c), sr, sinks, sub, cancelled))
-            out: dict[str, Signal] = {s: A.StackSignal([p[s] for p in per]) for s in spec.sources}
+                per.append(self._run_adapted(sep, spec, S.PickChannel(audio, c), sr, sinks, sub, cancelled))
+            out: dict[str, Signal] = {s: S.StackSignal([p[s] for p in per]) for s in spec.sources}
         else:
             out = self._run_adapted(sep, spec, audio, sr, sinks, progress, cancelled)
         self.model_seconds += time.perf_counter() - t0
@@ -264,12 +265,12 @@ class Engine:
         `pipelines.custom`.
         """
         spec = get_spec(model_id)
-        if A.signal_is_silent(audio):
-            return {s: A.ZeroSignal(audio.channels, audio.frames) for s in spec.sources}
+        if S.signal_is_silent(audio):
+            return {s: S.ZeroSignal(audio.channels, audio.frames) for s in spec.sources}
         key = None
         if self.cache is not None:
             identity = {**self.identity(model_id), "prompt": prompt.strip(), "anchors": [list(a) for a in anchors]}
-            key = step_key(model_id, A.content_digest(audio), sr, audio.channels, audio.frames, identity)
+            key = step_key(model_id, S.content_digest(audio), sr, audio.channels, audio.frames, identity)
             hit = self.cache.get(key)
             if hit is not None:
                 if progress:
@@ -278,7 +279,7 @@ class Engine:
         sep = self.separator(model_id)
         if not hasattr(sep, "extract_stream"):
             raise PresetError(f"model {model_id!r} does not take a prompt", model_id=model_id)
-        mono = audio if audio.channels == 1 else A.ChannelsSignal(audio, 1)
+        mono = audio if audio.channels == 1 else S.ChannelsSignal(audio, 1)
 
         def blocks(x: Signal, rate: int) -> Iterator[dict[str, np.ndarray]]:
             return sep.extract_stream(x, rate, prompt, anchors, max(1, int(self.chunk_seconds * rate)), cancelled)
@@ -312,7 +313,7 @@ class Engine:
                 sinks.writer(f"{spec.id}-input", channels, None) if sinks.workdir is not None else _GrowingWriter(),
             )
         if spec.channels is not None and x.channels != spec.channels:
-            x = A.ChannelsSignal(x, spec.channels)
+            x = S.ChannelsSignal(x, spec.channels)
         writers = {s: sinks.writer(f"{spec.id}-{s}", channels, n) for s in spec.sources}
         back: dict[str, A.StreamResampler] = {}
         try:
@@ -394,11 +395,11 @@ class _GrowingWriter:
 
 def _layout(mono: dict[str, Signal], channels: int) -> dict[str, Signal]:
     """Mono sources in a source's channel layout (the same samples on each channel)."""
-    return mono if channels == 1 else {s: A.ChannelsSignal(sig, channels) for s, sig in mono.items()}
+    return mono if channels == 1 else {s: S.ChannelsSignal(sig, channels) for s, sig in mono.items()}
 
 
 def _channels_back(y: np.ndarray, channels: int) -> np.ndarray:
-    return A.to_channels(y, channels) if y.shape[0] != channels else y
+    return S.to_channels(y, channels) if y.shape[0] != channels else y
 
 
 def assemble_signals(chain: Chain, produced: dict[str, Signal]) -> dict[str, Signal]:
@@ -410,7 +411,7 @@ def assemble_signals(chain: Chain, produced: dict[str, Signal]) -> dict[str, Sig
         if isinstance(sources, str):
             stems[name] = produced[sources]
         else:
-            stems[name] = A.SumSignal([produced[s] for s in sources])
+            stems[name] = S.SumSignal([produced[s] for s in sources])
     return stems
 
 

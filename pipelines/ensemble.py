@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .audio import Signal
+from .signals import Signal
 
 N_FFT, HOP = 2048, 512
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .audio import Signal
+from .signals import Signal
 
 SAM_MODELS = ("sam-audio-small", "sam-audio-base", "sam-audio-large")
 STEREO_MODES = ("mono", "mid_sides", "left_right")

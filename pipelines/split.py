@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import audio as A
 from . import custom
+from . import signals as S
 from .cache import file_key
 from .engine import Engine, Progress
 from .errors import Cancelled
@@ -76,14 +77,14 @@ def _check(cancelled: Callable[[], bool]) -> None:
         raise Cancelled("job cancelled")
 
 
-def decode_selection(source: Path, workdir: Path, spec: SplitSpec, digest: bool = False) -> tuple[A.FrameFile, int]:
+def decode_selection(source: Path, workdir: Path, spec: SplitSpec, digest: bool = False) -> tuple[S.FrameFile, int]:
     return A.decode_to_file(source, workdir / "mix.npy", spec.start, spec.end, digest=digest)
 
 
 def separate(
     engine: Engine,
     spec: SplitSpec,
-    mix: A.Signal,
+    mix: S.Signal,
     sr: int,
     workdir: Path | None,
     progress: Progress | None = None,
@@ -104,11 +105,11 @@ def restore(
     preset = load_catalogue().restoration(spec.restoration.preset)
     wet = engine.stream_model(preset.model, stem.signal, sr, workdir, cancelled=cancelled)[preset.source]
     s = spec.restoration.strength
-    return Output(A.Mixed([(wet, s), (stem.signal, 1.0 - s)]), preset.model)
+    return Output(S.Mixed([(wet, s), (stem.signal, 1.0 - s)]), preset.model)
 
 
 def encode(
-    engine: Engine, signal: A.Signal, sr: int, dest: Path, bit_depth: int, hq_format: str | None
+    engine: Engine, signal: S.Signal, sr: int, dest: Path, bit_depth: int, hq_format: str | None
 ) -> tuple[Path, Path | None, Path]:
     """`dest`.wav, its HQ copy and its waveform peaks, written block by block in one pass over the signal.
 
@@ -120,7 +121,7 @@ def encode(
     if cache is not None:
         key = file_key(
             "stem-files",
-            samples=A.content_digest(signal),
+            samples=S.content_digest(signal),
             sample_rate=sr,
             channels=signal.channels,
             frames=signal.frames,
@@ -198,8 +199,8 @@ class Separated:
 
     items: list[tuple[str, str | None, Output]]
     done: Done
-    mix: A.Signal | None  # None when the items came from stored files (a delivery stage)
-    held: list[A.Signal]  # every signal made, kept or not (a kept stem may read one that is not)
+    mix: S.Signal | None  # None when the items came from stored files (a delivery stage)
+    held: list[S.Signal]  # every signal made, kept or not (a kept stem may read one that is not)
 
     def close(self) -> None:
         for signal in self.held:
@@ -314,7 +315,7 @@ def materialize(separated: Separated, workdir: Path) -> list[tuple[str, str | No
     """
     files = []
     for name, of, out in separated.items:
-        writer = A.FrameWriter(workdir / f"separated-{name}.npy", out.signal.channels, out.signal.frames)
+        writer = S.FrameWriter(workdir / f"separated-{name}.npy", out.signal.channels, out.signal.frames)
         try:
             for _, block in out.signal.blocks(STORE_BLOCK_S * separated.done.sample_rate):
                 writer.write(block)

@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipelines import audio as A
+from pipelines import signals as S
 from pipelines import split
 from pipelines.errors import ObjectMissing
 from pipelines.jobspec import Output
@@ -65,7 +65,7 @@ def _deliver(job: Job, ctx: WorkerContext, lease: Lease) -> None:
                 except ObjectMissing:
                     _separate_again(job, ctx, stem.key)
                     return
-                signal = A.FrameFile(path)
+                signal = S.FrameFile(path)
                 held.append(signal)
                 items.append((stem.name, stem.of, Output(signal, stem.made_by)))
             separated = split.Separated(items, split.Done(sep.made_by, sep.frames, sep.sample_rate), None, held)

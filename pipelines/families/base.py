@@ -12,7 +12,7 @@ import numpy as np
 from ..registry import ModelSpec
 
 if TYPE_CHECKING:
-    from ..audio import Signal
+    from ..signals import Signal
 
 
 class Separator(ABC):

@@ -60,6 +60,7 @@ from demucs.utils import center_trim
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import audio as A
+from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..machine import this_machine
 from ..modelstore import sha256_file
@@ -361,14 +362,14 @@ class DemucsSeparator(TorchSeparator[DemucsParams]):
         return {name: out[index[name]].float().numpy() for name in self.spec.sources}
 
     def separate_stream(
-        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]] | None:
         self._ready(sample_rate)
         if self.settings.shifts:
             return None
         return self._stream(audio, max(1, block), cancelled)
 
-    def _stream(self, audio: A.Signal, block: int, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def _stream(self, audio: S.Signal, block: int, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
         s, model = self.settings, self.model
         mean, std = _mono_stats(audio)
         if isinstance(model, BagOfModels):
@@ -405,7 +406,7 @@ class DemucsSeparator(TorchSeparator[DemucsParams]):
 
 
 @torch.inference_mode()
-def _mono_stats(audio: A.Signal) -> tuple[torch.Tensor, torch.Tensor]:
+def _mono_stats(audio: S.Signal) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the mono downmix, as separate() computes them, in one streaming pass.
 
     Per-block mean and sum of squared deviations merged in float64 (Chan et al.), so the
@@ -447,7 +448,7 @@ class _SegmentStream:
     def __init__(
         self,
         model,
-        audio: A.Signal,
+        audio: S.Signal,
         mean: torch.Tensor,
         std: torch.Tensor,
         segment: float | None,

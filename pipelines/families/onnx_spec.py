@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .. import audio as A
+from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
 from .base import Separator
@@ -134,7 +134,7 @@ class OverlapAdder:
         return out
 
 
-def _reflect_read(audio: A.Signal, pad: int, lo: int, hi: int) -> np.ndarray:
+def _reflect_read(audio: S.Signal, pad: int, lo: int, hi: int) -> np.ndarray:
     """Samples [lo, hi) of the signal padded by `pad` reflected samples at each end (np.pad's "reflect";
     zeros for a one-sample signal), read from the signal a range at a time."""
     n = audio.frames
@@ -218,18 +218,18 @@ class OnnxSpecSeparator(Separator):
 
     # -- running -------------------------------------------------------------------
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
-        blocks = list(self._blocks(A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), lambda: False))
+        blocks = list(self._blocks(S.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), lambda: False))
         return {
             k: np.concatenate([b[k] for b in blocks], axis=1) if blocks else np.zeros(audio.shape, np.float32)
             for k in self.spec.sources
         }
 
     def separate_stream(
-        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
         return self._blocks(audio, cancelled)
 
-    def _blocks(self, audio: A.Signal, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def _blocks(self, audio: S.Signal, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
         """The sources a batch of segments at a time (see the module docstring); memory follows the batch.
 
         Coordinates are those of the padded signal (`pad` reflected samples before the first).
@@ -281,7 +281,7 @@ class OnnxSpecSeparator(Separator):
                 lo, hi, est = done
                 yield self._sources(est, audio, lo, hi)
 
-    def _sources(self, est: np.ndarray, audio: A.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
+    def _sources(self, est: np.ndarray, audio: S.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
         if self.p.output == "multi":
             return dict(zip(self.outputs, est))
         primary, name = est[0], self.p.primary

@@ -60,7 +60,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import audio as A
+from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
 from .torch_model import Batch, Precision, TorchSeparator
@@ -438,7 +438,7 @@ class RoformerSeparator(TorchSeparator[RoformerParams]):
         self._ready(sample_rate)
         blocks = list(
             self._stream(
-                A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), max(1, audio.shape[1]), lambda: False
+                S.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), max(1, audio.shape[1]), lambda: False
             )
         )
         if not blocks:
@@ -446,12 +446,12 @@ class RoformerSeparator(TorchSeparator[RoformerParams]):
         return blocks[0]
 
     def separate_stream(
-        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
         self._ready(sample_rate)
         return self._stream(audio, max(1, block), cancelled)
 
-    def _stream(self, audio: A.Signal, block: int, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
+    def _stream(self, audio: S.Signal, block: int, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
         mean, std = _mono_stats(audio) if self.normalize else (np.float32(0), np.float32(1))
         chunks = _ChunkStream(
             self, audio, Grid(audio.frames, self.chunk, self.num_overlap, self.group), mean, std, cancelled
@@ -479,7 +479,7 @@ class _ChunkStream:
     def __init__(
         self,
         sep: RoformerSeparator,
-        audio: A.Signal,
+        audio: S.Signal,
         grid: Grid,
         mean: np.float32,
         std: np.float32,
@@ -543,7 +543,7 @@ class _ChunkStream:
         self.next = chunks.stop
 
 
-def _mono_stats(audio: A.Signal) -> tuple[np.float32, np.float32]:
+def _mono_stats(audio: S.Signal) -> tuple[np.float32, np.float32]:
     """Mean and std (numpy's, ddof 0) of the mono downmix, as MSST's normalize_audio, in one streaming pass (float64)."""
     count, total, squares = 0, 0.0, 0.0
     shift: float | None = None  # subtract the first block's mean so the sum of squares keeps its precision

@@ -38,7 +38,7 @@ from ..errors import Cancelled, ModelNotInstalled, PresetError
 from .base import Separator
 
 if TYPE_CHECKING:
-    from ..audio import Signal
+    from ..signals import Signal
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import audio as A
+from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
 from .base import Separator
@@ -526,12 +527,12 @@ class SpeechEnhancer(Separator):
         self.backend.load(device)
 
     def separate_stream(
-        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]] | None:
         return self._stream(audio, [self.backend.stream() for _ in range(audio.channels)], max(1, block), cancelled)
 
     def _stream(
-        self, audio: A.Signal, streams: list, block: int, cancelled: Callable[[], bool]
+        self, audio: S.Signal, streams: list, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
         primary, rest = self.spec.sources
         done = 0

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
-from .. import audio as A
+from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
 from .onnx_spec import OverlapAdder
@@ -216,17 +216,17 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
     # -- running -------------------------------------------------------------------
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         blocks = list(
-            self._blocks(A.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), sample_rate, lambda: False)
+            self._blocks(S.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), sample_rate, lambda: False)
         )
         return {k: np.concatenate([b[k] for b in blocks], axis=1) for k in self.spec.sources}
 
     def separate_stream(
-        self, audio: A.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
+        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
         return self._blocks(audio, sample_rate, cancelled)
 
     def _blocks(
-        self, audio: A.Signal, sample_rate: int, cancelled: Callable[[], bool]
+        self, audio: S.Signal, sample_rate: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
         """The sources `batch` segments at a time, in order; memory follows the segments, not the track.
 
@@ -258,7 +258,7 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
             if done:
                 yield self._sources(done[2], audio, done[0], done[1])
 
-    def _sources(self, out: np.ndarray, audio: A.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
+    def _sources(self, out: np.ndarray, audio: S.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
         first, second = self.spec.sources
         if self.settings.instrumental == "residual":
             return {first: out[0], second: (audio.read(lo, hi).astype(np.float32) - out[0])}
@@ -303,7 +303,7 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
         return y.transpose(3, 2, 0, 1).astype(np.complex64)
 
 
-def _zero_read(audio: A.Signal, lo: int, hi: int) -> np.ndarray:
+def _zero_read(audio: S.Signal, lo: int, hi: int) -> np.ndarray:
     """Samples [lo, hi) of the signal, zeros outside it (the centred STFT's constant padding)."""
     out = np.zeros((audio.channels, hi - lo), np.float32)
     a, b = max(lo, 0), min(hi, audio.frames)

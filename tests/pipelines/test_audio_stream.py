@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 
 from pipelines import audio as A
+from pipelines import signals as S
 from tests.support import tone_mix, write_audio
 
 SR = 44100
@@ -23,13 +24,13 @@ def test_decode_to_file_equals_decode(song, tmp_path, start, end):
     f, sr2 = A.decode_to_file(song, tmp_path / "mix.npy", start, end, digest=True)
     assert sr2 == sr
     np.testing.assert_array_equal(f.to_array(), whole)
-    assert f.digest == A.content_digest(A.ArraySignal(whole))
+    assert f.digest == S.content_digest(S.ArraySignal(whole))
     assert f.peak == pytest.approx(float(np.abs(whole).max()))
     np.testing.assert_array_equal(f.read(12345, 67890), whole[:, 12345:67890])
 
 
 def test_frame_file_stays_readable_after_unlink(tmp_path):
-    w = A.FrameWriter(tmp_path / "a.npy")
+    w = S.FrameWriter(tmp_path / "a.npy")
     w.write(np.arange(20, dtype=np.float32).reshape(2, 10))
     f = w.close()
     f.path.unlink()
@@ -68,5 +69,5 @@ def test_block_hq_encode_decodes_like_the_whole_array_encode(tmp_path, fmt, sr):
 
 def test_streamed_resample_equals_one_shot(tmp_path):
     audio = (0.3 * np.random.default_rng(2).standard_normal((2, 5 * 48000 + 11))).astype(np.float32)
-    out = A.resample_signal(A.ArraySignal(audio), 48000, SR, A.FrameWriter(tmp_path / "r.npy"), block=7001)
+    out = A.resample_signal(S.ArraySignal(audio), 48000, SR, S.FrameWriter(tmp_path / "r.npy"), block=7001)
     np.testing.assert_array_equal(out.to_array(), A.resample(audio, 48000, SR))

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from pipelines import audio as A
+from pipelines import signals as S
 from pipelines.cache import ENGINE_VERSION, StepCache, step_key
 from pipelines.engine import Engine
 from pipelines.modelstore import ModelStore
@@ -16,9 +16,9 @@ from pipelines.modelstore import ModelStore
 SR = 44100
 
 
-def _signals(seed: int, frames: int = 1000) -> dict[str, A.Signal]:
+def _signals(seed: int, frames: int = 1000) -> dict[str, S.Signal]:
     rng = np.random.default_rng(seed)
-    return {s: A.ArraySignal(rng.standard_normal((2, frames)).astype(np.float32)) for s in ("a", "b")}
+    return {s: S.ArraySignal(rng.standard_normal((2, frames)).astype(np.float32)) for s in ("a", "b")}
 
 
 def test_round_trip_keeps_samples_peak_and_digest(tmp_path):
@@ -31,12 +31,12 @@ def test_round_trip_keeps_samples_peak_and_digest(tmp_path):
     for s, sig in got.items():
         np.testing.assert_array_equal(sig.to_array(), outs[s].to_array())
         assert sig.peak == pytest.approx(float(np.abs(outs[s].to_array()).max()))
-        assert sig.digest == A.content_digest(A.ArraySignal(outs[s].to_array()))
+        assert sig.digest == S.content_digest(S.ArraySignal(outs[s].to_array()))
     assert (cache.hits, cache.misses) == (1, 1)
 
 
 def test_frame_files_enter_by_hard_link(tmp_path):
-    w = A.FrameWriter(tmp_path / "x.npy", 2, 500, digest=True)
+    w = S.FrameWriter(tmp_path / "x.npy", 2, 500, digest=True)
     w.write(np.ones((2, 500), np.float32))
     f = w.close()
     cache = StepCache(tmp_path / "cache", 1 << 20)

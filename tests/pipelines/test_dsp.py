@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
-from pipelines import audio as A
+from pipelines import signals as S
 from pipelines.engine import Engine
 from pipelines.errors import Cancelled, ChainError
 from pipelines.families.dsp import DspSeparator
@@ -221,12 +221,12 @@ def streamed(tmp_path, model_id: str, sep, x: np.ndarray, chunk_seconds: float) 
     """`model_id` run by the engine on a FrameFile of `x`, writing FrameFiles, as the worker does."""
     work = tmp_path / f"work-{chunk_seconds:g}"
     work.mkdir()
-    writer = A.FrameWriter(work / "mix.npy")
+    writer = S.FrameWriter(work / "mix.npy")
     writer.write(x)
     engine = Engine(ModelStore(tmp_path / "store"), chunk_seconds=chunk_seconds)
     engine._warm[model_id] = sep
     out = engine.stream_model(model_id, writer.close(), SR, work)
-    assert all(isinstance(s, A.FrameFile) for s in out.values())
+    assert all(isinstance(s, S.FrameFile) for s in out.values())
     return {k: s.to_array() for k, s in out.items()}
 
 
@@ -267,7 +267,7 @@ def test_repet_sim_stream_equals_whole(tmp_path, channels, harmonic):
 
 def peak_while_streaming(sep, x: np.ndarray) -> int:
     """Peak bytes numpy allocates while the stream runs (blocks consumed and dropped, as the engine writes them)."""
-    signal = A.ArraySignal(x)
+    signal = S.ArraySignal(x)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -294,7 +294,7 @@ def test_stream_memory_follows_the_block_not_the_track_and_stops_when_cancelled(
     # is not counted
     assert long <= 1.25 * short, (short, long)
     with pytest.raises(Cancelled):
-        next(sep.separate_stream(A.ArraySignal(make(short_s)), SR, int(0.5 * SR), lambda: True))
+        next(sep.separate_stream(S.ArraySignal(make(short_s)), SR, int(0.5 * SR), lambda: True))
 
 
 def test_the_other_dsp_methods_are_chunked_by_the_engine():
@@ -302,5 +302,5 @@ def test_the_other_dsp_methods_are_chunked_by_the_engine():
         sep = separator(model_id)
         assert (
             sep.streamable
-            and sep.separate_stream(A.ArraySignal(np.zeros((2, 10), np.float32)), SR, 10, lambda: False) is None
+            and sep.separate_stream(S.ArraySignal(np.zeros((2, 10), np.float32)), SR, 10, lambda: False) is None
         )

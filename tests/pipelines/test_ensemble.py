@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.audio import ArraySignal
 from pipelines.ensemble import MagnitudeMeanSignal, MeanSignal, combine
+from pipelines.signals import ArraySignal
 
 SR = 44100
 

@@ -110,7 +110,8 @@ def test_params_that_do_not_fit_the_network_fail_at_setup(tmp_path):
 
 def test_streams_a_batch_at_a_time_with_a_whole_runs_samples(tmp_path):
     """separate_stream gives out each batch's final samples; the worker's streaming path equals a whole run."""
-    from pipelines import audio as A
+
+    from pipelines import signals as S
 
     store = ModelStore(tmp_path / "store")
     install_random_onnx(store, "mdx_karaoke", seed=2, params={**SMALL, "batch_size": 2})
@@ -118,10 +119,10 @@ def test_streams_a_batch_at_a_time_with_a_whole_runs_samples(tmp_path):
     engine = Engine(store)
     sep = engine.separator("mdx_karaoke")
     whole = sep.separate(audio, SR)
-    blocks = list(sep.separate_stream(A.ArraySignal(audio), SR, 4096, lambda: False))
+    blocks = list(sep.separate_stream(S.ArraySignal(audio), SR, 4096, lambda: False))
     assert len(blocks) > 20  # 4 s in batches of two 32-frame segments: never the whole track at once
     assert max(b["lead_vocals"].shape[1] for b in blocks) < audio.shape[1] // 10
-    out = engine.stream_model("mdx_karaoke", A.ArraySignal(audio), SR, tmp_path / "work")
+    out = engine.stream_model("mdx_karaoke", S.ArraySignal(audio), SR, tmp_path / "work")
     for source in whole:
         streamed = np.concatenate([b[source] for b in blocks], axis=1)
         assert np.array_equal(streamed, whole[source])

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bs_roformer")
 
-from pipelines import audio as A  # noqa: E402
+from pipelines import signals as S  # noqa: E402
 from pipelines.engine import Engine  # noqa: E402
 from pipelines.errors import Cancelled, ChainError  # noqa: E402
 from pipelines.families.roformer import (  # noqa: E402
@@ -124,10 +124,10 @@ def test_streaming_equals_the_whole_signal_for_any_block_and_batch(batch, mix, t
     store = _store(tmp_path, "bs_roformer_4stem", params={"batch": batch})
     whole = Engine(store).separator("bs_roformer_4stem").separate(mix, SR)
     streamed = Engine(store, chunk_seconds=0.3).stream_model(
-        "bs_roformer_4stem", A.ArraySignal(mix), SR, tmp_path / "w"
+        "bs_roformer_4stem", S.ArraySignal(mix), SR, tmp_path / "w"
     )
     for name, signal in streamed.items():
-        assert isinstance(signal, A.FrameFile)
+        assert isinstance(signal, S.FrameFile)
         assert np.abs(signal.to_array() - whole[name]).max() <= 1e-5  # batching reorders float sums, nothing else
 
 

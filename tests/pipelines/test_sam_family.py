@@ -18,6 +18,7 @@ pytest.importorskip("mlx_audio", reason="the `sam` extra (mlx-audio) is not inst
 
 from pipelines import audio as A
 from pipelines import custom
+from pipelines import signals as S
 from pipelines.engine import Engine
 from pipelines.errors import ModelNotInstalled, PresetError
 from pipelines.families.sam import chunk_bounds, crossfade, shift_anchors
@@ -46,11 +47,11 @@ MIX = _stereo(0.4)
 MIX_44K = _stereo(0.3, 44100, seed=1)
 
 
-class Recording(A.Signal):
+class Recording(S.Signal):
     """A signal that remembers the longest range read from it (memory follows the chunk)."""
 
     def __init__(self, audio: np.ndarray) -> None:
-        self.inner, self.channels, self.frames, self.longest = A.ArraySignal(audio), audio.shape[0], audio.shape[1], 0
+        self.inner, self.channels, self.frames, self.longest = S.ArraySignal(audio), audio.shape[0], audio.shape[1], 0
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         self.longest = max(self.longest, hi - lo)
@@ -60,7 +61,7 @@ class Recording(A.Signal):
 def extract(engine, mix: np.ndarray, sr: int, mode: str, spans=(), offset: float = 0.0) -> dict[str, np.ndarray]:
     """The custom preset's SAM path (pipelines.custom, as the worker and the CLI run it) on an array."""
     spec = CustomSpec(prompt=PROMPT, sam_model=MODEL, stereo_mode=mode, spans=[TimeRange(**s) for s in spans])
-    out = custom.extract(engine, spec, A.ArraySignal(mix), sr, None, offset, None, lambda: False)
+    out = custom.extract(engine, spec, S.ArraySignal(mix), sr, None, offset, None, lambda: False)
     assert {o.made_by for o in out.values()} == {MODEL}
     return {k: o.signal.to_array() for k, o in out.items()}
 
@@ -161,7 +162,7 @@ def test_a_source_at_another_rate_is_resampled_to_48k_and_back(sam, engine):
 
 
 def test_spans_and_the_prompt_steer_the_model(engine):
-    mono = A.ArraySignal(MIX[:1, :CHUNK])
+    mono = S.ArraySignal(MIX[:1, :CHUNK])
     base = engine.stream_prompted(MODEL, mono, SR, None, PROMPT, [("+", 0.1, 0.2)])["target"].to_array()
     no_span = engine.stream_prompted(MODEL, mono, SR, None, PROMPT, [])["target"].to_array()
     other = engine.stream_prompted(MODEL, mono, SR, None, "drums and bass", [("+", 0.1, 0.2)])["target"].to_array()
@@ -179,7 +180,7 @@ def test_the_model_needs_a_prompt(engine):
     with pytest.raises(PresetError, match="prompt"):
         engine.run_model(MODEL, MIX, SR)
     with pytest.raises(PresetError, match="empty"):
-        engine.stream_prompted(MODEL, A.ArraySignal(MIX), SR, None, "   ", [])
+        engine.stream_prompted(MODEL, S.ArraySignal(MIX), SR, None, "   ", [])
 
 
 def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, sam):

@@ -146,7 +146,8 @@ def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
     """The recurrent state carries across blocks: an hour streams in constant memory with a whole run's samples."""
     if model_id in STORE_MODELS and shared_models() is None:
         pytest.skip("the pretrained GTCRN/DTLN files (shared/models) are not on this machine; set STEMS_SHARED_MODELS")
-    from pipelines import audio as A
+
+    from pipelines import signals as S
 
     sr, tolerance = (16000 if model_id in ("dtln", "gtcrn") else 48000), STREAMED[model_id]
     speech = voiced(sr, 2.5, seed=8)
@@ -156,7 +157,7 @@ def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
     mix = mix.astype(np.float32)
     sep = engine.separator(model_id)
     whole = sep.separate(mix, sr)
-    blocks = list(sep.separate_stream(A.ArraySignal(mix), sr, 1237, lambda: False))  # blocks of no frame's size
+    blocks = list(sep.separate_stream(S.ArraySignal(mix), sr, 1237, lambda: False))  # blocks of no frame's size
     assert len(blocks) > 10
     for source in whole:
         streamed = np.concatenate([b[source] for b in blocks], axis=1)
@@ -165,6 +166,6 @@ def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
     # through the engine's chunked path with a workdir, as a worker runs it
     chunked = Engine(engine.store, chunk_seconds=0.3)
     chunked._warm[model_id] = sep
-    out = chunked.stream_model(model_id, A.ArraySignal(mix), sr, tmp_path)
+    out = chunked.stream_model(model_id, S.ArraySignal(mix), sr, tmp_path)
     for source in whole:
         assert np.max(np.abs(out[source].to_array() - whole[source])) <= tolerance, source

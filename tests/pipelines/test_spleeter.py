@@ -60,7 +60,7 @@ def _separator(params: dict):
 @pytest.mark.timeout(600)
 def test_batches_and_streamed_blocks_give_the_whole_run():
     """Three 512-frame segments, run one at a time and two at a time, streamed or not: the same samples."""
-    from pipelines.audio import ArraySignal
+    from pipelines.signals import ArraySignal
 
     rng = np.random.default_rng(3)
     audio = (0.1 * rng.standard_normal((2, 26 * 44100 + 77))).astype(np.float32)

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("demucs")
 
 from pipelines import audio as A  # noqa: E402
+from pipelines import signals as S  # noqa: E402
 from pipelines.engine import Engine  # noqa: E402
 from pipelines.errors import Cancelled  # noqa: E402
 from pipelines.families.base import Separator  # noqa: E402
@@ -53,8 +54,8 @@ def test_streamed_demucs_equals_whole_track_apply_model(model_id, params, mix, t
         engine = Engine(store, chunk_seconds=chunk_seconds)
         assert _diff(engine.run_model(model_id, mix, SR), expected) <= TOL, chunk_seconds
         # the same through files on disk, as the worker runs it
-        wrote = engine.stream_model(model_id, A.ArraySignal(mix), SR, tmp_path)
-        assert all(isinstance(s, A.FrameFile) for s in wrote.values())
+        wrote = engine.stream_model(model_id, S.ArraySignal(mix), SR, tmp_path)
+        assert all(isinstance(s, S.FrameFile) for s in wrote.values())
         assert _diff({k: v.to_array() for k, v in wrote.items()}, expected) <= TOL
 
 
@@ -63,12 +64,12 @@ def test_streamed_resampling_equals_whole_signal_resampling(tmp_path):
     store = ModelStore(tmp_path / "store")
     install_random_demucs(store, "htdemucs")
     source = (0.1 * np.random.default_rng(2).standard_normal((1, int(7.1 * 48000)))).astype(np.float32)
-    model_in = A.to_channels(A.resample(source, 48000, SR), 2)
+    model_in = S.to_channels(A.resample(source, 48000, SR), 2)
     ref = demucs_reference(store, "htdemucs", model_in, tmp_path / "ref")
-    expected = {s: A.to_channels(A.resample(y, SR, 48000), 1)[:, : source.shape[1]] for s, y in ref.items()}
+    expected = {s: S.to_channels(A.resample(y, SR, 48000), 1)[:, : source.shape[1]] for s, y in ref.items()}
     for chunk_seconds in (100.0, 1.1):
         out = Engine(store, chunk_seconds=chunk_seconds).stream_model(
-            "htdemucs", A.ArraySignal(source), 48000, tmp_path / "work" if chunk_seconds < 10 else None
+            "htdemucs", S.ArraySignal(source), 48000, tmp_path / "work" if chunk_seconds < 10 else None
         )
         got = {s: v.to_array() for s, v in out.items()}
         assert all(y.shape == source.shape for y in got.values())
@@ -119,7 +120,7 @@ def test_random_shifts_fall_back_to_the_whole_signal(tmp_path, mix):
     store = ModelStore(tmp_path / "store")
     install_random_demucs(store, "htdemucs", params={"shifts": 1})
     sep = Engine(store).separator("htdemucs")
-    assert sep.separate_stream(A.ArraySignal(mix), SR, SR, lambda: False) is None
+    assert sep.separate_stream(S.ArraySignal(mix), SR, SR, lambda: False) is None
 
 
 class _MovingAverage(Separator):
@@ -142,7 +143,7 @@ def test_context_chunking_of_streamable_methods_equals_whole(tmp_path):
     for chunk_seconds, workdir in ((1.0, tmp_path), (3.0, None)):
         engine = Engine(ModelStore(tmp_path / "store"), chunk_seconds=chunk_seconds)
         engine._warm[spec.id] = _MovingAverage(spec, {}, {})
-        out = engine.stream_model(spec.id, A.ArraySignal(audio), 8000, workdir)
+        out = engine.stream_model(spec.id, S.ArraySignal(audio), 8000, workdir)
         assert _diff({k: v.to_array() for k, v in out.items()}, whole) <= 1e-6
 
 

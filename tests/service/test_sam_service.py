@@ -15,6 +15,7 @@ pytest.importorskip("mlx_audio", reason="the `sam` extra (mlx-audio) is not inst
 
 from pipelines import audio as A
 from pipelines import custom
+from pipelines import signals as S
 from pipelines.engine import Engine
 from pipelines.jobspec import CustomSpec, TimeRange
 from pipelines.modelstore import ModelStore
@@ -109,7 +110,7 @@ def test_a_sam_job_runs_on_the_sam_worker_and_through_the_cli(sam_stack, song, t
     spec = CustomSpec(
         prompt="a dog barking", sam_model=MODEL, stereo_mode="left_right", spans=[TimeRange(start=0.2, end=0.3)]
     )
-    want = custom.extract(Engine(store), spec, A.ArraySignal(source), SR, None, 0.1, None, lambda: False)
+    want = custom.extract(Engine(store), spec, S.ArraySignal(source), SR, None, 0.1, None, lambda: False)
     out = tmp_path / "cli"
     cli = subprocess.run(
         [

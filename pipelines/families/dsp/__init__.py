@@ -48,7 +48,7 @@ from .repet_sim import foreground, foreground_stream
 from .wpe import dry, dry_stream
 
 if TYPE_CHECKING:
-    from ...audio import Signal
+    from ...signals import Signal
 
 # each method takes its own params model (the first entry of its Method), hence Any for the params
 Whole = Callable[[np.ndarray, int, Any], np.ndarray]

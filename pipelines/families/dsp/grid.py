@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ...errors import Cancelled
 
 if TYPE_CHECKING:
-    from ...audio import Signal
+    from ...signals import Signal
 
 
 def frame_hop(sr: int, seconds: float) -> int:

@@ -13,7 +13,7 @@ from .grid import Stft, Synthesis, around
 from .params import RepetSimParams
 
 if TYPE_CHECKING:
-    from ...audio import Signal
+    from ...signals import Signal
 
 
 def band_features(mag: np.ndarray, stft: Stft) -> np.ndarray:

@@ -14,7 +14,7 @@ from .grid import Stft, Synthesis, around
 from .params import WpeParams
 
 if TYPE_CHECKING:
-    from ...audio import Signal
+    from ...signals import Signal
 
 
 def wpe_past(obs: np.ndarray, taps: int, delay: int) -> np.ndarray:
