@@ -7,11 +7,9 @@ import sys
 from fastapi import FastAPI
 
 from pipelines.errors import UnsafeProduction
-from pipelines.modelstore import ModelStore
 from stems import production
-from stems.jobstore import API_RETRIES, JobStore
+from stems.jobstore import API_RETRIES
 from stems.settings import Settings, get_settings
-from stems.storage import make_storage
 
 from . import (
     errors,
@@ -50,14 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     (settings.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
     # a request rides out a Redis blip of a second or two, then answers 503 redis_unavailable with Retry-After
-    store = JobStore.from_url(settings.redis_url, settings.key_prefix, retries=API_RETRIES)
-    svc = Services(
-        settings=settings,
-        store=store,
-        storage=make_storage(settings),
-        models=ModelStore(settings.model_dir),
-        celery=make_celery(settings),
-    )
+    svc = Services(settings, retries=API_RETRIES, celery=make_celery(settings))
+    _ = svc.storage  # built now: a storage setting that cannot work fails the start, not the first request
     svc.availability = Availability(svc)
     app = FastAPI(title="stems", version="0.1.0", description=DESCRIPTION)
     app.state.services = svc

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
 from pipelines.errors import RateLimited, Unauthorized
-from pipelines.modelstore import ModelStore
-from stems.jobstore import JobStore
+from stems.container import Container
 from stems.settings import Settings
-from stems.storage import Storage
 
 
-@dataclass
-class Services:
-    settings: Settings
-    store: JobStore
-    storage: Storage
-    models: ModelStore
-    celery: object  # celery.Celery, imported lazily by the app factory
-    availability: object = None  # api.availability.Availability
+class Services(Container):
+    """The API process's container, with its Celery app (for sending) and the availability of presets."""
+
+    def __init__(
+        self, settings: Settings | None = None, *, celery: Any, availability: Any = None, **parts: Any
+    ) -> None:
+        super().__init__(settings, **parts)
+        self.celery = celery  # celery.Celery, imported lazily by the app factory
+        self.availability = availability  # api.availability.Availability
 
 
 def services(request: Request) -> Services:
@@ -50,6 +49,7 @@ def caller_key(request: Request, user: str = Depends(current_user)) -> str:
     return request.state.key_id
 
 
-User = Depends(current_user)
-CallerKey = Depends(caller_key)
-Svc = Depends(services)
+# typed dependencies: a route names what it needs by type (`svc: Svc, user: User`)
+User = Annotated[str, Depends(current_user)]
+CallerKey = Annotated[str, Depends(caller_key)]
+Svc = Annotated[Services, Depends(services)]

@@ -50,7 +50,7 @@ UPLOAD_BODY = {
     openapi_extra=UPLOAD_BODY,
     summary="Upload an audio file (multipart, streamed to storage)",
 )
-async def from_file(request: Request, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
+async def from_file(request: Request, svc: Svc, user: User, idempotency_key: str | None = Header(None)) -> dict:
     received = await receive_file(request, "file", svc.settings.max_upload_bytes, svc.settings.data_dir / "tmp")
 
     def run() -> dict:
@@ -76,7 +76,7 @@ async def from_file(request: Request, svc=Svc, user: str = User, idempotency_key
 
 
 @router.post("/from-link", response_model=AudioAccepted, summary="Import audio from an http(s) link")
-def from_link(body: FromLink, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
+def from_link(body: FromLink, svc: Svc, user: User, idempotency_key: str | None = Header(None)) -> dict:
     check_url(body.url, svc.settings)  # refuse private / non-http targets now; the worker checks again per redirect
 
     def run() -> dict:
@@ -98,7 +98,7 @@ def from_link(body: FromLink, svc=Svc, user: str = User, idempotency_key: str | 
         404: {"description": "no such object, or one outside your ingest prefix without a grant (the two answer alike)"}
     },
 )
-def from_storage(body: FromStorage, svc=Svc, user: str = User, idempotency_key: str | None = Header(None)) -> dict:
+def from_storage(body: FromStorage, svc: Svc, user: User, idempotency_key: str | None = Header(None)) -> dict:
     key = clean_key(body.key)
     # one answer for "not yours" and "not there": a tenant cannot probe which objects exist
     if (
@@ -129,7 +129,7 @@ def owned_asset(svc, user: str, audio_id: str) -> AudioAsset:
 
 
 @router.get("/status/audio/{audio_id}", response_model=AudioStatus, summary="Import status and audio metadata")
-def audio_status(audio_id: UUID, svc=Svc, user: str = User) -> dict:
+def audio_status(audio_id: UUID, svc: Svc, user: User) -> dict:
     a = owned_asset(svc, user, str(audio_id))
     info = a.info or {}
     return {
@@ -156,7 +156,7 @@ def audio_status(audio_id: UUID, svc=Svc, user: str = User) -> dict:
         }
     },
 )
-def delete_audio(audio_id: UUID, svc=Svc, user: str = User) -> Response:
+def delete_audio(audio_id: UUID, svc: Svc, user: User) -> Response:
     delete_asset(svc.store, svc.storage, owned_asset(svc, user, str(audio_id)))
     return Response(status_code=204)
 

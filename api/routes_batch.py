@@ -41,9 +41,9 @@ def _error(status: int, code: str, detail, **fields) -> dict:
 )
 def create_stems_batch(
     body: CreateStemsBatch,
-    svc=Svc,
-    user: str = User,
-    key_id: str = CallerKey,
+    svc: Svc,
+    user: User,
+    key_id: CallerKey,
     idempotency_key: str | None = Header(None),
 ) -> dict:
     def item_key(i: int) -> str | None:

@@ -13,6 +13,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -111,7 +112,7 @@ def link_or_key_user(
     response_model=DownloadLinks,
     summary="Short-lived links to stems, for players and links that cannot send the key",
 )
-def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = User, key_id: str = CallerKey) -> dict:
+def download_links(body: DownloadLinksRequest, svc: Svc, user: User, key_id: CallerKey) -> dict:
     ttl = svc.settings.download_link_ttl_s
     links = []
     for stem_id in dict.fromkeys(str(i) for i in body.stem_ids):
@@ -141,9 +142,9 @@ def download_links(body: DownloadLinksRequest, svc: Services = Svc, user: str = 
 def download_stem(
     stem_id: UUID,
     request: Request,
+    svc: Svc,
+    user: Annotated[str, Depends(link_or_key_user)],
     format: str = Query("wav", pattern="^(wav|hq)$"),
-    svc: Services = Svc,
-    user: str = Depends(link_or_key_user),
 ) -> Response:
     stem = owned_stem(svc, user, str(stem_id))
     key, filename, _ = _object(svc, stem, format)
@@ -183,7 +184,7 @@ def download_stem(
         }
     },
 )
-def download_archive(body: ArchiveRequest, svc: Services = Svc, user: str = User) -> Response:
+def download_archive(body: ArchiveRequest, svc: Svc, user: User) -> Response:
     if body.format == "stem.mp4":  # not a zip: NI's Stem format for DJ software (api/stemfile.py)
         return stem_file(svc, user, body.creation_id)
     if body.creation_id:

@@ -48,7 +48,7 @@ def owned_mastering(svc: Services, user: str, mastered_id: str) -> Mastering:
     },
 )
 def master_audio(
-    body: MasterAudio, svc=Svc, user: str = User, key_id: str = CallerKey, idempotency_key: str | None = Header(None)
+    body: MasterAudio, svc: Svc, user: User, key_id: CallerKey, idempotency_key: str | None = Header(None)
 ) -> dict:
     kind, source_id, audio_id, duration = resolve_source(svc, user, body)
     masters = Masterings(svc.store)
@@ -99,7 +99,7 @@ def master_audio(
     response_model=MasterStatus,
     summary="Status of a mastering, with the loudness, true peak and range the result measures",
 )
-def mastered_status(mastered_id: UUID, svc=Svc, user: str = User) -> dict:
+def mastered_status(mastered_id: UUID, svc: Svc, user: User) -> dict:
     m = owned_mastering(svc, user, str(mastered_id))
     stem = svc.store.get_stem(m.id)
     p = PRESETS[m.preset]
@@ -138,7 +138,7 @@ def mastered_status(mastered_id: UUID, svc=Svc, user: str = User) -> dict:
         410: {"description": "expired"},
     },
 )
-def download_mastered(mastered_id: UUID, request: Request, svc=Svc, user: str = User) -> Response:
+def download_mastered(mastered_id: UUID, request: Request, svc: Svc, user: User) -> Response:
     owned_stem(svc, user, str(mastered_id), "mastered")
     return download_stem(mastered_id, request, "wav", svc, user)
 
@@ -150,6 +150,6 @@ def download_mastered(mastered_id: UUID, request: Request, svc=Svc, user: str = 
     summary="Delete a mastered version (a running mastering stops and leaves nothing)",
     responses={204: {"description": "deleted: its record and WAV; its id answers 404 from now on"}},
 )
-def delete_mastered(mastered_id: UUID, svc=Svc, user: str = User) -> Response:
+def delete_mastered(mastered_id: UUID, svc: Svc, user: User) -> Response:
     Masterings(svc.store).delete(svc.storage, owned_mastering(svc, user, str(mastered_id)))
     return Response(status_code=204)

@@ -11,14 +11,14 @@ from pipelines.presets import load_catalogue
 from pipelines.registry import get_spec
 from stems.production import DEPENDENCIES, dependency_problems
 
-from .deps import Services, Svc, User
+from .deps import Svc, User
 from .schemas import PresetList
 
 router = APIRouter(tags=["meta"])
 
 
 @router.get("/presets", response_model=PresetList, summary="The preset catalogue, with availability here")
-def presets(svc: Services = Svc, user: str = User) -> dict:
+def presets(svc: Svc, user: User) -> dict:
     catalogue = load_catalogue()
     out = []
     for p in catalogue.presets:
@@ -56,7 +56,7 @@ def presets(svc: Services = Svc, user: str = User) -> dict:
 
 
 @router.get("/usage", summary="Processed audio minutes for this key (times each preset's multiplier)")
-def usage(svc: Services = Svc, user: str = User) -> dict:
+def usage(svc: Svc, user: User) -> dict:
     return {"user_id": user, **svc.store.usage(user)}
 
 
@@ -66,7 +66,7 @@ def healthz() -> dict:
 
 
 @router.get("/readyz", summary="Readiness: Redis, storage and the broker answer")
-def readyz(svc: Services = Svc) -> JSONResponse:
+def readyz(svc: Svc) -> JSONResponse:
     """200 when Redis, storage (the bucket) and the broker answer; else 503 with each failing check's reason and
     what to check (no host, bucket or password: this answer needs no key)."""
     problems = dependency_problems(svc.settings, svc.store, svc.storage)

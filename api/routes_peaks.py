@@ -36,7 +36,7 @@ def _peaks(svc: Services, key: str | None, what: str, **ids: str) -> Response:
     responses={200: PEAKS_DOC},
     summary="Waveform peaks of a finished stem (audiowaveform JSON)",
 )
-def stem_peaks(stem_id: UUID, svc: Services = Svc, user: str = User) -> Response:
+def stem_peaks(stem_id: UUID, svc: Svc, user: User) -> Response:
     stem = owned_stem(svc, user, str(stem_id))
     if stem.status != StemStatus.complete:
         raise Conflict(f"the stem is not ready (status {stem.status.value})", stem_id=stem.id)
@@ -49,7 +49,7 @@ def stem_peaks(stem_id: UUID, svc: Services = Svc, user: str = User) -> Response
     responses={200: PEAKS_DOC},
     summary="Waveform peaks of an imported audio (audiowaveform JSON)",
 )
-def audio_peaks(audio_id: UUID, svc: Services = Svc, user: str = User) -> Response:
+def audio_peaks(audio_id: UUID, svc: Svc, user: User) -> Response:
     asset = owned_asset(svc, user, str(audio_id))
     if asset.status != AssetStatus.complete:
         raise Conflict(f"the audio has not finished importing (status {asset.status.value})", audio_id=asset.id)

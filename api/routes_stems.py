@@ -19,7 +19,6 @@ from stems.lifecycle import delete_job, expiry
 from stems.masterings import root_audio_id
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
-from workers.context import StoreContext
 from workers.jobstate import cancel as cancel_job
 from workers.jobstate import clean_now
 
@@ -129,7 +128,7 @@ def _source_exists(svc: Services, kind: str, source_id: str) -> bool:
     },
 )
 def create_stems(
-    body: CreateStems, svc=Svc, user: str = User, key_id: str = CallerKey, idempotency_key: str | None = Header(None)
+    body: CreateStems, svc: Svc, user: User, key_id: CallerKey, idempotency_key: str | None = Header(None)
 ) -> dict:
     catalogue = load_catalogue()
     try:
@@ -216,7 +215,6 @@ def create_stems(
         budget.check_key(svc.store.pending_output_bytes(user), numbers, svc.settings.max_key_output_bytes)
         job = Job(
             user_id=user,
-            preset=preset.name,
             audio_id=audio_id,
             source_kind=kind,
             source_id=source_id,
@@ -292,7 +290,7 @@ def stem_info(s: Stem, job: Job) -> dict:
 
 
 @router.get("/status/stem_split/{creation_id}", response_model=SplitStatus, summary="Status of a split")
-def split_status(creation_id: UUID, svc=Svc, user: str = User) -> dict:
+def split_status(creation_id: UUID, svc: Svc, user: User) -> dict:
     job = owned_job(svc, user, str(creation_id))
     return {
         **status_of(
@@ -326,10 +324,10 @@ def status_of(job: Job, stems: list[Stem], ups: list[Stem], retain_stems_s: floa
 
 @router.get("/stem_split", response_model=SplitList, summary="Your splits, newest first (paginated by cursor)")
 def list_splits(
+    svc: Svc,
+    user: User,
     limit: int = Query(20, ge=1, le=100, description="splits per page"),
     cursor: str | None = Query(None, max_length=200, description="`next_cursor` of the previous page"),
-    svc=Svc,
-    user: str = User,
 ) -> dict:
     rows = svc.store.list_jobs(user, limit + 1, _cursor(cursor) if cursor else None)
     page = rows[:limit]
@@ -367,9 +365,9 @@ def _cursor(text: str) -> tuple[float, str]:
 
 
 @router.post("/cancel/{creation_id}", response_model=SplitStatus, summary="Cancel a queued or running split")
-def cancel(creation_id: UUID, svc=Svc, user: str = User) -> dict:
+def cancel(creation_id: UUID, svc: Svc, user: User) -> dict:
     job = owned_job(svc, user, str(creation_id))
-    ctx = StoreContext(settings=svc.settings, store=svc.store, storage=svc.storage)
+    ctx = svc  # the API's services are a container
     if not job.status.terminal:
         ended = cancel_job(job.id, ctx)  # a compare-and-set: it owes the cleanup of the job's objects
         if ended is not None and ended.attempt_id is None:
@@ -393,7 +391,7 @@ def cancel(creation_id: UUID, svc=Svc, user: str = User) -> dict:
         }
     },
 )
-def delete_split(creation_id: UUID, svc=Svc, user: str = User):
+def delete_split(creation_id: UUID, svc: Svc, user: User):
     job = owned_job(svc, user, str(creation_id))
     if job.status.terminal:
         delete_job(svc.store, svc.storage, job)

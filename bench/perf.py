@@ -161,7 +161,6 @@ def create_job(ctx, path: Path, preset: str, selection, hq: str, bit_depth: int,
     )
     job = Job(
         user_id="bench",
-        preset=preset,
         audio_id=asset_id,
         source_kind="audio",
         source_id=asset_id,

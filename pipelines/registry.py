@@ -30,20 +30,44 @@ class Family(BaseModel):
     impl: str  # "module:Class", imported only when a model of the family is loaded
     queue: str
     gpu: bool
+    torch: bool = False  # its code imports torch: only workers of its queue load it
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(name="demucs", impl="pipelines.families.demucs_family:DemucsSeparator", queue="gpu-demucs", gpu=True),
+        Family(
+            name="demucs",
+            impl="pipelines.families.demucs_family:DemucsSeparator",
+            queue="gpu-demucs",
+            gpu=True,
+            torch=True,
+        ),
         Family(name="onnx_spec", impl="pipelines.families.onnx_spec:OnnxSpecSeparator", queue="gpu-onnx", gpu=True),
-        Family(name="roformer", impl="pipelines.families.roformer:RoformerSeparator", queue="gpu-roformer", gpu=True),
-        Family(name="spleeter", impl="pipelines.families.spleeter:SpleeterSeparator", queue="gpu-spleeter", gpu=True),
+        Family(
+            name="roformer",
+            impl="pipelines.families.roformer:RoformerSeparator",
+            queue="gpu-roformer",
+            gpu=True,
+            torch=True,
+        ),
+        Family(
+            name="spleeter",
+            impl="pipelines.families.spleeter:SpleeterSeparator",
+            queue="gpu-spleeter",
+            gpu=True,
+            torch=True,
+        ),
         Family(name="sam", impl="pipelines.families.sam:SamAudioSeparator", queue="gpu-sam", gpu=True),
         Family(name="speech", impl="pipelines.families.speech:SpeechEnhancer", queue="cpu", gpu=False),
         Family(name="dsp", impl="pipelines.families.dsp:DspSeparator", queue="cpu", gpu=False),
     )
 }
+
+
+def torch_queues() -> set[str]:
+    """The queues whose workers run a family that imports torch."""
+    return {f.queue for f in FAMILIES.values() if f.torch}
 
 
 class Download(BaseModel):

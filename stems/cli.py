@@ -19,14 +19,15 @@ def _settings():
 def _model_store(args):
     from pipelines.modelstore import ModelStore
 
-    return ModelStore(args.model_dir or _settings().model_dir)
+    from .container import Container
+
+    return ModelStore(args.model_dir) if args.model_dir else Container(_settings()).models
 
 
 def _store():
-    from .jobstore import JobStore
+    from .container import Container
 
-    s = _settings()
-    return JobStore.from_url(s.redis_url, s.key_prefix)
+    return Container(_settings()).store
 
 
 def _print_issued(issued, as_json: bool) -> None:

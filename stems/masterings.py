@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from stems import rediskeys as K
 
 from .jobstore import JobStore
-from .models import JobStatus, Stem, StemStatus, new_id, now
+from .models import JobStatus, SourceKind, Stem, StemStatus, new_id, now
 from .storage import Storage, keys
 
 TASK_KIND = "master"  # its outbox entries and try counters
@@ -32,7 +32,7 @@ class Mastering(BaseModel):
     id: str = Field(default_factory=new_id)
     user_id: str
     audio_id: str  # the original upload it descends from
-    source_kind: str  # audio | stem | upscaled | mastered
+    source_kind: SourceKind
     source_id: str
     preset: str
     bit_depth: int = 24

@@ -6,8 +6,9 @@ import re
 import time
 import uuid
 from enum import Enum
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from pipelines.jobspec import SplitSpec
 
@@ -20,6 +21,10 @@ def new_id() -> str:
 
 def now() -> float:
     return time.time()
+
+
+# what a split or a mastering reads: an original, a stem, a restored copy of one, or a mastered version
+SourceKind = Literal["audio", "stem", "upscaled", "mastered"]
 
 
 class AssetStatus(str, Enum):
@@ -119,9 +124,8 @@ class Separated(BaseModel):
 class Job(BaseModel):
     id: str = Field(default_factory=new_id)
     user_id: str
-    preset: str
     audio_id: str  # the original upload this job's audio descends from
-    source_kind: str  # audio | stem | upscaled
+    source_kind: SourceKind
     source_id: str
     spec: SplitSpec  # what to make: preset, chain, selection, formats, custom and restoration fields
     queue: str
@@ -150,3 +154,8 @@ class Job(BaseModel):
     callback_url: str | None = None
     key_id: str | None = None  # the API key that created the job: its webhook secret signs the callback
     output_bytes: int = 0  # estimated bytes the job writes (checked against the output budgets)
+
+    @computed_field  # type: ignore[prop-decorator]  # stored and answered as before, read from the spec
+    @property
+    def preset(self) -> str:
+        return self.spec.preset

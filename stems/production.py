@@ -23,10 +23,11 @@ from pipelines.errors import (
     UnsafeProduction,
 )
 
+from .container import Container
 from .jobstore import JobStore
 from .settings import Settings
 from .storage import CHECKS as STORAGE_CHECKS
-from .storage import Storage, make_storage
+from .storage import Storage
 
 DEPENDENCIES = ("redis", "storage", "broker")
 RECHECK_S = 5.0
@@ -74,13 +75,14 @@ def dependency_problems(
     answers; with `write`, it also takes a small object) and the broker (a connection). None are retried."""
     from workers.celery_app import broker_check
 
-    store = store or JobStore.from_url(settings.redis_url, settings.key_prefix)
+    parts = Container(settings, store=store, storage=storage)
+    store = parts.store
     checks = {"redis": store.check, "broker": lambda: broker_check(settings)}
     out: dict[str, DependencyUnavailable] = {}
     for name in only:
         try:
             if name == "storage":
-                storage = storage or make_storage(settings)
+                storage = parts.storage
                 (storage.check if write else storage.ping)()
             else:
                 checks[name]()
@@ -106,8 +108,8 @@ def check(settings: Settings, who: str = "stems", wait_s: float | None = None) -
     says when each is back; returns the problems. Production: waits up to `wait_s` (STEMS_STARTUP_WAIT_S) for
     the dependencies, then raises UnsafeProduction with one line; also when Redis does not persist."""
     wait_s = settings.startup_wait_s if wait_s is None else wait_s
-    store = JobStore.from_url(settings.redis_url, settings.key_prefix)
-    storage = make_storage(settings)
+    parts = Container(settings)
+    store, storage = parts.store, parts.storage
     if settings.env != "production":
         problems = dependency_problems(settings, store, storage, write=True)
         for name, exc in problems.items():

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import redis
 
@@ -187,8 +187,8 @@ def process_ctx(ctx, proc: Proc):
     """`ctx` as seen by simulated process `proc`: its own wrapped Redis client and storage."""
     from stems.jobstore import JobStore
 
-    return replace(
-        ctx, store=JobStore(FaultyRedis(ctx.store.r, proc), ctx.store.p), storage=FaultyStorage(ctx.storage, proc)
+    return ctx.replace(
+        store=JobStore(FaultyRedis(ctx.store.r, proc), ctx.store.p), storage=FaultyStorage(ctx.storage, proc)
     )
 
 

@@ -59,7 +59,6 @@ def queued_job(
     ctx.store.put_asset(asset)
     job = Job(
         user_id=user,
-        preset="phantom_center",
         audio_id=asset.id,
         source_kind="audio",
         source_id=asset.id,

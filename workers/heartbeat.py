@@ -13,8 +13,7 @@ import time
 
 from celery.signals import celeryd_init, worker_ready, worker_shutdown
 
-from pipelines.modelstore import ModelStore
-from stems.jobstore import JobStore
+from stems.container import Container
 from stems.settings import get_settings
 
 from .celery_app import our_queue
@@ -26,13 +25,13 @@ _stop = threading.Event()
 
 def report(hostname: str, queues: list[str]) -> dict:
     s = get_settings()
-    models = sorted(m for m, reason in ModelStore(s.model_dir).installed().items() if reason is None)
+    models = sorted(m for m, reason in Container(s).models.installed().items() if reason is None)
     return {"hostname": hostname, "queues": queues, "models": models, "pid": os.getpid(), "ts": time.time()}
 
 
 def _loop(hostname: str, queues: list[str]) -> None:
     s = get_settings()
-    store = JobStore.from_url(s.redis_url, s.key_prefix)
+    store = Container(s).store
     while not _stop.is_set():
         try:
             store.put_worker_report(hostname, report(hostname, queues))

@@ -23,17 +23,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pipelines import audio as A
 from pipelines.errors import AudioError, GaveUp, InternalError, StemsError, TimeLimit
 from pipelines.peaks import PeakAccumulator
+from stems.container import Container
 from stems.models import AssetStatus, AudioAsset
 from stems.netfetch import fetch_url
 from stems.storage import keys
 
-from .context import StoreContext
 from .retry import backoff, retryable
 
 log = logging.getLogger(__name__)
 
 
-def validate(info: A.AudioInfo, ctx: StoreContext) -> None:
+def validate(info: A.AudioInfo, ctx: Container) -> None:
     s = ctx.settings
     if info.duration < s.min_duration_s:
         raise AudioError(
@@ -63,7 +63,7 @@ def check_samples(path: Path, peaks: PeakAccumulator) -> None:
         peaks.feed(block)
 
 
-def import_audio(audio_id: str, ctx: StoreContext) -> None:
+def import_audio(audio_id: str, ctx: Container) -> None:
     asset = ctx.store.get_asset(audio_id)
     if asset is None or asset.status != AssetStatus.processing:
         return  # unknown, or already imported: delivering twice changes nothing
@@ -99,14 +99,14 @@ def import_audio(audio_id: str, ctx: StoreContext) -> None:
         ctx.storage.delete(asset.object_key)  # deleted while we fetched it: do not leave our download behind
 
 
-def refuse(asset: AudioAsset, ctx: StoreContext, error: dict) -> None:
+def refuse(asset: AudioAsset, ctx: Container, error: dict) -> None:
     asset.status, asset.error = AssetStatus.failed, error
     ctx.store.update_asset(asset)
     if asset.origin != "ingest":  # refused audio is not kept (ingested objects are not ours)
         ctx.storage.delete(asset.object_key)
 
 
-def run_import(audio_id: str, ctx: StoreContext) -> None:
+def run_import(audio_id: str, ctx: Container) -> None:
     """One delivery of an import, counted and bounded."""
     s, store = ctx.settings, ctx.store
     asset = store.get_asset(audio_id)

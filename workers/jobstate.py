@@ -44,10 +44,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pipelines.errors import Cancelled, GaveUp, InternalError, StemsError, Superseded, TimeLimit
 from pipelines.presets import load_catalogue
 from pipelines.split import SEPARATED
+from stems.container import Container
 from stems.models import DELIVERY_QUEUE, Job, JobStatus, Separated, Stem, StemStatus
 from stems.storage import keys
 
-from .context import StoreContext, WorkerContext
+from .context import WorkerContext
 from .lease import Lease
 from .retry import backoff, retryable
 
@@ -78,7 +79,7 @@ def holder_gone(job: Job, now: float) -> bool:
 # -- transitions ------------------------------------------------------------------------------------------
 
 
-def start(job_id: str, ctx: StoreContext, worker: str | None = None) -> Job | None:
+def start(job_id: str, ctx: Container, worker: str | None = None) -> Job | None:
     """queued -> processing: take the job for a new attempt; None if this delivery has nothing to do.
 
     Nothing to do: the job is unknown or ended, or separated already (a stale message: its
@@ -88,12 +89,12 @@ def start(job_id: str, ctx: StoreContext, worker: str | None = None) -> Job | No
     return _claim(job_id, ctx, worker, delivery=False)
 
 
-def start_delivery(job_id: str, ctx: StoreContext, worker: str | None = None) -> Job | None:
+def start_delivery(job_id: str, ctx: Container, worker: str | None = None) -> Job | None:
     """separated -> delivering: take a separated job for a delivery run; None if this message has nothing to do."""
     return _claim(job_id, ctx, worker, delivery=True)
 
 
-def _claim(job_id: str, ctx: StoreContext, worker: str | None, delivery: bool) -> Job | None:
+def _claim(job_id: str, ctx: Container, worker: str | None, delivery: bool) -> Job | None:
     s, now = ctx.settings, time.time()
 
     def apply(job: Job) -> Job | None:
@@ -117,7 +118,7 @@ def _claim(job_id: str, ctx: StoreContext, worker: str | None, delivery: bool) -
     return ctx.store.transition(job_id, apply)
 
 
-def hand_to_delivery(job: Job, ctx: StoreContext, separated: Separated, timings: dict[str, float]) -> bool:
+def hand_to_delivery(job: Job, ctx: Container, separated: Separated, timings: dict[str, float]) -> bool:
     """processing -> separated: the job waits for delivery with its float stems (only while this attempt owns it);
     its load entry moves to the delivery queue and its delivery message is owed, in the same transaction."""
 
@@ -138,7 +139,7 @@ def hand_to_delivery(job: Job, ctx: StoreContext, separated: Separated, timings:
 
 def finish(
     job_id: str,
-    ctx: StoreContext,
+    ctx: Container,
     status: JobStatus,
     error: dict | None = None,
     usage_minutes: float = 0.0,
@@ -173,7 +174,7 @@ def finish(
     return ctx.store.transition(job_id, apply, also)
 
 
-def _owe_last_sweep(pipe, job: Job, ctx: StoreContext) -> None:
+def _owe_last_sweep(pipe, job: Job, ctx: Container) -> None:
     # every attempt of the job started before now, so each is dead (its pool process killed at its hard time
     # limit) by now + the longest limit: an attempt frozen past its lease that wakes and uploads before it
     # checks its fence leaves objects after the first cleanup, and this sweep removes them
@@ -186,7 +187,7 @@ def _owe_last_sweep(pipe, job: Job, ctx: StoreContext) -> None:
     )
 
 
-def cancel(job_id: str, ctx: StoreContext) -> Job | None:
+def cancel(job_id: str, ctx: Container) -> Job | None:
     """-> cancelled (by its owner): the cancelled job, or None if it had ended (or vanished) first.
 
     The cleanup of its objects is owed in the same transaction; a running attempt learns of the
@@ -209,7 +210,7 @@ def cancel(job_id: str, ctx: StoreContext) -> Job | None:
 
 def requeue(
     job_id: str,
-    ctx: StoreContext,
+    ctx: Container,
     stage: str,
     due: float,
     attempt_id: str | None = None,
@@ -246,7 +247,7 @@ def requeue(
     return ctx.store.transition(job_id, apply, lambda pipe, new: ctx.store.owe(owed_kind(new), new.id, due, pipe))
 
 
-def separate_again(job: Job, ctx: StoreContext) -> Job | None:
+def separate_again(job: Job, ctx: Container) -> Job | None:
     """separated -> queued: the float stems are gone, so the job goes back to its model queue to be separated
     again; its load entry moves back with it, and the old float stems' removal is owed (one transaction)."""
 
@@ -275,7 +276,7 @@ def separate_again(job: Job, ctx: StoreContext) -> Job | None:
     return again
 
 
-def give_up(job: Job, ctx: StoreContext) -> None:
+def give_up(job: Job, ctx: Container) -> None:
     """-> failed: the job was tried too often (its worker died each time)."""
     if job.separated is not None:
         err = GaveUp(
@@ -322,7 +323,7 @@ def _pending(stem: Stem) -> Stem:
     return stem
 
 
-def reset_stems(job: Job, ctx: StoreContext) -> None:
+def reset_stems(job: Job, ctx: Container) -> None:
     """Stem records back to pending for a new attempt (they may point at an earlier attempt's objects)."""
     stale = [
         _pending(s) for s in ctx.store.get_stems(job.stem_ids + job.upscaled_ids) if s.status != StemStatus.pending
@@ -334,7 +335,7 @@ def reset_stems(job: Job, ctx: StoreContext) -> None:
 # -- cleanup owed -----------------------------------------------------------------------------------------------
 
 
-def clean(ctx: StoreContext, job_id: str, user_id: str, now: float | None = None) -> bool:
+def clean(ctx: Container, job_id: str, user_id: str, now: float | None = None) -> bool:
     """Bring the job's objects to what its state allows; True once storage confirms there is nothing more to do.
 
     Idempotent, and safe to run by several processes at once. A deleted, failed or cancelled job
@@ -364,7 +365,7 @@ def clean(ctx: StoreContext, job_id: str, user_id: str, now: float | None = None
 
 
 def settle_clean(
-    ctx: StoreContext, job_id: str, user_id: str, score: int, now: float | None = None, last: bool = False
+    ctx: Container, job_id: str, user_id: str, score: int, now: float | None = None, last: bool = False
 ) -> bool:
     """Run an owed cleanup (the entry read with `score`; `last`: a last sweep); settle it once done, else owe it
     again later."""
@@ -377,7 +378,7 @@ def settle_clean(
     return False
 
 
-def clean_now(job: Job, ctx: StoreContext) -> None:
+def clean_now(job: Job, ctx: Container) -> None:
     """The cleanup a transition just owed, done now by the process that owed it; on any error the entry stays
     and the reaper does it."""
     score = ctx.store.cleanup_owed(job.id, job.user_id)
@@ -490,11 +491,11 @@ def _retry(job: Job, ctx: WorkerContext, exc: Exception) -> None:
         _best_effort(job, "remove its attempt's objects", lambda: _remove_own(job, ctx))
 
 
-def _remove_own(job: Job, ctx: StoreContext) -> None:
+def _remove_own(job: Job, ctx: Container) -> None:
     ctx.storage.delete_prefix(keys.attempt_prefix(job.user_id, job.id, job.attempt_id))
 
 
-def stand_down(job: Job, ctx: StoreContext) -> None:
+def stand_down(job: Job, ctx: Container) -> None:
     """This attempt lost the job: remove its own objects and stop, touching nothing of the owner's.
 
     Never the objects of the attempt that completed the job, nor the float stems a delivery waits

@@ -19,17 +19,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from pipelines import mastering as M
 from pipelines.errors import GaveUp, InternalError, StemsError, TimeLimit
+from stems.container import Container
 from stems.masterings import TASK_KIND, Mastering, Masterings, output_stem, wav_key
 from stems.models import JobStatus, StemStatus
 from stems.storage import keys
 
-from .context import StoreContext
 from .retry import backoff, retryable
 
 log = logging.getLogger(__name__)
 
 
-def source_key(m: Mastering, ctx: StoreContext) -> str | None:
+def source_key(m: Mastering, ctx: Container) -> str | None:
     if m.source_kind == "audio":
         asset = ctx.store.get_asset(m.source_id)
         return asset.object_key if asset else None
@@ -43,7 +43,7 @@ def _fail(store: Masterings, m: Mastering, error: dict) -> None:
     store.update(m, stem)
 
 
-def run_master(mastering_id: str, ctx: StoreContext, hostname: str | None = None) -> None:
+def run_master(mastering_id: str, ctx: Container, hostname: str | None = None) -> None:
     s, masters = ctx.settings, Masterings(ctx.store)
     m = masters.get(mastering_id)
     if m is None or m.status.terminal:
@@ -79,7 +79,7 @@ def run_master(mastering_id: str, ctx: StoreContext, hostname: str | None = None
     ctx.store.settle(TASK_KIND, mastering_id)
 
 
-def _master(m: Mastering, ctx: StoreContext, masters: Masterings) -> None:
+def _master(m: Mastering, ctx: Container, masters: Masterings) -> None:
     key = source_key(m, ctx)
     if key is None:
         raise StemsError("the source was deleted or expired before the mastering ran")

@@ -47,12 +47,12 @@ from celery.signals import (
 )
 
 from pipelines.errors import TimeLimit
+from stems.container import Container
 from stems.jobstore import JobStore
 from stems.models import JobStatus
 from stems.settings import Settings, get_settings
 
 from .celery_app import dead_letter_queue, make_celery
-from .context import StoreContext
 from .jobstate import clean_now, finish, owed_kind, requeue, settle_clean
 from .messages import KINDS, flush, send_owed
 
@@ -63,7 +63,7 @@ PRUNE_EVERY = 30  # passes between prunes of the load lists
 
 class Reaper:
     def __init__(self, settings: Settings, holder: str) -> None:
-        self.ctx = StoreContext.from_settings(settings)
+        self.ctx = Container(settings)
         self.app = make_celery(settings)  # its own broker connections: the consumer's are not for other threads
         self.holder = holder
         self.passes = 0
@@ -182,8 +182,7 @@ _store: JobStore | None = None
 def _job_store() -> JobStore:
     global _store
     if _store is None:
-        s = get_settings()
-        _store = JobStore.from_url(s.redis_url, s.key_prefix)
+        _store = Container(get_settings()).store
     return _store
 
 
@@ -244,7 +243,7 @@ def _running_splits() -> list[str]:
     return []
 
 
-def hand_back(hostname: str, ctx: StoreContext, app) -> list[str]:
+def hand_back(hostname: str, ctx: Container, app) -> list[str]:
     """Send the split and delivery runs this worker still has back to their queues, with a message now; not
     counted as attempts."""
     handed = []
@@ -273,7 +272,7 @@ def _shutting(sender=None, **_):
         if _stop.wait(s.shutdown_grace_s):
             return  # the worker finished its jobs and stopped first
         try:
-            hand_back(hostname, StoreContext.from_settings(s), make_celery(s))
+            hand_back(hostname, Container(s), make_celery(s))
         except Exception as exc:
             log.warning("could not hand jobs back at shutdown: %s", exc)
 

@@ -13,10 +13,9 @@ import threading
 
 from celery.signals import worker_ready, worker_shutdown
 
-from stems.jobstore import JobStore
+from stems.container import Container
 from stems.lifecycle import run_locked
 from stems.settings import get_settings
-from stems.storage import make_storage
 
 from .celery_app import our_queue
 
@@ -26,7 +25,8 @@ _stop = threading.Event()
 
 def _loop(interval_s: float) -> None:
     s = get_settings()
-    store, storage = JobStore.from_url(s.redis_url, s.key_prefix), make_storage(s)
+    parts = Container(s)
+    store, storage = parts.store, parts.storage
     while not _stop.wait(interval_s * (0.75 + 0.5 * random.random())):
         try:
             report = run_locked(store, storage, s, lock_ttl_s=max(60.0, 10 * interval_s))

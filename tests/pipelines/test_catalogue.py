@@ -291,3 +291,20 @@ def test_downloads_name_the_models_files():
         assert all(d.url.startswith("https://") for d in spec.downloads)
     for model_id in ROFORMER_FIRST["2_tracks"] + ("mel_band_roformer_karaoke", "mel_band_roformer_crowd"):
         assert {d.file for d in load_registry()[model_id].downloads} == set(load_registry()[model_id].files)
+
+
+@pytest.mark.parametrize(
+    "queues, imports_torch",
+    [(["cpu"], False), (["gpu-demucs"], True), (["cpu", "gpu-spleeter"], True), (["gpu-onnx"], False), (None, True)],
+)
+def test_a_worker_preloads_torch_only_for_a_torch_familys_queue(queues, imports_torch):
+    """The worker's pre-fork import of torch: a `cpu` worker starts without it (a fresh interpreter each)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from workers.context import _preload_torch; "
+        f"_preload_torch(options={{'queues': {queues!r}}}); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(imports_torch)

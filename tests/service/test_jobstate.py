@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import replace
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -290,7 +289,7 @@ def test_cancel_racing_a_delivery_keeps_the_stems(two_stage_ctx, song):
     job = queued_job(ctx, song, queue="gpu-demucs")
     run_split(job.id, ctx, "gpu1")
     other = JobStore.from_url(ctx.settings.redis_url, ctx.store.p)
-    delivery_ctx = replace(ctx, store=other)
+    delivery_ctx = ctx.replace(store=other)
 
     def deliver_now():
         other.r.delete(other.k(K.CANCEL, job.id))  # the delivery passed its last check before the flag was set

@@ -223,7 +223,6 @@ def _queued_job(ctx, song: Path) -> Job:
     ctx.store.put_asset(asset)
     job = Job(
         user_id="u",
-        preset="phantom_center",
         audio_id=asset.id,
         source_kind="audio",
         source_id=asset.id,
@@ -288,7 +287,6 @@ def _stored_split(store, storage, tmp_path: Path, user: str, created: float, fin
     store.put_asset(asset)
     job = Job(
         user_id=user,
-        preset="phantom_center",
         audio_id=asset.id,
         source_kind="audio",
         source_id=asset.id,
@@ -350,7 +348,6 @@ def test_sweep_keeps_what_a_queued_job_still_needs(store_and_storage, tmp_path):
     asset, job = _stored_split(store, storage, tmp_path, "dep", t0, t0 + 1)
     on_stem = Job(
         user_id="dep",
-        preset="phantom_center",
         audio_id=asset.id,
         source_kind="stem",
         source_id=job.stem_ids[0],
@@ -378,7 +375,6 @@ def _split_of_stem(store, asset, job) -> Job:
     """A queued split of `job`'s first stem: it will read that stem's object."""
     on_stem = Job(
         user_id=job.user_id,
-        preset="phantom_center",
         audio_id=asset.id,
         source_kind="stem",
         source_id=job.stem_ids[0],

@@ -28,7 +28,6 @@ def _queued_job(settings: Settings) -> tuple[JobStore, Job]:
     store = JobStore.from_url(settings.redis_url, settings.key_prefix)
     job = Job(
         user_id="u",
-        preset="phantom_center",
         audio_id="a",
         source_kind="audio",
         source_id="a",

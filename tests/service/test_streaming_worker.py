@@ -82,7 +82,6 @@ def _job(ctx, path: Path, preset: str, selection: dict | None = None, hq: str | 
     spec = SplitSpec(preset=preset, chain_index=index, selection=selection, bit_depth=32, hq_format=hq)
     job = Job(
         user_id="u",
-        preset=preset,
         audio_id=asset.id,
         source_kind="audio",
         source_id=asset.id,

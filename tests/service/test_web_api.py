@@ -125,7 +125,6 @@ def test_the_cursor_is_exact_when_jobs_share_a_created_at(stack):
     jobs = [
         Job(
             user_id="ties",
-            preset="phantom_center",
             audio_id="a",
             source_kind="audio",
             source_id="a",
