@@ -140,7 +140,7 @@ def mastered_status(mastered_id: UUID, svc: Svc, user: User) -> dict:
 )
 def download_mastered(mastered_id: UUID, request: Request, svc: Svc, user: User) -> Response:
     owned_stem(svc, user, str(mastered_id), "mastered")
-    return download_stem(mastered_id, request, "wav", svc, user)
+    return download_stem(mastered_id, request, svc=svc, user=user, format="wav")
 
 
 @router.delete(

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from pipelines.custom import plan as plan_custom
 from pipelines.errors import Conflict, Gone, Invalid, NotFound, PresetError, RateLimited
-from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
+from pipelines.jobspec import CustomSpec, RestorationSpec, Selection, SplitSpec
 from pipelines.licences import licence_of
 from pipelines.presets import load_catalogue
 from pipelines.registry import get_spec
@@ -29,7 +29,6 @@ from .queueing import queue_job
 from .routes_audio import owned_asset
 from .schemas import (
     CreateStems,
-    CustomFields,
     SplitList,
     SplitStatus,
     StemsEstimate,
@@ -80,7 +79,9 @@ def resolve_source(svc: Services, user: str, body: CreateStems) -> tuple[str, st
     return "audio", asset.id, asset.id, float(asset.info["duration"])
 
 
-def custom_fields(body: CreateStems, max_chars: int) -> CustomFields:
+def custom_fields(body: CreateStems, max_chars: int) -> CustomSpec:
+    """The custom-only fields as the job's own type (validated when the preset is `custom`; the route is planned
+    after)."""
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = prompt.strip()
@@ -89,7 +90,7 @@ def custom_fields(body: CreateStems, max_chars: int) -> CustomFields:
         prompt = prompt[:max_chars]  # trimmed to the maximum before validation
     raw = {"prompt": prompt, "sam_model": body.sam_model, "stereo_mode": body.stereo_mode, "spans": body.spans}
     try:
-        return CustomFields.model_validate({k: v for k, v in raw.items() if v is not None})
+        return CustomSpec.model_validate({k: v for k, v in raw.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "prompt"
@@ -167,14 +168,14 @@ def create_stems(
     custom = None
     if preset.prompt_guided:
         fields = custom_fields(body, svc.settings.max_prompt_chars)
-        for span in fields.spans or []:
+        for span in fields.spans:
             if span.start < start or span.end > end:
                 raise Invalid(f"span {span.start}-{span.end} s is outside the selection {start}-{end} s", field="spans")
         custom = plan_custom(
             fields.prompt,
             fields.sam_model,
             fields.stereo_mode,
-            [TimeRange(start=s.start, end=s.end) for s in fields.spans or []],
+            list(fields.spans),
             avail.pick,
             avail.model_served(fields.sam_model),
         )

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic_core import PydanticCustomError
 
 from pipelines.errors import LinkError
-from pipelines.jobspec import SAM_MODELS, STEREO_MODES, TimeRange
+from pipelines.jobspec import SAM_MODELS, STEREO_MODES, RestorationSpec, TimeRange
 from stems.netfetch import parse_link
 
 
@@ -83,9 +83,8 @@ class AudioStatus(BaseModel):
     expires_at: float | None = Field(None, description="when the retention policy deletes the original (null: kept)")
 
 
-class RestorationParams(Strict):
-    preset: str = Field("universal_enhancer", examples=["universal_enhancer"])
-    strength: float = Field(1.0, ge=0.0, le=1.0, description="wet/dry mix of the restored signal")
+class RestorationParams(RestorationSpec):
+    """A restored copy of each stem: the restoration preset and its wet/dry strength (the job's own type)."""
 
 
 class CreateStems(Strict):
@@ -133,15 +132,6 @@ class CreateStems(Strict):
             ]
         },
     )
-
-
-class CustomFields(Strict):
-    """The custom-only fields, validated when the preset is `custom`."""
-
-    prompt: str = Field(..., min_length=1)
-    sam_model: Literal[SAM_MODELS] = "sam-audio-base"  # type: ignore[valid-type]
-    stereo_mode: Literal[STEREO_MODES] = "mono"  # type: ignore[valid-type]
-    spans: list[Span] | None = None
 
 
 class StemRef(BaseModel):
