@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pipelines.errors import (
     DependencyUnavailable,
+    LinkError,
     ObjectMissing,
     RateLimited,
     StemsError,
@@ -88,7 +89,7 @@ def install(app: FastAPI) -> None:
             }
         else:
             field = ".".join(str(p) for p in link["loc"][1:])
-            body = {"detail": f"{field}: {link['msg']}", "code": "invalid_link", "message": link["msg"], "field": field}
+            body = {"detail": f"{field}: {link['msg']}", **LinkError(link["msg"], field=field).to_dict()}
         return Response(
             json.dumps(body, ensure_ascii=True, default=str), status_code=422, media_type="application/json"
         )
