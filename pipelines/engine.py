@@ -42,7 +42,7 @@ from . import signals as S
 from .cache import StepCache, step_key
 from .ensemble import combine
 from .errors import Cancelled, PresetError
-from .families.base import Separator
+from .families.base import PromptedSeparator, Separator
 from .modelstore import ModelStore
 from .presets import MIX, Chain, Preset, load_catalogue
 from .progress import Progress, part_of
@@ -277,12 +277,13 @@ class Engine:
                     progress(1.0, f"{model_id}, cached")
                 return _layout(hit, audio.channels)
         sep = self.separator(model_id)
-        if not hasattr(sep, "extract_stream"):
+        if not isinstance(sep, PromptedSeparator):
             raise PresetError(f"model {model_id!r} does not take a prompt", model_id=model_id)
+        prompted = sep
         mono = audio if audio.channels == 1 else S.ChannelsSignal(audio, 1)
 
         def blocks(x: Signal, rate: int) -> Iterator[dict[str, np.ndarray]]:
-            return sep.extract_stream(x, rate, prompt, anchors, max(1, int(self.chunk_seconds * rate)), cancelled)
+            return prompted.extract_stream(x, rate, prompt, anchors, max(1, int(self.chunk_seconds * rate)), cancelled)
 
         out = self._run_adapted(
             sep, spec, mono, sr, _Sinks(workdir, digest=self.cache is not None), progress, cancelled, blocks

@@ -65,3 +65,24 @@ class Separator(ABC):
         chunks `separate` by `streamable` and `chunk_context`.
         """
         return None
+
+
+Anchor = tuple[str, float, float]  # ("+" or "-", start s, end s) in the audio's own time base
+
+
+class PromptedSeparator(Separator):
+    """A separator that extracts what a text prompt names (SAM Audio): the engine runs it through
+    `extract_stream` only, and a model that is not one refuses a prompt (`Engine.extract`)."""
+
+    @abstractmethod
+    def extract_stream(
+        self,
+        audio: Signal,
+        sample_rate: int,
+        prompt: str,
+        anchors: list[Anchor],
+        block: int,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The target and residual of `prompt` for consecutive blocks of about `block` samples of `audio`
+        (mono, at the model's rate), `anchors` marking where the target sounds ("+") or not ("-")."""

@@ -35,18 +35,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import Cancelled, ModelNotInstalled, PresetError
-from .base import Separator
+from .base import Anchor, PromptedSeparator
 
 if TYPE_CHECKING:
     from ..signals import Signal
 
 log = logging.getLogger(__name__)
 
-Anchor = tuple[str, float, float]  # ("+" or "-", start s, end s) in the audio's own time base
 TEXT_ENCODER = "t5-base"  # the files' stem in the store; every published SAM Audio size conditions on T5-base
 
 
-class SamAudioSeparator(Separator):
+class SamAudioSeparator(PromptedSeparator):
     streamable = False
 
     def setup(self, device: str = "cpu") -> None:

@@ -308,3 +308,24 @@ def test_a_worker_preloads_torch_only_for_a_torch_familys_queue(queues, imports_
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(imports_torch)
+
+
+def test_every_registry_entry_s_params_are_valid_for_its_family():
+    """Walk the registry: each model's family accepts its catalogue params (constructing a separator validates
+    them and loads nothing), so a wrong param fails here and not when a worker first loads the model."""
+    from pipelines.registry import load_registry
+
+    for spec in load_registry().values():
+        files = {name: Path("/nowhere") / name for name in spec.files}  # named, never opened before setup
+        sep = spec.separator_class()(spec, files, dict(spec.params))
+        assert sep.spec is spec
+
+
+def test_a_wrong_param_is_refused_when_the_separator_is_made():
+    from pipelines.errors import ChainError
+    from pipelines.registry import get_spec
+
+    for model_id, bad in (("dsp.centre", {"method": "centre", "nonsense": 1}), ("htdemucs", {"shifts": "many"})):
+        spec = get_spec(model_id)
+        with pytest.raises(ChainError):
+            spec.separator_class()(spec, {}, {**spec.params, **bad})
