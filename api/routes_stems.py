@@ -226,22 +226,7 @@ def create_stems(
             key_id=key_id,
             output_bytes=numbers["estimated_bytes"],
         )
-        records = [Stem(user_id=user, job_id=job.id, name=n, bit_depth=body.bit_depth, hq_format=hq) for n in stems]
-        upscaled = []
-        if body.restoration_params:
-            upscaled = [
-                Stem(
-                    user_id=user,
-                    job_id=job.id,
-                    name=f"{s.name}_restored",
-                    kind="upscaled",
-                    of_stem_id=s.id,
-                    bit_depth=body.bit_depth,
-                    hq_format=hq,
-                )
-                for s in records
-            ]
-        job.stem_ids, job.upscaled_ids = [s.id for s in records], [s.id for s in upscaled]
+        records, upscaled = job.make_stems(stems)
         response = {
             "status": "processing",
             "message": "Stem separation queued",

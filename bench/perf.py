@@ -132,7 +132,7 @@ def create_job(ctx, path: Path, preset: str, selection, hq: str, bit_depth: int,
     from pipelines import audio as A
     from pipelines.jobspec import SplitSpec
     from pipelines.presets import load_catalogue
-    from stems.models import AssetStatus, AudioAsset, Job, Stem
+    from stems.models import AssetStatus, AudioAsset, Job
 
     assets = {} if assets is None else assets
     if path not in assets:
@@ -168,11 +168,7 @@ def create_job(ctx, path: Path, preset: str, selection, hq: str, bit_depth: int,
         queue=chain.queue,
         audio_seconds=end - start,
     )
-    stems = [
-        Stem(user_id="bench", job_id=job.id, name=n, bit_depth=bit_depth, hq_format=None if hq == "none" else hq)
-        for n in p.output_stems()
-    ]
-    job.stem_ids = [s.id for s in stems]
+    stems, _ = job.make_stems(p.output_stems())
     ctx.store.create_job(job, stems)
     return job.id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from enum import Enum
 from typing import Literal
 
@@ -159,3 +160,28 @@ class Job(BaseModel):
     @property
     def preset(self) -> str:
         return self.spec.preset
+
+    def make_stems(self, names: Iterable[str]) -> tuple[list[Stem], list[Stem]]:
+        """The job's Stem rows, made here and nowhere else: one per name at the spec's bit depth and HQ format,
+        and a restored copy of each when the spec asks for restoration. Sets `stem_ids` and `upscaled_ids`.
+        Returns (stems, restored copies)."""
+        spec = self.spec
+        made = [
+            Stem(user_id=self.user_id, job_id=self.id, name=n, bit_depth=spec.bit_depth, hq_format=spec.hq_format)
+            for n in names
+        ]
+        restored = [
+            Stem(
+                user_id=self.user_id,
+                job_id=self.id,
+                name=f"{s.name}_restored",
+                kind="upscaled",
+                of_stem_id=s.id,
+                bit_depth=spec.bit_depth,
+                hq_format=spec.hq_format,
+            )
+            for s in made
+            if spec.restoration is not None
+        ]
+        self.stem_ids, self.upscaled_ids = [s.id for s in made], [s.id for s in restored]
+        return made, restored

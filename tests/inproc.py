@@ -9,7 +9,7 @@ from pathlib import Path
 from pipelines.jobspec import SplitSpec
 from stems import rediskeys as K
 from stems.jobstore import JobStore
-from stems.models import AssetStatus, AudioAsset, Job, Stem
+from stems.models import AssetStatus, AudioAsset, Job
 from stems.settings import Settings
 from stems.storage import S3Storage, keys
 from tests.service.test_storage import s3_settings
@@ -67,8 +67,7 @@ def queued_job(
         audio_seconds=seconds,
         callback_url=callback_url,
     )
-    stems = [Stem(user_id=user, job_id=job.id, name=n, hq_format=hq_format) for n in ("centre", "sides")]
-    job.stem_ids = [s.id for s in stems]
+    stems, _ = job.make_stems(("centre", "sides"))
     ctx.store.create_job(job, stems)
     return job
 

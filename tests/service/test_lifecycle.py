@@ -20,7 +20,7 @@ from pipelines.jobspec import SplitSpec
 from stems import rediskeys as K
 from stems.jobstore import JobStore
 from stems.lifecycle import delete_job, run_locked, sweep
-from stems.models import AssetStatus, AudioAsset, Job, JobStatus, Stem, StemStatus
+from stems.models import AssetStatus, AudioAsset, Job, JobStatus, StemStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage, S3Storage, keys
 from tests.service.test_storage import s3_settings
@@ -229,8 +229,7 @@ def _queued_job(ctx, song: Path) -> Job:
         spec=SplitSpec(preset="phantom_center", chain_index=0, hq_format="aac"),
         queue="cpu",
     )
-    stems = [Stem(user_id="u", job_id=job.id, name=n, hq_format="aac") for n in ("centre", "sides")]
-    job.stem_ids = [s.id for s in stems]
+    stems, _ = job.make_stems(("centre", "sides"))
     ctx.store.create_job(job, stems)
     return job
 
@@ -294,8 +293,7 @@ def _stored_split(store, storage, tmp_path: Path, user: str, created: float, fin
         queue="cpu",
         created_at=created,
     )
-    stems = [Stem(user_id=user, job_id=job.id, name=n) for n in ("centre", "sides")]
-    job.stem_ids = [s.id for s in stems]
+    stems, _ = job.make_stems(("centre", "sides"))
     store.create_job(job, stems)
     for s in stems:
         s.status, s.wav_key = StemStatus.complete, keys.stem(user, job.id, "1-test", s.id, "wav")

@@ -23,7 +23,7 @@ from pipelines.cache import StepCache
 from pipelines.engine import Engine
 from pipelines.modelstore import ModelStore
 from stems.jobstore import JobStore
-from stems.models import AssetStatus, AudioAsset, Job, JobStatus, Stem
+from stems.models import AssetStatus, AudioAsset, Job, JobStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage
 from tests.support import write_audio
@@ -88,11 +88,7 @@ def _job(ctx, path: Path, preset: str, selection: dict | None = None, hq: str | 
         spec=spec,
         queue=chain.queue,
     )
-    stems = [
-        Stem(user_id="u", job_id=job.id, name=n, bit_depth=32, hq_format=hq)
-        for n in load_catalogue().preset(preset).output_stems()
-    ]
-    job.stem_ids = [s.id for s in stems]
+    stems, _ = job.make_stems(load_catalogue().preset(preset).output_stems())
     ctx.store.create_job(job, stems)
     return job
 
