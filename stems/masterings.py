@@ -23,9 +23,10 @@ from stems import rediskeys as K
 
 from .jobstore import JobStore
 from .models import JobStatus, SourceKind, Stem, StemStatus, new_id, now
+from .runstore import TaskKind
 from .storage import Storage, keys
 
-TASK_KIND = "master"  # its outbox entries and try counters
+TASK_KIND: TaskKind = "master"  # its outbox entries and try counters
 
 
 class Mastering(BaseModel):

@@ -26,6 +26,8 @@ def now() -> float:
 
 # what a split or a mastering reads: an original, a stem, a restored copy of one, or a mastered version
 SourceKind = Literal["audio", "stem", "upscaled", "mastered"]
+# a Stem record: a job's stem, its restored copy, or a mastering's output
+StemKind = Literal["stem", "upscaled", "mastered"]
 
 
 class AssetStatus(str, Enum):
@@ -83,7 +85,7 @@ class Stem(BaseModel):
     user_id: str
     job_id: str
     name: str
-    kind: str = "stem"  # stem | upscaled
+    kind: StemKind = "stem"
     of_stem_id: str | None = None  # for upscaled: the stem it restores
     status: StemStatus = StemStatus.pending
     made_by: str | None = None

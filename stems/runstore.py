@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, cast
 
 import redis
 
@@ -55,6 +55,10 @@ return 0
 
 def _ms(t: float) -> int:
     return int(t * 1000)
+
+
+# what the outbox owes a message for, and what a delivery count counts (workers/messages.py::TASKS)
+TaskKind = Literal["split", "deliver", "import", "webhook", "master"]
 
 
 class RunStore:
@@ -144,30 +148,30 @@ class RunStore:
         return self.fenced(job_id, attempt_id, writes, running) if stems else True
 
     # -- the outbox ----------------------------------------------------------------
-    def owe(self, kind: str, id_: str, due: float, pipe=None) -> int:
+    def owe(self, kind: TaskKind, id_: str, due: float, pipe=None) -> int:
         """Record that a message for `kind:id` is owed at `due` (unless the work starts first); returns its score."""
         score = _ms(due)
         (pipe or self.r).zadd(self.k(K.OUTBOX), {f"{kind}:{id_}": score})
         return score
 
-    def owed(self, now: float, limit: int = 200) -> list[tuple[str, str, int]]:
+    def owed(self, now: float, limit: int = 200) -> list[tuple[TaskKind, str, int]]:
         """(kind, id, score) of the messages due by `now`."""
         rows = self.r.zrangebyscore(self.k(K.OUTBOX), "-inf", _ms(now), start=0, num=limit, withscores=True)
         out = []
         for member, score in rows:
             kind, _, id_ = member.decode().partition(":")
-            out.append((kind, id_, int(score)))
+            out.append((cast(TaskKind, kind), id_, int(score)))  # written by `owe`: one of the kinds
         return out
 
-    def owes(self, kind: str, id_: str) -> bool:
+    def owes(self, kind: TaskKind, id_: str) -> bool:
         return self.owed_score(kind, id_) is not None
 
-    def owed_score(self, kind: str, id_: str) -> int | None:
+    def owed_score(self, kind: TaskKind, id_: str) -> int | None:
         """The score of the entry owed for `kind:id` (what `settle` compares), None if none is owed."""
         score = self.r.zscore(self.k(K.OUTBOX), f"{kind}:{id_}")
         return None if score is None else int(score)
 
-    def settle(self, kind: str, id_: str, score: int | None = None, again_at: float | None = None) -> bool:
+    def settle(self, kind: TaskKind, id_: str, score: int | None = None, again_at: float | None = None) -> bool:
         """The message was sent or is no longer needed; with `score`, only if nobody rescheduled it meanwhile.
 
         With `again_at` the entry is not deleted but falls due again then: the message was sent, and is
@@ -230,7 +234,7 @@ class RunStore:
         if self.r.get(key) == holder.encode():
             self.r.delete(key)
 
-    def count_try(self, kind: str, id_: str) -> int:
+    def count_try(self, kind: TaskKind, id_: str) -> int:
         """One more try of a task on `id_`; returns how many there have been (kept a week)."""
         key = self.k(K.TRIES, kind, id_)
         with self.r.pipeline(transaction=True) as pipe:
