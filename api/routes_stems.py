@@ -9,12 +9,11 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Query, Response
 from pydantic import ValidationError
 
-from pipelines.custom import plan as plan_custom
 from pipelines.errors import Conflict, Gone, Invalid, NotFound, PresetError, RateLimited
-from pipelines.jobspec import CustomSpec, RestorationSpec, Selection, SplitSpec
+from pipelines.jobspec import CustomSpec, RestorationSpec, Selection
 from pipelines.licences import licence_of
+from pipelines.plan import plan_split
 from pipelines.presets import load_catalogue
-from pipelines.registry import get_spec
 from stems.lifecycle import delete_job, expiry
 from stems.masterings import root_audio_id
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
@@ -163,45 +162,25 @@ def create_stems(
         restoration = RestorationSpec(**body.restoration_params.model_dump())
     if body.callback_url:
         check_url(body.callback_url, svc.settings)
-    avail = svc.availability
     stems = list(preset.output_stems())
-    custom = None
-    if preset.prompt_guided:
-        fields = custom_fields(body, svc.settings.max_prompt_chars)
-        for span in fields.spans:
-            if span.start < start or span.end > end:
-                raise Invalid(f"span {span.start}-{span.end} s is outside the selection {start}-{end} s", field="spans")
-        custom = plan_custom(
-            fields.prompt,
-            fields.sam_model,
-            fields.stereo_mode,
-            list(fields.spans),
-            avail.pick,
-            avail.model_served(fields.sam_model),
-        )
-        chain_index = None
-        route = custom.route
-        routed = None if route is None else catalogue.preset(route.preset).chains[route.chain_index]
-        queue = get_spec(fields.sam_model).queue if routed is None else routed.queue
-        models = [fields.sam_model] if routed is None else list(routed.model_ids)
-    else:
-        chain_index, chain = avail.pick(preset)
-        queue, models = chain.queue, list(chain.model_ids)
     hq = None if body.hq_streaming_format == "none" else body.hq_streaming_format
+    planned = plan_split(
+        preset,
+        selection=selection,
+        bounds=(start, end),
+        bit_depth=body.bit_depth,
+        hq_format=hq,
+        restoration=restoration,
+        custom=custom_fields(body, svc.settings.max_prompt_chars) if preset.prompt_guided else None,
+        pick=svc.availability.pick,
+        model_served=svc.availability.model_served,
+    )
+    spec, queue, models, chain_index = planned.spec, planned.queue, planned.models, planned.spec.chain_index
     sample_rate, channels = source_format(svc, kind, source_id)
     numbers = budget.estimate(
         len(stems), channels, sample_rate, end - start, body.bit_depth, hq, bool(body.restoration_params)
     )
     budget.check_job(numbers, svc.settings.max_job_output_bytes)
-    spec = SplitSpec(
-        preset=preset.name,
-        chain_index=chain_index,
-        selection=selection,
-        bit_depth=body.bit_depth,
-        hq_format=hq,
-        custom=custom,
-        restoration=restoration,
-    )
     if body.dry_run:  # nothing is created: see api/estimate.py
         return estimate.answer(
             svc, user, preset, kind, source_id, audio_id, end - start, queue, models, chain_index, numbers

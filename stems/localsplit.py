@@ -16,10 +16,11 @@ from pathlib import Path
 from pipelines.engine import Engine
 from pipelines.errors import PresetError, StemsError, UsageError
 from pipelines.install_hint import install_hint, preset_hint
-from pipelines.jobspec import RestorationSpec, Selection, SplitSpec, TimeRange
+from pipelines.jobspec import CustomSpec, RestorationSpec, Selection, SplitSpec, TimeRange
 from pipelines.licences import Use, install_gaps, refused_models, unservable
 from pipelines.modelstore import ModelStore
-from pipelines.presets import Preset, load_catalogue
+from pipelines.plan import plan_split
+from pipelines.presets import Chain, Preset, load_catalogue
 from pipelines.registry import get_spec
 from pipelines.stemfile import NI_ORDER, write_stem_mp4
 
@@ -89,38 +90,35 @@ def pick(preset: Preset, store: ModelStore, chain: str | None, use: Use) -> int:
 
 
 def plan(args, store: ModelStore, use: Use) -> SplitSpec:
-    from pipelines import custom
-
+    """The spec `stems split` runs: its arguments through the same planner as the API (pipelines/plan.py)."""
     preset = load_catalogue().preset(args.preset)
     selection = time_range(args.selection, "--selection", Selection) if args.selection else None
-    fields = None
+    custom = None
     if preset.prompt_guided:
         if not args.prompt or not args.prompt.strip():
             raise UsageError(f"preset {preset.name!r} needs --prompt (what to extract, e.g. 'lead vocal')")
-        spans = [time_range(s, "--spans") for s in args.spans.split(",")] if args.spans else []
-        lo, hi = (selection.start, selection.end or float("inf")) if selection else (0.0, float("inf"))
-        for s in spans:
-            if s.start < lo or s.end > hi:
-                raise UsageError(f"span {s.start}-{s.end} s is outside the selection {lo}-{hi} s")
-        fields = custom.plan(
-            args.prompt.strip(),
-            args.sam_model,
-            args.stereo_mode,
-            spans,
-            lambda p: (pick(p, store, args.chain, use), None),
-            store.missing(get_spec(args.sam_model)) is None,
+        spans = tuple(time_range(s, "--spans") for s in args.spans.split(",")) if args.spans else ()
+        custom = CustomSpec(
+            prompt=args.prompt.strip(), sam_model=args.sam_model, stereo_mode=args.stereo_mode, spans=spans
         )
     elif args.prompt or args.spans:
         raise UsageError("--prompt and --spans are for the custom preset only")
-    return SplitSpec(
-        preset=preset.name,
-        chain_index=None if fields else pick(preset, store, args.chain, use),
+
+    def chain_here(p: Preset) -> tuple[int, Chain]:
+        index = pick(p, store, args.chain, use)
+        return index, p.chains[index]
+
+    return plan_split(
+        preset,
         selection=selection,
+        bounds=(selection.start, selection.end or float("inf")) if selection else (0.0, float("inf")),
         bit_depth=args.bit_depth,
         hq_format=None if args.hq == "none" else args.hq,
-        custom=fields,
         restoration=restoration(args.restore) if args.restore else None,
-    )
+        custom=custom,
+        pick=chain_here,
+        model_served=lambda model_id: store.missing(get_spec(model_id)) is None,
+    ).spec
 
 
 def run(args, store: ModelStore, settings) -> int:
