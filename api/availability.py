@@ -16,6 +16,7 @@ from pipelines.errors import PresetError
 from pipelines.install_hint import preset_hint
 from pipelines.licences import refused_models
 from pipelines.presets import Chain, Preset
+from stems.models import WorkerReport
 
 from .deps import Services
 
@@ -25,11 +26,11 @@ _CACHE_S = 2.0
 class Availability:
     def __init__(self, svc: Services) -> None:
         self.svc = svc
-        self._workers: list[dict] = []
-        self._served: dict[str, dict] = {}
+        self._workers: list[WorkerReport] = []
+        self._served: dict[str, WorkerReport] = {}
         self._at = 0.0
 
-    def _reports(self) -> tuple[list[dict], dict[str, dict]]:
+    def _reports(self) -> tuple[list[WorkerReport], dict[str, WorkerReport]]:
         """The live workers' reports, and each queue's last report (see `RunStore.served`)."""
         if time.monotonic() - self._at > _CACHE_S:
             store = self.svc.store
@@ -54,10 +55,10 @@ class Availability:
 
             return [m for m in model_ids if self.svc.models.missing(get_spec(m))]
         # a pool at zero has no live worker: its last report says what it serves when it scales up
-        workers = [w for w in live if queue in w["queues"]] or ([served[queue]] if queue in served else [])
+        workers = [w for w in live if queue in w.queues] or ([served[queue]] if queue in served else [])
         if not workers:
             return list(model_ids)
-        return min(([m for m in model_ids if m not in w["models"]] for w in workers), key=len)
+        return min(([m for m in model_ids if m not in w.models] for w in workers), key=len)
 
     def licence_refused(self, preset: Preset) -> list[str]:
         """Models of `preset`'s chains whose licence does not allow the declared use (STEMS_DECLARED_USE)."""

@@ -71,7 +71,7 @@ def _remaining(store, job: Job, cache: dict) -> float:
 
 
 def workers_of(store, queue: str) -> int:
-    return max(1, sum(queue in w.get("queues", []) for w in store.live_workers()))
+    return max(1, sum(queue in w.queues for w in store.live_workers()))
 
 
 def estimate(

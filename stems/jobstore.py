@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from stems import rediskeys as K
 
-from .models import USER_ID, AudioAsset, Job, Stem, StemStatus
+from .models import USER_ID, AudioAsset, Job, Stem, StemStatus, WorkerReport
 from .runstore import RunStore
 from .unavailable import RedisUnavailable, redact_url
 
@@ -551,11 +551,11 @@ class JobStore(RunStore):
         raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k(K.USAGE, user_id)).items()}
         return {"minutes": round(float(raw.get("minutes", 0)), 4), "jobs": int(raw.get("jobs", 0))}
 
-    def live_workers(self, ttl_s: float = 20.0) -> list[dict]:
+    def live_workers(self, ttl_s: float = 20.0) -> list[WorkerReport]:
         """Reports of workers that beat within the last `ttl_s` seconds (see workers.heartbeat)."""
         now = time.time()
-        reports = [json.loads(v) for v in self.r.hvals(self.k(K.WORKERS))]
-        return [r for r in reports if now - r["ts"] < ttl_s]
+        reports = [WorkerReport.model_validate_json(v) for v in self.r.hvals(self.k(K.WORKERS))]
+        return [r for r in reports if now - r.ts < ttl_s]
 
     def ping(self) -> None:
         self.r.ping()

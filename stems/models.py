@@ -187,3 +187,13 @@ class Job(BaseModel):
         ]
         self.stem_ids, self.upscaled_ids = [s.id for s in made], [s.id for s in restored]
         return made, restored
+
+
+class WorkerReport(BaseModel):
+    """A worker's heartbeat (workers/heartbeat.py): the queues it consumes and the models its store holds."""
+
+    hostname: str
+    queues: list[str]
+    models: list[str]
+    pid: int
+    ts: float  # when it beat (time.time())

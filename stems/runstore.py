@@ -32,7 +32,7 @@ import redis
 from stems import rediskeys as K
 
 from . import eta
-from .models import DELIVERY_QUEUE, Job, JobStatus, Stem
+from .models import DELIVERY_QUEUE, Job, JobStatus, Stem, WorkerReport
 
 DAY_S = 86400
 
@@ -242,20 +242,21 @@ class RunStore:
             pipe.expire(key, 7 * DAY_S)
             return int(pipe.execute()[0])
 
-    def put_worker_report(self, hostname: str, report: dict) -> None:
+    def put_worker_report(self, report: WorkerReport) -> None:
         """Keep a worker's report, and remember it as what each of its queues serves (`served`)."""
+        raw = report.model_dump_json()
         with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(self.k(K.WORKERS), hostname, json.dumps(report))
-            for queue in report["queues"]:
-                pipe.hset(self.k(K.SERVED), queue, json.dumps(report))
+            pipe.hset(self.k(K.WORKERS), report.hostname, raw)
+            for queue in report.queues:
+                pipe.hset(self.k(K.SERVED), queue, raw)
             pipe.execute()
 
-    def served(self, max_age_s: float) -> dict[str, dict]:
+    def served(self, max_age_s: float) -> dict[str, WorkerReport]:
         """queue -> the last report of a worker of it, within `max_age_s`: what the deployment serves, also
         on a queue whose pool is scaled to zero (its workers gone, their reports dropped)."""
         now = time.time()
-        reports = {q.decode(): json.loads(v) for q, v in self.r.hgetall(self.k(K.SERVED)).items()}
-        return {q: r for q, r in reports.items() if now - r["ts"] < max_age_s}
+        reports = {q.decode(): WorkerReport.model_validate_json(v) for q, v in self.r.hgetall(self.k(K.SERVED)).items()}
+        return {q: r for q, r in reports.items() if now - r.ts < max_age_s}
 
     def drop_worker_report(self, hostname: str) -> None:
         self.r.hdel(self.k(K.WORKERS), hostname)

@@ -14,11 +14,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from .production import dependency_problems
 from .redisboot import ensure_redis
+
+if TYPE_CHECKING:
+    from .jobstore import JobStore
+    from .models import WorkerReport
 
 RUN = Path(".run")
 
@@ -138,7 +143,7 @@ def wait_http(url: str, timeout: float = 60.0, proc: Proc | None = None) -> None
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def wait_workers(store, n: int, timeout: float = 60.0) -> list[dict]:
+def wait_workers(store: JobStore, n: int, timeout: float = 60.0) -> list[WorkerReport]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         live = store.live_workers()

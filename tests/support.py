@@ -114,7 +114,7 @@ class ServiceStack:
         if wait:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                if any(w["hostname"].startswith(name + "@") for w in self.store.live_workers()):
+                if any(w.hostname.startswith(name + "@") for w in self.store.live_workers()):
                     break
                 if p.popen.poll() is not None:
                     raise RuntimeError(f"worker {name} exited; see {p.log}")

@@ -14,6 +14,7 @@ import time
 from celery.signals import celeryd_init, worker_ready, worker_shutdown
 
 from stems.container import Container
+from stems.models import WorkerReport
 from stems.settings import get_settings
 
 from .celery_app import our_queue
@@ -23,10 +24,10 @@ TTL_S = 20
 _stop = threading.Event()
 
 
-def report(hostname: str, queues: list[str]) -> dict:
+def report(hostname: str, queues: list[str]) -> WorkerReport:
     s = get_settings()
     models = sorted(m for m, reason in Container(s).models.installed().items() if reason is None)
-    return {"hostname": hostname, "queues": queues, "models": models, "pid": os.getpid(), "ts": time.time()}
+    return WorkerReport(hostname=hostname, queues=queues, models=models, pid=os.getpid(), ts=time.time())
 
 
 def _loop(hostname: str, queues: list[str]) -> None:
@@ -34,7 +35,7 @@ def _loop(hostname: str, queues: list[str]) -> None:
     store = Container(s).store
     while not _stop.is_set():
         try:
-            store.put_worker_report(hostname, report(hostname, queues))
+            store.put_worker_report(report(hostname, queues))
         except Exception:  # Redis away: try again next beat; readers ignore reports older than TTL_S
             pass
         _stop.wait(INTERVAL_S)

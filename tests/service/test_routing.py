@@ -32,9 +32,9 @@ def two_workers(tmp_path_factory, redis_url, s3_url):
 
 
 def test_workers_report_their_queues_and_models(two_workers):
-    reports = {w["hostname"].split("@")[0]: w for w in two_workers.store.live_workers()}
-    assert reports["cpu"]["queues"] == ["cpu"] and "htdemucs" not in reports["cpu"]["models"]
-    assert reports["demucs"]["queues"] == ["gpu-demucs"] and "htdemucs" in reports["demucs"]["models"]
+    reports = {w.hostname.split("@")[0]: w for w in two_workers.store.live_workers()}
+    assert reports["cpu"].queues == ["cpu"] and "htdemucs" not in reports["cpu"].models
+    assert reports["demucs"].queues == ["gpu-demucs"] and "htdemucs" in reports["demucs"].models
 
 
 def test_each_job_runs_on_the_worker_of_its_queue(two_workers, tmp_path):
@@ -75,7 +75,7 @@ def test_preset_nobody_serves_is_refused_with_missing_models(two_workers, tmp_pa
 # last in the module: it stops the fixture's demucs worker
 def test_a_preset_whose_pool_is_at_zero_is_queued_and_runs_when_the_pool_scales_up(two_workers, tmp_path):
     two_workers.demucs.stop()  # the pool scales to zero: its worker goes, and so does its report
-    assert not [w for w in two_workers.store.live_workers() if "gpu-demucs" in w["queues"]]
+    assert not [w for w in two_workers.store.live_workers() if "gpu-demucs" in w.queues]
     time.sleep(2.5)  # past the API's cache of the reports
     path = write_audio(tmp_path / "a.wav", tone_mix(2.0, SR), SR)
     with two_workers.client() as c:
