@@ -11,23 +11,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from pipelines.errors import (
-    DependencyUnavailable,
-    LinkError,
-    ObjectMissing,
-    RateLimited,
-    StemsError,
-    Unauthorized,
-)
+from pipelines.errors import DependencyUnavailable, LinkError, ObjectMissing, RateLimited, StemsError, Unauthorized
 from stems.jobstore import unavailable as redis_unavailable
 from stems.unavailable import RedisUnavailable
 
 log = logging.getLogger(__name__)
-
-
-def status_for(exc: StemsError) -> int:
-    """The HTTP status of one of our errors: the class says it (pipelines/errors.py), nothing here decides."""
-    return exc.http_status
 
 
 def unavailable_response(request: Request, exc: DependencyUnavailable) -> JSONResponse:
@@ -43,11 +31,11 @@ def install(app: FastAPI) -> None:
     async def _ours(request: Request, exc: StemsError) -> JSONResponse:
         if isinstance(exc, DependencyUnavailable):
             return unavailable_response(request, exc)
-        status = status_for(exc)
+        # the class says its status (pipelines/errors.py); nothing here decides it
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
         if isinstance(exc, Unauthorized):
             headers = {"WWW-Authenticate": "ApiKey"}
-        return JSONResponse({"detail": exc.message, **exc.to_dict()}, status_code=status, headers=headers)
+        return JSONResponse({"detail": exc.message, **exc.to_dict()}, status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(ObjectMissing)
     async def _missing(request: Request, exc: ObjectMissing) -> JSONResponse:

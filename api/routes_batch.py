@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from pipelines.errors import StemsError
 
 from .deps import CallerKey, Svc, User
-from .errors import status_for
 from .idempotency import body_hash, claim_for, run_once
 from .routes_stems import create_stems
 from .schemas import BatchQueued, CreateStems, CreateStemsBatch
@@ -60,7 +59,7 @@ def create_stems_batch(
         try:
             return create_stems(request, svc, user, key_id, item_key(i))
         except StemsError as exc:
-            return _error(status_for(exc), **{"detail": exc.message, **exc.to_dict()})
+            return _error(exc.http_status, **{"detail": exc.message, **exc.to_dict()})
 
     def run() -> dict:
         return {"items": [one(i, raw) for i, raw in enumerate(body.items)]}

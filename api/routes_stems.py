@@ -18,21 +18,14 @@ from stems.lifecycle import delete_job, expiry
 from stems.masterings import root_audio_id
 from stems.models import AssetStatus, Job, JobStatus, Stem, StemStatus
 from stems.netfetch import check_url
-from workers.jobstate import cancel as cancel_job
-from workers.jobstate import clean_now
+from workers.jobstate import cancel as cancel_job, clean_now
 
 from . import budget, estimate
 from .deps import CallerKey, Services, Svc, User
 from .idempotency import body_hash, claim_for, run_once
 from .queueing import queue_job
 from .routes_audio import owned_asset
-from .schemas import (
-    CreateStems,
-    SplitList,
-    SplitStatus,
-    StemsEstimate,
-    StemsQueued,
-)
+from .schemas import CreateStems, SplitList, SplitStatus, StemsEstimate, StemsQueued
 
 router = APIRouter(tags=["stems"])
 
@@ -332,13 +325,12 @@ def _cursor(text: str) -> tuple[float, str]:
 @router.post("/cancel/{creation_id}", response_model=SplitStatus, summary="Cancel a queued or running split")
 def cancel(creation_id: UUID, svc: Svc, user: User) -> dict:
     job = owned_job(svc, user, str(creation_id))
-    ctx = svc  # the API's services are a container
     if not job.status.terminal:
-        ended = cancel_job(job.id, ctx)  # a compare-and-set: it owes the cleanup of the job's objects
+        ended = cancel_job(job.id, svc)  # a compare-and-set: it owes the cleanup of the job's objects
         if ended is not None and ended.attempt_id is None:
             # nobody runs it (queued, or separated and waiting for delivery): its objects go now (else the reaper);
             # a running attempt stops at its next check and does it
-            clean_now(ended, ctx)
+            clean_now(ended, svc)
         job = svc.store.get_job(job.id) or job
     if job.status.terminal and job.status != JobStatus.cancelled:
         raise Conflict(f"the split already ended ({job.status.value})", creation_id=job.id)

@@ -51,14 +51,7 @@ def run(broker: str, args, tmp: Path) -> dict:
     from stems.jobstore import JobStore
     from stems.redisboot import free_port, start_redis
     from stems.settings import Settings
-    from stems.stack import (
-        api_proc,
-        make_sample,
-        upload_file,
-        wait_http,
-        wait_workers,
-        worker_proc,
-    )
+    from stems.stack import api_proc, make_sample, upload_file, wait_http, wait_workers, worker_proc
     from stems.storage import make_storage
     from tools.random_models import install_random_demucs
     from workers.celery_app import purge_rabbitmq

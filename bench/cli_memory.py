@@ -94,9 +94,7 @@ def main() -> int:
                 f"{long_['maxrss_mib']:7.0f} MiB at {args.long:g} s ({long_['seconds']} s): ratio {ratio:.2f}",
                 flush=True,
             )
-    from pipelines.machine import (
-        bench_description,  # the figures hold for this machine, at this load
-    )
+    from pipelines.machine import bench_description  # the figures hold for this machine, at this load
 
     Path(args.json).write_text(
         json.dumps({"cpus": os.cpu_count(), "machine": bench_description(), "results": results}, indent=1) + "\n"

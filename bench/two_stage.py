@@ -127,9 +127,7 @@ def main() -> int:
 
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="stems-bench-two-stage-"))
-    from pipelines.machine import (
-        bench_description,  # the figures hold for this CPU, at this load
-    )
+    from pipelines.machine import bench_description  # the figures hold for this CPU, at this load
 
     machine = {**bench_description(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     try:

@@ -43,7 +43,7 @@ def plan(
     sam_model: str,
     stereo_mode: str,
     spans: list[TimeRange],
-    pick: Callable[[Preset], tuple[int, Chain | None]],
+    pick: Callable[[Preset], tuple[int, Chain]],
     sam_available: bool,
 ) -> CustomSpec:
     """Who serves a prompt: the chain of the stem it names, when that chain runs here (or no SAM model

@@ -37,8 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from . import audio as A
-from . import signals as S
+from . import audio as A, signals as S
 from .cache import StepCache, step_key
 from .ensemble import combine
 from .errors import Cancelled, PresetError

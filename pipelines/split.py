@@ -22,15 +22,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import audio as A
-from . import custom
-from . import signals as S
+from . import audio as A, custom, signals as S
 from .cache import file_key
 from .engine import Engine, Progress
 from .errors import Cancelled
 from .jobspec import Output, SplitSpec
-from .peaks import FORM as PEAKS_FORM
-from .peaks import PeakAccumulator
+from .peaks import FORM as PEAKS_FORM, PeakAccumulator
 from .presets import load_catalogue
 
 STORE_BLOCK_S = 10  # seconds of a stem written per block

@@ -19,9 +19,7 @@ def _settings():
 def _model_store(args):
     from pipelines.modelstore import ModelStore
 
-    from .container import Container
-
-    return ModelStore(args.model_dir) if args.model_dir else Container(_settings()).models
+    return ModelStore(args.model_dir or _settings().model_dir)
 
 
 def _store():

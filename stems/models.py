@@ -172,6 +172,7 @@ class Job(BaseModel):
             Stem(user_id=self.user_id, job_id=self.id, name=n, bit_depth=spec.bit_depth, hq_format=spec.hq_format)
             for n in names
         ]
+        copies = made if spec.restoration is not None else []
         restored = [
             Stem(
                 user_id=self.user_id,
@@ -182,8 +183,7 @@ class Job(BaseModel):
                 bit_depth=spec.bit_depth,
                 hq_format=spec.hq_format,
             )
-            for s in made
-            if spec.restoration is not None
+            for s in copies
         ]
         self.stem_ids, self.upscaled_ids = [s.id for s in made], [s.id for s in restored]
         return made, restored

@@ -17,17 +17,12 @@ import sys
 import threading
 import time
 
-from pipelines.errors import (
-    DependencyUnavailable,
-    StorageUnavailable,
-    UnsafeProduction,
-)
+from pipelines.errors import DependencyUnavailable, StorageUnavailable, UnsafeProduction
 
 from .container import Container
 from .jobstore import JobStore
 from .settings import Settings
-from .storage import CHECKS as STORAGE_CHECKS
-from .storage import Storage
+from .storage import CHECKS as STORAGE_CHECKS, Storage
 
 DEPENDENCIES = ("redis", "storage", "broker")
 RECHECK_S = 5.0

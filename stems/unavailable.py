@@ -20,9 +20,6 @@ import redis
 
 from pipelines.errors import DependencyUnavailable
 
-RETRY_AFTER_S = 5  # a restart, a failover: soon
-RETRY_AFTER_CONFIG_S = 30  # a missing bucket, refused credentials: someone has to act
-
 
 class RedisUnavailable(DependencyUnavailable, redis.ConnectionError):
     """Also a `redis.ConnectionError`, so code written for the client's own errors (leases, retries) still holds."""

@@ -79,11 +79,7 @@ def main() -> int:
     from pipelines.modelstore import ModelStore
     from pipelines.registry import get_spec
     from tools.reference import roformer_reference
-    from tools.roformer_models import (
-        install_random_roformer,
-        msst_outputs,
-        roformer_config,
-    )
+    from tools.roformer_models import install_random_roformer, msst_outputs, roformer_config
 
     torch.set_num_threads(1)
     mod = _msst(args.msst, args.extra)

@@ -51,14 +51,7 @@ def write_random_sam(out: Path, model_id: str = "sam-audio-small", seed: int = 0
         TransformerConfig,
     )
     from mlx_audio.sts.models.sam_audio.text_encoder import T5Config, T5Encoder
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import T5Config as HfT5Config
 
     out = Path(out)

@@ -19,8 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipelines import signals as S
-from pipelines import split
+from pipelines import signals as S, split
 from pipelines.errors import ObjectMissing
 from pipelines.jobspec import Output
 from stems.models import Job, JobStatus

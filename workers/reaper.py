@@ -39,12 +39,7 @@ import socket
 import threading
 import time
 
-from celery.signals import (
-    task_received,
-    worker_ready,
-    worker_shutdown,
-    worker_shutting_down,
-)
+from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 
 from pipelines.errors import TimeLimit
 from stems.container import Container

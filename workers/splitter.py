@@ -27,20 +27,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines import audio as A
-from pipelines import split
+from pipelines import audio as A, split
 from pipelines.errors import Cancelled, Superseded
 from pipelines.split import Product
 from stems.ingest import check_original
-from stems.models import (
-    DELIVERY_QUEUE,
-    Job,
-    JobStatus,
-    Separated,
-    SeparatedStem,
-    Stem,
-    StemStatus,
-)
+from stems.models import DELIVERY_QUEUE, Job, JobStatus, Separated, SeparatedStem, Stem, StemStatus
 from stems.storage import keys
 
 from .context import WorkerContext

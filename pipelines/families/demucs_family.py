@@ -59,8 +59,7 @@ from demucs.states import load_model
 from demucs.utils import center_trim
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import audio as A
-from .. import signals as S
+from .. import audio as A, signals as S
 from ..errors import Cancelled, ChainError
 from ..machine import this_machine
 from ..modelstore import sha256_file

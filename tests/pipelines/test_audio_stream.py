@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipelines import audio as A
-from pipelines import signals as S
+from pipelines import audio as A, signals as S
 from tests.support import tone_mix, write_audio
 
 SR = 44100

@@ -24,11 +24,7 @@ from pipelines.families.roformer import (  # noqa: E402
 from pipelines.modelstore import ModelStore  # noqa: E402
 from pipelines.registry import get_spec, load_registry  # noqa: E402
 from tools.reference import roformer_reference  # noqa: E402
-from tools.roformer_models import (  # noqa: E402
-    install_random_roformer,
-    make_random_roformer,
-    roformer_config,
-)
+from tools.roformer_models import install_random_roformer, make_random_roformer, roformer_config  # noqa: E402
 
 SR = 44100
 TOL = 1e-4

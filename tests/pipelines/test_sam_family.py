@@ -16,9 +16,7 @@ import pytest
 
 pytest.importorskip("mlx_audio", reason="the `sam` extra (mlx-audio) is not installed")
 
-from pipelines import audio as A
-from pipelines import custom
-from pipelines import signals as S
+from pipelines import audio as A, custom, signals as S
 from pipelines.engine import Engine
 from pipelines.errors import ModelNotInstalled, PresetError
 from pipelines.families.sam import chunk_bounds, crossfade, shift_anchors

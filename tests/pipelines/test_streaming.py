@@ -8,8 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("demucs")
 
-from pipelines import audio as A  # noqa: E402
-from pipelines import signals as S  # noqa: E402
+from pipelines import audio as A, signals as S  # noqa: E402
 from pipelines.engine import Engine  # noqa: E402
 from pipelines.errors import Cancelled  # noqa: E402
 from pipelines.families.base import Separator  # noqa: E402

@@ -19,8 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from schemathesis import GenerationMode
 
 from tests.support import ServiceStack, tone_mix, upload, wait_for, write_audio
@@ -84,15 +83,7 @@ def api_schema(fuzz_stack):
 
 def _operations() -> list[tuple[str, str]]:
     """(method, path) of every route, known at collection time without a running server."""
-    from api import (
-        routes_audio,
-        routes_batch,
-        routes_downloads,
-        routes_master,
-        routes_meta,
-        routes_peaks,
-        routes_stems,
-    )
+    from api import routes_audio, routes_batch, routes_downloads, routes_master, routes_meta, routes_peaks, routes_stems
 
     modules = (routes_audio, routes_stems, routes_batch, routes_master, routes_downloads, routes_peaks, routes_meta)
     return sorted((m, r.path) for mod in modules for r in mod.router.routes for m in r.methods if m != "HEAD")

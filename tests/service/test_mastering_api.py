@@ -31,15 +31,7 @@ from stems.masterings import Mastering, Masterings, output_stem, wav_key
 from stems.models import AssetStatus, AudioAsset, JobStatus, StemStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage
-from tests.support import (
-    ROOT,
-    ServiceStack,
-    child_pids,
-    tone_mix,
-    upload,
-    wait_for,
-    write_audio,
-)
+from tests.support import ROOT, ServiceStack, child_pids, tone_mix, upload, wait_for, write_audio
 
 SR = 44100
 TERMINAL = {"complete", "failed"}

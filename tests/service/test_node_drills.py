@@ -31,16 +31,7 @@ from tests.service.test_two_stage import (
     _wait_job,
     _waiting_for_delivery,
 )
-from tests.support import (
-    TERMINAL,
-    ServiceStack,
-    expected_objects,
-    start_job,
-    tone_mix,
-    upload,
-    wait_for,
-    write_audio,
-)
+from tests.support import TERMINAL, ServiceStack, expected_objects, start_job, tone_mix, upload, wait_for, write_audio
 from workers.celery_app import make_celery
 
 

@@ -15,16 +15,7 @@ import time
 import pytest
 
 from stems.redisboot import free_port, start_redis
-from tests.support import (
-    TERMINAL,
-    ServiceStack,
-    expected_objects,
-    job_objects,
-    start_job,
-    upload,
-    wait_for,
-    wait_stage,
-)
+from tests.support import TERMINAL, ServiceStack, expected_objects, job_objects, start_job, upload, wait_for, wait_stage
 
 FAST = {
     "STEMS_LEASE_S": "4",

@@ -13,9 +13,7 @@ import soundfile as sf
 
 pytest.importorskip("mlx_audio", reason="the `sam` extra (mlx-audio) is not installed")
 
-from pipelines import audio as A
-from pipelines import custom
-from pipelines import signals as S
+from pipelines import audio as A, custom, signals as S
 from pipelines.engine import Engine
 from pipelines.jobspec import CustomSpec, TimeRange
 from pipelines.modelstore import ModelStore

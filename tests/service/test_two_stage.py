@@ -12,15 +12,7 @@ import os
 import signal
 import time
 
-from tests.support import (
-    TERMINAL,
-    ServiceStack,
-    expected_objects,
-    job_objects,
-    start_job,
-    upload,
-    wait_for,
-)
+from tests.support import TERMINAL, ServiceStack, expected_objects, job_objects, start_job, upload, wait_for
 
 FAST = {
     "STEMS_LEASE_S": "4",

@@ -33,14 +33,7 @@ import pytest
 from stems import rediskeys as K
 from stems.masterings import Masterings
 from stems.redisboot import free_port, start_redis
-from tests.support import (
-    ServiceStack,
-    start_moto,
-    tone_mix,
-    upload,
-    wait_for,
-    write_audio,
-)
+from tests.support import ServiceStack, start_moto, tone_mix, upload, wait_for, write_audio
 from tests.tcpproxy import TcpProxy
 from tests.webserver import WebServer
 

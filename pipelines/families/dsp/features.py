@@ -7,11 +7,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from scipy.ndimage import (
-    median_filter,
-    minimum_filter1d,
-    uniform_filter1d,
-)
+from scipy.ndimage import median_filter, minimum_filter1d, uniform_filter1d
 
 from .grid import Stft
 
