@@ -339,6 +339,13 @@ SPLEETER_VARIANTS: dict[str, dict] = {
     "Wiener + swap + residual": {"wiener_iterations": 1, "swap_channels": True, "instrumental": "residual"},
     "swap + residual": {"swap_channels": True, "instrumental": "residual"},
     "residual + vocals high-pass 200 Hz": {"instrumental": "residual", "vocals_highpass_hz": 200.0},
+    "residual + REPET-SIM blend 0.05": {"instrumental": "residual", "repet_sim_blend": 0.05},
+    "residual + REPET-SIM blend 0.1": {"instrumental": "residual", "repet_sim_blend": 0.1},
+    "swap + residual + REPET-SIM blend 0.05": {
+        "swap_channels": True,
+        "instrumental": "residual",
+        "repet_sim_blend": 0.05,
+    },
 }
 PLAIN = {
     "mask_exponent": 2.0,
@@ -347,6 +354,7 @@ PLAIN = {
     "swap_channels": False,
     "instrumental": "mask",
     "vocals_highpass_hz": 0.0,
+    "repet_sim_blend": 0.0,
 }
 
 

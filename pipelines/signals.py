@@ -221,6 +221,33 @@ class Gated(Signal):
         return block * gate
 
 
+class BlockReader:
+    """Consecutive samples of a stream that comes in blocks of its own sizes, asked for in order.
+
+    Two streamed estimates of one signal rarely cut it at the same places; this lets one be read
+    at the other's boundaries, holding only the block in hand.
+    """
+
+    def __init__(self, blocks: Iterator[np.ndarray], channels: int) -> None:
+        self.blocks, self.channels = blocks, channels
+        self.held = np.zeros((channels, 0), np.float32)
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n samples (channels, n); fewer only where the stream ends."""
+        parts, got = [], 0
+        while got < n:
+            if not self.held.shape[1]:
+                nxt = next(self.blocks, None)
+                if nxt is None:
+                    break
+                self.held = np.asarray(nxt, np.float32)
+                continue
+            part, self.held = self.held[:, : n - got], self.held[:, n - got :]
+            parts.append(part)
+            got += part.shape[1]
+        return np.concatenate(parts, axis=1) if parts else np.zeros((self.channels, 0), np.float32)
+
+
 class FrameWriter:
     """Blocks written in order to a `.npy` FrameFile; tracks the peak and, optionally, the content digest.
 

@@ -21,8 +21,11 @@ source separation tool with pre-trained models", JOSS 2020, and the spleeter rep
 Variants measured in `bench/quality.py` (docs/benchmarks.md, Quality): `swap_channels` also runs the
 networks on the channel-swapped mix and averages the estimates (test-time augmentation), and
 `instrumental: residual` takes the instrumental as the mix less the vocals, so it keeps the
-band above 11 kHz that Spleeter's zero mask extension drops, and `vocals_highpass_hz` gives the
-bins below a voice's range to the instrumental.
+band above 11 kHz that Spleeter's zero mask extension drops, `vocals_highpass_hz` gives the
+bins below a voice's range to the instrumental, and `repet_sim_blend` mixes a little of the DSP
+REPET-SIM foreground (`dsp.repet_sim`'s stream, run beside the networks) into the vocals: the two
+estimates err in different places, so a small weight of the weaker one lowers the error of the
+stronger (the default, 0.05, was chosen on the quality corpus: docs/models.md).
 
 The checkpoints are torch zip files whose pickle holds a dict of numpy float32 arrays: they
 are read with an unpickler that admits numpy's array reconstruction and nothing else.
@@ -46,6 +49,8 @@ from torch.nn import functional as F
 from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
+from .dsp.params import RepetSimParams
+from .dsp.repet_sim import foreground_stream
 from .onnx_spec import OverlapAdder
 from .torch_model import TorchSeparator
 
@@ -187,6 +192,13 @@ class SpleeterParams(BaseModel):
         description="bins below this give the first source nothing "
         "(voices have no energy there; what the network leaves is bass and kick)",
     )
+    repet_sim_blend: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="weight of the DSP REPET-SIM foreground in the first source "
+        "(the rest is the network's); the second source gets the rest of the mix the same way",
+    )
     batch: int = Field(1, ge=1, description="512-frame segments per network call")
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -215,18 +227,17 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
 
     # -- running -------------------------------------------------------------------
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
-        blocks = list(
-            self._blocks(S.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32)), sample_rate, lambda: False)
-        )
+        signal = S.ArraySignal(np.ascontiguousarray(audio, dtype=np.float32))
+        blocks = list(self._blocks(signal, sample_rate, 10 * sample_rate, lambda: False))
         return {k: np.concatenate([b[k] for b in blocks], axis=1) for k in self.spec.sources}
 
     def separate_stream(
         self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
-        return self._blocks(audio, sample_rate, cancelled)
+        return self._blocks(audio, sample_rate, block, cancelled)
 
     def _blocks(
-        self, audio: S.Signal, sample_rate: int, cancelled: Callable[[], bool]
+        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
         """The sources `batch` segments at a time, in order; memory follows the segments, not the track.
 
@@ -242,6 +253,9 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
         window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)  # periodic, as torch.hann_window
         starts = list(range(0, n_frames, FRAMES))
         adder = OverlapAdder(2, 2, window, HOP, n_frames, pad, n)
+        blend = None
+        if self.settings.repet_sim_blend:  # REPET-SIM's own stream, read at the networks' block boundaries
+            blend = S.BlockReader(foreground_stream(audio, sample_rate, RepetSimParams(), block, cancelled), 2)
         for b in range(0, len(starts), self.settings.batch):
             if cancelled():
                 raise Cancelled("job cancelled")
@@ -256,13 +270,18 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
                 adder.add(k, frames[k], group[0])
             done = adder.take((group[-1] + FRAMES) * HOP if b + self.settings.batch < len(starts) else adder.end)
             if done:
-                yield self._sources(done[2], audio, done[0], done[1])
+                yield self._sources(done[2], audio.read(done[0], done[1]).astype(np.float32), blend)
 
-    def _sources(self, out: np.ndarray, audio: S.Signal, lo: int, hi: int) -> dict[str, np.ndarray]:
+    def _sources(self, out: np.ndarray, mix: np.ndarray, blend: S.BlockReader | None) -> dict[str, np.ndarray]:
         first, second = self.spec.sources
+        one, other = out[0], out[1]
+        if blend is not None:
+            w = np.float32(self.settings.repet_sim_blend)
+            foreground = blend.take(mix.shape[1])
+            one, other = (1 - w) * one + w * foreground, (1 - w) * other + w * (mix - foreground)
         if self.settings.instrumental == "residual":
-            return {first: out[0], second: (audio.read(lo, hi).astype(np.float32) - out[0])}
-        return {first: out[0], second: out[1]}
+            other = mix - one
+        return {first: one, second: other}
 
     def _stft_estimates(self, spec: np.ndarray, segments: int) -> np.ndarray:
         """Each source's STFT over the frames of `segments` consecutive segments: (sources, channels, frames, bins)."""

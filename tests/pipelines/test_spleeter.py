@@ -71,3 +71,21 @@ def test_batches_and_streamed_blocks_give_the_whole_run():
         joined = np.concatenate([b[name] for b in streamed], axis=1)
         assert one[name].shape == joined.shape == audio.shape
         assert np.max(np.abs(one[name] - joined)) < 1e-5, name
+
+
+@pytest.mark.timeout(600)
+def test_the_repet_sim_blend_is_the_weighted_sum_of_the_two_estimates():
+    """Vocals = (1 - w) Spleeter + w REPET-SIM's whole-track foreground; the instrumental is the mix less them."""
+    from pipelines.families.dsp.params import RepetSimParams
+    from pipelines.families.dsp.repet_sim import foreground
+
+    rng = np.random.default_rng(5)
+    beat = 0.1 * rng.standard_normal((2, 44100))
+    audio = (np.tile(beat, (1, 9)) + 0.05 * rng.standard_normal((2, 9 * 44100))).astype(np.float32)
+    plain = _separator({"repet_sim_blend": 0.0, "instrumental": "residual"}).separate(audio, 44100)
+    blended = _separator({"repet_sim_blend": 0.1, "instrumental": "residual"}).separate(audio, 44100)
+    fg = foreground(audio.astype(np.float64), 44100, RepetSimParams())
+    expected = 0.9 * plain["vocals"] + 0.1 * fg
+    assert np.max(np.abs(blended["vocals"] - expected)) < 1e-4
+    assert np.max(np.abs(blended["instrumental"] - (audio - expected))) < 1e-4
+    assert np.max(np.abs(blended["vocals"] - plain["vocals"])) > 1e-3  # the blend changed something

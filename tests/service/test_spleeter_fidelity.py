@@ -41,6 +41,7 @@ PLAIN = {
     "swap_channels": False,
     "instrumental": "mask",
     "vocals_highpass_hz": 0.0,
+    "repet_sim_blend": 0.0,
 }
 
 
