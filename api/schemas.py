@@ -78,7 +78,7 @@ class AudioStatus(BaseModel):
     channels: int | None = None
     codec: str | None = None
     container: str | None = None
-    error: dict | None = None
+    error: dict[Any, Any] | None = None
     created_at: float
     expires_at: float | None = Field(None, description="when the retention policy deletes the original (null: kept)")
 
@@ -187,7 +187,7 @@ class SplitStatus(BaseModel):
     status: str
     progress: float
     stage: str
-    error: dict | None
+    error: dict[Any, Any] | None
     attempts: int
     worker: str | None = Field(
         None,
@@ -326,7 +326,7 @@ class PresetInfo(BaseModel):
 
 class PresetList(BaseModel):
     presets: list[PresetInfo]
-    restoration_presets: list[dict]
+    restoration_presets: list[dict[Any, Any]]
     declared_use: str = Field(description="research or commercial: the use this deployment serves (STEMS_DECLARED_USE)")
 
 
@@ -380,11 +380,11 @@ class MasterStatus(BaseModel):
     source_id: str
     preset: str
     status: str = Field(description="queued, processing, complete or failed")
-    error: dict | None = None
+    error: dict[Any, Any] | None = None
     target: MasterTarget
     measured: Loudness | None = Field(None, description="what the result measures (once complete)")
     source_measured: Loudness | None = Field(None, description="what the source measured")
-    processing: dict | None = Field(
+    processing: dict[Any, Any] | None = Field(
         None,
         description="gain_db, low_shelf_db, high_shelf_db (the tonal balance) and "
         "renders (a render is made again when the limiter cost loudness)",
@@ -429,13 +429,13 @@ class StemsEstimate(BaseModel):
     chain_index: int | None
     usage_minutes: float = Field(description="what /usage would be charged: minutes x the preset's multiplier")
     estimated_output_bytes: int = Field(description="upper bound of what it writes (see the output budgets)")
-    output: dict = Field(description="the numbers the byte estimate comes from")
+    output: dict[Any, Any] = Field(description="the numbers the byte estimate comes from")
     eta_s: float = Field(
         description="estimated seconds until complete: the queue ahead at the measured speed of the "
         "chain on this deployment's workers, then the split itself"
     )
     eta_basis: EtaBasis
-    would_be_refused: dict | None = Field(
+    would_be_refused: dict[Any, Any] | None = Field(
         None,
         description="the error (code, message) the real request would get now from the active-job quota or "
         "the per-key output budget; null when it would be queued",

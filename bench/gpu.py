@@ -9,7 +9,7 @@ and prints a table. Everything runs on one GPU in one run, with a random full-si
 - `model[<precision>, batch <n>]`: real-time factor (audio seconds per wall second) of the
   streaming separation of one track, its speed / apply_model's, peak CUDA memory, and its
   agreement with float32: the SDR of its output against the float32 output (worst stem).
-  `auto` is what a worker uses on a GPU (demucs_family.GPU_PRECISION, GPU_BATCH).
+  `auto` is what a worker uses on a GPU (families.params.DEMUCS_GPU_PRECISION, DEMUCS_GPU_BATCH).
 - `worker_job`: a whole job through the worker's code (run_split: storage, decode, separate,
   24-bit WAV + AAC, upload) with `auto`: its real-time factor and its time / apply_model alone.
 - `memory_ratio_60min_vs_1min[4_tracks]`: peak RSS of a fresh worker process on a 60-minute vs
@@ -79,7 +79,7 @@ def main() -> int:
 
     from pipelines import audio as A
     from pipelines.engine import Engine, resolve_device
-    from pipelines.families.demucs_family import GPU_BATCH, GPU_PRECISION
+    from pipelines.families.params import DEMUCS_GPU_BATCH as GPU_BATCH, DEMUCS_GPU_PRECISION as GPU_PRECISION
     from pipelines.modelstore import ModelStore
     from stems.redisboot import start_redis
     from tools.random_models import make_random_demucs

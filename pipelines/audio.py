@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
-from typing import cast
+from typing import Any, Protocol, cast
 
 import av
 import numpy as np
@@ -35,6 +36,14 @@ HQ_FORMATS = {
 }
 
 
+class SignalWriter(Protocol):
+    """Where blocks of a signal are written in order (`signals.FrameWriter`, `signals.ArrayWriter`)."""
+
+    def write(self, block: np.ndarray) -> None: ...
+
+    def close(self) -> Signal: ...
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     duration: float  # seconds
@@ -44,11 +53,11 @@ class AudioInfo:
     container: str
     bit_rate: int | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
-def _open(path: Path):
+def _open(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError, OSError) as exc:
@@ -108,7 +117,7 @@ def _too_long(seconds: float | None, max_seconds: float) -> AudioError:
     return AudioError(f"audio is {said}; the maximum is {max_seconds:.0f} s", max_duration=max_seconds)
 
 
-def declared_frames(path: Path, container, stream) -> int | None:
+def declared_frames(path: Path, container: av.container.InputContainer, stream: av.AudioStream) -> int | None:
     """The frames a file's header promises, where the header states them exactly; else None.
 
     WAV: its `data` chunk's size (ffmpeg reports the frames the file holds instead, so the
@@ -148,7 +157,8 @@ def _wav_declared_frames(path: Path) -> int | None:
                 # PCM (1), IEEE float (3) and extensible (0xFFFE) hold whole frames of block_align bytes
                 if size in (0, 0xFFFFFFFF) or not block_align or fmt_tag not in (1, 3, 0xFFFE):
                     return None
-                return size // block_align
+                frames: int = size // block_align
+                return frames
             else:
                 f.seek(size + (size & 1), 1)
 
@@ -167,7 +177,12 @@ def iter_decode(
         last = None if end is None else int(round(end * sr))
         if first > 0:
             # seek a little early and cut exactly below; seeking is by stream time base
-            container.seek(max(0, int((start - 1.0) / stream.time_base)), stream=stream, any_frame=False, backward=True)
+            container.seek(
+                max(0, int((start - 1.0) / cast(Fraction, stream.time_base))),
+                stream=stream,
+                any_frame=False,
+                backward=True,
+            )
         pos = None
         pending: list[np.ndarray] = []
         pending_n = 0
@@ -272,7 +287,7 @@ class WavWriter:
     def __enter__(self) -> WavWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -352,7 +367,7 @@ class HqEncoder:
     def __enter__(self) -> HqEncoder:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None:
             self.close()
         else:  # do not finish a file we are about to throw away; just release it
@@ -378,7 +393,7 @@ class StreamResampler:
         return np.ascontiguousarray(out.reshape(-1, self.channels).T, dtype=np.float32)
 
 
-def encoder_identity() -> dict:
+def encoder_identity() -> dict[str, Any]:
     """What besides the samples decides an encoded file's bytes: the encoder libraries' versions."""
     import soundfile as sf
 
@@ -420,7 +435,7 @@ def decode_to_file(
         raise
 
 
-def resample_signal(signal: Signal, sr_in: int, sr_out: int, writer, block: int = BLOCK) -> Signal:
+def resample_signal(signal: Signal, sr_in: int, sr_out: int, writer: SignalWriter, block: int = BLOCK) -> Signal:
     """`signal` resampled block by block into `writer` (the same samples as `resample` on the whole)."""
     r = StreamResampler(sr_in, sr_out, signal.channels)
     for _, chunk in signal.blocks(block):

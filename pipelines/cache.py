@@ -23,7 +23,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .signals import FrameFile, FrameWriter, Signal
 
@@ -31,7 +33,9 @@ ENGINE_VERSION = "2"
 _STALE_TMP_S = 3600.0  # a temporary entry this old belongs to a writer that died
 
 
-def step_key(model_id: str, input_digest: str, sample_rate: int, channels: int, frames: int, identity: dict) -> str:
+def step_key(
+    model_id: str, input_digest: str, sample_rate: int, channels: int, frames: int, identity: dict[str, Any]
+) -> str:
     """The cache key of running `model_id` (weights and params in `identity`) on an input."""
     return file_key(
         "step",
@@ -44,7 +48,7 @@ def step_key(model_id: str, input_digest: str, sample_rate: int, channels: int, 
     )
 
 
-def file_key(kind: str, **doc) -> str:
+def file_key(kind: str, **doc: Any) -> str:
     """A cache key for anything else derived from samples (e.g. a stem's encoded files): all that decides it."""
     doc = {"engine": ENGINE_VERSION, "kind": kind, **doc}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -105,8 +109,8 @@ class StepCache:
         """Store a step's outputs (hard links to FrameFiles where possible); False when not stored."""
         size = sum(o.frames * o.channels * 4 for o in outputs.values())
 
-        def write(tmp: Path) -> dict:
-            sources = {}
+        def write(tmp: Path) -> dict[str, Any]:
+            sources: dict[str, dict[str, Any]] = {}
             for i, (source, signal) in enumerate(outputs.items()):
                 name = f"{i}.npy"
                 sources[source] = _store_signal(signal, tmp / name)
@@ -115,7 +119,7 @@ class StepCache:
 
         return self._commit(key, size, write)
 
-    def _commit(self, key: str, size: int, write) -> bool:
+    def _commit(self, key: str, size: int, write: Callable[[Path], dict[str, Any]]) -> bool:
         """Write an entry under a temporary name and rename it into place (see the module docstring)."""
         if size > self.max_bytes:
             return False
@@ -206,7 +210,7 @@ def _put_file(path: Path, tmp: Path, i: int) -> str:
     return name
 
 
-def _store_signal(signal: Signal, dest: Path) -> dict:
+def _store_signal(signal: Signal, dest: Path) -> dict[str, Any]:
     """Put `signal` at `dest` (a hard link to its file when it is one); its peak and digest."""
     path = getattr(signal, "path", None)
     if isinstance(signal, FrameFile) and signal.digest is not None and path is not None and path.exists():

@@ -15,7 +15,7 @@ Everything is a Signal computed per read, so memory follows the chunk, as for ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,10 +23,10 @@ from . import signals as S
 from .errors import PresetError
 from .jobspec import CustomSpec, Output, Route, TimeRange
 from .presets import Chain, Preset, load_catalogue
-from .progress import part_of
+from .progress import Progress, part_of
 
 if TYPE_CHECKING:
-    from .engine import Engine, Progress
+    from .engine import Engine
 
 NO_ROUTE = (
     "this deployment has no prompt-guided model installed ({sam_model} is on no worker; "
@@ -70,7 +70,7 @@ def plan(
     )
 
 
-def span_anchors(spans, offset: float = 0.0) -> list[tuple[str, float, float]]:
+def span_anchors(spans: Iterable[TimeRange], offset: float = 0.0) -> list[tuple[str, float, float]]:
     """Spans (seconds of the source) as SAM Audio's "+" anchors in the selection's time base."""
     return [("+", s.start - offset, s.end - offset) for s in spans]
 
@@ -90,12 +90,12 @@ def extract(
     if route is None:
         anchors = span_anchors(custom.spans, offset)
 
-        def part(x: S.Signal, sub) -> tuple[S.Signal, S.Signal | None, str]:
+        def part(x: S.Signal, sub: Progress | None) -> tuple[S.Signal, S.Signal | None, str]:
             out = engine.stream_prompted(custom.sam_model, x, sr, workdir, custom.prompt, anchors, sub, cancelled)
             return out["target"], out["residual"], custom.sam_model
     else:
 
-        def part(x: S.Signal, sub) -> tuple[S.Signal, S.Signal | None, str]:
+        def part(x: S.Signal, sub: Progress | None) -> tuple[S.Signal, S.Signal | None, str]:
             result = engine.run_stream(route.preset, x, sr, workdir, route.chain_index, sub, cancelled)
             stems = [result.stems[s] for s in route.stems]
             return (stems[0] if len(stems) == 1 else S.SumSignal(stems)), None, result.made_by[route.stems[0]]
@@ -110,7 +110,9 @@ def extract(
     return {"target": Output(target, made_by), "residual": Output(residual, made_by)}
 
 
-def by_stereo_mode(mix: S.Signal, mode: str, part: Extractor, progress: Progress | None):
+def by_stereo_mode(
+    mix: S.Signal, mode: str, part: Extractor, progress: Progress | None
+) -> tuple[S.Signal, S.Signal | None, str]:
     """Run `part` on what the stereo mode has it hear, and put its outputs back in `mix`'s channel layout."""
     if mix.channels != 2:
         mode = "mono"

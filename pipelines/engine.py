@@ -7,16 +7,13 @@ not the track, and assembles the preset's stems. Audio moves as `Signal`s (see
 `pipelines.audio`): arrays for callers that hand the engine arrays (`run`, `run_model`),
 float32 files in a scratch directory for the worker (`run_stream`, `stream_model`).
 
-How a step is cut, by what its separator declares (`families/base.py`):
-- a separator with `separate_stream` (Demucs, RoFormer, the MDX-style ONNX models, WPE, REPET-SIM, the recurrent
-  speech models) separates incrementally and exactly on the whole signal's own grid or
-  state: the output equals a whole-signal run (within float rounding), for any block size;
-- `streamable` separators run on chunks of `chunk_seconds` plus `chunk_context` seconds of
-  neighbouring audio each side, which is exact for methods that look no further;
-- any other separator gets the whole signal at once, so its memory would grow with the
-  track (none of the registry's does: WPE and REPET-SIM stream too);
-- a prompt-guided model (SAM Audio) runs through `stream_prompted`, in its own overlapping
-  chunks joined by cross-fades (see `families/sam.py`).
+How a step is cut is its separator's own business (`Separator.stream`, `families/base.py`):
+Demucs, RoFormer, Spleeter, the MDX-style ONNX models, WPE, REPET-SIM and the recurrent speech
+models stream on the whole signal's own grid or state, so the output equals a whole-signal run
+(within float rounding) for any block size; the DSP methods that look a few seconds away run on
+chunks with that much context each side (`chunked`), which is exact for them; a prompt-guided
+model (SAM Audio) runs through `stream_prompted`, in its own overlapping chunks joined by
+cross-fades (see `families/sam.py`). No registry model takes the whole track at once (`whole`).
 Resampling to and from a model's rate streams too (soxr's streaming resampler gives the same
 samples as a one-shot resample).
 
@@ -40,7 +37,7 @@ import numpy as np
 from . import audio as A, signals as S
 from .cache import StepCache, step_key
 from .ensemble import combine
-from .errors import Cancelled, PresetError
+from .errors import PresetError
 from .families.base import PromptedSeparator, Separator
 from .modelstore import ModelStore
 from .presets import MIX, Chain, Preset, load_catalogue
@@ -72,7 +69,7 @@ class _Sinks:
             self.workdir.mkdir(parents=True, exist_ok=True)
         self.digest = digest
 
-    def writer(self, name: str, channels: int, frames: int | None):
+    def writer(self, name: str, channels: int, frames: int | None) -> ArrayWriter | FrameWriter:
         if self.workdir is None:
             if frames is None:
                 raise ValueError("an in-memory writer needs its length")
@@ -124,7 +121,7 @@ class Engine:
     def pick_chain(self, preset: Preset) -> tuple[int, Chain]:
         return preset.pick_chain(self.store.missing)
 
-    def identity(self, model_id: str) -> dict:
+    def identity(self, model_id: str) -> dict[str, Any]:
         """What besides the input decides a model's output: params, pinned weight hashes, package version."""
         spec = get_spec(model_id)
         entry = self.store.entry(model_id) or {}
@@ -348,33 +345,7 @@ class Engine:
         self, sep: Separator, spec: ModelSpec, x: Signal, rate: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
         """The separator's sources for consecutive blocks covering `x`, at the model's rate and channels."""
-        n = x.frames
-        chunk = max(1, int(self.chunk_seconds * rate))
-        stream = sep.separate_stream(x, rate, chunk, cancelled)
-        if stream is not None:
-            yield from stream
-            return
-        if sep.streamable:
-            context = int(sep.chunk_context * rate)
-            chunk = max(chunk, int(sep.min_chunk_seconds * rate))
-            if n > chunk + 2 * context:
-                for start in range(0, n, chunk):
-                    if cancelled():
-                        raise Cancelled("job cancelled")
-                    stop = min(n, start + chunk)
-                    lo, hi = max(0, start - context), min(n, stop + context)
-                    piece = x.read(lo, hi)
-                    if A.is_silent(piece):
-                        yield {s: np.zeros((x.channels, stop - start), np.float32) for s in spec.sources}
-                        continue
-                    out = sep.separate(piece, rate)
-                    yield {s: _fit(out[s], hi - lo)[:, start - lo : stop - lo] for s in spec.sources}
-                return
-        # whole signal at once: the separator cannot be cut (memory grows with the track)
-        if cancelled():
-            raise Cancelled("job cancelled")
-        out = sep.separate(np.ascontiguousarray(x.read(0, n)), rate)
-        yield {s: _fit(out[s], n) for s in spec.sources}
+        return sep.stream(x, rate, max(1, int(self.chunk_seconds * rate)), cancelled)
 
 
 class _GrowingWriter:
@@ -413,11 +384,3 @@ def assemble_signals(chain: Chain, produced: dict[str, Signal]) -> dict[str, Sig
         else:
             stems[name] = S.SumSignal([produced[s] for s in sources])
     return stems
-
-
-def _fit(y: np.ndarray, n: int) -> np.ndarray:
-    if y.shape[1] == n:
-        return y.astype(np.float32, copy=False)
-    if y.shape[1] > n:
-        return np.ascontiguousarray(y[:, :n], dtype=np.float32)
-    return np.pad(y, ((0, 0), (0, n - y.shape[1]))).astype(np.float32)

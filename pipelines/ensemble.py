@@ -29,7 +29,8 @@ class MeanSignal(Signal):
         self.channels, self.frames = parts[0].channels, parts[0].frames
 
     def read(self, lo: int, hi: int) -> np.ndarray:
-        return (np.sum([p.read(lo, hi) for p in self.parts], axis=0) / len(self.parts)).astype(np.float32)
+        mean: np.ndarray = (np.sum([p.read(lo, hi) for p in self.parts], axis=0) / len(self.parts)).astype(np.float32)
+        return mean
 
 
 class MagnitudeMeanSignal(MeanSignal):

@@ -28,7 +28,7 @@ class StemsError(Exception):
         self.message = message
         self.fields = fields
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The JSON an API answer, a job's `error` or a batch item carries: code, message, fields."""
         return {"code": self.code, "message": self.message, **{k: v for k, v in self.fields.items() if v is not None}}
 
@@ -239,7 +239,8 @@ class DependencyUnavailable(StemsError):
             retry_after=self.retry_after,
         )
 
-    def __reduce__(self):  # picklable (a pool process hands its exception to the worker's main process)
+    # picklable (a pool process hands its exception to the worker's main process)
+    def __reduce__(self) -> tuple[type[DependencyUnavailable], tuple[str, str, str, int]]:
         return self.__class__, (self.reason, self.check, self.detail, self.retry_after)
 
     def line(self) -> str:

@@ -8,10 +8,13 @@ declares `commercial` use (STEMS_DECLARED_USE) is served only the models whose r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Literal
 
 from .registry import ModelSpec, get_spec, load_registry
+
+if TYPE_CHECKING:
+    from .presets import Chain
 
 Use = Literal["research", "commercial"]
 
@@ -25,7 +28,7 @@ def refused(model_id: str, use: Use) -> str | None:
     return None
 
 
-def refused_models(model_ids, use: Use) -> list[str]:
+def refused_models(model_ids: Iterable[str], use: Use) -> list[str]:
     """The ids among `model_ids` that `use` may not be served by, in order."""
     return [m for m in dict.fromkeys(model_ids) if refused(m, use)]
 
@@ -38,12 +41,12 @@ def unservable(missing: Missing, use: Use) -> Missing:
     return lambda spec: missing(spec) or refused(spec.id, use)
 
 
-def install_gaps(chains, missing: Missing, use: Use) -> list[list[str]]:
+def install_gaps(chains: Iterable[Chain], missing: Missing, use: Use) -> list[list[str]]:
     """For each chain that `use` may be served by, the models it still needs installed (for an install hint)."""
     return [[m for m in c.model_ids if missing(get_spec(m))] for c in chains if not refused_models(c.model_ids, use)]
 
 
-def licence_of(made_by: str | None) -> list[dict] | None:
+def licence_of(made_by: str | None) -> list[dict[str, str]] | None:
     """The licence records of the model(s) named in a stem's `made_by` ('a+b' for an ensemble)."""
     if not made_by:
         return None

@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -92,7 +93,7 @@ def this_machine(threads: int | None = None) -> Machine:
     return Machine(cpu=cpu, flags=flags, torch=_version("torch"), onnxruntime=_version("onnxruntime"), threads=threads)
 
 
-def bench_description() -> dict:
+def bench_description() -> dict[str, Any]:
     """What a benchmark writes next to its figures: the machine, the cores and the load at the time."""
     m = this_machine()
     return {

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from scipy import signal as sps
@@ -68,7 +69,7 @@ class Measurement:
     loudness_range_lu: float
     duration_s: float
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, float | None]:
         return {k: (round(v, 2) if math.isfinite(v) else None) for k, v in self.__dict__.items()}
 
 
@@ -129,7 +130,7 @@ class LoudnessMeter:
             return np.array([])
         energy = (cum[steps:] - cum[:-steps]) / (steps * 0.1 * self.rate)
         with np.errstate(divide="ignore"):
-            return -0.691 + 10 * np.log10(energy.sum(axis=1))
+            return cast(np.ndarray, -0.691 + 10 * np.log10(energy.sum(axis=1)))
 
     def integrated(self) -> float:
         blocks = self._blocks(4)
@@ -157,7 +158,7 @@ def _mean_loudness(levels: np.ndarray) -> float:
 
 def _interpolator() -> np.ndarray:
     """The 4x interpolation filter of the true-peak detector (a windowed sinc, cut just under the old Nyquist)."""
-    return OVERSAMPLE * sps.firwin(OVERSAMPLE * 24, 0.98 / OVERSAMPLE, window=("kaiser", 8.0))
+    return cast(np.ndarray, OVERSAMPLE * sps.firwin(OVERSAMPLE * 24, 0.98 / OVERSAMPLE, window=("kaiser", 8.0)))
 
 
 _FIR = _interpolator()
@@ -170,7 +171,7 @@ def oversampled_envelope(x: np.ndarray) -> np.ndarray:
     up = sps.upfirdn(_FIR, x, up=OVERSAMPLE, axis=1)[:, _FIR_DELAY : _FIR_DELAY + OVERSAMPLE * x.shape[1]]
     env = np.abs(up).max(axis=0)
     env = maximum_filter1d(env, size=OVERSAMPLE + 1, mode="nearest")  # +-half a sample around each input sample
-    return np.maximum(env[::OVERSAMPLE], np.abs(x).max(axis=0))
+    return cast(np.ndarray, np.maximum(env[::OVERSAMPLE], np.abs(x).max(axis=0)))
 
 
 class TruePeakMeter:
@@ -267,7 +268,7 @@ class Balance:
 
     def push(self, block: np.ndarray) -> np.ndarray:
         y, self.zi = sps.sosfilt(self.sos, block.astype(np.float64), axis=1, zi=self.zi)
-        return y * self.gain
+        return cast(np.ndarray, y * self.gain)
 
 
 class Limiter:
@@ -437,7 +438,7 @@ def master_file(src: Path, dest: Path, preset_name: str, bit_depth: int = 24) ->
     info = probe(src)
     channels = min(info.channels, 2)  # iter_decode folds more than two channels to stereo
 
-    def open_sink():
+    def open_sink() -> tuple[Callable[[np.ndarray], None], Callable[[], None]]:
         w = WavWriter(dest, info.sample_rate, channels, bit_depth)
         return w.write, w.close
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import ChecksumMismatch, ModelNotInstalled
 from .install_hint import pullable
@@ -26,7 +27,7 @@ from .registry import ModelSpec, get_spec, load_registry
 MANIFEST = "manifest.json"
 
 
-def sha256_file(path: Path, _cache: dict = {}) -> str:  # noqa: B006 - per-process memo on purpose
+def sha256_file(path: Path, _cache: dict[tuple[str, int, int], str] = {}) -> str:  # noqa: B006 - per-process memo on purpose
     """sha256 of a file, memoised on (path, size, mtime) so warm jobs do not re-hash weights."""
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
@@ -44,14 +45,16 @@ class ModelStore:
         self.root = Path(root)
 
     # -- reading -----------------------------------------------------------------
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         path = self.root / MANIFEST
         if not path.exists():
             return {"version": 1, "models": {}}
-        return json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
+        return manifest
 
-    def entry(self, model_id: str) -> dict | None:
-        return self.manifest()["models"].get(model_id)
+    def entry(self, model_id: str) -> dict[str, Any] | None:
+        entry: dict[str, Any] | None = self.manifest()["models"].get(model_id)
+        return entry
 
     def install_command(self, spec: ModelSpec) -> str:
         """The `stems models install` command that installs `spec`'s files by hand (no network)."""
@@ -117,7 +120,7 @@ class ModelStore:
             out[name] = path
         return out
 
-    def params_for(self, spec: ModelSpec) -> dict:
+    def params_for(self, spec: ModelSpec) -> dict[str, Any]:
         entry = self.entry(spec.id) or {}
         return {**spec.params, **entry.get("params", {})}
 
@@ -137,11 +140,14 @@ class ModelStore:
         return result
 
     # -- writing -----------------------------------------------------------------
-    def install(self, model_id: str, paths: list[Path], params: dict | None = None) -> dict:
+    def install(self, model_id: str, paths: list[Path], params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Copy weight files in, pin their sha256 and record the model in the manifest."""
         spec = get_spec(model_id)
         if spec.weights != "store":
             raise ModelNotInstalled(f"model {model_id!r} needs no weight files ({spec.weights})", model_id=model_id)
+        from .families.params import check_params
+
+        check_params(spec, {**spec.params, **(params or {})})  # before anything is copied or written
         by_name = {Path(p).name: Path(p) for p in paths}
         if len(by_name) == 1 and len(spec.files) == 1:
             by_name = {spec.files[0]: next(iter(by_name.values()))}
@@ -173,7 +179,7 @@ class ModelStore:
         self._write_manifest(manifest)
         return entry
 
-    def _write_manifest(self, manifest: dict) -> None:
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest")
         with os.fdopen(fd, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)

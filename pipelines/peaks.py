@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class PeakAccumulator:
     def _add(self, frames: np.ndarray) -> None:  # (channels, points, spp)
         self._points.append(np.stack([frames.min(axis=2).T, frames.max(axis=2).T], axis=2))
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, Any]:
         points = list(self._points)
         if self._rest.shape[1]:  # the last, partial point
             rest = self._rest[:, None, :]

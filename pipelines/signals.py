@@ -34,7 +34,8 @@ def fold(block: np.ndarray, max_channels: int = 2) -> np.ndarray:
     if ch >= 3:  # treat channel 2 as centre, as in 5.1/7.1 layouts: to both sides
         left = left - block[2] + 0.7071 * block[2]
         right = right + 0.7071 * block[2]
-    return (np.stack([left, right]) / math.ceil(ch / 2)).astype(np.float32)
+    folded: np.ndarray = (np.stack([left, right]) / math.ceil(ch / 2)).astype(np.float32)
+    return folded
 
 
 def to_channels(audio: np.ndarray, channels: int | None) -> np.ndarray:
@@ -44,7 +45,8 @@ def to_channels(audio: np.ndarray, channels: int | None) -> np.ndarray:
     if channels == 2 and audio.shape[0] == 1:
         return np.repeat(audio, 2, axis=0)
     if channels == 1:
-        return audio.mean(axis=0, keepdims=True)
+        mono: np.ndarray = audio.mean(axis=0, keepdims=True)
+        return mono
     return fold(audio)
 
 
@@ -160,7 +162,8 @@ class SumSignal(Signal):
         self.channels, self.frames = parts[0].channels, parts[0].frames
 
     def read(self, lo: int, hi: int) -> np.ndarray:
-        return np.sum([p.read(lo, hi) for p in self.parts], axis=0).astype(np.float32)
+        total: np.ndarray = np.sum([p.read(lo, hi) for p in self.parts], axis=0).astype(np.float32)
+        return total
 
 
 class ChannelsSignal(Signal):

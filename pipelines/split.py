@@ -24,11 +24,12 @@ from pathlib import Path
 
 from . import audio as A, custom, signals as S
 from .cache import file_key
-from .engine import Engine, Progress
+from .engine import Engine
 from .errors import Cancelled
 from .jobspec import Output, SplitSpec
 from .peaks import FORM as PEAKS_FORM, PeakAccumulator
 from .presets import load_catalogue
+from .progress import Progress
 
 STORE_BLOCK_S = 10  # seconds of a stem written per block
 ENCODE_THREADS = max(1, min(4, os.cpu_count() or 1))  # stems encoded at once (encoders release the GIL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -42,7 +43,7 @@ AAC_BIT_RATE = 256_000
 BLOCK = 1 << 16
 
 
-def metadata(names: tuple[str, ...] = NI_ORDER) -> dict:
+def metadata(names: tuple[str, ...] = NI_ORDER) -> dict[str, Any]:
     return {
         "version": 1,
         "mastering_dsp": MASTERING_DSP,

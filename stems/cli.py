@@ -7,28 +7,34 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from pipelines.modelstore import ModelStore
+
+    from .jobstore import IssuedKey, JobStore
+    from .settings import Settings
 
 
-def _settings():
+def _settings() -> Settings:
     from .settings import get_settings
 
     return get_settings()
 
 
-def _model_store(args):
+def _model_store(args: argparse.Namespace) -> ModelStore:
     from pipelines.modelstore import ModelStore
 
     return ModelStore(args.model_dir or _settings().model_dir)
 
 
-def _store():
+def _store() -> JobStore:
     from .container import Container
 
     return Container(_settings()).store
 
 
-def _print_issued(issued, as_json: bool) -> None:
+def _print_issued(issued: IssuedKey, as_json: bool) -> None:
     fields = {k: v for k, v in issued.model_dump().items() if v is not None}
     if as_json:
         print(json.dumps(fields))
@@ -38,7 +44,7 @@ def _print_issued(issued, as_json: bool) -> None:
     print("the api_key and webhook_secret are shown only now: store them", file=sys.stderr)
 
 
-def cmd_keys_create(args) -> int:
+def cmd_keys_create(args: argparse.Namespace) -> int:
     try:
         issued = _store().issue_key(args.user)
     except ValueError as exc:
@@ -48,7 +54,7 @@ def cmd_keys_create(args) -> int:
     return 0
 
 
-def cmd_keys_list(args) -> int:
+def cmd_keys_list(args: argparse.Namespace) -> int:
     import datetime
 
     rows = [
@@ -68,7 +74,7 @@ def cmd_keys_list(args) -> int:
     return 0
 
 
-def cmd_keys_revoke(args) -> int:
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if not _store().revoke_key(args.key_id):
         print(f"error: no key {args.key_id!r} (see `stems keys list`)", file=sys.stderr)
         return 1
@@ -76,7 +82,7 @@ def cmd_keys_revoke(args) -> int:
     return 0
 
 
-def cmd_keys_rotate(args) -> int:
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
     issued = _store().rotate_webhook_secret(args.key_id)
     if issued is None:
         print(f"error: no key {args.key_id!r} (see `stems keys list`)", file=sys.stderr)
@@ -85,7 +91,7 @@ def cmd_keys_rotate(args) -> int:
     return 0
 
 
-def cmd_keys_grant(args) -> int:
+def cmd_keys_grant(args: argparse.Namespace) -> int:
     from .ingest import clean_key, mint_grant
 
     s = _settings()
@@ -99,7 +105,7 @@ def cmd_keys_grant(args) -> int:
     return 0
 
 
-def cmd_models_list(args) -> int:
+def cmd_models_list(args: argparse.Namespace) -> int:
     from pipelines.families import backend_choice
     from pipelines.machine import this_machine
     from pipelines.registry import load_registry
@@ -136,7 +142,7 @@ def cmd_models_list(args) -> int:
     return 0
 
 
-def cmd_models_bench(args) -> int:
+def cmd_models_bench(args: argparse.Namespace) -> int:
     """Time each backend that can run the model on this CPU again and keep the choice `auto` follows."""
     from pipelines.engine import Engine
     from pipelines.errors import StemsError
@@ -167,14 +173,14 @@ def cmd_models_bench(args) -> int:
     return 0
 
 
-def cmd_models_verify(args) -> int:
+def cmd_models_verify(args: argparse.Namespace) -> int:
     problems = {k: v for k, v in _model_store(args).verify().items() if v}
     for model_id, problem in _model_store(args).verify().items():
         print(f"{model_id:22} {'ok' if not problem else problem}")
     return 1 if problems else 0
 
 
-def cmd_models_install(args) -> int:
+def cmd_models_install(args: argparse.Namespace) -> int:
     from pipelines.errors import StemsError
 
     store = _model_store(args)
@@ -191,7 +197,7 @@ def cmd_models_install(args) -> int:
     return 0
 
 
-def cmd_models_pull(args) -> int:
+def cmd_models_pull(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from pipelines.errors import StemsError
@@ -220,7 +226,7 @@ def cmd_models_pull(args) -> int:
     return 1 if any(o.status == "failed" or (o.status == "gated" and not args.all) for o in outcomes) else 0
 
 
-def _prepare(store, model_id: str) -> None:
+def _prepare(store: ModelStore, model_id: str) -> None:
     """Load a model whose family derives files from its weights (demucs's ONNX Runtime graphs) once, as a
     worker will: they are built into the store now rather than on the first job."""
     from pipelines.engine import Engine
@@ -240,7 +246,7 @@ def _prepare(store, model_id: str) -> None:
         print(f"{model_id} loads and runs on {backend}" + (f" ({why})" if why else ""), file=sys.stderr)
 
 
-def cmd_presets(args) -> int:
+def cmd_presets(args: argparse.Namespace) -> int:
     from pipelines.errors import PresetError
     from pipelines.install_hint import hint_command, preset_hint
     from pipelines.licences import install_gaps, refused_models, unservable
@@ -257,7 +263,7 @@ def cmd_presets(args) -> int:
             dsp = all(get_spec(m).family == "dsp" for m in chain.model_ids)
             status = "served by  " + "+".join(chain.model_ids) + ("  (DSP fallback: no trained model)" if dsp else "")
         except PresetError as exc:
-            missing = [m for m in cast(list, exc.fields["missing_models"]) if m not in skipped]
+            missing = [m for m in cast(list[str], exc.fields["missing_models"]) if m not in skipped]
             status = (
                 "missing    " + ", ".join(missing) if missing else f"refused    no chain's licence allows {use} use"
             )
@@ -270,17 +276,17 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def cmd_split(args) -> int:
+def cmd_split(args: argparse.Namespace) -> int:
     from .localsplit import run
 
     return run(args, _model_store(args), _settings())
 
 
-def cmd_remote_split(args) -> int:
+def cmd_remote_split(args: argparse.Namespace) -> int:
     """Split files on a stems server through the Python client; prints `path<TAB>made_by` per stem."""
     from tqdm import tqdm
 
-    from api.schemas import BatchItemError, StemsEstimate, StemsQueued
+    from api.schemas import BatchItemError, SplitStatus, StemsEstimate, StemsQueued
     from pipelines.errors import StemsError
     from pipelines.jobspec import Selection
 
@@ -296,7 +302,7 @@ def cmd_remote_split(args) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    jobs: list = []
+    jobs: list[StemsQueued] = []
     with Client(args.server, args.key) as client:
         try:
             # the key and the preset are checked before a long upload, not after it
@@ -309,7 +315,7 @@ def cmd_remote_split(args) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            bodies = []
+            bodies: list[dict[str, Any]] = []
             for file in args.files:
                 with tqdm(
                     total=Path(file).stat().st_size,
@@ -348,7 +354,7 @@ def cmd_remote_split(args) -> int:
                 dest = out if len(jobs) == 1 else out / Path(file).stem
                 with tqdm(total=100, unit="%", desc=f"{args.preset} {Path(file).name}", file=sys.stderr) as bar:
 
-                    def progress(status) -> None:
+                    def progress(status: SplitStatus) -> None:
                         bar.set_postfix_str(status.stage)
                         bar.update(int(status.progress * 100) - bar.n)
 
@@ -368,7 +374,7 @@ def cmd_remote_split(args) -> int:
     return 0
 
 
-def cmd_master(args) -> int:
+def cmd_master(args: argparse.Namespace) -> int:
     """Master a file locally (no server); prints what the source and the result measure."""
     from pipelines.errors import StemsError
     from pipelines.mastering import master_file
@@ -389,7 +395,7 @@ def cmd_master(args) -> int:
     return 0
 
 
-def cmd_remote_master(args) -> int:
+def cmd_remote_master(args: argparse.Namespace) -> int:
     """Master a file on a stems server; downloads the WAV and prints what it measures."""
     from .client import ApiError, Client, JobFailed
 
@@ -424,7 +430,7 @@ def _remote_failed(exc: Exception) -> int:
     return 2
 
 
-def _master_args(p) -> None:
+def _master_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
     p.add_argument(
         "--preset",
@@ -444,7 +450,7 @@ def _hq_extension(fmt: str | None) -> str:
     return hq_extension(fmt)
 
 
-def cmd_worker(args) -> int:
+def cmd_worker(args: argparse.Namespace) -> int:
     from workers.celery_app import app, broker_queue
 
     s = _settings()
@@ -456,7 +462,7 @@ def cmd_worker(args) -> int:
     return 0
 
 
-def cmd_settings(args) -> int:
+def cmd_settings(args: argparse.Namespace) -> int:
     from pydantic import AliasChoices
 
     from .settings import Settings
@@ -470,7 +476,7 @@ def cmd_settings(args) -> int:
     return 0
 
 
-def cmd_stack(args) -> int:
+def cmd_stack(args: argparse.Namespace) -> int:
     from . import stack
 
     if args.action == "demo":
@@ -637,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     sk.set_defaults(fn=cmd_stack)
 
     args = ap.parse_args(argv)
-    return args.fn(args)
+    status: int = args.fn(args)
+    return status
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -41,10 +41,11 @@ from api.schemas import (
     StemsEstimate,
     StemsQueued,
 )
-from pipelines.errors import ApiError, JobFailed
+from pipelines.errors import ApiError as ApiError, JobFailed as JobFailed  # raised by Client: importable from here
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 CHUNK = 1 << 20
+_Status = TypeVar("_Status", AudioStatus, SplitStatus, MasterStatus)  # what `_poll` polls
 
 
 def api_error(response: httpx.Response) -> ApiError:
@@ -121,7 +122,7 @@ class Client:
     # -- bringing audio in --------------------------------------------------------------
     def upload(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         progress: Progress | None = None,
         idempotency_key: str | None = None,
@@ -185,15 +186,15 @@ class Client:
         stem_id: str | None = None,
         upscaled_id: str | None = None,
         mastered_id: str | None = None,
-        selection: dict | None = None,
+        selection: dict[str, Any] | None = None,
         bit_depth: int | None = None,
         hq_streaming_format: str | None = None,
-        restoration_params: dict | None = None,
+        restoration_params: dict[str, Any] | None = None,
         callback_url: str | None = None,
         prompt: str | None = None,
         sam_model: str | None = None,
         stereo_mode: str | None = None,
-        spans: list[dict] | None = None,
+        spans: list[dict[str, Any]] | None = None,
         idempotency_key: str | None = None,
     ) -> StemsQueued:
         """POST /create-stems with the fields given (None: the API's default)."""
@@ -218,7 +219,7 @@ class Client:
         return StemsQueued.model_validate(self._json("POST", "/create-stems", json=body, headers=headers))
 
     def create_stems_batch(
-        self, items: list[dict], *, idempotency_key: str | None = None
+        self, items: list[dict[str, Any]], *, idempotency_key: str | None = None
     ) -> list[StemsQueued | StemsEstimate | BatchItemError]:
         """POST /create-stems/batch: up to 100 create-stems bodies; each answer (or error) in order, never raised."""
         headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
@@ -237,7 +238,9 @@ class Client:
             raise JobFailed(status)
         return status
 
-    def _poll(self, get, timeout: float | None, progress) -> Any:
+    def _poll(
+        self, get: Callable[[], _Status], timeout: float | None, progress: Callable[[_Status], None] | None
+    ) -> _Status:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.25
         while True:
@@ -303,7 +306,9 @@ class Client:
             raise JobFailed(status)
         return status
 
-    def download_mastered(self, mastered_id: str, dest: str | os.PathLike, *, progress: Progress | None = None) -> Path:
+    def download_mastered(
+        self, mastered_id: str, dest: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> Path:
         return self._download(f"/download/mastered/{mastered_id}", {}, dest, progress)
 
     def delete_mastered(self, mastered_id: str) -> None:
@@ -322,12 +327,14 @@ class Client:
         )
 
     def download_stem(
-        self, stem_id: str, dest: str | os.PathLike, *, format: str = "wav", progress: Progress | None = None
+        self, stem_id: str, dest: str | os.PathLike[str], *, format: str = "wav", progress: Progress | None = None
     ) -> Path:
         """Download a stem to `dest`, resuming a `dest.part` left by an interrupted try (HTTP Range)."""
         return self._download(f"/download/stem/{stem_id}", {"format": format}, dest, progress)
 
-    def _download(self, path: str, params: dict, dest: str | os.PathLike, progress: Progress | None) -> Path:
+    def _download(
+        self, path: str, params: dict[str, Any], dest: str | os.PathLike[str], progress: Progress | None
+    ) -> Path:
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +349,7 @@ class Client:
                 self.sleep(getattr(exc, "retry_after", None) or min(30.0, 0.5 * 2**attempt))
         raise AssertionError("unreachable")
 
-    def _fetch(self, path: str, params: dict, part: Path, progress: Progress | None) -> None:
+    def _fetch(self, path: str, params: dict[str, Any], part: Path, progress: Progress | None) -> None:
         have = part.stat().st_size if part.exists() else 0
         headers = {"range": f"bytes={have}-"} if have else {}
         with self.http.stream("GET", path, params=params, headers=headers) as r:
@@ -375,7 +382,7 @@ class Client:
 
     def download_archive(
         self,
-        dest: str | os.PathLike,
+        dest: str | os.PathLike[str],
         *,
         creation_id: str | None = None,
         stem_ids: list[str] | None = None,

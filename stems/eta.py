@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from stems import rediskeys as K
 
 from .models import Job, JobStatus
+
+if TYPE_CHECKING:
+    from .jobstore import JobStore
+    from .runstore import Pipe, RunStore
 
 SAMPLES = 20  # kept per chain and per queue: recent enough to follow a change of hardware
 DEFAULT_SPEED = 1.0  # seconds per audio second before anything has been measured (says `speed_source: default`)
@@ -36,7 +41,7 @@ def work_seconds(job: Job) -> float | None:
     return None
 
 
-def record(store, pipe, job: Job) -> None:
+def record(store: RunStore, pipe: Pipe, job: Job) -> None:
     """Keep a completed job's speed; called in the transaction that completes it (`RunStore.meter_usage`)."""
     seconds = work_seconds(job)
     if not seconds or not job.audio_seconds:
@@ -54,7 +59,7 @@ class Speed:
     samples: int
 
 
-def speed(store, queue: str, preset: str, chain_index: int | None) -> Speed:
+def speed(store: RunStore, queue: str, preset: str, chain_index: int | None) -> Speed:
     for source, key in (("chain", chain_key(queue, preset, chain_index)), ("queue", queue)):
         raw = store.r.lrange(store.k(K.SPEED, key), 0, -1)
         if raw:
@@ -63,25 +68,25 @@ def speed(store, queue: str, preset: str, chain_index: int | None) -> Speed:
     return Speed(DEFAULT_SPEED, "default", 0)
 
 
-def _remaining(store, job: Job, cache: dict) -> float:
+def _remaining(store: RunStore, job: Job, cache: dict[tuple[str, str, int | None], float]) -> float:
     key = (job.queue, job.preset, job.spec.chain_index)
     if key not in cache:
         cache[key] = speed(store, *key).s_per_audio_s
     return cache[key] * (job.audio_seconds or 0.0) * (1.0 - (job.progress if job.status == JobStatus.processing else 0))
 
 
-def workers_of(store, queue: str) -> int:
+def workers_of(store: JobStore, queue: str) -> int:
     return max(1, sum(queue in w.queues for w in store.live_workers()))
 
 
 def estimate(
-    store, queue: str, preset: str, chain_index: int | None, audio_seconds: float, job: Job | None = None
-) -> dict:
+    store: JobStore, queue: str, preset: str, chain_index: int | None, audio_seconds: float, job: Job | None = None
+) -> dict[str, Any]:
     """`eta_s` of a job (an existing queued or running one, or one about to be queued) and what it rests on."""
     ids = [i.decode() for i in store.r.lrange(store.k(K.LOAD, queue), 0, MAX_AHEAD - 1)]
     if job is not None:
         ids = ids[: ids.index(job.id)] if job.id in ids else []  # only the jobs queued before it
-    cache: dict = {}
+    cache: dict[tuple[str, str, int | None], float] = {}
     ahead = [j for j in store.get_jobs(ids) if not j.status.terminal]
     # a running job ahead only delays this one by its remaining work; its own running is not ahead of it
     queued_work = sum(_remaining(store, j, cache) for j in ahead)

@@ -30,10 +30,11 @@ from redis.retry import Retry
 from stems import rediskeys as K
 
 from .models import USER_ID, AudioAsset, Job, Stem, StemStatus, WorkerReport
-from .runstore import RunStore
+from .runstore import Pipe, RunStore
 from .unavailable import RedisUnavailable, redact_url
 
 T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 TOMBSTONE_TTL_S = IDEMPOTENCY_TTL_S + 3600
@@ -122,7 +123,7 @@ class _Translating:
 
     where = ""
 
-    def _translated(self, run, *args, **options):
+    def _translated(self, run: Callable[..., R], *args: Any, **options: Any) -> R:
         try:
             return run(*args, **options)
         except redis.RedisError as exc:
@@ -133,20 +134,20 @@ class _Translating:
 
 
 class _Pipeline(_Translating, redis.client.Pipeline):
-    def immediate_execute_command(self, *args, **options):
+    def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
         return self._translated(super().immediate_execute_command, *args, **options)
 
-    def execute(self, raise_on_error: bool = True):
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
         return self._translated(super().execute, raise_on_error)
 
 
 class StoreClient(_Translating, redis.Redis):
     """The job store's Redis client: `RedisUnavailable` instead of the client's connection errors."""
 
-    def execute_command(self, *args, **options):
+    def execute_command(self, *args: Any, **options: Any) -> Any:
         return self._translated(super().execute_command, *args, **options)
 
-    def pipeline(self, transaction: bool = True, shard_hint=None) -> _Pipeline:
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _Pipeline:
         pipe = _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
         pipe.where = self.where
         return pipe
@@ -222,11 +223,11 @@ class JobStore(RunStore):
         self.r.set(self.k(K.DOWNLOAD_TOKEN, hash_key(token)), grant, ex=ttl_s)
         return token
 
-    def download_grant(self, token: str) -> dict | None:
+    def download_grant(self, token: str) -> dict[str, Any] | None:
         """{user_id, key_id, stem_id, format} of a live download token; None for an unknown or expired one, or
         one whose API key was revoked since (a revoked key's links stop with it)."""
         raw = self.r.get(self.k(K.DOWNLOAD_TOKEN, hash_key(token)))
-        grant = json.loads(raw) if raw else None
+        grant: dict[str, Any] | None = json.loads(raw) if raw else None
         if grant is None or not grant.get("key_id") or self.key_by_id(grant["key_id"]) is None:
             return None
         return grant
@@ -248,7 +249,8 @@ class JobStore(RunStore):
     def _digest(self, key_id: str) -> str | None:
         found = self.r.hget(self.k(K.KEYIDS), key_id)
         if found:
-            return found.decode()
+            digest: str = found.decode()
+            return digest
         if not (key_id.startswith("key_") and len(key_id) == 20):
             return None
         # a key made before the index existed: find it once, then index it
@@ -292,7 +294,7 @@ class JobStore(RunStore):
     def count_request(self, user_id: str, window: int, ttl_s: int = 120) -> int:
         """Requests of `user_id` in the rate-limit window `window` so far, this one included."""
         key = self.k(K.RATE, user_id, str(window))
-        count = self.r.incr(key)
+        count: int = self.r.incr(key)
         if count == 1:
             self.r.expire(key, ttl_s)
         return count
@@ -302,7 +304,7 @@ class JobStore(RunStore):
         raw = self.r.get(self.k(kind, id_))
         return model.model_validate_json(raw) if raw else None
 
-    def _put(self, kind: str, rec: AudioAsset | Job | Stem, pipe=None) -> None:
+    def _put(self, kind: str, rec: AudioAsset | Job | Stem, pipe: Pipe = None) -> None:
         (pipe or self.r).set(self.k(kind, rec.id), rec.model_dump_json())
 
     def get_asset(self, id_: str) -> AudioAsset | None:
@@ -405,7 +407,9 @@ class JobStore(RunStore):
         job, changed = self._transact(job_id, fn, also)
         return job if changed else None
 
-    def _transact(self, job_id: str, fn, also) -> tuple[Job | None, bool]:
+    def _transact(
+        self, job_id: str, fn: Callable[[Job], Job | None], also: Callable[[object, Job], None] | None
+    ) -> tuple[Job | None, bool]:
         key = self.k(K.JOB, job_id)
         with self.r.pipeline(transaction=True) as pipe:
             while True:
@@ -437,7 +441,8 @@ class JobStore(RunStore):
                     continue
 
     def active_jobs(self, user_id: str) -> int:
-        return self.r.scard(self.k(K.ACTIVE, user_id))
+        active: int = self.r.scard(self.k(K.ACTIVE, user_id))
+        return active
 
     def pending_output_bytes(self, user_id: str) -> int:
         """Estimated output of the user's queued and running jobs together."""
@@ -488,17 +493,18 @@ class JobStore(RunStore):
             self._bury(pipe, "audio", asset.id, asset.user_id)
         pipe.execute()
 
-    def _bury(self, pipe, kind: str, id_: str, user_id: str) -> None:
+    def _bury(self, pipe: Pipe, kind: str, id_: str, user_id: str) -> None:
         pipe.set(
             self.k(K.GONE, id_),
             json.dumps({"kind": kind, "user_id": user_id, "deleted_at": time.time()}),
             ex=TOMBSTONE_TTL_S,
         )
 
-    def deleted(self, id_: str) -> dict | None:
+    def deleted(self, id_: str) -> dict[str, Any] | None:
         """The tombstone of a deleted audio or job (kept for a day past the Idempotency-Key window)."""
         raw = self.r.get(self.k(K.GONE, id_))
-        return json.loads(raw) if raw else None
+        tombstone: dict[str, Any] | None = json.loads(raw) if raw else None
+        return tombstone
 
     # A stem expires in three idempotent steps, each safe to repeat by the next sweep if the sweeper dies:
     # marked (expired, its keys kept: no download, no new split of it), then either unmarked (a split of
@@ -547,7 +553,7 @@ class JobStore(RunStore):
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.k(K.CANCEL, job_id)))
 
-    def usage(self, user_id: str) -> dict:
+    def usage(self, user_id: str) -> dict[str, float | int]:
         raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k(K.USAGE, user_id)).items()}
         return {"minutes": round(float(raw.get("minutes", 0)), 4), "jobs": int(raw.get("jobs", 0))}
 
@@ -571,7 +577,7 @@ class JobStore(RunStore):
             self._probe.where = self.r.where
         self._probe.ping()
 
-    def persistence(self) -> dict:
+    def persistence(self) -> dict[str, Any]:
         """How the Redis server keeps its data: `appendonly` and `save` from CONFIG, or, where a managed
         Redis hides CONFIG, `aof_enabled` from INFO (then `save` is unknown: None)."""
         try:

@@ -8,10 +8,12 @@ the code a worker runs, streaming, so memory follows the chunk and not the track
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, overload
 
 from pipelines.engine import Engine
 from pipelines.errors import PresetError, StemsError, UsageError
@@ -24,8 +26,15 @@ from pipelines.presets import Chain, Preset, load_catalogue
 from pipelines.registry import get_spec
 from pipelines.stemfile import NI_ORDER, write_stem_mp4
 
+if TYPE_CHECKING:
+    from .settings import Settings
 
-def time_range(text: str, what: str, model: type = TimeRange):
+
+@overload
+def time_range(text: str, what: str) -> TimeRange: ...
+@overload
+def time_range(text: str, what: str, model: type[Selection]) -> Selection: ...
+def time_range(text: str, what: str, model: type[TimeRange | Selection] = TimeRange) -> TimeRange | Selection:
     """`START:END` in seconds; for a selection either side may be empty (the start, the end)."""
     start, _, end = text.partition(":")
     try:
@@ -89,7 +98,7 @@ def pick(preset: Preset, store: ModelStore, chain: str | None, use: Use) -> int:
     return index
 
 
-def plan(args, store: ModelStore, use: Use) -> SplitSpec:
+def plan(args: argparse.Namespace, store: ModelStore, use: Use) -> SplitSpec:
     """The spec `stems split` runs: its arguments through the same planner as the API (pipelines/plan.py)."""
     preset = load_catalogue().preset(args.preset)
     selection = time_range(args.selection, "--selection", Selection) if args.selection else None
@@ -121,7 +130,7 @@ def plan(args, store: ModelStore, use: Use) -> SplitSpec:
     ).spec
 
 
-def run(args, store: ModelStore, settings) -> int:
+def run(args: argparse.Namespace, store: ModelStore, settings: Settings) -> int:
     from tqdm import tqdm
 
     from pipelines import split

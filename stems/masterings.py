@@ -15,6 +15,8 @@ Indexes: `asset_masters:{audio_id}` (masterings whose root audio is it: they go 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import redis
 from pydantic import BaseModel, Field
@@ -38,11 +40,11 @@ class Mastering(BaseModel):
     preset: str
     bit_depth: int = 24
     status: JobStatus = JobStatus.queued
-    error: dict | None = None
+    error: dict[Any, Any] | None = None
     audio_seconds: float = 0.0
-    source_measured: dict | None = None  # pipelines.mastering.Measurement.to_dict() of the source
-    measured: dict | None = None  # ... and of the result
-    processing: dict | None = None  # gain_db, low_shelf_db, high_shelf_db, renders
+    source_measured: dict[Any, Any] | None = None  # pipelines.mastering.Measurement.to_dict() of the source
+    measured: dict[Any, Any] | None = None  # ... and of the result
+    processing: dict[Any, Any] | None = None  # gain_db, low_shelf_db, high_shelf_db, renders
     worker: str | None = None
     usage_minutes: float = 0.0
     key_id: str | None = None
@@ -79,7 +81,7 @@ class Masterings:
         raw = self.r.get(self.k(K.MASTERING, id_))
         return Mastering.model_validate_json(raw) if raw else None
 
-    def create(self, m: Mastering, due: float, also=None) -> int:
+    def create(self, m: Mastering, due: float, also: Callable[[object], None] | None = None) -> int:
         """The mastering, its output stem and its owed message in one transaction; returns the outbox score."""
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.k(K.MASTERING, m.id), m.model_dump_json())
@@ -123,7 +125,8 @@ class Masterings:
                     continue
 
     def active(self, user_id: str) -> int:
-        return self.r.scard(self.k(K.ACTIVE_MASTERS, user_id))
+        active: int = self.r.scard(self.k(K.ACTIVE_MASTERS, user_id))
+        return active
 
     def of_asset(self, audio_id: str) -> list[str]:
         return sorted(i.decode() for i in self.r.smembers(self.k(K.ASSET_MASTERS, audio_id)))

@@ -34,7 +34,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -124,12 +125,12 @@ class Fetcher:
         if self._http is not None:
             self._http.close()
 
-    def open(self, url: str, offset: int):
+    def open(self, url: str, offset: int) -> AbstractContextManager[tuple[int | None, Iterator[bytes]]]:
         """A context giving (total size if known, blocks from byte `offset` on); raises _Restart or DownloadFailed."""
         return (self._s3_open if url.startswith("s3://") else self._http_open)(url, offset)
 
     @contextmanager
-    def _http_open(self, url: str, offset: int):
+    def _http_open(self, url: str, offset: int) -> Iterator[tuple[int | None, Iterator[bytes]]]:
         import httpx
 
         if self._http is None:
@@ -163,7 +164,7 @@ class Fetcher:
             raise DownloadFailed(f"could not download {url}: {exc.__class__.__name__}: {exc}", url=url) from exc
 
     @contextmanager
-    def _s3_open(self, url: str, offset: int):
+    def _s3_open(self, url: str, offset: int) -> Iterator[tuple[int | None, Iterator[bytes]]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         from .storage import s3_client

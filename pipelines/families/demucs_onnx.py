@@ -37,7 +37,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,7 @@ def runtime_missing() -> str | None:
     return None
 
 
-def exportable(model, explicit: bool = False) -> str | None:
+def exportable(model: Any, explicit: bool = False) -> str | None:
     """Why `model` does not run here by default (or at all, when `explicit`), or None.
 
     HTDemucs exports and was measured. A hybrid HDemucs (hdemucs_mmi) exports too, LSTMs and
@@ -84,7 +86,7 @@ def exportable(model, explicit: bool = False) -> str | None:
     return f"{type(model).__name__} (hybrid={getattr(model, 'hybrid', None)}) has no exported form"
 
 
-def network_length(model, padded: int) -> int:
+def network_length(model: Any, padded: int) -> int:
     """The samples the network itself runs at for a segment padded to `padded` (HTDemucs pads to its training length)."""
     if isinstance(model, HTDemucs) and model.use_train_segment:
         return max(padded, int(model.segment * model.samplerate))
@@ -94,14 +96,16 @@ def network_length(model, padded: int) -> int:
 class _Core(torch.nn.Module):
     """demucs's forward from `mag` to (`spec`, `wave`): the spectral methods stood in for while it is traced."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, mix: torch.Tensor, mag: torch.Tensor):
-        m, spectrogram = self.model, []
+    def forward(self, mix: torch.Tensor, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        spectrogram: list[torch.Tensor] = []
 
-        def keep(z, length):  # the estimate's spectrogram leaves the graph; the iSTFT is added back outside
+        # the estimate's spectrogram leaves the graph; the iSTFT is added back outside
+        def keep(z: torch.Tensor, length: int) -> int:
             spectrogram.append(z)
             return 0
 
@@ -116,12 +120,12 @@ class _Core(torch.nn.Module):
         return spectrogram[0], wave
 
 
-def _spectrogram(model, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _spectrogram(model: Any, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     z = model._spec(mix)
     return z, model._magnitude(z)
 
 
-def export(model, length: int, path: Path) -> None:
+def export(model: Any, length: int, path: Path) -> None:
     """Write `model`'s network at `length` samples to `path` (ONNX, dynamic batch)."""
     mix = torch.zeros(1, model.audio_channels, length)
     with torch.inference_mode():
@@ -156,8 +160,8 @@ def _bool_eye_as_float(path: Path) -> None:
     model = onnx.load(str(path))
     producers = {out: node for node in model.graph.node for out in node.output}
 
-    def is_bool(node) -> bool:
-        dtype = next((a.i for a in node.attribute if a.name == "dtype"), None)
+    def is_bool(node: onnx.NodeProto) -> bool:
+        dtype: int | None = next((a.i for a in node.attribute if a.name == "dtype"), None)
         if dtype is not None:
             return dtype == TensorProto.BOOL
         source = producers.get(node.input[0])  # without dtype the output has the input's type
@@ -193,7 +197,7 @@ def _bool_eye_as_float(path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def _session(path: Path, threads: int, save_optimized: Path | None = None):
+def _session(path: Path, threads: int, save_optimized: Path | None = None) -> Any:  # an ort.InferenceSession
     """An ONNX Runtime CPU session on `path`; with `save_optimized`, also write the optimised graph there.
 
     The file kept in the store is the graph after ONNX Runtime's portable ("extended") fusions,
@@ -218,7 +222,7 @@ def _session(path: Path, threads: int, save_optimized: Path | None = None):
 class CoreRunner:
     """One exported network in an ONNX Runtime session: `model(mix)` for mixes of its length."""
 
-    def __init__(self, model, path: Path, length: int, threads: int) -> None:
+    def __init__(self, model: Any, path: Path, length: int, threads: int) -> None:
         self.model, self.length = model, length
         self.session = _session(path, threads)
 
@@ -234,7 +238,7 @@ class CoreRunner:
         z, mag = _spectrogram(m, mix)
         spec, wave = self.session.run(None, {"mix": mix.numpy(), "mag": mag.numpy()})
         x = m._ispec(m._mask(z, torch.from_numpy(spec)), self.length)
-        out = torch.from_numpy(wave) + x  # demucs adds xt + x: the same sum
+        out: torch.Tensor = torch.from_numpy(wave) + x  # demucs adds xt + x: the same sum
         return out[..., :length] if length < self.length else out
 
 
@@ -254,7 +258,7 @@ def artefact_paths(root: Path, weights_sha256: str, length: int) -> tuple[Path, 
     return root / DERIVED / f"{stem}.onnx", root / DERIVED / f"{stem}.json"
 
 
-def _check(model, runner: CoreRunner) -> float:
+def _check(model: Any, runner: CoreRunner) -> float:
     """Max abs difference between torch's forward and the runner's on one segment of seeded noise."""
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(1, model.audio_channels, runner.length, generator=g)
@@ -275,7 +279,7 @@ def _valid(onnx_path: Path, sidecar: Path, weights_sha256: str) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` (other worker processes building the same file wait)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -287,7 +291,7 @@ def _locked(path: Path):
 
 
 def prepared_runner(
-    model, root: Path, weights_sha256: str, length: int, threads: int, build: bool = True
+    model: Any, root: Path, weights_sha256: str, length: int, threads: int, build: bool = True
 ) -> CoreRunner:
     """A runner for `model` at `length` from the store's derived file, built first when missing or stale.
 
@@ -306,7 +310,7 @@ def prepared_runner(
     return CoreRunner(model, onnx_path, length, threads)
 
 
-def _build(model, onnx_path: Path, sidecar: Path, weights_sha256: str, length: int, threads: int) -> None:
+def _build(model: Any, onnx_path: Path, sidecar: Path, weights_sha256: str, length: int, threads: int) -> None:
     t0 = time.perf_counter()
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=onnx_path.parent, prefix=".build-", suffix=".onnx")

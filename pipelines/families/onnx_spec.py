@@ -15,8 +15,7 @@ bins above `dim_f` stay zero, as in UVR.
 
 The segment grid starts at the first sample of the signal and networks see a whole
 segment at once, so a chunk's output depends on where the chunk starts: chunking by the
-engine could not equal a whole run. The class is therefore not streamable by the engine;
-instead `separate_stream` walks the whole signal's own grid, reading the frames of a batch
+engine could not equal a whole run. Instead `stream` walks the whole signal's own grid, reading the frames of a batch
 of segments, overlap-adding their inverse and giving out the samples no later segment
 touches, so memory follows the batch and not the track, and the output is a whole run's.
 """
@@ -25,48 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
-from .base import Separator
-
-
-class MdxParams(BaseModel):
-    """The `params` of an `onnx_spec` model (registry entry, overridden by the store manifest)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    n_fft: int = Field(gt=0)
-    hop: int = Field(gt=0)
-    dim_f: int = Field(gt=0, description="lowest STFT bins the network sees")
-    dim_t: int = Field(gt=0, description="frames per segment the network was trained on")
-    output: Literal["spectrogram", "mask", "multi"] = "spectrogram"
-    segment_frames: int | None = Field(None, gt=0, description="frames per network call; default dim_t")
-    overlap: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of a segment shared with the next")
-    primary: str | None = Field(None, description="the source the network predicts (not for multi)")
-    batch_size: int = Field(4, gt=0, description="segments per network call, unless the model fixes it")
-    compensate: float = Field(1.0, gt=0.0, description="gain on the network's output (UVR's per-model 'compensate')")
-    zero_low_bins: int = Field(3, ge=0, description="lowest input bins zeroed before the network, as UVR does")
-
-    @model_validator(mode="after")
-    def _check(self) -> MdxParams:
-        if self.dim_f > self.n_fft // 2 + 1:
-            raise ValueError(f"dim_f {self.dim_f} exceeds the {self.n_fft // 2 + 1} bins of an n_fft {self.n_fft} STFT")
-        if self.hop > self.n_fft:
-            raise ValueError(f"hop {self.hop} is longer than n_fft {self.n_fft}")
-        return self
-
-    @property
-    def frames(self) -> int:
-        return self.segment_frames or self.dim_t
-
-    @property
-    def step(self) -> int:
-        return max(1, self.frames - int(round(self.frames * self.overlap)))
+from .base import Blocks, Separator
+from .params import MdxParams
 
 
 def _overlap_add(acc: np.ndarray, frames: np.ndarray, first: int, hop: int) -> None:
@@ -160,10 +126,7 @@ def segment_weights(frames: int) -> np.ndarray:
 class OnnxSpecSeparator(Separator):
     """An MDX-Net style ONNX model (see the module docstring)."""
 
-    chunk_context = 0.0  # unused: not streamable, see the module docstring
-    streamable = False
-
-    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict[str, Any]) -> None:
         super().__init__(spec, files, params)
         self.p = MdxParams.model_validate(params)
         if self.p.output == "multi":
@@ -202,7 +165,7 @@ class OnnxSpecSeparator(Separator):
         self.fixed_batch = isinstance(inp.shape[0], int) and inp.shape[0] > 0
         self._check_shape(out.shape, (None, 2 * channels * len(self.outputs), self.p.dim_f, self.p.frames), "output")
 
-    def _check_shape(self, shape: list, expected: tuple, what: str) -> int:
+    def _check_shape(self, shape: list[Any], expected: tuple[int | None, ...], what: str) -> int:
         """Compare the model's declared shape with the params (symbolic axes match anything); the fixed batch or the default."""
         fixed = [d if isinstance(d, int) and d > 0 else None for d in shape]
         if len(shape) == 5 and what == "output":  # (batch, sources, 2 * channels, dim_f, frames) is fine too
@@ -224,9 +187,7 @@ class OnnxSpecSeparator(Separator):
             for k in self.spec.sources
         }
 
-    def separate_stream(
-        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
-    ) -> Iterator[dict[str, np.ndarray]]:
+    def stream(self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]) -> Blocks:
         return self._blocks(audio, cancelled)
 
     def _blocks(self, audio: S.Signal, cancelled: Callable[[], bool]) -> Iterator[dict[str, np.ndarray]]:
@@ -298,4 +259,5 @@ class OnnxSpecSeparator(Separator):
         net_in = np.stack([spec.real, spec.imag], axis=2).reshape(batch, 2 * channels, *spec.shape[2:])
         net_in[:, :, : self.p.zero_low_bins] = 0.0
         raw = self.session.run(None, {self.input_name: np.ascontiguousarray(net_in, dtype=np.float32)})[0]
-        return raw.reshape(batch, len(self.outputs), channels, 2, *spec.shape[2:])
+        out: np.ndarray = raw.reshape(batch, len(self.outputs), channels, 2, *spec.shape[2:])
+        return out

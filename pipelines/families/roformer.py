@@ -32,7 +32,7 @@ the mix minus the target (`params.residual`, MSST's `--extract_instrumental`). M
 inference.py subtracts the still-normalised target from the mix when `normalize` is on;
 here the scaled-back target is subtracted, so the two sources sum to the mix.
 
-`separate_stream` walks that grid over the whole signal, reading each chunk from the
+`stream` walks that grid over the whole signal, reading each chunk from the
 signal, and gives out each block once every chunk overlapping it has been added, so memory
 follows the chunk and the batch, not the track, and the output is the whole-signal run's
 (`separate` is the same walk in one block). A chunk of digital silence is not run: a masked
@@ -53,7 +53,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -63,7 +63,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
-from .torch_model import Batch, Precision, TorchSeparator
+from .base import Blocks
+from .params import ROFORMER_GPU_PRECISION as GPU_PRECISION, RoformerParams
+from .torch_model import TorchSeparator
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # librosa's and the package's import-time notices
@@ -74,39 +76,6 @@ with warnings.catch_warnings():
 warnings.filterwarnings("ignore", message=r".*sdp_kernel\(\)` is deprecated", category=FutureWarning)
 
 ARCHITECTURES: dict[str, type] = {"bs_roformer": BSRoformer, "mel_band_roformer": MelBandRoformer}
-GPU_PRECISION = "float16"  # MSST's demix: torch.cuda.amp.autocast(enabled=training.use_amp), float16
-
-
-class RoformerParams(BaseModel):
-    """A roformer model's settings: `spec.params`, overridden by the store manifest's params.
-
-    The inference settings default to the checkpoint's config (None); set them to override it.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    arch: Literal["bs_roformer", "mel_band_roformer"] = Field(description="MSST's --model_type")
-    config: str = Field(description="the YAML config among the model's files")
-    checkpoint: str = Field(description="the state dict among the model's files")
-    sources: dict[str, str] = Field(
-        default_factory=dict,
-        description=(
-            "the config's instrument names -> registry source names (a name not listed keeps its own); "
-            "several config names may map to one source, for the copies of a config that name it differently"
-        ),
-    )
-    residual: str | None = Field(None, description="a source that is the mix minus the model's one target")
-    chunk_size: int | None = Field(None, ge=10, description="samples per forward; None: the config's")
-    num_overlap: int | None = Field(None, ge=1, description="chunks covering each sample; None: the config's")
-    batch_size: int | None = Field(None, ge=1, description="MSST's inference.batch_size: chunks sharing a window")
-    normalize: bool | None = Field(None, description="normalise the mix by its mono mean and std; None: the config's")
-    batch: Batch = Field(
-        "auto", description="chunks per forward (does not change the output); auto: the config's inference.batch_size"
-    )
-    precision: Precision = Field(
-        "auto",
-        description="autocast dtype of the forward; auto: float32 on a CPU, float16 on a CUDA device "
-        "when the config's training.use_amp (MSST's default), else float32",
-    )
 
 
 class _Section(BaseModel):
@@ -148,7 +117,7 @@ class MsstConfig(BaseModel):
         return (t,) if t else self.training.instruments
 
 
-class _TupleLoader(yaml.SafeLoader):
+class _TupleLoader(yaml.SafeLoader):  # type: ignore[misc]  # yaml is Any here: no types-PyYAML installed
     """YAML's safe loader plus the `!!python/tuple` tag MSST configs use (its FullLoader reads them as tuples)."""
 
 
@@ -236,7 +205,8 @@ def build_model(arch: str, model: dict[str, Any]) -> torch.nn.Module:
         )
     if zero_dc:
         _zero_dc(net)
-    return net.eval()
+    module: torch.nn.Module = net.eval()
+    return module
 
 
 def _zero_dc(net: Any) -> None:  # a package network: its attributes are not typed
@@ -252,7 +222,7 @@ def _zero_dc(net: Any) -> None:  # a package network: its attributes are not typ
     positions = torch.arange(channels) if bins is None else torch.nonzero(bins < channels).flatten()
     entries = torch.cat([2 * positions, 2 * positions + 1])
 
-    def hook(_module, _inputs, out: torch.Tensor) -> torch.Tensor:
+    def hook(_module: torch.nn.Module, _inputs: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
         out[..., entries.to(out.device)] = 0
         return out
@@ -362,7 +332,7 @@ class RoformerSeparator(TorchSeparator[RoformerParams]):
 
     Params, family = RoformerParams, "roformer"
 
-    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict[str, Any]) -> None:
         super().__init__(spec, files, params)
         for name in (self.settings.config, self.settings.checkpoint):
             if name not in spec.files:
@@ -445,9 +415,7 @@ class RoformerSeparator(TorchSeparator[RoformerParams]):
             return {s: np.zeros_like(audio, dtype=np.float32) for s in self.spec.sources}
         return blocks[0]
 
-    def separate_stream(
-        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
-    ) -> Iterator[dict[str, np.ndarray]]:
+    def stream(self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]) -> Blocks:
         self._ready(sample_rate)
         return self._stream(audio, max(1, block), cancelled)
 
@@ -508,7 +476,8 @@ class _ChunkStream:
         for k in [k for k, (_, w) in self.pending.items() if g.offset(k) + w.shape[0] <= b]:
             del self.pending[k]
         out = (result / counter).numpy()
-        return np.nan_to_num(out, copy=False, nan=0.0)  # 0 / 0 where no chunk weighs a sample, as demix
+        # 0 / 0 where no chunk weighs a sample, as demix
+        return cast(np.ndarray, np.nan_to_num(out, copy=False, nan=0.0))
 
     def _read(self, k: int) -> np.ndarray:
         """Chunk k of the padded, normalised mix, padded to a whole chunk as demix pads its last chunks."""

@@ -30,12 +30,14 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from ..errors import Cancelled, ModelNotInstalled, PresetError
+from ..registry import ModelSpec
 from .base import Anchor, PromptedSeparator
+from .params import SamParams, validated
 
 if TYPE_CHECKING:
     from ..signals import Signal
@@ -46,7 +48,9 @@ TEXT_ENCODER = "t5-base"  # the files' stem in the store; every published SAM Au
 
 
 class SamAudioSeparator(PromptedSeparator):
-    streamable = False
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict[str, Any]) -> None:
+        super().__init__(spec, files, params)
+        self.settings = validated(SamParams, spec, params)
 
     def setup(self, device: str = "cpu") -> None:
         try:
@@ -86,17 +90,11 @@ class SamAudioSeparator(PromptedSeparator):
         model.eval()
         model.text_encoder.model, model.text_encoder.tokenizer = self._text_encoder(config.text_encoder.dim)
         self.model = model
-        self.chunk = int(float(self.params.get("chunk_seconds", 10.0)) * self.rate)
-        self.overlap = int(float(self.params.get("overlap_seconds", 3.0)) * self.rate)
-        if not 0 <= self.overlap < self.chunk:
-            raise PresetError(
-                f"model {self.spec.id!r}: overlap_seconds must be under chunk_seconds",
-                model_id=self.spec.id,
-                params=self.params,
-            )
-        steps = int(self.params.get("steps", 16))
-        self.ode_opt = {"method": str(self.params.get("method", "midpoint")), "step_size": 1.0 / steps}
-        self.seed = int(self.params.get("seed", 0))
+        p = self.settings
+        self.chunk = int(p.chunk_seconds * self.rate)
+        self.overlap = int(p.overlap_seconds * self.rate)
+        self.ode_opt = {"method": p.method, "step_size": 1.0 / p.steps}
+        self.seed = p.seed
 
     def _file(self, name: str) -> Path:
         if name not in self.files:
@@ -105,7 +103,7 @@ class SamAudioSeparator(PromptedSeparator):
             )
         return self.files[name]
 
-    def _text_encoder(self, dim: int):
+    def _text_encoder(self, dim: int) -> tuple[Any, Any]:
         """The T5 encoder and tokenizer from the store (the package's classes; it would fetch them by name)."""
         import transformers
         from mlx_audio.sts.models.sam_audio.text_encoder import T5Config, T5Encoder
@@ -168,7 +166,7 @@ class SamAudioSeparator(PromptedSeparator):
             model_id=self.spec.id,
         )
 
-    def encode_prompt(self, prompt: str):
+    def encode_prompt(self, prompt: str) -> tuple[str, Any, Any]:
         """Preprocess: the text features of a prompt (used as given, after trimming), once per run."""
         text = prompt.strip()
         if not text:
@@ -177,7 +175,9 @@ class SamAudioSeparator(PromptedSeparator):
         self._mx.eval(features, mask)
         return text, features, mask
 
-    def forward(self, wav: np.ndarray, text, anchors: list[Anchor], index: int) -> tuple[np.ndarray, np.ndarray]:
+    def forward(
+        self, wav: np.ndarray, text: tuple[str, Any, Any], anchors: list[Anchor], index: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Target and residual of one mono 48 kHz chunk (n,), by the package's processor and `separate`."""
         mx = self._mx
         prompt, features, mask = text
@@ -238,7 +238,7 @@ class SamAudioSeparator(PromptedSeparator):
             yield {"target": target[None, :keep], "residual": residual[None, :keep]}
 
 
-def zero_video_offset(raw: dict) -> np.ndarray | None:
+def zero_video_offset(raw: dict[str, Any]) -> np.ndarray | None:
     """What Meta's model adds to every input frame of a text-only prompt, which the port leaves out.
 
     Meta's `separate` aligns all-zero video features when no video is given (AlignModalities:
@@ -257,7 +257,7 @@ def zero_video_offset(raw: dict) -> np.ndarray | None:
         return None
     bias, gate, weight, shift = (np.asarray(raw[k], dtype=np.float64) for k in keys)
     norm = (bias - bias.mean()) / np.sqrt(bias.var() + 1e-5) * weight + shift  # torch.nn.LayerNorm, eps 1e-5
-    return (np.tanh(gate.reshape(-1)[0]) * norm).astype(np.float32)
+    return cast(np.ndarray, (np.tanh(gate.reshape(-1)[0]) * norm).astype(np.float32))
 
 
 def chunk_bounds(n: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
@@ -271,10 +271,10 @@ def chunk_bounds(n: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
 def crossfade(overlap: int) -> np.ndarray:
     """The package's cosine fade-in over `overlap` samples (separate_long: 0.5 * (1 - cos(pi * linspace(0, 1))))."""
     t = np.linspace(0.0, 1.0, overlap, dtype=np.float32)
-    return (0.5 * (1 - np.cos(np.pi * t))).astype(np.float32)
+    return cast(np.ndarray, (0.5 * (1 - np.cos(np.pi * t))).astype(np.float32))
 
 
-def chunk_noise(mx, seed: int, index: int, frames: int, codebook_dim: int, dtype):
+def chunk_noise(mx: Any, seed: int, index: int, frames: int, codebook_dim: int, dtype: Any) -> Any:
     """The initial diffusion noise of chunk `index`: one key per chunk, independent of any global random state."""
     return mx.random.normal((1, frames, 2 * codebook_dim), dtype=dtype, key=mx.random.key(seed + index))
 
@@ -284,7 +284,7 @@ def shift_anchors(anchors: list[Anchor], lo: float, hi: float) -> list[Anchor]:
     return [(sign, max(a, lo) - lo, min(b, hi) - lo) for sign, a, b in anchors if b > lo and a < hi]
 
 
-def _shapes(module) -> dict[str, tuple]:
+def _shapes(module: Any) -> dict[str, tuple[int, ...]]:
     from mlx.utils import tree_flatten
 
     flat = tree_flatten(module.parameters())
@@ -292,7 +292,7 @@ def _shapes(module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in flat}
 
 
-def _check_covers(module, weights: dict, path: Path, model_id: str, skip: str | None = None) -> None:
+def _check_covers(module: Any, weights: dict[str, Any], path: Path, model_id: str, skip: str | None = None) -> None:
     """Every parameter of `module` has a tensor in `weights` of its shape (or a transpose the package undoes)."""
     bad = []
     for key, shape in _shapes(module).items():
@@ -311,7 +311,7 @@ def _check_covers(module, weights: dict, path: Path, model_id: str, skip: str | 
         )
 
 
-def _fits(have: tuple, want: tuple) -> bool:
+def _fits(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
     """The layouts SAMAudio.load_weights accepts: as is, a transposed matrix, or a PyTorch conv kernel."""
     if have == want:
         return True
@@ -324,7 +324,7 @@ def _fits(have: tuple, want: tuple) -> bool:
     return False
 
 
-def _processor(config):
+def _processor(config: Any) -> Any:
     from mlx_audio.sts.models.sam_audio import SAMAudioProcessor
 
     return SAMAudioProcessor(

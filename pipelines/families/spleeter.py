@@ -38,20 +38,21 @@ import pickle
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
 from .. import signals as S
 from ..errors import Cancelled, ChainError
 from ..registry import ModelSpec
+from .base import Blocks
 from .dsp.params import RepetSimParams
 from .dsp.repet_sim import foreground_stream
 from .onnx_spec import OverlapAdder
+from .params import SpleeterParams
 from .torch_model import TorchSeparator
 
 N_FFT, HOP, BINS, FRAMES = 4096, 1024, 1024, 512  # fixed by the trained networks
@@ -59,7 +60,7 @@ EPS = 1e-10  # Spleeter's EPSILON in its ratio masks
 
 # The only globals a checkpoint's pickle may name: numpy's array reconstruction (bytes of the
 # array data come through _codecs.encode in protocol-2 pickles).
-_ALLOWED = {
+_ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
     ("numpy.core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
     ("numpy._core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
     ("numpy", "ndarray"): lambda: np.ndarray,
@@ -69,12 +70,12 @@ _ALLOWED = {
 
 
 class _ArraysOnly(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a Spleeter checkpoint")
         return _ALLOWED[(module, name)]()
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("a Spleeter checkpoint holds numpy arrays, not torch storages")
 
 
@@ -112,7 +113,8 @@ class _Up(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.deconv(x)[:, :, 1:-2, 1:-2]  # "same": 2n + 3 outputs cut to 2n
-        return self.norm(F.relu(y))
+        out: torch.Tensor = self.norm(F.relu(y))
+        return out
 
 
 class SpleeterUNet(nn.Module):
@@ -171,45 +173,13 @@ class SpleeterUNet(nn.Module):
 _NORM = ("weight", "bias", "running_mean", "running_var")
 
 
-class SpleeterParams(BaseModel):
-    """The `params` of a `spleeter` model (registry entry, overridden by the store manifest)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    mask_exponent: float = Field(2.0, gt=0.0, description="Spleeter's separation exponent of the ratio masks")
-    mask_extension: Literal["zeros", "average"] = Field(
-        "zeros", description="masks above the lowest 1024 bins: Spleeter's zeros, or each frame's mean mask"
-    )
-    wiener_iterations: int = Field(0, ge=0, description="EM iterations of the multichannel Wiener filter; 0 = masks")
-    swap_channels: bool = Field(
-        False, description="average with a run on the channel-swapped mix (test-time augmentation)"
-    )
-    instrumental: Literal["mask", "residual"] = Field(
-        "mask", description="the second source from its own mask, or as the mix less the first"
-    )
-    vocals_highpass_hz: float = Field(
-        0.0,
-        ge=0.0,
-        description="bins below this give the first source nothing "
-        "(voices have no energy there; what the network leaves is bass and kick)",
-    )
-    repet_sim_blend: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="weight of the DSP REPET-SIM foreground in the first source "
-        "(the rest is the network's); the second source gets the rest of the mix the same way",
-    )
-    batch: int = Field(1, ge=1, description="512-frame segments per network call")
-    precision: Literal["float32", "bfloat16", "float16"] = "float32"
-
-
 class SpleeterSeparator(TorchSeparator[SpleeterParams]):
     """Spleeter 2-stem: one U-Net per source, files in the order of `spec.sources` (see the module docstring)."""
 
     Params = SpleeterParams
     family = "spleeter"
 
-    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict[str, Any]) -> None:
         super().__init__(spec, files, params)
         if len(spec.sources) != 2 or len(spec.files) != 2:
             raise ChainError(
@@ -231,9 +201,7 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
         blocks = list(self._blocks(signal, sample_rate, 10 * sample_rate, lambda: False))
         return {k: np.concatenate([b[k] for b in blocks], axis=1) for k in self.spec.sources}
 
-    def separate_stream(
-        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
-    ) -> Iterator[dict[str, np.ndarray]]:
+    def stream(self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]) -> Blocks:
         return self._blocks(audio, sample_rate, block, cancelled)
 
     def _blocks(
@@ -319,7 +287,8 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
         # Spleeter's own masks (Spleeter's MWF passes the magnitudes: exponent 1)
         v[:, :BINS] = est.transpose(2, 3, 1, 0) ** self.settings.mask_exponent
         y = norbert.wiener(v, spec.transpose(1, 2, 0), iterations=self.settings.wiener_iterations)
-        return y.transpose(3, 2, 0, 1).astype(np.complex64)
+        out: np.ndarray = y.transpose(3, 2, 0, 1).astype(np.complex64)
+        return out
 
 
 def _zero_read(audio: S.Signal, lo: int, hi: int) -> np.ndarray:

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ..errors import ChainError
 from ..registry import ModelSpec
 from .base import Separator
-
-
-def _at_least_one(v: int | str) -> int | str:
-    if isinstance(v, int) and v < 1:
-        raise ValueError("batch must be at least 1")
-    return v
-
-
-Batch = Annotated[int | Literal["auto"], AfterValidator(_at_least_one)]  # items per forward
-Precision = Literal["auto", "float32", "bfloat16", "float16"]  # autocast dtype of the forward
-
+from .params import validated
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -34,18 +25,13 @@ class TorchSeparator(Separator, Generic[P]):
     `fallbacks`), so an overflow costs time, never a corrupt stem.
     """
 
-    chunk_context = 0.0  # unused: these families stream on their own grids
-    streamable = False
     Params: type[P]  # the family's params model; `settings` is the validated instance
     family: str
     settings: P
 
-    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict[str, Any]) -> None:
         super().__init__(spec, files, params)
-        try:
-            self.settings = self.Params.model_validate(params)
-        except ValidationError as exc:
-            raise ChainError(f"invalid {self.family} params for {spec.id!r}: {exc}", model_id=spec.id) from exc
+        self.settings = validated(self.Params, spec, params)
         self.model: Any = None  # the family's network (or its list of networks) once set up
         self.precision = "float32"
         self.fallbacks = 0  # forwards that overflowed in mixed precision and ran again in float32
@@ -64,12 +50,12 @@ class TorchSeparator(Separator, Generic[P]):
             )
         self.precision = precision
 
-    def _autocast(self, enabled: bool = True):
+    def _autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "float32" or not enabled:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.device).type, dtype=getattr(torch, self.precision))
 
-    def _forward(self, model, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """model(x) in the configured precision; float32 again if mixed precision overflowed."""
         with self._autocast():
             out = model(x)

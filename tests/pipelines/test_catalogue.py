@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,7 +16,7 @@ from pipelines.install_hint import install_hint, preset_hint, pullable
 from pipelines.modelstore import ModelStore
 from pipelines.presets import MIX, Catalogue, load_catalogue
 from pipelines.registry import FAMILIES, load_registry
-from tests.support import shared_models
+from tests.support import ROOT, shared_models
 
 PUBLIC = [
     "2_tracks",
@@ -329,3 +331,45 @@ def test_a_wrong_param_is_refused_when_the_separator_is_made():
         spec = get_spec(model_id)
         with pytest.raises(ChainError):
             spec.separator_class()(spec, {}, {**spec.params, **bad})
+
+
+def test_the_registry_refuses_a_wrong_param_when_it_loads(tmp_path, monkeypatch):
+    """Params are checked when the registry loads, in any process (families/params.py imports no torch), so a
+    catalogue entry its family refuses stops every process at start, not a worker at its first job."""
+    import shutil
+
+    from pipelines import registry
+
+    shutil.copytree(registry.CATALOGUE_DIR, tmp_path / "catalogue")
+    path = tmp_path / "catalogue" / "models" / "spleeter.json"
+    doc = json.loads(path.read_text())
+    monkeypatch.setattr(registry, "CATALOGUE_DIR", tmp_path / "catalogue")
+    try:
+        for bad in ({"repet_sim_blend": 2.0}, {"no_such_param": 1}):
+            doc[0]["params"] = {**doc[0]["params"], **bad}
+            path.write_text(json.dumps(doc))
+            registry.load_registry.cache_clear()
+            with pytest.raises(ChainError, match="invalid spleeter params for 'spleeter_2stems'"):
+                registry.load_registry()
+            doc[0]["params"] = {k: v for k, v in doc[0]["params"].items() if k not in bad}
+    finally:
+        registry.load_registry.cache_clear()  # the real catalogue again for the tests after this one
+
+
+def test_loading_the_registry_imports_no_torch():
+    code = "import sys; from pipelines.registry import load_registry; load_registry(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_install_refuses_wrong_params_before_writing_anything(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    weights = tmp_path / "a.ckpt"
+    weights.write_bytes(b"x")
+    with pytest.raises(ChainError, match="repet_sim_blend"):
+        store.install(
+            "spleeter_2stems",
+            [weights.with_name("spleeter_2stems_vocals.ckpt"), weights.with_name("spleeter_2stems_accompaniment.ckpt")],
+            params={"repet_sim_blend": -1},
+        )
+    assert not (tmp_path / "store").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -117,17 +119,26 @@ def test_checkpoint_with_other_sources_is_refused_at_load(tmp_path):
         Engine(store).separator("htdemucs")
 
 
-@pytest.mark.parametrize("params, message", [({"segment": 30.0}, "longer than"), ({"chunk": 3}, "chunk")])
-def test_bad_params_are_refused_at_load(params, message, tmp_path):
+def test_bad_params_are_refused_at_install_or_load(tmp_path):
+    """A param the family does not know is refused at install; one that only the checkpoint can judge (a segment
+    longer than the model was trained on), and one written into the manifest by hand, when the model loads."""
     store = ModelStore(tmp_path / "store")
-    install_random_demucs(store, "htdemucs", params=params)
-    with pytest.raises(ChainError, match=message):
+    with pytest.raises(ChainError, match="chunk"):
+        install_random_demucs(store, "htdemucs", params={"chunk": 3})
+    assert store.entry("htdemucs") is None
+    install_random_demucs(store, "htdemucs", params={"segment": 30.0})
+    with pytest.raises(ChainError, match="longer than"):
         Engine(store).separator("htdemucs")
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["models"]["htdemucs"]["params"] = {"chunk": 3}
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ChainError, match="chunk"):
+        Engine(ModelStore(store.root)).separator("htdemucs")
 
 
 def test_separator_holds_one_loaded_model(engine):
     sep = engine.separator("htdemucs")
-    assert isinstance(sep, DemucsSeparator) and sep.streamable is False
+    assert isinstance(sep, DemucsSeparator)
     assert engine.separator("htdemucs") is sep and not sep.model.training
 
 
@@ -149,7 +160,11 @@ def test_4_tracks_falls_back_to_htdemucs(mix, tmp_path):
 
 def test_auto_batch_and_precision_resolve_per_device(tmp_path):
     """`auto` keeps the CLI's exact path on a CPU and batches in mixed precision on a GPU."""
-    from pipelines.families.demucs_family import GPU_BATCH, GPU_PRECISION, DemucsParams
+    from pipelines.families.params import (
+        DEMUCS_GPU_BATCH as GPU_BATCH,
+        DEMUCS_GPU_PRECISION as GPU_PRECISION,
+        DemucsParams,
+    )
 
     auto = DemucsParams(name="x")
     assert auto.resolved("cpu") == (1, "float32")

@@ -169,7 +169,7 @@ def test_chunked_run_equals_whole_run(tmp_path, model_id):
     x = np.stack([melody(seconds, 62, notes=20) + 0.4 * clicks(seconds), melody(seconds, 63, notes=20)])
     x = (0.25 * x + 0.02 * rng.standard_normal(x.shape)).astype(np.float32)
     store = ModelStore(tmp_path)
-    assert separator(model_id).streamable
+    assert separator(model_id).context is not None  # looks a few seconds away: cut into chunks
     whole = Engine(store, chunk_seconds=1000.0).run_model(model_id, x, SR)
     chunked = Engine(store, chunk_seconds=2.0).run_model(model_id, x, SR)
     for source in whole:
@@ -207,7 +207,7 @@ def test_unknown_method_and_params_are_refused():
         DspSeparator(spec, {}, {"method": "nope"})
     with pytest.raises(ChainError, match="makes"):
         DspSeparator(spec, {}, {"method": "centre"})
-    with pytest.raises(ChainError, match="invalid params"):
+    with pytest.raises(ChainError, match="invalid dsp params"):
         DspSeparator(spec, {}, {"method": "hpss", "kernel": 3})
 
 
@@ -271,7 +271,7 @@ def peak_while_streaming(sep, x: np.ndarray) -> int:
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        done = sum(b[sep.sources[0]].shape[1] for b in sep.separate_stream(signal, SR, int(0.5 * SR), lambda: False))
+        done = sum(b[sep.sources[0]].shape[1] for b in sep.stream(signal, SR, int(0.5 * SR), lambda: False))
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
@@ -294,13 +294,14 @@ def test_stream_memory_follows_the_block_not_the_track_and_stops_when_cancelled(
     # is not counted
     assert long <= 1.25 * short, (short, long)
     with pytest.raises(Cancelled):
-        next(sep.separate_stream(S.ArraySignal(make(short_s)), SR, int(0.5 * SR), lambda: True))
+        next(sep.stream(S.ArraySignal(make(short_s)), SR, int(0.5 * SR), lambda: True))
 
 
-def test_the_other_dsp_methods_are_chunked_by_the_engine():
+def test_the_other_dsp_methods_are_chunked():
+    """Methods that look a few seconds away run on chunks of the block size with that much context."""
+    audio = (0.1 * np.random.default_rng(8).standard_normal((2, 12 * SR))).astype(np.float32)
     for model_id in ("dsp.centre", "dsp.hpss", "dsp.spectral_gate", "dsp.universal_enhancer"):
         sep = separator(model_id)
-        assert (
-            sep.streamable
-            and sep.separate_stream(S.ArraySignal(np.zeros((2, 10), np.float32)), SR, 10, lambda: False) is None
-        )
+        assert sep.context is not None and sep._stream is None
+        blocks = list(sep.stream(S.ArraySignal(audio), SR, 2 * SR, lambda: False))
+        assert [b[sep.sources[0]].shape[1] for b in blocks] == [2 * SR] * 6, model_id

@@ -109,7 +109,7 @@ def test_params_that_do_not_fit_the_network_fail_at_setup(tmp_path):
 
 
 def test_streams_a_batch_at_a_time_with_a_whole_runs_samples(tmp_path):
-    """separate_stream gives out each batch's final samples; the worker's streaming path equals a whole run."""
+    """`stream` gives out each batch's final samples; the worker's streaming path equals a whole run."""
 
     from pipelines import signals as S
 
@@ -119,7 +119,7 @@ def test_streams_a_batch_at_a_time_with_a_whole_runs_samples(tmp_path):
     engine = Engine(store)
     sep = engine.separator("mdx_karaoke")
     whole = sep.separate(audio, SR)
-    blocks = list(sep.separate_stream(S.ArraySignal(audio), SR, 4096, lambda: False))
+    blocks = list(sep.stream(S.ArraySignal(audio), SR, 4096, lambda: False))
     assert len(blocks) > 20  # 4 s in batches of two 32-frame segments: never the whole track at once
     assert max(b["lead_vocals"].shape[1] for b in blocks) < audio.shape[1] // 10
     out = engine.stream_model("mdx_karaoke", S.ArraySignal(audio), SR, tmp_path / "work")

@@ -157,7 +157,7 @@ def test_streamed_in_blocks_equals_the_whole_signal(engine, model_id, tmp_path):
     mix = mix.astype(np.float32)
     sep = engine.separator(model_id)
     whole = sep.separate(mix, sr)
-    blocks = list(sep.separate_stream(S.ArraySignal(mix), sr, 1237, lambda: False))  # blocks of no frame's size
+    blocks = list(sep.stream(S.ArraySignal(mix), sr, 1237, lambda: False))  # blocks of no frame's size
     assert len(blocks) > 10
     for source in whole:
         streamed = np.concatenate([b[source] for b in blocks], axis=1)

@@ -65,7 +65,7 @@ def test_batches_and_streamed_blocks_give_the_whole_run():
     rng = np.random.default_rng(3)
     audio = (0.1 * rng.standard_normal((2, 26 * 44100 + 77))).astype(np.float32)
     one = _separator({"batch": 1}).separate(audio, 44100)
-    streamed = list(_separator({"batch": 2}).separate_stream(ArraySignal(audio), 44100, 44100, lambda: False))
+    streamed = list(_separator({"batch": 2}).stream(ArraySignal(audio), 44100, 44100, lambda: False))
     assert len(streamed) == 2  # two network calls, each giving out what no later frame touches
     for name in ("vocals", "instrumental"):
         joined = np.concatenate([b[name] for b in streamed], axis=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ pytest.importorskip("demucs")
 from pipelines import audio as A, signals as S  # noqa: E402
 from pipelines.engine import Engine  # noqa: E402
 from pipelines.errors import Cancelled  # noqa: E402
-from pipelines.families.base import Separator  # noqa: E402
+from pipelines.families.base import Separator, chunked  # noqa: E402
 from pipelines.modelstore import ModelStore  # noqa: E402
 from pipelines.registry import get_spec  # noqa: E402
 from tools.random_models import install_random_demucs  # noqa: E402
@@ -119,13 +121,15 @@ def test_random_shifts_fall_back_to_the_whole_signal(tmp_path, mix):
     store = ModelStore(tmp_path / "store")
     install_random_demucs(store, "htdemucs", params={"shifts": 1})
     sep = Engine(store).separator("htdemucs")
-    assert sep.separate_stream(S.ArraySignal(mix), SR, SR, lambda: False) is None
+    blocks = list(sep.stream(S.ArraySignal(mix), SR, SR, lambda: False))
+    assert len(blocks) == 1 and blocks[0]["vocals"].shape == mix.shape  # one block: the whole track
 
 
 class _MovingAverage(Separator):
     """A method whose output at t depends on the input within 0.25 s: exact when chunked with that context."""
 
-    chunk_context = 0.25
+    def stream(self, audio: S.Signal, sample_rate: int, block: int, cancelled) -> Iterator[dict[str, np.ndarray]]:
+        return chunked(self, audio, sample_rate, block, 0.25, cancelled)
 
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         k = int(0.25 * sample_rate)
@@ -135,7 +139,7 @@ class _MovingAverage(Separator):
 
 
 def test_context_chunking_of_streamable_methods_equals_whole(tmp_path):
-    """The engine's generic rule: chunks plus `chunk_context` each side, through files, equal one whole run."""
+    """The step contract's `chunked` helper: chunks plus their context each side, through files, equal one whole run."""
     spec = get_spec("dsp.hpss")  # any id with sources (harmonic, percussive), any rate and channel count
     audio = (0.2 * np.random.default_rng(4).standard_normal((2, 10 * 8000))).astype(np.float32)
     whole = _MovingAverage(spec, {}, {}).separate(audio, 8000)

@@ -154,13 +154,13 @@ def test_presets_sharing_a_step_run_the_model_once(tmp_path, redis_url, models, 
     ctx = _context(tmp_path, redis_url, models, chunk_seconds=30.0, cache=True)
     sep = ctx.engine.separator("htdemucs")
     calls = []
-    original = sep.separate_stream
+    original = sep.stream
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    sep.separate_stream = counting
+    sep.stream = counting
     stems = {}
     for preset in ("2_tracks", "acapella", "instrumental", "4_tracks"):
         stems[preset] = _wavs(ctx, _split(ctx, _job(ctx, path, preset, hq=None)))

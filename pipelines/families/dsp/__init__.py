@@ -5,7 +5,7 @@ method; its other params are validated by that method's typed model below. Two-s
 methods estimate one source and return the input minus it as the other, so a method's
 outputs always sum back to its input.
 
-Every STFT here uses a hop that divides the sample rate and `chunk_context` is a whole
+Every STFT here uses a hop that divides the sample rate and the chunks' context is a whole
 number of seconds, so when the engine cuts a track into chunks (whole seconds long) the
 frame grid of a chunk coincides with the frame grid of the whole track; with enough
 context the chunked output then equals the whole-signal output, not just resembles it.
@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from ...errors import ChainError
 from ...registry import ModelSpec
-from ..base import Separator
+from ..base import Blocks, Separator, chunked, whole
+from ..params import params_model, validated
 from .centre import centre
 from .enhancer import enhanced
 from .gate import clean
@@ -68,48 +68,41 @@ METHODS: dict[str, Method] = {
 class DspSeparator(Separator):
     """Runs the method `params.method` names; the first source is estimated, a second is the input minus it.
 
-    Methods with a look of a few seconds are cut into chunks by the engine (`chunk_context`);
-    WPE and REPET-SIM, whose estimates reach across the track, stream (`separate_stream`).
+    Methods with a look of a few seconds run on chunks with that much context each side (`chunked`);
+    WPE and REPET-SIM, whose estimates reach across the track, stream on the track's own frames.
     """
 
-    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict[str, Any]) -> None:
         super().__init__(spec, files, params)
-        name = params.get("method")
-        if name not in METHODS:
-            raise ChainError(
-                f"dsp model {spec.id!r} names method {name!r}; known: {sorted(METHODS)}", model_id=spec.id, method=name
-            )
+        params_model(spec, params)  # an unknown method is refused here as the registry refuses it
+        name = params["method"]
         model, self.sources, self._fn, self._stream = METHODS[name]
         if set(self.sources) != set(spec.sources):
             raise ChainError(
                 f"dsp method {name!r} makes {list(self.sources)}, but {spec.id!r} declares {list(spec.sources)}",
                 model_id=spec.id,
             )
-        try:
-            self.config = model.model_validate(params)
-        except ValidationError as exc:
-            raise ChainError(f"invalid params for {spec.id!r}: {exc}", model_id=spec.id) from exc
-        context = self.config.context_seconds()
-        self.streamable = context is not None
+        self.config = validated(model, spec, params)
+        look = self.config.context_seconds()
         # whole seconds, so chunk boundaries stay on the frame grid (see the module docstring)
-        self.chunk_context = float(math.ceil(context)) if context is not None else 0.0
+        self.context = float(math.ceil(look)) if look is not None else None  # None: cannot be cut
 
     def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         x = np.asarray(audio, dtype=np.float64)
         return self._sources(x, self._fn(x, sample_rate, self.config))
 
-    def separate_stream(
-        self, audio: Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
-    ) -> Iterator[dict[str, np.ndarray]] | None:
-        if self._stream is None:
-            return None
-        return self._stream_sources(audio, sample_rate, block, cancelled)
+    def stream(self, audio: Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]) -> Blocks:
+        if self._stream is not None:
+            return self._stream_sources(audio, sample_rate, block, cancelled)
+        if self.context is None:
+            return whole(self, audio, sample_rate, cancelled)
+        return chunked(self, audio, sample_rate, block, self.context, cancelled)
 
     def _stream_sources(
         self, audio: Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
     ) -> Iterator[dict[str, np.ndarray]]:
         done, stream = 0, self._stream
-        assert stream is not None  # separate_stream offers this only for a method that streams
+        assert stream is not None  # `stream` comes here only for a method that streams
         for first in stream(audio, sample_rate, self.config, block, cancelled):
             if first.shape[1]:
                 yield self._sources(audio.read(done, done + first.shape[1]).astype(np.float64), first)

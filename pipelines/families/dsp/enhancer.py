@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.linalg import solve_toeplitz
@@ -41,9 +43,9 @@ def ar_fit(seg: np.ndarray, order: int) -> np.ndarray:
     w = seg * np.hanning(seg.size)
     r = np.correlate(w, w, "full")[w.size - 1 : w.size + order]
     if r[0] <= 1e-12:
-        return np.r_[1.0, np.zeros(order)]
+        return cast(np.ndarray, np.r_[1.0, np.zeros(order)])
     r[0] *= 1 + 1e-6  # a little white-noise loading keeps the system well conditioned
-    return np.r_[1.0, -solve_toeplitz(r[:-1], r[1:])]
+    return cast(np.ndarray, np.r_[1.0, -solve_toeplitz(r[:-1], r[1:])])
 
 
 def declick(x: np.ndarray, sr: int, threshold: float, max_ms: float, order: int = 24) -> np.ndarray:
@@ -99,4 +101,4 @@ def enhanced(x: np.ndarray, sr: int, p: EnhancerParams) -> np.ndarray:
     stft = Stft(sr, p.hop_s)
     spec = stft.forward(y)
     y = stft.inverse(gate_gain(spec, noise_psd(spec, stft, p), stft, p) * spec, x.shape[1])
-    return x + p.strength * (y - x)
+    return cast(np.ndarray, x + p.strength * (y - x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 from scipy.ndimage import median_filter, minimum_filter1d, uniform_filter1d
@@ -26,7 +27,7 @@ def box(a: np.ndarray, frames: int = 0, bins: int = 0) -> np.ndarray:
 
 
 def power(z: np.ndarray) -> np.ndarray:
-    return z.real**2 + z.imag**2
+    return cast(np.ndarray, z.real**2 + z.imag**2)
 
 
 def noise_floor(p: np.ndarray, stft: Stft, seconds: float) -> np.ndarray:
@@ -80,7 +81,7 @@ def steering(
 def coherence(left: np.ndarray, right: np.ndarray, frames: int, bins: int) -> np.ndarray:
     a, d = box(power(left), frames, bins), box(power(right), frames, bins)
     b = box(left * np.conj(right), frames, bins)
-    return np.minimum(np.sqrt(power(b)) / np.sqrt(np.maximum(a * d, 0) + TINY), 1.0)
+    return cast(np.ndarray, np.minimum(np.sqrt(power(b)) / np.sqrt(np.maximum(a * d, 0) + TINY), 1.0))
 
 
 @lru_cache(maxsize=32)

@@ -3,6 +3,8 @@ direction), and a gain that keeps what stands above it."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from scipy.ndimage import uniform_filter1d
 
@@ -15,13 +17,13 @@ def highpass(freqs: np.ndarray, corner: float) -> np.ndarray:
     """Magnitude of a 4th-order Butterworth high-pass (1 everywhere when `corner` is 0)."""
     if corner <= 0:
         return np.ones_like(freqs, dtype=np.float32)
-    return (1 / np.sqrt(1 + (corner / np.maximum(freqs, 1e-3)) ** 8)).astype(np.float32)
+    return cast(np.ndarray, (1 / np.sqrt(1 + (corner / np.maximum(freqs, 1e-3)) ** 8)).astype(np.float32))
 
 
 def gate_gain(spec: np.ndarray, noise: np.ndarray, stft: Stft, p: GateParams) -> np.ndarray:
     level = box(power(spec), p.smooth_frames, p.smooth_bins)
     gain = np.maximum(np.maximum(1 - noise / np.maximum(level, TINY), 0) ** p.exponent, p.min_gain)
-    return gain * highpass(stft.freqs(), p.highpass_hz)
+    return cast(np.ndarray, gain * highpass(stft.freqs(), p.highpass_hz))
 
 
 def noise_psd(spec: np.ndarray, stft: Stft, p: GateParams) -> np.ndarray:
@@ -39,7 +41,7 @@ def noise_psd(spec: np.ndarray, stft: Stft, p: GateParams) -> np.ndarray:
     floor_b = noise_floor(b_inst, stft, p.floor_s)
 
     def wide(a: np.ndarray) -> np.ndarray:  # geometric mean over ~+-16 bins: the trend of a ratio, not its noise
-        return np.exp(uniform_filter1d(np.log(a + TINY), 33, axis=-1, mode="nearest"))
+        return cast(np.ndarray, np.exp(uniform_filter1d(np.log(a + TINY), 33, axis=-1, mode="nearest")))
 
     # Uncorrelated noise has equal power in every direction, so the orthogonal channel's
     # mean power is the noise power, as long as it is as steady as a noise floor. Where it is
@@ -51,7 +53,7 @@ def noise_psd(spec: np.ndarray, stft: Stft, p: GateParams) -> np.ndarray:
     # floor. Far: a sustained centred part alone lifts the main floor up to ~10 dB above the other.
     excess = wide(noise_floor(y_inst, stft, p.floor_s)) / wide(floor_b)
     mono = np.clip(np.log2(excess / 16) / 2, 0, 1)
-    return (1 - mono) * spatial + mono * per_channel
+    return cast(np.ndarray, (1 - mono) * spatial + mono * per_channel)
 
 
 def clean(x: np.ndarray, sr: int, p: GateParams) -> np.ndarray:

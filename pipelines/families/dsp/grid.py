@@ -137,7 +137,7 @@ class Synthesis:
         self.pushed += spec.shape[-2]
         final = min(self.n, self.pushed * hop + self.stft.hop - self.stft.win)
         first = max(0, self.lo)
-        out = self.acc[:, first - self.lo : max(first, final) - self.lo]
+        out: np.ndarray = self.acc[:, first - self.lo : max(first, final) - self.lo]
         out = out / self.norm[np.arange(first, first + out.shape[1]) % hop]
         if final > self.lo:
             self.acc = self.acc[:, final - self.lo :].copy()

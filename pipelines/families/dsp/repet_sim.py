@@ -4,7 +4,7 @@ whole (`foreground`, the reference) and streamed (`foreground_stream`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -72,11 +72,11 @@ def repeating_model(
     if frames < 2:
         return np.zeros_like(mag)
     reach = repet_reach(frames, neighbours, min_sep_frames, window_frames)
-    return np.minimum(mag, similar_median(mag, band_features(mag, stft), 0, frames, 0, reach))
+    return cast(np.ndarray, np.minimum(mag, similar_median(mag, band_features(mag, stft), 0, frames, 0, reach)))
 
 
 def magnitude(spec: np.ndarray) -> np.ndarray:
-    return np.sqrt(power(spec).mean(axis=0))  # one mask for all channels keeps the stereo image
+    return cast(np.ndarray, np.sqrt(power(spec).mean(axis=0)))  # one mask for all channels keeps the stereo image
 
 
 def centre_weight(spec: np.ndarray, p: RepetSimParams) -> np.ndarray | None:
@@ -114,7 +114,7 @@ def foreground_mask(
     fg[:, stft.freqs() < p.lowcut_hz] = 0
     bg = np.maximum(mag - fg, 0)
     fg, bg = fg**p.mask_power, bg**p.mask_power
-    return fg / (fg + bg + TINY)
+    return cast(np.ndarray, fg / (fg + bg + TINY))
 
 
 def foreground(x: np.ndarray, sr: int, p: RepetSimParams) -> np.ndarray:

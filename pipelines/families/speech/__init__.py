@@ -20,18 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ... import signals as S
 from ...errors import Cancelled, ChainError
 from ...registry import ModelSpec
-from ..base import Separator
-from .base import Backend
+from ..base import Blocks, Separator
+from .base import Backend, FrameStream
 from .deepfilternet import DeepFilterNet
 from .dtln import Dtln
-from .ensemble import DfnDtlnEnsemble
-from .gtcrn import Gtcrn
+from .ensemble import DfnDtlnEnsemble, EnsembleStream
+from .gtcrn import Gtcrn, GtcrnStream
 from .rnnoise import RNNoise
 
 BACKENDS: dict[str, type[Backend]] = {
@@ -48,14 +49,11 @@ class SpeechEnhancer(Separator):
 
     The models are recurrent, and their state remembers several seconds (restarting one 4 s
     earlier still leaves differences near 1e-2), so no overlap makes independent chunks equal
-    a whole run. `separate_stream` instead carries each channel's state from block to block
+    a whole run. `stream` instead carries each channel's state from block to block
     (see `FrameStream`, `GtcrnStream`, `EnsembleStream`).
     """
 
-    chunk_context = 0.0
-    streamable = False  # the engine must not cut it; separate_stream streams it exactly where it can
-
-    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict) -> None:
+    def __init__(self, spec: ModelSpec, files: dict[str, Path], params: dict[str, Any]) -> None:
         super().__init__(spec, files, params)
         if spec.id not in BACKENDS:
             raise ChainError(f"the speech family has no backend for model {spec.id!r}", known=sorted(BACKENDS))
@@ -67,13 +65,15 @@ class SpeechEnhancer(Separator):
         super().setup(device)
         self.backend.load(device)
 
-    def separate_stream(
-        self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]
-    ) -> Iterator[dict[str, np.ndarray]] | None:
+    def stream(self, audio: S.Signal, sample_rate: int, block: int, cancelled: Callable[[], bool]) -> Blocks:
         return self._stream(audio, [self.backend.stream() for _ in range(audio.channels)], max(1, block), cancelled)
 
     def _stream(
-        self, audio: S.Signal, streams: list, block: int, cancelled: Callable[[], bool]
+        self,
+        audio: S.Signal,
+        streams: list[FrameStream | GtcrnStream | EnsembleStream],
+        block: int,
+        cancelled: Callable[[], bool],
     ) -> Iterator[dict[str, np.ndarray]]:
         primary, rest = self.spec.sources
         done = 0

@@ -4,8 +4,9 @@ recurrent state (`FrameStream`), with the model's delay compensated."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -21,7 +22,7 @@ class Backend(ABC):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __init__(self, files: dict[str, Path], params: dict) -> None:
+    def __init__(self, files: dict[str, Path], params: dict[str, Any]) -> None:
         self.files = files
         self.params = self.Params.model_validate(params)
 
@@ -46,7 +47,13 @@ class FrameStream:
     and returns as many output samples, lagging the input by `delay`. `close` frees the state.
     """
 
-    def __init__(self, size: int, delay: int, process, close=lambda: None) -> None:
+    def __init__(
+        self,
+        size: int,
+        delay: int,
+        process: Callable[[np.ndarray], np.ndarray],
+        close: Callable[[], object] = lambda: None,
+    ) -> None:
         self.size, self.delay, self._process, self._close = size, delay, process, close
         self._pending = np.zeros(0, np.float32)
         self._skip = delay  # output samples still to drop: the model's lag
@@ -83,7 +90,7 @@ class FrameStream:
         return out
 
 
-def ort_session(path: Path, device: str):
+def ort_session(path: Path, device: str) -> Any:  # an onnxruntime.InferenceSession
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]

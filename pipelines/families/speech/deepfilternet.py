@@ -55,7 +55,7 @@ class DeepFilterNet(Backend):
             )
 
     def _create(self) -> int:
-        state = self._lib.df_create(self._model, self.params.atten_lim_db, None)
+        state: int = self._lib.df_create(self._model, self.params.atten_lim_db, None)
         if not state:
             raise RuntimeError(f"libDF could not load the DeepFilterNet3 model {self._model.decode()}")
         if self.params.post_filter_beta > 0:
