@@ -315,7 +315,8 @@ class Engine:
         back: dict[str, A.StreamResampler] = {}
         try:
             done = 0
-            source = blocks(x, rate) if blocks is not None else self._separate_blocks(sep, spec, x, rate, cancelled)
+            size = max(1, int(self.chunk_seconds * rate))  # the block size a separator is asked for
+            source = blocks(x, rate) if blocks is not None else sep.stream(x, rate, size, cancelled)
             for block in source:
                 for s in spec.sources:
                     y = block[s]
@@ -340,12 +341,6 @@ class Engine:
                 path = getattr(resampled, "path", None)
                 if path is not None:
                     path.unlink(missing_ok=True)
-
-    def _separate_blocks(
-        self, sep: Separator, spec: ModelSpec, x: Signal, rate: int, cancelled: Callable[[], bool]
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """The separator's sources for consecutive blocks covering `x`, at the model's rate and channels."""
-        return sep.stream(x, rate, max(1, int(self.chunk_seconds * rate)), cancelled)
 
 
 class _GrowingWriter:

@@ -25,7 +25,7 @@ band above 11 kHz that Spleeter's zero mask extension drops, `vocals_highpass_hz
 bins below a voice's range to the instrumental, and `repet_sim_blend` mixes a little of the DSP
 REPET-SIM foreground (`dsp.repet_sim`'s stream, run beside the networks) into the vocals: the two
 estimates err in different places, so a small weight of the weaker one lowers the error of the
-stronger (the default, 0.05, was chosen on the quality corpus: docs/models.md).
+stronger (the catalogue's 0.1 was chosen on the quality corpus: docs/models.md).
 
 The checkpoints are torch zip files whose pickle holds a dict of numpy float32 arrays: they
 are read with an unpickler that admits numpy's array reconstruction and nothing else.
@@ -238,14 +238,19 @@ class SpleeterSeparator(TorchSeparator[SpleeterParams]):
                 adder.add(k, frames[k], group[0])
             done = adder.take((group[-1] + FRAMES) * HOP if b + self.settings.batch < len(starts) else adder.end)
             if done:
-                yield self._sources(done[2], audio.read(done[0], done[1]).astype(np.float32), blend)
+                yield self._sources(done[2], audio, done[0], done[1], blend)
 
-    def _sources(self, out: np.ndarray, mix: np.ndarray, blend: S.BlockReader | None) -> dict[str, np.ndarray]:
+    def _sources(
+        self, out: np.ndarray, audio: S.Signal, lo: int, hi: int, blend: S.BlockReader | None
+    ) -> dict[str, np.ndarray]:
         first, second = self.spec.sources
         one, other = out[0], out[1]
+        if blend is None and self.settings.instrumental == "mask":
+            return {first: one, second: other}  # Spleeter's own: the mix is not needed
+        mix = audio.read(lo, hi).astype(np.float32)
         if blend is not None:
             w = np.float32(self.settings.repet_sim_blend)
-            foreground = blend.take(mix.shape[1])
+            foreground = blend.take(hi - lo)
             one, other = (1 - w) * one + w * foreground, (1 - w) * other + w * (mix - foreground)
         if self.settings.instrumental == "residual":
             other = mix - one
