@@ -6,7 +6,8 @@
 requests are forwarded unchanged. `slow(match, seconds)` delays every PUT whose path holds `match`
 (a window in which a drill can kill a node mid-upload); `hold(match, method)` keeps each such
 request waiting, unanswered, until `release()` drops it (a node killed with that call in flight:
-it never reached storage). It stands between the service and moto's server, so
+it never reached storage), or, with `forward=True`, sends it on (a node stopped at that call, a
+deterministic point for a drill to act at, which then goes on). It stands between the service and moto's server, so
 the service talks real S3 over HTTP and meets real failures.
 """
 
@@ -28,7 +29,7 @@ class FaultyS3:
         self.failed = 0
         self.lock = threading.Lock()
         self.slow_match, self.slow_s = "", 0.0
-        self.hold_match, self.hold_method, self.held = "", "", 0
+        self.hold_match, self.hold_method, self.held, self.hold_forward = "", "", 0, False
         self.released = threading.Event()
         proxy = self
 
@@ -62,8 +63,9 @@ class FaultyS3:
                     with proxy.lock:
                         proxy.held += 1
                     proxy.released.wait()
-                    self.close_connection = True  # dropped: the caller is gone, storage never sees it
-                    return
+                    if not proxy.hold_forward:
+                        self.close_connection = True  # dropped: the caller is gone, storage never sees it
+                        return
                 if proxy.slow_match and self.command == "PUT" and proxy.slow_match in self.path:
                     time.sleep(proxy.slow_s)
                 if fault == "deny-delete":
@@ -133,9 +135,17 @@ class FaultyS3:
     def slow(self, match: str, seconds: float) -> None:
         self.slow_match, self.slow_s = match, seconds
 
-    def hold(self, match: str, method: str) -> None:
+    def hold(self, match: str, method: str, forward: bool = False) -> None:
         self.released.clear()
-        self.hold_match, self.hold_method, self.held = match, method, 0
+        self.hold_match, self.hold_method, self.held, self.hold_forward = match, method, 0, forward
+
+    def wait_held(self, timeout: float, alive=lambda: True) -> None:
+        """Until a request is held (while `alive()` says the run that should make it can still come)."""
+        deadline = time.monotonic() + timeout
+        while not self.held:
+            assert time.monotonic() < deadline, f"no {self.hold_method} of {self.hold_match!r} came"
+            assert alive(), f"the run ended before its {self.hold_method} of {self.hold_match!r}"
+            time.sleep(0.02)
 
     def release(self) -> None:
         self.hold_match = ""

@@ -25,6 +25,8 @@ from pipelines.registry import torch_queues
 from stems.container import Container
 from stems.settings import Settings, get_settings
 
+from .celery_app import our_queue
+
 
 def make_cache(s: Settings) -> StepCache | None:
     return StepCache(Path(s.data_dir) / "cache", s.cache_max_bytes) if s.cache_max_bytes > 0 else None
@@ -70,7 +72,9 @@ def _preload_torch(options: dict | None = None, **_: Any) -> None:
     queues = (options or {}).get("queues")
     if isinstance(queues, str):
         queues = queues.split(",")
-    if queues and not set(queues) & torch_queues():
+    # the worker is given the broker's queue names, which carry the key prefix on RabbitMQ
+    s = get_settings()
+    if queues and not {our_queue(q, s) for q in queues} & torch_queues():
         return
     try:
         import torch  # noqa: F401

@@ -299,16 +299,24 @@ def test_downloads_name_the_models_files():
     "queues, imports_torch",
     [(["cpu"], False), (["gpu-demucs"], True), (["cpu", "gpu-spleeter"], True), (["gpu-onnx"], False), (None, True)],
 )
-def test_a_worker_preloads_torch_only_for_a_torch_familys_queue(queues, imports_torch):
-    """The worker's pre-fork import of torch: a `cpu` worker starts without it (a fresh interpreter each)."""
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_worker_preloads_torch_only_for_a_torch_familys_queue(queues, imports_torch, broker):
+    """The worker's pre-fork import of torch: a `cpu` worker starts without it (a fresh interpreter each). The
+    worker is given the broker's queue names: on RabbitMQ they carry the key prefix (`p1.gpu-demucs`), and a
+    torch queue named so must preload torch too, or a short time limit lands in a pool process's import of it."""
+    import os
     import subprocess
     import sys
 
+    env = {**os.environ, "STEMS_KEY_PREFIX": "p1"}
+    if broker == "rabbitmq":
+        env["STEMS_BROKER_URL"] = "amqp://guest:guest@127.0.0.1:5672//"  # read, never connected to
+        queues = queues and [f"p1.{q}" for q in queues]
     code = (
         "import sys; from workers.context import _preload_torch; "
         f"_preload_torch(options={{'queues': {queues!r}}}); print('torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == str(imports_torch)
 
 

@@ -71,14 +71,14 @@ def _one_complete_job(s, c, job_id: str, status: dict) -> None:
 
 
 def test_killed_while_uploading_stems_then_the_winner_killed_while_it_cleans_up(
-    tmp_path, redis_url, s3_url, demucs_models, long_song, broker
+    tmp_path, redis_url, s3_url, demucs_models, fault_song, broker
 ):
     proxy = FaultyS3(s3_url)
     s = _stack(tmp_path, redis_url, proxy.url, demucs_models, broker)
     try:
         s.start_worker("gpu-demucs", "gpu")
         with s.client() as c:
-            job_id = start_job(c, long_song, audio_id=_imported(s, c, long_song), **REQUEST)
+            job_id = start_job(c, fault_song, audio_id=_imported(s, c, fault_song), **REQUEST)
             _wait_job(s, job_id, _waiting_for_delivery, "its hand-over to delivery")
             proxy.slow(f"/jobs/{job_id}/", 0.5)  # each stem's upload takes half a second: a window to land in
 
@@ -118,7 +118,7 @@ def test_killed_while_uploading_stems_then_the_winner_killed_while_it_cleans_up(
 
 
 def test_a_worker_cut_off_past_its_lease_comes_back_and_leaves_nothing(
-    tmp_path, redis_url, s3_url, demucs_models, long_song, broker
+    tmp_path, redis_url, s3_url, demucs_models, fault_song, broker
 ):
     """The worker runs in its own network namespace (where the machine allows one), reaching Redis, storage and
     the broker over a veth link the test takes down: its packets are dropped, not refused. The API and the other
@@ -130,9 +130,9 @@ def test_a_worker_cut_off_past_its_lease_comes_back_and_leaves_nothing(
     queues = "cpu,gpu-demucs"
     try:
         with s.client() as c:
-            audio_id = _imported(s, c, long_song)
+            audio_id = _imported(s, c, fault_song)
             cut = s.start_worker(queues, "cut", wrap=link.argv, **link.env)
-            job_id = start_job(c, long_song, audio_id=audio_id, **REQUEST)
+            job_id = start_job(c, fault_song, audio_id=audio_id, **REQUEST)
             lost = _wait_job(
                 s,
                 job_id,

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+from tests.faulty_s3 import FaultyS3
 from tests.support import TERMINAL, ServiceStack, expected_objects, job_objects, start_job, upload, wait_for
 
 FAST = {
@@ -47,7 +48,9 @@ def _files(c, status: dict) -> dict[str, bytes]:
 
 
 # Waits are for a state to be reached, so they end as soon as it is: they are long because a loaded 2-core
-# machine runs these 40 s torch splits several times slower (#24), not because a pass needs the time.
+# machine runs these torch splits several times slower (#24), not because a pass needs the time. A drill that
+# must act mid-delivery holds the delivery's first upload at the S3 proxy: a fixed point, not a race with a
+# long song.
 SLOW = 600
 
 
@@ -132,23 +135,28 @@ def test_two_stages_give_the_one_stage_files(tmp_path, redis_url, s3_url, demucs
 
 
 def test_workers_killed_between_the_stages_and_during_delivery_lose_nothing(
-    tmp_path, redis_url, s3_url, demucs_models, long_song, broker
+    tmp_path, redis_url, s3_url, demucs_models, fault_song, broker
 ):
-    s = _stack(tmp_path, redis_url, s3_url, demucs_models, broker)
+    proxy = FaultyS3(s3_url)
+    s = _stack(tmp_path, redis_url, proxy.url, demucs_models, broker)
     try:
         gpu = s.start_worker("gpu-demucs", "gpu")
         with s.client() as c:
-            job_id = start_job(c, long_song, audio_id=_imported(s, c, long_song), **REQUEST)
+            job_id = start_job(c, fault_song, audio_id=_imported(s, c, fault_song), **REQUEST)
             handed = _wait_job(s, job_id, _waiting_for_delivery, "its hand-over to delivery")
             assert handed.status.value == "processing" and handed.progress >= 0.8
             assert len(_separated_objects(s, job_id)) == 8  # 4 stems + 4 restored copies, as float32
             os.killpg(gpu.pid, signal.SIGKILL)  # the GPU node is gone between the stages: nothing of the job is lost
             gpu.popen.wait(10)
 
+            # the delivery's first upload is held in flight: a fixed point mid-delivery, whatever the machine's speed
+            proxy.hold(f"/jobs/{job_id}/", "PUT")
             c1 = s.start_worker("cpu", "c1")
+            proxy.wait_held(SLOW, alive=lambda: s.store.get_job(job_id).status.value not in TERMINAL)
             running = _wait_job(s, job_id, _delivering(1), "its first delivery run")
             os.killpg(c1.pid, signal.SIGKILL)  # the CPU node dies mid-delivery
             c1.popen.wait(10)
+            proxy.release()  # its upload is dropped: storage never saw it
             s.start_worker("cpu", "c2")  # the reaper sends the job to delivery again, not to separation
 
             status = wait_for(c, f"/status/stem_split/{job_id}", TERMINAL, SLOW)
@@ -166,28 +174,34 @@ def test_workers_killed_between_the_stages_and_during_delivery_lose_nothing(
         assert s.store.running() == 0 and s.store.load("gpu-demucs") == 0 and s.store.load("cpu") == 0
     finally:
         s.stop()
+        proxy.close()
 
 
 def test_cancelling_while_waiting_for_delivery_or_during_it_removes_every_output(
-    tmp_path, redis_url, s3_url, demucs_models, long_song
+    tmp_path, redis_url, s3_url, demucs_models, fault_song
 ):
-    s = _stack(tmp_path, redis_url, s3_url, demucs_models)
+    proxy = FaultyS3(s3_url)
+    s = _stack(tmp_path, redis_url, proxy.url, demucs_models)
     try:
         s.start_worker("gpu-demucs", "gpu")
         with s.client() as c:
-            audio_id = _imported(s, c, long_song)
-            waiting = start_job(c, long_song, audio_id=audio_id, **REQUEST)
+            audio_id = _imported(s, c, fault_song)
+            waiting = start_job(c, fault_song, audio_id=audio_id, **REQUEST)
             _wait_job(s, waiting, _waiting_for_delivery, "its hand-over to delivery")
             assert _separated_objects(s, waiting)
             r = c.post(f"/cancel/{waiting}")
             assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
             assert job_objects(s, waiting) == []  # no worker held it: the API removed the float stems
 
+            running = start_job(c, fault_song, audio_id=audio_id, **REQUEST)
+            _wait_job(s, running, _waiting_for_delivery, "its hand-over to delivery")
+            proxy.hold(f"/jobs/{running}/", "PUT", forward=True)  # the delivery stops at its first upload ...
             s.start_worker("cpu", "cpu")
-            running = start_job(c, long_song, audio_id=audio_id, **REQUEST)
+            proxy.wait_held(SLOW, alive=lambda: s.store.get_job(running).status.value not in TERMINAL)
             _wait_job(s, running, _delivering(1), "its delivery run")
             r = c.post(f"/cancel/{running}")
             assert r.status_code == 200, r.text
+            proxy.release()  # ... and goes on once the job is cancelled
             assert wait_for(c, f"/status/stem_split/{running}", TERMINAL, 60)["status"] == "cancelled"
             deadline = time.monotonic() + 30
             while job_objects(s, running) and time.monotonic() < deadline:
@@ -198,3 +212,4 @@ def test_cancelling_while_waiting_for_delivery_or_during_it_removes_every_output
         assert s.store.load("gpu-demucs") == 0 and s.store.load("cpu") == 0
     finally:
         s.stop()
+        proxy.close()
