@@ -532,6 +532,53 @@ def cold_split_vs_demucs_cli(full: Path, torch_store: Path, clip: Path, tmp: Pat
     )
 
 
+def bfloat16_on_cpu(torch_store: Path, clip: Path, rounds: int, log) -> dict:
+    """`params.precision` bfloat16 against float32 on this CPU (issue 21, item 3): the time of one separation of the
+    clip by the full-size htdemucs on torch, interleaved, and how far the bfloat16 stems are from the float32 ones
+    (dB, the worst stem). Off by default unless both the speed and the agreement (60 dB: the same stems within
+    1e-3) win, so the figure says whether this CPU would change that."""
+    import torch
+
+    from pipelines import audio as A
+    from pipelines.modelstore import ModelStore
+    from pipelines.registry import get_spec
+
+    store, spec = ModelStore(torch_store), get_spec("htdemucs")
+    files, audio = store.resolve(spec), A.decode(clip)[0]
+    seps = {}
+    for precision in ("float32", "bfloat16"):
+        seps[precision] = spec.separator_class()(spec, files, {**store.params_for(spec), "precision": precision})
+        seps[precision].setup("cpu")
+
+    def run(precision: str) -> tuple[float, dict[str, np.ndarray]]:
+        t0 = time.perf_counter()
+        out = seps[precision].separate(audio, SR)
+        return time.perf_counter() - t0, out
+
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    outs: dict[str, dict[str, np.ndarray]] = {}
+    for k in range(rounds):  # interleaved pairs: a drift of the shared machine's speed hits both alike
+        for precision in times:
+            log(f"bfloat16: {precision} ({k + 1}/{rounds})")
+            seconds, outs[precision] = run(precision)
+            times[precision].append(seconds)
+    worst = min(
+        10 * np.log10(np.sum(ref**2) / max(np.sum((outs["bfloat16"][name] - ref) ** 2), 1e-30))
+        for name, ref in outs["float32"].items()
+    )
+    ratios = [b / f for f, b in zip(times["float32"], times["bfloat16"])]
+    return _figure(
+        "bfloat16_vs_float32_cpu",
+        float(np.median(ratios)),
+        "< 1.0 at >= 60 dB to turn it on by default",
+        f"separation of a {clips_seconds([clip]):g} s clip by the full-size random htdemucs on torch, precision "
+        f"bfloat16 / float32, median of {rounds} interleaved pairs, {torch.get_num_threads()} threads",
+        agreement_db_worst_stem=round(float(worst), 1),
+        ratios=[round(r, 4) for r in ratios],
+        seconds=times,
+    )
+
+
 def clips_seconds(clips: list[Path]) -> float:
     import soundfile as sf
 
@@ -662,6 +709,7 @@ def main() -> int:
             )
             clip = write_music(tmp / "cold30.wav", 30.0 if not q else 8.0, 60)
             figures.append(cold_split_vs_demucs_cli(full.root, torch_store.root, clip, tmp, 3 if not q else 1, log))
+            figures.append(bfloat16_on_cpu(torch_store.root, clip, 5 if not q else 1, log))
         if wanted("memory_hour"):
             narrow = ModelStore(tmp / "models-narrow")
             install_random_demucs(narrow, "htdemucs", size="narrow", share_derived=False)
@@ -843,6 +891,8 @@ def print_table(doc: dict) -> None:
         how = f["how"]
         if "ratio_without_hq" in f["detail"]:
             how += f" [same without HQ encodes: {f['detail']['ratio_without_hq']:.3f}]"
+        if "agreement_db_worst_stem" in f["detail"]:
+            how += f" [{f['detail']['agreement_db_worst_stem']} dB from float32, worst stem]"
         rows.append((f["figure"], "-" if f["value"] is None else f"{f['value']:.3f}", f["goal"], how))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)

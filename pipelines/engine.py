@@ -42,7 +42,7 @@ from .families.base import PromptedSeparator, Separator
 from .modelstore import ModelStore
 from .presets import MIX, Chain, Preset, load_catalogue
 from .progress import Progress, part_of
-from .registry import ModelSpec, get_spec
+from .registry import FAMILIES, ModelSpec, get_spec
 from .signals import ArraySignal, ArrayWriter, FrameWriter, Signal
 
 
@@ -97,13 +97,27 @@ class Engine:
         self, store: ModelStore, device: str = "cpu", chunk_seconds: float = 30.0, cache: StepCache | None = None
     ) -> None:
         self.store = store
-        self.device = resolve_device(device)
+        self._device_setting, self._device = device, ""
         self.chunk_seconds = chunk_seconds
         self.cache = cache
         self._warm: dict[str, Separator] = {}
         self.load_seconds = 0.0  # total spent loading models in this process
         self.loads = 0  # models loaded in this process (a warm worker stops adding to it)
         self.model_seconds = 0.0  # total spent running models (their forward passes and chunk I/O), loads excluded
+
+    @property
+    def device(self) -> str:
+        """The device the models run on, resolved on first use: "auto" imports torch to ask for CUDA, and a
+        process that runs only CPU families (a `cpu` worker: imports, DSP, speech, delivery) never needs it. So
+        no job of such a worker imports torch inside its time limit, where a soft limit landing mid-import
+        leaves a process that can never import torch again."""
+        if not self._device:
+            self._device = resolve_device(self._device_setting)
+        return self._device
+
+    def device_for(self, spec: ModelSpec) -> str:
+        """Where a model runs: the device for a family that runs on one, the CPU for a CPU-only family."""
+        return self.device if FAMILIES[spec.family].gpu else "cpu"
 
     # -- models ------------------------------------------------------------------
     def separator(self, model_id: str) -> Separator:
@@ -112,7 +126,7 @@ class Engine:
             spec = get_spec(model_id)
             files = self.store.resolve(spec)  # named error if missing or corrupt
             sep = spec.separator_class()(spec, files, self.store.params_for(spec))
-            sep.setup(self.device)
+            sep.setup(self.device_for(spec))
             self._warm[model_id] = sep
             self.load_seconds += time.perf_counter() - t0
             self.loads += 1
@@ -131,12 +145,13 @@ class Engine:
                 package = importlib.metadata.version(spec.requires_package)
             except importlib.metadata.PackageNotFoundError:
                 package = "?"
-        # the device type too: params such as precision "auto" resolve per device, and GPU kernels round differently
+        # the device type too, for a family that runs on one: params such as precision "auto" resolve per device,
+        # and GPU kernels round differently (a CPU-only family's output is the same wherever it runs)
         return {
             "params": self.store.params_for(spec),
             "weights": entry.get("files", {}),
             "package": package,
-            "device": self.device.split(":")[0],
+            "device": self.device_for(spec).split(":")[0],
         }
 
     # -- arrays in, arrays out ---------------------------------------------------

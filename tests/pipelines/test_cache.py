@@ -142,3 +142,21 @@ def test_file_entries_are_linked_out_and_survive_eviction(tmp_path):
     assert cache.get_files("f" * 64, tmp_path / "out2") is None
     assert got["wav"].read_bytes() == (src / "a.wav").read_bytes()  # the job's links outlive the entry
     assert (cache.file_hits, cache.file_misses) == (1, 2)
+
+
+def test_a_cpu_family_s_cached_step_never_imports_torch(tmp_path):
+    """A `cpu` worker's engine ("auto" device, a step cache) runs a DSP preset without importing torch: its device
+    is resolved only for a family that runs on one, so no job of such a worker imports torch inside its time limit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from pipelines.cache import StepCache; from pipelines.engine import Engine; "
+        "from pipelines.modelstore import ModelStore; "
+        f"e = Engine(ModelStore({str(tmp_path / 'm')!r}), device='auto', cache=StepCache({str(tmp_path / 'c')!r}, 1 << 30)); "
+        "mix = 0.1 * np.random.default_rng(0).standard_normal((2, 44100)).astype(np.float32); "
+        "r = e.run('phantom_center', mix, 44100); print(sorted(r.stems), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "False", out.stdout

@@ -30,7 +30,7 @@ LEASE_S = 4.0
 
 @pytest.mark.timeout(600)
 def test_redis_down_for_twice_the_lease_mid_job_completes_with_one_attempt(
-    tmp_path, s3_url, demucs_models, long_song, broker
+    tmp_path, s3_url, demucs_models, fault_song, broker
 ):
     port = free_port()
     proc, url = start_redis(tmp_path / "redis", port=port, persist=True)
@@ -39,7 +39,7 @@ def test_redis_down_for_twice_the_lease_mid_job_completes_with_one_attempt(
         s.start_api()
         s.start_worker("cpu,gpu-demucs", "w")
         with s.client() as c:
-            job_id = start_job(c, long_song, audio_id=upload(c, long_song, timeout=120)["audio_id"])
+            job_id = start_job(c, fault_song, audio_id=upload(c, fault_song, timeout=120)["audio_id"])
             running = wait_stage(s, job_id, "separating")
             # the run's renewal lands a moment after Redis is back, not before the reaper looks: a renewal in
             # its reconnect backoff (capped at 2 s, stems/jobstore.py) may; here it is held back for half a lease
