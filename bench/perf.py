@@ -539,12 +539,13 @@ def bfloat16_on_cpu(torch_store: Path, clip: Path, rounds: int, log) -> dict:
     1e-3) win, so the figure says whether this CPU would change that."""
     import torch
 
+    from bench.quality import sdr
     from pipelines import audio as A
     from pipelines.modelstore import ModelStore
     from pipelines.registry import get_spec
 
     store, spec = ModelStore(torch_store), get_spec("htdemucs")
-    files, audio = store.resolve(spec), A.decode(clip)[0]
+    files, (audio, sr) = store.resolve(spec), A.decode(clip)
     seps = {}
     for precision in ("float32", "bfloat16"):
         seps[precision] = spec.separator_class()(spec, files, {**store.params_for(spec), "precision": precision})
@@ -552,7 +553,7 @@ def bfloat16_on_cpu(torch_store: Path, clip: Path, rounds: int, log) -> dict:
 
     def run(precision: str) -> tuple[float, dict[str, np.ndarray]]:
         t0 = time.perf_counter()
-        out = seps[precision].separate(audio, SR)
+        out = seps[precision].separate(audio, sr)
         return time.perf_counter() - t0, out
 
     times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
@@ -562,10 +563,7 @@ def bfloat16_on_cpu(torch_store: Path, clip: Path, rounds: int, log) -> dict:
             log(f"bfloat16: {precision} ({k + 1}/{rounds})")
             seconds, outs[precision] = run(precision)
             times[precision].append(seconds)
-    worst = min(
-        10 * np.log10(np.sum(ref**2) / max(np.sum((outs["bfloat16"][name] - ref) ** 2), 1e-30))
-        for name, ref in outs["float32"].items()
-    )
+    worst = min(sdr(ref, outs["bfloat16"][name]) for name, ref in outs["float32"].items())
     ratios = [b / f for f, b in zip(times["float32"], times["bfloat16"])]
     return _figure(
         "bfloat16_vs_float32_cpu",
