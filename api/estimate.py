@@ -5,7 +5,6 @@ from __future__ import annotations
 from pipelines.errors import RateLimited, StemsError
 from pipelines.presets import Preset
 from stems import eta
-from stems.masterings import Masterings
 from stems.models import Job
 
 from . import budget
@@ -35,7 +34,7 @@ def answer(
     if numbers["restored_copies"]:
         stems += [f"{name}_restored" for name in stems]
     refusal = None
-    active = svc.store.active_jobs(user) + Masterings(svc.store).active(user)
+    active = svc.store.active_jobs(user) + svc.store.masterings.active(user)
     if active >= svc.settings.max_active_jobs:
         refusal = _refusal(
             RateLimited(

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Request, Response
 from pipelines.errors import BrokerUnavailable, NotFound, RateLimited
 from pipelines.mastering import PRESETS
 from stems.lifecycle import expiry
-from stems.masterings import TASK_KIND, Mastering, Masterings
+from stems.masterings import TASK_KIND, Mastering
 from stems.models import StemStatus
 from workers.messages import send_master
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def owned_mastering(svc: Services, user: str, mastered_id: str) -> Mastering:
-    m = Masterings(svc.store).get(mastered_id)
+    m = svc.store.masterings.get(mastered_id)
     if m is None or m.user_id != user:
         raise NotFound("mastered audio not found", mastered_id=mastered_id)
     return m
@@ -51,7 +51,7 @@ def master_audio(
     body: MasterAudio, svc: Svc, user: User, key_id: CallerKey, idempotency_key: str | None = Header(None)
 ) -> dict:
     kind, source_id, audio_id, duration = resolve_source(svc, user, body)
-    masters = Masterings(svc.store)
+    masters = svc.store.masterings
 
     def run() -> dict:
         if svc.store.active_jobs(user) + masters.active(user) >= svc.settings.max_active_jobs:
@@ -151,5 +151,5 @@ def download_mastered(mastered_id: UUID, request: Request, svc: Svc, user: User)
     responses={204: {"description": "deleted: its record and WAV; its id answers 404 from now on"}},
 )
 def delete_mastered(mastered_id: UUID, svc: Svc, user: User) -> Response:
-    Masterings(svc.store).delete(svc.storage, owned_mastering(svc, user, str(mastered_id)))
+    svc.store.masterings.delete(svc.storage, owned_mastering(svc, user, str(mastered_id)))
     return Response(status_code=204)

@@ -124,7 +124,7 @@ def audit(store, storage, accepted: list[str], prefix: str, seen_terminal: dict[
     reasons: dict[str, int] = {}  # error code -> failed jobs
     if len(set(accepted)) != len(accepted):
         problems.append(f"{len(accepted) - len(set(accepted))} creation_ids were handed out twice")
-    stored_jobs = {k.decode().rsplit(":", 1)[1] for k in store.r.scan_iter(match=store.k(K.JOB, "*"), count=1000)}
+    stored_jobs = set(store.ids(K.JOB))
     extra = stored_jobs - set(accepted)
     if extra:
         problems.append(f"{len(extra)} jobs exist that no client was given: {sorted(extra)[:3]}")
@@ -329,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         complete = report["statuses"].get("complete", 0)
         done_in_window = sum(1 for t in report["finished_at"] if t <= load_end)
         leftovers = {
-            "queued messages": store.r.llen(store.k(K.CELERY, "cpu")),
+            "queued messages": store.broker_backlog("cpu"),
             "active jobs": store.active_jobs("bench"),
         }
         if args.retain > 0:
-            leftovers["job records"] = sum(1 for _ in store.r.scan_iter(match=store.k(K.JOB, "*"), count=1000))
+            leftovers["job records"] = len(store.ids(K.JOB))
             leftovers["stem objects"] = len(storage.list("users/bench/jobs/"))
             if store.usage("bench")["jobs"] != report["statuses"].get("complete", 0):
                 report["problems"].append(

@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stems import rediskeys as K
-
 from .models import Job, JobStatus
 
 if TYPE_CHECKING:
@@ -47,9 +45,7 @@ def record(store: RunStore, pipe: Pipe, job: Job) -> None:
     if not seconds or not job.audio_seconds:
         return
     sample = json.dumps({"s_per_audio_s": round(seconds / job.audio_seconds, 5), "audio_s": job.audio_seconds})
-    for key in (store.k(K.SPEED, chain_key(job.queue, job.preset, job.spec.chain_index)), store.k(K.SPEED, job.queue)):
-        pipe.lpush(key, sample)
-        pipe.ltrim(key, 0, SAMPLES - 1)
+    store.keep_speed(pipe, [chain_key(job.queue, job.preset, job.spec.chain_index), job.queue], sample, SAMPLES)
 
 
 @dataclass
@@ -61,7 +57,7 @@ class Speed:
 
 def speed(store: RunStore, queue: str, preset: str, chain_index: int | None) -> Speed:
     for source, key in (("chain", chain_key(queue, preset, chain_index)), ("queue", queue)):
-        raw = store.r.lrange(store.k(K.SPEED, key), 0, -1)
+        raw = store.speed_samples(key)
         if raw:
             values = sorted(json.loads(v)["s_per_audio_s"] for v in raw)
             return Speed(values[len(values) // 2], source, len(values))
@@ -83,7 +79,7 @@ def estimate(
     store: JobStore, queue: str, preset: str, chain_index: int | None, audio_seconds: float, job: Job | None = None
 ) -> dict[str, Any]:
     """`eta_s` of a job (an existing queued or running one, or one about to be queued) and what it rests on."""
-    ids = [i.decode() for i in store.r.lrange(store.k(K.LOAD, queue), 0, MAX_AHEAD - 1)]
+    ids = store.queued(queue, MAX_AHEAD)
     if job is not None:
         ids = ids[: ids.index(job.id)] if job.id in ids else []  # only the jobs queued before it
     cache: dict[tuple[str, str, int | None], float] = {}

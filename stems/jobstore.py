@@ -20,7 +20,8 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from pydantic import BaseModel
@@ -32,6 +33,9 @@ from stems import rediskeys as K
 from .models import USER_ID, AudioAsset, Job, Stem, StemStatus, WorkerReport
 from .runstore import Pipe, RunStore
 from .unavailable import RedisUnavailable, redact_url
+
+if TYPE_CHECKING:
+    from .masterings import Masterings
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
@@ -164,8 +168,8 @@ class JobStore(RunStore):
     def __init__(self, client: redis.Redis, prefix: str = "stems") -> None:
         # typed Any: redis-py declares every reply as a union of sync and async, bytes and str, while this
         # client is synchronous and answers bytes
-        self.r: Any = client
-        self.p = prefix
+        self._r: Any = client
+        self.prefix = prefix
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "stems", retries: int = WORKER_RETRIES) -> JobStore:
@@ -181,13 +185,45 @@ class JobStore(RunStore):
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         store = cls(client, prefix)
-        store.r.where = f"Redis at {redact_url(url)}"
+        store._r.where = f"Redis at {redact_url(url)}"
         store._url = url
         return store
 
-    def k(self, *parts: str) -> str:
+    def _k(self, *parts: str) -> str:
         """The key `{prefix}:{name}:{parts...}`; the name is one of stems/rediskeys.py."""
-        return ":".join((self.p, *parts))
+        return ":".join((self.prefix, *parts))
+
+    def wrapped(self, wrap: Callable[[Any], Any]) -> JobStore:
+        """This store over `wrap(client)`, sharing its connections: the seam where the crash-point simulator
+        puts a fault-injecting client in front of one simulated process's Redis commands."""
+        store = type(self)(wrap(self._r), self.prefix)
+        store._url = self._url
+        return store
+
+    @cached_property
+    def masterings(self) -> Masterings:
+        from .masterings import Masterings  # it builds on this module
+
+        return Masterings(self, self._r, self._k)
+
+    # -- what operators, benches and tests inspect ----------------------------------
+    def ids(self, kind: str) -> list[str]:
+        """The ids of every record of one kind (`rediskeys.JOB`, `AUDIO`, ...): a scan, for audits, not requests."""
+        head = len(self._k(kind, ""))
+        return [name.decode()[head:] for name in self._r.scan_iter(match=self._k(kind, "*"), count=1000)]
+
+    def key_names(self) -> list[str]:
+        """Every key this deployment holds, without its prefix (`job:{id}`, `load:cpu`, ...): a scan, for audits."""
+        head = len(self._k(""))
+        return [name.decode()[head:] for name in self._r.scan_iter(match=self._k("*"), count=1000)]
+
+    def queued(self, queue: str, limit: int | None = None) -> list[str]:
+        """The ids on a queue's load list (queued and running jobs of that queue, oldest first)."""
+        return [i.decode() for i in self._r.lrange(self._k(K.LOAD, queue), 0, -1 if limit is None else limit - 1)]
+
+    def broker_backlog(self, queue: str) -> int:
+        """Messages waiting on a queue of a Redis broker that shares this store's Redis and prefix."""
+        return int(self._r.llen(self._k(K.CELERY, queue)))
 
     # -- API keys ----------------------------------------------------------------
     def issue_key(self, user_id: str) -> IssuedKey:
@@ -197,11 +233,11 @@ class JobStore(RunStore):
         api_key = "stk_" + secrets.token_urlsafe(32)
         secret = "whsec_" + secrets.token_urlsafe(32)
         digest = hash_key(api_key)
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._r.pipeline(transaction=True)
         pipe.hset(
-            self.k(K.APIKEY, digest), mapping={"user_id": user_id, "webhook_secret": secret, "created_at": time.time()}
+            self._k(K.APIKEY, digest), mapping={"user_id": user_id, "webhook_secret": secret, "created_at": time.time()}
         )
-        pipe.hset(self.k(K.KEYIDS), key_id_of(api_key), digest)
+        pipe.hset(self._k(K.KEYIDS), key_id_of(api_key), digest)
         pipe.execute()
         return IssuedKey(key_id=key_id_of(api_key), user_id=user_id, api_key=api_key, webhook_secret=secret)
 
@@ -211,7 +247,7 @@ class JobStore(RunStore):
         return api_key
 
     def user_for_key(self, api_key: str) -> str | None:
-        user = self.r.hget(self.k(K.APIKEY, hash_key(api_key)), "user_id")
+        user = self._r.hget(self._k(K.APIKEY, hash_key(api_key)), "user_id")
         return user.decode() if user else None
 
     # -- download links ----------------------------------------------------------
@@ -220,13 +256,13 @@ class JobStore(RunStore):
         seconds, while the API key `key_id` that asked for it lives; only its sha256 is stored, as for API keys."""
         token = "dl_" + secrets.token_urlsafe(24)
         grant = json.dumps({"user_id": user_id, "key_id": key_id, "stem_id": stem_id, "format": fmt})
-        self.r.set(self.k(K.DOWNLOAD_TOKEN, hash_key(token)), grant, ex=ttl_s)
+        self._r.set(self._k(K.DOWNLOAD_TOKEN, hash_key(token)), grant, ex=ttl_s)
         return token
 
     def download_grant(self, token: str) -> dict[str, Any] | None:
         """{user_id, key_id, stem_id, format} of a live download token; None for an unknown or expired one, or
         one whose API key was revoked since (a revoked key's links stop with it)."""
-        raw = self.r.get(self.k(K.DOWNLOAD_TOKEN, hash_key(token)))
+        raw = self._r.get(self._k(K.DOWNLOAD_TOKEN, hash_key(token)))
         grant: dict[str, Any] | None = json.loads(raw) if raw else None
         if grant is None or not grant.get("key_id") or self.key_by_id(grant["key_id"]) is None:
             return None
@@ -236,7 +272,7 @@ class JobStore(RunStore):
         return self._key_record(hash_key(api_key))
 
     def _key_record(self, digest: str) -> KeyRecord | None:
-        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k(K.APIKEY, digest)).items()}
+        raw = {k.decode(): v.decode() for k, v in self._r.hgetall(self._k(K.APIKEY, digest)).items()}
         if "user_id" not in raw:
             return None
         return KeyRecord(
@@ -247,24 +283,24 @@ class JobStore(RunStore):
         )
 
     def _digest(self, key_id: str) -> str | None:
-        found = self.r.hget(self.k(K.KEYIDS), key_id)
+        found = self._r.hget(self._k(K.KEYIDS), key_id)
         if found:
             digest: str = found.decode()
             return digest
         if not (key_id.startswith("key_") and len(key_id) == 20):
             return None
         # a key made before the index existed: find it once, then index it
-        names = list(self.r.scan_iter(match=self.k(K.APIKEY, key_id[4:] + "*"), count=1000))
+        names = list(self._r.scan_iter(match=self._k(K.APIKEY, key_id[4:] + "*"), count=1000))
         if len(names) != 1:
             return None
         digest = names[0].decode().rsplit(":", 1)[1]
-        self.r.hset(self.k(K.KEYIDS), key_id, digest)
+        self._r.hset(self._k(K.KEYIDS), key_id, digest)
         return digest
 
     def list_keys(self) -> list[KeyRecord]:
         """Every API key (an operator's listing: SCAN is fine for the keys a deployment has)."""
         digests = sorted(
-            n.decode().rsplit(":", 1)[1] for n in self.r.scan_iter(match=self.k(K.APIKEY, "*"), count=1000)
+            n.decode().rsplit(":", 1)[1] for n in self._r.scan_iter(match=self._k(K.APIKEY, "*"), count=1000)
         )
         return [rec for d in digests if (rec := self._key_record(d))]
 
@@ -277,9 +313,9 @@ class JobStore(RunStore):
         digest = self._digest(key_id)
         if digest is None:
             return False
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.k(K.APIKEY, digest))
-        pipe.hdel(self.k(K.KEYIDS), key_id)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(self._k(K.APIKEY, digest))
+        pipe.hdel(self._k(K.KEYIDS), key_id)
         return bool(pipe.execute()[0])
 
     def rotate_webhook_secret(self, key_id: str) -> IssuedKey | None:
@@ -288,24 +324,24 @@ class JobStore(RunStore):
         if rec is None or digest is None:  # unknown, or revoked in between
             return None
         secret = "whsec_" + secrets.token_urlsafe(32)
-        self.r.hset(self.k(K.APIKEY, digest), "webhook_secret", secret)
+        self._r.hset(self._k(K.APIKEY, digest), "webhook_secret", secret)
         return IssuedKey(key_id=rec.key_id, user_id=rec.user_id, webhook_secret=secret)
 
     def count_request(self, user_id: str, window: int, ttl_s: int = 120) -> int:
         """Requests of `user_id` in the rate-limit window `window` so far, this one included."""
-        key = self.k(K.RATE, user_id, str(window))
-        count: int = self.r.incr(key)
+        key = self._k(K.RATE, user_id, str(window))
+        count: int = self._r.incr(key)
         if count == 1:
-            self.r.expire(key, ttl_s)
+            self._r.expire(key, ttl_s)
         return count
 
     # -- generic records ---------------------------------------------------------
     def _get(self, kind: str, model: type[T], id_: str) -> T | None:
-        raw = self.r.get(self.k(kind, id_))
+        raw = self._r.get(self._k(kind, id_))
         return model.model_validate_json(raw) if raw else None
 
     def _put(self, kind: str, rec: AudioAsset | Job | Stem, pipe: Pipe = None) -> None:
-        (pipe or self.r).set(self.k(kind, rec.id), rec.model_dump_json())
+        (pipe or self._r).set(self._k(kind, rec.id), rec.model_dump_json())
 
     def get_asset(self, id_: str) -> AudioAsset | None:
         return self._get(K.AUDIO, AudioAsset, id_)
@@ -313,17 +349,17 @@ class JobStore(RunStore):
     def put_asset(self, asset: AudioAsset, also: Callable[[object], None] | None = None) -> None:
         """Create (or overwrite) an asset record; retention counts from its `created_at`; `also(pipe)` adds writes
         to the same transaction."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._r.pipeline(transaction=True)
         self._put(K.AUDIO, asset, pipe)
         for phase in ("original", "asset"):
-            pipe.zadd(self.k(K.RETAIN, phase), {asset.id: asset.created_at})
+            pipe.zadd(self._k(K.RETAIN, phase), {asset.id: asset.created_at})
         if also is not None:
             also(pipe)
         pipe.execute()
 
     def update_asset(self, asset: AudioAsset) -> bool:
         """Write an asset that exists; False (nothing written) if it was deleted meanwhile."""
-        return bool(self.r.set(self.k(K.AUDIO, asset.id), asset.model_dump_json(), xx=True))
+        return bool(self._r.set(self._k(K.AUDIO, asset.id), asset.model_dump_json(), xx=True))
 
     def get_job(self, id_: str) -> Job | None:
         return self._get(K.JOB, Job, id_)
@@ -333,13 +369,13 @@ class JobStore(RunStore):
 
     def put_stem(self, stem: Stem) -> bool:
         """Update a stem record of `create_job`; False (nothing written) if its job was deleted meanwhile."""
-        return bool(self.r.set(self.k(K.STEM, stem.id), stem.model_dump_json(), xx=True))
+        return bool(self._r.set(self._k(K.STEM, stem.id), stem.model_dump_json(), xx=True))
 
     def _get_many(self, kind: str, model: type[T], ids: list[str]) -> list[T]:
         """The records of `ids` that exist, in order, in one round trip."""
         if not ids:
             return []
-        return [model.model_validate_json(r) for r in self.r.mget([self.k(kind, i) for i in ids]) if r]
+        return [model.model_validate_json(r) for r in self._r.mget([self._k(kind, i) for i in ids]) if r]
 
     def get_stems(self, ids: list[str]) -> list[Stem]:
         return self._get_many(K.STEM, Stem, ids)
@@ -352,15 +388,15 @@ class JobStore(RunStore):
 
     def create_job(self, job: Job, stems: list[Stem], also: Callable[[object], None] | None = None) -> None:
         """Job and its stem records in one transaction: all visible, or none; `also(pipe)` adds writes to it."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._r.pipeline(transaction=True)
         for s in stems:
             self._put(K.STEM, s, pipe)
         self._put(K.JOB, job, pipe)
-        pipe.sadd(self.k(K.ACTIVE, job.user_id), job.id)
-        pipe.zadd(self.k(K.USER_JOBS, job.user_id), {job.id: job.created_at})
-        pipe.sadd(self.k(K.ASSET_JOBS, job.audio_id), job.id)
+        pipe.sadd(self._k(K.ACTIVE, job.user_id), job.id)
+        pipe.zadd(self._k(K.USER_JOBS, job.user_id), {job.id: job.created_at})
+        pipe.sadd(self._k(K.ASSET_JOBS, job.audio_id), job.id)
         if job.output_bytes:
-            pipe.hset(self.k(K.PENDING_BYTES, job.user_id), job.id, job.output_bytes)
+            pipe.hset(self._k(K.PENDING_BYTES, job.user_id), job.id, job.output_bytes)
         self.index_job(pipe, None, job)
         if also is not None:
             also(pipe)
@@ -372,16 +408,16 @@ class JobStore(RunStore):
         Members of one score come in descending id order, so a cursor is exact even when two jobs
         share a created_at.
         """
-        key = self.k(K.USER_JOBS, user_id)
+        key = self._k(K.USER_JOBS, user_id)
         if before is None:
-            rows = self.r.zrevrange(key, 0, limit - 1, withscores=True)
+            rows = self._r.zrevrange(key, 0, limit - 1, withscores=True)
         else:
             score, job_id = before
             rows = [
-                (m, sc) for m, sc in self.r.zrevrangebyscore(key, score, score, withscores=True) if m.decode() < job_id
+                (m, sc) for m, sc in self._r.zrevrangebyscore(key, score, score, withscores=True) if m.decode() < job_id
             ]
             if len(rows) < limit:
-                rows += self.r.zrevrangebyscore(
+                rows += self._r.zrevrangebyscore(
                     key, f"({score!r}", "-inf", start=0, num=limit - len(rows), withscores=True
                 )
         return [(m.decode(), sc) for m, sc in rows[:limit]]
@@ -410,8 +446,8 @@ class JobStore(RunStore):
     def _transact(
         self, job_id: str, fn: Callable[[Job], Job | None], also: Callable[[object, Job], None] | None
     ) -> tuple[Job | None, bool]:
-        key = self.k(K.JOB, job_id)
-        with self.r.pipeline(transaction=True) as pipe:
+        key = self._k(K.JOB, job_id)
+        with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
@@ -426,12 +462,12 @@ class JobStore(RunStore):
                     pipe.multi()
                     pipe.set(key, new.model_dump_json())
                     if new.status.terminal:
-                        pipe.srem(self.k(K.ACTIVE, new.user_id), new.id)
-                        pipe.hdel(self.k(K.PENDING_BYTES, new.user_id), new.id)
+                        pipe.srem(self._k(K.ACTIVE, new.user_id), new.id)
+                        pipe.hdel(self._k(K.PENDING_BYTES, new.user_id), new.id)
                         if not job.status.terminal:  # retention of stems and records counts from here
                             ended = new.finished_at or time.time()
-                            pipe.zadd(self.k(K.RETAIN, "stems"), {new.id: ended})
-                            pipe.zadd(self.k(K.RETAIN, "job"), {new.id: ended})
+                            pipe.zadd(self._k(K.RETAIN, "stems"), {new.id: ended})
+                            pipe.zadd(self._k(K.RETAIN, "job"), {new.id: ended})
                     self.index_job(pipe, job, new)
                     if also is not None:
                         also(pipe, new)
@@ -441,18 +477,18 @@ class JobStore(RunStore):
                     continue
 
     def active_jobs(self, user_id: str) -> int:
-        active: int = self.r.scard(self.k(K.ACTIVE, user_id))
+        active: int = self._r.scard(self._k(K.ACTIVE, user_id))
         return active
 
     def pending_output_bytes(self, user_id: str) -> int:
         """Estimated output of the user's queued and running jobs together."""
-        return sum(int(v) for v in self.r.hvals(self.k(K.PENDING_BYTES, user_id)))
+        return sum(int(v) for v in self._r.hvals(self._k(K.PENDING_BYTES, user_id)))
 
     def asset_job_ids(self, audio_id: str) -> list[str]:
-        return sorted(i.decode() for i in self.r.smembers(self.k(K.ASSET_JOBS, audio_id)))
+        return sorted(i.decode() for i in self._r.smembers(self._k(K.ASSET_JOBS, audio_id)))
 
     def forget_asset_job(self, audio_id: str, job_id: str) -> None:
-        self.r.srem(self.k(K.ASSET_JOBS, audio_id), job_id)
+        self._r.srem(self._k(K.ASSET_JOBS, audio_id), job_id)
 
     # -- deletion ------------------------------------------------------------------
     def delete_job_records(self, job: Job, tombstone: bool = True) -> None:
@@ -462,20 +498,20 @@ class JobStore(RunStore):
         The cancel flag stays (a worker still running the job sees it and stops); usage totals
         stay (billing). With `tombstone`, `gone:{id}` remembers the deletion for a while.
         """
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.k(K.JOB, job.id), *(self.k(K.STEM, s) for s in job.stem_ids + job.upscaled_ids))
-        pipe.srem(self.k(K.ACTIVE, job.user_id), job.id)
-        pipe.srem(self.k(K.ASSET_JOBS, job.audio_id), job.id)
-        pipe.hdel(self.k(K.PENDING_BYTES, job.user_id), job.id)
-        pipe.zrem(self.k(K.USER_JOBS, job.user_id), job.id)  # the per-user listing (web page)
-        pipe.lrem(self.k(K.LOAD, job.queue), 0, job.id)  # the run indexes (stems.runstore)
-        pipe.zrem(self.k(K.OUTBOX), f"split:{job.id}")
-        pipe.zrem(self.k(K.LEASES), job.id)
-        pipe.zrem(self.k(K.DEADLINES), job.id)
-        pipe.delete(self.k(K.WEBHOOK, job.id), self.k(K.TRIES, "webhook", job.id))
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(self._k(K.JOB, job.id), *(self._k(K.STEM, s) for s in job.stem_ids + job.upscaled_ids))
+        pipe.srem(self._k(K.ACTIVE, job.user_id), job.id)
+        pipe.srem(self._k(K.ASSET_JOBS, job.audio_id), job.id)
+        pipe.hdel(self._k(K.PENDING_BYTES, job.user_id), job.id)
+        pipe.zrem(self._k(K.USER_JOBS, job.user_id), job.id)  # the per-user listing (web page)
+        pipe.lrem(self._k(K.LOAD, job.queue), 0, job.id)  # the run indexes (stems.runstore)
+        pipe.zrem(self._k(K.OUTBOX), f"split:{job.id}")
+        pipe.zrem(self._k(K.LEASES), job.id)
+        pipe.zrem(self._k(K.DEADLINES), job.id)
+        pipe.delete(self._k(K.WEBHOOK, job.id), self._k(K.TRIES, "webhook", job.id))
         self.owe_cleanup(pipe, job.id, job.user_id, time.time())  # its objects: removed by the caller, else the reaper
         for phase in RETAIN_PHASES:
-            pipe.zrem(self.k(K.RETAIN, phase), job.id)
+            pipe.zrem(self._k(K.RETAIN, phase), job.id)
         if tombstone:
             self._bury(pipe, "job", job.id, job.user_id)
         pipe.execute()
@@ -483,26 +519,26 @@ class JobStore(RunStore):
     def delete_asset_record(self, asset: AudioAsset, tombstone: bool = True) -> None:
         """Delete the record, owing the removal of the objects it names in the same transaction (the caller
         removes them next, and settles; if it dies first, the reaper does, after OBJECTS_GRACE_S)."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._r.pipeline(transaction=True)
         self.owe_objects(pipe, asset.stored_keys, time.time() + OBJECTS_GRACE_S)
-        pipe.delete(self.k(K.AUDIO, asset.id), self.k(K.TRIES, "import", asset.id))
-        pipe.zrem(self.k(K.OUTBOX), f"import:{asset.id}")
+        pipe.delete(self._k(K.AUDIO, asset.id), self._k(K.TRIES, "import", asset.id))
+        pipe.zrem(self._k(K.OUTBOX), f"import:{asset.id}")
         for phase in RETAIN_PHASES:
-            pipe.zrem(self.k(K.RETAIN, phase), asset.id)
+            pipe.zrem(self._k(K.RETAIN, phase), asset.id)
         if tombstone:
             self._bury(pipe, "audio", asset.id, asset.user_id)
         pipe.execute()
 
     def _bury(self, pipe: Pipe, kind: str, id_: str, user_id: str) -> None:
         pipe.set(
-            self.k(K.GONE, id_),
+            self._k(K.GONE, id_),
             json.dumps({"kind": kind, "user_id": user_id, "deleted_at": time.time()}),
             ex=TOMBSTONE_TTL_S,
         )
 
     def deleted(self, id_: str) -> dict[str, Any] | None:
         """The tombstone of a deleted audio or job (kept for a day past the Idempotency-Key window)."""
-        raw = self.r.get(self.k(K.GONE, id_))
+        raw = self._r.get(self._k(K.GONE, id_))
         tombstone: dict[str, Any] | None = json.loads(raw) if raw else None
         return tombstone
 
@@ -530,41 +566,41 @@ class JobStore(RunStore):
     # -- retention -------------------------------------------------------------------
     def due(self, phase: str, before: float, limit: int = 500) -> list[str]:
         """Ids whose retention clock in `phase` started before `before` (oldest first)."""
-        return [i.decode() for i in self.r.zrangebyscore(self.k(K.RETAIN, phase), "-inf", before, start=0, num=limit)]
+        return [i.decode() for i in self._r.zrangebyscore(self._k(K.RETAIN, phase), "-inf", before, start=0, num=limit)]
 
     def done_with(self, phase: str, id_: str) -> None:
-        self.r.zrem(self.k(K.RETAIN, phase), id_)
+        self._r.zrem(self._k(K.RETAIN, phase), id_)
 
     def try_lock(self, name: str, ttl_s: float) -> str | None:
         """A token if this caller now holds the lock `name` (for `ttl_s` at most), else None."""
         token = secrets.token_hex(8)
-        return token if self.r.set(self.k(K.LOCK, name), token, nx=True, px=int(ttl_s * 1000)) else None
+        return token if self._r.set(self._k(K.LOCK, name), token, nx=True, px=int(ttl_s * 1000)) else None
 
     def unlock(self, name: str, token: str) -> None:
-        self.r.eval(_RELEASE_LOCK, 1, self.k(K.LOCK, name), token)
+        self._r.eval(_RELEASE_LOCK, 1, self._k(K.LOCK, name), token)
 
     def memory_used(self) -> int:
-        return int(self.r.info("memory")["used_memory"])
+        return int(self._r.info("memory")["used_memory"])
 
     # -- cancellation, usage, idempotency, webhooks ------------------------------
     def request_cancel(self, job_id: str) -> None:
-        self.r.set(self.k(K.CANCEL, job_id), "1", ex=7 * 86400)
+        self._r.set(self._k(K.CANCEL, job_id), "1", ex=7 * 86400)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.r.exists(self.k(K.CANCEL, job_id)))
+        return bool(self._r.exists(self._k(K.CANCEL, job_id)))
 
     def usage(self, user_id: str) -> dict[str, float | int]:
-        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k(K.USAGE, user_id)).items()}
+        raw = {k.decode(): v.decode() for k, v in self._r.hgetall(self._k(K.USAGE, user_id)).items()}
         return {"minutes": round(float(raw.get("minutes", 0)), 4), "jobs": int(raw.get("jobs", 0))}
 
     def live_workers(self, ttl_s: float = 20.0) -> list[WorkerReport]:
         """Reports of workers that beat within the last `ttl_s` seconds (see workers.heartbeat)."""
         now = time.time()
-        reports = [WorkerReport.model_validate_json(v) for v in self.r.hvals(self.k(K.WORKERS))]
+        reports = [WorkerReport.model_validate_json(v) for v in self._r.hvals(self._k(K.WORKERS))]
         return [r for r in reports if now - r.ts < ttl_s]
 
     def ping(self) -> None:
-        self.r.ping()
+        self._r.ping()
 
     def check(self, timeout_s: float = 2.0) -> None:
         """Readiness and start-up: one PING, no retries, short timeouts; RedisUnavailable with the reason."""
@@ -574,7 +610,7 @@ class JobStore(RunStore):
             self._probe = StoreClient.from_url(
                 self._url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
             )
-            self._probe.where = self.r.where
+            self._probe.where = self._r.where
         self._probe.ping()
 
     def persistence(self) -> dict[str, Any]:
@@ -582,10 +618,10 @@ class JobStore(RunStore):
         Redis hides CONFIG, `aof_enabled` from INFO (then `save` is unknown: None)."""
         try:
             return {
-                "appendonly": self.r.config_get("appendonly").get("appendonly", "no"),
-                "save": self.r.config_get("save").get("save", ""),
+                "appendonly": self._r.config_get("appendonly").get("appendonly", "no"),
+                "save": self._r.config_get("save").get("save", ""),
                 "source": "CONFIG",
             }
         except redis.ResponseError:  # CONFIG renamed or not permitted
-            aof = self.r.info("persistence").get("aof_enabled") == 1
+            aof = self._r.info("persistence").get("aof_enabled") == 1
             return {"appendonly": "yes" if aof else "no", "save": None, "source": "INFO"}

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pipelines.errors import Expired
 
 from .jobstore import JobStore
-from .masterings import Masterings
 from .models import AssetStatus, AudioAsset, Job
 from .settings import Settings
 from .storage import Storage, keys
@@ -84,7 +83,7 @@ def delete_asset(store: JobStore, storage: Storage, asset: AudioAsset, tombstone
                 store.forget_asset_job(asset.id, job_id)
                 continue
             removed += delete_job(store, storage, job, tombstone, checked=True)
-    removed += Masterings(store).delete_of_asset(storage, asset.id)  # a running one finds its record gone
+    removed += store.masterings.delete_of_asset(storage, asset.id)  # a running one finds its record gone
     return removed + delete_asset_objects(store, storage, asset)
 
 
@@ -107,7 +106,7 @@ def asset_record_retention(settings: Settings) -> float:
 
 def _has_active_job(store: JobStore, audio_id: str) -> bool:
     """A queued or running split of the audio (or of what was made from it), or mastering of it."""
-    masters = Masterings(store)
+    masters = store.masterings
     return any(
         j is not None and not j.status.terminal for j in map(store.get_job, store.asset_job_ids(audio_id))
     ) or any(m is not None and not m.status.terminal for m in map(masters.get, masters.of_asset(audio_id)))
@@ -229,14 +228,14 @@ def _expire_original(store: JobStore, storage: Storage, audio_id: str, report: S
 
 
 def _expire_mastered(store: JobStore, storage: Storage, id_: str, report: SweepReport) -> None:
-    if Masterings(store).expire_objects(storage, id_):
+    if store.masterings.expire_objects(storage, id_):
         report.stems += 1
     else:
         report.postponed += 1
 
 
 def _expire_mastered_record(store: JobStore, storage: Storage, id_: str, report: SweepReport) -> None:
-    Masterings(store).expire_record(storage, id_)
+    store.masterings.expire_record(storage, id_)
     report.jobs += 1
 
 

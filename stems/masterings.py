@@ -67,27 +67,28 @@ def root_audio_id(store: JobStore, stem: Stem) -> str:
     job = store.get_job(stem.job_id)
     if job is not None:
         return job.audio_id
-    m = Masterings(store).get(stem.job_id) if stem.kind == "mastered" else None
+    m = store.masterings.get(stem.job_id) if stem.kind == "mastered" else None
     return m.audio_id if m is not None else stem.id
 
 
 class Masterings:
     """The mastering records in the job store's Redis, under its prefix."""
 
-    def __init__(self, store: JobStore) -> None:
-        self.store, self.r, self.k = store, store.r, store.k
+    def __init__(self, store: JobStore, client: Any, key: Callable[..., str]) -> None:
+        # built by the store (`JobStore.masterings`), which hands over its private client and key names
+        self.store, self._r, self._k = store, client, key
 
     def get(self, id_: str) -> Mastering | None:
-        raw = self.r.get(self.k(K.MASTERING, id_))
+        raw = self._r.get(self._k(K.MASTERING, id_))
         return Mastering.model_validate_json(raw) if raw else None
 
     def create(self, m: Mastering, due: float, also: Callable[[object], None] | None = None) -> int:
         """The mastering, its output stem and its owed message in one transaction; returns the outbox score."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.k(K.MASTERING, m.id), m.model_dump_json())
-        pipe.set(self.k(K.STEM, m.id), output_stem(m).model_dump_json())
-        pipe.sadd(self.k(K.ASSET_MASTERS, m.audio_id), m.id)
-        pipe.sadd(self.k(K.ACTIVE_MASTERS, m.user_id), m.id)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(self._k(K.MASTERING, m.id), m.model_dump_json())
+        pipe.set(self._k(K.STEM, m.id), output_stem(m).model_dump_json())
+        pipe.sadd(self._k(K.ASSET_MASTERS, m.audio_id), m.id)
+        pipe.sadd(self._k(K.ACTIVE_MASTERS, m.user_id), m.id)
         score = self.store.owe(TASK_KIND, m.id, due, pipe)
         if also is not None:
             also(pipe)
@@ -98,8 +99,8 @@ class Masterings:
         """Write a mastering that exists (and its stem); False, nothing written, if it was deleted meanwhile.
 
         A WATCH transaction: usage is metered, and retention starts, only by the write that ends it."""
-        key = self.k(K.MASTERING, m.id)
-        with self.r.pipeline(transaction=True) as pipe:
+        key = self._k(K.MASTERING, m.id)
+        with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
@@ -110,39 +111,39 @@ class Masterings:
                     pipe.multi()
                     pipe.set(key, m.model_dump_json())
                     if stem is not None:
-                        pipe.set(self.k(K.STEM, stem.id), stem.model_dump_json(), xx=True)
+                        pipe.set(self._k(K.STEM, stem.id), stem.model_dump_json(), xx=True)
                     if m.status.terminal and not before.status.terminal:
-                        pipe.srem(self.k(K.ACTIVE_MASTERS, m.user_id), m.id)
+                        pipe.srem(self._k(K.ACTIVE_MASTERS, m.user_id), m.id)
                         ended = m.finished_at or time.time()
-                        pipe.zadd(self.k(K.RETAIN, "mastered"), {m.id: ended})
-                        pipe.zadd(self.k(K.RETAIN, "mastered_record"), {m.id: ended})
+                        pipe.zadd(self._k(K.RETAIN, "mastered"), {m.id: ended})
+                        pipe.zadd(self._k(K.RETAIN, "mastered_record"), {m.id: ended})
                         if m.status == JobStatus.complete:
-                            pipe.hincrbyfloat(self.k(K.USAGE, m.user_id), "minutes", m.usage_minutes)
-                            pipe.hincrby(self.k(K.USAGE, m.user_id), "mastered", 1)
+                            pipe.hincrbyfloat(self._k(K.USAGE, m.user_id), "minutes", m.usage_minutes)
+                            pipe.hincrby(self._k(K.USAGE, m.user_id), "mastered", 1)
                     pipe.execute()
                     return True
                 except redis.WatchError:
                     continue
 
     def active(self, user_id: str) -> int:
-        active: int = self.r.scard(self.k(K.ACTIVE_MASTERS, user_id))
+        active: int = self._r.scard(self._k(K.ACTIVE_MASTERS, user_id))
         return active
 
     def of_asset(self, audio_id: str) -> list[str]:
-        return sorted(i.decode() for i in self.r.smembers(self.k(K.ASSET_MASTERS, audio_id)))
+        return sorted(i.decode() for i in self._r.smembers(self._k(K.ASSET_MASTERS, audio_id)))
 
     def delete(self, storage: Storage, m: Mastering) -> int:
         """Remove the records, every index entry and the stored objects; returns objects deleted. Storage is asked
         first, as `stems.lifecycle.delete_job` does: when it is down, StorageUnavailable is raised with nothing
         removed, rather than records gone and objects left without them."""
         storage.ping()
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.k(K.MASTERING, m.id), self.k(K.STEM, m.id), self.k(K.TRIES, TASK_KIND, m.id))
-        pipe.srem(self.k(K.ASSET_MASTERS, m.audio_id), m.id)
-        pipe.srem(self.k(K.ACTIVE_MASTERS, m.user_id), m.id)
-        pipe.zrem(self.k(K.OUTBOX), f"{TASK_KIND}:{m.id}")
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(self._k(K.MASTERING, m.id), self._k(K.STEM, m.id), self._k(K.TRIES, TASK_KIND, m.id))
+        pipe.srem(self._k(K.ASSET_MASTERS, m.audio_id), m.id)
+        pipe.srem(self._k(K.ACTIVE_MASTERS, m.user_id), m.id)
+        pipe.zrem(self._k(K.OUTBOX), f"{TASK_KIND}:{m.id}")
         for phase in ("mastered", "mastered_record"):
-            pipe.zrem(self.k(K.RETAIN, phase), m.id)
+            pipe.zrem(self._k(K.RETAIN, phase), m.id)
         pipe.execute()
         return storage.delete_prefix(keys.job_prefix(m.user_id, m.id))
 
@@ -151,7 +152,7 @@ class Masterings:
         for id_ in self.of_asset(audio_id):
             m = self.get(id_)
             if m is None:
-                self.r.srem(self.k(K.ASSET_MASTERS, audio_id), id_)
+                self._r.srem(self._k(K.ASSET_MASTERS, audio_id), id_)
             else:
                 removed += self.delete(storage, m)
         return removed

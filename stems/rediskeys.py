@@ -1,6 +1,6 @@
 """Every Redis key name the project writes, in one place (as arq's `constants.py` does).
 
-A key is `{STEMS_KEY_PREFIX}:{name}[:{part}...]`, joined by `JobStore.k(name, *parts)`; nothing else
+A key is `{STEMS_KEY_PREFIX}:{name}[:{part}...]`, joined by `JobStore._k(name, *parts)`; nothing else
 spells a name. Read this module to see what one deployment keeps in Redis and to pick a new name that
 collides with none. The comment says the type and what the parts are.
 """

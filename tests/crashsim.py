@@ -25,11 +25,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import get_args
 
 import redis
 
-from stems import rediskeys as K
 from stems.models import JobStatus, StemStatus
+from stems.runstore import TaskKind
 from stems.storage import keys
 
 FAULTS = ("crash", "error", "pause")
@@ -185,10 +186,9 @@ class BrokerApp:
 
 def process_ctx(ctx, proc: Proc):
     """`ctx` as seen by simulated process `proc`: its own wrapped Redis client and storage."""
-    from stems.jobstore import JobStore
 
     return ctx.replace(
-        store=JobStore(FaultyRedis(ctx.store.r, proc), ctx.store.p), storage=FaultyStorage(ctx.storage, proc)
+        store=ctx.store.wrapped(lambda client: FaultyRedis(client, proc)), storage=FaultyStorage(ctx.storage, proc)
     )
 
 
@@ -292,13 +292,13 @@ def check(world: World, job_id: str, user: str, queues: tuple[str, ...], deleted
         # delivery is at least once (a sender that dies between publishing and settling sends again; the
         # payload names the job, so a receiver dedupes): counted in `World.duplicate_webhooks`, not an error
     for q in queues:  # every job has ended now: a load list holds none of them
-        listed = [i.decode() for i in store.r.lrange(store.k(K.LOAD, q), 0, -1)]
+        listed = store.queued(q)
         ended = [i for i, j in zip(listed, store.get_jobs(listed) if listed else []) if j.status.terminal]
         if job_id in listed or ended or len(store.get_jobs(listed) if listed else []) != len(listed):
             bad.append(f"load:{q} lists ended or deleted jobs: {listed}")
-    left = [m.decode() for m in store.r.zrange(store.k(K.OUTBOX), 0, -1) if m.decode().endswith(job_id)]
+    left = [f"{kind}:{job_id}" for kind in get_args(TaskKind) if store.owes(kind, job_id)]
     if left:
         bad.append(f"the outbox still owes {left}")
-    if store.r.zscore(store.k(K.CLEANUP), f"{job_id}:{user}") is not None:
+    if store.cleanup_owed(job_id, user) is not None:
         bad.append("a cleanup is still owed")
     return bad

@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 from pipelines.jobspec import SplitSpec
-from stems import rediskeys as K
 from stems.jobstore import JobStore
 from stems.models import AssetStatus, AudioAsset, Job
 from stems.settings import Settings
@@ -81,7 +80,3 @@ def api_client(ctx):
     app = create_app(ctx.settings)
     app.state.services.store, app.state.services.storage = ctx.store, ctx.storage
     return TestClient(app, headers={"x-api-key": ctx.store.create_key("u")})
-
-
-def load_list(store: JobStore, queue: str) -> list[str]:
-    return [i.decode() for i in store.r.lrange(store.k(K.LOAD, queue), 0, -1)]

@@ -148,6 +148,20 @@ class ServiceStack:
         issued = self.store.issue_key(user)
         return httpx.Client(base_url=self.base, headers={"x-api-key": issued.api_key}, timeout=60), issued
 
+    def redis(self):
+        """A plain client of the stack's Redis, for tests of what is stored as stored (no plaintext keys, records
+        written by an older release); everything else goes through `store`'s methods."""
+        import redis
+
+        return redis.Redis.from_url(self.env["REDIS_URL"])
+
+    def forget_webhook_secret(self, issued) -> None:
+        """Make `issued` a key as keys were made before each had its own webhook secret (no such field)."""
+        from stems import rediskeys as K
+        from stems.jobstore import hash_key
+
+        self.redis().hdel(f"{self.prefix}:{K.APIKEY}:{hash_key(issued.api_key)}", "webhook_secret")
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()

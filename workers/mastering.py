@@ -44,7 +44,7 @@ def _fail(store: Masterings, m: Mastering, error: dict) -> None:
 
 
 def run_master(mastering_id: str, ctx: Container, hostname: str | None = None) -> None:
-    s, masters = ctx.settings, Masterings(ctx.store)
+    s, masters = ctx.settings, ctx.store.masterings
     m = masters.get(mastering_id)
     if m is None or m.status.terminal:
         ctx.store.settle(TASK_KIND, mastering_id)

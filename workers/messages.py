@@ -17,7 +17,7 @@ import time
 from celery import Celery
 
 from stems.jobstore import JobStore
-from stems.masterings import Mastering, Masterings
+from stems.masterings import Mastering
 from stems.models import DELIVERY_QUEUE, AssetStatus, Job, JobStatus
 from stems.settings import Settings
 
@@ -76,7 +76,7 @@ def needs_message(store: JobStore, kind: str, id_: str) -> bool:
         asset = store.get_asset(id_)
         return asset is not None and asset.status == AssetStatus.processing
     if kind == "master":
-        m = Masterings(store).get(id_)
+        m = store.masterings.get(id_)
         return m is not None and not m.status.terminal
     if kind == "webhook":
         job = store.get_job(id_)
@@ -91,7 +91,7 @@ def send(app: Celery, s: Settings, store: JobStore, kind: str, id_: str) -> bool
     if kind in ("split", "deliver"):
         send_split(app, s, store.get_job(id_), kind)
     elif kind == "master":
-        send_master(app, s, Masterings(store).get(id_))
+        send_master(app, s, store.masterings.get(id_))
     else:
         publish(app, s, kind, id_, "cpu")
     return True

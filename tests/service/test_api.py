@@ -7,7 +7,6 @@ import uuid
 import httpx
 import pytest
 
-from stems import rediskeys as K
 from tests.support import tone_mix, upload, write_audio
 
 SR = 44100
@@ -106,10 +105,7 @@ def test_source_must_finish_importing(stack, tmp_path):
         path = write_audio(tmp_path / "x.wav", tone_mix(1.0, SR), SR)
         with open(path, "rb") as f:
             audio_id = c.post("/from-file", files={"file": ("x.wav", f)}).json()["audio_id"]
-        stack.store.r.set(
-            stack.store.k(K.AUDIO, audio_id),
-            stack.store.get_asset(audio_id).model_copy(update={"status": "processing"}).model_dump_json(),
-        )
+        assert stack.store.update_asset(stack.store.get_asset(audio_id).model_copy(update={"status": "processing"}))
         r = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio_id})
         assert r.status_code == 409 and "finished importing" in r.text
 

@@ -13,7 +13,6 @@ import time
 import pytest
 
 from api import budget
-from stems import rediskeys as K
 from stems.models import JobStatus
 from tests.support import ServiceStack, asset_record, wait_for
 
@@ -30,11 +29,7 @@ def idle(tmp_path_factory, redis_url, s3_url):
 
 
 def _everything(stack) -> list[str]:
-    return sorted(
-        k.decode()
-        for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000)
-        if b":rate:" not in k and b":workers" not in k
-    )
+    return sorted(name for name in stack.store.key_names() if not name.startswith(("rate:", "workers")))
 
 
 def test_dry_run_answers_the_estimate_and_creates_nothing(idle):
@@ -93,12 +88,8 @@ def test_queued_jobs_carry_eta_from_the_queue_ahead_then_the_measured_speed(idle
             )
             assert r.status_code == 200, r.text
             jobs.append(r.json()["creation_id"])
-        ahead = [j for j in store.r.lrange(store.k(K.LOAD, "cpu"), 0, -1)]
-        earlier = sum(
-            store.get_job(j.decode()).audio_seconds
-            for j in ahead
-            if j.decode() not in jobs and store.get_job(j.decode()) is not None
-        )
+        ahead = store.queued("cpu")
+        earlier = sum(store.get_job(j).audio_seconds for j in ahead if j not in jobs and store.get_job(j) is not None)
         etas = [c.get(f"/status/stem_split/{j}").json()["eta_s"] for j in jobs]
         # nothing measured on this deployment's queue yet: 1 s of work per audio second, one worker assumed
         assert etas == pytest.approx([earlier + 10, earlier + 30, earlier + 60], abs=0.2)
@@ -135,10 +126,7 @@ def test_completed_jobs_measure_the_speed_the_next_estimate_uses(idle, tmp_path)
             assert status["status"] == "complete" and status["eta_s"] is None
             job = idle.store.get_job(status["creation_id"])
             ratios.append(job.timings["run_s"] / job.audio_seconds)
-        kept = [
-            json.loads(v)["s_per_audio_s"]
-            for v in idle.store.r.lrange(idle.store.k(K.SPEED, "cpu:phantom_center:0"), 0, -1)
-        ]
+        kept = [json.loads(v)["s_per_audio_s"] for v in idle.store.speed_samples("cpu:phantom_center:0")]
         assert kept[:3] == pytest.approx(ratios[::-1], rel=1e-3)
         est = c.post("/create-stems", json={"preset": "phantom_center", "audio_id": audio, "dry_run": True}).json()
         assert est["eta_basis"]["speed_source"] == "chain" and est["eta_basis"]["workers"] == 1

@@ -15,10 +15,10 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 from stems import rediskeys as K
-from stems.jobstore import JobStore
+from stems.jobstore import JobStore, StoreClient
 from stems.models import DELIVERY_QUEUE, JobStatus, StemStatus
 from stems.storage import keys
-from tests.inproc import api_client, load_list, queued_job, worker_ctx
+from tests.inproc import api_client, queued_job, worker_ctx
 from tests.support import tone_mix, write_audio
 
 SR = 44100
@@ -129,22 +129,22 @@ def test_separate_again_moves_the_load_back(two_stage_ctx, song):
 
     ctx = two_stage_ctx
     job = queued_job(ctx, song, queue="gpu-demucs")
-    assert load_list(ctx.store, "gpu-demucs") == [job.id]
+    assert ctx.store.queued("gpu-demucs") == [job.id]
     run_split(job.id, ctx, "gpu1")
     sep = ctx.store.get_job(job.id).separated
     assert sep is not None
-    assert (load_list(ctx.store, "gpu-demucs"), load_list(ctx.store, DELIVERY_QUEUE)) == ([], [job.id])
+    assert (ctx.store.queued("gpu-demucs"), ctx.store.queued(DELIVERY_QUEUE)) == ([], [job.id])
     ctx.storage.delete_prefix(keys.attempt_prefix("u", job.id, sep.attempt_id))  # storage lost the float stems
 
     run_delivery(job.id, ctx, "cpu1")
     again = ctx.store.get_job(job.id)
     assert again.status == JobStatus.queued and again.separated is None
-    assert (load_list(ctx.store, "gpu-demucs"), load_list(ctx.store, DELIVERY_QUEUE)) == ([job.id], [])
+    assert (ctx.store.queued("gpu-demucs"), ctx.store.queued(DELIVERY_QUEUE)) == ([job.id], [])
 
     run_split(job.id, ctx, "gpu1")
     run_delivery(job.id, ctx, "cpu1")
     assert_downloads(ctx, job.id)
-    assert (load_list(ctx.store, "gpu-demucs"), load_list(ctx.store, DELIVERY_QUEUE)) == ([], [])
+    assert (ctx.store.queued("gpu-demucs"), ctx.store.queued(DELIVERY_QUEUE)) == ([], [])
 
 
 # -- finding 4: cleanup owed in durable state ---------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_cancel_dying_before_cleanup_leaves_it_owed(two_stage_ctx, song):
     reaper.ctx = ctx
     reaper.pass_once(now=time.time() + ctx.settings.lease_s + ctx.settings.enqueue_grace_s + 1)
     assert ctx.storage.list(keys.job_prefix("u", job.id)) == []
-    assert load_list(ctx.store, DELIVERY_QUEUE) == [] and load_list(ctx.store, "gpu-demucs") == []
+    assert ctx.store.queued(DELIVERY_QUEUE) == [] and ctx.store.queued("gpu-demucs") == []
 
 
 def test_stems_of_a_failed_job_never_download(ctx, song):
@@ -242,7 +242,7 @@ def test_stems_of_a_failed_job_never_download(ctx, song):
 
 
 def _cancel_from_elsewhere(ctx, job_id):
-    other = JobStore.from_url(ctx.settings.redis_url, ctx.store.p)
+    other = JobStore.from_url(ctx.settings.redis_url, ctx.store.prefix)
 
     def cancel(j):
         j.status, j.stage = JobStatus.cancelled, "cancelled"
@@ -258,7 +258,8 @@ def test_finish_reports_a_cancel_that_landed_first(ctx, song):
 
     job = queued_job(ctx, song, callback_url="http://127.0.0.1:9/hook")
     attempt = start(job.id, ctx, "w1")
-    racing = ctx.store.r = RacingRedis(ctx.store.r)
+    racing = RacingRedis(StoreClient.from_url(ctx.settings.redis_url))
+    ctx = ctx.replace(store=JobStore(racing, ctx.store.prefix))
     racing.arm(_cancel_from_elsewhere(ctx, job.id))
     assert finish(job.id, ctx, JobStatus.complete, usage_minutes=1.0, attempt_id=attempt.attempt_id) is None
     assert ctx.store.get_job(job.id).status == JobStatus.cancelled
@@ -272,11 +273,12 @@ def test_hand_to_delivery_reports_a_cancel_that_landed_first(two_stage_ctx, song
     ctx = two_stage_ctx
     job = queued_job(ctx, song, queue="gpu-demucs")
     attempt = start(job.id, ctx, "w1")
-    racing = ctx.store.r = RacingRedis(ctx.store.r)
+    racing = RacingRedis(StoreClient.from_url(ctx.settings.redis_url))
+    ctx = ctx.replace(store=JobStore(racing, ctx.store.prefix))
     racing.arm(_cancel_from_elsewhere(ctx, job.id))
     sep = Separated(attempt_id=attempt.attempt_id, worker="w1", frames=1, sample_rate=SR, made_by={}, stems=[])
     assert hand_to_delivery(attempt, ctx, sep, {}) is False
-    assert not ctx.store.owes("deliver", job.id) and load_list(ctx.store, DELIVERY_QUEUE) == []
+    assert not ctx.store.owes("deliver", job.id) and ctx.store.queued(DELIVERY_QUEUE) == []
 
 
 def test_cancel_racing_a_delivery_keeps_the_stems(two_stage_ctx, song):
@@ -288,17 +290,19 @@ def test_cancel_racing_a_delivery_keeps_the_stems(two_stage_ctx, song):
     ctx = two_stage_ctx
     job = queued_job(ctx, song, queue="gpu-demucs")
     run_split(job.id, ctx, "gpu1")
-    other = JobStore.from_url(ctx.settings.redis_url, ctx.store.p)
+    other = JobStore.from_url(ctx.settings.redis_url, ctx.store.prefix)
     delivery_ctx = ctx.replace(store=other)
 
     def deliver_now():
-        other.r.delete(other.k(K.CANCEL, job.id))  # the delivery passed its last check before the flag was set
+        StoreClient.from_url(ctx.settings.redis_url).delete(
+            f"{other.prefix}:{K.CANCEL}:{job.id}"
+        )  # the delivery passed its last check before the flag was set
         run_delivery(job.id, delivery_ctx, "cpu1")
         assert other.get_job(job.id).status == JobStatus.complete
 
     with api_client(ctx) as client:
-        racing = RacingRedis(ctx.store.r)
-        client.app.state.services.store = JobStore(racing, ctx.store.p)
+        racing = RacingRedis(StoreClient.from_url(ctx.settings.redis_url))
+        client.app.state.services.store = JobStore(racing, ctx.store.prefix)
         racing.arm(deliver_now)
         r = client.post(f"/cancel/{job.id}")
         assert r.status_code == 409 and r.json()["code"] == "conflict", r.text

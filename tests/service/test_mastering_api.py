@@ -23,11 +23,10 @@ import pytest
 import soundfile as sf
 from scipy import signal as sps
 
-from stems import rediskeys as K
 from stems.client import ApiError, Client
 from stems.jobstore import JobStore
 from stems.lifecycle import sweep
-from stems.masterings import Mastering, Masterings, output_stem, wav_key
+from stems.masterings import Mastering, output_stem, wav_key
 from stems.models import AssetStatus, AudioAsset, JobStatus, StemStatus
 from stems.settings import Settings
 from stems.storage import LocalStorage
@@ -55,7 +54,7 @@ def _master(c, body: dict) -> dict:
 
 
 def _keys_of(stack, id_: str) -> list[str]:
-    return [k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000) if id_ in k.decode()]
+    return [name for name in stack.store.key_names() if id_ in name]
 
 
 @pytest.mark.parametrize(
@@ -144,9 +143,7 @@ def test_delete_a_mastered_version(stack, music):
 def test_bad_mastering_requests_are_4xx_and_change_nothing(stack, music):
     with stack.client("bad-master") as c:
         asset = upload(c, music)
-        before = sorted(
-            k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000) if b"rate" not in k
-        )
+        before = sorted(name for name in stack.store.key_names() if "rate" not in name)
         cases = [
             ({"audio_id": asset["audio_id"], "preset": "radio"}, 422),
             ({"audio_id": asset["audio_id"], "bit_depth": 8}, 422),
@@ -168,16 +165,14 @@ def test_bad_mastering_requests_are_4xx_and_change_nothing(stack, music):
             c.post("/create-stems", json={"preset": "phantom_center", "mastered_id": str(uuid.uuid4())}).status_code
             == 404
         )
-        after = sorted(
-            k.decode() for k in stack.store.r.scan_iter(match=stack.store.k("*"), count=1000) if b"rate" not in k
-        )
+        after = sorted(name for name in stack.store.key_names() if "rate" not in name)
         new = [k for k in after if k not in before]
         assert [k for k in new if "bad-master" in k or ":mastering:" in k or "masters" in k] == []
 
 
 def test_a_mastering_not_finished_cannot_be_split_or_downloaded(stack, tmp_path):
     """Queued (its message not due yet, so no worker has it): 409 for the split and the download."""
-    masters = Masterings(stack.store)
+    masters = stack.store.masterings
     m = Mastering(
         user_id="alice",
         audio_id=str(uuid.uuid4()),
@@ -198,7 +193,7 @@ def test_a_mastering_not_finished_cannot_be_split_or_downloaded(stack, tmp_path)
 def test_retention_expires_a_mastered_version_then_its_records(redis_url, tmp_path):
     store = JobStore.from_url(redis_url, f"t{uuid.uuid4().hex[:8]}")
     storage = LocalStorage(tmp_path / "objects")
-    masters = Masterings(store)
+    masters = store.masterings
     m = Mastering(user_id="u", audio_id="a", source_kind="audio", source_id="a", preset="streaming")
     masters.create(m, time.time() + 3600)
     src = tmp_path / "w.wav"
@@ -271,12 +266,12 @@ def test_retention_keeps_an_original_a_queued_mastering_needs(redis_url, tmp_pat
     storage.put_file(asset.object_key, src)
     store.put_asset(asset)
     m = Mastering(user_id="u", audio_id=asset.id, source_kind="audio", source_id=asset.id, preset="loud")
-    Masterings(store).create(m, t0 + 3600)
+    store.masterings.create(m, t0 + 3600)
     settings = Settings(retain_originals_s=10, retain_stems_s=10, retain_records_s=1000)
     report = sweep(store, storage, settings, now=t0 + 20)
     assert report.postponed == 1 and storage.size(asset.object_key) is not None  # the mastering still reads it
     m.status, m.finished_at = JobStatus.failed, t0 + 21
-    Masterings(store).update(m)
+    store.masterings.update(m)
     report = sweep(store, storage, settings, now=t0 + 22)
     assert report.originals == 1 and storage.size(asset.object_key) is None
 
@@ -310,7 +305,7 @@ def test_a_worker_killed_mid_mastering_loses_nothing(tmp_path, redis_url, s3_url
                 os.kill(child, signal.SIGKILL)
             done = wait_for(c, f"/status/mastered/{mid}", TERMINAL, 240)
             assert done["status"] == "complete", done
-            assert int(s.store.r.get(s.store.k(K.TRIES, "master", mid))) == 2
+            assert s.store.tries("master", mid) == 2
             assert s.objects(f"users/killed/jobs/{mid}/") == [f"users/killed/jobs/{mid}/mastered.wav"]
             assert c.get("/usage").json()["minutes"] == pytest.approx(2.5, abs=1e-3)  # counted once
             assert not s.store.owes("master", mid)

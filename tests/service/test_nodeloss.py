@@ -230,14 +230,14 @@ def test_api_killed_between_writing_a_job_and_queueing_it(
             # a broker that refuses: 503 with Retry-After, nothing kept, the slot and the key free for the retry
             api, base = _api(s, broker_at(free_port()), "refused")
             try:
-                jobs_before = len(list(s.store.r.scan_iter(match=s.store.k(K.JOB, "*"))))
+                jobs_before = len(s.store.ids(K.JOB))
                 r = httpx.post(
                     base + "/create-stems", json=body, headers={**c.headers, "Idempotency-Key": "gap-2"}, timeout=60
                 )
                 assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
                 assert r.json()["code"] == "broker_unavailable" and r.json()["reason"] == "unreachable", r.text
                 assert "STEMS_BROKER_URL" in r.json()["detail"]
-                assert len(list(s.store.r.scan_iter(match=s.store.k(K.JOB, "*")))) == jobs_before
+                assert len(s.store.ids(K.JOB)) == jobs_before
                 assert s.store.active_jobs(s.store.get_job(job_id).user_id) == 0
             finally:
                 api.stop()
@@ -402,7 +402,7 @@ def test_imports_are_bounded_in_time_and_tries(tmp_path, redis_url, s3_url, brok
             killer = c.post("/from-link", json={"url": web.url("/killer.wav")}).json()["audio_id"]
             for tries in (1, 2):
                 deadline = time.monotonic() + 60
-                while int(s.store.r.get(s.store.k(K.TRIES, "import", killer)) or 0) < tries:
+                while s.store.tries("import", killer) < tries:
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
                 time.sleep(0.3)

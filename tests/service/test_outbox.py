@@ -12,7 +12,6 @@ import pytest
 from celery.signals import after_task_publish
 
 from pipelines.jobspec import SplitSpec
-from stems import rediskeys as K
 from stems.jobstore import JobStore
 from stems.models import Job
 from stems.settings import Settings
@@ -41,7 +40,7 @@ def _queued_job(settings: Settings) -> tuple[JobStore, Job]:
 
 def _score(store: JobStore, job: Job) -> float | None:
     """When the job's message falls due (None: nothing owed)."""
-    return store.r.zscore(store.k(K.OUTBOX), f"split:{job.id}")
+    return store.owed_score("split", job.id)
 
 
 def test_flush_keeps_the_entry_a_worker_wrote_while_it_sent(redis_url):

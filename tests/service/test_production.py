@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from stems import rediskeys as K
 from stems.redisboot import start_redis
 from stems.settings import Settings
 from tests.support import ROOT, ServiceStack
@@ -144,7 +143,7 @@ def test_production_refuses_keys_without_their_own_webhook_secret(tmp_path, s3_u
     """A key made before keys had their own secret blocks production until `stems keys rotate` gives it one."""
     s = _stack(tmp_path, redis_server(persist=True), s3_url)
     legacy, modern = s.store.issue_key("old-tenant"), s.store.issue_key("new-tenant")
-    s.store.r.hdel(s.store.k(K.APIKEY, s.store._digest(legacy.key_id)), "webhook_secret")
+    s.forget_webhook_secret(legacy)
     try:
         from stems.stack import api_proc, worker_proc
 

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from pipelines.modelstore import ModelStore
-from stems import rediskeys as K
 from tests.support import ServiceStack, tone_mix, upload, wait_for, write_audio
 
 SR = 44100
@@ -87,8 +86,7 @@ def test_a_preset_whose_pool_is_at_zero_is_queued_and_runs_when_the_pool_scales_
         job_id = r.json()["creation_id"]
         time.sleep(1.0)
         assert c.get(f"/status/stem_split/{job_id}").json()["status"] == "queued"
-        load = two_workers.store.r.lrange(two_workers.store.k(K.LOAD, "gpu-demucs"), 0, -1)
-        assert [i.decode() for i in load] == [job_id]  # KEDA's Redis list trigger sees one job waiting
+        assert two_workers.store.queued("gpu-demucs") == [job_id]  # KEDA's Redis list trigger sees one job waiting
         two_workers.start_worker("gpu-demucs", "demucs2", STEMS_MODEL_DIR=str(two_workers.gpu_models))  # KEDA scales up
         status = wait_for(c, f"/status/stem_split/{job_id}", {"complete", "failed"}, 240)
         assert status["status"] == "complete", status

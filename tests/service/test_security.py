@@ -40,12 +40,12 @@ def _wav(seconds: float, sr: int = 22050, channels: int = 2) -> bytes:
 
 
 def _count(s: ServiceStack, kind: str) -> int:
-    return sum(1 for _ in s.store.r.scan_iter(match=s.store.k(kind, "*"), count=1000))
+    return len(s.store.ids(kind))
 
 
 def _queued(s: ServiceStack, queue: str = "cpu") -> int:
     """Messages waiting in a Celery queue of the stack (the broker keys share the stack's prefix)."""
-    return s.store.r.llen(s.store.k(K.CELERY, queue))
+    return s.store.broker_backlog(queue)
 
 
 def _ready_audio(s: ServiceStack, user: str, seconds: float = 3.0) -> str:
@@ -292,7 +292,7 @@ def test_api_keys_are_stored_hashed(stack):
         assert c.get("/usage").status_code == 200
         r = c.post("/from-link", json={"url": "http://127.0.0.1:9/x.wav"}, headers={"Idempotency-Key": key})
         assert r.status_code == 200, r.text
-    r = stack.store.r
+    r = stack.redis()
     plain = key.encode()
     seen = 0
     for name in r.scan_iter(count=1000):
@@ -315,7 +315,7 @@ def test_api_keys_are_stored_hashed(stack):
     assert seen > 10
     from stems.jobstore import hash_key
 
-    assert r.hget(stack.store.k(K.APIKEY, hash_key(key)), "user_id") == b"hashed-user"
+    assert r.hget(f"{stack.prefix}:{K.APIKEY}:{hash_key(key)}", "user_id") == b"hashed-user"
 
 
 # -- rate limit and quota -------------------------------------------------------------
@@ -538,7 +538,7 @@ def test_a_key_without_its_own_secret_signs_with_a_value_for_it_alone(guarded, g
     """A key made before keys had their own secret: its webhooks are signed with a value derived for that key
     (never the server secret, which also signed grants: #19), until `stems keys rotate` gives it its own."""
     c, issued = guarded.keyed_client("hooked")
-    guarded.store.r.hdel(guarded.store.k(K.APIKEY, guarded.store._digest(issued.key_id)), "webhook_secret")
+    guarded.forget_webhook_secret(issued)
     assert guarded.store.key_by_id(issued.key_id).webhook_secret is None  # as such keys are stored
     server = guarded.settings().secret_key
     legacy = legacy_webhook_secret(server, issued.key_id)

@@ -14,7 +14,6 @@ import uuid
 import pytest
 import soundfile as sf
 
-from stems import rediskeys as K
 from stems.ingest import mint_grant
 from stems.purpose_keys import legacy_webhook_secret
 from stems.storage import make_storage
@@ -199,7 +198,7 @@ def test_keys_cli_create_list_rotate_revoke_grant(backend_stack):
 
     # a key made before keys had their own secret is marked, and rotating gives it one
     legacy = s.store.issue_key(user)
-    s.store.r.hdel(s.store.k(K.APIKEY, s.store._digest(legacy.key_id)), "webhook_secret")
+    s.forget_webhook_secret(legacy)
     row = next(line for line in _cli(s, "list").stdout.splitlines() if legacy.key_id in line)
     assert "stems keys rotate" in row, row
     own = json.loads(_cli(s, "rotate", legacy.key_id, "--json").stdout)["webhook_secret"]

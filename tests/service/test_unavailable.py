@@ -31,7 +31,6 @@ import httpx
 import pytest
 
 from stems import rediskeys as K
-from stems.masterings import Masterings
 from stems.redisboot import free_port, start_redis
 from tests.support import ServiceStack, start_moto, tone_mix, upload, wait_for, write_audio
 from tests.tcpproxy import TcpProxy
@@ -238,7 +237,7 @@ def audit(s: ServiceStack, user: str) -> list[str]:
     objects = set(s.objects(f"users/{user}/"))
     assets, jobs = _records(s, K.AUDIO, user), _records(s, K.JOB, user)
     asset_ids, job_ids = {a.id for a in assets}, {j.id for j in jobs}
-    masters = Masterings(s.store)
+    masters = s.store.masterings
     problems = []
     for key in sorted(objects):
         kind, owner = key.split("/")[2:4]
@@ -257,15 +256,12 @@ def audit(s: ServiceStack, user: str) -> list[str]:
 
 def _records(s: ServiceStack, kind: str, user: str) -> list:
     get = s.store.get_asset if kind == K.AUDIO else s.store.get_job
-    found = (get(n.decode().rsplit(":", 1)[1]) for n in s.store.r.scan_iter(match=s.store.k(kind, "*")))
+    found = (get(id_) for id_ in s.store.ids(kind))
     return [r for r in found if r is not None and r.user_id == user]
 
 
 def _masterings(s: ServiceStack, user: str) -> list:
-    found = (
-        Masterings(s.store).get(n.decode().rsplit(":", 1)[1])
-        for n in s.store.r.scan_iter(match=s.store.k(K.MASTERING, "*"))
-    )
+    found = (s.store.masterings.get(id_) for id_ in s.store.ids(K.MASTERING))
     return [m for m in found if m is not None and m.user_id == user]
 
 
