@@ -13,7 +13,7 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Request, Response
 
 from pipelines.errors import BrokerUnavailable, NotFound, RateLimited
-from pipelines.mastering import PRESETS
+from pipelines.master_presets import PRESETS
 from stems.lifecycle import expiry
 from stems.masterings import TASK_KIND, Mastering
 from stems.models import StemStatus

@@ -26,6 +26,7 @@ from scipy.ndimage import maximum_filter1d, minimum_filter1d
 
 from .audio import AudioInfo, WavWriter, iter_decode, probe
 from .errors import AudioError
+from .master_presets import PRESETS, MasterPreset
 
 RENDER_TOLERANCE_LU = 0.2
 MAX_RENDERS = 4
@@ -33,24 +34,6 @@ MAX_GAIN_DB = 30.0
 OVERSAMPLE = 4
 TP_MARGIN_DB = 0.3  # the limiter aims this far under the ceiling: its detector and a reader's differ slightly
 MAX_SHELF_DB = 2.0
-
-
-@dataclass(frozen=True)
-class MasterPreset:
-    name: str
-    target_lufs: float
-    ceiling_dbtp: float
-    description: str
-
-
-PRESETS: dict[str, MasterPreset] = {
-    p.name: p
-    for p in (
-        MasterPreset("streaming", -14.0, -1.0, "streaming services' normalisation level (Spotify, YouTube, Tidal)"),
-        MasterPreset("loud", -9.0, -1.0, "a loud club / CD master"),
-        MasterPreset("podcast", -16.0, -1.5, "spoken word (Apple Podcasts' recommendation)"),
-    )
-}
 
 
 def preset(name: str) -> MasterPreset:

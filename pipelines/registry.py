@@ -63,7 +63,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(name="sam", impl="pipelines.families.sam:SamAudioSeparator", queue="gpu-sam", gpu=True),
         Family(name="speech", impl="pipelines.families.speech:SpeechEnhancer", queue="cpu", gpu=False),
-        Family(name="dsp", impl="pipelines.families.dsp:DspSeparator", queue="cpu", gpu=False),
+        Family(name="dsp", impl="pipelines.families.dsp.separator:DspSeparator", queue="cpu", gpu=False),
     )
 }
 

@@ -92,6 +92,7 @@ class Stem(BaseModel):
     duration: float | None = None
     sample_rate: int | None = None
     channels: int | None = None
+    # the stored files' format, on the stem itself: a mastered stem has no job spec to read it from
     bit_depth: int = 24
     hq_format: str | None = None
     wav_key: str | None = None

@@ -14,7 +14,9 @@ RABBITMQ_URL = os.environ.get("STEMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127
 
 # The tiers (pyproject's markers). A test's tier follows from where it lives, so a new test file is in a tier
 # without anyone marking it: pure code under tests/pipelines, the real stack under tests/service, except the
-# modules that kill processes or cut services (drills) and those that install the project (install).
+# modules that kill processes, cut services or crash simulated ones at every write (drills) and those that
+# install the project (install). A test marked with a tier itself (a drill in a service module) keeps it.
+TIERS = ("unit", "service", "drill", "install", "browser")
 DRILLS = {
     "test_nodeloss.py",
     "test_faults.py",
@@ -23,6 +25,8 @@ DRILLS = {
     "test_outage.py",
     "test_outbox.py",
     "test_node_drills.py",
+    "test_unavailable.py",
+    "test_crashpoints.py",
 }
 INSTALLS = {"test_make_run.py", "test_modelpull.py"}
 
@@ -39,23 +43,11 @@ def tier(path) -> str:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        kind = tier(item.path)
+        kind = next((t for t in TIERS if item.get_closest_marker(t)), None) or tier(item.path)
         item.add_marker(getattr(pytest.mark, kind))
         if kind == "drill" and item.get_closest_marker("timeout") is None:
             # a drill waits for its job to reach a state (no fixed sleeps), however slow a loaded machine is (#24)
             item.add_marker(pytest.mark.timeout(1200))
-
-
-@pytest.fixture(scope="module")
-def torch_one_thread():
-    """For modules of tiny torch models: they gain nothing from intra-op threads, and on a busy
-    2-core machine OpenMP's spin-waiting made test_demucs_family.py take 100 s instead of 27 s."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

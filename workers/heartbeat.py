@@ -22,6 +22,7 @@ from .celery_app import our_queue
 INTERVAL_S = 5.0
 TTL_S = 20
 _stop = threading.Event()
+_beat: threading.Thread | None = None
 
 
 def report(hostname: str, queues: list[str]) -> WorkerReport:
@@ -58,9 +59,15 @@ def _start(sender=None, **_):
     s = get_settings()
     queues = sorted(our_queue(q.name, s) for q in sender.app.amqp.queues.consume_from.values()) if sender else []
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
-    threading.Thread(target=_loop, args=(hostname, queues), daemon=True, name="stems-heartbeat").start()
+    global _beat
+    _beat = threading.Thread(target=_loop, args=(hostname, queues), daemon=True, name="stems-heartbeat")
+    _beat.start()
 
 
 @worker_shutdown.connect
 def _stop_beat(**_):
     _stop.set()
+    if _beat is not None:
+        # its last act drops this worker's report: waited for, or the process could exit first (a daemon thread)
+        # and leave the report claiming the queue for TTL_S, so a pool scaled to zero would look served
+        _beat.join(5)

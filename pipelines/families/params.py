@@ -202,16 +202,16 @@ FAMILY_PARAMS: dict[str, type[BaseModel]] = {
 def params_model(spec: ModelSpec, params: dict[str, Any]) -> type[BaseModel]:
     """The model `params` of `spec` must fit: the family's, or for DSP the method's and for speech the backend's."""
     if spec.family == "dsp":
-        from .dsp import METHODS  # numpy and scipy only
+        from .dsp.params import METHOD_PARAMS  # pydantic models only: no scipy in the API
 
         method = params.get("method")
-        if method not in METHODS:
+        if method not in METHOD_PARAMS:
             raise ChainError(
-                f"dsp model {spec.id!r} names method {method!r}; known: {sorted(METHODS)}",
+                f"dsp model {spec.id!r} names method {method!r}; known: {sorted(METHOD_PARAMS)}",
                 model_id=spec.id,
                 method=method,
             )
-        return METHODS[method][0]
+        return METHOD_PARAMS[method]
     if spec.family == "speech":
         from .speech import BACKENDS  # numpy, ctypes; their runtimes load when a backend is made
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
@@ -27,8 +28,6 @@ from tools.reference import demucs_reference  # noqa: E402
 SR = 44100
 ROOT = Path(__file__).resolve().parents[2]
 SEGMENT = 2 * SR  # the small random htdemucs's training segment
-
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture
@@ -198,38 +197,27 @@ def test_cpu_info_reads_model_and_the_flags_that_matter(tmp_path):
 
 def test_models_bench_and_list_show_the_figures(store):
     """`stems models bench` measures again (each time), `stems models list` shows the figures `auto` follows."""
-    cli = [sys.executable, "-m", "stems.cli", "models"]
+
+    def models(*args: str) -> subprocess.CompletedProcess[str]:
+        # the CLI at another thread count than this test's one (tests/__init__.py): a record of its own
+        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        cmd = [sys.executable, "-m", "stems.cli", "models", *args, "--model-dir", str(store.root)]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
     kept = []
     for _ in range(2):
-        r = subprocess.run(
-            cli + ["bench", "htdemucs", "--model-dir", str(store.root)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        r = models("bench", "htdemucs")
         assert r.returncode == 0, r.stderr
-        # the CLI runs at torch's default thread count, not this test's one thread: its own record
         (record,) = [r for r in backend_choice.records(store.root, "htdemucs") if r.machine.threads != 1]
         assert "torch" in r.stdout and "onnxruntime" in r.stdout and f"{record.choice} chosen" in r.stdout
         kept.append(record)
     assert kept[1].measured_at > kept[0].measured_at
-    r = subprocess.run(
-        cli + ["list", "--json", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True, timeout=240
-    )
+    r = models("list", "--json")
     assert r.returncode == 0, r.stderr
     (row,) = [row for row in json.loads(r.stdout) if row["id"] == "htdemucs"]
     assert row["backend"]["choice"] == kept[1].choice and row["backend"]["seconds"] == kept[1].seconds
-    r = subprocess.run(
-        cli + ["list", "--model-dir", str(store.root)], cwd=ROOT, capture_output=True, text=True, timeout=240
-    )
+    r = models("list")
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("htdemucs ")]
     assert f"{kept[1].choice} chosen" in line
-    r = subprocess.run(
-        cli + ["bench", "dsp.centre", "--model-dir", str(store.root)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    r = models("bench", "dsp.centre")
     assert r.returncode == 2 and "one backend" in r.stderr

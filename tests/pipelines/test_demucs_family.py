@@ -26,9 +26,6 @@ DEMUCS_IDS = sorted(m for m, spec in load_registry().items() if spec.family == "
 TOLERANCE = 1e-4  # max abs difference from demucs's own path; batching and threads reorder float sums
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:
     """3 s of stereo noise: with the small models' 2 s segments, apply_model overlaps two segments."""

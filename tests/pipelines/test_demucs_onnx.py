@@ -29,8 +29,6 @@ TOLERANCE = 1e-4  # max abs difference from demucs's apply_model (the promise on
 ROOT = Path(__file__).resolve().parents[2]
 # share_derived=False throughout: these tests are about building the derived files, so each store builds its own
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
 
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:

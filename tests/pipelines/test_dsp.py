@@ -13,7 +13,7 @@ from scipy.signal import fftconvolve
 from pipelines import signals as S
 from pipelines.engine import Engine
 from pipelines.errors import Cancelled, ChainError
-from pipelines.families.dsp import DspSeparator
+from pipelines.families.dsp.separator import DspSeparator
 from pipelines.modelstore import ModelStore
 from pipelines.registry import get_spec
 

@@ -70,7 +70,6 @@ def test_unknown_method_is_refused(estimates):
         combine("max", [ArraySignal(estimates[0])])
 
 
-@pytest.mark.usefixtures("torch_one_thread")
 def test_preset_ensemble_of_two_random_roformers_is_their_mean(tmp_path):
     """2_tracks' first chain averages BS-RoFormer and Mel-Band RoFormer; with one of them, the next chain serves."""
     pytest.importorskip("bs_roformer")

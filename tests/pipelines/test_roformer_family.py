@@ -30,8 +30,6 @@ SR = 44100
 TOL = 1e-4
 ROFORMER_IDS = sorted(m for m, spec in load_registry().items() if spec.family == "roformer")
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
 
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:

@@ -14,8 +14,6 @@ from pipelines.errors import ChainError
 from pipelines.families.spleeter import load_checkpoint
 from pipelines.registry import get_spec
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
 
 class _Evil:
     def __reduce__(self):

@@ -23,9 +23,6 @@ SR = 44100
 TOL = 1e-4  # the brief's bound; the Demucs path lands near 3e-8 (only the normalisation statistics differ)
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:
     """9.3 s of stereo noise: small models' 2 s segments make several segments and blocks."""

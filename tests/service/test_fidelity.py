@@ -11,7 +11,6 @@ Output is 32-bit float WAV, so the comparison sees the model's numbers, not a qu
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 
@@ -24,10 +23,6 @@ from pipelines.registry import FAMILIES, get_spec
 from tests.support import ROOT, ServiceStack, upload, wait_for, write_audio
 
 pytest.importorskip("demucs")
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-# Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spin-waiting costs minutes.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 SR = 44100
 TOL = 1e-4
@@ -92,7 +87,6 @@ def _cli_install_roformer(store: ModelStore, model_id: str, tmp, seed: int) -> N
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **ONE_THREAD},
     )
     assert r.returncode == 0, r.stderr
 
@@ -142,7 +136,6 @@ def test_cli_and_worker_match_the_reference(model_id, mix, tmp_path, redis_url, 
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **ONE_THREAD},
     )
     assert r.returncode == 0, r.stderr
     cli = {p.stem: sf.read(p, dtype="float32", always_2d=True)[0].T for p in out.glob("*.wav")}
@@ -153,7 +146,7 @@ def test_cli_and_worker_match_the_reference(model_id, mix, tmp_path, redis_url, 
     stack = ServiceStack(tmp_path / "svc", redis_url, s3_url, model_dir=store.root)
     stack.start_api()
     queue = FAMILIES[get_spec(model_id).family].queue
-    stack.start_worker(f"cpu,{queue}", "gpu", **ONE_THREAD)  # cpu too: the import runs there
+    stack.start_worker(f"cpu,{queue}", "gpu")  # cpu too: the import runs there
     try:
         with stack.client() as c:
             aid = upload(c, path)["audio_id"]

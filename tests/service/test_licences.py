@@ -15,7 +15,6 @@ from pipelines.modelstore import ModelStore
 from tests.support import ServiceStack, tone_mix, upload, wait_for, write_audio
 
 pytest.importorskip("demucs")
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 SR = 44100
 

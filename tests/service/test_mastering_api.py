@@ -276,6 +276,7 @@ def test_retention_keeps_an_original_a_queued_mastering_needs(redis_url, tmp_pat
     assert report.originals == 1 and storage.size(asset.object_key) is None
 
 
+@pytest.mark.drill
 def test_a_worker_killed_mid_mastering_loses_nothing(tmp_path, redis_url, s3_url):
     """SIGKILL the pool process mid-way: the mastering runs again (its outbox entry, or the broker's redelivery),
     completes once, metered once, with exactly one WAV stored."""

@@ -35,9 +35,6 @@ SR = 44100
 TOL = 1e-4
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> ModelStore:
     from tools.random_models import install_random_demucs

@@ -119,3 +119,14 @@ class EnhancerParams(GateParams):
 
     def context_seconds(self) -> float:
         return super().context_seconds() + 0.02  # de-click and de-clip look 10 ms and 16 samples around
+
+
+# each method's params model, by the name an entry's `params.method` gives: all the registry needs of the family
+METHOD_PARAMS: dict[str, type[_Params]] = {
+    "centre": CentreParams,
+    "hpss": HpssParams,
+    "repet_sim": RepetSimParams,
+    "wpe": WpeParams,
+    "spectral_gate": GateParams,
+    "universal_enhancer": EnhancerParams,
+}
