@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:
-    """5 s of stereo noise: three of the small models' 2 s segments, the last one short."""
-    return (0.1 * np.random.default_rng(1).standard_normal((2, 5 * SR))).astype(np.float32)
+    """3.5 s of stereo noise: three of the small models' 2 s segments (1.5 s apart), the last one short."""
+    return (0.1 * np.random.default_rng(1).standard_normal((2, int(3.5 * SR)))).astype(np.float32)
 
 
 def derived(store: ModelStore) -> list[Path]:

@@ -25,8 +25,9 @@ TOL = 1e-4  # the brief's bound; the Demucs path lands near 3e-8 (only the norma
 
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:
-    """9.3 s of stereo noise: small models' 2 s segments make several segments and blocks."""
-    return (0.1 * np.random.default_rng(1).standard_normal((2, int(9.3 * SR)))).astype(np.float32)
+    """5.3 s of stereo noise: small models' 2 s segments (1.5 s apart) make four, the last one short, and the
+    chunk sizes below make two chunks and fifteen blocks."""
+    return (0.1 * np.random.default_rng(1).standard_normal((2, int(5.3 * SR)))).astype(np.float32)
 
 
 def _diff(ours: dict, theirs: dict) -> float:
