@@ -299,10 +299,7 @@ class JobStore(RunStore):
 
     def list_keys(self) -> list[KeyRecord]:
         """Every API key (an operator's listing: SCAN is fine for the keys a deployment has)."""
-        digests = sorted(
-            n.decode().rsplit(":", 1)[1] for n in self._r.scan_iter(match=self._k(K.APIKEY, "*"), count=1000)
-        )
-        return [rec for d in digests if (rec := self._key_record(d))]
+        return [rec for d in sorted(self.ids(K.APIKEY)) if (rec := self._key_record(d))]
 
     def key_by_id(self, key_id: str) -> KeyRecord | None:
         digest = self._digest(key_id)

@@ -17,27 +17,27 @@ from .centre import centre
 from .enhancer import enhanced
 from .gate import clean
 from .hpss import percussive
-from .params import METHOD_PARAMS, _Params
+from .params import METHOD_PARAMS
 from .repet_sim import foreground, foreground_stream
 from .wpe import dry, dry_stream
 
 if TYPE_CHECKING:
     from ...signals import Signal
 
-# each method takes its own params model (the first entry of its Method), hence Any for the params
+# each method takes its own params model (params.py's METHOD_PARAMS), hence Any for the params
 Whole = Callable[[np.ndarray, int, Any], np.ndarray]
 # (signal, rate, params, block samples, cancelled) -> the first source in consecutive blocks, equal to `Whole`'s
 Stream = Callable[["Signal", int, Any, int, Callable[[], bool]], Iterator[np.ndarray]]
-Method = tuple[type[_Params], tuple[str, ...], Whole, Stream | None]
+Method = tuple[tuple[str, ...], Whole, Stream | None]
 METHODS: dict[str, Method] = {
-    "centre": (METHOD_PARAMS["centre"], ("centre", "sides"), centre, None),
-    "hpss": (METHOD_PARAMS["hpss"], ("percussive", "harmonic"), percussive, None),
-    "repet_sim": (METHOD_PARAMS["repet_sim"], ("foreground", "background"), foreground, foreground_stream),
-    "wpe": (METHOD_PARAMS["wpe"], ("dry", "reverb"), dry, dry_stream),
-    "spectral_gate": (METHOD_PARAMS["spectral_gate"], ("clean", "noise"), clean, None),
-    "universal_enhancer": (METHOD_PARAMS["universal_enhancer"], ("enhanced",), enhanced, None),
+    "centre": (("centre", "sides"), centre, None),
+    "hpss": (("percussive", "harmonic"), percussive, None),
+    "repet_sim": (("foreground", "background"), foreground, foreground_stream),
+    "wpe": (("dry", "reverb"), dry, dry_stream),
+    "spectral_gate": (("clean", "noise"), clean, None),
+    "universal_enhancer": (("enhanced",), enhanced, None),
 }
-assert set(METHODS) == set(METHOD_PARAMS)
+assert set(METHODS) == set(METHOD_PARAMS), "every method has its params model, and only those"
 
 
 class DspSeparator(Separator):
@@ -51,7 +51,7 @@ class DspSeparator(Separator):
         super().__init__(spec, files, params)
         params_model(spec, params)  # an unknown method is refused here as the registry refuses it
         name = params["method"]
-        model, self.sources, self._fn, self._stream = METHODS[name]
+        model, (self.sources, self._fn, self._stream) = METHOD_PARAMS[name], METHODS[name]
         if set(self.sources) != set(spec.sources):
             raise ChainError(
                 f"dsp method {name!r} makes {list(self.sources)}, but {spec.id!r} declares {list(spec.sources)}",
